@@ -1,0 +1,154 @@
+//! The admin listener (SPEC §8): health, readiness, metrics without auth; `/admin/v1/*` behind
+//! `Authorization: Bearer $TURNSTILE_ADMIN_TOKEN` (constant-time compared).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::admission::{self, LimitSource};
+use crate::error::{ApiError, JSON};
+use crate::proxy::ProxyBody;
+use crate::server::Gateway;
+use crate::time::format_rfc3339;
+
+pub const TOKEN_ENV: &str = "TURNSTILE_ADMIN_TOKEN";
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
+    respond(status, "application/json", v.to_string())
+}
+
+fn error(e: &ApiError) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Left(Full::new(e.body())));
+    *r.status_mut() = e.status();
+    r.headers_mut().insert(header::CONTENT_TYPE, JSON.clone());
+    r
+}
+
+/// Checks the bearer token against the environment. Both sides are hashed first, so the
+/// comparison takes the same time whatever the lengths.
+fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let expected = match std::env::var(TOKEN_ENV) {
+        Ok(t) if !t.is_empty() => t,
+        _ => return Err(ApiError::AdminDisabled),
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.split_at_checked(7))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|(_, rest)| rest.trim_ascii())
+        .unwrap_or(b"");
+    let a: [u8; 32] = Sha256::digest(expected.as_bytes()).into();
+    let b: [u8; 32] = Sha256::digest(given).into();
+    if bool::from(a.ct_eq(&b)) && !given.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::AdminUnauthorized)
+    }
+}
+
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAddr) -> Response<ProxyBody> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if gw.ready.load(Ordering::SeqCst) {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => respond(StatusCode::OK, "text/plain; version=0.0.4", gw.metrics.render()),
+        (_, p) if p.starts_with("/admin/v1/") => {
+            if let Err(e) = authorize(&req) {
+                return error(&e);
+            }
+            admin_v1(&gw, req.method(), &p["/admin/v1/".len()..])
+        }
+        _ => error(&ApiError::NotFound(format!("no admin endpoint at {path}"))),
+    }
+}
+
+fn admin_v1(gw: &Gateway, method: &Method, rest: &str) -> Response<ProxyBody> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::GET, ["tenants", t, "limits"]) => limits(gw, t),
+        (_, ["tenants", _, "limits"]) => error(&ApiError::MethodNotAllowed("use GET".into())),
+        _ => error(&ApiError::NotFound(format!("no admin endpoint at /admin/v1/{rest}"))),
+    }
+}
+
+/// Per feature the tenant can call or holds a plan for: the limit now, its source, the plan and
+/// the temporary upgrades active now.
+fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
+    let snap = gw.snapshot.load();
+    let Some(t) = snap.tenant(tenant) else {
+        return error(&ApiError::NotFound(format!("no tenant {tenant:?}")));
+    };
+    let now = gw.clock.unix_nanos();
+    let tz = snap.settings.timezone;
+    let catalog = &snap.catalog;
+    let mut features = serde_json::Map::new();
+    for (i, f) in catalog.features.iter().enumerate() {
+        let activated = match f.family {
+            Some(m) => t.services[m],
+            None => t.image_search.is_some(),
+        };
+        let has_plan = t.plans.iter().any(|p| p.feature == i);
+        if !activated && !has_plan {
+            continue;
+        }
+        let op = (i == catalog.image_search_feature).then_some(crate::config::gateway::ImageOp::Search);
+        let limit = admission::limit_at(catalog, &snap.settings, t, i, op, now);
+        let plan = t.active_plan(i, now).map(|p| {
+            json!({
+                "qps": p.qps,
+                "effective_at": format_rfc3339(p.effective_at, tz),
+                "expires_at": format_rfc3339(p.expires_at, tz),
+            })
+        });
+        let upgrades: Vec<_> = t
+            .active_plan(i, now)
+            .map(|p| {
+                p.upgrades
+                    .iter()
+                    .filter(|u| u.from <= now && now < u.until)
+                    .map(|u| json!({"qps": u.qps, "from": format_rfc3339(u.from, tz), "until": format_rfc3339(u.until, tz)}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut entry = json!({
+            "limit": limit.qps,
+            "source": limit.source,
+            "capped": limit.capped,
+            "activated": activated,
+            "plan": plan,
+            "active_upgrades": upgrades,
+            "burst": admission::depth(limit.qps, snap.settings.burst_seconds),
+        });
+        if limit.source == LimitSource::ImageSearch {
+            entry["delete_limit"] = json!(catalog.image_search.delete_qps);
+        }
+        features.insert(f.id.clone(), entry);
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({ "tenant": t.name, "generation": snap.generation, "features": features }),
+    )
+}

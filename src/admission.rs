@@ -1,0 +1,361 @@
+//! The limit of SPEC §5 and the token buckets that enforce it.
+//!
+//! [`limit_at`] is a pure function of the snapshot, the tenant, the feature and the time, so
+//! plan expiry and temporary upgrades take effect (and revert) by themselves, with no reload.
+//! [`BucketStore`] is the narrow interface a shared (e.g. Redis-backed) store can implement.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use rustc_hash::FxBuildHasher;
+
+use crate::catalog::Catalog;
+use crate::clock::{GovernorClock, SharedClock};
+use crate::config::entitlements::Tenant;
+use crate::config::gateway::{ImageOp, Settings};
+
+/// Where a limit comes from (shown by the admin limits view).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSource {
+    Plan,
+    TemporaryUpgrade,
+    FeatureDefault,
+    DefaultQps,
+    ImageSearch,
+    ImageSearchDelete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub qps: u32,
+    pub source: LimitSource,
+    /// True when the family cap lowered the value.
+    pub capped: bool,
+}
+
+/// The limit of `tenant` for `feature` at `t` (Unix nanoseconds), per SPEC §5.
+pub fn limit_at(
+    catalog: &Catalog,
+    settings: &Settings,
+    tenant: &Tenant,
+    feature: usize,
+    op: Option<ImageOp>,
+    t: i64,
+) -> Limit {
+    if feature == catalog.image_search_feature {
+        return match op {
+            Some(ImageOp::Delete) => {
+                Limit { qps: catalog.image_search.delete_qps, source: LimitSource::ImageSearchDelete, capped: false }
+            }
+            _ => Limit {
+                qps: tenant.image_search.as_ref().map_or(0, |i| i.qps).max(1),
+                source: LimitSource::ImageSearch,
+                capped: false,
+            },
+        };
+    }
+    let f = &catalog.features[feature];
+    let (qps, source) = match tenant.active_plan(feature, t) {
+        Some(plan) => {
+            let upgrade = plan.upgrades.iter().filter(|u| u.from <= t && t < u.until).map(|u| u.qps).max();
+            match upgrade {
+                Some(u) if u > plan.qps => (u, LimitSource::TemporaryUpgrade),
+                _ => (plan.qps, LimitSource::Plan),
+            }
+        }
+        None => match f.default_qps {
+            Some(q) => (q, LimitSource::FeatureDefault),
+            None => (settings.default_qps, LimitSource::DefaultQps),
+        },
+    };
+    match catalog.family_cap(f) {
+        Some(cap) if qps > cap => Limit { qps: cap, source, capped: true },
+        _ => Limit { qps, source, capped: false },
+    }
+}
+
+/// Bucket depth per SPEC §3.1: `max(1, floor(limit × burst_seconds))`.
+pub fn depth(limit: u32, burst_seconds: f64) -> u32 {
+    let d = (f64::from(limit) * burst_seconds).floor();
+    if d.is_finite() && d >= 1.0 {
+        d.min(f64::from(u32::MAX)) as u32
+    } else {
+        1
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Admitted; `remaining` more fit right now; the bucket is full again in `reset_secs`.
+    Allowed { remaining: u32, reset_secs: u64 },
+    /// Refused; a request can be admitted again after `retry_after`.
+    Throttled { retry_after: Duration },
+}
+
+/// Token-bucket state per (tenant, feature) pair, keyed by [`crate::intern::pair`].
+pub trait BucketStore: Send + Sync {
+    /// Takes one token from the pair's bucket, creating or re-shaping it if `limit`/`depth` changed.
+    fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit;
+    /// Drops every bucket for which `keep` is false (tenants or features removed by a reload).
+    fn retain(&self, keep: &dyn Fn(u64) -> bool);
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, GovernorClock, StateInformationMiddleware>;
+
+struct Bucket {
+    limit: u32,
+    depth: u32,
+    limiter: Limiter,
+}
+
+/// In-process buckets: a sharded map of governor GCRA limiters. A request takes a shard's read
+/// lock only; the write lock is taken when a pair first appears or its limit changes.
+pub struct LocalBuckets {
+    map: DashMap<u64, Bucket, FxBuildHasher>,
+    clock: GovernorClock,
+}
+
+impl LocalBuckets {
+    pub fn new(clock: SharedClock) -> Self {
+        LocalBuckets { map: DashMap::with_hasher(FxBuildHasher), clock: GovernorClock(clock) }
+    }
+
+    fn bucket(&self, limit: u32, depth: u32) -> Bucket {
+        let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
+        let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(l).allow_burst(d);
+        let limiter = RateLimiter::direct_with_clock(quota, self.clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Bucket { limit, depth, limiter }
+    }
+
+    fn check(&self, b: &Bucket) -> Admit {
+        use governor::clock::Clock as _;
+        match b.limiter.check() {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity().min(b.depth);
+                let used = u64::from(b.depth - remaining);
+                let limit = u64::from(b.limit.max(1));
+                Admit::Allowed { remaining, reset_secs: used.div_ceil(limit) }
+            }
+            Err(not_until) => Admit::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) },
+        }
+    }
+}
+
+impl BucketStore for LocalBuckets {
+    fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
+        if let Some(b) = self.map.get(&key) {
+            if b.limit == limit && b.depth == depth {
+                return self.check(&b);
+            }
+        }
+        let mut entry = self.map.entry(key).or_insert_with(|| self.bucket(limit, depth));
+        if entry.limit != limit || entry.depth != depth {
+            *entry = self.bucket(limit, depth);
+        }
+        self.check(&entry)
+    }
+
+    fn retain(&self, keep: &dyn Fn(u64) -> bool) {
+        self.map.retain(|k, _| keep(*k));
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::{build, Texts};
+    use std::sync::Arc;
+
+    const MAIN: &str = r#"
+[server]
+upstream = "http://127.0.0.1:1"
+[admission]
+default_qps = 2
+burst_seconds = 1.0
+"#;
+    const CATALOG: &str = r#"
+currency = "CNY"
+[families.face_body]
+name = "Face and Body"
+qps_cap = 50
+[families.text_recognition]
+name = "Text"
+[features.face-comparison-1-1]
+family = "face_body"
+billing = ["payg", "general_package", "prepaid_qps"]
+[features.license-plate-recognition]
+family = "text_recognition"
+billing = ["payg", "prepaid_qps"]
+default_qps = 5
+[general_packages.vision-image]
+name = "Vision"
+families = ["face_body"]
+"#;
+
+    fn snapshot(ents: &str) -> crate::snapshot::Snapshot {
+        let texts = Texts {
+            main_name: "turnstile.toml".into(),
+            main: MAIN.into(),
+            catalog_name: "catalog.toml".into(),
+            catalog: CATALOG.into(),
+            entitlements_name: "entitlements.json".into(),
+            entitlements: ents.into(),
+            watch_paths: vec![],
+        };
+        match build(&texts, 1) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const KEY: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn ents(plan: &str) -> String {
+        format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": ["face_body"], "qps_plans": [{plan}]}}}}}}"#)
+    }
+
+    fn t(s: &str) -> i64 {
+        crate::time::parse_rfc3339(s).unwrap()
+    }
+
+    fn limit(snap: &crate::snapshot::Snapshot, feature: &str, at: &str) -> Limit {
+        let f = snap.catalog.feature_index[feature];
+        limit_at(&snap.catalog, &snap.settings, &snap.tenants[0], f, None, t(at))
+    }
+
+    const PLAN: &str = r#"{"feature": "face-comparison-1-1", "qps": 40,
+        "effective_at": "2026-11-01T00:00:00+08:00", "expires_at": "2026-12-01T00:00:00+08:00",
+        "temporary_upgrades": [{"qps": 50, "from": "2026-11-10T12:00:00+08:00", "until": "2026-11-10T14:00:00+08:00"}]}"#;
+
+    #[test]
+    fn plan_window_edges() {
+        let s = snapshot(&ents(PLAN));
+        let before = limit(&s, "face-comparison-1-1", "2026-10-31T23:59:59.999999999+08:00");
+        assert_eq!((before.qps, before.source), (2, LimitSource::DefaultQps));
+        let start = limit(&s, "face-comparison-1-1", "2026-11-01T00:00:00+08:00");
+        assert_eq!((start.qps, start.source), (40, LimitSource::Plan), "effective_at is inclusive");
+        let last = limit(&s, "face-comparison-1-1", "2026-11-30T23:59:59.999999999+08:00");
+        assert_eq!(last.qps, 40);
+        let expired = limit(&s, "face-comparison-1-1", "2026-12-01T00:00:00+08:00");
+        assert_eq!((expired.qps, expired.source), (2, LimitSource::DefaultQps), "expires_at is exclusive");
+    }
+
+    #[test]
+    fn temporary_upgrade_window_edges_and_revert() {
+        let s = snapshot(&ents(PLAN));
+        assert_eq!(limit(&s, "face-comparison-1-1", "2026-11-10T11:59:59.999+08:00").qps, 40);
+        let up = limit(&s, "face-comparison-1-1", "2026-11-10T12:00:00+08:00");
+        assert_eq!((up.qps, up.source), (50, LimitSource::TemporaryUpgrade));
+        assert_eq!(limit(&s, "face-comparison-1-1", "2026-11-10T13:59:59.999+08:00").qps, 50);
+        let back = limit(&s, "face-comparison-1-1", "2026-11-10T14:00:00+08:00");
+        assert_eq!((back.qps, back.source), (40, LimitSource::Plan), "reverts by itself at until");
+    }
+
+    #[test]
+    fn highest_active_upgrade_wins_and_lower_upgrade_is_ignored() {
+        let plan = r#"{"feature": "face-comparison-1-1", "qps": 30,
+            "effective_at": "2026-11-01T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z",
+            "temporary_upgrades": [
+              {"qps": 45, "from": "2026-11-02T00:00:00Z", "until": "2026-11-04T00:00:00Z"},
+              {"qps": 50, "from": "2026-11-03T00:00:00Z", "until": "2026-11-03T01:00:00Z"},
+              {"qps": 10, "from": "2026-11-05T00:00:00Z", "until": "2026-11-06T00:00:00Z"}]}"#;
+        let s = snapshot(&ents(plan));
+        assert_eq!(limit(&s, "face-comparison-1-1", "2026-11-02T12:00:00Z").qps, 45);
+        assert_eq!(limit(&s, "face-comparison-1-1", "2026-11-03T00:30:00Z").qps, 50);
+        assert_eq!(limit(&s, "face-comparison-1-1", "2026-11-05T12:00:00Z").qps, 30);
+    }
+
+    #[test]
+    fn feature_default_overrides_global_default() {
+        let s = snapshot(&ents(PLAN));
+        let l = limit(&s, "license-plate-recognition", "2026-11-10T00:00:00Z");
+        assert_eq!((l.qps, l.source), (5, LimitSource::FeatureDefault));
+    }
+
+    #[test]
+    fn plan_above_cap_is_a_config_error_naming_file_and_field() {
+        let plan = r#"{"feature": "face-comparison-1-1", "qps": 60,
+            "effective_at": "2026-11-01T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z",
+            "temporary_upgrades": [{"qps": 51, "from": "2026-11-02T00:00:00Z", "until": "2026-11-03T00:00:00Z"}]}"#;
+        let texts = Texts {
+            main_name: "turnstile.toml".into(),
+            main: MAIN.into(),
+            catalog_name: "catalog.toml".into(),
+            catalog: CATALOG.into(),
+            entitlements_name: "entitlements.json".into(),
+            entitlements: ents(plan),
+            watch_paths: vec![],
+        };
+        let errs = build(&texts, 1).err().expect("must be rejected").to_string();
+        assert!(errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"), "{errs}");
+        assert!(errs.contains("tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 51 exceeds the face_body cap of 50"), "{errs}");
+    }
+
+    #[test]
+    fn depth_follows_burst_seconds() {
+        assert_eq!(depth(40, 1.0), 40);
+        assert_eq!(depth(1, 0.5), 1);
+        assert_eq!(depth(20, 0.25), 5);
+        assert_eq!(depth(3, 2.5), 7);
+    }
+
+    #[test]
+    fn gcra_admits_depth_then_limit_per_second_with_injected_clock() {
+        let clock = ManualClock::at("2026-11-01T00:00:00Z");
+        let buckets = LocalBuckets::new(clock.clone());
+        let key = crate::intern::pair(1, 1);
+        let mut admitted = 0;
+        // 3 s flood in 1 ms steps, 5 attempts per step.
+        for _ in 0..3000 {
+            for _ in 0..5 {
+                if matches!(buckets.admit(key, 20, 20), Admit::Allowed { .. }) {
+                    admitted += 1;
+                }
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        assert!((60..=81).contains(&admitted), "admitted {admitted}");
+        // The clock just moved 1 ms, which may have freed one token; the next is 50 ms away.
+        let _ = buckets.admit(key, 20, 20);
+        match buckets.admit(key, 20, 20) {
+            Admit::Throttled { retry_after } => assert!(retry_after <= Duration::from_millis(50)),
+            other => panic!("expected throttled, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn remaining_and_reset_are_reported_and_limit_change_reshapes() {
+        let clock = ManualClock::at("2026-11-01T00:00:00Z");
+        let buckets = LocalBuckets::new(clock.clone());
+        let key = crate::intern::pair(2, 2);
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 3, reset_secs: 1 });
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 2, reset_secs: 1 });
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 1, reset_secs: 1 });
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 0, reset_secs: 1 });
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Throttled { .. }));
+        clock.advance(Duration::from_millis(250));
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 0, .. }));
+        // A new limit gives a new bucket of the new depth.
+        assert!(matches!(buckets.admit(key, 10, 10), Admit::Allowed { remaining: 9, .. }));
+        assert_eq!(buckets.len(), 1);
+        buckets.retain(&|k| k != key);
+        assert!(buckets.is_empty());
+        let _ = Arc::strong_count(&clock);
+    }
+}

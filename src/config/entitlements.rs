@@ -1,0 +1,325 @@
+//! `entitlements.json`: what each tenant bought (SPEC §3.3).
+
+use std::collections::{BTreeMap, HashMap};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::{Dec, Errs};
+use crate::catalog::{Catalog, Method};
+use crate::intern;
+use crate::time::parse_rfc3339;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawEntitlements {
+    pub tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawTenant {
+    pub api_keys: Vec<String>,
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qps_plans: Vec<RawPlan>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<RawPackage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_search: Option<RawImageSearch>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPlan {
+    pub feature: String,
+    pub qps: u32,
+    pub effective_at: String,
+    pub expires_at: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub temporary_upgrades: Vec<RawUpgrade>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawUpgrade {
+    pub qps: u32,
+    pub from: String,
+    pub until: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPackage {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub points: Dec,
+    pub ordered_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_at: Option<String>,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawImageSearch {
+    pub capacity: u64,
+    pub qps: u32,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    pub qps: u32,
+    pub from: i64,
+    pub until: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub feature: usize,
+    pub qps: u32,
+    pub effective_at: i64,
+    pub expires_at: i64,
+    pub upgrades: Vec<Upgrade>,
+}
+
+impl Plan {
+    pub fn active_at(&self, t: i64) -> bool {
+        self.effective_at <= t && t < self.expires_at
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackageTarget {
+    /// Single-category: one feature (index into the catalog's features).
+    Feature(usize),
+    /// General-purpose: a package kind (index into the catalog's general packages).
+    Scope(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub id: String,
+    pub target: PackageTarget,
+    pub points: Decimal,
+    pub ordered_at: i64,
+    pub effective_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageInstance {
+    pub capacity: u64,
+    pub qps: u32,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    /// Stable id across reloads (bucket keys).
+    pub intern: u32,
+    /// The name as a `'static` string (header values and metric labels without allocation).
+    pub label: &'static str,
+    pub api_keys: Vec<[u8; 32]>,
+    /// Activated services, indexed like the catalog's families.
+    pub services: Vec<bool>,
+    pub plans: Vec<Plan>,
+    pub packages: Vec<Package>,
+    pub image_search: Option<ImageInstance>,
+}
+
+impl Tenant {
+    /// The QPS plan of `feature` active at `t` (plans of one feature never overlap).
+    pub fn active_plan(&self, feature: usize, t: i64) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.feature == feature && p.active_at(t))
+    }
+}
+
+fn time(errs: &mut Errs<'_>, path: String, s: &str) -> i64 {
+    parse_rfc3339(s).unwrap_or_else(|e| {
+        errs.push(path, e);
+        0
+    })
+}
+
+fn parse_key_hash(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn valid_tenant_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> Vec<Tenant> {
+    let mut tenants = Vec::with_capacity(raw.tenants.len());
+    let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+    for (name, t) in &raw.tenants {
+        let p = format!("tenants.{name}");
+        if !valid_tenant_id(name) {
+            errs.push(p.clone(), "tenant ids use only letters, digits, '.', '_' and '-' (at most 128)");
+            continue;
+        }
+        if t.api_keys.is_empty() {
+            errs.push(format!("{p}.api_keys"), "a tenant needs at least one key hash (see `turnstile hash-key`)");
+        }
+        let mut api_keys = Vec::new();
+        for (i, k) in t.api_keys.iter().enumerate() {
+            let kp = format!("{p}.api_keys[{i}]");
+            match parse_key_hash(k) {
+                None => errs.push(kp, "must be the 64-character lowercase sha256 hex of the key (see `turnstile hash-key`)"),
+                Some(h) => match key_owner.get(&h) {
+                    Some(other) => errs.push(kp, format!("duplicate key hash: already used by tenant {other:?}")),
+                    None => {
+                        key_owner.insert(h, name.clone());
+                        api_keys.push(h);
+                    }
+                },
+            }
+        }
+        let mut services = vec![false; catalog.families.len()];
+        for (i, s) in t.services.iter().enumerate() {
+            match catalog.family_index.get(s) {
+                Some(&m) => services[m] = true,
+                None => errs.push(format!("{p}.services[{i}]"), format!("unknown service {s:?} (not a family in the catalog)")),
+            }
+        }
+
+        let mut plans: Vec<Plan> = Vec::new();
+        for (i, pl) in t.qps_plans.iter().enumerate() {
+            let pp = format!("{p}.qps_plans[{i}]");
+            let feature = match catalog.feature_index.get(&pl.feature) {
+                Some(&f) if f != catalog.image_search_feature => f,
+                Some(_) => {
+                    errs.push(format!("{pp}.feature"), "image search limits come from the tenant's image_search entry");
+                    continue;
+                }
+                None => {
+                    errs.push(format!("{pp}.feature"), format!("unknown feature {:?}", pl.feature));
+                    continue;
+                }
+            };
+            let f = &catalog.features[feature];
+            if !f.billing.has(Method::PrepaidQps) {
+                errs.push(format!("{pp}.feature"), format!("{} is not sold with prepaid QPS", f.id));
+            }
+            let cap = catalog.family_cap(f);
+            let fam = catalog.family_id(f);
+            let check_qps = |errs: &mut Errs<'_>, path: String, q: u32| {
+                if q == 0 {
+                    errs.push(path, "must be at least 1");
+                } else if let Some(c) = cap.filter(|&c| q > c) {
+                    errs.push(path, format!("{q} exceeds the {fam} cap of {c}"));
+                }
+            };
+            check_qps(errs, format!("{pp}.qps"), pl.qps);
+            let effective_at = time(errs, format!("{pp}.effective_at"), &pl.effective_at);
+            let expires_at = time(errs, format!("{pp}.expires_at"), &pl.expires_at);
+            if expires_at <= effective_at {
+                errs.push(format!("{pp}.expires_at"), "must be after effective_at");
+            }
+            let mut upgrades = Vec::new();
+            for (j, u) in pl.temporary_upgrades.iter().enumerate() {
+                let up = format!("{pp}.temporary_upgrades[{j}]");
+                check_qps(errs, format!("{up}.qps"), u.qps);
+                let from = time(errs, format!("{up}.from"), &u.from);
+                let until = time(errs, format!("{up}.until"), &u.until);
+                if until <= from {
+                    errs.push(format!("{up}.until"), "must be after from");
+                }
+                upgrades.push(Upgrade { qps: u.qps, from, until });
+            }
+            if let Some(j) = plans.iter().position(|o| {
+                o.feature == feature && o.effective_at < expires_at && effective_at < o.expires_at
+            }) {
+                errs.push(format!("{pp}.effective_at"), format!("overlaps {p}.qps_plans[{j}] for the same feature"));
+            }
+            plans.push(Plan { feature, qps: pl.qps, effective_at, expires_at, upgrades });
+        }
+
+        let mut packages: Vec<Package> = Vec::new();
+        for (i, pk) in t.packages.iter().enumerate() {
+            let pp = format!("{p}.packages[{i}]");
+            if pk.id.is_empty() {
+                errs.push(format!("{pp}.id"), "must not be empty");
+            } else if packages.iter().any(|o| o.id == pk.id) {
+                errs.push(format!("{pp}.id"), format!("duplicate package id {:?}", pk.id));
+            }
+            let target = match (&pk.feature, &pk.scope) {
+                (Some(_), Some(_)) => {
+                    errs.push(pp.clone(), "has both feature and scope: a package is single-category or general-purpose");
+                    None
+                }
+                (None, None) => {
+                    errs.push(pp.clone(), "needs feature (single-category) or scope (general-purpose)");
+                    None
+                }
+                (Some(fid), None) => match catalog.feature(fid) {
+                    Some(f) if f.billing.has(Method::SinglePackage) => {
+                        catalog.feature_index.get(fid).map(|&i| PackageTarget::Feature(i))
+                    }
+                    Some(_) => {
+                        errs.push(format!("{pp}.feature"), format!("{fid} is not sold as a single-category package"));
+                        None
+                    }
+                    None => {
+                        errs.push(format!("{pp}.feature"), format!("unknown feature {fid:?}"));
+                        None
+                    }
+                },
+                (None, Some(scope)) => match catalog.general_index.get(scope) {
+                    Some(&g) => Some(PackageTarget::Scope(g)),
+                    None => {
+                        errs.push(format!("{pp}.scope"), format!("unknown general package kind {scope:?}"));
+                        None
+                    }
+                },
+            };
+            if pk.points.0 <= Decimal::ZERO {
+                errs.push(format!("{pp}.points"), "must be above 0");
+            }
+            let ordered_at = time(errs, format!("{pp}.ordered_at"), &pk.ordered_at);
+            let effective_at = match &pk.effective_at {
+                Some(e) => time(errs, format!("{pp}.effective_at"), e),
+                None => ordered_at,
+            };
+            let expires_at = time(errs, format!("{pp}.expires_at"), &pk.expires_at);
+            if expires_at <= effective_at {
+                errs.push(format!("{pp}.expires_at"), "must be after effective_at (or ordered_at)");
+            }
+            if let Some(target) = target {
+                packages.push(Package { id: pk.id.clone(), target, points: pk.points.0, ordered_at, effective_at, expires_at });
+            }
+        }
+
+        let image_search = t.image_search.as_ref().map(|is| {
+            let ip = format!("{p}.image_search");
+            if !catalog.image_search.packages.iter().any(|k| k.capacity == is.capacity && k.qps == is.qps) {
+                errs.push(
+                    ip.clone(),
+                    format!("{}/{} QPS is not an image search package in the catalog", is.capacity, is.qps),
+                );
+            }
+            ImageInstance { capacity: is.capacity, qps: is.qps, expires_at: time(errs, format!("{ip}.expires_at"), &is.expires_at) }
+        });
+
+        let (intern, label) = intern::tenant(name);
+        tenants.push(Tenant {
+            name: name.clone(),
+            intern,
+            label,
+            api_keys,
+            services,
+            plans,
+            packages,
+            image_search,
+        });
+    }
+    tenants
+}

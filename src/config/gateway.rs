@@ -1,0 +1,398 @@
+//! `turnstile.toml`: listeners, upstream, identity, admission defaults, billing, ledger, metrics,
+//! files and routes (SPEC §3.1).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::FixedOffset;
+use http::header::HeaderName;
+use http::Uri;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::{Dec, Errs};
+use crate::catalog::{Catalog, IMAGE_SEARCH};
+
+#[derive(Debug, Deserialize)]
+pub struct RawGateway {
+    pub server: RawServer,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub admission: RawAdmission,
+    #[serde(default)]
+    pub billing: RawBilling,
+    #[serde(default)]
+    pub ledger: RawLedger,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub files: RawFiles,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawServer {
+    #[serde(default = "d_listen")]
+    pub listen: String,
+    #[serde(default = "d_admin_listen")]
+    pub admin_listen: String,
+    pub upstream: String,
+    #[serde(default = "d_upstream_timeout")]
+    pub upstream_timeout_ms: u64,
+    #[serde(default = "d_header_timeout")]
+    pub header_read_timeout_ms: u64,
+    #[serde(default = "d_max_body")]
+    pub max_request_body_bytes: u64,
+}
+fn d_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn d_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn d_upstream_timeout() -> u64 {
+    30_000
+}
+fn d_header_timeout() -> u64 {
+    5_000
+}
+fn d_max_body() -> u64 {
+    33_554_432
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawIdentity {
+    #[serde(default = "d_key_header")]
+    pub api_key_header: String,
+}
+impl Default for RawIdentity {
+    fn default() -> Self {
+        RawIdentity { api_key_header: d_key_header() }
+    }
+}
+fn d_key_header() -> String {
+    "x-api-key".into()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawAdmission {
+    #[serde(default = "d_default_qps")]
+    pub default_qps: u32,
+    #[serde(default = "d_burst")]
+    pub burst_seconds: f64,
+}
+impl Default for RawAdmission {
+    fn default() -> Self {
+        RawAdmission { default_qps: d_default_qps(), burst_seconds: d_burst() }
+    }
+}
+fn d_default_qps() -> u32 {
+    2
+}
+fn d_burst() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawBilling {
+    #[serde(default = "d_tz")]
+    pub timezone: String,
+    #[serde(default = "d_ratio")]
+    pub low_balance_ratio: Dec,
+    #[serde(default)]
+    pub alert_webhook: String,
+}
+impl Default for RawBilling {
+    fn default() -> Self {
+        RawBilling { timezone: d_tz(), low_balance_ratio: d_ratio(), alert_webhook: String::new() }
+    }
+}
+fn d_tz() -> String {
+    "+08:00".into()
+}
+fn d_ratio() -> Dec {
+    Dec(Decimal::new(2, 1))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawLedger {
+    #[serde(default = "d_ledger_dir")]
+    pub dir: String,
+    #[serde(default = "d_durability")]
+    pub durability: String,
+    #[serde(default = "d_flush")]
+    pub flush_interval_ms: u64,
+}
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger { dir: d_ledger_dir(), durability: d_durability(), flush_interval_ms: d_flush() }
+    }
+}
+fn d_ledger_dir() -> String {
+    "data/ledger".into()
+}
+fn d_durability() -> String {
+    "batched".into()
+}
+fn d_flush() -> u64 {
+    5
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawMetrics {
+    #[serde(default = "d_true")]
+    pub tenant_label: bool,
+}
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics { tenant_label: true }
+    }
+}
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawFiles {
+    #[serde(default = "d_catalog")]
+    pub catalog: String,
+    #[serde(default = "d_entitlements")]
+    pub entitlements: String,
+    #[serde(default = "d_true")]
+    pub watch: bool,
+}
+impl Default for RawFiles {
+    fn default() -> Self {
+        RawFiles { catalog: d_catalog(), entitlements: d_entitlements(), watch: true }
+    }
+}
+fn d_catalog() -> String {
+    "catalog.toml".into()
+}
+fn d_entitlements() -> String {
+    "entitlements.json".into()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawRoute {
+    pub path: String,
+    pub feature: String,
+    pub op: Option<String>,
+}
+
+/// Reads only `[files]`, leniently, to find the other two files before full validation.
+pub fn peek_files(text: &str) -> Option<RawFiles> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        files: RawFilesLenient,
+    }
+    #[derive(Deserialize, Default)]
+    struct RawFilesLenient {
+        catalog: Option<String>,
+        entitlements: Option<String>,
+    }
+    let p: Peek = toml::from_str(text).ok()?;
+    Some(RawFiles {
+        catalog: p.files.catalog.unwrap_or_else(d_catalog),
+        entitlements: p.files.entitlements.unwrap_or_else(d_entitlements),
+        watch: true,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Batched,
+    Strict,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageOp {
+    Search,
+    Add,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The exact path, or for a prefix route the prefix including its trailing `/`.
+    pub path: String,
+    pub prefix: bool,
+    pub feature: usize,
+    pub op: Option<ImageOp>,
+}
+
+/// Validated gateway settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: Uri,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_request_body_bytes: u64,
+    pub api_key_header: HeaderName,
+    pub default_qps: u32,
+    pub burst_seconds: f64,
+    pub timezone: FixedOffset,
+    pub low_balance_ratio: Decimal,
+    pub alert_webhook: Option<Uri>,
+    pub ledger_dir: PathBuf,
+    pub durability: Durability,
+    pub flush_interval: Duration,
+    pub tenant_label: bool,
+    pub watch: bool,
+}
+
+fn parse_addr(errs: &mut Errs<'_>, path: &str, s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| {
+        errs.push(path, format!("{s:?} is not an address like \"127.0.0.1:8080\" ({e})"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn parse_http_uri(errs: &mut Errs<'_>, path: &str, s: &str) -> Option<Uri> {
+    match s.parse::<Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() && u.query().is_none() => Some(u),
+        Ok(_) => {
+            errs.push(path, format!("{s:?} must be an http:// URL with a host and port and no query"));
+            None
+        }
+        Err(e) => {
+            errs.push(path, format!("{s:?} is not a URL ({e})"));
+            None
+        }
+    }
+}
+
+fn positive_ms(errs: &mut Errs<'_>, path: &str, ms: u64) -> Duration {
+    if ms == 0 {
+        errs.push(path, "must be at least 1");
+    }
+    Duration::from_millis(ms)
+}
+
+pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Option<(Settings, Vec<Route>)> {
+    let s = &raw.server;
+    let listen = parse_addr(errs, "server.listen", &s.listen);
+    let admin_listen = parse_addr(errs, "server.admin_listen", &s.admin_listen);
+    if listen == admin_listen && listen.port() != 0 {
+        errs.push("server.admin_listen", "must differ from server.listen");
+    }
+    let upstream = parse_http_uri(errs, "server.upstream", &s.upstream);
+    let upstream_timeout = positive_ms(errs, "server.upstream_timeout_ms", s.upstream_timeout_ms);
+    let header_read_timeout = positive_ms(errs, "server.header_read_timeout_ms", s.header_read_timeout_ms);
+    if s.max_request_body_bytes == 0 {
+        errs.push("server.max_request_body_bytes", "must be at least 1");
+    }
+    let api_key_header = HeaderName::from_bytes(raw.identity.api_key_header.as_bytes()).unwrap_or_else(|_| {
+        errs.push("identity.api_key_header", format!("{:?} is not a valid header name", raw.identity.api_key_header));
+        HeaderName::from_static("x-api-key")
+    });
+    if api_key_header == http::header::AUTHORIZATION || api_key_header.as_str().starts_with("x-turnstile-") {
+        errs.push("identity.api_key_header", "must not be Authorization (always accepted) or an x-turnstile-* header");
+    }
+    let a = &raw.admission;
+    if a.default_qps == 0 {
+        errs.push("admission.default_qps", "must be at least 1");
+    }
+    if !(a.burst_seconds.is_finite() && a.burst_seconds > 0.0 && a.burst_seconds <= 3600.0) {
+        errs.push("admission.burst_seconds", format!("{} must be above 0 and at most 3600", a.burst_seconds));
+    }
+    let b = &raw.billing;
+    let timezone = crate::time::parse_offset(&b.timezone).unwrap_or_else(|e| {
+        errs.push("billing.timezone", e);
+        FixedOffset::east_opt(0).unwrap_or_else(|| unreachable!())
+    });
+    let ratio = b.low_balance_ratio.0;
+    if ratio <= Decimal::ZERO || ratio >= Decimal::ONE {
+        errs.push("billing.low_balance_ratio", format!("{ratio} must be above 0 and below 1"));
+    }
+    let alert_webhook =
+        if b.alert_webhook.is_empty() { None } else { parse_http_uri(errs, "billing.alert_webhook", &b.alert_webhook) };
+    let l = &raw.ledger;
+    let durability = match l.durability.as_str() {
+        "batched" => Durability::Batched,
+        "strict" => Durability::Strict,
+        other => {
+            errs.push("ledger.durability", format!("{other:?} must be \"batched\" or \"strict\""));
+            Durability::Batched
+        }
+    };
+    if l.dir.trim().is_empty() {
+        errs.push("ledger.dir", "must not be empty");
+    }
+    let flush_interval = positive_ms(errs, "ledger.flush_interval_ms", l.flush_interval_ms);
+
+    let mut routes: Vec<Route> = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if !r.path.starts_with('/') {
+            errs.push(format!("{p}.path"), format!("{:?} must start with /", r.path));
+            continue;
+        }
+        let (path, prefix) = match r.path.strip_suffix('*') {
+            Some(pre) if pre.ends_with('/') => (pre.to_string(), true),
+            Some(_) => {
+                errs.push(format!("{p}.path"), format!("{:?}: a prefix must end in \"/*\"", r.path));
+                continue;
+            }
+            None => (r.path.clone(), false),
+        };
+        if r.path[..r.path.len() - usize::from(prefix)].contains('*') {
+            errs.push(format!("{p}.path"), format!("{:?}: * is allowed only as the final \"/*\"", r.path));
+        }
+        if let Some(j) = routes.iter().position(|x| x.path == path && x.prefix == prefix) {
+            errs.push(format!("{p}.path"), format!("{:?} repeats routes[{j}] and could never match", r.path));
+        }
+        let Some(&feature) = catalog.feature_index.get(&r.feature) else {
+            errs.push(format!("{p}.feature"), format!("unknown feature {:?} (not in the catalog)", r.feature));
+            continue;
+        };
+        let op = match (r.feature == IMAGE_SEARCH, r.op.as_deref()) {
+            (true, Some("search")) => Some(ImageOp::Search),
+            (true, Some("add")) => Some(ImageOp::Add),
+            (true, Some("delete")) => Some(ImageOp::Delete),
+            (true, Some(o)) => {
+                errs.push(format!("{p}.op"), format!("{o:?} must be \"search\", \"add\" or \"delete\""));
+                None
+            }
+            (true, None) => {
+                errs.push(format!("{p}.op"), "image-search routes need op = \"search\", \"add\" or \"delete\"");
+                None
+            }
+            (false, Some(_)) => {
+                errs.push(format!("{p}.op"), "only image-search routes take an op");
+                None
+            }
+            (false, None) => None,
+        };
+        routes.push(Route { path, prefix, feature, op });
+    }
+
+    Some((
+        Settings {
+            listen,
+            admin_listen,
+            upstream: upstream?,
+            upstream_timeout,
+            header_read_timeout,
+            max_request_body_bytes: s.max_request_body_bytes,
+            api_key_header,
+            default_qps: a.default_qps,
+            burst_seconds: a.burst_seconds,
+            timezone,
+            low_balance_ratio: ratio,
+            alert_webhook,
+            ledger_dir: PathBuf::from(&l.dir),
+            durability,
+            flush_interval,
+            tenant_label: raw.metrics.tenant_label,
+            watch: raw.files.watch,
+        },
+        routes,
+    ))
+}

@@ -1,0 +1,272 @@
+//! Loading and validating the three configuration files (SPEC §3).
+//!
+//! Each file is parsed with unknown keys collected (all of them, not just the first) and type
+//! errors reported with their field path; then the semantic checks run across all three files and
+//! every problem is returned, each naming the file and the field path.
+
+pub mod entitlements;
+pub mod gateway;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::catalog::{self, Catalog};
+use crate::snapshot::{Snapshot, Sources};
+
+/// One problem in one file, at one field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigError {
+    pub file: String,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found; never empty.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects errors for one file.
+pub struct Errs<'a> {
+    pub file: &'a str,
+    pub out: &'a mut Vec<ConfigError>,
+}
+
+impl Errs<'_> {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.out.push(ConfigError { file: self.file.to_string(), path: path.into(), message: message.into() });
+    }
+}
+
+/// Where the configuration comes from: files on disk, or the embedded demo.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    Files { main: PathBuf },
+    Embedded,
+}
+
+pub const EMBEDDED_MAIN: &str = include_str!("../../config/turnstile.toml");
+pub const EMBEDDED_CATALOG: &str = include_str!("../../config/catalog.toml");
+pub const EMBEDDED_ENTITLEMENTS: &str = include_str!("../../config/entitlements.json");
+
+/// The three files' texts and the names errors should use for them.
+pub struct Texts {
+    pub main_name: String,
+    pub main: String,
+    pub catalog_name: String,
+    pub catalog: String,
+    pub entitlements_name: String,
+    pub entitlements: String,
+    /// Paths to watch for changes (empty for the embedded configuration).
+    pub watch_paths: Vec<PathBuf>,
+}
+
+fn read(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(ConfigError {
+                file: path.display().to_string(),
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            });
+            None
+        }
+    }
+}
+
+/// Reads the main file, then the catalog and entitlements it names (relative to its folder).
+pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
+    match source {
+        ConfigSource::Embedded => Ok(Texts {
+            main_name: "turnstile.toml (embedded demo)".into(),
+            main: EMBEDDED_MAIN.into(),
+            catalog_name: "catalog.toml (embedded demo)".into(),
+            catalog: EMBEDDED_CATALOG.into(),
+            entitlements_name: "entitlements.json (embedded demo)".into(),
+            entitlements: EMBEDDED_ENTITLEMENTS.into(),
+            watch_paths: Vec::new(),
+        }),
+        ConfigSource::Files { main } => {
+            let mut errors = Vec::new();
+            let main_name = main.display().to_string();
+            let Some(text) = read(main, &mut errors) else { return Err(ConfigErrors(errors)) };
+            // Only [files] is needed to find the other two; full validation happens later.
+            let files = gateway::peek_files(&text).unwrap_or_default();
+            let dir = main.parent().map(Path::to_path_buf).unwrap_or_default();
+            let catalog_path = dir.join(&files.catalog);
+            let ent_path = dir.join(&files.entitlements);
+            let catalog = read(&catalog_path, &mut errors);
+            let entitlements = read(&ent_path, &mut errors);
+            match (catalog, entitlements) {
+                (Some(catalog), Some(entitlements)) => Ok(Texts {
+                    main_name,
+                    main: text,
+                    catalog_name: catalog_path.display().to_string(),
+                    catalog,
+                    entitlements_name: ent_path.display().to_string(),
+                    entitlements,
+                    watch_paths: vec![main.clone(), catalog_path, ent_path],
+                }),
+                _ => Err(ConfigErrors(errors)),
+            }
+        }
+    }
+}
+
+/// Parses and validates all three texts into a runtime snapshot (not yet published).
+pub fn build(texts: &Texts, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = Vec::new();
+    let main: Option<gateway::RawGateway> = parse_toml(&texts.main_name, &texts.main, &mut errors);
+    let raw_catalog: Option<catalog::RawCatalog> = parse_toml(&texts.catalog_name, &texts.catalog, &mut errors);
+    let raw_ents: Option<entitlements::RawEntitlements> =
+        parse_json(&texts.entitlements_name, &texts.entitlements, &mut errors);
+
+    let catalog: Option<Catalog> = raw_catalog
+        .map(|c| catalog::compile(c, &mut Errs { file: &texts.catalog_name, out: &mut errors }));
+    let (Some(main), Some(catalog)) = (main, catalog) else {
+        return Err(ConfigErrors(errors));
+    };
+    let settings = gateway::compile(main, &catalog, &mut Errs { file: &texts.main_name, out: &mut errors });
+    let tenants = raw_ents.map(|e| {
+        entitlements::compile(e, &catalog, &mut Errs { file: &texts.entitlements_name, out: &mut errors })
+    });
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let (Some((settings, routes)), Some(tenants)) = (settings, tenants) else {
+        return Err(ConfigErrors(errors));
+    };
+    Ok(Snapshot::new(Sources { generation, settings, routes, catalog, tenants }))
+}
+
+/// Renders a serde_ignored path as `a.b[0].c`.
+fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    fn walk(p: &P<'_>, out: &mut String) {
+        match p {
+            P::Root => {}
+            P::Seq { parent, index } => {
+                walk(parent, out);
+                out.push_str(&format!("[{index}]"));
+            }
+            P::Map { parent, key } => {
+                walk(parent, out);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => walk(parent, out),
+        }
+    }
+    let mut s = String::new();
+    walk(p, &mut s);
+    s
+}
+
+fn deserialize_collecting<'de, D, T>(file: &str, de: D, errors: &mut Vec<ConfigError>) -> Option<T>
+where
+    D: Deserializer<'de>,
+    D::Error: fmt::Display,
+    T: serde::Deserialize<'de>,
+{
+    let mut unknown = Vec::new();
+    let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(ignored_path(&p));
+    let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
+    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    for path in unknown {
+        errors.push(ConfigError { file: file.into(), path, message: "unknown key (check its spelling)".into() });
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            errors.push(ConfigError { file: file.into(), path, message: e.into_inner().to_string() });
+            None
+        }
+    }
+}
+
+pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+    let before = errors.len();
+    let v = deserialize_collecting(file, toml::Deserializer::new(text), errors);
+    v.filter(|_| errors.len() == before)
+}
+
+pub fn parse_json<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
+    let before = errors.len();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = deserialize_collecting(file, &mut de, errors);
+    if v.is_some() {
+        if let Err(e) = de.end() {
+            errors.push(ConfigError { file: file.into(), path: String::new(), message: e.to_string() });
+        }
+    }
+    v.filter(|_| errors.len() == before)
+}
+
+/// A decimal written as a string (`"0.15"`): money and points are never floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dec(pub Decimal);
+
+impl<'de> Deserialize<'de> for Dec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal written as a string, e.g. \"0.15\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dec, E> {
+                Decimal::from_str_exact(s.trim())
+                    .or_else(|_| Decimal::from_str(s.trim()))
+                    .map(Dec)
+                    .map_err(|_| E::custom(format!("{s:?} is not a decimal number")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dec, E> {
+                Err(E::custom(format!("{v} is a float: write decimals as strings, e.g. \"{v}\"")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dec, E> {
+                Err(E::custom(format!("{v} is a number: write decimals as strings, e.g. \"{v}\"")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dec, E> {
+                Err(E::custom(format!("{v} is a number: write decimals as strings, e.g. \"{v}\"")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl serde::Serialize for Dec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.normalize().to_string())
+    }
+}

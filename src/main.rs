@@ -1,0 +1,164 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use turnstile::clock::SystemClock;
+use turnstile::config::{self, ConfigSource};
+use turnstile::server::{self, Gateway, Listeners};
+
+#[derive(Parser)]
+#[command(name = "turnstile", version, about = "QPS admission gateway for vision-AI inference services")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+const DEFAULT_CONFIG: &str = "config/turnstile.toml";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        /// Main configuration file [default: config/turnstile.toml; with --demo: the embedded demo]
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start an in-process stand-in upstream and point the gateway at it.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Validate all configuration files; print every error.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Print the sha256 hex that entitlements store for KEY.
+    HashKey { key: String },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TURNSTILE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::HashKey { key } => {
+            println!("{}", turnstile::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        Cmd::Check { config } => {
+            let source = ConfigSource::Files { main: config };
+            match config::read_texts(&source).and_then(|t| config::build(&t, 0).map(|s| (t, s))) {
+                Ok((texts, snap)) => {
+                    println!(
+                        "ok: {} ({} routes), {} ({} features), {} ({} tenants)",
+                        texts.main_name,
+                        snap.router.routes().len(),
+                        texts.catalog_name,
+                        snap.catalog.features.len() - 1,
+                        texts.entitlements_name,
+                        snap.tenants.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("{} error(s)", errors.0.len());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Serve { config, demo } => {
+            init_logs(cli.log_format);
+            let source = match (config, demo) {
+                (Some(main), _) => ConfigSource::Files { main },
+                (None, true) => ConfigSource::Embedded,
+                (None, false) => ConfigSource::Files { main: DEFAULT_CONFIG.into() },
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("turnstile: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(serve(source, demo))
+        }
+    }
+}
+
+async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
+    let mut standin = None;
+    let upstream_override = if demo {
+        match turnstile::standin::spawn(([127, 0, 0, 1], 0).into()).await {
+            Ok((addr, stop)) => {
+                standin = Some(stop);
+                format!("http://{addr}").parse().ok()
+            }
+            Err(e) => {
+                eprintln!("turnstile: cannot start the demo upstream: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let snap = match server::load(&source, upstream_override.as_ref(), 1) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("turnstile: {} configuration error(s); not starting", errors.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = match Listeners::bind(&snap).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("turnstile: cannot listen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (tenant_addr, admin_addr) = match (listeners.tenant.local_addr(), listeners.admin.local_addr()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => {
+            eprintln!("turnstile: cannot read the listen addresses");
+            return ExitCode::FAILURE;
+        }
+    };
+    let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
+    let upstream = snap.settings.upstream.clone();
+    let gw = Gateway::new(snap, source, upstream_override, SystemClock::shared());
+    println!("turnstile listening: tenant=http://{tenant_addr} admin=http://{admin_addr} upstream={upstream}");
+    if demo {
+        let (tenant, key) = turnstile::DEMO_KEYS[0];
+        println!("demo: stand-in upstream at {upstream}; demo API key for tenant {tenant}: {key}");
+        println!(
+            "try:  curl -i -H 'x-api-key: {key}' -d '{{\"image_a\":\"a.jpg\",\"image_b\":\"b.jpg\"}}' http://{tenant_addr}/v1/face/compare"
+        );
+    }
+    tracing::info!(%tenant_addr, %admin_addr, %upstream, generation = gw.generation(), "serving");
+    server::run(gw, listeners, server::termination(), drain).await;
+    if let Some(stop) = standin {
+        let _ = stop.send(true);
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,345 @@
+//! Tenant traffic (SPEC §4): identify → route → activation → limit → forward.
+//!
+//! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
+//! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+
+use crate::admission::{self, Admit};
+use crate::error::{ApiError, JSON};
+use crate::metrics::Outcome;
+use crate::server::Gateway;
+
+pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub type UpstreamBody = Limited<Incoming>;
+
+static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
+static X_TURNSTILE_FEATURE: HeaderName = HeaderName::from_static("x-turnstile-feature");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop).
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"];
+
+/// Everything needed after the decision, owned, so no snapshot is held across awaits.
+struct Forward {
+    pair: u64,
+    tenant: &'static str,
+    feature: &'static str,
+    key_in_authorization: bool,
+    upstream: Uri,
+    timeout: Duration,
+    body_limit: u64,
+    api_key_header: HeaderName,
+    rate_headers: [(HeaderName, HeaderValue); 2],
+}
+
+/// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax).
+fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, HeaderValue); 2] {
+    let policy = HeaderValue::try_from(format!("\"qps\";q={limit};w=1")).unwrap_or(HeaderValue::from_static("\"qps\""));
+    let state = HeaderValue::try_from(format!("\"qps\";r={remaining};t={reset_secs}"))
+        .unwrap_or(HeaderValue::from_static("\"qps\""));
+    [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
+}
+
+fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Left(Full::new(e.body())));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON.clone());
+    for (n, v) in extra {
+        h.insert(n.clone(), v.clone());
+    }
+    if let ApiError::QpsExceeded { retry_after, .. } = e {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    }
+    resp
+}
+
+/// Returns the API key and whether it came from `Authorization: Bearer`.
+fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], bool)> {
+    if let Some(v) = headers.get(name) {
+        let k = v.as_bytes().trim_ascii();
+        if !k.is_empty() {
+            return Some((k, false));
+        }
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = auth.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let k = rest.trim_ascii();
+    (!k.is_empty()).then_some((k, true))
+}
+
+enum Decision {
+    Reject(ApiError, Outcome, Option<(u64, &'static str, &'static str)>, Vec<(HeaderName, HeaderValue)>),
+    Forward(Forward),
+}
+
+fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
+    let snap = gw.snapshot.load();
+    let s = &snap.settings;
+    let Some((key, key_in_authorization)) = api_key(req.headers(), &s.api_key_header) else {
+        return Decision::Reject(
+            ApiError::MissingApiKey { header: s.api_key_header.to_string() },
+            Outcome::Unauthenticated,
+            None,
+            Vec::new(),
+        );
+    };
+    let hash: [u8; 32] = Sha256::digest(key).into();
+    let Some(&ti) = snap.keys.get(&hash) else {
+        return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, None, Vec::new());
+    };
+    let tenant = &snap.tenants[ti];
+    let path = req.uri().path();
+    let Some(route) = snap.router.find(path) else {
+        gw.metrics.request(tenant.label, "", Outcome::UnknownRoute);
+        return Decision::Reject(ApiError::UnknownRoute { path: path.to_string() }, Outcome::UnknownRoute, None, Vec::new());
+    };
+    let catalog = &snap.catalog;
+    let feature = &catalog.features[route.feature];
+    let pair = crate::intern::pair(tenant.intern, feature.intern);
+    let ids = Some((pair, tenant.label, feature.label));
+    let now = gw.clock.unix_nanos();
+    let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
+    let depth = admission::depth(limit.qps, s.burst_seconds);
+
+    let activated = match feature.family {
+        Some(m) => tenant.services[m],
+        None => tenant.image_search.is_some(),
+    };
+    if !activated {
+        let e = match feature.family {
+            Some(m) => ApiError::ServiceNotActivated {
+                family: catalog.families[m].name.clone(),
+                feature: feature.id.clone(),
+            },
+            None => ApiError::ImageSearchNotActivated { feature: feature.id.clone() },
+        };
+        // Nothing was taken from the bucket: the whole quota remains.
+        return Decision::Reject(e, Outcome::Forbidden, ids, rate_headers(limit.qps, depth, 0).into());
+    }
+    let declared_len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
+        return Decision::Reject(
+            ApiError::BodyTooLarge { limit: s.max_request_body_bytes },
+            Outcome::Forbidden,
+            ids,
+            rate_headers(limit.qps, depth, 0).into(),
+        );
+    }
+    match gw.buckets.admit(pair, limit.qps, depth) {
+        Admit::Throttled { retry_after } => {
+            let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
+            Decision::Reject(
+                ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
+                Outcome::Throttled,
+                ids,
+                rate_headers(limit.qps, 0, secs).into(),
+            )
+        }
+        Admit::Allowed { remaining, reset_secs } => Decision::Forward(Forward {
+            pair,
+            tenant: tenant.label,
+            feature: feature.label,
+            key_in_authorization,
+            upstream: s.upstream.clone(),
+            timeout: s.upstream_timeout,
+            body_limit: s.max_request_body_bytes,
+            api_key_header: s.api_key_header.clone(),
+            rate_headers: rate_headers(limit.qps, remaining, reset_secs),
+        }),
+    }
+}
+
+/// Handles one tenant request; never fails (errors become JSON responses).
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let fwd = match decide(&gw, &req) {
+        Decision::Reject(e, outcome, ids, headers) => {
+            match ids {
+                Some((pair, t, f)) => gw.metrics.request_pair(pair, t, f, outcome),
+                None if outcome == Outcome::Unauthenticated => gw.metrics.request("", "", outcome),
+                None => {} // unknown_route: counted in decide, where the tenant is known
+            }
+            gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+            return error_response(&e, &headers);
+        }
+        Decision::Forward(f) => f,
+    };
+    let (resp, outcome) = match forward(&gw, req, remote, &fwd).await {
+        Ok(r) => (r, Outcome::Admitted),
+        Err(e) => {
+            let outcome = if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
+            (error_response(&e, &fwd.rate_headers), outcome)
+        }
+    };
+    gw.metrics.request_pair(fwd.pair, fwd.tenant, fwd.feature, outcome);
+    gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+    resp
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    // `upgrade` is hop-by-hop too; protocol upgrades are not proxied.
+    h.remove(header::UPGRADE);
+}
+
+fn upstream_uri(base: &Uri, original: &Uri) -> Result<Uri, http::Error> {
+    let base_path = base.path().trim_end_matches('/');
+    let pq = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(if base_path.is_empty() {
+        http::uri::PathAndQuery::try_from(pq)?
+    } else {
+        http::uri::PathAndQuery::try_from(format!("{base_path}{pq}"))?
+    });
+    Ok(Uri::from_parts(parts)?)
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+async fn forward(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    fwd: &Forward,
+) -> Result<Response<ProxyBody>, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let uri = upstream_uri(&fwd.upstream, &parts.uri).map_err(|_| ApiError::UpstreamUnavailable)?;
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(&fwd.api_key_header);
+    if fwd.key_in_authorization {
+        h.remove(header::AUTHORIZATION);
+    }
+    let internal: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with("x-turnstile-")).cloned().collect();
+    for n in internal {
+        h.remove(n);
+    }
+    h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
+    h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
+    let ip = remote.ip().to_string();
+    let xff = match h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
+        prior if prior.is_empty() => ip,
+        prior => format!("{}, {ip}", prior.join(", ")),
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let body_limit = usize::try_from(fwd.body_limit).unwrap_or(usize::MAX);
+    let upstream_req = Request::from_parts(parts, Limited::new(body, body_limit));
+
+    let sent = Instant::now();
+    let result = tokio::time::timeout(fwd.timeout, gw.client.request(upstream_req)).await;
+    gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
+    let resp = match result {
+        Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: fwd.timeout.as_millis() as u64 }),
+        Ok(Err(e)) => {
+            if is_length_limit(&e) {
+                return Err(ApiError::BodyTooLarge { limit: fwd.body_limit });
+            }
+            tracing::debug!(error = %e, "upstream request failed");
+            return Err(ApiError::UpstreamUnavailable);
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    for (n, v) in &fwd.rate_headers {
+        parts.headers.insert(n.clone(), v.clone());
+    }
+    Ok(Response::from_parts(parts, Either::Right(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_from_header_or_bearer() {
+        let name = HeaderName::from_static("x-api-key");
+        let mut h = HeaderMap::new();
+        assert!(api_key(&h, &name).is_none());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer  k1 "));
+        assert_eq!(api_key(&h, &name), Some((&b"k1"[..], true)));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(api_key(&h, &name).is_none());
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bear"));
+        assert!(api_key(&h, &name).is_none());
+        h.insert(name.clone(), HeaderValue::from_static("k2"));
+        assert_eq!(api_key(&h, &name), Some((&b"k2"[..], false)));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_and_base_path() {
+        let base: Uri = "http://127.0.0.1:18080".parse().unwrap();
+        let orig: Uri = "/v1/face/compare?x=1".parse().unwrap();
+        assert_eq!(upstream_uri(&base, &orig).unwrap().to_string(), "http://127.0.0.1:18080/v1/face/compare?x=1");
+        let base: Uri = "http://127.0.0.1:18080/infer/".parse().unwrap();
+        assert_eq!(upstream_uri(&base, &orig).unwrap().to_string(), "http://127.0.0.1:18080/infer/v1/face/compare?x=1");
+    }
+
+    #[test]
+    fn rate_headers_use_structured_field_syntax() {
+        let [(p, pv), (r, rv)] = rate_headers(40, 39, 1);
+        assert_eq!((p.as_str(), pv.to_str().unwrap()), ("ratelimit-policy", "\"qps\";q=40;w=1"));
+        assert_eq!((r.as_str(), rv.to_str().unwrap()), ("ratelimit", "\"qps\";r=39;t=1"));
+    }
+
+    #[test]
+    fn connection_listed_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

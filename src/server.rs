@@ -1,0 +1,191 @@
+//! `turnstile serve`: the shared gateway state, the two listeners, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Uri;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admission::{BucketStore, LocalBuckets};
+use crate::clock::SharedClock;
+use crate::config::{self, ConfigErrors, ConfigSource};
+use crate::metrics::Metrics;
+use crate::proxy::{self, UpstreamBody};
+use crate::snapshot::Snapshot;
+
+/// Everything the listeners share.
+pub struct Gateway {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub buckets: Box<dyn BucketStore>,
+    pub metrics: Metrics,
+    pub clock: SharedClock,
+    pub client: Client<HttpConnector, UpstreamBody>,
+    pub source: ConfigSource,
+    /// `serve --demo` points the gateway at its stand-in upstream, whatever the file says.
+    pub upstream_override: Option<Uri>,
+    pub ready: AtomicBool,
+    generation: AtomicU64,
+}
+
+/// Reads and validates the configuration into a snapshot of the given generation.
+pub fn load(source: &ConfigSource, upstream_override: Option<&Uri>, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let texts = config::read_texts(source)?;
+    let mut snap = config::build(&texts, generation)?;
+    if let Some(u) = upstream_override {
+        snap.settings.upstream = u.clone();
+    }
+    Ok(snap)
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot, source: ConfigSource, upstream_override: Option<Uri>, clock: SharedClock) -> Arc<Self> {
+        let metrics = Metrics::new(snapshot.settings.tenant_label);
+        metrics.config_generation.set(snapshot.generation as i64);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(snapshot.settings.upstream_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Arc::new(Gateway {
+            generation: AtomicU64::new(snapshot.generation),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            buckets: Box::new(LocalBuckets::new(clock.clone())),
+            metrics,
+            clock,
+            client,
+            source,
+            upstream_override,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// Bound listeners, so callers (and tests) learn the real ports before serving starts.
+pub struct Listeners {
+    pub tenant: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(snap: &Snapshot) -> std::io::Result<Listeners> {
+        let tenant = TcpListener::bind(snap.settings.listen)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {}: {e}", snap.settings.listen)))?;
+        let admin = TcpListener::bind(snap.settings.admin_listen)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("server.admin_listen {}: {e}", snap.settings.admin_listen)))?;
+        Ok(Listeners { tenant, admin })
+    }
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+    graceful: &GracefulShutdown,
+    handler: F,
+) where
+    F: Fn(Arc<Gateway>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<proxy::ProxyBody>> + Send + 'static,
+{
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let header_timeout = gw.snapshot.load().settings.header_read_timeout;
+        let gw2 = gw.clone();
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let fut = h(gw2.clone(), req, remote);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Serves both listeners until `shutdown` resolves, then stops accepting and drains in-flight
+/// requests for up to `drain` before returning.
+pub async fn run(
+    gw: Arc<Gateway>,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = GracefulShutdown::new();
+    gw.ready.store(true, Ordering::SeqCst);
+    tokio::join!(
+        accept_loop(listeners.tenant, gw.clone(), stop_rx.clone(), &graceful, proxy::handle),
+        accept_loop(listeners.admin, gw.clone(), stop_rx, &graceful, crate::admin::handle),
+        async {
+            shutdown.await;
+            tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+            gw.ready.store(false, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+        }
+    );
+    match tokio::time::timeout(drain, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

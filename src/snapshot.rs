@@ -1,0 +1,118 @@
+//! One immutable, validated view of all configuration: routes, catalog and entitlements. The
+//! gateway holds it in a single `ArcSwap`; a request reads everything it needs through one load.
+
+use std::collections::HashMap;
+
+use rustc_hash::FxBuildHasher;
+
+use crate::catalog::Catalog;
+use crate::config::entitlements::Tenant;
+use crate::config::gateway::{Route, Settings};
+
+pub struct Sources {
+    pub generation: u64,
+    pub settings: Settings,
+    pub routes: Vec<Route>,
+    pub catalog: Catalog,
+    pub tenants: Vec<Tenant>,
+}
+
+/// Routes in configuration order; first match wins. Exact paths are found by hash, prefixes by a
+/// scan that stops at the first exact match's position.
+pub struct Router {
+    routes: Vec<Route>,
+    exact: HashMap<String, usize, FxBuildHasher>,
+    prefixes: Vec<usize>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut exact = HashMap::with_hasher(FxBuildHasher);
+        let mut prefixes = Vec::new();
+        for (i, r) in routes.iter().enumerate() {
+            if r.prefix {
+                prefixes.push(i);
+            } else {
+                exact.entry(r.path.clone()).or_insert(i);
+            }
+        }
+        Router { routes, exact, prefixes }
+    }
+
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        let exact = self.exact.get(path).copied();
+        let limit = exact.unwrap_or(usize::MAX);
+        let prefix = self
+            .prefixes
+            .iter()
+            .copied()
+            .take_while(|&i| i < limit)
+            .find(|&i| path.starts_with(self.routes[i].path.as_str()));
+        prefix.or(exact).map(|i| &self.routes[i])
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+pub struct Snapshot {
+    pub generation: u64,
+    pub settings: Settings,
+    pub router: Router,
+    pub catalog: Catalog,
+    pub tenants: Vec<Tenant>,
+    /// sha256(API key) → index into `tenants`.
+    pub keys: HashMap<[u8; 32], usize, FxBuildHasher>,
+    pub tenant_index: HashMap<String, usize>,
+}
+
+impl Snapshot {
+    pub fn new(s: Sources) -> Self {
+        let mut keys = HashMap::with_hasher(FxBuildHasher);
+        let mut tenant_index = HashMap::new();
+        for (i, t) in s.tenants.iter().enumerate() {
+            tenant_index.insert(t.name.clone(), i);
+            for k in &t.api_keys {
+                keys.insert(*k, i);
+            }
+        }
+        Snapshot {
+            generation: s.generation,
+            settings: s.settings,
+            router: Router::new(s.routes),
+            catalog: s.catalog,
+            tenants: s.tenants,
+            keys,
+            tenant_index,
+        }
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenant_index.get(name).map(|&i| &self.tenants[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str, prefix: bool, feature: usize) -> Route {
+        Route { path: path.into(), prefix, feature, op: None }
+    }
+
+    #[test]
+    fn first_match_wins_across_exact_and_prefix() {
+        let r = Router::new(vec![
+            route("/v1/a/", true, 0),
+            route("/v1/a/x", false, 1),
+            route("/v1/b", false, 2),
+            route("/v1/", true, 3),
+        ]);
+        assert_eq!(r.find("/v1/a/x").map(|r| r.feature), Some(0), "the earlier prefix wins");
+        assert_eq!(r.find("/v1/b").map(|r| r.feature), Some(2));
+        assert_eq!(r.find("/v1/c").map(|r| r.feature), Some(3));
+        assert_eq!(r.find("/v1").map(|r| r.feature), None, "a prefix /v1/* does not match /v1");
+        assert!(r.find("/other").is_none());
+    }
+}
