@@ -191,10 +191,14 @@ fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
     s
 }
 
-fn deserialize_collecting<'de, D, T>(file: &str, de: D, errors: &mut Vec<ConfigError>) -> Option<T>
+fn deserialize_collecting<'de, D, T>(
+    file: &str,
+    de: D,
+    describe: impl Fn(D::Error) -> String,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T>
 where
     D: Deserializer<'de>,
-    D::Error: fmt::Display,
     T: serde::Deserialize<'de>,
 {
     let mut unknown = Vec::new();
@@ -209,7 +213,7 @@ where
         Err(e) => {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            errors.push(ConfigError { file: file.into(), path, message: e.into_inner().to_string() });
+            errors.push(ConfigError { file: file.into(), path, message: describe(e.into_inner()) });
             None
         }
     }
@@ -217,14 +221,23 @@ where
 
 pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
     let before = errors.len();
-    let v = deserialize_collecting(file, toml::Deserializer::new(text), errors);
+    let describe = |e: toml::de::Error| match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{} (line {line}, column {col})", e.message().trim_end())
+        }
+        None => e.message().trim_end().to_string(),
+    };
+    let v = deserialize_collecting(file, toml::Deserializer::new(text), describe, errors);
     v.filter(|_| errors.len() == before)
 }
 
 pub fn parse_json<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
     let before = errors.len();
     let mut de = serde_json::Deserializer::from_str(text);
-    let v = deserialize_collecting(file, &mut de, errors);
+    let v = deserialize_collecting(file, &mut de, |e| e.to_string(), errors);
     if v.is_some() {
         if let Err(e) = de.end() {
             errors.push(ConfigError { file: file.into(), path: String::new(), message: e.to_string() });

@@ -1,0 +1,124 @@
+//! `turnstile check` and `turnstile hash-key`, run as a user would.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn check(cfg: &ConfigDir) -> (bool, String, String) {
+    let out = Command::new(BIN).arg("check").arg("--config").arg(cfg.main()).output().expect("run check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_configuration_is_valid() {
+    let out = Command::new(BIN)
+        .args(["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/turnstile.toml")])
+        .output()
+        .expect("run check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("ok:"), "{stdout}");
+}
+
+#[test]
+fn hash_key_prints_sha256_hex() {
+    let out = Command::new(BIN).args(["hash-key", "demo-acme-key"]).output().expect("run");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "a2fb8545fcd457204e9fee11be92013aa3240b1b146fe262ba608fdfc159041c"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_file_and_field() {
+    let main = main_toml("http://127.0.0.1:1", "upstream_timeout_ms = 0", "[admission]\ndefault_qps = 2\nburst_secs = 1.0\n")
+        + "\n[[routes]]\npath = \"/v1/x\"\nfeature = \"no-such-feature\"\n";
+    let catalog = SHIPPED_CATALOG.to_string() + "\n[features.extra-feature]\nfamily = \"face_body\"\nbilling = [\"payg\"]\ncolour = \"red\"\n";
+    let k = key_hash("k1");
+    let ents = format!(
+        r#"{{"tenants": {{
+  "acme": {{"api_keys": ["{k}"], "services": ["face_body", "made_up"], "extra": 1,
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": 60, "effective_at": "2026-11-01T00:00:00+08:00", "expires_at": "not a time",
+       "temporary_upgrades": [{{"qps": 55, "from": "2026-11-02T00:00:00+08:00", "until": "2026-11-01T00:00:00+08:00"}}]}}],
+    "packages": [
+      {{"id": "p1", "feature": "object-detection", "points": "5000", "ordered_at": "2026-01-01T00:00:00+08:00", "expires_at": "2027-01-01T00:00:00+08:00"}},
+      {{"id": "p1", "scope": "vision-image", "points": "100", "ordered_at": "2026-01-01T00:00:00+08:00", "expires_at": "2027-01-01T00:00:00+08:00"}},
+      {{"id": "p2", "feature": "object-detection", "scope": "vision-image", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}}
+    ]}},
+  "other": {{"api_keys": ["{k}", "ABC"], "services": []}}
+}}}}"#
+    );
+    let cfg = ConfigDir::new(&main, &catalog, &ents);
+    let (ok, _stdout, stderr) = check(&cfg);
+    assert!(!ok, "check must fail");
+    let dir = cfg.path().display().to_string();
+    // Parse-level problems: every unknown key of a file is listed.
+    for expected in [
+        format!("{dir}/turnstile.toml: admission.burst_secs: unknown key"),
+        format!("{dir}/catalog.toml: features.extra-feature.colour: unknown key"),
+        format!("{dir}/entitlements.json: tenants.acme.extra: unknown key"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+
+    // With the unknown keys fixed, the semantic checks run and report everything at once.
+    let main = main.replace("burst_secs", "burst_seconds");
+    let catalog = catalog.replace("colour = \"red\"\n", "");
+    let ents = ents.replace(r#", "extra": 1"#, "");
+    let cfg = ConfigDir::new(&main, &catalog, &ents);
+    let (ok, _stdout, stderr) = check(&cfg);
+    assert!(!ok);
+    let dir = cfg.path().display().to_string();
+    for expected in [
+        format!("{dir}/turnstile.toml: server.upstream_timeout_ms: must be at least 1"),
+        format!("{dir}/turnstile.toml: routes[4].feature: unknown feature \"no-such-feature\""),
+        format!("{dir}/entitlements.json: tenants.acme.services[1]: unknown service \"made_up\""),
+        format!("{dir}/entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"),
+        format!("{dir}/entitlements.json: tenants.acme.qps_plans[0].expires_at: \"not a time\" is not an RFC 3339 time"),
+        format!("{dir}/entitlements.json: tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 55 exceeds the face_body cap of 50"),
+        format!("{dir}/entitlements.json: tenants.acme.qps_plans[0].temporary_upgrades[0].until: must be after from"),
+        format!("{dir}/entitlements.json: tenants.acme.packages[1].id: duplicate package id \"p1\""),
+        format!("{dir}/entitlements.json: tenants.acme.packages[2]: has both feature and scope"),
+        format!("{dir}/entitlements.json: tenants.other.api_keys[0]: duplicate key hash: already used by tenant \"acme\""),
+        format!("{dir}/entitlements.json: tenants.other.api_keys[1]: must be the 64-character lowercase sha256 hex"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains("12 error(s)") || stderr.lines().count() >= 12, "{stderr}");
+}
+
+#[test]
+fn floats_for_money_and_syntax_errors_are_located() {
+    let main = main_toml("http://127.0.0.1:1", "", "");
+    let catalog = "currency = \"CNY\"\n[families.f]\nname = \"F\"\n[features.a]\nfamily = \"f\"\nbilling = [\"payg\"]\npayg_tiers = [{ price = 0.15 }]\n";
+    let cfg = ConfigDir::new(&main, catalog, "{\"tenants\": {}}");
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    assert!(stderr.contains("catalog.toml: features.a.payg_tiers[0].price: 0.15 is a float"), "{stderr}");
+
+    let cfg = ConfigDir::new(&main, "currency = \"CNY\"\n[families.f]\nname = \"F\"\n", "{\"tenants\": {");
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    assert!(stderr.contains("entitlements.json:"), "{stderr}");
+
+    let cfg = ConfigDir::new("[server\nupstream = 1", "currency = \"CNY\"\n", "{\"tenants\": {}}");
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    assert!(stderr.contains("turnstile.toml:"), "{stderr}");
+}
+
+#[test]
+fn missing_file_is_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = Command::new(BIN).arg("check").arg("--config").arg(dir.path().join("nope.toml")).output().expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope.toml: cannot read"), "{stderr}");
+}

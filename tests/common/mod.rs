@@ -1,0 +1,272 @@
+//! Black-box test harness: writes a configuration into a temp dir, starts the real `turnstile`
+//! binary on 127.0.0.1 ephemeral ports, and talks HTTP to it. Every process started is killed
+//! and reaped on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_turnstile");
+pub const SHIPPED_CATALOG: &str = include_str!("../../config/catalog.toml");
+
+/// RFC 3339 time `secs` from now (negative: in the past).
+pub fn at(secs: i64) -> String {
+    (Utc::now() + chrono::Duration::seconds(secs)).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+pub fn key_hash(key: &str) -> String {
+    turnstile::hash_key(key)
+}
+
+/// A stand-in upstream running in the test process.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let (addr, stop) = turnstile::standin::spawn(([127, 0, 0, 1], 0).into()).await.expect("bind stand-in");
+        Upstream { addr, _stop: stop }
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Main-file text with ephemeral ports; `extra` is appended inside the matching sections via
+/// overrides of whole sections (pass complete `[section]` blocks for anything else).
+pub fn main_toml(upstream: &str, server_extra: &str, rest: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+upstream = "{upstream}"
+{server_extra}
+
+[files]
+catalog = "catalog.toml"
+entitlements = "entitlements.json"
+watch = false
+
+{rest}
+
+[[routes]]
+path = "/v1/face/compare"
+feature = "face-comparison-1-1"
+
+[[routes]]
+path = "/v1/ocr/license-plate"
+feature = "license-plate-recognition"
+
+[[routes]]
+path = "/v1/detect/*"
+feature = "object-detection"
+
+[[routes]]
+path = "/v1/image-search/search"
+feature = "image-search"
+op = "search"
+"#
+    )
+}
+
+/// The standard test tenants: `acme` (face comparison plan at `plan_qps`, with an optional
+/// active temporary upgrade), `globex` (text recognition only, no plan).
+pub fn entitlements(plan_qps: u32, upgrade_qps: Option<u32>) -> String {
+    let upgrades = match upgrade_qps {
+        Some(q) => format!(r#", "temporary_upgrades": [{{"qps": {q}, "from": "{}", "until": "{}"}}]"#, at(-60), at(3600)),
+        None => String::new(),
+    };
+    format!(
+        r#"{{"tenants": {{
+  "acme": {{"api_keys": ["{acme}"], "services": ["face_body", "object_detection"],
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": {plan_qps}, "effective_at": "{from}", "expires_at": "{until}"{upgrades}}}]}},
+  "globex": {{"api_keys": ["{globex}"], "services": ["text_recognition"]}}
+}}}}"#,
+        acme = key_hash("key-acme"),
+        globex = key_hash("key-globex"),
+        from = at(-3600),
+        until = at(86400),
+    )
+}
+
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    pub fn new(main: &str, catalog: &str, entitlements: &str) -> ConfigDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("turnstile.toml"), main).expect("write");
+        std::fs::write(dir.path().join("catalog.toml"), catalog).expect("write");
+        std::fs::write(dir.path().join("entitlements.json"), entitlements).expect("write");
+        ConfigDir { dir }
+    }
+    pub fn main(&self) -> PathBuf {
+        self.dir.path().join("turnstile.toml")
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub stdout_lines: Vec<String>,
+    pub stderr_path: PathBuf,
+}
+
+fn parse_addr(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(&format!("{key}=http://"))? + key.len() + "=http://".len();
+    let rest = &line[start..];
+    let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].trim_end_matches('/').parse().ok()
+}
+
+impl Gateway {
+    /// Starts `turnstile serve` with `args` (after `serve`) and waits for its listening line.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Gateway {
+        let stderr_path = log_dir.join(format!("turnstile-{}.log", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve").args(args).stdout(Stdio::piped()).stderr(stderr).env_remove("TURNSTILE_ADMIN_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start turnstile");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let first = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("turnstile did not start: {}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+            }
+        };
+        let addr = parse_addr(&first, "tenant").expect("tenant address in the banner");
+        let admin = parse_addr(&first, "admin").expect("admin address in the banner");
+        lines.push(first);
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+        Gateway { child, addr, admin, stdout_lines: lines, stderr_path }
+    }
+
+    pub fn start(cfg: &ConfigDir) -> Gateway {
+        Self::start_env(cfg, &[])
+    }
+
+    pub fn start_env(cfg: &ConfigDir, env: &[(&str, &str)]) -> Gateway {
+        let main = cfg.main();
+        Self::start_with(&["--config", main.to_str().expect("utf-8 path")], env, cfg.path())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        for _ in 0..200 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn error_code(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let v = self.json();
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error message: {v}");
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+pub async fn send(c: &TestClient, method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::copy_from_slice(body))).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .expect("response within 20 s")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+pub async fn get(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(c, Method::GET, url, headers, b"").await
+}
+
+pub async fn post(c: &TestClient, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    send(c, Method::POST, url, headers, body).await
+}
