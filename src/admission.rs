@@ -209,9 +209,13 @@ families = ["face_body"]
 "#;
 
     fn snapshot(ents: &str) -> crate::snapshot::Snapshot {
+        snapshot_with(MAIN, ents)
+    }
+
+    fn snapshot_with(main: &str, ents: &str) -> crate::snapshot::Snapshot {
         let texts = Texts {
             main_name: "turnstile.toml".into(),
-            main: MAIN.into(),
+            main: main.into(),
             catalog_name: "catalog.toml".into(),
             catalog: CATALOG.into(),
             entitlements_name: "entitlements.json".into(),
@@ -305,6 +309,18 @@ families = ["face_body"]
         let errs = build(&texts, 1).err().expect("must be rejected").to_string();
         assert!(errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"), "{errs}");
         assert!(errs.contains("tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 51 exceeds the face_body cap of 50"), "{errs}");
+    }
+
+    #[test]
+    fn limit_never_exceeds_the_family_cap() {
+        let main = MAIN.replace("default_qps = 2", "default_qps = 80");
+        let s = snapshot_with(&main, &ents(PLAN));
+        let l = limit(&s, "face-comparison-1-1", "2027-06-01T00:00:00Z");
+        assert_eq!((l.qps, l.source, l.capped), (50, LimitSource::DefaultQps, true), "face_body cap is 50");
+        let l = limit(&s, "license-plate-recognition", "2027-06-01T00:00:00Z");
+        assert_eq!((l.qps, l.capped), (5, false), "text_recognition has no cap; the feature default applies");
+        let l = limit(&s, "face-comparison-1-1", "2026-11-10T13:00:00+08:00");
+        assert_eq!((l.qps, l.capped), (50, false), "an upgrade exactly at the cap is allowed");
     }
 
     #[test]
