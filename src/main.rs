@@ -44,6 +44,9 @@ enum Cmd {
     },
     /// Print the sha256 hex that entitlements store for KEY.
     HashKey { key: String },
+    /// Price a purchase or usage from the catalog.
+    #[command(subcommand)]
+    Quote(turnstile::quote::QuoteCmd),
 }
 
 fn init_logs(format: LogFormat) {
@@ -60,6 +63,7 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Quote(q) => turnstile::quote::run(q),
         Cmd::HashKey { key } => {
             println!("{}", turnstile::hash_key(&key));
             ExitCode::SUCCESS

@@ -1,0 +1,1 @@
+//! Pure price arithmetic over the catalog (being written).
