@@ -221,6 +221,7 @@ families = ["face_body"]
             entitlements_name: "entitlements.json".into(),
             entitlements: ents.into(),
             watch_paths: vec![],
+            base_dir: None,
         };
         match build(&texts, 1) {
             Ok(s) => s,
@@ -305,6 +306,7 @@ families = ["face_body"]
             entitlements_name: "entitlements.json".into(),
             entitlements: ents(plan),
             watch_paths: vec![],
+            base_dir: None,
         };
         let errs = build(&texts, 1).err().expect("must be rejected").to_string();
         assert!(errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"), "{errs}");

@@ -24,6 +24,7 @@ impl Table {
 
 static TENANTS: LazyLock<Mutex<Table>> = LazyLock::new(Default::default);
 static FEATURES: LazyLock<Mutex<Table>> = LazyLock::new(Default::default);
+static PACKAGES: LazyLock<Mutex<Table>> = LazyLock::new(Default::default);
 
 /// Only called while building a snapshot, never on the request path.
 pub fn tenant(name: &str) -> (u32, &'static str) {
@@ -32,6 +33,11 @@ pub fn tenant(name: &str) -> (u32, &'static str) {
 
 pub fn feature(name: &str) -> (u32, &'static str) {
     FEATURES.lock().unwrap_or_else(PoisonError::into_inner).get(name)
+}
+
+/// A package id (ids are unique per tenant; the returned id is shared by all tenants using it).
+pub fn package(id: &str) -> (u32, &'static str) {
+    PACKAGES.lock().unwrap_or_else(PoisonError::into_inner).get(id)
 }
 
 /// The bucket key of a (tenant, feature) pair.

@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod admission;
+pub mod billing;
 pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod intern;
+pub mod ledger;
 pub mod metrics;
 pub mod pricing;
 pub mod proxy;

@@ -149,7 +149,13 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
     let upstream = snap.settings.upstream.clone();
-    let gw = Gateway::new(snap, source, upstream_override, SystemClock::shared());
+    let gw = match Gateway::new(snap, source, upstream_override, SystemClock::shared()) {
+        Ok(gw) => gw,
+        Err(e) => {
+            eprintln!("turnstile: {e}; not starting (fix or move the ledger; balances are never reset silently)");
+            return ExitCode::FAILURE;
+        }
+    };
     println!("turnstile listening: tenant=http://{tenant_addr} admin=http://{admin_addr} upstream={upstream}");
     if demo {
         let (tenant, key) = turnstile::DEMO_KEYS[0];
@@ -159,7 +165,9 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         );
     }
     tracing::info!(%tenant_addr, %admin_addr, %upstream, generation = gw.generation(), "serving");
-    server::run(gw, listeners, server::termination(), drain).await;
+    server::run(gw.clone(), listeners, server::termination(), drain).await;
+    gw.billing.close();
+    tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed");
     if let Some(stop) = standin {
         let _ = stop.send(true);
     }

@@ -1,11 +1,14 @@
 //! Prometheus metrics of SPEC §10, served on the admin listener.
 
+use std::sync::OnceLock;
+
 use dashmap::DashMap;
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 use rustc_hash::FxBuildHasher;
-use std::sync::OnceLock;
 
 /// Request outcomes (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,54 +53,103 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Cached handles of one (tenant, feature) pair.
+#[derive(Default)]
+struct PairHandles {
+    requests: [OnceLock<IntCounter>; 7],
+    billed: [OnceLock<Counter>; 5],
+    payg_amount: OnceLock<Counter>,
+}
+
+fn def<T>(r: Result<T, prometheus::Error>) -> T {
+    r.unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub tenant_label: bool,
     requests: IntCounterVec,
+    billed_units: CounterVec,
+    payg_amount: CounterVec,
+    package_remaining: GaugeVec,
+    low_balance_alerts: IntCounterVec,
     durations_by_outcome: Vec<Histogram>,
     pub upstream_duration: Histogram,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
-    /// Counter handles per (tenant, feature) pair, so the hot path does one map lookup and
-    /// atomic adds instead of hashing label strings.
-    pairs: DashMap<u64, [OnceLock<IntCounter>; 7], FxBuildHasher>,
+    pub ledger_flush_duration: Histogram,
+    usage_report_errors: IntCounterVec,
+    /// Handles per (tenant, feature) pair, so the request path does one map lookup and atomic
+    /// adds instead of hashing label strings.
+    pairs: DashMap<u64, PairHandles, FxBuildHasher>,
 }
 
 impl Metrics {
     pub fn new(tenant_label: bool) -> Self {
         let registry = Registry::new();
-        let labels: &[&str] = if tenant_label { &["tenant", "feature", "outcome"] } else { &["feature", "outcome"] };
-        let requests = IntCounterVec::new(
+        let with_tenant = |rest: &'static [&'static str]| -> Vec<&'static str> {
+            let mut v = if tenant_label { vec!["tenant"] } else { vec![] };
+            v.extend_from_slice(rest);
+            v
+        };
+        let requests = def(IntCounterVec::new(
             Opts::new("turnstile_requests_total", "Tenant requests by outcome"),
-            labels,
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let request_duration = HistogramVec::new(
+            &with_tenant(&["feature", "outcome"]),
+        ));
+        let billed_units = def(CounterVec::new(
+            Opts::new("turnstile_billed_units_total", "Units (calls or video minutes) settled, by payer"),
+            &with_tenant(&["feature", "payer"]),
+        ));
+        let payg_amount = def(CounterVec::new(
+            Opts::new("turnstile_payg_amount_total", "Pay-as-you-go amount charged (the ledger holds the exact figure)"),
+            &with_tenant(&["feature", "currency"]),
+        ));
+        let package_remaining = def(GaugeVec::new(
+            Opts::new("turnstile_package_remaining_points", "Points left in a package"),
+            &with_tenant(&["package"]),
+        ));
+        let low_balance_alerts = def(IntCounterVec::new(
+            Opts::new("turnstile_package_low_balance_alerts_total", "Low-balance alerts fired"),
+            &with_tenant(&["package"]),
+        ));
+        let request_duration = def(HistogramVec::new(
             HistogramOpts::new("turnstile_request_duration_seconds", "Time from request head to response head, by outcome")
                 .buckets(LATENCY_BUCKETS.to_vec()),
             &["outcome"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let upstream_duration = Histogram::with_opts(
+        ));
+        let upstream_duration = def(Histogram::with_opts(
             HistogramOpts::new("turnstile_upstream_duration_seconds", "Time the upstream took to answer with a response head")
                 .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let config_reloads = IntCounterVec::new(
+        ));
+        let config_reloads = def(IntCounterVec::new(
             Opts::new("turnstile_config_reloads_total", "Configuration reloads by result"),
             &["result"],
-        )
-        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let config_generation = IntGauge::new("turnstile_config_generation", "Generation of the configuration being served")
-            .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+        ));
+        let config_generation =
+            def(IntGauge::new("turnstile_config_generation", "Generation of the configuration being served"));
+        let ledger_flush_duration = def(Histogram::with_opts(
+            HistogramOpts::new("turnstile_ledger_flush_duration_seconds", "Time of one ledger group commit")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        ));
+        let usage_report_errors = def(IntCounterVec::new(
+            Opts::new("turnstile_usage_report_errors_total", "Upstream usage reports missing or malformed"),
+            &["feature"],
+        ));
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(requests.clone()),
+            Box::new(billed_units.clone()),
+            Box::new(payg_amount.clone()),
+            Box::new(package_remaining.clone()),
+            Box::new(low_balance_alerts.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_generation.clone()),
-        ] {
-            registry.register(c).unwrap_or_else(|e| unreachable!("distinct metric names: {e}"));
+            Box::new(ledger_flush_duration.clone()),
+            Box::new(usage_report_errors.clone()),
+        ];
+        for c in collectors {
+            def(registry.register(c));
         }
         let durations_by_outcome = Outcome::ALL.iter().map(|o| request_duration.with_label_values(&[o.as_str()])).collect();
         for r in ["ok", "error"] {
@@ -107,42 +159,86 @@ impl Metrics {
             registry,
             tenant_label,
             requests,
+            billed_units,
+            payg_amount,
+            package_remaining,
+            low_balance_alerts,
             durations_by_outcome,
             upstream_duration,
             config_reloads,
             config_generation,
+            ledger_flush_duration,
+            usage_report_errors,
             pairs: DashMap::with_hasher(FxBuildHasher),
         }
     }
 
-    fn labels<'a>(&self, tenant: &'a str, feature: &'a str, outcome: Outcome) -> Vec<&'a str> {
+    fn labels<'a>(&self, tenant: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+        let mut v = Vec::with_capacity(3);
         if self.tenant_label {
-            vec![tenant, feature, outcome.as_str()]
-        } else {
-            vec![feature, outcome.as_str()]
+            v.push(tenant);
         }
+        v.extend_from_slice(rest);
+        v
+    }
+
+    fn with_pair<R>(&self, key: u64, f: impl FnOnce(&PairHandles) -> R) -> R {
+        if let Some(h) = self.pairs.get(&key) {
+            return f(&h);
+        }
+        f(&self.pairs.entry(key).or_default())
     }
 
     /// Counts a request of an identified tenant and feature (cached handles).
     pub fn request_pair(&self, key: u64, tenant: &str, feature: &str, outcome: Outcome) {
-        let init = || self.requests.with_label_values(&self.labels(tenant, feature, outcome));
-        if let Some(h) = self.pairs.get(&key) {
-            h[outcome as usize].get_or_init(init).inc();
-            return;
-        }
-        self.pairs.entry(key).or_default()[outcome as usize].get_or_init(init).inc();
+        self.with_pair(key, |h| {
+            h.requests[outcome as usize]
+                .get_or_init(|| self.requests.with_label_values(&self.labels(tenant, &[feature, outcome.as_str()])))
+                .inc()
+        });
     }
 
     /// Counts a request without a known (tenant, feature) pair (unauthenticated, unknown route).
     pub fn request(&self, tenant: &str, feature: &str, outcome: Outcome) {
-        self.requests.with_label_values(&self.labels(tenant, feature, outcome)).inc();
+        self.requests.with_label_values(&self.labels(tenant, &[feature, outcome.as_str()])).inc();
+    }
+
+    /// Units settled for a pair, by payer (index into [`crate::ledger::PAYERS`]).
+    pub fn billed(&self, key: u64, tenant: &str, feature: &str, payer: usize, units: f64) {
+        self.with_pair(key, |h| {
+            h.billed[payer]
+                .get_or_init(|| {
+                    self.billed_units.with_label_values(&self.labels(tenant, &[feature, crate::ledger::PAYERS[payer]]))
+                })
+                .inc_by(units)
+        });
+    }
+
+    pub fn payg_amount(&self, key: u64, tenant: &str, feature: &str, currency: &str, amount: f64) {
+        self.with_pair(key, |h| {
+            h.payg_amount
+                .get_or_init(|| self.payg_amount.with_label_values(&self.labels(tenant, &[feature, currency])))
+                .inc_by(amount)
+        });
+    }
+
+    pub fn package_gauge(&self, tenant: &str, package: &str) -> Gauge {
+        self.package_remaining.with_label_values(&self.labels(tenant, &[package]))
+    }
+
+    pub fn low_balance_alert(&self, tenant: &str, package: &str) {
+        self.low_balance_alerts.with_label_values(&self.labels(tenant, &[package])).inc();
+    }
+
+    pub fn usage_report_error(&self, feature: &str) {
+        self.usage_report_errors.with_label_values(&[feature]).inc();
     }
 
     pub fn observe_duration(&self, outcome: Outcome, seconds: f64) {
         self.durations_by_outcome[outcome as usize].observe(seconds);
     }
 
-    /// Drops cached handles (and their series) of pairs a reload removed.
+    /// Drops cached handles of pairs a reload removed.
     pub fn retain_pairs(&self, keep: &dyn Fn(u64) -> bool) {
         self.pairs.retain(|k, _| keep(*k));
     }

@@ -15,6 +15,8 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::admission::{self, Admit};
+use crate::billing::{Reservation, VideoUsage};
+use crate::catalog::Unit;
 use crate::error::{ApiError, JSON};
 use crate::metrics::Outcome;
 use crate::server::Gateway;
@@ -27,6 +29,7 @@ static X_TURNSTILE_FEATURE: HeaderName = HeaderName::from_static("x-turnstile-fe
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop).
 const HOP_BY_HOP: [&str; 8] =
@@ -43,6 +46,8 @@ struct Forward {
     body_limit: u64,
     api_key_header: HeaderName,
     rate_headers: [(HeaderName, HeaderValue); 2],
+    reservation: Reservation,
+    video: bool,
 }
 
 /// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax).
@@ -156,7 +161,16 @@ fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
                 rate_headers(limit.qps, 0, secs).into(),
             )
         }
-        Admit::Allowed { remaining, reset_secs } => Decision::Forward(Forward {
+        Admit::Allowed { remaining, reset_secs } => {
+            let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
+                return Decision::Reject(
+                    ApiError::PaymentRequired { feature: feature.id.clone() },
+                    Outcome::PaymentRequired,
+                    ids,
+                    rate_headers(limit.qps, remaining, reset_secs).into(),
+                );
+            };
+            Decision::Forward(Forward {
             pair,
             tenant: tenant.label,
             feature: feature.label,
@@ -166,7 +180,10 @@ fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
             body_limit: s.max_request_body_bytes,
             api_key_header: s.api_key_header.clone(),
             rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-        }),
+            reservation,
+            video: feature.unit == Unit::VideoMinute,
+        })
+        }
     }
 }
 
@@ -185,14 +202,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
         }
         Decision::Forward(f) => f,
     };
-    let (resp, outcome) = match forward(&gw, req, remote, &fwd).await {
-        Ok(r) => (r, Outcome::Admitted),
-        Err(e) => {
-            let outcome = if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
-            (error_response(&e, &fwd.rate_headers), outcome)
-        }
-    };
-    gw.metrics.request_pair(fwd.pair, fwd.tenant, fwd.feature, outcome);
+    let (pair, tenant, feature) = (fwd.pair, fwd.tenant, fwd.feature);
+    let (resp, outcome) = forward(&gw, req, remote, fwd).await;
+    gw.metrics.request_pair(pair, tenant, feature, outcome);
     gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
     resp
 }
@@ -240,7 +252,62 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-async fn forward(
+/// Reads the video usage report of SPEC §4; `None` when missing or malformed.
+fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
+    fn num<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
+        h.get(name)?.to_str().ok()?.trim().parse().ok()
+    }
+    Some(VideoUsage { ms: num(h, "x-usage-video-ms")?, fps: num(h, "x-usage-video-fps")?, lines: num(h, "x-usage-video-lines")? })
+}
+
+/// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
+/// charge is on disk. A tenant or feature removed by a reload meanwhile is not charged.
+async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<HeaderValue> {
+    let settled = {
+        let snap = gw.snapshot.load();
+        let tenant = snap.tenant(fwd.tenant)?;
+        let &fi = snap.catalog.feature_index.get(fwd.feature)?;
+        let now = gw.clock.unix_nanos();
+        if fwd.video {
+            let usage = video_usage(upstream_headers);
+            if usage.is_none() && fwd.reservation.payer != crate::billing::PayerKind::PrepaidQps {
+                gw.metrics.usage_report_error(fwd.feature);
+                tracing::warn!(tenant = fwd.tenant, feature = fwd.feature, "missing or malformed x-usage-video-* headers: billed as 0 minutes");
+            }
+            gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now)
+        } else {
+            gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now)
+        }
+    };
+    gw.billing.durable(settled.seq).await;
+    Some(settled.payer)
+}
+
+/// Forwards an admitted request and settles it; returns the response and its outcome.
+async fn forward(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr, fwd: Forward) -> (Response<ProxyBody>, Outcome) {
+    let rate = fwd.rate_headers.clone();
+    let reserved_payer = fwd.reservation.header();
+    let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
+        Err(e) => {
+            let outcome = if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
+            // Dropping `fwd` gives a reserved package share back: nothing is charged.
+            (error_response(&e, &[]), reserved_payer, outcome)
+        }
+        Ok(resp) if resp.status().is_success() => {
+            let payer = settle(gw, fwd, resp.headers()).await.unwrap_or(reserved_payer);
+            (resp, payer, Outcome::Admitted)
+        }
+        Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
+    };
+    let h = resp.headers_mut();
+    for (n, v) in rate {
+        h.insert(n, v);
+    }
+    h.insert(X_TURNSTILE_PAYER.clone(), payer);
+    (resp, outcome)
+}
+
+async fn forward_inner(
     gw: &Gateway,
     req: Request<Incoming>,
     remote: SocketAddr,
@@ -289,9 +356,6 @@ async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    for (n, v) in &fwd.rate_headers {
-        parts.headers.insert(n.clone(), v.clone());
-    }
     Ok(Response::from_parts(parts, Either::Right(body)))
 }
 

@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admission::{BucketStore, LocalBuckets};
+use crate::billing::{Alert, Billing};
+use crate::ledger::{LedgerError, RedbLedger};
 use crate::clock::SharedClock;
 use crate::config::{self, ConfigErrors, ConfigSource};
 use crate::metrics::Metrics;
@@ -27,7 +29,8 @@ use crate::snapshot::Snapshot;
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub buckets: Box<dyn BucketStore>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    pub billing: Arc<Billing>,
     pub clock: SharedClock,
     pub client: Client<HttpConnector, UpstreamBody>,
     pub source: ConfigSource,
@@ -48,8 +51,18 @@ pub fn load(source: &ConfigSource, upstream_override: Option<&Uri>, generation: 
 }
 
 impl Gateway {
-    pub fn new(snapshot: Snapshot, source: ConfigSource, upstream_override: Option<Uri>, clock: SharedClock) -> Arc<Self> {
-        let metrics = Metrics::new(snapshot.settings.tenant_label);
+    /// Opens the ledger (restoring balances and monthly usage) and builds the gateway state.
+    /// Must run inside a Tokio runtime (the alert sender is spawned on it).
+    pub fn new(
+        snapshot: Snapshot,
+        source: ConfigSource,
+        upstream_override: Option<Uri>,
+        clock: SharedClock,
+    ) -> Result<Arc<Self>, LedgerError> {
+        let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
+        let s = &snapshot.settings;
+        let store = RedbLedger::open(&s.ledger_dir)?;
+        let (billing, alerts) = Billing::open(Box::new(store), s.durability, s.flush_interval, metrics.clone())?;
         metrics.config_generation.set(snapshot.generation as i64);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -59,21 +72,58 @@ impl Gateway {
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Arc::new(Gateway {
+        let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
             buckets: Box::new(LocalBuckets::new(clock.clone())),
             metrics,
+            billing,
             clock,
             client,
             source,
             upstream_override,
             ready: AtomicBool::new(false),
-        })
+        });
+        tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
+        Ok(gw)
     }
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// POSTs each low-balance alert to `[billing].alert_webhook` (read at send time), off the
+/// request path, retrying with exponential backoff.
+async fn deliver_alerts(gw: std::sync::Weak<Gateway>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Alert>) {
+    use http_body_util::Full;
+    let client: Client<HttpConnector, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    while let Some(alert) = rx.recv().await {
+        let Some(url) = gw.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone()) else { continue };
+        let body = bytes::Bytes::from(serde_json::to_vec(&alert).unwrap_or_default());
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=6 {
+            let req = http::Request::post(url.clone())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()));
+            let ok = match req {
+                Ok(req) => matches!(
+                    tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
+                    Ok(Ok(r)) if r.status().is_success()
+                ),
+                Err(_) => false,
+            };
+            if ok {
+                break;
+            }
+            if attempt == 6 {
+                tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, "low-balance webhook failed 6 times; giving up");
+                break;
+            }
+            tracing::warn!(tenant = %alert.tenant, package = %alert.package, attempt, "low-balance webhook failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
     }
 }
 

@@ -98,6 +98,9 @@ pub enum PackageTarget {
 #[derive(Debug, Clone)]
 pub struct Package {
     pub id: String,
+    /// Interned id: with the tenant's, the key of the package's live state.
+    pub intern: u32,
+    pub label: &'static str,
     pub target: PackageTarget,
     pub points: Decimal,
     pub ordered_at: i64,
@@ -294,9 +297,25 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
                 errs.push(format!("{pp}.expires_at"), "must be after effective_at (or ordered_at)");
             }
             if let Some(target) = target {
-                packages.push(Package { id: pk.id.clone(), target, points: pk.points.0, ordered_at, effective_at, expires_at });
+                let (intern, label) = intern::package(&pk.id);
+                packages.push(Package {
+                    id: pk.id.clone(),
+                    intern,
+                    label,
+                    target,
+                    points: pk.points.0,
+                    ordered_at,
+                    effective_at,
+                    expires_at,
+                });
             }
         }
+        // Payer order (SPEC §6): single-category before general-purpose; within each, the soonest
+        // expiry, then the earliest order, then the smallest id.
+        packages.sort_by(|a, b| {
+            let general = |p: &Package| matches!(p.target, PackageTarget::Scope(_));
+            (general(a), a.expires_at, a.ordered_at, &a.id).cmp(&(general(b), b.expires_at, b.ordered_at, &b.id))
+        });
 
         let image_search = t.image_search.as_ref().map(|is| {
             let ip = format!("{p}.image_search");

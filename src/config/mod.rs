@@ -85,6 +85,9 @@ pub struct Texts {
     pub entitlements: String,
     /// Paths to watch for changes (empty for the embedded configuration).
     pub watch_paths: Vec<PathBuf>,
+    /// The main file's folder: relative paths in it (the ledger) are resolved against it.
+    /// `None` for the embedded configuration (relative to the working directory).
+    pub base_dir: Option<PathBuf>,
 }
 
 fn read(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
@@ -112,6 +115,7 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
             entitlements_name: "entitlements.json (embedded demo)".into(),
             entitlements: EMBEDDED_ENTITLEMENTS.into(),
             watch_paths: Vec::new(),
+            base_dir: None,
         }),
         ConfigSource::Files { main } => {
             let mut errors = Vec::new();
@@ -133,6 +137,7 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
                     entitlements_name: ent_path.display().to_string(),
                     entitlements,
                     watch_paths: vec![main.clone(), catalog_path, ent_path],
+                    base_dir: Some(dir),
                 }),
                 _ => Err(ConfigErrors(errors)),
             }
@@ -153,7 +158,12 @@ pub fn build(texts: &Texts, generation: u64) -> Result<Snapshot, ConfigErrors> {
     let (Some(main), Some(catalog)) = (main, catalog) else {
         return Err(ConfigErrors(errors));
     };
-    let settings = gateway::compile(main, &catalog, &mut Errs { file: &texts.main_name, out: &mut errors });
+    let mut settings = gateway::compile(main, &catalog, &mut Errs { file: &texts.main_name, out: &mut errors });
+    if let (Some((s, _)), Some(base)) = (settings.as_mut(), texts.base_dir.as_ref()) {
+        if s.ledger_dir.is_relative() {
+            s.ledger_dir = base.join(&s.ledger_dir);
+        }
+    }
     let tenants = raw_ents.map(|e| {
         entitlements::compile(e, &catalog, &mut Errs { file: &texts.entitlements_name, out: &mut errors })
     });
