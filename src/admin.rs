@@ -17,7 +17,11 @@ use crate::admission::{self, LimitSource};
 use crate::error::{ApiError, JSON};
 use crate::proxy::ProxyBody;
 use crate::server::Gateway;
+use crate::catalog::Unit;
+use crate::ledger::PAYERS;
+use crate::pricing::{self, ser::money_string, ser::plain_string};
 use crate::time::format_rfc3339;
+use rust_decimal::Decimal;
 
 pub const TOKEN_ENV: &str = "TURNSTILE_ADMIN_TOKEN";
 
@@ -79,17 +83,18 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAdd
             if let Err(e) = authorize(&req) {
                 return error(&e);
             }
-            admin_v1(&gw, req.method(), &p["/admin/v1/".len()..])
+            admin_v1(&gw, req.method(), &p["/admin/v1/".len()..], req.uri().query())
         }
         _ => error(&ApiError::NotFound(format!("no admin endpoint at {path}"))),
     }
 }
 
-fn admin_v1(gw: &Gateway, method: &Method, rest: &str) -> Response<ProxyBody> {
+fn admin_v1(gw: &Gateway, method: &Method, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
     let parts: Vec<&str> = rest.split('/').collect();
     match (method, parts.as_slice()) {
         (&Method::GET, ["tenants", t, "limits"]) => limits(gw, t),
-        (_, ["tenants", _, "limits"]) => error(&ApiError::MethodNotAllowed("use GET".into())),
+        (&Method::GET, ["tenants", t, "usage"]) => usage(gw, t, query),
+        (_, ["tenants", _, "limits" | "usage"]) => error(&ApiError::MethodNotAllowed("use GET".into())),
         _ => error(&ApiError::NotFound(format!("no admin endpoint at /admin/v1/{rest}"))),
     }
 }
@@ -150,5 +155,99 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
     json_response(
         StatusCode::OK,
         &json!({ "tenant": t.name, "generation": snap.generation, "features": features }),
+    )
+}
+
+/// `month=YYYY-MM`, or the current month in the billing timezone.
+fn month_param(query: Option<&str>, default: String) -> Result<String, ApiError> {
+    let Some(m) = query.unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("month=")) else {
+        return Ok(default);
+    };
+    let b = m.as_bytes();
+    let ok = b.len() == 7
+        && b[4] == b'-'
+        && b[..4].iter().chain(&b[5..]).all(u8::is_ascii_digit)
+        && matches!(m[5..].parse::<u8>(), Ok(1..=12));
+    if ok {
+        Ok(m.to_string())
+    } else {
+        Err(ApiError::BadRequest(format!("month {m:?} must be written YYYY-MM, e.g. 2026-01")))
+    }
+}
+
+/// The usage report of SPEC §9.
+fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody> {
+    let snap = gw.snapshot.load();
+    let Some(t) = snap.tenant(tenant) else {
+        return error(&ApiError::NotFound(format!("no tenant {tenant:?}")));
+    };
+    let tz = snap.settings.timezone;
+    let month = match month_param(query, crate::ledger::month_of(gw.clock.unix_nanos(), tz)) {
+        Ok(m) => m,
+        Err(e) => return error(&e),
+    };
+    let catalog = &snap.catalog;
+    let mut total = Decimal::ZERO;
+    let mut features = serde_json::Map::new();
+    for (feature, units, payg) in gw.billing.usage(tenant, &month) {
+        let units_json: serde_json::Map<_, _> =
+            PAYERS.iter().zip(units.iter()).map(|(p, u)| (p.to_string(), json!(plain_string(*u)))).collect();
+        let payg_units: Decimal = payg.values().copied().sum();
+        let payg_json = match catalog.feature(feature) {
+            None => json!({"amount": null, "note": "feature no longer in the catalog"}),
+            Some(f) if f.unit == Unit::VideoMinute => {
+                let mut amount = Some(Decimal::ZERO);
+                let mut lines = Vec::new();
+                for (cell, minutes) in &payg {
+                    let price = f.video_prices.iter().find(|c| &format!("fps<={},lines<={}", c.max_fps, c.max_lines) == cell);
+                    let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
+                    amount = amount.zip(line_amount).map(|(a, b)| a + b);
+                    lines.push(json!({
+                        "cell": cell, "minutes": plain_string(minutes.round_dp(6)),
+                        "price": price.map(|c| c.price.to_string()),
+                        "amount": line_amount.map(money_string),
+                    }));
+                }
+                total += amount.unwrap_or_default();
+                match amount {
+                    Some(a) => json!({"amount": money_string(a), "lines": lines}),
+                    None => json!({"amount": null, "note": "no price configured for part of this video", "lines": lines}),
+                }
+            }
+            Some(f) if f.payg_tiers.is_empty() && payg_units > Decimal::ZERO => {
+                json!({"amount": null, "note": "no price configured"})
+            }
+            Some(f) => {
+                let lines = pricing::graduated(&f.payg_tiers, Decimal::ZERO, payg_units);
+                let amount: Decimal = lines.iter().map(|l| l.amount).sum();
+                total += amount;
+                json!({"amount": money_string(amount), "tiers": lines})
+            }
+        };
+        features.insert(feature.to_string(), json!({"units": units_json, "payg": payg_json}));
+    }
+    let packages: Vec<_> = t
+        .packages
+        .iter()
+        .map(|p| {
+            let st = gw.billing.package(t, p);
+            let remaining = (p.points - st.consumed()).max(Decimal::ZERO);
+            let mut v = json!({
+                "id": p.id, "points": plain_string(p.points), "remaining": plain_string(remaining),
+                "expires_at": format_rfc3339(p.expires_at, tz), "low_balance_alerted": st.alerted(),
+            });
+            match p.target {
+                crate::config::entitlements::PackageTarget::Feature(f) => v["feature"] = json!(catalog.features[f].id),
+                crate::config::entitlements::PackageTarget::Scope(g) => v["scope"] = json!(catalog.general_packages[g].id),
+            }
+            v
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "tenant": t.name, "month": month, "currency": catalog.currency, "total": money_string(total),
+            "features": features, "packages": packages,
+        }),
     )
 }

@@ -607,9 +607,20 @@ fn writer(billing: std::sync::Weak<Billing>, store: Box<dyn LedgerStore>, rx: mp
     let mut keys: HashSet<DirtyKey> = HashSet::new();
     let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
     loop {
-        let first = match rx.recv() {
-            Ok(m) => m,
-            Err(_) => return,
+        let Some(strict) = billing.upgrade().map(|b| b.strict) else { return };
+        // Strict mode also wakes every 2 ms: a settlement whose record was committed before its
+        // sequence number was taken still needs `durable` advanced past that number.
+        let first = if strict {
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
         };
         let Some(b) = billing.upgrade() else { return };
         let take = |m: Msg, keys: &mut HashSet<DirtyKey>, waiters: &mut Vec<mpsc::Sender<()>>| match m {
@@ -618,7 +629,11 @@ fn writer(billing: std::sync::Weak<Billing>, store: Box<dyn LedgerStore>, rx: mp
             }
             Msg::Flush(w) => waiters.push(w),
         };
-        take(first, &mut keys, &mut waiters);
+        match first {
+            Some(m) => take(m, &mut keys, &mut waiters),
+            None if b.seq.load(Ordering::SeqCst) > *b.durable.borrow() => {}
+            None => continue,
+        }
         if !b.strict && waiters.is_empty() {
             // Batched: gather for one interval, unless someone asks for a flush meanwhile.
             let deadline = Instant::now() + interval;
@@ -637,6 +652,15 @@ fn writer(billing: std::sync::Weak<Billing>, store: Box<dyn LedgerStore>, rx: mp
         let target = b.seq.load(Ordering::SeqCst);
         while let Ok(m) = rx.try_recv() {
             take(m, &mut keys, &mut waiters);
+        }
+        if keys.is_empty() {
+            // Every settlement numbered up to `target` is already committed (its record would
+            // otherwise be dirty and queued).
+            b.durable.send_replace(target);
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+            continue;
         }
         let records: Vec<Record> = keys.iter().filter_map(|k| b.record(k)).collect();
         let started = Instant::now();

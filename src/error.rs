@@ -32,6 +32,8 @@ pub enum ApiError {
     #[error("missing or wrong admin token: send `Authorization: Bearer $TURNSTILE_ADMIN_TOKEN`")]
     AdminUnauthorized,
     #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -43,6 +45,7 @@ impl ApiError {
         match self {
             MissingApiKey { .. } | InvalidApiKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             UnknownRoute { .. } | NotFound(_) => StatusCode::NOT_FOUND,
+            BadRequest(_) => StatusCode::BAD_REQUEST,
             ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => StatusCode::FORBIDDEN,
             QpsExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -69,6 +72,7 @@ impl ApiError {
             AdminDisabled => "admin_disabled",
             AdminUnauthorized => "unauthorized",
             NotFound(_) => "not_found",
+            BadRequest(_) => "bad_request",
             MethodNotAllowed(_) => "method_not_allowed",
         }
     }

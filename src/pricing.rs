@@ -25,7 +25,7 @@ fn add(a: Decimal, b: Decimal) -> Decimal {
 }
 
 /// Serde helpers: decimals are written as JSON strings (SPEC §1).
-pub(crate) mod ser {
+pub mod ser {
     use rust_decimal::Decimal;
     use serde::Serializer;
 

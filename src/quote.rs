@@ -44,8 +44,8 @@ pub enum QuoteCmd {
         #[arg(long, conflicts_with_all = ["video_seconds", "fps", "lines"])]
         calls: Option<u64>,
         /// Seconds of processed video (decimals allowed, to the millisecond).
-        #[arg(long, value_parser = parse_seconds, requires_all = ["fps", "lines"])]
-        video_seconds: Option<u64>,
+        #[arg(long, requires_all = ["fps", "lines"])]
+        video_seconds: Option<String>,
         /// Frame rate of the video, frames per second.
         #[arg(long, requires = "video_seconds")]
         fps: Option<u32>,
@@ -82,11 +82,11 @@ pub enum QuoteCmd {
     /// Price difference of an Image Search upgrade or downgrade (negative: a refund).
     ImageSearch {
         /// Current package, CAPACITY/QPS (e.g. 2500000/5 or 2.5M/5).
-        #[arg(long, value_parser = parse_size)]
-        from: (u64, u32),
+        #[arg(long)]
+        from: String,
         /// New package, CAPACITY/QPS (e.g. 5000000/10 or 5M/10).
-        #[arg(long, value_parser = parse_size)]
-        to: (u64, u32),
+        #[arg(long)]
+        to: String,
         #[command(flatten)]
         opts: QuoteOpts,
     },
@@ -152,7 +152,10 @@ fn quote(catalog: &Catalog, cmd: &QuoteCmd) -> Result<Output, String> {
             require(f, Method::Payg, "pay-as-you-go")?;
             match (calls, video_seconds, fps, lines) {
                 (Some(calls), None, _, _) => payg_calls(catalog, f, *calls),
-                (None, Some(ms), Some(fps), Some(lines)) => payg_video(catalog, f, *ms, *fps, *lines),
+                (None, Some(secs), Some(fps), Some(lines)) => {
+                    let ms = parse_seconds(secs).map_err(|e| format!("--video-seconds: {e}"))?;
+                    payg_video(catalog, f, ms, *fps, *lines)
+                }
                 _ => Err("give either --calls N, or --video-seconds S --fps N --lines N".into()),
             }
         }
@@ -164,7 +167,11 @@ fn quote(catalog: &Catalog, cmd: &QuoteCmd) -> Result<Output, String> {
             let f = feature_of(catalog, feature)?;
             quote_package(catalog, f, *points)
         }
-        QuoteCmd::ImageSearch { from, to, .. } => quote_image_search(catalog, *from, *to),
+        QuoteCmd::ImageSearch { from, to, .. } => {
+            let from = parse_size(from).map_err(|e| format!("--from: {e}"))?;
+            let to = parse_size(to).map_err(|e| format!("--to: {e}"))?;
+            quote_image_search(catalog, from, to)
+        }
     }
 }
 
@@ -225,16 +232,14 @@ fn range_text(l: &TierLine, what: &str) -> String {
 }
 
 fn tier_text(out: &mut String, lines: &[TierLine], what: &str, unit_price: &str) {
-    let ranges: Vec<String> = lines.iter().map(|l| range_text(l, what)).collect();
-    let width = ranges.iter().map(String::len).max().unwrap_or(0);
-    for (l, r) in lines.iter().zip(&ranges) {
-        let _ = writeln!(
-            out,
-            "  {r:<width$}  {} x {} {unit_price} = {}",
-            ser::plain_string(l.units),
-            l.price,
-            ser::money_string(l.amount)
-        );
+    let rows: Vec<[String; 4]> = lines
+        .iter()
+        .map(|l| [range_text(l, what), ser::plain_string(l.units), l.price.to_string(), ser::money_string(l.amount)])
+        .collect();
+    let w = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+    for [range, units, price, amount] in &rows {
+        let _ = writeln!(out, "  {range:<w0$}  {units:>w1$} x {price:>w2$} {unit_price} = {amount:>w3$}");
     }
 }
 

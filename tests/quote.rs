@@ -272,6 +272,15 @@ fn malformed_arguments_are_rejected() {
     }
     let err = fails(&["qps", "--feature", "face-comparison-1-1", "--qps", "0", "--period", "day"]);
     assert!(err.contains("--qps"), "{err}");
+    // Malformed values the quote itself checks exit with status 1 and say what is expected.
+    for (args, needle) in [
+        (&["image-search", "--from", "2500000", "--to", "5000000/10"][..], "--from"),
+        (&["image-search", "--from", "2500000/5", "--to", "2.5/5"][..], "--to"),
+        (&["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "abc", "--fps", "60", "--lines", "1080"][..], "--video-seconds"),
+    ] {
+        let err = fails(args);
+        assert!(err.contains(needle) && err.contains("e.g."), "{args:?}: {err}");
+    }
 }
 
 #[test]

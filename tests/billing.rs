@@ -1,0 +1,349 @@
+//! Black-box tests of who pays (SPEC §6), the ledger (§7) and the usage report (§9).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+
+const TOKEN: &str = "test-admin-token";
+const AUTH: (&str, &str) = ("authorization", "Bearer test-admin-token");
+const ACME: (&str, &str) = ("x-api-key", "key-acme");
+
+fn routes() -> &'static str {
+    r#"
+[[routes]]
+path = "/v1/video/enhance"
+feature = "comprehensive-video-enhancement"
+"#
+}
+
+fn tenants() -> String {
+    format!(
+        r#"{{"tenants": {{
+  "acme": {{"api_keys": ["{acme}"], "services": ["face_body", "object_detection", "text_recognition", "video_production"],
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": 40, "effective_at": "{from}", "expires_at": "{until}"}}],
+    "packages": [
+      {{"id": "od-1", "feature": "object-detection", "points": "1", "ordered_at": "{from}", "expires_at": "{until}"}},
+      {{"id": "expired", "feature": "object-detection", "points": "100", "ordered_at": "{old}", "expires_at": "{from}"}}
+    ]}}
+}}}}"#,
+        acme = key_hash("key-acme"),
+        from = at(-3600),
+        until = at(86400 * 30),
+        old = at(-86400 * 400),
+    )
+}
+
+fn config(upstream: &str, ledger: &str, extra: &str, ents: &str) -> ConfigDir {
+    let rest = format!("[admission]\ndefault_qps = 100000\n\n[ledger]\n{ledger}\n\n{extra}\n{}", routes());
+    ConfigDir::new(&main_toml(upstream, "", &rest), SHIPPED_CATALOG, ents)
+}
+
+async fn usage(c: &TestClient, gw: &Gateway) -> serde_json::Value {
+    let r = get(c, &gw.admin_url("/admin/v1/tenants/acme/usage"), &[AUTH]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payer_order_header_and_usage_report() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "durability = \"strict\"", "", &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+
+    let r = post(&c, &gw.url("/v1/face/compare"), &[ACME], b"{}").await;
+    assert_eq!(r.header("x-turnstile-payer"), Some("prepaid_qps"));
+    // od-1 holds 1 point = 5 calls at 0.2; the expired package is skipped; then pay-as-you-go.
+    let mut payers = Vec::new();
+    for _ in 0..6 {
+        let r = post(&c, &gw.url("/v1/detect/objects"), &[ACME], b"{}").await;
+        assert_eq!(r.status, StatusCode::OK);
+        payers.push(r.header("x-turnstile-payer").unwrap_or_default().to_string());
+    }
+    assert_eq!(payers, ["single_package:od-1"; 5].iter().map(|s| s.to_string()).chain(["payg".to_string()]).collect::<Vec<_>>());
+    // A call the upstream fails is not charged.
+    let r = post(&c, &gw.url("/v1/ocr/license-plate?status=500"), &[ACME], b"{}").await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    for _ in 0..3 {
+        let r = post(&c, &gw.url("/v1/ocr/license-plate"), &[ACME], b"{}").await;
+        assert_eq!(r.header("x-turnstile-payer"), Some("payg"));
+    }
+    // Video: 2 min 20 s at 60 fps 1080p is the seed's 37.33.
+    let r = post(&c, &gw.url("/v1/video/enhance?video_ms=140000&video_fps=60&video_lines=1080"), &[ACME], b"{}").await;
+    assert_eq!(r.header("x-turnstile-payer"), Some("payg"));
+
+    let u = usage(&c, &gw).await;
+    assert_eq!(u["tenant"], "acme");
+    assert_eq!(u["currency"], "CNY");
+    let lp = &u["features"]["license-plate-recognition"];
+    assert_eq!(lp["units"]["payg"], "3");
+    assert_eq!(lp["payg"]["amount"], "0.45");
+    assert_eq!(lp["payg"]["tiers"][0]["price"], "0.15");
+    let od = &u["features"]["object-detection"];
+    assert_eq!(od["units"]["single_package"], "5");
+    assert_eq!(od["units"]["payg"], "1");
+    assert_eq!(od["payg"]["amount"], serde_json::Value::Null, "object detection has no pay-as-you-go price in the seeds");
+    assert_eq!(od["payg"]["note"], "no price configured");
+    assert_eq!(u["features"]["face-comparison-1-1"]["units"]["prepaid_qps"], "1");
+    let video = &u["features"]["comprehensive-video-enhancement"]["payg"];
+    assert_eq!(video["amount"], "37.33");
+    assert_eq!(u["total"], "37.78", "0.45 + 37.33");
+    let od1 = u["packages"].as_array().and_then(|p| p.iter().find(|p| p["id"] == "od-1")).expect("od-1 listed");
+    assert_eq!(od1["remaining"], "0");
+    assert_eq!(od1["low_balance_alerted"], true);
+
+    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(&m.body);
+    for line in [
+        r#"turnstile_billed_units_total{feature="license-plate-recognition",payer="payg",tenant="acme"} 3"#,
+        r#"turnstile_billed_units_total{feature="object-detection",payer="single_package",tenant="acme"} 5"#,
+        r#"turnstile_package_low_balance_alerts_total{package="od-1",tenant="acme"} 1"#,
+        r#"turnstile_package_remaining_points{package="od-1",tenant="acme"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    // Prometheus counters are floats: the ledger has the exact figure, the metric a close one.
+    let payg = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"turnstile_payg_amount_total{currency="CNY",feature="license-plate-recognition",tenant="acme"} "#))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("payg amount series");
+    assert!((payg - 0.45).abs() < 1e-9, "{payg}");
+    let bad = get(&c, &gw.admin_url("/admin/v1/tenants/acme/usage?month=2026-13"), &[AUTH]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let empty = get(&c, &gw.admin_url("/admin/v1/tenants/acme/usage?month=2020-01"), &[AUTH]).await.json();
+    assert_eq!(empty["total"], "0.00");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_garbled_video_usage_is_billed_as_zero_and_counted() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "", "", &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    for q in ["", "?video_ms=abc&video_fps=60&video_lines=1080", "?video_ms=1000&video_fps=60"] {
+        let r = post(&c, &gw.url(&format!("/v1/video/enhance{q}")), &[ACME], b"{}").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(text.contains(r#"turnstile_usage_report_errors_total{feature="comprehensive-video-enhancement"} 3"#), "{text}");
+    assert!(gw.logs().contains("x-usage-video"), "logged");
+    let u = usage(&c, &gw).await;
+    assert_eq!(u["features"]["comprehensive-video-enhancement"]["units"]["payg"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_to_pay_is_402_and_capacity_billed_features_fall_back_to_free_default() {
+    let up = Upstream::start().await;
+    let catalog = r#"
+currency = "CNY"
+[families.face_body]
+name = "Face and Body"
+[features.face-comparison-1-1]
+family = "face_body"
+billing = ["prepaid_qps"]
+[features.license-plate-recognition]
+family = "face_body"
+billing = ["single_package"]
+[features.object-detection]
+family = "face_body"
+billing = ["payg"]
+"#;
+    let ents = format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["face_body"]}}}}}}"#, key_hash("key-acme"));
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), catalog, &ents);
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let r = post(&c, &gw.url("/v1/face/compare"), &[ACME], b"{}").await;
+    assert_eq!((r.status, r.header("x-turnstile-payer")), (StatusCode::OK, Some("free_default")));
+    let r = post(&c, &gw.url("/v1/ocr/license-plate"), &[ACME], b"{}").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::PAYMENT_REQUIRED, "payment_required"));
+    assert!(r.header("ratelimit").is_some());
+}
+
+/// A loopback webhook receiver that fails its first `fail_first` calls.
+async fn webhook(fail_first: u64) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (g, n) = (got.clone(), calls.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (g, n) = (g.clone(), n.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (g, n) = (g.clone(), n.clone());
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let k = n.fetch_add(1, Ordering::SeqCst);
+                        let status = if k < fail_first {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        } else {
+                            if let Ok(v) = serde_json::from_slice(&body) {
+                                g.lock().expect("lock").push(v);
+                            }
+                            StatusCode::OK
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/alerts"), got, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_balance_alert_fires_once_with_webhook_retries() {
+    let up = Upstream::start().await;
+    let (url, got, calls) = webhook(2).await;
+    let billing = format!("[billing]\nlow_balance_ratio = \"0.2\"\nalert_webhook = \"{url}\"\n");
+    let cfg = config(&up.url(), "", &billing, &tenants());
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    // od-1: 1 point, 0.2 per call. After 4 calls 0.2 remain (= 20%): the alert fires, once.
+    for _ in 0..5 {
+        post(&c, &gw.url("/v1/detect/objects"), &[ACME], b"{}").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 1, "exactly one alert: {got:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "two failures, then delivered");
+    assert_eq!(got[0]["tenant"], "acme");
+    assert_eq!(got[0]["package"], "od-1");
+    assert_eq!(got[0]["remaining"], "0.2");
+    assert_eq!(got[0]["points"], "1");
+    assert!(gw.logs().contains("package balance low"));
+}
+
+/// Floods payg calls from 8 tasks until `stop`; returns the 2xx completion times.
+async fn flood(gw_url: String, stop: Arc<AtomicBool>) -> Vec<Instant> {
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, url, stop) = (c.clone(), gw_url.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let req = http::Request::post(&url).header("x-api-key", "key-acme").body(Full::new(Bytes::new())).expect("req");
+                match tokio::time::timeout(Duration::from_secs(5), c.request(req)).await {
+                    Ok(Ok(r)) if r.status() == StatusCode::OK => ok.push(Instant::now()),
+                    Ok(Ok(_)) => {}
+                    _ => break, // the gateway is gone
+                }
+            }
+            ok
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
+async fn crash_and_count(durability: &str, flush_ms: u64) -> (usize, u64, usize) {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), &format!("durability = \"{durability}\"\nflush_interval_ms = {flush_ms}"), "", &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(flood(gw.url("/v1/ocr/license-plate"), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = Instant::now();
+    let _ = std::process::Command::new("kill").args(["-KILL", &gw.pid().to_string()]).status();
+    stop.store(true, Ordering::SeqCst);
+    let seen = load.await.expect("load");
+    drop(gw);
+    let window = Duration::from_millis(flush_ms + 100);
+    let recent = seen.iter().filter(|t| **t + window >= killed_at).count();
+
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let u = usage(&c, &gw).await;
+    let units: u64 = u["features"]["license-plate-recognition"]["units"]["payg"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (seen.len(), units, recent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_strict_mode_loses_no_charge_a_client_saw() {
+    let (seen, recorded, _) = crash_and_count("strict", 5).await;
+    assert!(seen > 100, "the load ran ({seen} ok)");
+    assert!(recorded >= seen as u64, "strict: every 2xx is on disk: saw {seen}, ledger has {recorded}");
+    assert!(recorded <= seen as u64 + 8, "at most the in-flight calls are charged unseen: saw {seen}, ledger has {recorded}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_batched_mode_loses_at_most_the_flush_window() {
+    let (seen, recorded, recent) = crash_and_count("batched", 50).await;
+    assert!(seen > 100, "the load ran ({seen} ok)");
+    assert!(
+        recorded + recent as u64 >= seen as u64,
+        "lost {} > the {recent} calls answered within the last flush window",
+        seen as u64 - recorded
+    );
+    assert!(recorded <= seen as u64 + 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_everything_in_batched_mode() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "durability = \"batched\"\nflush_interval_ms = 60000", "", &tenants());
+    let mut gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    for _ in 0..25 {
+        assert_eq!(post(&c, &gw.url("/v1/ocr/license-plate"), &[ACME], b"{}").await.status, StatusCode::OK);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = gw.terminate();
+        (s, gw)
+    })
+    .await
+    .expect("join");
+    assert!(status.0.is_some_and(|s| s.success()));
+    drop(status);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let u = usage(&c, &gw).await;
+    assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "25", "a 60 s flush window, yet nothing lost");
+}
+
+#[test]
+fn unwritable_or_corrupt_ledger_refuses_to_start_naming_the_path() {
+    let blocker = tempfile::NamedTempFile::new().expect("tmp");
+    let dir = blocker.path().join("ledger");
+    let cfg = config("http://127.0.0.1:1", &format!("dir = \"{}\"", dir.display()), "", &tenants());
+    let out = std::process::Command::new(BIN).arg("serve").arg("--config").arg(cfg.main()).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dir.display().to_string()), "{err}");
+
+    let cfg = config("http://127.0.0.1:1", "", "", &tenants());
+    let ledger = cfg.path().join("data/ledger");
+    std::fs::create_dir_all(&ledger).expect("mkdir");
+    std::fs::write(ledger.join("ledger.redb"), vec![0x5a; 16384]).expect("write");
+    let out = std::process::Command::new(BIN).arg("serve").arg("--config").arg(cfg.main()).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ledger.redb"), "{err}");
+    assert!(err.contains("balances are never reset"), "{err}");
+}
