@@ -5,6 +5,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
+COPY benches ./benches
 RUN cargo build --release --locked --bin turnstile && strip target/release/turnstile
 # In a container the listeners must face the container network, not its loopback.
 RUN sed -i 's/^listen = "127.0.0.1:8080"/listen = "0.0.0.0:8080"/; s/^admin_listen = "127.0.0.1:9090"/admin_listen = "0.0.0.0:9090"/' config/turnstile.toml
