@@ -83,17 +83,76 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAdd
             if let Err(e) = authorize(&req) {
                 return error(&e);
             }
-            admin_v1(&gw, req.method(), &p["/admin/v1/".len()..], req.uri().query())
+            admin_v1(&gw, req, &path["/admin/v1/".len()..]).await
         }
         _ => error(&ApiError::NotFound(format!("no admin endpoint at {path}"))),
     }
 }
 
-fn admin_v1(gw: &Gateway, method: &Method, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    qps: u32,
+    until: Option<String>,
+}
+
+async fn json_body(req: Request<Incoming>) -> Result<UpgradeBody, ApiError> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {{\"qps\": 50}}: {e}")))
+}
+
+fn write_result(r: Result<serde_json::Value, crate::reload::WriteError>) -> Response<ProxyBody> {
+    match r {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => {
+            let mut body = json!({"error": {"code": e.code(), "message": e.to_string()}});
+            if let crate::reload::WriteError::Config(errors) = &e {
+                body["error"]["errors"] = json!(errors.0);
+            }
+            json_response(e.status(), &body)
+        }
+    }
+}
+
+async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<ProxyBody> {
     let parts: Vec<&str> = rest.split('/').collect();
-    match (method, parts.as_slice()) {
+    let method = req.method().clone();
+    let query = req.uri().query().map(str::to_string);
+    match (&method, parts.as_slice()) {
+        (&Method::POST, ["reload"]) => match gw.reload("admin API").await {
+            Ok(generation) => json_response(StatusCode::OK, &json!({"generation": generation})),
+            Err(errors) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({"error": {
+                    "code": "invalid_config",
+                    "message": format!("the configuration was not applied ({} errors); still serving generation {}", errors.0.len(), gw.generation()),
+                    "errors": errors.0,
+                }}),
+            ),
+        },
         (&Method::GET, ["tenants", t, "limits"]) => limits(gw, t),
-        (&Method::GET, ["tenants", t, "usage"]) => usage(gw, t, query),
+        (&Method::GET, ["tenants", t, "usage"]) => usage(gw, t, query.as_deref()),
+        (&Method::POST, ["tenants", t, "qps-plans", f, op @ ("temporary-upgrade" | "upgrade")]) => {
+            let (t, f, op) = (t.to_string(), f.to_string(), *op);
+            let body = match json_body(req).await {
+                Ok(b) => b,
+                Err(e) => return error(&e),
+            };
+            match (op, body.until) {
+                ("temporary-upgrade", Some(until)) => write_result(gw.temporary_upgrade(&t, &f, body.qps, &until).await),
+                ("temporary-upgrade", None) => error(&ApiError::BadRequest("a temporary upgrade needs \"until\"".into())),
+                (_, None) => write_result(gw.upgrade(&t, &f, body.qps).await),
+                (_, Some(_)) => error(&ApiError::BadRequest("an upgrade is permanent: leave out \"until\"".into())),
+            }
+        }
+        (_, ["reload"] | ["tenants", _, "qps-plans", _, "temporary-upgrade" | "upgrade"]) => {
+            error(&ApiError::MethodNotAllowed("use POST".into()))
+        }
         (_, ["tenants", _, "limits" | "usage"]) => error(&ApiError::MethodNotAllowed("use GET".into())),
         _ => error(&ApiError::NotFound(format!("no admin endpoint at /admin/v1/{rest}"))),
     }

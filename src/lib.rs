@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pricing;
 pub mod proxy;
 pub mod quote;
+pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod standin;

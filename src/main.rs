@@ -125,8 +125,8 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     } else {
         None
     };
-    let snap = match server::load(&source, upstream_override.as_ref(), 1) {
-        Ok(s) => s,
+    let (texts, snap) = match server::load(&source, upstream_override.as_ref(), 1) {
+        Ok(x) => x,
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("turnstile: {} configuration error(s); not starting", errors.0.len());
@@ -149,7 +149,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
     let upstream = snap.settings.upstream.clone();
-    let gw = match Gateway::new(snap, source, upstream_override, SystemClock::shared()) {
+    let gw = match Gateway::new(texts, snap, source, upstream_override, SystemClock::shared()) {
         Ok(gw) => gw,
         Err(e) => {
             eprintln!("turnstile: {e}; not starting (fix or move the ledger; balances are never reset silently)");
@@ -165,6 +165,19 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         );
     }
     tracing::info!(%tenant_addr, %admin_addr, %upstream, generation = gw.generation(), "serving");
+    let watch_paths = gw.watch_paths().await;
+    let _watcher = if gw.snapshot.load().settings.watch && !watch_paths.is_empty() {
+        match turnstile::reload::watch(gw.clone(), watch_paths, Duration::from_millis(200)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP or the admin API");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tokio::spawn(reload_on_sighup(gw.clone()));
     server::run(gw.clone(), listeners, server::termination(), drain).await;
     gw.billing.close();
     tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed");
@@ -173,4 +186,16 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// SIGHUP reloads the configuration, like nginx.
+async fn reload_on_sighup(gw: std::sync::Arc<Gateway>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            let _ = gw.reload("SIGHUP").await;
+        }
+    }
 }

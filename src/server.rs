@@ -20,7 +20,8 @@ use crate::admission::{BucketStore, LocalBuckets};
 use crate::billing::{Alert, Billing};
 use crate::ledger::{LedgerError, RedbLedger};
 use crate::clock::SharedClock;
-use crate::config::{self, ConfigErrors, ConfigSource};
+use crate::config::{self, ConfigErrors, ConfigSource, Texts};
+use crate::reload::Control;
 use crate::metrics::Metrics;
 use crate::proxy::{self, UpstreamBody};
 use crate::snapshot::Snapshot;
@@ -37,23 +38,32 @@ pub struct Gateway {
     /// `serve --demo` points the gateway at its stand-in upstream, whatever the file says.
     pub upstream_override: Option<Uri>,
     pub ready: AtomicBool,
-    generation: AtomicU64,
+    pub(crate) generation: AtomicU64,
+    /// Serializes reloads and admin writes; holds what was loaded last.
+    pub(crate) control: tokio::sync::Mutex<Control>,
 }
 
-/// Reads and validates the configuration into a snapshot of the given generation.
-pub fn load(source: &ConfigSource, upstream_override: Option<&Uri>, generation: u64) -> Result<Snapshot, ConfigErrors> {
-    let texts = config::read_texts(source)?;
-    let mut snap = config::build(&texts, generation)?;
+/// Validates configuration texts into a snapshot of the given generation.
+pub fn build(texts: &Texts, upstream_override: Option<&Uri>, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut snap = config::build(texts, generation)?;
     if let Some(u) = upstream_override {
         snap.settings.upstream = u.clone();
     }
     Ok(snap)
 }
 
+/// Reads and validates the configuration.
+pub fn load(source: &ConfigSource, upstream_override: Option<&Uri>, generation: u64) -> Result<(Texts, Snapshot), ConfigErrors> {
+    let texts = config::read_texts(source)?;
+    let snap = build(&texts, upstream_override, generation)?;
+    Ok((texts, snap))
+}
+
 impl Gateway {
     /// Opens the ledger (restoring balances and monthly usage) and builds the gateway state.
     /// Must run inside a Tokio runtime (the alert sender is spawned on it).
     pub fn new(
+        texts: Texts,
         snapshot: Snapshot,
         source: ConfigSource,
         upstream_override: Option<Uri>,
@@ -83,6 +93,7 @@ impl Gateway {
             source,
             upstream_override,
             ready: AtomicBool::new(false),
+            control: tokio::sync::Mutex::new(Control::new(texts)),
         });
         tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
         Ok(gw)

@@ -76,6 +76,7 @@ pub const EMBEDDED_CATALOG: &str = include_str!("../../config/catalog.toml");
 pub const EMBEDDED_ENTITLEMENTS: &str = include_str!("../../config/entitlements.json");
 
 /// The three files' texts and the names errors should use for them.
+#[derive(Clone)]
 pub struct Texts {
     pub main_name: String,
     pub main: String,

@@ -1,0 +1,222 @@
+//! Black-box tests of the live control plane (SPEC §8): reloads, temporary upgrades, upgrades.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const TOKEN: &str = "reload-token";
+const AUTH: (&str, &str) = ("authorization", "Bearer reload-token");
+const ACME: (&str, &str) = ("x-api-key", "key-acme");
+const GLOBEX: (&str, &str) = ("x-api-key", "key-globex");
+
+async fn start(watch: bool, extra: &str) -> (Upstream, ConfigDir, Gateway) {
+    let up = Upstream::start().await;
+    let main = main_toml(&up.url(), "", extra).replace("watch = false", &format!("watch = {watch}"));
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    (up, cfg, gw)
+}
+
+async fn quota(c: &TestClient, gw: &Gateway) -> String {
+    let r = post(c, &gw.url("/v1/face/compare"), &[ACME], b"{}").await;
+    r.header("ratelimit-policy").unwrap_or_default().to_string()
+}
+
+/// Replaces a file the way editors do: write a temporary file, rename it over the old one.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("swp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+async fn admin_post(c: &TestClient, gw: &Gateway, path: &str, body: &str) -> Reply {
+    post(c, &gw.admin_url(path), &[AUTH, ("content-type", "application/json")], body.as_bytes()).await
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_upgrade_applies_at_once_and_reverts_by_itself() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
+    let until = at(3);
+    let r = admin_post(&c, &gw, "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade", &format!(r#"{{"qps": 50, "until": "{until}"}}"#)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=50;w=1", "live at once");
+    let file = std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read");
+    assert!(file.contains("temporary_upgrades") && file.contains(&until), "written back: {file}");
+    let limits = get(&c, &gw.admin_url("/admin/v1/tenants/acme/limits"), &[AUTH]).await.json();
+    assert_eq!(limits["features"]["face-comparison-1-1"]["source"], "temporary_upgrade");
+
+    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let generation = metric(&m, "turnstile_config_generation ");
+    // After `until` the plan's 40 QPS is back, with no reload.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while quota(&c, &gw).await != "\"qps\";q=40;w=1" {
+        assert!(Instant::now() < deadline, "the upgrade did not revert");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    assert_eq!(metric(&m, "turnstile_config_generation "), generation, "reverting needed no reload (and the watcher ignored our own write)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_write_rules() {
+    let (_up, cfg, gw) = start(false, "").await;
+    let c = client();
+    let tu = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade";
+    let r = admin_post(&c, &gw, tu, &format!(r#"{{"qps": 60, "until": "{}"}}"#, at(600))).await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "qps_above_cap"));
+    let r = admin_post(&c, &gw, tu, &format!(r#"{{"qps": 45, "until": "{}"}}"#, at(-5))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "until must be in the future");
+    let r = admin_post(
+        &c,
+        &gw,
+        "/admin/v1/tenants/globex/qps-plans/license-plate-recognition/temporary-upgrade",
+        &format!(r#"{{"qps": 10, "until": "{}"}}"#, at(600)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "no active plan");
+    let r = admin_post(&c, &gw, tu, "{not json").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let up = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade";
+    let r = admin_post(&c, &gw, up, r#"{"qps": 30}"#).await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "downgrade_not_allowed"));
+    let r = admin_post(&c, &gw, up, r#"{"qps": 51}"#).await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "qps_above_cap"));
+    let r = admin_post(&c, &gw, up, r#"{"qps": 45}"#).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=45;w=1");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read")).expect("json");
+    assert_eq!(file["tenants"]["acme"]["qps_plans"][0]["qps"], 45);
+    let r = get(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[("authorization", "Bearer wrong")], b"").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_admin_writes_are_serialized_and_none_is_lost() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    let url = gw.admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade");
+    let mut tasks = Vec::new();
+    for i in 0..10u32 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = format!(r#"{{"qps": {}, "until": "{}"}}"#, 41 + i, at(600 + i64::from(i)));
+            post(&c, &url, &[AUTH], body.as_bytes()).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("join"), StatusCode::OK);
+    }
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read")).expect("json");
+    let ups = file["tenants"]["acme"]["qps_plans"][0]["temporary_upgrades"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ups.len(), 10, "{ups:?}");
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=50;w=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_file_is_rejected_with_every_error_and_the_old_config_serves() {
+    let (_up, cfg, gw) = start(false, "").await;
+    let c = client();
+    let bad = entitlements(40, None).replace("\"qps\": 40", "\"qps\": 70").replace("\"services\": [\"text_recognition\"]", "\"services\": [\"nope\"]");
+    replace_file(&cfg.path().join("entitlements.json"), &bad);
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"));
+    let errors = r.json()["error"]["errors"].as_array().cloned().unwrap_or_default();
+    let paths: Vec<String> = errors.iter().map(|e| e["path"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(paths.contains(&"tenants.acme.qps_plans[0].qps".to_string()), "{errors:?}");
+    assert!(paths.contains(&"tenants.globex.services[0]".to_string()), "{errors:?}");
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1", "the old limits keep being served");
+    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    assert_eq!(metric(&m, "turnstile_config_reloads_total{result=\"error\"} "), 1.0);
+    assert!(gw.logs().contains("configuration rejected"));
+
+    replace_file(&cfg.path().join("entitlements.json"), &entitlements(35, None));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["generation"], 2);
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=35;w=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_edit_is_live_within_2_seconds() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
+    let edited = Instant::now();
+    replace_file(&cfg.path().join("entitlements.json"), &entitlements(30, None));
+    loop {
+        if quota(&c, &gw).await == "\"qps\";q=30;w=1" {
+            break;
+        }
+        assert!(edited.elapsed() < Duration::from_secs(2), "not live within 2 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken edit is refused and the last good configuration stays.
+    replace_file(&cfg.path().join("entitlements.json"), "{\"tenants\": ");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=30;w=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_unchanged_buckets_keep_their_state() {
+    let (_up, cfg, gw) = start(false, "").await;
+    let c = client();
+    // globex: license plates at the default 2 QPS. Drain the bucket.
+    for _ in 0..2 {
+        assert_eq!(post(&c, &gw.url("/v1/ocr/license-plate"), &[GLOBEX], b"{}").await.status, StatusCode::OK);
+    }
+    replace_file(&cfg.path().join("entitlements.json"), &entitlements(25, None));
+    let _ = std::process::Command::new("kill").args(["-HUP", &gw.pid().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while quota(&c, &gw).await != "\"qps\";q=25;w=1" {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = post(&c, &gw.url("/v1/ocr/license-plate"), &[GLOBEX], b"{}").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "globex's bucket kept its (empty) state across the reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_across_20_reloads_has_zero_failed_requests() {
+    let (_up, _cfg, gw) = start(false, "[admission]\ndefault_qps = 100000\n").await;
+    let c = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (c, url, stop, ok, failed) = (c.clone(), gw.url("/v1/ocr/license-plate"), stop.clone(), ok.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let status = post(&c, &url, &[GLOBEX], b"{}").await.status;
+                if status == StatusCode::OK { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for i in 0..20 {
+        let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["generation"], i + 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("join");
+    }
+    assert!(ok.load(Ordering::SeqCst) > 200, "the load ran");
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+}
