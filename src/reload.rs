@@ -232,7 +232,7 @@ impl Gateway {
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
         let until = until.to_string();
         self.write_entitlements("temporary upgrade", move |snap, raw| {
-            let (plan_index, cap, tz) = active_plan(snap, &tenant, &feature, now)?;
+            let ActivePlan { index: plan_index, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
             if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
                 return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
             }
@@ -256,7 +256,7 @@ impl Gateway {
         let now = self.clock.unix_nanos();
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
         self.write_entitlements("upgrade", move |snap, raw| {
-            let (plan_index, cap, _) = active_plan(snap, &tenant, &feature, now)?;
+            let ActivePlan { index: plan_index, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
             let plan = raw
                 .tenants
                 .get_mut(&tenant)
@@ -279,14 +279,16 @@ impl Gateway {
     }
 }
 
-/// The raw index of the tenant's plan for `feature` active at `now`, the family cap, and the
-/// billing timezone.
-fn active_plan(
-    snap: &Snapshot,
-    tenant: &str,
-    feature: &str,
-    now: i64,
-) -> Result<(usize, Option<(String, u32)>, chrono::FixedOffset), WriteError> {
+/// The tenant's plan for a feature active now, as the write API needs it.
+struct ActivePlan {
+    /// Index into the tenant's `qps_plans` in the file.
+    index: usize,
+    /// The family and its cap, if it has one.
+    cap: Option<(String, u32)>,
+    tz: chrono::FixedOffset,
+}
+
+fn active_plan(snap: &Snapshot, tenant: &str, feature: &str, now: i64) -> Result<ActivePlan, WriteError> {
     let t = snap.tenant(tenant).ok_or_else(|| WriteError::NotFound(format!("no tenant {tenant:?}")))?;
     let &fi = snap
         .catalog
@@ -303,7 +305,7 @@ fn active_plan(
         .ok_or_else(|| WriteError::NotFound(format!("{tenant} has no active QPS plan for {feature}")))?;
     let f = &snap.catalog.features[fi];
     let cap = snap.catalog.family_cap(f).map(|c| (snap.catalog.family_id(f).to_string(), c));
-    Ok((index, cap, snap.settings.timezone))
+    Ok(ActivePlan { index, cap, tz: snap.settings.timezone })
 }
 
 fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
