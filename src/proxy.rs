@@ -36,7 +36,7 @@ const HOP_BY_HOP: [&str; 8] =
     ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"];
 
 /// Everything needed after the decision, owned, so no snapshot is held across awaits.
-struct Forward {
+pub struct Forward {
     pair: u64,
     tenant: &'static str,
     feature: &'static str,
@@ -89,17 +89,20 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
     (!k.is_empty()).then_some((k, true))
 }
 
+/// The outcome of identify → route → activation → limit → payer.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Decision {
+pub enum Decision {
     Reject(ApiError, Outcome, Option<(u64, &'static str, &'static str)>, Vec<(HeaderName, HeaderValue)>),
     Forward(Forward),
 }
 
-fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
+/// Decides a request from its head alone: one snapshot load, no await, no lock that a reload or
+/// another tenant can hold.
+pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     let snap = gw.snapshot.load();
     let s = &snap.settings;
-    let Some((key, key_in_authorization)) = api_key(req.headers(), &s.api_key_header) else {
+    let Some((key, key_in_authorization)) = api_key(headers, &s.api_key_header) else {
         return Decision::Reject(
             ApiError::MissingApiKey { header: s.api_key_header.to_string() },
             Outcome::Unauthenticated,
@@ -112,7 +115,6 @@ fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
         return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, None, Vec::new());
     };
     let tenant = &snap.tenants[ti];
-    let path = req.uri().path();
     let Some(route) = snap.router.find(path) else {
         gw.metrics.request(tenant.label, "", Outcome::UnknownRoute);
         return Decision::Reject(ApiError::UnknownRoute { path: path.to_string() }, Outcome::UnknownRoute, None, Vec::new());
@@ -140,8 +142,7 @@ fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
         // Nothing was taken from the bucket: the whole quota remains.
         return Decision::Reject(e, Outcome::Forbidden, ids, rate_headers(limit.qps, depth, 0).into());
     }
-    let declared_len = req
-        .headers()
+    let declared_len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -192,7 +193,7 @@ fn decide(gw: &Gateway, req: &Request<Incoming>) -> Decision {
 /// Handles one tenant request; never fails (errors become JSON responses).
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
     let start = Instant::now();
-    let fwd = match decide(&gw, &req) {
+    let fwd = match decide(&gw, req.headers(), req.uri().path()) {
         Decision::Reject(e, outcome, ids, headers) => {
             match ids {
                 Some((pair, t, f)) => gw.metrics.request_pair(pair, t, f, outcome),

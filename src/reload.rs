@@ -126,6 +126,12 @@ impl Gateway {
         warn_restart_only(&old, &snap);
         let removed = removed_pairs(&old, &snap);
         self.snapshot.store(Arc::new(snap));
+        // Requests hold a snapshot only for their synchronous decision; keep the old one a moment
+        // so its (possibly large) deallocation happens here, not on a request's thread.
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(old);
+        });
         self.generation.store(generation, Ordering::SeqCst);
         self.metrics.config_generation.set(generation as i64);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
