@@ -206,8 +206,11 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
             "active_upgrades": upgrades,
             "burst": admission::depth(limit.qps, snap.settings.burst_seconds),
         });
-        if limit.source == LimitSource::ImageSearch {
+        if let (LimitSource::ImageSearch, Some(inst)) = (limit.source, t.image_search.as_ref()) {
             entry["delete_limit"] = json!(catalog.image_search.delete_qps);
+            entry["capacity"] = json!(inst.capacity);
+            entry["images"] = json!(gw.billing.images(t).count());
+            entry["expires_at"] = json!(format_rfc3339(inst.expires_at, tz));
         }
         features.insert(f.id.clone(), entry);
     }

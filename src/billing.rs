@@ -104,10 +104,44 @@ pub struct MonthState {
     inner: Mutex<MonthInner>,
 }
 
+struct ImageInner {
+    count: u64,
+    /// Adds in flight: each holds a slot until the upstream answers.
+    reserved: u64,
+    dirty: bool,
+}
+
+/// The image count of a tenant's Image Search instance.
+pub struct ImageState {
+    tenant: &'static str,
+    key: u32,
+    inner: Mutex<ImageInner>,
+    gauge: OnceLock<prometheus::IntGauge>,
+}
+
+impl ImageState {
+    pub fn count(&self) -> u64 {
+        lock(&self.inner).count
+    }
+}
+
+/// A capacity slot held by an image-search add in flight; given back when dropped unsettled.
+pub struct ImageSlot(Option<Arc<ImageState>>);
+
+impl Drop for ImageSlot {
+    fn drop(&mut self) {
+        if let Some(st) = self.0.take() {
+            let mut g = lock(&st.inner);
+            g.reserved = g.reserved.saturating_sub(1);
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum DirtyKey {
     Package(u64),
     Month(u64, u32),
+    Image(u32),
 }
 
 enum Msg {
@@ -172,6 +206,7 @@ pub struct VideoUsage {
 pub struct Billing {
     packages: DashMap<u64, Arc<PackageState>, FxBuildHasher>,
     months: DashMap<(u64, u32), Arc<MonthState>, FxBuildHasher>,
+    images: DashMap<u32, Arc<ImageState>, FxBuildHasher>,
     tx: Mutex<mpsc::Sender<Msg>>,
     seq: AtomicU64,
     durable: watch::Sender<u64>,
@@ -214,6 +249,7 @@ impl Billing {
         let billing = Arc::new(Billing {
             packages: DashMap::with_hasher(FxBuildHasher),
             months: DashMap::with_hasher(FxBuildHasher),
+            images: DashMap::with_hasher(FxBuildHasher),
             tx: Mutex::new(tx),
             seq: AtomicU64::new(0),
             durable: watch::Sender::new(0),
@@ -245,7 +281,10 @@ impl Billing {
                     }
                     g.payg = m.payg.into_iter().map(|(k, v)| (k, v.0)).collect();
                 }
-                Record::ImageCount(_) => {}
+                Record::ImageCount(i) => {
+                    let (t, tl) = crate::intern::tenant(&i.tenant);
+                    lock(&billing.image_state(t, tl).inner).count = i.count;
+                }
             }
         }
         let weak = Arc::downgrade(&billing);
@@ -296,6 +335,70 @@ impl Billing {
                 })
             })
             .clone()
+    }
+
+    fn image_state(&self, key: u32, tenant: &'static str) -> Arc<ImageState> {
+        if let Some(s) = self.images.get(&key) {
+            return s.clone();
+        }
+        self.images
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(ImageState {
+                    tenant,
+                    key,
+                    inner: Mutex::new(ImageInner { count: 0, reserved: 0, dirty: false }),
+                    gauge: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// The image count of a tenant's instance (as kept in the ledger).
+    pub fn images(&self, tenant: &Tenant) -> Arc<ImageState> {
+        self.image_state(tenant.intern, tenant.label)
+    }
+
+    /// Reserves one image slot for an add; `None` when the instance is at capacity (409).
+    pub fn reserve_image_add(&self, tenant: &Tenant, capacity: u64) -> Option<ImageSlot> {
+        let st = self.images(tenant);
+        let mut g = lock(&st.inner);
+        if g.count + g.reserved >= capacity {
+            return None;
+        }
+        g.reserved += 1;
+        drop(g);
+        Some(ImageSlot(Some(st)))
+    }
+
+    /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
+    /// delete, and `reported` (the upstream's `x-usage-image-count`), when given, wins.
+    pub fn settle_images(&self, tenant: &Tenant, op: crate::config::gateway::ImageOp, slot: Option<ImageSlot>, reported: Option<u64>) {
+        use crate::config::gateway::ImageOp;
+        // Taking the state out of the slot turns the reservation into an image (no give-back).
+        let held = slot.and_then(|mut s| s.0.take());
+        let st = held.clone().unwrap_or_else(|| self.images(tenant));
+        let count = {
+            let mut g = lock(&st.inner);
+            let before = g.count;
+            match op {
+                ImageOp::Add if held.is_some() => {
+                    g.reserved = g.reserved.saturating_sub(1);
+                    g.count += 1;
+                }
+                ImageOp::Delete => g.count = g.count.saturating_sub(1),
+                _ => {}
+            }
+            if let Some(n) = reported {
+                g.count = n;
+            }
+            if g.count != before && !g.dirty {
+                g.dirty = true;
+                self.send(Msg::Dirty(DirtyKey::Image(st.key)));
+            }
+            g.count
+        };
+        st.gauge.get_or_init(|| self.metrics.image_gauge(st.tenant)).set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The live state of a tenant's package (created empty if never used).
@@ -570,6 +673,12 @@ impl Billing {
                     alerted: g.alerted,
                 }))
             }
+            DirtyKey::Image(k) => {
+                let st = self.images.get(k)?.clone();
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                Some(Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.to_string(), count: g.count }))
+            }
             DirtyKey::Month(pair, m) => {
                 let st = self.months.get(&(*pair, *m))?.clone();
                 let mut g = lock(&st.inner);
@@ -594,6 +703,11 @@ impl Billing {
             }
             DirtyKey::Month(p, m) => {
                 if let Some(st) = self.months.get(&(*p, *m)) {
+                    lock(&st.inner).dirty = true;
+                }
+            }
+            DirtyKey::Image(k) => {
+                if let Some(st) = self.images.get(k) {
                     lock(&st.inner).dirty = true;
                 }
             }

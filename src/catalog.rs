@@ -228,6 +228,8 @@ pub struct Catalog {
     pub feature_index: HashMap<String, usize>,
     pub image_search: ImageSearchCatalog,
     pub image_search_feature: usize,
+    /// Image search deletions have their own limit (`delete_qps`), so their own bucket key.
+    pub image_delete_intern: u32,
 }
 
 impl Catalog {
@@ -487,6 +489,7 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
     });
 
     Catalog {
+        image_delete_intern: intern::feature("image-search:delete").0,
         currency: raw.currency,
         families,
         family_index,

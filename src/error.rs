@@ -21,6 +21,12 @@ pub enum ApiError {
     QpsExceeded { feature: String, limit: u32, retry_after: u64 },
     #[error("nothing can pay for {feature}: no active QPS plan or package covers it and it is not sold pay-as-you-go; buy a package or QPS plan")]
     PaymentRequired { feature: String },
+    #[error("the Image Search instance expired at {expires_at}: renew it within the {retention_days}-day retention period or it will be released")]
+    InstanceExpired { expires_at: String, retention_days: u32 },
+    #[error("the Image Search instance was released {retention_days} days after it expired at {expires_at}: buy a new instance")]
+    InstanceReleased { expires_at: String, retention_days: u32 },
+    #[error("the Image Search instance holds its maximum of {capacity} images: delete images or upgrade to a larger package")]
+    CapacityExceeded { capacity: u64 },
     #[error("the request body is larger than {limit} bytes: send a smaller body")]
     BodyTooLarge { limit: u64 },
     #[error("the inference service could not be reached: retry later")]
@@ -48,7 +54,9 @@ impl ApiError {
             BadRequest(_) => StatusCode::BAD_REQUEST,
             ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => StatusCode::FORBIDDEN,
             QpsExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
+            PaymentRequired { .. } | InstanceExpired { .. } => StatusCode::PAYMENT_REQUIRED,
+            InstanceReleased { .. } => StatusCode::GONE,
+            CapacityExceeded { .. } => StatusCode::CONFLICT,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -66,6 +74,9 @@ impl ApiError {
             ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => "service_not_activated",
             QpsExceeded { .. } => "qps_exceeded",
             PaymentRequired { .. } => "payment_required",
+            InstanceExpired { .. } => "instance_expired",
+            InstanceReleased { .. } => "instance_released",
+            CapacityExceeded { .. } => "capacity_exceeded",
             BodyTooLarge { .. } => "body_too_large",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",

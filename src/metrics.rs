@@ -6,7 +6,7 @@ use dashmap::DashMap;
 use prometheus::core::Collector;
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use rustc_hash::FxBuildHasher;
 
@@ -79,6 +79,7 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub ledger_flush_duration: Histogram,
     usage_report_errors: IntCounterVec,
+    image_count: IntGaugeVec,
     /// Handles per (tenant, feature) pair, so the request path does one map lookup and atomic
     /// adds instead of hashing label strings.
     pairs: DashMap<u64, PairHandles, FxBuildHasher>,
@@ -135,7 +136,12 @@ impl Metrics {
             Opts::new("turnstile_usage_report_errors_total", "Upstream usage reports missing or malformed"),
             &["feature"],
         ));
+        let image_count = def(IntGaugeVec::new(
+            Opts::new("turnstile_image_search_images", "Images in a tenant's Image Search instance"),
+            &with_tenant(&[]),
+        ));
         let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(image_count.clone()),
             Box::new(requests.clone()),
             Box::new(billed_units.clone()),
             Box::new(payg_amount.clone()),
@@ -169,6 +175,7 @@ impl Metrics {
             config_generation,
             ledger_flush_duration,
             usage_report_errors,
+            image_count,
             pairs: DashMap::with_hasher(FxBuildHasher),
         }
     }
@@ -224,6 +231,10 @@ impl Metrics {
 
     pub fn package_gauge(&self, tenant: &str, package: &str) -> Gauge {
         self.package_remaining.with_label_values(&self.labels(tenant, &[package]))
+    }
+
+    pub fn image_gauge(&self, tenant: &str) -> IntGauge {
+        self.image_count.with_label_values(&self.labels(tenant, &[]))
     }
 
     pub fn low_balance_alert(&self, tenant: &str, package: &str) {

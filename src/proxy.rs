@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::admission::{self, Admit};
-use crate::billing::{Reservation, VideoUsage};
+use crate::billing::{ImageSlot, Reservation, VideoUsage};
+use crate::config::gateway::ImageOp;
 use crate::catalog::Unit;
 use crate::error::{ApiError, JSON};
 use crate::metrics::Outcome;
@@ -48,6 +49,8 @@ pub struct Forward {
     rate_headers: [(HeaderName, HeaderValue); 2],
     reservation: Reservation,
     video: bool,
+    /// Image search: the operation, and for an add its capacity slot.
+    image: Option<(ImageOp, Option<ImageSlot>)>,
 }
 
 /// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax).
@@ -121,7 +124,9 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     };
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
-    let pair = crate::intern::pair(tenant.intern, feature.intern);
+    // Image search deletions have their own limit, hence their own bucket.
+    let bucket_feature = if route.op == Some(ImageOp::Delete) { catalog.image_delete_intern } else { feature.intern };
+    let pair = crate::intern::pair(tenant.intern, bucket_feature);
     let ids = Some((pair, tenant.label, feature.label));
     let now = gw.clock.unix_nanos();
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
@@ -141,6 +146,19 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
         };
         // Nothing was taken from the bucket: the whole quota remains.
         return Decision::Reject(e, Outcome::Forbidden, ids, rate_headers(limit.qps, depth, 0).into());
+    }
+    if let Some(inst) = tenant.image_search.as_ref().filter(|_| feature.family.is_none()) {
+        if now >= inst.expires_at {
+            let retention_days = catalog.image_search.retention_days;
+            let released_at = inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
+            let expires_at = crate::time::format_rfc3339(inst.expires_at, s.timezone);
+            let (e, outcome) = if now < released_at {
+                (ApiError::InstanceExpired { expires_at, retention_days }, Outcome::PaymentRequired)
+            } else {
+                (ApiError::InstanceReleased { expires_at, retention_days }, Outcome::Forbidden)
+            };
+            return Decision::Reject(e, outcome, ids, rate_headers(limit.qps, depth, 0).into());
+        }
     }
     let declared_len = headers
         .get(header::CONTENT_LENGTH)
@@ -173,6 +191,22 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                     rate_headers(limit.qps, remaining, reset_secs).into(),
                 );
             };
+            // Image search adds take a capacity slot first, so concurrent adds never overshoot.
+            let image = match (route.op, tenant.image_search.as_ref()) {
+                (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
+                    Some(slot) => Some((ImageOp::Add, Some(slot))),
+                    None => {
+                        return Decision::Reject(
+                            ApiError::CapacityExceeded { capacity: inst.capacity },
+                            Outcome::Forbidden,
+                            ids,
+                            rate_headers(limit.qps, remaining, reset_secs).into(),
+                        )
+                    }
+                },
+                (Some(op), _) => Some((op, None)),
+                (None, _) => None,
+            };
             Decision::Forward(Forward {
             pair,
             tenant: tenant.label,
@@ -185,6 +219,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             rate_headers: rate_headers(limit.qps, remaining, reset_secs),
             reservation,
             video: feature.unit == Unit::VideoMinute,
+            image,
         })
         }
     }
@@ -279,7 +314,15 @@ async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Opt
             }
             gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now)
         } else {
-            gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now)
+            let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now);
+            if let Some((op, slot)) = fwd.image {
+                let reported = upstream_headers
+                    .get("x-usage-image-count")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                gw.billing.settle_images(tenant, op, slot, reported);
+            }
+            settled
         }
     };
     gw.billing.durable(settled.seq).await;

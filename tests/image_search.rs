@@ -1,0 +1,151 @@
+//! Black-box tests of Image Search instances (seed 004, SPEC §3-§5).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+const KEY: (&str, &str) = ("x-api-key", "key-acme");
+
+const CATALOG: &str = r#"
+currency = "CNY"
+[families.face_body]
+name = "Face and Body"
+[features.face-comparison-1-1]
+family = "face_body"
+billing = ["payg"]
+[features.license-plate-recognition]
+family = "face_body"
+billing = ["payg"]
+[features.object-detection]
+family = "face_body"
+billing = ["payg"]
+[image_search]
+currency = "USD"
+delete_qps = 20
+retention_days = 7
+packages = [ { capacity = 3, qps = 50, month = "1.00" }, { capacity = 100, qps = 5, month = "2.00" } ]
+"#;
+
+fn routes() -> &'static str {
+    r#"
+[[routes]]
+path = "/v1/image-search/add"
+feature = "image-search"
+op = "add"
+
+[[routes]]
+path = "/v1/image-search/delete"
+feature = "image-search"
+op = "delete"
+"#
+}
+
+fn ents(capacity: u64, qps: u32, expires_in: i64) -> String {
+    format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["face_body"],
+            "image_search": {{"capacity": {capacity}, "qps": {qps}, "expires_at": "{}"}}}}}}}}"#,
+        key_hash("key-acme"),
+        at(expires_in)
+    )
+}
+
+async fn start(capacity: u64, qps: u32, expires_in: i64) -> (Upstream, ConfigDir, Gateway) {
+    let up = Upstream::start().await;
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", routes()), CATALOG, &ents(capacity, qps, expires_in));
+    let gw = Gateway::start(&cfg);
+    (up, cfg, gw)
+}
+
+async fn op(c: &TestClient, gw: &Gateway, path: &str) -> Reply {
+    post(c, &gw.url(path), &[KEY], b"{}").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_and_add_share_the_instance_qps_and_delete_has_its_own() {
+    let (_up, _cfg, gw) = start(100, 5, 86400).await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for path in ["/v1/image-search/search", "/v1/image-search/add"].iter().cycle().take(8) {
+        statuses.push(op(&c, &gw, path).await.status.as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
+    assert!(statuses.contains(&429));
+    let r = op(&c, &gw, "/v1/image-search/delete").await;
+    assert_eq!(r.status, StatusCode::OK, "deletions have their own bucket");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=20;w=1"));
+    assert_eq!(r.header("x-turnstile-payer"), Some("prepaid_qps"));
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=5;w=1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_enforced_failed_adds_give_their_slot_back_and_the_upstream_count_wins() {
+    let (_up, cfg, mut gw) = start(3, 50, 86400).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    }
+    let r = op(&c, &gw, "/v1/image-search/add").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "capacity_exceeded"));
+    assert_eq!(op(&c, &gw, "/v1/image-search/delete").await.status, StatusCode::OK);
+    // A failed add does not keep its slot.
+    assert_eq!(op(&c, &gw, "/v1/image-search/add?status=500").await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
+    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    assert!(m.contains("turnstile_image_search_images{tenant=\"acme\"} 3"), "{m}");
+    assert!(m.contains(r#"turnstile_requests_total{feature="image-search",outcome="admitted",tenant="acme"}"#), "{m}");
+
+    // The count survives a restart.
+    let code = tokio::task::spawn_blocking(move || {
+        let s = gw.terminate();
+        (s, gw)
+    })
+    .await
+    .expect("join");
+    assert!(code.0.is_some_and(|s| s.success()));
+    drop(code);
+    let gw = Gateway::start(&cfg);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT, "still full after a restart");
+    // The upstream's own count (x-usage-image-count) resyncs it.
+    assert_eq!(op(&c, &gw, "/v1/image-search/search?image_count=1").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_never_exceed_capacity() {
+    let (_up, _cfg, gw) = start(3, 50, 86400).await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (c, url) = (c.clone(), gw.url("/v1/image-search/add?sleep_ms=300"));
+        tasks.push(tokio::spawn(async move { post(&c, &url, &[KEY], b"{}").await.status.as_u16() }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            200 => ok += 1,
+            409 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_instance_is_402_within_retention_then_410() {
+    let (_up, _cfg, gw) = start(100, 5, -3600).await;
+    let c = client();
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::PAYMENT_REQUIRED, "instance_expired"));
+    drop(gw);
+    let (_up, _cfg, gw) = start(100, 5, -8 * 86400).await;
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::GONE, "instance_released"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
