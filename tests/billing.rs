@@ -327,6 +327,32 @@ async fn sigterm_flushes_everything_in_batched_mode() {
     assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "25", "a 60 s flush window, yet nothing lost");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_cuts_off_nothing_and_loses_no_charge() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "durability = \"batched\"\nflush_interval_ms = 1000", "", &tenants());
+    let mut gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(flood(gw.url("/v1/ocr/license-plate?sleep_ms=5"), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = gw.terminate();
+        (s, gw)
+    })
+    .await
+    .expect("join");
+    stop.store(true, Ordering::SeqCst);
+    let seen = load.await.expect("load").len() as u64;
+    assert!(status.0.is_some_and(|s| s.success()), "exit 0");
+    drop(status);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let u = usage(&client(), &gw).await;
+    let charged: u64 = u["features"]["license-plate-recognition"]["units"]["payg"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(seen > 50, "the load ran ({seen})");
+    // Every charge was answered (nothing cut off after settling) and every answer was charged.
+    assert_eq!(charged, seen);
+}
+
 #[test]
 fn unwritable_or_corrupt_ledger_refuses_to_start_naming_the_path() {
     let blocker = tempfile::NamedTempFile::new().expect("tmp");

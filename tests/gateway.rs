@@ -286,21 +286,32 @@ async fn admin_api_auth_rules() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
+async fn stop_with(signal: &'static str) {
     let (_up, _cfg, mut gw) = gateway(40, None, "").await;
     let c = client();
     let url = gw.url("/v1/face/compare?sleep_ms=800");
     let inflight = tokio::spawn(async move { post(&c, &url, &[ACME], b"{}").await.status });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = gw.addr;
     let status = tokio::task::spawn_blocking(move || {
-        let s = gw.terminate();
+        let s = gw.signal_and_wait(signal);
         (s, gw)
     })
     .await
     .expect("join");
     assert_eq!(inflight.await.expect("join"), StatusCode::OK, "the in-flight request completed");
     assert!(status.0.is_some_and(|s| s.success()), "exit status {:?}", status.0);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_and_exits_0() {
+    stop_with("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_lets_in_flight_requests_finish_and_exits_0() {
+    stop_with("INT").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,7 +198,12 @@ impl Gateway {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.signal_and_wait("TERM")
+    }
+
+    /// Sends a signal (`TERM`, `INT`) and waits up to 5 s for the exit status.
+    pub fn signal_and_wait(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
         for _ in 0..200 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return Some(s);
@@ -261,6 +266,15 @@ pub async fn send(c: &TestClient, method: Method, url: &str, headers: &[(&str, &
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     Reply { status: parts.status, headers: parts.headers, body }
+}
+
+/// Like [`get`], but `None` instead of a panic when nothing answers (a server still starting).
+pub async fn try_get(c: &TestClient, url: &str) -> Option<Reply> {
+    let req = Request::get(url).body(Full::new(Bytes::new())).ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), c.request(req)).await.ok()?.ok()?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Reply { status: parts.status, headers: parts.headers, body })
 }
 
 pub async fn get(c: &TestClient, url: &str, headers: &[(&str, &str)]) -> Reply {
