@@ -44,6 +44,11 @@ enum Cmd {
     },
     /// Print the sha256 hex that entitlements store for KEY.
     HashKey { key: String },
+    /// Run only the stand-in inference upstream (for load tests and docker-compose).
+    StandIn {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: std::net::SocketAddr,
+    },
     /// Price a purchase or usage from the catalog.
     #[command(subcommand)]
     Quote(turnstile::quote::QuoteCmd),
@@ -64,6 +69,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Quote(q) => turnstile::quote::run(q),
+        Cmd::StandIn { listen } => {
+            init_logs(cli.log_format);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("turnstile: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async {
+                match turnstile::standin::spawn(listen).await {
+                    Ok((addr, stop)) => {
+                        println!("stand-in upstream listening: http://{addr}");
+                        server::termination().await;
+                        let _ = stop.send(true);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("turnstile: cannot listen on {listen}: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
         Cmd::HashKey { key } => {
             println!("{}", turnstile::hash_key(&key));
             ExitCode::SUCCESS
