@@ -65,19 +65,25 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// The async runtime: one thread per CPU this process may run on. On a single CPU (e.g. pinned
+/// with taskset) a current-thread runtime avoids the work-stealing scheduler's overhead.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let built = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cpus).enable_all().build()
+    };
+    built.map_err(|e| eprintln!("turnstile: cannot start the runtime: {e}")).ok()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Quote(q) => turnstile::quote::run(q),
         Cmd::StandIn { listen } => {
             init_logs(cli.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("turnstile: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Some(rt) = runtime() else { return ExitCode::FAILURE };
             rt.block_on(async {
                 match turnstile::standin::spawn(listen).await {
                     Ok((addr, stop)) => {
@@ -126,13 +132,7 @@ fn main() -> ExitCode {
                 (None, true) => ConfigSource::Embedded,
                 (None, false) => ConfigSource::Files { main: DEFAULT_CONFIG.into() },
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("turnstile: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Some(rt) = runtime() else { return ExitCode::FAILURE };
             rt.block_on(serve(source, demo))
         }
     }
