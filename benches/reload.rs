@@ -37,19 +37,11 @@ fn texts(ledger: &std::path::Path) -> Texts {
         ));
     }
     ents.push_str("}}");
-    Texts {
-        main_name: "turnstile.toml".into(),
-        main: format!(
-            "[server]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[ledger]\ndir = \"{}\"\n[[routes]]\npath = \"/v1/face/compare\"\nfeature = \"face-comparison-1-1\"\n",
-            ledger.display()
-        ),
-        catalog_name: "catalog.toml".into(),
-        catalog: include_str!("../config/catalog.toml").into(),
-        entitlements_name: "entitlements.json".into(),
-        entitlements: ents,
-        watch_paths: vec![],
-        base_dir: None,
-    }
+    let main = format!(
+        "[server]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[ledger]\ndir = \"{}\"\n[[routes]]\npath = \"/v1/face/compare\"\nfeature = \"face-comparison-1-1\"\n",
+        ledger.display()
+    );
+    Texts::in_memory(main, include_str!("../config/catalog.toml"), ents)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

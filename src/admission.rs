@@ -213,16 +213,7 @@ families = ["face_body"]
     }
 
     fn snapshot_with(main: &str, ents: &str) -> crate::snapshot::Snapshot {
-        let texts = Texts {
-            main_name: "turnstile.toml".into(),
-            main: main.into(),
-            catalog_name: "catalog.toml".into(),
-            catalog: CATALOG.into(),
-            entitlements_name: "entitlements.json".into(),
-            entitlements: ents.into(),
-            watch_paths: vec![],
-            base_dir: None,
-        };
+        let texts = Texts::in_memory(main, CATALOG, ents);
         match build(&texts, 1) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
@@ -298,16 +289,7 @@ families = ["face_body"]
         let plan = r#"{"feature": "face-comparison-1-1", "qps": 60,
             "effective_at": "2026-11-01T00:00:00Z", "expires_at": "2026-12-01T00:00:00Z",
             "temporary_upgrades": [{"qps": 51, "from": "2026-11-02T00:00:00Z", "until": "2026-11-03T00:00:00Z"}]}"#;
-        let texts = Texts {
-            main_name: "turnstile.toml".into(),
-            main: MAIN.into(),
-            catalog_name: "catalog.toml".into(),
-            catalog: CATALOG.into(),
-            entitlements_name: "entitlements.json".into(),
-            entitlements: ents(plan),
-            watch_paths: vec![],
-            base_dir: None,
-        };
+        let texts = Texts::in_memory(MAIN, CATALOG, ents(plan));
         let errs = build(&texts, 1).err().expect("must be rejected").to_string();
         assert!(errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"), "{errs}");
         assert!(errs.contains("tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 51 exceeds the face_body cap of 50"), "{errs}");

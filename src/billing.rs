@@ -807,16 +807,7 @@ mod tests {
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
 
     fn snapshot(catalog: &str, ents: &str) -> Snapshot {
-        let texts = crate::config::Texts {
-            main_name: "turnstile.toml".into(),
-            main: MAIN.into(),
-            catalog_name: "catalog.toml".into(),
-            catalog: catalog.into(),
-            entitlements_name: "entitlements.json".into(),
-            entitlements: ents.into(),
-            watch_paths: vec![],
-            base_dir: None,
-        };
+        let texts = crate::config::Texts::in_memory(MAIN, catalog, ents);
         crate::config::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -105,6 +105,22 @@ fn read(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
     }
 }
 
+impl Texts {
+    /// Texts that come from no file (tests, benchmarks), named after the files they stand for.
+    pub fn in_memory(main: impl Into<String>, catalog: impl Into<String>, entitlements: impl Into<String>) -> Texts {
+        Texts {
+            main_name: "turnstile.toml".into(),
+            main: main.into(),
+            catalog_name: "catalog.toml".into(),
+            catalog: catalog.into(),
+            entitlements_name: "entitlements.json".into(),
+            entitlements: entitlements.into(),
+            watch_paths: Vec::new(),
+            base_dir: None,
+        }
+    }
+}
+
 /// Reads the main file, then the catalog and entitlements it names (relative to its folder).
 pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
     match source {
