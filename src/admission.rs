@@ -8,8 +8,13 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use rustc_hash::FxBuildHasher;
 
@@ -109,69 +114,122 @@ pub trait BucketStore: Send + Sync {
     }
 }
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, GovernorClock, StateInformationMiddleware>;
-
-struct Bucket {
-    limit: u32,
-    depth: u32,
-    limiter: Limiter,
+/// A bucket's shape: its limit and depth. A bucket whose shape changes starts afresh.
+fn shape(limit: u32, depth: u32) -> u64 {
+    (u64::from(limit) << 32) | u64::from(depth)
 }
 
-/// In-process buckets: a sharded map of governor GCRA limiters. A request takes a shard's read
-/// lock only; the write lock is taken when a pair first appears or its limit changes.
+/// One bucket: the GCRA theoretical arrival time (0 = fresh) and the shape it was made for.
+/// 16 bytes, so a million buckets stay well under 100 MB.
+struct BucketState {
+    tat: AtomicU64,
+    shape: u64,
+}
+
+/// All buckets, shared by one governor limiter per distinct shape (governor's `StateStore`
+/// interface: the limiter computes GCRA, the store keeps one atomic per key).
+#[derive(Clone)]
+struct SharedStore(Arc<DashMap<u64, BucketState, FxBuildHasher>>);
+
+fn measure_and_replace_one<T, F, E>(a: &AtomicU64, f: F) -> Result<T, E>
+where
+    F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+{
+    let mut prev = a.load(Ordering::Acquire);
+    loop {
+        let (ret, next) = f(NonZeroU64::new(prev).map(|n| Nanos::from(n.get())))?;
+        match a.compare_exchange_weak(prev, u64::from(next), Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return Ok(ret),
+            Err(actual) => prev = actual,
+        }
+    }
+}
+
+impl StateStore for SharedStore {
+    /// (pair, shape): the limiter of a shape only ever sees buckets of that shape.
+    type Key = (u64, u64);
+
+    fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let (pair, shape) = *key;
+        if let Some(b) = self.0.get(&pair) {
+            if b.shape == shape {
+                return measure_and_replace_one(&b.tat, f);
+            }
+        }
+        // First use of the pair, or its limit changed: a fresh bucket of the new shape.
+        let mut b = self.0.entry(pair).or_insert(BucketState { tat: AtomicU64::new(0), shape });
+        if b.shape != shape {
+            *b = BucketState { tat: AtomicU64::new(0), shape };
+        }
+        measure_and_replace_one(&b.tat, f)
+    }
+}
+
+type Limiter = RateLimiter<(u64, u64), SharedStore, GovernorClock, StateInformationMiddleware>;
+
+/// In-process buckets: a sharded map of GCRA states keyed by (tenant, feature), checked by
+/// governor. A request takes a shard's read lock only; the write lock is taken when a pair
+/// first appears or its limit changes.
 pub struct LocalBuckets {
-    map: DashMap<u64, Bucket, FxBuildHasher>,
+    store: SharedStore,
+    /// One governor limiter per distinct (limit, depth); few, and kept for the process's life
+    /// (a bucket's state is relative to its limiter's start).
+    limiters: DashMap<u64, Arc<Limiter>, FxBuildHasher>,
     clock: GovernorClock,
 }
 
 impl LocalBuckets {
     pub fn new(clock: SharedClock) -> Self {
-        LocalBuckets { map: DashMap::with_hasher(FxBuildHasher), clock: GovernorClock(clock) }
-    }
-
-    fn bucket(&self, limit: u32, depth: u32) -> Bucket {
-        let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
-        let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_second(l).allow_burst(d);
-        let limiter = RateLimiter::direct_with_clock(quota, self.clock.clone())
-            .with_middleware::<StateInformationMiddleware>();
-        Bucket { limit, depth, limiter }
-    }
-
-    fn check(&self, b: &Bucket) -> Admit {
-        use governor::clock::Clock as _;
-        match b.limiter.check() {
-            Ok(state) => {
-                let remaining = state.remaining_burst_capacity().min(b.depth);
-                let used = u64::from(b.depth - remaining);
-                let limit = u64::from(b.limit.max(1));
-                Admit::Allowed { remaining, reset_secs: used.div_ceil(limit) }
-            }
-            Err(not_until) => Admit::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) },
+        LocalBuckets {
+            store: SharedStore(Arc::new(DashMap::with_hasher(FxBuildHasher))),
+            limiters: DashMap::with_hasher(FxBuildHasher),
+            clock: GovernorClock(clock),
         }
+    }
+
+    fn limiter(&self, shape: u64, limit: u32, depth: u32) -> Arc<Limiter> {
+        if let Some(l) = self.limiters.get(&shape) {
+            return l.clone();
+        }
+        self.limiters
+            .entry(shape)
+            .or_insert_with(|| {
+                let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
+                let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
+                let quota = Quota::per_second(l).allow_burst(d);
+                Arc::new(Limiter::new(quota, self.store.clone(), self.clock.clone()))
+            })
+            .clone()
     }
 }
 
 impl BucketStore for LocalBuckets {
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
-        if let Some(b) = self.map.get(&key) {
-            if b.limit == limit && b.depth == depth {
-                return self.check(&b);
+        use governor::clock::Clock as _;
+        let shape = shape(limit, depth);
+        let checked = match self.limiters.get(&shape) {
+            Some(l) => l.check_key(&(key, shape)),
+            None => self.limiter(shape, limit, depth).check_key(&(key, shape)),
+        };
+        match checked {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity().min(depth);
+                let used = u64::from(depth - remaining);
+                Admit::Allowed { remaining, reset_secs: used.div_ceil(u64::from(limit.max(1))) }
             }
+            Err(not_until) => Admit::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) },
         }
-        let mut entry = self.map.entry(key).or_insert_with(|| self.bucket(limit, depth));
-        if entry.limit != limit || entry.depth != depth {
-            *entry = self.bucket(limit, depth);
-        }
-        self.check(&entry)
     }
 
     fn retain(&self, keep: &dyn Fn(u64) -> bool) {
-        self.map.retain(|k, _| keep(*k));
+        self.store.0.retain(|k, _| keep(*k));
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.store.0.len()
     }
 }
 

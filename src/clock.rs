@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub trait Clock: Send + Sync + 'static {
     /// Wall-clock time in nanoseconds since the Unix epoch.
@@ -17,17 +17,41 @@ pub trait Clock: Send + Sync + 'static {
 
 pub type SharedClock = Arc<dyn Clock>;
 
-/// The real clock.
+/// The real clock. Monotonic time comes from the CPU's invariant TSC through `quanta` (a few
+/// nanoseconds, against ~30 ns for `clock_gettime` here); wall time is that plus an offset to
+/// the system clock, re-read at most once a second, so a stepped system clock is followed within
+/// a second and a request pays for one clock read.
 pub struct SystemClock {
-    origin: Instant,
+    tsc: quanta::Clock,
+    origin: quanta::Instant,
+    /// Unix nanoseconds minus monotonic nanoseconds, as of `synced_at`.
+    offset: AtomicI64,
+    synced_at: AtomicU64,
+}
+
+const RESYNC_NANOS: u64 = 1_000_000_000;
+
+fn system_unix_nanos() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
 }
 
 impl SystemClock {
     pub fn new() -> Self {
-        SystemClock { origin: Instant::now() }
+        let tsc = quanta::Clock::new();
+        let origin = tsc.now();
+        let c = SystemClock { tsc, origin, offset: AtomicI64::new(0), synced_at: AtomicU64::new(0) };
+        c.resync(c.mono_nanos());
+        c
     }
     pub fn shared() -> SharedClock {
         Arc::new(Self::new())
+    }
+    fn resync(&self, mono: u64) {
+        self.offset.store(system_unix_nanos() - mono as i64, Ordering::Relaxed);
+        self.synced_at.store(mono, Ordering::Relaxed);
     }
 }
 
@@ -39,13 +63,14 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn unix_nanos(&self) -> i64 {
-        match SystemTime::now().duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+        let mono = self.mono_nanos();
+        if mono.saturating_sub(self.synced_at.load(Ordering::Relaxed)) > RESYNC_NANOS {
+            self.resync(mono);
         }
+        self.offset.load(Ordering::Relaxed).saturating_add(mono as i64)
     }
     fn mono_nanos(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(self.tsc.now().duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -93,5 +118,21 @@ impl governor::clock::Clock for GovernorClock {
     type Instant = governor::nanos::Nanos;
     fn now(&self) -> Self::Instant {
         governor::nanos::Nanos::from(self.0.mono_nanos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_clock_tracks_the_system_time_and_never_goes_back() {
+        let c = SystemClock::new();
+        let a = c.mono_nanos();
+        let wall = c.unix_nanos();
+        assert!((wall - system_unix_nanos()).abs() < 50_000_000, "within 50 ms of the system clock");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(c.mono_nanos() >= a + 19_000_000);
+        assert!(c.unix_nanos() > wall);
     }
 }

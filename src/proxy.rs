@@ -12,7 +12,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
-use sha2::{Digest, Sha256};
 
 use crate::admission::{self, Admit};
 use crate::billing::{ImageSlot, Reservation, VideoUsage};
@@ -113,8 +112,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             Vec::new(),
         );
     };
-    let hash: [u8; 32] = Sha256::digest(key).into();
-    let Some(&ti) = snap.keys.get(&hash) else {
+    let Some(ti) = snap.identify(key) else {
         return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, None, Vec::new());
     };
     let tenant = &snap.tenants[ti];

@@ -2,8 +2,11 @@
 //! gateway holds it in a single `ArcSwap`; a request reads everything it needs through one load.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
+use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
 use crate::config::entitlements::Tenant;
@@ -65,7 +68,15 @@ pub struct Snapshot {
     /// sha256(API key) → index into `tenants`.
     pub keys: HashMap<[u8; 32], usize, FxBuildHasher>,
     pub tenant_index: HashMap<String, usize>,
+    /// Keys already verified against `keys`, so a known key costs a hash lookup, not a SHA-256.
+    /// Only keys that matched are added (unknown keys cannot grow it), at most [`VERIFIED_CAP`];
+    /// it starts empty with every snapshot, so a key removed by a reload stops working at once.
+    verified: DashMap<Box<[u8]>, usize, FxBuildHasher>,
+    verified_len: AtomicUsize,
 }
+
+/// How many verified keys a snapshot remembers; beyond that, keys are hashed on every request.
+pub const VERIFIED_CAP: usize = 1 << 20;
 
 impl Snapshot {
     pub fn new(s: Sources) -> Self {
@@ -85,7 +96,22 @@ impl Snapshot {
             tenants: s.tenants,
             keys,
             tenant_index,
+            verified: DashMap::with_hasher(FxBuildHasher),
+            verified_len: AtomicUsize::new(0),
         }
+    }
+
+    /// The tenant an API key belongs to (SPEC §3.3: entitlements store the key's SHA-256).
+    pub fn identify(&self, key: &[u8]) -> Option<usize> {
+        if let Some(i) = self.verified.get(key) {
+            return Some(*i);
+        }
+        let hash: [u8; 32] = Sha256::digest(key).into();
+        let i = *self.keys.get(&hash)?;
+        if self.verified_len.load(Ordering::Relaxed) < VERIFIED_CAP && self.verified.insert(key.into(), i).is_none() {
+            self.verified_len.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(i)
     }
 
     pub fn tenant(&self, name: &str) -> Option<&Tenant> {

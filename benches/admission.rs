@@ -1,0 +1,109 @@
+//! The admission decision (issue 7): one snapshot load, the key lookup, the route, the limit and
+//! one GCRA check, on one thread, on two threads contending for one key, and spread over 100,000
+//! keys; plus the whole decision of the request path (`proxy::decide`: also the payer).
+//!
+//! Run: `cargo bench --bench admission`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{HeaderMap, HeaderValue};
+use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
+use turnstile::clock::{SharedClock, SystemClock};
+use turnstile::config::{build, ConfigSource, Texts};
+use turnstile::proxy::{decide, Decision};
+use turnstile::server::Gateway;
+use turnstile::snapshot::Snapshot;
+
+const KEYS: usize = 100_000;
+
+fn texts(tenants: usize, ledger: &std::path::Path) -> Texts {
+    let mut ents = String::from("{\"tenants\": {");
+    for i in 0..tenants {
+        if i > 0 {
+            ents.push(',');
+        }
+        let key = turnstile::hash_key(&format!("key-{i}"));
+        ents.push_str(&format!(r#""t{i}": {{"api_keys": ["{key}"], "services": ["text_recognition"]}}"#));
+    }
+    ents.push_str("}}");
+    let main = format!(
+        "[server]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [admission]\ndefault_qps = 1000000000\n[ledger]\ndir = \"{}\"\n\
+         [[routes]]\npath = \"/v1/infer\"\nfeature = \"license-plate-recognition\"\n",
+        ledger.display()
+    );
+    Texts::in_memory(main, include_str!("../config/catalog.toml"), ents)
+}
+
+/// Identify (verified-key lookup), route, limit, GCRA: the admission decision.
+fn admit(snap: &ArcSwap<Snapshot>, buckets: &LocalBuckets, clock: &SharedClock, key: &[u8]) -> Admit {
+    let s = snap.load();
+    let t = &s.tenants[s.identify(key).expect("known key")];
+    let route = s.router.find("/v1/infer").expect("route");
+    let f = &s.catalog.features[route.feature];
+    let limit = admission::limit_at(&s.catalog, &s.settings, t, route.feature, None, clock.unix_nanos());
+    let depth = admission::depth(limit.qps, s.settings.burst_seconds);
+    buckets.admit(turnstile::intern::pair(t.intern, f.intern), limit.qps, depth)
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let t = texts(KEYS, dir.path());
+    let snap = Arc::new(ArcSwap::from_pointee(build(&t, 1).unwrap_or_else(|e| panic!("{e}"))));
+    let clock = SystemClock::shared();
+    let buckets = Arc::new(LocalBuckets::new(clock.clone()));
+    let keys: Vec<Vec<u8>> = (0..KEYS).map(|i| format!("key-{i}").into_bytes()).collect();
+
+    let mut g = c.benchmark_group("admission");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("one_key_one_thread", |b| b.iter(|| admit(&snap, &buckets, &clock, &keys[0])));
+    let mut i = 0usize;
+    g.bench_function("100k_keys_one_thread", |b| {
+        b.iter(|| {
+            i = (i + 7919) % KEYS;
+            admit(&snap, &buckets, &clock, &keys[i])
+        })
+    });
+    // Two threads on one key: the measured thread and a second one hammering the same bucket.
+    g.bench_function(BenchmarkId::new("one_key_two_threads", "contended"), |b| {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let (snap, buckets, clock, key, stop) = (snap.clone(), buckets.clone(), clock.clone(), keys[0].clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    admit(&snap, &buckets, &clock, &key);
+                }
+            })
+        };
+        b.iter(|| admit(&snap, &buckets, &clock, &keys[0]));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = other.join();
+    });
+    g.finish();
+
+    // The request path's whole decision (identify → route → activation → limit → payer).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let gw = rt.block_on(async {
+        let s = build(&t, 1).unwrap_or_else(|e| panic!("{e}"));
+        Gateway::new(t.clone(), s, ConfigSource::Embedded, None, clock.clone()).expect("gateway")
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert("x-api-key", HeaderValue::from_static("key-0"));
+    let mut g = c.benchmark_group("request");
+    g.throughput(Throughput::Elements(1)).measurement_time(Duration::from_secs(5));
+    g.bench_function("decide_payg", |b| {
+        b.iter(|| {
+            let d = decide(&gw, &headers, "/v1/infer");
+            assert!(matches!(d, Decision::Forward(_)));
+            d
+        })
+    });
+    g.finish();
+    gw.billing.close();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
