@@ -1,6 +1,7 @@
 //! The admission decision (issue 7): one snapshot load, the key lookup, the route, the limit and
 //! one GCRA check, on one thread, on two threads contending for one key, and spread over 100,000
-//! keys; plus the whole decision of the request path (`proxy::decide`: also the payer).
+//! keys; plus the request path without its sockets: the whole decision (`proxy::decide`: also the
+//! payer) and the decision followed by the settlement of a 2xx (`proxy::settle_now`).
 //!
 //! Run: `cargo bench --bench admission`.
 
@@ -13,7 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
 use turnstile::clock::{SharedClock, SystemClock};
 use turnstile::config::{build, ConfigSource, Texts};
-use turnstile::proxy::{decide, Decision};
+use turnstile::proxy::{decide, settle_now, Decision};
 use turnstile::server::Gateway;
 use turnstile::snapshot::Snapshot;
 
@@ -99,6 +100,13 @@ fn bench(c: &mut Criterion) {
             let d = decide(&gw, &headers, "/v1/infer");
             assert!(matches!(d, Decision::Forward(_)));
             d
+        })
+    });
+    let ok = HeaderMap::new();
+    g.bench_function("decide_and_settle_payg", |b| {
+        b.iter(|| match decide(&gw, &headers, "/v1/infer") {
+            Decision::Forward(f) => settle_now(&gw, f, &ok).expect("settled"),
+            Decision::Reject(..) => panic!("refused"),
         })
     });
     g.finish();

@@ -274,7 +274,7 @@ impl Billing {
                     let Some(mi) = month_index_of(&m.month) else { continue };
                     let (t, tl) = crate::intern::tenant(&m.tenant);
                     let (f, fl) = crate::intern::feature(&m.feature);
-                    let st = billing.month_state(crate::intern::pair(t, f), mi, tl, fl, &m.month);
+                    let st = billing.month_state(crate::intern::pair(t, f), mi, tl, fl, || m.month.clone());
                     let mut g = lock(&st.inner);
                     for (i, u) in m.units.iter().enumerate() {
                         g.units[i] = u.0;
@@ -320,7 +320,15 @@ impl Billing {
             .clone()
     }
 
-    fn month_state(&self, pair: u64, month: u32, tenant: &'static str, feature: &'static str, name: &str) -> Arc<MonthState> {
+    /// The state of (pair, month); `name` (`YYYY-MM`) is only formatted when it is created.
+    fn month_state(
+        &self,
+        pair: u64,
+        month: u32,
+        tenant: &'static str,
+        feature: &'static str,
+        name: impl FnOnce() -> String,
+    ) -> Arc<MonthState> {
         if let Some(s) = self.months.get(&(pair, month)) {
             return s.clone();
         }
@@ -330,7 +338,7 @@ impl Billing {
                 Arc::new(MonthState {
                     tenant,
                     feature,
-                    month: name.to_string(),
+                    month: name(),
                     inner: Mutex::new(MonthInner { units: [Decimal::ZERO; 5], payg: BTreeMap::new(), dirty: false }),
                 })
             })
@@ -502,7 +510,7 @@ impl Billing {
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let payer = r.header();
         let mi = month_index(now, snap.settings.timezone);
-        let month = self.month_state(pair, mi, tenant.label, f.label, &ledger::month_of(now, snap.settings.timezone));
+        let month = self.month_state(pair, mi, tenant.label, f.label, || ledger::month_of(now, snap.settings.timezone));
         let mut amount = None;
         {
             let mut g = lock(&month.inner);
@@ -552,7 +560,7 @@ impl Billing {
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let mut left = usage.map(|u| Decimal::from(u.ms) / Decimal::from(60_000u32)).unwrap_or_default();
         let mi = month_index(now, snap.settings.timezone);
-        let month = self.month_state(pair, mi, tenant.label, f.label, &ledger::month_of(now, snap.settings.timezone));
+        let month = self.month_state(pair, mi, tenant.label, f.label, || ledger::month_of(now, snap.settings.timezone));
         let mut first: Option<HeaderValue> = None;
         let mut paid: Vec<(PayerKind, Decimal)> = Vec::new();
         if r.payer == PayerKind::PrepaidQps {

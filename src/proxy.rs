@@ -299,7 +299,15 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
 /// charge is on disk. A tenant or feature removed by a reload meanwhile is not charged.
 async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<HeaderValue> {
-    let settled = {
+    let settled = settle_now(gw, fwd, upstream_headers)?;
+    gw.billing.durable(settled.seq).await;
+    Some(settled.payer)
+}
+
+/// The synchronous part of settling a 2xx: charge the payer, update image counts. `None` when a
+/// reload removed the tenant or feature meanwhile (then nothing is charged).
+pub fn settle_now(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<crate::billing::Settled> {
+    Some({
         let snap = gw.snapshot.load();
         let tenant = snap.tenant(fwd.tenant)?;
         let &fi = snap.catalog.feature_index.get(fwd.feature)?;
@@ -322,9 +330,7 @@ async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Opt
             }
             settled
         }
-    };
-    gw.billing.durable(settled.seq).await;
-    Some(settled.payer)
+    })
 }
 
 /// Forwards an admitted request and settles it; returns the response and its outcome.
