@@ -96,6 +96,7 @@ done
 curl -fsS -H "x-api-key: $API_KEY" "http://127.0.0.1:$TS_PORT/v1/infer" >/dev/null
 curl -fsS -H "x-api-key: $API_KEY" "http://127.0.0.1:$NGINX_PORT/v1/infer" >/dev/null
 
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system CPU of a process, in 1/100 s
 load() { # tool port seconds outfile
   local tool=$1 port=$2 secs=$3 out=$4 url="http://127.0.0.1:$2/v1/infer"
   case $tool in
@@ -104,6 +105,10 @@ load() { # tool port seconds outfile
   esac
 }
 
+UP_WORKER=$(pgrep -P "${PIDS[0]}" | head -1)
+PROXY_WORKER=$(pgrep -P "${PIDS[1]}" | head -1)
+TS_PID=${PIDS[2]}
+echo "$DURATION" > "$RUN/duration"
 echo "run folder: $RUN"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); nginx $(nginx -v 2>&1 | cut -d/ -f2); turnstile $("$BIN" --version | cut -d' ' -f2)"
 for tool in $TOOLS; do
@@ -111,8 +116,11 @@ for tool in $TOOLS; do
   for port in $NGINX_PORT $TS_PORT; do load "$tool" "$port" "$WARMUP" /dev/null; done
   for r in $(seq "$ROUNDS"); do
     for peer in nginx turnstile; do
-      port=$NGINX_PORT; [ "$peer" = turnstile ] && port=$TS_PORT
+      port=$NGINX_PORT; pid=$PROXY_WORKER
+      [ "$peer" = turnstile ] && port=$TS_PORT && pid=$TS_PID
+      a=$(ticks "$pid"); u=$(ticks "$UP_WORKER")
       load "$tool" "$port" "$DURATION" "$RUN/raw/$tool-$peer-$r.txt"
+      echo "$(( $(ticks "$pid") - a )) $(( $(ticks "$UP_WORKER") - u ))" > "$RUN/raw/$tool-$peer-$r.cpu"
       echo "  $tool round $r $peer done"
     done
   done

@@ -24,17 +24,27 @@ def oha(text):
 rows = {}
 for f in sorted((run / "raw").glob("*.txt")):
     tool, peer, _ = f.stem.split("-")
-    rows.setdefault((tool, peer), []).append((wrk if tool == "wrk" else oha)(f.read_text()))
+    r = (wrk if tool == "wrk" else oha)(f.read_text())
+    cpu = f.with_suffix(".cpu")
+    proxy_us = upstream_us = float("nan")
+    if cpu.exists():
+        proxy_ticks, upstream_ticks = map(int, cpu.read_text().split())
+        requests = r[0] * float(re.search(r"(\d+)", f.parent.parent.joinpath("duration").read_text()).group(1)) if f.parent.parent.joinpath("duration").exists() else None
+        if requests:
+            proxy_us, upstream_us = proxy_ticks * 1e4 / requests, upstream_ticks * 1e4 / requests
+    rows.setdefault((tool, peer), []).append(r + (proxy_us, upstream_us))
 
-print("| tool | peer | runs | rps (median) | p50 ms | p99 ms | non-2xx | rps cv % |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| tool | peer | runs | rps (median) | p50 ms | p99 ms | non-2xx | rps cv % | proxy CPU µs/req | upstream CPU µs/req |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 med = {}
 for (tool, peer), rs in sorted(rows.items()):
     rps = [r[0] for r in rs]
     m = (statistics.median(rps), statistics.median(r[1] for r in rs), statistics.median(r[2] for r in rs))
     med[(tool, peer)] = m
     cv = 100 * statistics.pstdev(rps) / statistics.mean(rps)
-    print(f"| {tool} | {peer} | {len(rs)} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {sum(r[3] for r in rs)} | {cv:.1f} |")
+    pcpu = statistics.median(r[5] for r in rs)
+    ucpu = statistics.median(r[6] for r in rs)
+    print(f"| {tool} | {peer} | {len(rs)} | {m[0]:.0f} | {m[1]:.3f} | {m[2]:.3f} | {sum(r[3] for r in rs)} | {cv:.1f} | {pcpu:.1f} | {ucpu:.1f} |")
 print()
 for tool in sorted({t for t, _ in med}):
     if (tool, "nginx") in med and (tool, "turnstile") in med:
