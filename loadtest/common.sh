@@ -54,3 +54,9 @@ CONF
 }
 
 need() { command -v "$1" >/dev/null || { echo "missing $1: $2"; exit 1; }; }
+
+# oha for DURATION seconds at CONNS connections against PATH, JSON to the given file.
+run_oha() { # path outfile
+  ${PIN_LOADGEN:+taskset -c $PIN_LOADGEN} timeout -k 5 $((DURATION + 30)) \
+    oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNS" -H "x-api-key: $API_KEY" "http://127.0.0.1:$GW_PORT$1" > "$2"
+}

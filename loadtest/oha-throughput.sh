@@ -6,8 +6,7 @@ source "$(dirname "$0")/common.sh"
 need oha "cargo install oha --locked"
 DURATION=${DURATION:-10}; CONNS=${CONNS:-64}
 start_gateway
-${PIN_LOADGEN:+taskset -c $PIN_LOADGEN} timeout -k 5 $((DURATION + 30)) \
-  oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNS" -H "x-api-key: $API_KEY" "http://127.0.0.1:$GW_PORT/v1/infer" > "$WORK/oha.json"
+run_oha /v1/infer "$WORK/oha.json"
 python3 - "$WORK/oha.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1])); s = d["summary"]; p = d["latencyPercentiles"]

@@ -839,6 +839,16 @@ mod tests {
         s.catalog.feature_index[id]
     }
 
+    /// A shipped-catalog snapshot with one tenant owning `package`, a batched billing engine on
+    /// a fresh ledger, the index of `feature`, and a time in the package's validity.
+    fn fixture(package: &str, services: &str, feature_id: &str) -> (tempfile::TempDir, Snapshot, Arc<Billing>, usize, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = snapshot(SHIPPED, &ents(package, services));
+        let b = open(dir.path(), Durability::Batched);
+        let f = feature(&s, feature_id);
+        (dir, s, b, f, t("2026-03-01T00:00:00Z"))
+    }
+
     #[test]
     fn payg_tiers_give_the_seed_figure_for_15000_license_plate_calls() {
         let dir = tempfile::tempdir().unwrap();
@@ -895,12 +905,8 @@ mod tests {
 
     #[test]
     fn a_package_pays_only_if_it_holds_the_whole_factor_and_release_gives_it_back() {
-        let dir = tempfile::tempdir().unwrap();
         let pk = r#"{"id": "od", "feature": "object-detection", "points": "0.5", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
-        let b = open(dir.path(), Durability::Batched);
-        let f = feature(&s, "object-detection");
-        let now = t("2026-03-01T00:00:00Z");
+        let (_dir, s, b, f, now) = fixture(pk, "\"object_detection\"", "object-detection");
         let r1 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         let r2 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         let r3 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
@@ -917,12 +923,9 @@ mod tests {
 
     #[test]
     fn racing_tasks_never_spend_more_than_a_package_holds() {
-        let dir = tempfile::tempdir().unwrap();
         let pk = r#"{"id": "od", "feature": "object-detection", "points": "100", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = Arc::new(snapshot(SHIPPED, &ents(pk, "\"object_detection\"")));
-        let b = open(dir.path(), Durability::Batched);
-        let f = feature(&s, "object-detection");
-        let now = t("2026-03-01T00:00:00Z");
+        let (_dir, s, b, f, now) = fixture(pk, "\"object_detection\"", "object-detection");
+        let s = Arc::new(s);
         let paid_by_package = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -952,12 +955,8 @@ mod tests {
 
     #[test]
     fn video_minutes_split_across_packages_then_payg_and_the_seed_amount() {
-        let dir = tempfile::tempdir().unwrap();
         let pk = r#"{"id": "vid", "scope": "video-duration", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = snapshot(SHIPPED, &ents(pk, "\"video_production\""));
-        let b = open(dir.path(), Durability::Batched);
-        let f = feature(&s, "comprehensive-video-enhancement");
-        let now = t("2026-03-01T00:00:00Z");
+        let (_dir, s, b, f, now) = fixture(pk, "\"video_production\"", "comprehensive-video-enhancement");
         let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         assert!(r.deferred);
         let usage = VideoUsage { ms: 140_000, fps: 60, lines: 1080 };

@@ -143,22 +143,9 @@ async fn missing_or_garbled_video_usage_is_billed_as_zero_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_to_pay_is_402_and_capacity_billed_features_fall_back_to_free_default() {
     let up = Upstream::start().await;
-    let catalog = r#"
-currency = "CNY"
-[families.face_body]
-name = "Face and Body"
-[features.face-comparison-1-1]
-family = "face_body"
-billing = ["prepaid_qps"]
-[features.license-plate-recognition]
-family = "face_body"
-billing = ["single_package"]
-[features.object-detection]
-family = "face_body"
-billing = ["payg"]
-"#;
+    let catalog = small_catalog(r#"["prepaid_qps"]"#, r#"["single_package"]"#, r#"["payg"]"#, "");
     let ents = format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["face_body"]}}}}}}"#, key_hash("key-acme"));
-    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), catalog, &ents);
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), &catalog, &ents);
     let gw = Gateway::start(&cfg);
     let c = client();
     let r = post(&c, &gw.url("/v1/face/compare"), &[ACME], b"{}").await;

@@ -9,19 +9,7 @@ use http::StatusCode;
 
 const KEY: (&str, &str) = ("x-api-key", "key-acme");
 
-const CATALOG: &str = r#"
-currency = "CNY"
-[families.face_body]
-name = "Face and Body"
-[features.face-comparison-1-1]
-family = "face_body"
-billing = ["payg"]
-[features.license-plate-recognition]
-family = "face_body"
-billing = ["payg"]
-[features.object-detection]
-family = "face_body"
-billing = ["payg"]
+const IMAGE_SEARCH: &str = r#"
 [image_search]
 currency = "USD"
 delete_qps = 20
@@ -54,7 +42,9 @@ fn ents(capacity: u64, qps: u32, expires_in: i64) -> String {
 
 async fn start(capacity: u64, qps: u32, expires_in: i64) -> (Upstream, ConfigDir, Gateway) {
     let up = Upstream::start().await;
-    let cfg = ConfigDir::new(&main_toml(&up.url(), "", routes()), CATALOG, &ents(capacity, qps, expires_in));
+    let payg = r#"["payg"]"#;
+    let catalog = small_catalog(payg, payg, payg, IMAGE_SEARCH);
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", routes()), &catalog, &ents(capacity, qps, expires_in));
     let gw = Gateway::start(&cfg);
     (up, cfg, gw)
 }

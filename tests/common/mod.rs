@@ -82,6 +82,26 @@ op = "search"
     )
 }
 
+/// A catalog with one family (`face_body`, no cap) holding the three features `main_toml` routes
+/// to, each with the given billing list (e.g. `r#"["payg"]"#`), followed by `extra` TOML.
+pub fn small_catalog(face_comparison: &str, license_plate: &str, object_detection: &str, extra: &str) -> String {
+    format!(
+        r#"currency = "CNY"
+[families.face_body]
+name = "Face and Body"
+[features.face-comparison-1-1]
+family = "face_body"
+billing = {face_comparison}
+[features.license-plate-recognition]
+family = "face_body"
+billing = {license_plate}
+[features.object-detection]
+family = "face_body"
+billing = {object_detection}
+{extra}"#
+    )
+}
+
 /// The standard test tenants: `acme` (face comparison plan at `plan_qps`, with an optional
 /// active temporary upgrade), `globex` (text recognition only, no plan).
 pub fn entitlements(plan_qps: u32, upgrade_qps: Option<u32>) -> String {
