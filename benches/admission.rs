@@ -72,7 +72,8 @@ fn bench(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("one_key_two_threads", "contended"), |b| {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let other = {
-            let (snap, buckets, clock, key, stop) = (snap.clone(), buckets.clone(), clock.clone(), keys[0].clone(), stop.clone());
+            let (snap, buckets, clock, key, stop) =
+                (snap.clone(), buckets.clone(), clock.clone(), keys[0].clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     admit(&snap, &buckets, &clock, &key);

@@ -23,7 +23,8 @@ fn snapshot() -> Snapshot {
         "packages": [{{"id": "big", "feature": "object-detection", "points": "1000000000000",
           "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2036-01-01T00:00:00Z"}}]}}}}}}"#
     );
-    let texts = Texts::in_memory("[server]\nupstream = \"http://127.0.0.1:1\"\n", include_str!("../config/catalog.toml"), ents);
+    let texts =
+        Texts::in_memory("[server]\nupstream = \"http://127.0.0.1:1\"\n", include_str!("../config/catalog.toml"), ents);
     build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -14,12 +14,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::admission::{self, LimitSource};
-use crate::error::{ApiError, JSON};
-use crate::proxy::ProxyBody;
-use crate::server::Gateway;
 use crate::catalog::Unit;
+use crate::error::{ApiError, JSON};
 use crate::ledger::PAYERS;
 use crate::pricing::{self, ser::money_string, ser::plain_string};
+use crate::proxy::ProxyBody;
+use crate::server::Gateway;
 use crate::time::format_rfc3339;
 use rust_decimal::Decimal;
 
@@ -103,7 +103,8 @@ async fn json_body(req: Request<Incoming>) -> Result<UpgradeBody, ApiError> {
         .await
         .map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?
         .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {{\"qps\": 50}}: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {{\"qps\": 50}}: {e}")))
 }
 
 fn write_result(r: Result<serde_json::Value, crate::reload::WriteError>) -> Response<ProxyBody> {
@@ -144,8 +145,12 @@ async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<
                 Err(e) => return error(&e),
             };
             match (op, body.until) {
-                ("temporary-upgrade", Some(until)) => write_result(gw.temporary_upgrade(&t, &f, body.qps, &until).await),
-                ("temporary-upgrade", None) => error(&ApiError::BadRequest("a temporary upgrade needs \"until\"".into())),
+                ("temporary-upgrade", Some(until)) => {
+                    write_result(gw.temporary_upgrade(&t, &f, body.qps, &until).await)
+                }
+                ("temporary-upgrade", None) => {
+                    error(&ApiError::BadRequest("a temporary upgrade needs \"until\"".into()))
+                }
                 (_, None) => write_result(gw.upgrade(&t, &f, body.qps).await),
                 (_, Some(_)) => error(&ApiError::BadRequest("an upgrade is permanent: leave out \"until\"".into())),
             }
@@ -214,10 +219,7 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
         }
         features.insert(f.id.clone(), entry);
     }
-    json_response(
-        StatusCode::OK,
-        &json!({ "tenant": t.name, "generation": snap.generation, "features": features }),
-    )
+    json_response(StatusCode::OK, &json!({ "tenant": t.name, "generation": snap.generation, "features": features }))
 }
 
 /// `month=YYYY-MM`, or the current month in the billing timezone.
@@ -261,7 +263,8 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
                 let mut amount = Some(Decimal::ZERO);
                 let mut lines = Vec::new();
                 for (cell, minutes) in &payg {
-                    let price = f.video_prices.iter().find(|c| &format!("fps<={},lines<={}", c.max_fps, c.max_lines) == cell);
+                    let price =
+                        f.video_prices.iter().find(|c| &format!("fps<={},lines<={}", c.max_fps, c.max_lines) == cell);
                     let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
                     amount = amount.zip(line_amount).map(|(a, b)| a + b);
                     lines.push(json!({
@@ -273,7 +276,9 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
                 total += amount.unwrap_or_default();
                 match amount {
                     Some(a) => json!({"amount": money_string(a), "lines": lines}),
-                    None => json!({"amount": null, "note": "no price configured for part of this video", "lines": lines}),
+                    None => {
+                        json!({"amount": null, "note": "no price configured for part of this video", "lines": lines})
+                    }
                 }
             }
             Some(f) if f.payg_tiers.is_empty() && payg_units > Decimal::ZERO => {
@@ -300,7 +305,9 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
             });
             match p.target {
                 crate::config::entitlements::PackageTarget::Feature(f) => v["feature"] = json!(catalog.features[f].id),
-                crate::config::entitlements::PackageTarget::Scope(g) => v["scope"] = json!(catalog.general_packages[g].id),
+                crate::config::entitlements::PackageTarget::Scope(g) => {
+                    v["scope"] = json!(catalog.general_packages[g].id)
+                }
             }
             v
         })

@@ -281,7 +281,9 @@ families = ["face_body"]
     const KEY: &str = "0000000000000000000000000000000000000000000000000000000000000001";
 
     fn ents(plan: &str) -> String {
-        format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": ["face_body"], "qps_plans": [{plan}]}}}}}}"#)
+        format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": ["face_body"], "qps_plans": [{plan}]}}}}}}"#
+        )
     }
 
     fn t(s: &str) -> i64 {
@@ -349,8 +351,14 @@ families = ["face_body"]
             "temporary_upgrades": [{"qps": 51, "from": "2026-11-02T00:00:00Z", "until": "2026-11-03T00:00:00Z"}]}"#;
         let texts = Texts::in_memory(MAIN, CATALOG, ents(plan));
         let errs = build(&texts, 1).err().expect("must be rejected").to_string();
-        assert!(errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"), "{errs}");
-        assert!(errs.contains("tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 51 exceeds the face_body cap of 50"), "{errs}");
+        assert!(
+            errs.contains("entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("tenants.acme.qps_plans[0].temporary_upgrades[0].qps: 51 exceeds the face_body cap of 50"),
+            "{errs}"
+        );
     }
 
     #[test]

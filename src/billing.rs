@@ -311,7 +311,12 @@ impl Billing {
                     tenant,
                     id,
                     key,
-                    inner: Mutex::new(PkgInner { consumed: Decimal::ZERO, reserved: Decimal::ZERO, alerted: false, dirty: false }),
+                    inner: Mutex::new(PkgInner {
+                        consumed: Decimal::ZERO,
+                        reserved: Decimal::ZERO,
+                        alerted: false,
+                        dirty: false,
+                    }),
                     gauge: OnceLock::new(),
                     header_single: OnceLock::new(),
                     header_general: OnceLock::new(),
@@ -381,7 +386,13 @@ impl Billing {
 
     /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
     /// delete, and `reported` (the upstream's `x-usage-image-count`), when given, wins.
-    pub fn settle_images(&self, tenant: &Tenant, op: crate::config::gateway::ImageOp, slot: Option<ImageSlot>, reported: Option<u64>) {
+    pub fn settle_images(
+        &self,
+        tenant: &Tenant,
+        op: crate::config::gateway::ImageOp,
+        slot: Option<ImageSlot>,
+        reported: Option<u64>,
+    ) {
         use crate::config::gateway::ImageOp;
         // Taking the state out of the slot turns the reservation into an image (no give-back).
         let held = slot.and_then(|mut s| s.0.take());
@@ -505,7 +516,14 @@ impl Billing {
     }
 
     /// Settles a per-call feature after the upstream answered 2xx.
-    pub fn settle_call(&self, snap: &Snapshot, tenant: &Tenant, feature_idx: usize, mut r: Reservation, now: i64) -> Settled {
+    pub fn settle_call(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        mut r: Reservation,
+        now: i64,
+    ) -> Settled {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let payer = r.header();
@@ -617,7 +635,10 @@ impl Billing {
             self.metrics.payg_amount(pair, tenant.label, f.label, &snap.catalog.currency, to_f64(a));
         }
         drop(r);
-        Settled { payer: first.unwrap_or(HeaderValue::from_static("payg")), seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1 }
+        Settled {
+            payer: first.unwrap_or(HeaderValue::from_static("payg")),
+            seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+        }
     }
 
     /// Strict mode: waits until the settlement `seq` is on disk. Batched: returns at once.
@@ -823,7 +844,9 @@ mod tests {
     const KEY: &str = "00000000000000000000000000000000000000000000000000000000000000aa";
 
     fn ents(packages: &str, services: &str) -> String {
-        format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": [{services}], "packages": [{packages}]}}}}}}"#)
+        format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": [{services}], "packages": [{packages}]}}}}}}"#
+        )
     }
 
     fn t(s: &str) -> i64 {
@@ -841,7 +864,11 @@ mod tests {
 
     /// A shipped-catalog snapshot with one tenant owning `package`, a batched billing engine on
     /// a fresh ledger, the index of `feature`, and a time in the package's validity.
-    fn fixture(package: &str, services: &str, feature_id: &str) -> (tempfile::TempDir, Snapshot, Arc<Billing>, usize, i64) {
+    fn fixture(
+        package: &str,
+        services: &str,
+        feature_id: &str,
+    ) -> (tempfile::TempDir, Snapshot, Arc<Billing>, usize, i64) {
         let dir = tempfile::tempdir().unwrap();
         let s = snapshot(SHIPPED, &ents(package, services));
         let b = open(dir.path(), Durability::Batched);
@@ -872,7 +899,9 @@ mod tests {
     #[test]
     fn package_order_soonest_expiry_then_ordered_then_id_and_expired_skipped() {
         let pk = |id: &str, ordered: &str, expires: &str| {
-            format!(r#"{{"id": "{id}", "feature": "object-detection", "points": "1", "ordered_at": "{ordered}", "expires_at": "{expires}"}}"#)
+            format!(
+                r#"{{"id": "{id}", "feature": "object-detection", "points": "1", "ordered_at": "{ordered}", "expires_at": "{expires}"}}"#
+            )
         };
         let packages = [
             pk("z-late", "2026-01-01T00:00:00Z", "2027-06-01T00:00:00Z"),
@@ -895,11 +924,17 @@ mod tests {
             order.push(r.header().to_str().unwrap().to_string());
             b.settle_call(&s, &s.tenants[0], f, r, now);
         }
-        let expect: Vec<String> = ["single_package:b-same", "single_package:c-same", "single_package:a-same-later-order", "single_package:z-late", "general_package:gen"]
-            .iter()
-            .flat_map(|h| std::iter::repeat_n(h.to_string(), 5))
-            .chain(["payg".to_string()])
-            .collect();
+        let expect: Vec<String> = [
+            "single_package:b-same",
+            "single_package:c-same",
+            "single_package:a-same-later-order",
+            "single_package:z-late",
+            "general_package:gen",
+        ]
+        .iter()
+        .flat_map(|h| std::iter::repeat_n(h.to_string(), 5))
+        .chain(["payg".to_string()])
+        .collect();
         assert_eq!(order, expect);
     }
 
@@ -910,7 +945,11 @@ mod tests {
         let r1 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         let r2 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         let r3 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        assert_eq!((r1.payer, r2.payer, r3.payer), (PayerKind::SinglePackage, PayerKind::SinglePackage, PayerKind::Payg), "0.1 left < 0.2");
+        assert_eq!(
+            (r1.payer, r2.payer, r3.payer),
+            (PayerKind::SinglePackage, PayerKind::SinglePackage, PayerKind::Payg),
+            "0.1 left < 0.2"
+        );
         drop(r2); // upstream failed: the share comes back
         let r4 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         assert_eq!(r4.payer, PayerKind::SinglePackage);

@@ -248,18 +248,15 @@ impl Catalog {
     }
 }
 
-fn check_ascending<T>(
-    errs: &mut Errs<'_>,
-    path: &str,
-    items: &[T],
-    up_to: impl Fn(&T) -> Option<u64>,
-) {
+fn check_ascending<T>(errs: &mut Errs<'_>, path: &str, items: &[T], up_to: impl Fn(&T) -> Option<u64>) {
     let mut prev: Option<u64> = None;
     for (i, item) in items.iter().enumerate() {
         let last = i + 1 == items.len();
         match (up_to(item), last) {
             (None, false) => errs.push(format!("{path}[{i}].up_to"), "only the last tier may leave out up_to"),
-            (Some(_), true) => errs.push(format!("{path}[{i}].up_to"), "the last tier must leave out up_to (it is open-ended)"),
+            (Some(_), true) => {
+                errs.push(format!("{path}[{i}].up_to"), "the last tier must leave out up_to (it is open-ended)")
+            }
             (Some(u), false) => {
                 if u == 0 || prev.is_some_and(|p| u <= p) {
                     errs.push(format!("{path}[{i}].up_to"), format!("{u} must be above the previous tier's up_to"));
@@ -329,7 +326,10 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
         let cap = family.and_then(|m| families[m].qps_cap);
         let mut billing = Billing::default();
         if f.billing.is_empty() {
-            errs.push(format!("{p}.billing"), "must list at least one of payg, single_package, general_package, prepaid_qps");
+            errs.push(
+                format!("{p}.billing"),
+                "must list at least one of payg, single_package, general_package, prepaid_qps",
+            );
         }
         for (i, b) in f.billing.iter().enumerate() {
             match Method::parse(b) {
@@ -340,20 +340,28 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
                 }
                 None => errs.push(
                     format!("{p}.billing[{i}]"),
-                    format!("unknown billing method {b:?} (expected payg, single_package, general_package or prepaid_qps)"),
+                    format!(
+                        "unknown billing method {b:?} (expected payg, single_package, general_package or prepaid_qps)"
+                    ),
                 ),
             }
         }
         if billing.has(Method::GeneralPackage)
             && family.is_some_and(|m| !general_packages.iter().any(|g| g.families.contains(&m)))
         {
-            errs.push(format!("{p}.billing"), format!("general_package is listed but no general package kind covers family {:?}", f.family));
+            errs.push(
+                format!("{p}.billing"),
+                format!("general_package is listed but no general package kind covers family {:?}", f.family),
+            );
         }
         let unit = match f.unit.as_deref() {
             None | Some("call") => Unit::Call,
             Some("video-minute") => Unit::VideoMinute,
             Some(other) => {
-                errs.push(format!("{p}.unit"), format!("unknown unit {other:?} (expected \"call\" or \"video-minute\")"));
+                errs.push(
+                    format!("{p}.unit"),
+                    format!("unknown unit {other:?} (expected \"call\" or \"video-minute\")"),
+                );
                 Unit::Call
             }
         };
@@ -377,7 +385,10 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
             .payg_tiers
             .iter()
             .enumerate()
-            .map(|(i, t)| Tier { up_to: t.up_to, price: non_negative(errs, format!("{p}.payg_tiers[{i}].price"), t.price) })
+            .map(|(i, t)| Tier {
+                up_to: t.up_to,
+                price: non_negative(errs, format!("{p}.payg_tiers[{i}].price"), t.price),
+            })
             .collect();
         check_ascending(errs, &format!("{p}.qps_prices"), &f.qps_prices, |t| t.up_to.map(u64::from));
         if !f.qps_prices.is_empty() && !billing.has(Method::PrepaidQps) {
@@ -444,7 +455,12 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
     }
 
     let image_search = match raw.image_search {
-        None => ImageSearchCatalog { currency: raw.currency.clone(), delete_qps: 20, retention_days: 7, packages: Vec::new() },
+        None => ImageSearchCatalog {
+            currency: raw.currency.clone(),
+            delete_qps: 20,
+            retention_days: 7,
+            packages: Vec::new(),
+        },
         Some(is) => {
             let delete_qps = is.delete_qps.unwrap_or(20);
             if delete_qps == 0 {
@@ -456,7 +472,10 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
                     errs.push(format!("image_search.packages[{i}]"), "capacity and qps must be at least 1");
                 }
                 if packages.iter().any(|x| x.capacity == pk.capacity && x.qps == pk.qps) {
-                    errs.push(format!("image_search.packages[{i}]"), format!("{}/{} is listed twice", pk.capacity, pk.qps));
+                    errs.push(
+                        format!("image_search.packages[{i}]"),
+                        format!("{}/{} is listed twice", pk.capacity, pk.qps),
+                    );
                 }
                 let month = non_negative(errs, format!("image_search.packages[{i}].month"), pk.month);
                 packages.push(ImagePackage { capacity: pk.capacity, qps: pk.qps, month });

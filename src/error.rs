@@ -13,7 +13,9 @@ pub enum ApiError {
     InvalidApiKey,
     #[error("no feature is served at {path}: check the path against the API documentation")]
     UnknownRoute { path: String },
-    #[error("the {family} service is not activated for this account: activate it in the console before calling {feature}")]
+    #[error(
+        "the {family} service is not activated for this account: activate it in the console before calling {feature}"
+    )]
     ServiceNotActivated { family: String, feature: String },
     #[error("image search is not activated for this account: buy an Image Search instance before calling {feature}")]
     ImageSearchNotActivated { feature: String },

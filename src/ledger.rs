@@ -104,7 +104,8 @@ impl RedbLedger {
         std::fs::create_dir_all(dir)
             .map_err(|e| LedgerError::CreateDir { path: dir.to_path_buf(), reason: e.to_string() })?;
         let path = dir.join(Self::FILE);
-        let db = Database::create(&path).map_err(|e| LedgerError::Open { path: path.clone(), reason: e.to_string() })?;
+        let db =
+            Database::create(&path).map_err(|e| LedgerError::Open { path: path.clone(), reason: e.to_string() })?;
         let ledger = RedbLedger { db, path };
         // Creates the tables on first use and proves the file is writable now, not at the first charge.
         ledger.commit(&[])?;
@@ -194,7 +195,13 @@ mod tests {
         u[3] = Dec(Decimal::from(units));
         let mut payg = BTreeMap::new();
         payg.insert(String::new(), Dec(Decimal::from(units)));
-        Record::Month(MonthRecord { tenant: tenant.into(), feature: "f".into(), month: "2026-01".into(), units: u, payg })
+        Record::Month(MonthRecord {
+            tenant: tenant.into(),
+            feature: "f".into(),
+            month: "2026-01".into(),
+            units: u,
+            payg,
+        })
     }
 
     #[test]

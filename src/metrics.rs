@@ -102,7 +102,10 @@ impl Metrics {
             &with_tenant(&["feature", "payer"]),
         ));
         let payg_amount = def(CounterVec::new(
-            Opts::new("turnstile_payg_amount_total", "Pay-as-you-go amount charged (the ledger holds the exact figure)"),
+            Opts::new(
+                "turnstile_payg_amount_total",
+                "Pay-as-you-go amount charged (the ledger holds the exact figure)",
+            ),
             &with_tenant(&["feature", "currency"]),
         ));
         let package_remaining = def(GaugeVec::new(
@@ -114,13 +117,19 @@ impl Metrics {
             &with_tenant(&["package"]),
         ));
         let request_duration = def(HistogramVec::new(
-            HistogramOpts::new("turnstile_request_duration_seconds", "Time from request head to response head, by outcome")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "turnstile_request_duration_seconds",
+                "Time from request head to response head, by outcome",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["outcome"],
         ));
         let upstream_duration = def(Histogram::with_opts(
-            HistogramOpts::new("turnstile_upstream_duration_seconds", "Time the upstream took to answer with a response head")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "turnstile_upstream_duration_seconds",
+                "Time the upstream took to answer with a response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         ));
         let config_reloads = def(IntCounterVec::new(
             Opts::new("turnstile_config_reloads_total", "Configuration reloads by result"),
@@ -157,7 +166,8 @@ impl Metrics {
         for c in collectors {
             def(registry.register(c));
         }
-        let durations_by_outcome = Outcome::ALL.iter().map(|o| request_duration.with_label_values(&[o.as_str()])).collect();
+        let durations_by_outcome =
+            Outcome::ALL.iter().map(|o| request_duration.with_label_values(&[o.as_str()])).collect();
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
         }

@@ -42,7 +42,11 @@ pub mod ser {
     /// Normalized form: "10000", "0.15", "2.5".
     pub fn plain_string(d: Decimal) -> String {
         let n = d.normalize();
-        if n.is_zero() { Decimal::ZERO.to_string() } else { n.to_string() }
+        if n.is_zero() {
+            Decimal::ZERO.to_string()
+        } else {
+            n.to_string()
+        }
     }
 
     pub fn money<S: Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::Error> {
@@ -87,7 +91,11 @@ pub struct TierLine {
 }
 
 /// Graduated charge over `(lower, upper, price)` bands (lower exclusive, upper inclusive).
-fn graduated_bands(bands: impl Iterator<Item = (Option<Decimal>, Decimal)>, start: Decimal, units: Decimal) -> Vec<TierLine> {
+fn graduated_bands(
+    bands: impl Iterator<Item = (Option<Decimal>, Decimal)>,
+    start: Decimal,
+    units: Decimal,
+) -> Vec<TierLine> {
     let mut lines = Vec::new();
     if units <= Decimal::ZERO {
         return lines;
@@ -124,21 +132,14 @@ pub fn graduated(tiers: &[Tier], start: Decimal, units: Decimal) -> Vec<TierLine
 /// Unit price of the next unit when `before` units were already used this month (the tier
 /// containing unit `before + 1`); `None` when `tiers` is empty.
 pub fn marginal_price(tiers: &[Tier], before: Decimal) -> Option<Decimal> {
-    tiers
-        .iter()
-        .find(|t| t.up_to.is_none_or(|u| before < Decimal::from(u)))
-        .or(tiers.last())
-        .map(|t| t.price)
+    tiers.iter().find(|t| t.up_to.is_none_or(|u| before < Decimal::from(u))).or(tiers.last()).map(|t| t.price)
 }
 
 /// The price cell for a video of `fps` frames/s whose shorter side is `lines`: among cells with
 /// `max_fps >= fps` and `max_lines >= lines`, the smallest fitting one (smallest `max_lines`, then
 /// smallest `max_fps`). `None` when nothing fits (outside the matrix: no price).
 pub fn video_cell(prices: &[VideoPrice], fps: u32, lines: u32) -> Option<&VideoPrice> {
-    prices
-        .iter()
-        .filter(|c| c.max_fps >= fps && c.max_lines >= lines)
-        .min_by_key(|c| (c.max_lines, c.max_fps))
+    prices.iter().filter(|c| c.max_fps >= fps && c.max_lines >= lines).min_by_key(|c| (c.max_lines, c.max_fps))
 }
 
 /// Exact (unrounded) charge for `ms` milliseconds of video at `per_minute`: `per_minute * ms / 60000`.
@@ -267,7 +268,9 @@ mod tests {
     /// Comprehensive video enhancement, seed 000 example 2 (the 3x3 matrix).
     fn video_matrix() -> Vec<VideoPrice> {
         let mut v = Vec::new();
-        for (lines, prices) in [(720, ["4.00", "8.00", "16.00"]), (1440, ["8.00", "16.00", "32.00"]), (2160, ["24.00", "48.00", "96.00"])] {
+        for (lines, prices) in
+            [(720, ["4.00", "8.00", "16.00"]), (1440, ["8.00", "16.00", "32.00"]), (2160, ["24.00", "48.00", "96.00"])]
+        {
             for (fps, price) in [30, 60, 120].into_iter().zip(prices) {
                 v.push(VideoPrice { max_fps: fps, max_lines: lines, price: d(price) });
             }
@@ -339,7 +342,10 @@ mod tests {
         let lines = graduated(&plate_tiers(), Decimal::ZERO, d("10001"));
         assert_eq!(
             lines,
-            vec![line("0", Some("10000"), "10000", "0.15", "1500.00"), line("10000", Some("100000"), "1", "0.10", "0.10")]
+            vec![
+                line("0", Some("10000"), "10000", "0.15", "1500.00"),
+                line("10000", Some("100000"), "1", "0.10", "0.10")
+            ]
         );
         assert_eq!(total(&lines), d("1500.10"));
     }
@@ -451,7 +457,13 @@ mod tests {
     #[test]
     fn package_5000_points_at_0_2_buys_25000_calls() {
         assert_eq!(package_calls(d("5000"), d("0.2")), d("25000"));
-        for (points, calls) in [("10000", "50000"), ("50000", "250000"), ("500000", "2500000"), ("5000000", "25000000"), ("20000000", "100000000")] {
+        for (points, calls) in [
+            ("10000", "50000"),
+            ("50000", "250000"),
+            ("500000", "2500000"),
+            ("5000000", "25000000"),
+            ("20000000", "100000000"),
+        ] {
             assert_eq!(package_calls(d(points), d("0.2")), d(calls));
         }
         assert_eq!(package_calls(d("5000"), Decimal::ONE), d("5000"));
@@ -497,7 +509,10 @@ mod tests {
         );
         let last = graduated(&plate_tiers(), d("1000000"), d("1"));
         let json = serde_json::to_value(&last).expect("serialize");
-        assert_eq!(json, serde_json::json!([{ "from": "1000000", "to": null, "units": "1", "price": "0.02", "amount": "0.02" }]));
+        assert_eq!(
+            json,
+            serde_json::json!([{ "from": "1000000", "to": null, "units": "1", "price": "0.02", "amount": "0.02" }])
+        );
         assert_eq!(ser::money_string(d("-0.001")), "0.00");
         assert_eq!(ser::money_string(d("-2100")), "-2100.00");
         assert_eq!(ser::plain_string(d("2.500")), "2.5");

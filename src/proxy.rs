@@ -15,8 +15,8 @@ use hyper::body::Incoming;
 
 use crate::admission::{self, Admit};
 use crate::billing::{ImageSlot, Reservation, VideoUsage};
-use crate::config::gateway::ImageOp;
 use crate::catalog::Unit;
+use crate::config::gateway::ImageOp;
 use crate::error::{ApiError, JSON};
 use crate::metrics::Outcome;
 use crate::server::Gateway;
@@ -32,8 +32,16 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop).
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
 
 /// Everything needed after the decision, owned, so no snapshot is held across awaits.
 pub struct Forward {
@@ -91,11 +99,21 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
     (!k.is_empty()).then_some((k, true))
 }
 
+/// Who a refused request is counted against in `turnstile_requests_total`.
+pub enum Who {
+    /// No tenant identified.
+    Nobody,
+    /// A tenant, but no feature (unknown route).
+    Tenant(&'static str),
+    /// A (tenant, feature) pair: its bucket key and labels.
+    Pair(u64, &'static str, &'static str),
+}
+
 /// The outcome of identify → route → activation → limit → payer.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
-    Reject(ApiError, Outcome, Option<(u64, &'static str, &'static str)>, Vec<(HeaderName, HeaderValue)>),
+    Reject(ApiError, Outcome, Who, Vec<(HeaderName, HeaderValue)>),
     Forward(Forward),
 }
 
@@ -108,24 +126,24 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
         return Decision::Reject(
             ApiError::MissingApiKey { header: s.api_key_header.to_string() },
             Outcome::Unauthenticated,
-            None,
+            Who::Nobody,
             Vec::new(),
         );
     };
     let Some(ti) = snap.identify(key) else {
-        return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, None, Vec::new());
+        return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, Who::Nobody, Vec::new());
     };
     let tenant = &snap.tenants[ti];
     let Some(route) = snap.router.find(path) else {
-        gw.metrics.request(tenant.label, "", Outcome::UnknownRoute);
-        return Decision::Reject(ApiError::UnknownRoute { path: path.to_string() }, Outcome::UnknownRoute, None, Vec::new());
+        let e = ApiError::UnknownRoute { path: path.to_string() };
+        return Decision::Reject(e, Outcome::UnknownRoute, Who::Tenant(tenant.label), Vec::new());
     };
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
     // Image search deletions have their own limit, hence their own bucket.
     let bucket_feature = if route.op == Some(ImageOp::Delete) { catalog.image_delete_intern } else { feature.intern };
     let pair = crate::intern::pair(tenant.intern, bucket_feature);
-    let ids = Some((pair, tenant.label, feature.label));
+    let ids = || Who::Pair(pair, tenant.label, feature.label);
     let now = gw.clock.unix_nanos();
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
     let depth = admission::depth(limit.qps, s.burst_seconds);
@@ -136,37 +154,35 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     };
     if !activated {
         let e = match feature.family {
-            Some(m) => ApiError::ServiceNotActivated {
-                family: catalog.families[m].name.clone(),
-                feature: feature.id.clone(),
-            },
+            Some(m) => {
+                ApiError::ServiceNotActivated { family: catalog.families[m].name.clone(), feature: feature.id.clone() }
+            }
             None => ApiError::ImageSearchNotActivated { feature: feature.id.clone() },
         };
         // Nothing was taken from the bucket: the whole quota remains.
-        return Decision::Reject(e, Outcome::Forbidden, ids, rate_headers(limit.qps, depth, 0).into());
+        return Decision::Reject(e, Outcome::Forbidden, ids(), rate_headers(limit.qps, depth, 0).into());
     }
     if let Some(inst) = tenant.image_search.as_ref().filter(|_| feature.family.is_none()) {
         if now >= inst.expires_at {
             let retention_days = catalog.image_search.retention_days;
-            let released_at = inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
+            let released_at =
+                inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
             let expires_at = crate::time::format_rfc3339(inst.expires_at, s.timezone);
             let (e, outcome) = if now < released_at {
                 (ApiError::InstanceExpired { expires_at, retention_days }, Outcome::PaymentRequired)
             } else {
                 (ApiError::InstanceReleased { expires_at, retention_days }, Outcome::Forbidden)
             };
-            return Decision::Reject(e, outcome, ids, rate_headers(limit.qps, depth, 0).into());
+            return Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, depth, 0).into());
         }
     }
-    let declared_len = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared_len =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
         return Decision::Reject(
             ApiError::BodyTooLarge { limit: s.max_request_body_bytes },
             Outcome::Forbidden,
-            ids,
+            ids(),
             rate_headers(limit.qps, depth, 0).into(),
         );
     }
@@ -176,7 +192,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             Decision::Reject(
                 ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
                 Outcome::Throttled,
-                ids,
+                ids(),
                 rate_headers(limit.qps, 0, secs).into(),
             )
         }
@@ -185,7 +201,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                 return Decision::Reject(
                     ApiError::PaymentRequired { feature: feature.id.clone() },
                     Outcome::PaymentRequired,
-                    ids,
+                    ids(),
                     rate_headers(limit.qps, remaining, reset_secs).into(),
                 );
             };
@@ -197,7 +213,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                         return Decision::Reject(
                             ApiError::CapacityExceeded { capacity: inst.capacity },
                             Outcome::Forbidden,
-                            ids,
+                            ids(),
                             rate_headers(limit.qps, remaining, reset_secs).into(),
                         )
                     }
@@ -206,19 +222,19 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                 (None, _) => None,
             };
             Decision::Forward(Forward {
-            pair,
-            tenant: tenant.label,
-            feature: feature.label,
-            key_in_authorization,
-            upstream: s.upstream.clone(),
-            timeout: s.upstream_timeout,
-            body_limit: s.max_request_body_bytes,
-            api_key_header: s.api_key_header.clone(),
-            rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-            reservation,
-            video: feature.unit == Unit::VideoMinute,
-            image,
-        })
+                pair,
+                tenant: tenant.label,
+                feature: feature.label,
+                key_in_authorization,
+                upstream: s.upstream.clone(),
+                timeout: s.upstream_timeout,
+                body_limit: s.max_request_body_bytes,
+                api_key_header: s.api_key_header.clone(),
+                rate_headers: rate_headers(limit.qps, remaining, reset_secs),
+                reservation,
+                video: feature.unit == Unit::VideoMinute,
+                image,
+            })
         }
     }
 }
@@ -227,11 +243,11 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
     let start = Instant::now();
     let fwd = match decide(&gw, req.headers(), req.uri().path()) {
-        Decision::Reject(e, outcome, ids, headers) => {
-            match ids {
-                Some((pair, t, f)) => gw.metrics.request_pair(pair, t, f, outcome),
-                None if outcome == Outcome::Unauthenticated => gw.metrics.request("", "", outcome),
-                None => {} // unknown_route: counted in decide, where the tenant is known
+        Decision::Reject(e, outcome, who, headers) => {
+            match who {
+                Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
+                Who::Tenant(t) => gw.metrics.request(t, "", outcome),
+                Who::Nobody => gw.metrics.request("", "", outcome),
             }
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
             return error_response(&e, &headers);
@@ -293,7 +309,11 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
     fn num<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
         h.get(name)?.to_str().ok()?.trim().parse().ok()
     }
-    Some(VideoUsage { ms: num(h, "x-usage-video-ms")?, fps: num(h, "x-usage-video-fps")?, lines: num(h, "x-usage-video-lines")? })
+    Some(VideoUsage {
+        ms: num(h, "x-usage-video-ms")?,
+        fps: num(h, "x-usage-video-fps")?,
+        lines: num(h, "x-usage-video-lines")?,
+    })
 }
 
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
@@ -314,9 +334,13 @@ pub fn settle_now(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> O
         let now = gw.clock.unix_nanos();
         if fwd.video {
             let usage = video_usage(upstream_headers);
-            if usage.is_none() && fwd.reservation.payer != crate::billing::PayerKind::PrepaidQps {
+            if usage.is_none() {
                 gw.metrics.usage_report_error(fwd.feature);
-                tracing::warn!(tenant = fwd.tenant, feature = fwd.feature, "missing or malformed x-usage-video-* headers: billed as 0 minutes");
+                tracing::warn!(
+                    tenant = fwd.tenant,
+                    feature = fwd.feature,
+                    "missing or malformed x-usage-video-* headers: billed as 0 minutes"
+                );
             }
             gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now)
         } else {
@@ -334,12 +358,18 @@ pub fn settle_now(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> O
 }
 
 /// Forwards an admitted request and settles it; returns the response and its outcome.
-async fn forward(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr, fwd: Forward) -> (Response<ProxyBody>, Outcome) {
+async fn forward(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    fwd: Forward,
+) -> (Response<ProxyBody>, Outcome) {
     let rate = fwd.rate_headers.clone();
     let reserved_payer = fwd.reservation.header();
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
-            let outcome = if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
+            let outcome =
+                if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
         }

@@ -111,7 +111,11 @@ pub fn run(cmd: QuoteCmd) -> ExitCode {
             for e in &errors {
                 eprintln!("{e}");
             }
-            eprintln!("turnstile quote: the catalog is invalid ({} error(s)); run `turnstile check --config {}`", errors.len(), opts.config.display());
+            eprintln!(
+                "turnstile quote: the catalog is invalid ({} error(s)); run `turnstile check --config {}`",
+                errors.len(),
+                opts.config.display()
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -207,7 +211,11 @@ fn billing_list(f: &Feature) -> String {
         (Method::PrepaidQps, "prepaid_qps"),
     ];
     let v: Vec<&str> = names.iter().filter(|(m, _)| f.billing.has(*m)).map(|(_, n)| *n).collect();
-    if v.is_empty() { "none".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn require(f: &Feature, m: Method, what: &str) -> Result<(), String> {
@@ -298,12 +306,8 @@ fn payg_video(catalog: &Catalog, f: &Feature, ms: u64, fps: u32, lines: u32) -> 
         "cell": { "max_fps": cell.max_fps, "max_lines": cell.max_lines },
         "amount": ser::money_string(amount),
     });
-    let mut text = format!(
-        "{} ({}): {} of video at {fps} fps, {lines} lines, pay-as-you-go\n",
-        f.id,
-        f.name,
-        duration_text(ms)
-    );
+    let mut text =
+        format!("{} ({}): {} of video at {fps} fps, {lines} lines, pay-as-you-go\n", f.id, f.name, duration_text(ms));
     let _ = writeln!(
         text,
         "  cell <= {} fps, <= {} lines: {} min x {} {cur}/min = {}",

@@ -118,7 +118,12 @@ impl Gateway {
             Ok(s) => s,
             Err(errors) => {
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
-                tracing::error!(why, errors = errors.0.len(), "configuration rejected; still serving generation {}:\n{errors}", generation - 1);
+                tracing::error!(
+                    why,
+                    errors = errors.0.len(),
+                    "configuration rejected; still serving generation {}:\n{errors}",
+                    generation - 1
+                );
                 return Err(errors);
             }
         };
@@ -188,7 +193,11 @@ impl Gateway {
             source => {
                 let source = source.clone();
                 tokio::task::spawn_blocking(move || config::read_texts(&source)).await.map_err(|e| {
-                    ConfigErrors(vec![ConfigError { file: "turnstile".into(), path: String::new(), message: e.to_string() }])
+                    ConfigErrors(vec![ConfigError {
+                        file: "turnstile".into(),
+                        path: String::new(),
+                        message: e.to_string(),
+                    }])
                 })?
             }
         }
@@ -229,7 +238,13 @@ impl Gateway {
     }
 
     /// `POST /admin/v1/tenants/{t}/qps-plans/{f}/temporary-upgrade` `{"qps": N, "until": "..."}`.
-    pub async fn temporary_upgrade(&self, tenant: &str, feature: &str, qps: u32, until: &str) -> Result<serde_json::Value, WriteError> {
+    pub async fn temporary_upgrade(
+        &self,
+        tenant: &str,
+        feature: &str,
+        qps: u32,
+        until: &str,
+    ) -> Result<serde_json::Value, WriteError> {
         let now = self.clock.unix_nanos();
         let until_ns = crate::time::parse_rfc3339(until).map_err(WriteError::Invalid)?;
         if until_ns <= now {
@@ -319,7 +334,10 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
     for (name, changed) in [
         ("server.listen", a.listen != b.listen),
         ("server.admin_listen", a.admin_listen != b.admin_listen),
-        ("ledger", a.ledger_dir != b.ledger_dir || a.durability != b.durability || a.flush_interval != b.flush_interval),
+        (
+            "ledger",
+            a.ledger_dir != b.ledger_dir || a.durability != b.durability || a.flush_interval != b.flush_interval,
+        ),
         ("metrics.tenant_label", a.tenant_label != b.tenant_label),
         ("files.watch", a.watch != b.watch),
     ] {
@@ -340,7 +358,11 @@ fn removed_pairs(old: &Snapshot, new: &Snapshot) -> Option<(HashSet<u32>, HashSe
 
 /// Watches the folders of the three files (so editors' write-and-rename and Kubernetes ConfigMap
 /// symlink swaps are seen) and reloads, debounced, when their contents change.
-pub fn watch(gw: Arc<Gateway>, paths: Vec<PathBuf>, debounce: Duration) -> Result<notify::RecommendedWatcher, notify::Error> {
+pub fn watch(
+    gw: Arc<Gateway>,
+    paths: Vec<PathBuf>,
+    debounce: Duration,
+) -> Result<notify::RecommendedWatcher, notify::Error> {
     use notify::{RecursiveMode, Watcher};
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {

@@ -18,12 +18,12 @@ use tokio::sync::watch;
 
 use crate::admission::{BucketStore, LocalBuckets};
 use crate::billing::{Alert, Billing};
-use crate::ledger::{LedgerError, RedbLedger};
 use crate::clock::SharedClock;
 use crate::config::{self, ConfigErrors, ConfigSource, Texts};
-use crate::reload::Control;
+use crate::ledger::{LedgerError, RedbLedger};
 use crate::metrics::Metrics;
 use crate::proxy::{self, UpstreamBody};
+use crate::reload::Control;
 use crate::snapshot::Snapshot;
 
 /// Everything the listeners share.
@@ -53,7 +53,11 @@ pub fn build(texts: &Texts, upstream_override: Option<&Uri>, generation: u64) ->
 }
 
 /// Reads and validates the configuration.
-pub fn load(source: &ConfigSource, upstream_override: Option<&Uri>, generation: u64) -> Result<(Texts, Snapshot), ConfigErrors> {
+pub fn load(
+    source: &ConfigSource,
+    upstream_override: Option<&Uri>,
+    generation: u64,
+) -> Result<(Texts, Snapshot), ConfigErrors> {
     let texts = config::read_texts(source)?;
     let snap = build(&texts, upstream_override, generation)?;
     Ok((texts, snap))
@@ -108,7 +112,8 @@ impl Gateway {
 /// request path, retrying with exponential backoff.
 async fn deliver_alerts(gw: std::sync::Weak<Gateway>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Alert>) {
     use http_body_util::Full;
-    let client: Client<HttpConnector, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client: Client<HttpConnector, Full<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     while let Some(alert) = rx.recv().await {
         let Some(url) = gw.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone()) else { continue };
         let body = bytes::Bytes::from(serde_json::to_vec(&alert).unwrap_or_default());
@@ -149,9 +154,9 @@ impl Listeners {
         let tenant = TcpListener::bind(snap.settings.listen)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {}: {e}", snap.settings.listen)))?;
-        let admin = TcpListener::bind(snap.settings.admin_listen)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("server.admin_listen {}: {e}", snap.settings.admin_listen)))?;
+        let admin = TcpListener::bind(snap.settings.admin_listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("server.admin_listen {}: {e}", snap.settings.admin_listen))
+        })?;
         Ok(Listeners { tenant, admin })
     }
 }

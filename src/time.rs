@@ -4,8 +4,7 @@ use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 
 /// Parses an RFC 3339 time that carries an offset (`Z` or `±hh:mm`).
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
-    let t = DateTime::parse_from_rfc3339(s)
-        .map_err(|e| format!("{s:?} is not an RFC 3339 time with offset ({e})"))?;
+    let t = DateTime::parse_from_rfc3339(s).map_err(|e| format!("{s:?} is not an RFC 3339 time with offset ({e})"))?;
     t.timestamp_nanos_opt().ok_or_else(|| format!("{s:?} is out of range"))
 }
 

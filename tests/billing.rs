@@ -67,7 +67,10 @@ async fn payer_order_header_and_usage_report() {
         assert_eq!(r.status, StatusCode::OK);
         payers.push(r.header("x-turnstile-payer").unwrap_or_default().to_string());
     }
-    assert_eq!(payers, ["single_package:od-1"; 5].iter().map(|s| s.to_string()).chain(["payg".to_string()]).collect::<Vec<_>>());
+    assert_eq!(
+        payers,
+        ["single_package:od-1"; 5].iter().map(|s| s.to_string()).chain(["payg".to_string()]).collect::<Vec<_>>()
+    );
     // A call the upstream fails is not charged.
     let r = post(&c, &gw.url("/v1/ocr/license-plate?status=500"), &[ACME], b"{}").await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -89,7 +92,11 @@ async fn payer_order_header_and_usage_report() {
     let od = &u["features"]["object-detection"];
     assert_eq!(od["units"]["single_package"], "5");
     assert_eq!(od["units"]["payg"], "1");
-    assert_eq!(od["payg"]["amount"], serde_json::Value::Null, "object detection has no pay-as-you-go price in the seeds");
+    assert_eq!(
+        od["payg"]["amount"],
+        serde_json::Value::Null,
+        "object detection has no pay-as-you-go price in the seeds"
+    );
     assert_eq!(od["payg"]["note"], "no price configured");
     assert_eq!(u["features"]["face-comparison-1-1"]["units"]["prepaid_qps"], "1");
     let video = &u["features"]["comprehensive-video-enhancement"]["payg"];
@@ -112,7 +119,11 @@ async fn payer_order_header_and_usage_report() {
     // Prometheus counters are floats: the ledger has the exact figure, the metric a close one.
     let payg = text
         .lines()
-        .find_map(|l| l.strip_prefix(r#"turnstile_payg_amount_total{currency="CNY",feature="license-plate-recognition",tenant="acme"} "#))
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"turnstile_payg_amount_total{currency="CNY",feature="license-plate-recognition",tenant="acme"} "#,
+            )
+        })
         .and_then(|v| v.parse::<f64>().ok())
         .expect("payg amount series");
     assert!((payg - 0.45).abs() < 1e-9, "{payg}");
@@ -134,7 +145,10 @@ async fn missing_or_garbled_video_usage_is_billed_as_zero_and_counted() {
     }
     let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
     let text = String::from_utf8_lossy(&m.body);
-    assert!(text.contains(r#"turnstile_usage_report_errors_total{feature="comprehensive-video-enhancement"} 3"#), "{text}");
+    assert!(
+        text.contains(r#"turnstile_usage_report_errors_total{feature="comprehensive-video-enhancement"} 3"#),
+        "{text}"
+    );
     assert!(gw.logs().contains("x-usage-video"), "logged");
     let u = usage(&c, &gw).await;
     assert_eq!(u["features"]["comprehensive-video-enhancement"]["units"]["payg"], "0");
@@ -144,7 +158,10 @@ async fn missing_or_garbled_video_usage_is_billed_as_zero_and_counted() {
 async fn nothing_to_pay_is_402_and_capacity_billed_features_fall_back_to_free_default() {
     let up = Upstream::start().await;
     let catalog = small_catalog(r#"["prepaid_qps"]"#, r#"["single_package"]"#, r#"["payg"]"#, "");
-    let ents = format!(r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["face_body"]}}}}}}"#, key_hash("key-acme"));
+    let ents = format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["face_body"]}}}}}}"#,
+        key_hash("key-acme")
+    );
     let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), &catalog, &ents);
     let gw = Gateway::start(&cfg);
     let c = client();
@@ -230,7 +247,10 @@ async fn flood(gw_url: String, stop: Arc<AtomicBool>) -> Vec<Instant> {
         tasks.push(tokio::spawn(async move {
             let mut ok = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                let req = http::Request::post(&url).header("x-api-key", "key-acme").body(Full::new(Bytes::new())).expect("req");
+                let req = http::Request::post(&url)
+                    .header("x-api-key", "key-acme")
+                    .body(Full::new(Bytes::new()))
+                    .expect("req");
                 match tokio::time::timeout(Duration::from_secs(5), c.request(req)).await {
                     Ok(Ok(r)) if r.status() == StatusCode::OK => ok.push(Instant::now()),
                     Ok(Ok(_)) => {}
@@ -249,7 +269,8 @@ async fn flood(gw_url: String, stop: Arc<AtomicBool>) -> Vec<Instant> {
 
 async fn crash_and_count(durability: &str, flush_ms: u64) -> (usize, u64, usize) {
     let up = Upstream::start().await;
-    let cfg = config(&up.url(), &format!("durability = \"{durability}\"\nflush_interval_ms = {flush_ms}"), "", &tenants());
+    let cfg =
+        config(&up.url(), &format!("durability = \"{durability}\"\nflush_interval_ms = {flush_ms}"), "", &tenants());
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(flood(gw.url("/v1/ocr/license-plate"), stop.clone()));
@@ -265,10 +286,8 @@ async fn crash_and_count(durability: &str, flush_ms: u64) -> (usize, u64, usize)
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let c = client();
     let u = usage(&c, &gw).await;
-    let units: u64 = u["features"]["license-plate-recognition"]["units"]["payg"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let units: u64 =
+        u["features"]["license-plate-recognition"]["units"]["payg"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
     (seen.len(), units, recent)
 }
 
@@ -277,7 +296,10 @@ async fn sigkill_in_strict_mode_loses_no_charge_a_client_saw() {
     let (seen, recorded, _) = crash_and_count("strict", 5).await;
     assert!(seen > 100, "the load ran ({seen} ok)");
     assert!(recorded >= seen as u64, "strict: every 2xx is on disk: saw {seen}, ledger has {recorded}");
-    assert!(recorded <= seen as u64 + 8, "at most the in-flight calls are charged unseen: saw {seen}, ledger has {recorded}");
+    assert!(
+        recorded <= seen as u64 + 8,
+        "at most the in-flight calls are charged unseen: saw {seen}, ledger has {recorded}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,7 +333,10 @@ async fn sigterm_flushes_everything_in_batched_mode() {
     drop(status);
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let u = usage(&c, &gw).await;
-    assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "25", "a 60 s flush window, yet nothing lost");
+    assert_eq!(
+        u["features"]["license-plate-recognition"]["units"]["payg"], "25",
+        "a 60 s flush window, yet nothing lost"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +359,8 @@ async fn sigterm_under_load_cuts_off_nothing_and_loses_no_charge() {
     drop(status);
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let u = usage(&client(), &gw).await;
-    let charged: u64 = u["features"]["license-plate-recognition"]["units"]["payg"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let charged: u64 =
+        u["features"]["license-plate-recognition"]["units"]["payg"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(seen > 50, "the load ran ({seen})");
     // Every charge was answered (nothing cut off after settling) and every answer was charged.
     assert_eq!(charged, seen);

@@ -38,9 +38,11 @@ fn hash_key_prints_sha256_hex() {
 
 #[test]
 fn check_reports_every_error_with_file_and_field() {
-    let main = main_toml("http://127.0.0.1:1", "upstream_timeout_ms = 0", "[admission]\ndefault_qps = 2\nburst_secs = 1.0\n")
-        + "\n[[routes]]\npath = \"/v1/x\"\nfeature = \"no-such-feature\"\n";
-    let catalog = SHIPPED_CATALOG.to_string() + "\n[features.extra-feature]\nfamily = \"face_body\"\nbilling = [\"payg\"]\ncolour = \"red\"\n";
+    let main =
+        main_toml("http://127.0.0.1:1", "upstream_timeout_ms = 0", "[admission]\ndefault_qps = 2\nburst_secs = 1.0\n")
+            + "\n[[routes]]\npath = \"/v1/x\"\nfeature = \"no-such-feature\"\n";
+    let catalog = SHIPPED_CATALOG.to_string()
+        + "\n[features.extra-feature]\nfamily = \"face_body\"\nbilling = [\"payg\"]\ncolour = \"red\"\n";
     let k = key_hash("k1");
     let ents = format!(
         r#"{{"tenants": {{

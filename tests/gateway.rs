@@ -14,7 +14,8 @@ const GLOBEX: (&str, &str) = ("x-api-key", "key-globex");
 
 async fn gateway(plan_qps: u32, upgrade: Option<u32>, server_extra: &str) -> (Upstream, ConfigDir, Gateway) {
     let up = Upstream::start().await;
-    let cfg = ConfigDir::new(&main_toml(&up.url(), server_extra, ""), SHIPPED_CATALOG, &entitlements(plan_qps, upgrade));
+    let cfg =
+        ConfigDir::new(&main_toml(&up.url(), server_extra, ""), SHIPPED_CATALOG, &entitlements(plan_qps, upgrade));
     let gw = Gateway::start(&cfg);
     (up, cfg, gw)
 }
@@ -165,7 +166,8 @@ async fn upstream_refused_is_502_and_slow_is_504() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead_addr = dead.local_addr().expect("addr");
     drop(dead);
-    let cfg = ConfigDir::new(&main_toml(&format!("http://{dead_addr}"), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let cfg =
+        ConfigDir::new(&main_toml(&format!("http://{dead_addr}"), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);
     let c = client();
     let r = post(&c, &gw.url("/v1/face/compare"), &[ACME], b"{}").await;
@@ -180,7 +182,12 @@ async fn upstream_refused_is_502_and_slow_is_504() {
     assert!(started.elapsed() < Duration::from_millis(2500), "answered at the timeout, not after the upstream");
     let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
     let text = String::from_utf8_lossy(&m.body);
-    assert!(text.contains(r#"turnstile_requests_total{feature="face-comparison-1-1",outcome="upstream_error",tenant="acme"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"turnstile_requests_total{feature="face-comparison-1-1",outcome="upstream_error",tenant="acme"} 1"#
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +276,12 @@ async fn admin_api_auth_rules() {
     drop(gw);
 
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", "s3cret")]);
-    for bad in [&[][..], &[("authorization", "Bearer s3cre")][..], &[("authorization", "Bearer s3cret2")][..], &[("authorization", "s3cret")][..]] {
+    for bad in [
+        &[][..],
+        &[("authorization", "Bearer s3cre")][..],
+        &[("authorization", "Bearer s3cret2")][..],
+        &[("authorization", "s3cret")][..],
+    ] {
         let r = get(&c, &gw.admin_url("/admin/v1/tenants/acme/limits"), bad).await;
         assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"), "{bad:?}");
     }
@@ -316,7 +328,11 @@ async fn sigint_lets_in_flight_requests_finish_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_mode_prints_a_working_curl_line() {
-    let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:9", "", ""), SHIPPED_CATALOG, include_str!("../config/entitlements.json"));
+    let cfg = ConfigDir::new(
+        &main_toml("http://127.0.0.1:9", "", ""),
+        SHIPPED_CATALOG,
+        include_str!("../config/entitlements.json"),
+    );
     let main = cfg.main();
     let gw = Gateway::start_with(&["--demo", "--config", main.to_str().expect("utf-8")], &[], cfg.path());
     let out = gw.stdout_lines.join("\n");

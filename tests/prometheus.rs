@@ -122,7 +122,9 @@ async fn a_real_prometheus_scrapes_the_gateway() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let value = match try_get(&c, &url).await {
-            Some(r) if r.status == StatusCode::OK => r.json()["data"]["result"][0]["value"][1].as_str().map(str::to_string),
+            Some(r) if r.status == StatusCode::OK => {
+                r.json()["data"]["result"][0]["value"][1].as_str().map(str::to_string)
+            }
             _ => None,
         };
         if value.as_deref() == Some("5") {

@@ -19,12 +19,8 @@ fn quote(args: &[&str]) -> Run {
 }
 
 fn quote_with(config: &str, args: &[&str]) -> Run {
-    let out = Command::new(BIN)
-        .arg("quote")
-        .args(args)
-        .args(["--config", config])
-        .output()
-        .expect("run turnstile quote");
+    let out =
+        Command::new(BIN).arg("quote").args(args).args(["--config", config]).output().expect("run turnstile quote");
     Run {
         ok: out.status.success(),
         code: out.status.code(),
@@ -39,7 +35,8 @@ fn json(args: &[&str]) -> Value {
     a.push("--json");
     let r = quote(&a);
     assert!(r.ok, "{args:?} failed: {}", r.stderr);
-    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", r.stdout));
+    let v: Value =
+        serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", r.stdout));
     assert!(v.is_object(), "{v}");
     assert_eq!(r.stdout.trim().lines().count(), 1, "exactly one JSON line: {}", r.stdout);
     v
@@ -111,8 +108,17 @@ fn payg_video_2min20s_at_60fps_1080_lines_costs_37_33() {
 #[test]
 fn payg_video_matrix_corners() {
     let price = |fps: &str, lines: &str| {
-        json(&["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "60", "--fps", fps, "--lines", lines])
-            ["total"]
+        json(&[
+            "payg",
+            "--feature",
+            "comprehensive-video-enhancement",
+            "--video-seconds",
+            "60",
+            "--fps",
+            fps,
+            "--lines",
+            lines,
+        ])["total"]
             .clone()
     };
     assert_eq!(price("30", "720"), "4.00");
@@ -175,7 +181,17 @@ fn text_output_ends_with_the_total() {
     let cases: [(&[&str], &str); 5] = [
         (&["payg", "--feature", "license-plate-recognition", "--calls", "15000"], "total: 2000.00 CNY"),
         (
-            &["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "140", "--fps", "60", "--lines", "1080"],
+            &[
+                "payg",
+                "--feature",
+                "comprehensive-video-enhancement",
+                "--video-seconds",
+                "140",
+                "--fps",
+                "60",
+                "--lines",
+                "1080",
+            ],
             "total: 37.33 CNY",
         ),
         (&["qps", "--feature", "face-comparison-1-1", "--qps", "40", "--period", "day"], "total: 452.00 CNY"),
@@ -225,15 +241,45 @@ fn payg_without_a_price_is_an_error() {
 fn unit_mismatches_are_errors() {
     let err = fails(&["payg", "--feature", "comprehensive-video-enhancement", "--calls", "10"]);
     assert!(err.contains("--video-seconds"), "{err}");
-    let err = fails(&["payg", "--feature", "license-plate-recognition", "--video-seconds", "60", "--fps", "30", "--lines", "720"]);
+    let err = fails(&[
+        "payg",
+        "--feature",
+        "license-plate-recognition",
+        "--video-seconds",
+        "60",
+        "--fps",
+        "30",
+        "--lines",
+        "720",
+    ]);
     assert!(err.contains("per call") && err.contains("--calls"), "{err}");
 }
 
 #[test]
 fn video_outside_the_matrix_has_no_price() {
-    let err = fails(&["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "140", "--fps", "240", "--lines", "1080"]);
+    let err = fails(&[
+        "payg",
+        "--feature",
+        "comprehensive-video-enhancement",
+        "--video-seconds",
+        "140",
+        "--fps",
+        "240",
+        "--lines",
+        "1080",
+    ]);
     assert!(err.contains("no price for 240 fps at 1080 lines"), "{err}");
-    let err = fails(&["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "140", "--fps", "30", "--lines", "4320"]);
+    let err = fails(&[
+        "payg",
+        "--feature",
+        "comprehensive-video-enhancement",
+        "--video-seconds",
+        "140",
+        "--fps",
+        "30",
+        "--lines",
+        "4320",
+    ]);
     assert!(err.contains("no price for 30 fps at 4320 lines"), "{err}");
 }
 
@@ -276,7 +322,20 @@ fn malformed_arguments_are_rejected() {
     for (args, needle) in [
         (&["image-search", "--from", "2500000", "--to", "5000000/10"][..], "--from"),
         (&["image-search", "--from", "2500000/5", "--to", "2.5/5"][..], "--to"),
-        (&["payg", "--feature", "comprehensive-video-enhancement", "--video-seconds", "abc", "--fps", "60", "--lines", "1080"][..], "--video-seconds"),
+        (
+            &[
+                "payg",
+                "--feature",
+                "comprehensive-video-enhancement",
+                "--video-seconds",
+                "abc",
+                "--fps",
+                "60",
+                "--lines",
+                "1080",
+            ][..],
+            "--video-seconds",
+        ),
     ] {
         let err = fails(args);
         assert!(err.contains(needle) && err.contains("e.g."), "{args:?}: {err}");
@@ -292,7 +351,10 @@ fn image_search_feature_points_to_the_image_search_quote() {
 #[test]
 fn missing_or_invalid_catalog_is_reported_with_file_and_field() {
     let err = {
-        let r = quote_with("/nonexistent/turnstile.toml", &["payg", "--feature", "license-plate-recognition", "--calls", "1"]);
+        let r = quote_with(
+            "/nonexistent/turnstile.toml",
+            &["payg", "--feature", "license-plate-recognition", "--calls", "1"],
+        );
         assert_eq!(r.code, Some(1));
         r.stderr
     };
@@ -307,7 +369,10 @@ fn missing_or_invalid_catalog_is_reported_with_file_and_field() {
         + "\n[features.broken]\nfamily = \"no_such_family\"\nbilling = [\"payg\"]\n";
     std::fs::write(dir.path().join("catalog.toml"), catalog).expect("write catalog");
     let main = dir.path().join("turnstile.toml");
-    let r = quote_with(main.to_str().expect("utf-8 path"), &["payg", "--feature", "license-plate-recognition", "--calls", "1"]);
+    let r = quote_with(
+        main.to_str().expect("utf-8 path"),
+        &["payg", "--feature", "license-plate-recognition", "--calls", "1"],
+    );
     assert_eq!(r.code, Some(1), "{}", r.stdout);
     assert!(r.stderr.contains("catalog.toml: features.broken.family: unknown family"), "{}", r.stderr);
     assert!(r.stdout.is_empty());

@@ -48,7 +48,13 @@ async fn temporary_upgrade_applies_at_once_and_reverts_by_itself() {
     let c = client();
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
     let until = at(3);
-    let r = admin_post(&c, &gw, "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade", &format!(r#"{{"qps": 50, "until": "{until}"}}"#)).await;
+    let r = admin_post(
+        &c,
+        &gw,
+        "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade",
+        &format!(r#"{{"qps": 50, "until": "{until}"}}"#),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=50;w=1", "live at once");
     let file = std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read");
@@ -65,7 +71,11 @@ async fn temporary_upgrade_applies_at_once_and_reverts_by_itself() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
-    assert_eq!(metric(&m, "turnstile_config_generation "), generation, "reverting needed no reload (and the watcher ignored our own write)");
+    assert_eq!(
+        metric(&m, "turnstile_config_generation "),
+        generation,
+        "reverting needed no reload (and the watcher ignored our own write)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +107,8 @@ async fn admin_write_rules() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=45;w=1");
     let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read"))
+            .expect("json");
     assert_eq!(file["tenants"]["acme"]["qps_plans"][0]["qps"], 45);
     let r = get(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH]).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
@@ -122,7 +133,8 @@ async fn concurrent_admin_writes_are_serialized_and_none_is_lost() {
         assert_eq!(t.await.expect("join"), StatusCode::OK);
     }
     let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(cfg.path().join("entitlements.json")).expect("read"))
+            .expect("json");
     let ups = file["tenants"]["acme"]["qps_plans"][0]["temporary_upgrades"].as_array().cloned().unwrap_or_default();
     assert_eq!(ups.len(), 10, "{ups:?}");
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=50;w=1");
@@ -132,7 +144,9 @@ async fn concurrent_admin_writes_are_serialized_and_none_is_lost() {
 async fn invalid_file_is_rejected_with_every_error_and_the_old_config_serves() {
     let (_up, cfg, gw) = start(false, "").await;
     let c = client();
-    let bad = entitlements(40, None).replace("\"qps\": 40", "\"qps\": 70").replace("\"services\": [\"text_recognition\"]", "\"services\": [\"nope\"]");
+    let bad = entitlements(40, None)
+        .replace("\"qps\": 40", "\"qps\": 70")
+        .replace("\"services\": [\"text_recognition\"]", "\"services\": [\"nope\"]");
     replace_file(&cfg.path().join("entitlements.json"), &bad);
     let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
     assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"));
@@ -199,7 +213,8 @@ async fn load_across_20_reloads_has_zero_failed_requests() {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut tasks = Vec::new();
     for _ in 0..6 {
-        let (c, url, stop, ok, failed) = (c.clone(), gw.url("/v1/ocr/license-plate"), stop.clone(), ok.clone(), failed.clone());
+        let (c, url, stop, ok, failed) =
+            (c.clone(), gw.url("/v1/ocr/license-plate"), stop.clone(), ok.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let status = post(&c, &url, &[GLOBEX], b"{}").await.status;

@@ -176,7 +176,9 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
         for (i, k) in t.api_keys.iter().enumerate() {
             let kp = format!("{p}.api_keys[{i}]");
             match parse_key_hash(k) {
-                None => errs.push(kp, "must be the 64-character lowercase sha256 hex of the key (see `turnstile hash-key`)"),
+                None => {
+                    errs.push(kp, "must be the 64-character lowercase sha256 hex of the key (see `turnstile hash-key`)")
+                }
                 Some(h) => match key_owner.get(&h) {
                     Some(other) => errs.push(kp, format!("duplicate key hash: already used by tenant {other:?}")),
                     None => {
@@ -190,7 +192,8 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
         for (i, s) in t.services.iter().enumerate() {
             match catalog.family_index.get(s) {
                 Some(&m) => services[m] = true,
-                None => errs.push(format!("{p}.services[{i}]"), format!("unknown service {s:?} (not a family in the catalog)")),
+                None => errs
+                    .push(format!("{p}.services[{i}]"), format!("unknown service {s:?} (not a family in the catalog)")),
             }
         }
 
@@ -238,9 +241,10 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
                 }
                 upgrades.push(Upgrade { qps: u.qps, from, until });
             }
-            if let Some(j) = plans.iter().position(|o| {
-                o.feature == feature && o.effective_at < expires_at && effective_at < o.expires_at
-            }) {
+            if let Some(j) = plans
+                .iter()
+                .position(|o| o.feature == feature && o.effective_at < expires_at && effective_at < o.expires_at)
+            {
                 errs.push(format!("{pp}.effective_at"), format!("overlaps {p}.qps_plans[{j}] for the same feature"));
             }
             plans.push(Plan { feature, qps: pl.qps, effective_at, expires_at, upgrades });
@@ -256,7 +260,10 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
             }
             let target = match (&pk.feature, &pk.scope) {
                 (Some(_), Some(_)) => {
-                    errs.push(pp.clone(), "has both feature and scope: a package is single-category or general-purpose");
+                    errs.push(
+                        pp.clone(),
+                        "has both feature and scope: a package is single-category or general-purpose",
+                    );
                     None
                 }
                 (None, None) => {
@@ -325,20 +332,15 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
                     format!("{}/{} QPS is not an image search package in the catalog", is.capacity, is.qps),
                 );
             }
-            ImageInstance { capacity: is.capacity, qps: is.qps, expires_at: time(errs, format!("{ip}.expires_at"), &is.expires_at) }
+            ImageInstance {
+                capacity: is.capacity,
+                qps: is.qps,
+                expires_at: time(errs, format!("{ip}.expires_at"), &is.expires_at),
+            }
         });
 
         let (intern, label) = intern::tenant(name);
-        tenants.push(Tenant {
-            name: name.clone(),
-            intern,
-            label,
-            api_keys,
-            services,
-            plans,
-            packages,
-            image_search,
-        });
+        tenants.push(Tenant { name: name.clone(), intern, label, api_keys, services, plans, packages, image_search });
     }
     tenants
 }

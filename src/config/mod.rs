@@ -170,8 +170,8 @@ pub fn build(texts: &Texts, generation: u64) -> Result<Snapshot, ConfigErrors> {
     let raw_ents: Option<entitlements::RawEntitlements> =
         parse_json(&texts.entitlements_name, &texts.entitlements, &mut errors);
 
-    let catalog: Option<Catalog> = raw_catalog
-        .map(|c| catalog::compile(c, &mut Errs { file: &texts.catalog_name, out: &mut errors }));
+    let catalog: Option<Catalog> =
+        raw_catalog.map(|c| catalog::compile(c, &mut Errs { file: &texts.catalog_name, out: &mut errors }));
     let (Some(main), Some(catalog)) = (main, catalog) else {
         return Err(ConfigErrors(errors));
     };
@@ -181,9 +181,8 @@ pub fn build(texts: &Texts, generation: u64) -> Result<Snapshot, ConfigErrors> {
             s.ledger_dir = base.join(&s.ledger_dir);
         }
     }
-    let tenants = raw_ents.map(|e| {
-        entitlements::compile(e, &catalog, &mut Errs { file: &texts.entitlements_name, out: &mut errors })
-    });
+    let tenants = raw_ents
+        .map(|e| entitlements::compile(e, &catalog, &mut Errs { file: &texts.entitlements_name, out: &mut errors }));
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }

@@ -106,7 +106,9 @@ billing = {object_detection}
 /// active temporary upgrade), `globex` (text recognition only, no plan).
 pub fn entitlements(plan_qps: u32, upgrade_qps: Option<u32>) -> String {
     let upgrades = match upgrade_qps {
-        Some(q) => format!(r#", "temporary_upgrades": [{{"qps": {q}, "from": "{}", "until": "{}"}}]"#, at(-60), at(3600)),
+        Some(q) => {
+            format!(r#", "temporary_upgrades": [{{"qps": {q}, "from": "{}", "until": "{}"}}]"#, at(-60), at(3600))
+        }
         None => String::new(),
     };
     format!(
