@@ -218,6 +218,18 @@ pub struct Billing {
     closed: AtomicBool,
 }
 
+/// The entry for `key`, created by `make` on first use; the common case takes a read lock only.
+fn get_or_insert<K: std::hash::Hash + Eq, V>(
+    map: &DashMap<K, Arc<V>, FxBuildHasher>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    if let Some(v) = map.get(&key) {
+        return v.clone();
+    }
+    map.entry(key).or_insert_with(|| Arc::new(make())).clone()
+}
+
 fn month_index(unix_nanos: i64, offset: chrono::FixedOffset) -> u32 {
     use chrono::{Datelike, TimeZone};
     let t = offset.timestamp_nanos(unix_nanos);
@@ -301,28 +313,20 @@ impl Billing {
     }
 
     fn package_state(&self, key: u64, tenant: &'static str, id: &'static str) -> Arc<PackageState> {
-        if let Some(s) = self.packages.get(&key) {
-            return s.clone();
-        }
-        self.packages
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(PackageState {
-                    tenant,
-                    id,
-                    key,
-                    inner: Mutex::new(PkgInner {
-                        consumed: Decimal::ZERO,
-                        reserved: Decimal::ZERO,
-                        alerted: false,
-                        dirty: false,
-                    }),
-                    gauge: OnceLock::new(),
-                    header_single: OnceLock::new(),
-                    header_general: OnceLock::new(),
-                })
-            })
-            .clone()
+        get_or_insert(&self.packages, key, || PackageState {
+            tenant,
+            id,
+            key,
+            inner: Mutex::new(PkgInner {
+                consumed: Decimal::ZERO,
+                reserved: Decimal::ZERO,
+                alerted: false,
+                dirty: false,
+            }),
+            gauge: OnceLock::new(),
+            header_single: OnceLock::new(),
+            header_general: OnceLock::new(),
+        })
     }
 
     /// The state of (pair, month); `name` (`YYYY-MM`) is only formatted when it is created.
@@ -334,37 +338,21 @@ impl Billing {
         feature: &'static str,
         name: impl FnOnce() -> String,
     ) -> Arc<MonthState> {
-        if let Some(s) = self.months.get(&(pair, month)) {
-            return s.clone();
-        }
-        self.months
-            .entry((pair, month))
-            .or_insert_with(|| {
-                Arc::new(MonthState {
-                    tenant,
-                    feature,
-                    month: name(),
-                    inner: Mutex::new(MonthInner { units: [Decimal::ZERO; 5], payg: BTreeMap::new(), dirty: false }),
-                })
-            })
-            .clone()
+        get_or_insert(&self.months, (pair, month), || MonthState {
+            tenant,
+            feature,
+            month: name(),
+            inner: Mutex::new(MonthInner { units: [Decimal::ZERO; 5], payg: BTreeMap::new(), dirty: false }),
+        })
     }
 
     fn image_state(&self, key: u32, tenant: &'static str) -> Arc<ImageState> {
-        if let Some(s) = self.images.get(&key) {
-            return s.clone();
-        }
-        self.images
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(ImageState {
-                    tenant,
-                    key,
-                    inner: Mutex::new(ImageInner { count: 0, reserved: 0, dirty: false }),
-                    gauge: OnceLock::new(),
-                })
-            })
-            .clone()
+        get_or_insert(&self.images, key, || ImageState {
+            tenant,
+            key,
+            inner: Mutex::new(ImageInner { count: 0, reserved: 0, dirty: false }),
+            gauge: OnceLock::new(),
+        })
     }
 
     /// The image count of a tenant's instance (as kept in the ledger).
