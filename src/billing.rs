@@ -399,9 +399,8 @@ impl Billing {
             if let Some(n) = reported {
                 g.count = n;
             }
-            if g.count != before && !g.dirty {
-                g.dirty = true;
-                self.send(Msg::Dirty(DirtyKey::Image(st.key)));
+            if g.count != before {
+                self.mark(&mut g.dirty, DirtyKey::Image(st.key));
             }
             g.count
         };
@@ -461,10 +460,12 @@ impl Billing {
         Some(Reservation { payer: fallback, package: None, deferred: video })
     }
 
-    fn mark_month(&self, pair: u64, month: u32, g: &mut MonthInner) {
-        if !g.dirty {
-            g.dirty = true;
-            self.send(Msg::Dirty(DirtyKey::Month(pair, month)));
+    /// Flags a record as changed and, the first time since its last commit, queues it for the
+    /// writer. Called with the record's lock held, like every change to it.
+    fn mark(&self, dirty: &mut bool, key: DirtyKey) {
+        if !*dirty {
+            *dirty = true;
+            self.send(Msg::Dirty(key));
         }
     }
 
@@ -479,10 +480,7 @@ impl Billing {
         if fire {
             g.alerted = true;
         }
-        if !g.dirty {
-            g.dirty = true;
-            self.send(Msg::Dirty(DirtyKey::Package(state.key)));
-        }
+        self.mark(&mut g.dirty, DirtyKey::Package(state.key));
         drop(g);
         state.gauge.get_or_init(|| self.metrics.package_gauge(state.tenant, state.id)).set(to_f64(remaining));
         if fire {
@@ -500,7 +498,7 @@ impl Billing {
     }
 
     fn find_package<'a>(tenant: &'a Tenant, state: &PackageState) -> Option<&'a Package> {
-        tenant.packages.iter().find(|p| std::ptr::eq(p.label, state.id) || p.label == state.id)
+        tenant.packages.iter().find(|p| p.label == state.id)
     }
 
     /// Settles a per-call feature after the upstream answered 2xx.
@@ -526,7 +524,7 @@ impl Billing {
                 amount = pricing::marginal_price(&f.payg_tiers, before);
                 *g.payg.entry(String::new()).or_default() += Decimal::ONE;
             }
-            self.mark_month(pair, mi, &mut g);
+            self.mark(&mut g.dirty, DirtyKey::Month(pair, mi));
         }
         if let Some((state, factor)) = r.package.take() {
             match Self::find_package(tenant, &state) {
@@ -536,10 +534,7 @@ impl Billing {
                     let mut g = lock(&state.inner);
                     g.reserved -= factor;
                     g.consumed += factor;
-                    if !g.dirty {
-                        g.dirty = true;
-                        self.send(Msg::Dirty(DirtyKey::Package(state.key)));
-                    }
+                    self.mark(&mut g.dirty, DirtyKey::Package(state.key));
                 }
             }
         }
@@ -614,7 +609,7 @@ impl Billing {
                     amount = cell.map(|c| c.price * *minutes);
                 }
             }
-            self.mark_month(pair, mi, &mut g);
+            self.mark(&mut g.dirty, DirtyKey::Month(pair, mi));
         }
         for (kind, minutes) in &paid {
             self.metrics.billed(pair, tenant.label, f.label, *kind as usize, to_f64(*minutes));

@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use turnstile::clock::SystemClock;
-use turnstile::config::{self, ConfigSource};
+use turnstile::config::ConfigSource;
 use turnstile::server::{self, Gateway, Listeners};
 
 #[derive(Parser)]
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
         }
         Cmd::Check { config } => {
             let source = ConfigSource::Files { main: config };
-            match config::read_texts(&source).and_then(|t| config::build(&t, 0).map(|s| (t, s))) {
+            match server::load(&source, None, 0) {
                 Ok((texts, snap)) => {
                     println!(
                         "ok: {} ({} routes), {} ({} features), {} ({} tenants)",
