@@ -106,8 +106,7 @@ async fn payer_order_header_and_usage_report() {
     assert_eq!(od1["remaining"], "0");
     assert_eq!(od1["low_balance_alerted"], true);
 
-    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
-    let text = String::from_utf8_lossy(&m.body);
+    let text = gw.metrics(&c).await;
     for line in [
         r#"turnstile_billed_units_total{feature="license-plate-recognition",payer="payg",tenant="acme"} 3"#,
         r#"turnstile_billed_units_total{feature="object-detection",payer="single_package",tenant="acme"} 5"#,
@@ -143,8 +142,7 @@ async fn missing_or_garbled_video_usage_is_billed_as_zero_and_counted() {
         let r = post(&c, &gw.url(&format!("/v1/video/enhance{q}")), &[ACME], b"{}").await;
         assert_eq!(r.status, StatusCode::OK);
     }
-    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
-    let text = String::from_utf8_lossy(&m.body);
+    let text = gw.metrics(&c).await;
     assert!(
         text.contains(r#"turnstile_usage_report_errors_total{feature="comprehensive-video-enhancement"} 3"#),
         "{text}"
@@ -318,19 +316,13 @@ async fn sigkill_in_batched_mode_loses_at_most_the_flush_window() {
 async fn sigterm_flushes_everything_in_batched_mode() {
     let up = Upstream::start().await;
     let cfg = config(&up.url(), "durability = \"batched\"\nflush_interval_ms = 60000", "", &tenants());
-    let mut gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let c = client();
     for _ in 0..25 {
         assert_eq!(post(&c, &gw.url("/v1/ocr/license-plate"), &[ACME], b"{}").await.status, StatusCode::OK);
     }
-    let status = tokio::task::spawn_blocking(move || {
-        let s = gw.terminate();
-        (s, gw)
-    })
-    .await
-    .expect("join");
-    assert!(status.0.is_some_and(|s| s.success()));
-    drop(status);
+    let status = gw.stop("TERM").await;
+    assert!(status.is_some_and(|s| s.success()));
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let u = usage(&c, &gw).await;
     assert_eq!(
@@ -343,20 +335,14 @@ async fn sigterm_flushes_everything_in_batched_mode() {
 async fn sigterm_under_load_cuts_off_nothing_and_loses_no_charge() {
     let up = Upstream::start().await;
     let cfg = config(&up.url(), "durability = \"batched\"\nflush_interval_ms = 1000", "", &tenants());
-    let mut gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(flood(gw.url("/v1/ocr/license-plate?sleep_ms=5"), stop.clone()));
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let status = tokio::task::spawn_blocking(move || {
-        let s = gw.terminate();
-        (s, gw)
-    })
-    .await
-    .expect("join");
+    let status = gw.stop("TERM").await;
     stop.store(true, Ordering::SeqCst);
     let seen = load.await.expect("load").len() as u64;
-    assert!(status.0.is_some_and(|s| s.success()), "exit 0");
-    drop(status);
+    assert!(status.is_some_and(|s| s.success()), "exit 0");
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let u = usage(&client(), &gw).await;
     let charged: u64 =

@@ -52,8 +52,7 @@ async fn identification_routing_and_activation_errors() {
     let r = post(&c, &gw.url("/v1/detect"), &[ACME], b"{}").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
-    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
-    let text = String::from_utf8_lossy(&m.body);
+    let text = gw.metrics(&c).await;
     for line in [
         r#"turnstile_requests_total{feature="",outcome="unauthenticated",tenant=""} 2"#,
         r#"turnstile_requests_total{feature="face-comparison-1-1",outcome="admitted",tenant="acme"} 1"#,
@@ -180,8 +179,7 @@ async fn upstream_refused_is_502_and_slow_is_504() {
     let r = post(&c, &gw.url("/v1/face/compare?sleep_ms=3000"), &[ACME], b"{}").await;
     assert_eq!((r.status, r.error_code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
     assert!(started.elapsed() < Duration::from_millis(2500), "answered at the timeout, not after the upstream");
-    let m = get(&c, &gw.admin_url("/metrics"), &[]).await;
-    let text = String::from_utf8_lossy(&m.body);
+    let text = gw.metrics(&c).await;
     assert!(
         text.contains(
             r#"turnstile_requests_total{feature="face-comparison-1-1",outcome="upstream_error",tenant="acme"} 1"#
@@ -299,20 +297,15 @@ async fn admin_api_auth_rules() {
 }
 
 async fn stop_with(signal: &'static str) {
-    let (_up, _cfg, mut gw) = gateway(40, None, "").await;
+    let (_up, _cfg, gw) = gateway(40, None, "").await;
     let c = client();
     let url = gw.url("/v1/face/compare?sleep_ms=800");
     let inflight = tokio::spawn(async move { post(&c, &url, &[ACME], b"{}").await.status });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = gw.addr;
-    let status = tokio::task::spawn_blocking(move || {
-        let s = gw.signal_and_wait(signal);
-        (s, gw)
-    })
-    .await
-    .expect("join");
+    let status = gw.stop(signal).await;
     assert_eq!(inflight.await.expect("join"), StatusCode::OK, "the in-flight request completed");
-    assert!(status.0.is_some_and(|s| s.success()), "exit status {:?}", status.0);
+    assert!(status.is_some_and(|s| s.success()), "exit status {:?}", status);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
 }
 

@@ -73,7 +73,7 @@ async fn search_and_add_share_the_instance_qps_and_delete_has_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_is_enforced_failed_adds_give_their_slot_back_and_the_upstream_count_wins() {
-    let (_up, cfg, mut gw) = start(3, 50, 86400).await;
+    let (_up, cfg, gw) = start(3, 50, 86400).await;
     let c = client();
     for _ in 0..3 {
         assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
@@ -85,19 +85,13 @@ async fn capacity_is_enforced_failed_adds_give_their_slot_back_and_the_upstream_
     assert_eq!(op(&c, &gw, "/v1/image-search/add?status=500").await.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
     assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
-    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let m = gw.metrics(&c).await;
     assert!(m.contains("turnstile_image_search_images{tenant=\"acme\"} 3"), "{m}");
     assert!(m.contains(r#"turnstile_requests_total{feature="image-search",outcome="admitted",tenant="acme"}"#), "{m}");
 
     // The count survives a restart.
-    let code = tokio::task::spawn_blocking(move || {
-        let s = gw.terminate();
-        (s, gw)
-    })
-    .await
-    .expect("join");
-    assert!(code.0.is_some_and(|s| s.success()));
-    drop(code);
+    let code = gw.stop("TERM").await;
+    assert!(code.is_some_and(|s| s.success()));
     let gw = Gateway::start(&cfg);
     assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT, "still full after a restart");
     // The upstream's own count (x-usage-image-count) resyncs it.

@@ -62,7 +62,7 @@ async fn temporary_upgrade_applies_at_once_and_reverts_by_itself() {
     let limits = get(&c, &gw.admin_url("/admin/v1/tenants/acme/limits"), &[AUTH]).await.json();
     assert_eq!(limits["features"]["face-comparison-1-1"]["source"], "temporary_upgrade");
 
-    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let m = gw.metrics(&c).await;
     let generation = metric(&m, "turnstile_config_generation ");
     // After `until` the plan's 40 QPS is back, with no reload.
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -70,7 +70,7 @@ async fn temporary_upgrade_applies_at_once_and_reverts_by_itself() {
         assert!(Instant::now() < deadline, "the upgrade did not revert");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let m = gw.metrics(&c).await;
     assert_eq!(
         metric(&m, "turnstile_config_generation "),
         generation,
@@ -155,7 +155,7 @@ async fn invalid_file_is_rejected_with_every_error_and_the_old_config_serves() {
     assert!(paths.contains(&"tenants.acme.qps_plans[0].qps".to_string()), "{errors:?}");
     assert!(paths.contains(&"tenants.globex.services[0]".to_string()), "{errors:?}");
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1", "the old limits keep being served");
-    let m = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let m = gw.metrics(&c).await;
     assert_eq!(metric(&m, "turnstile_config_reloads_total{result=\"error\"} "), 1.0);
     assert!(gw.logs().contains("configuration rejected"));
 

@@ -218,11 +218,6 @@ impl Gateway {
         self.child.id()
     }
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        self.signal_and_wait("TERM")
-    }
-
     /// Sends a signal (`TERM`, `INT`) and waits up to 5 s for the exit status.
     pub fn signal_and_wait(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
@@ -233,6 +228,17 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(25));
         }
         None
+    }
+
+    /// Signals the gateway (`TERM`, `INT`) off the async runtime, waits for it to exit and
+    /// reaps it; returns the exit status (None if it did not exit within 5 s).
+    pub async fn stop(mut self, signal: &'static str) -> Option<std::process::ExitStatus> {
+        tokio::task::spawn_blocking(move || self.signal_and_wait(signal)).await.expect("join")
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self, c: &TestClient) -> String {
+        String::from_utf8_lossy(&get(c, &self.admin_url("/metrics"), &[]).await.body).into_owned()
     }
 
     pub fn logs(&self) -> String {
