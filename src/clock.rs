@@ -93,12 +93,6 @@ impl ManualClock {
         self.mono.fetch_add(n, Ordering::SeqCst);
         self.wall.fetch_add(n as i64, Ordering::SeqCst);
     }
-    /// Moves wall time to `unix_nanos` (forward only); monotonic time advances by the same amount.
-    pub fn set(&self, unix_nanos: i64) {
-        let now = self.wall.load(Ordering::SeqCst);
-        assert!(unix_nanos >= now, "ManualClock only moves forward");
-        self.advance(Duration::from_nanos((unix_nanos - now) as u64));
-    }
 }
 
 impl Clock for ManualClock {
