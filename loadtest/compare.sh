@@ -7,8 +7,11 @@
 #
 #   loadtest/compare.sh                        # 3 rounds x 10 s, wrk, 64 connections
 #   ROUNDS=5 DURATION=15 TOOLS="wrk oha" loadtest/compare.sh
+#   PROFILE=1 loadtest/compare.sh              # then one more wrk run per proxy under perf, with
+#                                              # flamegraphs (needs perf and inferno, see below)
 #
-# Needs: nginx, wrk (Debian packages), optionally oha (cargo install oha --locked), taskset.
+# Needs: nginx, wrk (Debian packages), optionally oha (cargo install oha --locked), taskset;
+# for PROFILE: perf (apt-get install linux-perf) and inferno (cargo install inferno --locked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,8 +28,15 @@ for p in $UP_PORT $NGINX_PORT $TS_PORT $TS_ADMIN; do
   if (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is busy"; exit 1; fi
 done
 
-BIN=${TURNSTILE_BIN:-$ROOT/target/release/turnstile}
-[ -x "$BIN" ] && [ -z "${REBUILD:-}" ] || cargo build --release --locked --bin turnstile
+PROFILE=${PROFILE:-}; BUILD=release
+if [ -n "$PROFILE" ]; then
+  BUILD=profiling   # release code with debug symbols, for perf's DWARF call graphs
+  for t in perf inferno-collapse-perf inferno-flamegraph; do
+    command -v "$t" >/dev/null || { echo "missing $t (apt-get install linux-perf; cargo install inferno --locked)"; exit 1; }
+  done
+fi
+BIN=${TURNSTILE_BIN:-$ROOT/target/$BUILD/turnstile}
+[ -x "$BIN" ] && [ -z "${REBUILD:-}" ] || cargo build --profile "$BUILD" --locked --bin turnstile
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -96,7 +106,10 @@ done
 curl -fsS -H "x-api-key: $API_KEY" "http://127.0.0.1:$TS_PORT/v1/infer" >/dev/null
 curl -fsS -H "x-api-key: $API_KEY" "http://127.0.0.1:$NGINX_PORT/v1/infer" >/dev/null
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system CPU of a process, in 1/100 s
+counters() { # pid -> user CPU, system CPU (1/100 s) and context switches of all its threads
+  echo "$(awk '{print $14, $15}' "/proc/$1/stat") $(cat /proc/"$1"/task/*/status | awk '/ctxt_switches/ {n += $2} END {print n}')"
+}
+delta() { paste -d' ' <(tr ' ' '\n' <<< "$2") <(tr ' ' '\n' <<< "$1") | awk '{printf "%d ", $1 - $2}'; }
 load() { # tool port seconds outfile
   local tool=$1 port=$2 secs=$3 out=$4 url="http://127.0.0.1:$2/v1/infer"
   case $tool in
@@ -118,12 +131,31 @@ for tool in $TOOLS; do
     for peer in nginx turnstile; do
       port=$NGINX_PORT; pid=$PROXY_WORKER
       [ "$peer" = turnstile ] && port=$TS_PORT && pid=$TS_PID
-      a=$(ticks "$pid"); u=$(ticks "$UP_WORKER")
+      before="$(counters "$pid") $(counters "$UP_WORKER")"
       load "$tool" "$port" "$DURATION" "$RUN/raw/$tool-$peer-$r.txt"
-      echo "$(( $(ticks "$pid") - a )) $(( $(ticks "$UP_WORKER") - u ))" > "$RUN/raw/$tool-$peer-$r.cpu"
+      delta "$before" "$(counters "$pid") $(counters "$UP_WORKER")" > "$RUN/raw/$tool-$peer-$r.cpu"
       echo "  $tool round $r $peer done"
     done
   done
 done
+if [ -n "$PROFILE" ]; then
+  # One more run per proxy, sampled by perf on the CPU clock (no hardware counters on VMs) with
+  # DWARF call graphs; perf starts a second into the run and stops a second before its end.
+  for peer in nginx turnstile; do
+    port=$NGINX_PORT; pid=$PROXY_WORKER
+    [ "$peer" = turnstile ] && port=$TS_PORT && pid=$TS_PID
+    load wrk "$port" "$DURATION" "$RUN/$peer-profiled-wrk.txt" &
+    sleep 1
+    perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$pid" -o "$RUN/$peer.perf.data" \
+      -- sleep $((DURATION > 3 ? DURATION - 2 : 1)) 2>/dev/null
+    wait $!
+    perf script -i "$RUN/$peer.perf.data" 2>/dev/null | inferno-collapse-perf --kernel > "$RUN/$peer.folded"
+    inferno-flamegraph --title "$peer under wrk ($CONNS connections)" < "$RUN/$peer.folded" > "$RUN/$peer-flamegraph.svg"
+    perf report -i "$RUN/$peer.perf.data" --no-children --sort dso,sym -g none 2>/dev/null \
+      | awk '!/^#/ && NF && n++ < 25' > "$RUN/$peer-top.txt"
+    echo "  profiled $peer: $RUN/$peer-flamegraph.svg, $RUN/$peer-top.txt"
+  done
+  python3 "$ROOT/loadtest/compare_table.py" --profile "$RUN" | tee "$RUN/profile.txt"
+fi
 curl -fsS "http://127.0.0.1:$TS_ADMIN/metrics" > "$RUN/turnstile-metrics.txt"
 python3 "$ROOT/loadtest/compare_table.py" "$RUN" | tee "$RUN/summary.txt"

@@ -31,17 +31,21 @@ static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy"
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
+/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop), and `upgrade`:
+/// protocol upgrades are not proxied.
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(n)
+        || matches!(n.as_str(), "keep-alive" | "proxy-connection")
+}
 
 /// Everything needed after the decision, owned, so no snapshot is held across awaits.
 pub struct Forward {
@@ -262,21 +266,23 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Runs twice per request: one pass over the few headers there are, and nothing allocated
+    // unless `Connection` names headers beyond the usual `keep-alive` / `close`.
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in listed {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
+    while let Some(n) = h.keys().find(|n| is_hop_by_hop(n)).cloned() {
         h.remove(n);
     }
-    // `upgrade` is hop-by-hop too; protocol upgrades are not proxied.
-    h.remove(header::UPGRADE);
 }
 
 fn upstream_uri(base: &Uri, original: &Uri) -> Result<Uri, http::Error> {
@@ -485,5 +491,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_is_dropped_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        for n in ["transfer-encoding", "upgrade", "proxy-connection", "proxy-authorization", "trailer", "x-kept"] {
+            h.append(n, HeaderValue::from_static("1"));
+        }
+        h.append("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|n| n.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        assert_eq!(h.get_all("x-kept").iter().count(), 2);
     }
 }

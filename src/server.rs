@@ -189,7 +189,8 @@ async fn accept_loop<F, Fut>(
         let gw2 = gw.clone();
         let h = handler.clone();
         let svc = service_fn(move |req| {
-            let fut = h(gw2.clone(), req, remote);
+            // Boxed: the request future is large, and hyper moves it into place; a pointer moves cheaply.
+            let fut = Box::pin(h(gw2.clone(), req, remote));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
