@@ -150,7 +150,7 @@ if [ -n "$PROFILE" ]; then
       -- sleep $((DURATION > 3 ? DURATION - 2 : 1)) 2>/dev/null
     wait $!
     perf script -i "$RUN/$peer.perf.data" 2>/dev/null | inferno-collapse-perf --kernel > "$RUN/$peer.folded"
-    inferno-flamegraph --title "$peer under wrk ($CONNS connections)" < "$RUN/$peer.folded" > "$RUN/$peer-flamegraph.svg"
+    inferno-flamegraph --minwidth 1 --title "$peer under wrk ($CONNS connections)" < "$RUN/$peer.folded" > "$RUN/$peer-flamegraph.svg"
     perf report -i "$RUN/$peer.perf.data" --no-children --sort dso,sym -g none 2>/dev/null \
       | awk '!/^#/ && NF && n++ < 25' > "$RUN/$peer-top.txt"
     echo "  profiled $peer: $RUN/$peer-flamegraph.svg, $RUN/$peer-top.txt"
