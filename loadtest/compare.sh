@@ -31,8 +31,8 @@ done
 PROFILE=${PROFILE:-}; BUILD=release
 if [ -n "$PROFILE" ]; then
   BUILD=profiling   # release code with debug symbols, for perf's DWARF call graphs
-  for t in perf inferno-collapse-perf inferno-flamegraph; do
-    command -v "$t" >/dev/null || { echo "missing $t (apt-get install linux-perf; cargo install inferno --locked)"; exit 1; }
+  for t in wrk perf inferno-collapse-perf inferno-flamegraph; do
+    command -v "$t" >/dev/null || { echo "missing $t (apt-get install wrk linux-perf; cargo install inferno --locked)"; exit 1; }
   done
 fi
 BIN=${TURNSTILE_BIN:-$ROOT/target/$BUILD/turnstile}
