@@ -30,6 +30,11 @@ fn quote_with(config: &str, args: &[&str]) -> Run {
 }
 
 /// Runs a `--json` quote that must succeed and returns its single JSON object.
+/// `payg` arguments for a video feature: seconds of video at a frame rate and line count.
+fn video<'a>(feature: &'a str, seconds: &'a str, fps: &'a str, lines: &'a str) -> [&'a str; 9] {
+    ["payg", "--feature", feature, "--video-seconds", seconds, "--fps", fps, "--lines", lines]
+}
+
 fn json(args: &[&str]) -> Value {
     let mut a = args.to_vec();
     a.push("--json");
@@ -82,17 +87,7 @@ fn payg_tier_boundaries_and_open_ended_tier() {
 
 #[test]
 fn payg_video_2min20s_at_60fps_1080_lines_costs_37_33() {
-    let v = json(&[
-        "payg",
-        "--feature",
-        "comprehensive-video-enhancement",
-        "--video-seconds",
-        "140",
-        "--fps",
-        "60",
-        "--lines",
-        "1080",
-    ]);
+    let v = json(&video("comprehensive-video-enhancement", "140", "60", "1080"));
     assert_eq!(v["total"], "37.33");
     assert_eq!(v["currency"], "CNY");
     let line = &v["lines"][0];
@@ -107,20 +102,8 @@ fn payg_video_2min20s_at_60fps_1080_lines_costs_37_33() {
 
 #[test]
 fn payg_video_matrix_corners() {
-    let price = |fps: &str, lines: &str| {
-        json(&[
-            "payg",
-            "--feature",
-            "comprehensive-video-enhancement",
-            "--video-seconds",
-            "60",
-            "--fps",
-            fps,
-            "--lines",
-            lines,
-        ])["total"]
-            .clone()
-    };
+    let price =
+        |fps: &str, lines: &str| json(&video("comprehensive-video-enhancement", "60", fps, lines))["total"].clone();
     assert_eq!(price("30", "720"), "4.00");
     assert_eq!(price("120", "2160"), "96.00");
 }
@@ -180,20 +163,7 @@ fn image_search_downgrade_is_a_refund() {
 fn text_output_ends_with_the_total() {
     let cases: [(&[&str], &str); 5] = [
         (&["payg", "--feature", "license-plate-recognition", "--calls", "15000"], "total: 2000.00 CNY"),
-        (
-            &[
-                "payg",
-                "--feature",
-                "comprehensive-video-enhancement",
-                "--video-seconds",
-                "140",
-                "--fps",
-                "60",
-                "--lines",
-                "1080",
-            ],
-            "total: 37.33 CNY",
-        ),
+        (&video("comprehensive-video-enhancement", "140", "60", "1080"), "total: 37.33 CNY"),
         (&["qps", "--feature", "face-comparison-1-1", "--qps", "40", "--period", "day"], "total: 452.00 CNY"),
         (&["package", "--feature", "object-detection", "--points", "5000"], "total: 50.00 CNY"),
         (&["image-search", "--from", "2500000/5", "--to", "5000000/10"], "total: 2100.00 USD"),
@@ -233,7 +203,7 @@ fn payg_without_a_price_is_an_error() {
     let err = fails(&["payg", "--feature", "face-comparison-1-1", "--calls", "100"]);
     assert!(err.contains("no price configured for face-comparison-1-1"), "{err}");
     // video-ocr is billed per video minute but has no matrix.
-    let err = fails(&["payg", "--feature", "video-ocr", "--video-seconds", "60", "--fps", "30", "--lines", "720"]);
+    let err = fails(&video("video-ocr", "60", "30", "720"));
     assert!(err.contains("no price configured for video-ocr"), "{err}");
 }
 
@@ -241,45 +211,15 @@ fn payg_without_a_price_is_an_error() {
 fn unit_mismatches_are_errors() {
     let err = fails(&["payg", "--feature", "comprehensive-video-enhancement", "--calls", "10"]);
     assert!(err.contains("--video-seconds"), "{err}");
-    let err = fails(&[
-        "payg",
-        "--feature",
-        "license-plate-recognition",
-        "--video-seconds",
-        "60",
-        "--fps",
-        "30",
-        "--lines",
-        "720",
-    ]);
+    let err = fails(&video("license-plate-recognition", "60", "30", "720"));
     assert!(err.contains("per call") && err.contains("--calls"), "{err}");
 }
 
 #[test]
 fn video_outside_the_matrix_has_no_price() {
-    let err = fails(&[
-        "payg",
-        "--feature",
-        "comprehensive-video-enhancement",
-        "--video-seconds",
-        "140",
-        "--fps",
-        "240",
-        "--lines",
-        "1080",
-    ]);
+    let err = fails(&video("comprehensive-video-enhancement", "140", "240", "1080"));
     assert!(err.contains("no price for 240 fps at 1080 lines"), "{err}");
-    let err = fails(&[
-        "payg",
-        "--feature",
-        "comprehensive-video-enhancement",
-        "--video-seconds",
-        "140",
-        "--fps",
-        "30",
-        "--lines",
-        "4320",
-    ]);
+    let err = fails(&video("comprehensive-video-enhancement", "140", "30", "4320"));
     assert!(err.contains("no price for 30 fps at 4320 lines"), "{err}");
 }
 
@@ -322,20 +262,7 @@ fn malformed_arguments_are_rejected() {
     for (args, needle) in [
         (&["image-search", "--from", "2500000", "--to", "5000000/10"][..], "--from"),
         (&["image-search", "--from", "2500000/5", "--to", "2.5/5"][..], "--to"),
-        (
-            &[
-                "payg",
-                "--feature",
-                "comprehensive-video-enhancement",
-                "--video-seconds",
-                "abc",
-                "--fps",
-                "60",
-                "--lines",
-                "1080",
-            ][..],
-            "--video-seconds",
-        ),
+        (&video("comprehensive-video-enhancement", "abc", "60", "1080")[..], "--video-seconds"),
     ] {
         let err = fails(args);
         assert!(err.contains(needle) && err.contains("e.g."), "{args:?}: {err}");
