@@ -280,7 +280,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
-    while let Some(n) = h.keys().find(|n| is_hop_by_hop(n)).cloned() {
+    remove_where(h, is_hop_by_hop);
+}
+
+/// Removes every header whose name matches; allocates nothing (requests have a few headers).
+fn remove_where(h: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    while let Some(n) = h.keys().find(|n| matches(n)).cloned() {
         h.remove(n);
     }
 }
@@ -407,10 +412,7 @@ async fn forward_inner(
     if fwd.key_in_authorization {
         h.remove(header::AUTHORIZATION);
     }
-    let internal: Vec<HeaderName> = h.keys().filter(|n| n.as_str().starts_with("x-turnstile-")).cloned().collect();
-    for n in internal {
-        h.remove(n);
-    }
+    remove_where(h, |n| n.as_str().starts_with("x-turnstile-"));
     h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
     h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
     let ip = remote.ip().to_string();
