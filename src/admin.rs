@@ -15,10 +15,10 @@ use subtle::ConstantTimeEq;
 
 use crate::admission::{self, LimitSource};
 use crate::catalog::Unit;
-use crate::error::{ApiError, JSON};
+use crate::error::ApiError;
 use crate::ledger::PAYERS;
 use crate::pricing::{self, ser::money_string, ser::plain_string};
-use crate::proxy::ProxyBody;
+use crate::proxy::{bearer_token, error_response, ProxyBody};
 use crate::server::Gateway;
 use crate::time::format_rfc3339;
 use rust_decimal::Decimal;
@@ -37,10 +37,7 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBod
 }
 
 fn error(e: &ApiError) -> Response<ProxyBody> {
-    let mut r = Response::new(Either::Left(Full::new(e.body())));
-    *r.status_mut() = e.status();
-    r.headers_mut().insert(header::CONTENT_TYPE, JSON.clone());
-    r
+    error_response(e, &[])
 }
 
 /// Checks the bearer token against the environment. Both sides are hashed first, so the
@@ -50,14 +47,7 @@ fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
         Ok(t) if !t.is_empty() => t,
         _ => return Err(ApiError::AdminDisabled),
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .and_then(|v| v.split_at_checked(7))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
-        .map(|(_, rest)| rest.trim_ascii())
-        .unwrap_or(b"");
+    let given = bearer_token(req.headers()).unwrap_or(b"");
     let a: [u8; 32] = Sha256::digest(expected.as_bytes()).into();
     let b: [u8; 32] = Sha256::digest(given).into();
     if bool::from(a.ct_eq(&b)) && !given.is_empty() {

@@ -72,7 +72,7 @@ fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, He
     [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
 }
 
-fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
+pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Left(Full::new(e.body())));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
@@ -94,13 +94,18 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
             return Some((k, false));
         }
     }
+    bearer_token(headers).map(|k| (k, true))
+}
+
+/// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
     let (scheme, rest) = auth.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
     }
     let k = rest.trim_ascii();
-    (!k.is_empty()).then_some((k, true))
+    (!k.is_empty()).then_some(k)
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
