@@ -165,10 +165,7 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
     let catalog = &snap.catalog;
     let mut features = serde_json::Map::new();
     for (i, f) in catalog.features.iter().enumerate() {
-        let activated = match f.family {
-            Some(m) => t.services[m],
-            None => t.image_search.is_some(),
-        };
+        let activated = t.activated(f.family);
         let has_plan = t.plans.iter().any(|p| p.feature == i);
         if !activated && !has_plan {
             continue;

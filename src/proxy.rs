@@ -157,11 +157,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
     let depth = admission::depth(limit.qps, s.burst_seconds);
 
-    let activated = match feature.family {
-        Some(m) => tenant.services[m],
-        None => tenant.image_search.is_some(),
-    };
-    if !activated {
+    if !tenant.activated(feature.family) {
         let e = match feature.family {
             Some(m) => {
                 ApiError::ServiceNotActivated { family: catalog.families[m].name.clone(), feature: feature.id.clone() }

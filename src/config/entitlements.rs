@@ -135,6 +135,15 @@ impl Tenant {
     pub fn active_plan(&self, feature: usize, t: i64) -> Option<&Plan> {
         self.plans.iter().find(|p| p.feature == feature && p.active_at(t))
     }
+
+    /// Whether the tenant may call a feature of `family`: its service is activated, or, for the
+    /// Image Search features (no family), the tenant has an instance.
+    pub fn activated(&self, family: Option<usize>) -> bool {
+        match family {
+            Some(m) => self.services[m],
+            None => self.image_search.is_some(),
+        }
+    }
 }
 
 fn time(errs: &mut Errs<'_>, path: String, s: &str) -> i64 {
