@@ -172,15 +172,15 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
         }
         let op = (i == catalog.image_search_feature).then_some(crate::config::gateway::ImageOp::Search);
         let limit = admission::limit_at(catalog, &snap.settings, t, i, op, now);
-        let plan = t.active_plan(i, now).map(|p| {
+        let active = t.active_plan(i, now);
+        let plan = active.map(|p| {
             json!({
                 "qps": p.qps,
                 "effective_at": format_rfc3339(p.effective_at, tz),
                 "expires_at": format_rfc3339(p.expires_at, tz),
             })
         });
-        let upgrades: Vec<_> = t
-            .active_plan(i, now)
+        let upgrades: Vec<_> = active
             .map(|p| {
                 p.upgrades
                     .iter()
@@ -250,8 +250,7 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
                 let mut amount = Some(Decimal::ZERO);
                 let mut lines = Vec::new();
                 for (cell, minutes) in &payg {
-                    let price =
-                        f.video_prices.iter().find(|c| &format!("fps<={},lines<={}", c.max_fps, c.max_lines) == cell);
+                    let price = f.video_prices.iter().find(|c| &c.cell() == cell);
                     let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
                     amount = amount.zip(line_amount).map(|(a, b)| a + b);
                     lines.push(json!({

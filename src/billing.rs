@@ -601,10 +601,7 @@ impl Billing {
                 g.units[*kind as usize] += *minutes;
                 if *kind == PayerKind::Payg {
                     let cell = usage.and_then(|u| pricing::video_cell(&f.video_prices, u.fps, u.lines));
-                    let key = match cell {
-                        Some(c) => format!("fps<={},lines<={}", c.max_fps, c.max_lines),
-                        None => "unpriced".to_string(),
-                    };
+                    let key = cell.map_or_else(|| "unpriced".to_string(), |c| c.cell());
                     *g.payg.entry(key).or_default() += *minutes;
                     amount = cell.map(|c| c.price * *minutes);
                 }

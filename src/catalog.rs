@@ -182,6 +182,13 @@ pub struct VideoPrice {
     pub price: Decimal,
 }
 
+impl VideoPrice {
+    /// The cell's name in the ledger's pay-as-you-go minutes and the usage report.
+    pub fn cell(&self) -> String {
+        format!("fps<={},lines<={}", self.max_fps, self.max_lines)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Feature {
     pub id: String,
