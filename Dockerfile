@@ -1,7 +1,7 @@
 # Small image: a static (musl) binary on an empty base, run as a non-root user (uid 10001).
 # Configuration is read from /etc/turnstile (mount your own over it); the ledger lives in
 # /var/lib/turnstile/ledger (mount a volume there).
-FROM rust:1-alpine AS build
+FROM docker.io/library/rust:1-alpine AS build
 RUN apk add --no-cache musl-dev
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
