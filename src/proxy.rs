@@ -1,4 +1,4 @@
-//! Tenant traffic (SPEC §4): identify → route → activation → limit → forward.
+//! Tenant traffic (SPEC §4): identify → route → activation → payer → limit → forward.
 //!
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
@@ -121,7 +121,7 @@ pub enum Who {
     Pair(u64, &'static str, &'static str),
 }
 
-/// The outcome of identify → route → activation → limit → payer.
+/// The outcome of identify → route → activation → payer → limit.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
@@ -131,7 +131,9 @@ pub enum Decision {
 
 /// Decides a request from its head alone: one snapshot load, no await, no lock that a reload or
 /// another tenant can hold. `path` is the request's path as sent ([`crate::path::origin_path`]);
-/// routing and the upstream see its normal form.
+/// routing and the upstream see its normal form. Only an admitted request takes a token: every
+/// other check (payer reservation and image-search capacity slot included) comes first, and a
+/// throttled request gives its reservation and slot back by dropping them.
 pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     let snap = gw.snapshot.load();
     let s = &snap.settings;
@@ -207,7 +209,34 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             rate_headers(limit.qps, depth, 0).into(),
         );
     }
+    // Payer and image-search capacity before the bucket, so that a 402 or 409 takes no token.
+    // Nothing was taken from the bucket for these refusals: the whole quota remains.
+    let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
+        return Decision::Reject(
+            ApiError::PaymentRequired { feature: feature.id.clone() },
+            Outcome::PaymentRequired,
+            ids(),
+            rate_headers(limit.qps, depth, 0).into(),
+        );
+    };
+    // Image search adds take a capacity slot, so concurrent adds never overshoot.
+    let image = match (route.op, tenant.image_search.as_ref()) {
+        (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
+            Some(slot) => Some((ImageOp::Add, Some(slot))),
+            None => {
+                return Decision::Reject(
+                    ApiError::CapacityExceeded { capacity: inst.capacity },
+                    Outcome::Forbidden,
+                    ids(),
+                    rate_headers(limit.qps, depth, 0).into(),
+                )
+            }
+        },
+        (Some(op), _) => Some((op, None)),
+        (None, _) => None,
+    };
     match gw.buckets.admit(pair, limit.qps, depth) {
+        // Dropping `reservation` and `image` here gives the package share and the slot back.
         Admit::Throttled { retry_after } => {
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
             Decision::Reject(
@@ -217,50 +246,24 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                 rate_headers(limit.qps, 0, secs).into(),
             )
         }
-        Admit::Allowed { remaining, reset_secs } => {
-            let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
-                return Decision::Reject(
-                    ApiError::PaymentRequired { feature: feature.id.clone() },
-                    Outcome::PaymentRequired,
-                    ids(),
-                    rate_headers(limit.qps, remaining, reset_secs).into(),
-                );
-            };
-            // Image search adds take a capacity slot first, so concurrent adds never overshoot.
-            let image = match (route.op, tenant.image_search.as_ref()) {
-                (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
-                    Some(slot) => Some((ImageOp::Add, Some(slot))),
-                    None => {
-                        return Decision::Reject(
-                            ApiError::CapacityExceeded { capacity: inst.capacity },
-                            Outcome::Forbidden,
-                            ids(),
-                            rate_headers(limit.qps, remaining, reset_secs).into(),
-                        )
-                    }
-                },
-                (Some(op), _) => Some((op, None)),
-                (None, _) => None,
-            };
-            Decision::Forward(Forward {
-                pair,
-                tenant: tenant.label,
-                feature: feature.label,
-                key_in_authorization,
-                path: match path {
-                    std::borrow::Cow::Borrowed(_) => None,
-                    std::borrow::Cow::Owned(p) => Some(p),
-                },
-                upstream: s.upstream.clone(),
-                timeout: s.upstream_timeout,
-                body_limit: s.max_request_body_bytes,
-                api_key_header: s.api_key_header.clone(),
-                rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-                reservation,
-                video: feature.unit == Unit::VideoMinute,
-                image,
-            })
-        }
+        Admit::Allowed { remaining, reset_secs } => Decision::Forward(Forward {
+            pair,
+            tenant: tenant.label,
+            feature: feature.label,
+            key_in_authorization,
+            path: match path {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(p) => Some(p),
+            },
+            upstream: s.upstream.clone(),
+            timeout: s.upstream_timeout,
+            body_limit: s.max_request_body_bytes,
+            api_key_header: s.api_key_header.clone(),
+            rate_headers: rate_headers(limit.qps, remaining, reset_secs),
+            reservation,
+            video: feature.unit == Unit::VideoMinute,
+            image,
+        }),
     }
 }
 
