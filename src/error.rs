@@ -13,6 +13,8 @@ pub enum ApiError {
     InvalidApiKey,
     #[error("no feature is served at {path}: check the path against the API documentation")]
     UnknownRoute { path: String },
+    #[error("the request path is refused because {0}: send the path as documented, starting with /, with no \\ and no %2F or %5C, and % only before two hex digits")]
+    BadPath(crate::path::BadPath),
     #[error(
         "the {family} service is not activated for this account: activate it in the console before calling {feature}"
     )]
@@ -53,7 +55,7 @@ impl ApiError {
         match self {
             MissingApiKey { .. } | InvalidApiKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             UnknownRoute { .. } | NotFound(_) => StatusCode::NOT_FOUND,
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | BadPath(_) => StatusCode::BAD_REQUEST,
             ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => StatusCode::FORBIDDEN,
             QpsExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             PaymentRequired { .. } | InstanceExpired { .. } => StatusCode::PAYMENT_REQUIRED,
@@ -73,6 +75,7 @@ impl ApiError {
             MissingApiKey { .. } => "missing_api_key",
             InvalidApiKey => "invalid_api_key",
             UnknownRoute { .. } => "unknown_route",
+            BadPath(_) => "bad_path",
             ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => "service_not_activated",
             QpsExceeded { .. } => "qps_exceeded",
             PaymentRequired { .. } => "payment_required",

@@ -14,6 +14,7 @@ pub mod error;
 pub mod intern;
 pub mod ledger;
 pub mod metrics;
+pub mod path;
 pub mod pricing;
 pub mod proxy;
 pub mod quote;

@@ -1,4 +1,4 @@
-//! Tenant traffic (SPEC §4): identify → route → activation → limit → forward.
+//! Tenant traffic (SPEC §4): identify → route → activation → payer → limit → forward.
 //!
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
@@ -53,6 +53,9 @@ pub struct Forward {
     tenant: &'static str,
     feature: &'static str,
     key_in_authorization: bool,
+    /// The normalized path (SPEC §4) when it differs from the request's; `None` keeps the
+    /// request's own path (nearly always: nothing allocated).
+    path: Option<String>,
     upstream: Uri,
     timeout: Duration,
     body_limit: u64,
@@ -118,7 +121,7 @@ pub enum Who {
     Pair(u64, &'static str, &'static str),
 }
 
-/// The outcome of identify → route → activation → limit → payer.
+/// The outcome of identify → route → activation → payer → limit.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
@@ -127,7 +130,10 @@ pub enum Decision {
 }
 
 /// Decides a request from its head alone: one snapshot load, no await, no lock that a reload or
-/// another tenant can hold.
+/// another tenant can hold. `path` is the request's path as sent ([`crate::path::origin_path`]);
+/// routing and the upstream see its normal form. Only an admitted request takes a token: every
+/// other check (payer reservation and image-search capacity slot included) comes first, and a
+/// throttled request gives its reservation and slot back by dropping them.
 pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     let snap = gw.snapshot.load();
     let s = &snap.settings;
@@ -143,8 +149,20 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
         return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, Who::Nobody, Vec::new());
     };
     let tenant = &snap.tenants[ti];
-    let Some(route) = snap.router.find(path) else {
-        let e = ApiError::UnknownRoute { path: path.to_string() };
+    // A refused path has no feature: it is counted like an unknown route.
+    let path = match crate::path::normalize(path) {
+        Ok(p) => p,
+        Err(why) => {
+            return Decision::Reject(
+                ApiError::BadPath(why),
+                Outcome::UnknownRoute,
+                Who::Tenant(tenant.label),
+                Vec::new(),
+            )
+        }
+    };
+    let Some(route) = snap.router.find(&path) else {
+        let e = ApiError::UnknownRoute { path: path.into_owned() };
         return Decision::Reject(e, Outcome::UnknownRoute, Who::Tenant(tenant.label), Vec::new());
     };
     let catalog = &snap.catalog;
@@ -191,7 +209,34 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             rate_headers(limit.qps, depth, 0).into(),
         );
     }
+    // Payer and image-search capacity before the bucket, so that a 402 or 409 takes no token.
+    // Nothing was taken from the bucket for these refusals: the whole quota remains.
+    let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
+        return Decision::Reject(
+            ApiError::PaymentRequired { feature: feature.id.clone() },
+            Outcome::PaymentRequired,
+            ids(),
+            rate_headers(limit.qps, depth, 0).into(),
+        );
+    };
+    // Image search adds take a capacity slot, so concurrent adds never overshoot.
+    let image = match (route.op, tenant.image_search.as_ref()) {
+        (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
+            Some(slot) => Some((ImageOp::Add, Some(slot))),
+            None => {
+                return Decision::Reject(
+                    ApiError::CapacityExceeded { capacity: inst.capacity },
+                    Outcome::Forbidden,
+                    ids(),
+                    rate_headers(limit.qps, depth, 0).into(),
+                )
+            }
+        },
+        (Some(op), _) => Some((op, None)),
+        (None, _) => None,
+    };
     match gw.buckets.admit(pair, limit.qps, depth) {
+        // Dropping `reservation` and `image` here gives the package share and the slot back.
         Admit::Throttled { retry_after } => {
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
             Decision::Reject(
@@ -201,53 +246,31 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
                 rate_headers(limit.qps, 0, secs).into(),
             )
         }
-        Admit::Allowed { remaining, reset_secs } => {
-            let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
-                return Decision::Reject(
-                    ApiError::PaymentRequired { feature: feature.id.clone() },
-                    Outcome::PaymentRequired,
-                    ids(),
-                    rate_headers(limit.qps, remaining, reset_secs).into(),
-                );
-            };
-            // Image search adds take a capacity slot first, so concurrent adds never overshoot.
-            let image = match (route.op, tenant.image_search.as_ref()) {
-                (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
-                    Some(slot) => Some((ImageOp::Add, Some(slot))),
-                    None => {
-                        return Decision::Reject(
-                            ApiError::CapacityExceeded { capacity: inst.capacity },
-                            Outcome::Forbidden,
-                            ids(),
-                            rate_headers(limit.qps, remaining, reset_secs).into(),
-                        )
-                    }
-                },
-                (Some(op), _) => Some((op, None)),
-                (None, _) => None,
-            };
-            Decision::Forward(Forward {
-                pair,
-                tenant: tenant.label,
-                feature: feature.label,
-                key_in_authorization,
-                upstream: s.upstream.clone(),
-                timeout: s.upstream_timeout,
-                body_limit: s.max_request_body_bytes,
-                api_key_header: s.api_key_header.clone(),
-                rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-                reservation,
-                video: feature.unit == Unit::VideoMinute,
-                image,
-            })
-        }
+        Admit::Allowed { remaining, reset_secs } => Decision::Forward(Forward {
+            pair,
+            tenant: tenant.label,
+            feature: feature.label,
+            key_in_authorization,
+            path: match path {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(p) => Some(p),
+            },
+            upstream: s.upstream.clone(),
+            timeout: s.upstream_timeout,
+            body_limit: s.max_request_body_bytes,
+            api_key_header: s.api_key_header.clone(),
+            rate_headers: rate_headers(limit.qps, remaining, reset_secs),
+            reservation,
+            video: feature.unit == Unit::VideoMinute,
+            image,
+        }),
     }
 }
 
 /// Handles one tenant request; never fails (errors become JSON responses).
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
     let start = Instant::now();
-    let fwd = match decide(&gw, req.headers(), req.uri().path()) {
+    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())) {
         Decision::Reject(e, outcome, who, headers) => {
             match who {
                 Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
@@ -291,16 +314,27 @@ fn remove_where(h: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
     }
 }
 
-fn upstream_uri(base: &Uri, original: &Uri) -> Result<Uri, http::Error> {
+/// The upstream URI: the base's path, then the request's normalized path (`normalized`, or the
+/// request's own path when that is already normal) and the request's query as sent.
+fn upstream_uri(base: &Uri, original: &Uri, normalized: Option<&str>) -> Result<Uri, http::Error> {
     let base_path = base.path().trim_end_matches('/');
-    let pq = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut parts = http::uri::Parts::default();
     parts.scheme = base.scheme().cloned();
     parts.authority = base.authority().cloned();
-    parts.path_and_query = Some(if base_path.is_empty() {
-        http::uri::PathAndQuery::try_from(pq)?
-    } else {
-        http::uri::PathAndQuery::try_from(format!("{base_path}{pq}"))?
+    parts.path_and_query = Some(match (base_path.is_empty(), normalized, original.path_and_query()) {
+        (true, None, Some(pq)) => pq.clone(),
+        _ => {
+            let path = normalized.unwrap_or(original.path());
+            let query = original.query();
+            let mut pq = String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+            pq.push_str(base_path);
+            pq.push_str(path);
+            if let Some(q) = query {
+                pq.push('?');
+                pq.push_str(q);
+            }
+            http::uri::PathAndQuery::try_from(pq)?
+        }
     });
     Ok(Uri::from_parts(parts)?)
 }
@@ -406,7 +440,8 @@ async fn forward_inner(
     fwd: &Forward,
 ) -> Result<Response<ProxyBody>, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let uri = upstream_uri(&fwd.upstream, &parts.uri).map_err(|_| ApiError::UpstreamUnavailable)?;
+    let uri =
+        upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     h.remove(&fwd.api_key_header);
@@ -471,9 +506,23 @@ mod tests {
     fn upstream_uri_keeps_path_and_query_and_base_path() {
         let base: Uri = "http://127.0.0.1:18080".parse().unwrap();
         let orig: Uri = "/v1/face/compare?x=1".parse().unwrap();
-        assert_eq!(upstream_uri(&base, &orig).unwrap().to_string(), "http://127.0.0.1:18080/v1/face/compare?x=1");
+        assert_eq!(upstream_uri(&base, &orig, None).unwrap().to_string(), "http://127.0.0.1:18080/v1/face/compare?x=1");
+        let dotted: Uri = "/v1/x/../face/compare?x=/../1".parse().unwrap();
+        let normal = Some("/v1/face/compare");
+        assert_eq!(
+            upstream_uri(&base, &dotted, normal).unwrap().to_string(),
+            "http://127.0.0.1:18080/v1/face/compare?x=/../1",
+            "the normalized path, the query as sent"
+        );
         let base: Uri = "http://127.0.0.1:18080/infer/".parse().unwrap();
-        assert_eq!(upstream_uri(&base, &orig).unwrap().to_string(), "http://127.0.0.1:18080/infer/v1/face/compare?x=1");
+        assert_eq!(
+            upstream_uri(&base, &orig, None).unwrap().to_string(),
+            "http://127.0.0.1:18080/infer/v1/face/compare?x=1"
+        );
+        assert_eq!(
+            upstream_uri(&base, &dotted, normal).unwrap().to_string(),
+            "http://127.0.0.1:18080/infer/v1/face/compare?x=/../1"
+        );
     }
 
     #[test]

@@ -345,6 +345,20 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
         if r.path[..r.path.len() - usize::from(prefix)].contains('*') {
             errs.push(format!("{p}.path"), format!("{:?}: * is allowed only as the final \"/*\"", r.path));
         }
+        // Requests are routed on their normal form (SPEC §4), so a route must be written in it.
+        match crate::path::normalize(&path) {
+            Ok(n) if n == path => {}
+            Ok(n) => {
+                let star = if prefix { "*" } else { "" };
+                let msg = format!(
+                    "{:?} could never match (requests are routed on their normalized path): write {:?}",
+                    r.path,
+                    format!("{n}{star}")
+                );
+                errs.push(format!("{p}.path"), msg)
+            }
+            Err(why) => errs.push(format!("{p}.path"), format!("{:?} could never match: {why}", r.path)),
+        }
         if let Some(j) = routes.iter().position(|x| x.path == path && x.prefix == prefix) {
             errs.push(format!("{p}.path"), format!("{:?} repeats routes[{j}] and could never match", r.path));
         }
