@@ -31,6 +31,8 @@ pub enum ApiError {
     CapacityExceeded { capacity: u64 },
     #[error("the request body is larger than {limit} bytes: send a smaller body")]
     BodyTooLarge { limit: u64 },
+    #[error("no request body bytes arrived for {timeout_ms} ms: send the body without pausing, or retry over a faster connection")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("the inference service could not be reached: retry later")]
     UpstreamUnavailable,
     #[error("the inference service did not answer within {timeout_ms} ms: retry later, or send a smaller request")]
@@ -60,6 +62,7 @@ impl ApiError {
             InstanceReleased { .. } => StatusCode::GONE,
             CapacityExceeded { .. } => StatusCode::CONFLICT,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +83,7 @@ impl ApiError {
             InstanceReleased { .. } => "instance_released",
             CapacityExceeded { .. } => "capacity_exceeded",
             BodyTooLarge { .. } => "body_too_large",
+            BodyTimeout { .. } => "body_timeout",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
             AdminDisabled => "admin_disabled",

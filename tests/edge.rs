@@ -14,15 +14,11 @@ use tokio::net::TcpStream;
 
 const MB: usize = 1024 * 1024;
 
-async fn gateway_with(server_extra: &str, ents: &str) -> (Upstream, ConfigDir, Gateway) {
+async fn gateway(server_extra: &str) -> (Upstream, ConfigDir, Gateway) {
     let up = Upstream::start().await;
-    let cfg = ConfigDir::new(&main_toml(&up.url(), server_extra, ""), SHIPPED_CATALOG, ents);
+    let cfg = ConfigDir::new(&main_toml(&up.url(), server_extra, ""), SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);
     (up, cfg, gw)
-}
-
-async fn gateway(server_extra: &str) -> (Upstream, ConfigDir, Gateway) {
-    gateway_with(server_extra, &entitlements(40, None)).await
 }
 
 /// One HTTP/1.1 response read off a raw socket.
@@ -87,7 +83,9 @@ async fn read_reply(s: &mut TcpStream, limit: Duration) -> Result<RawReply, Stri
         let mut chunk = [0u8; 16 * 1024];
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => return Err(format!("no complete response within {limit:?}; got {:?}", String::from_utf8_lossy(&buf))),
+            Err(_) => {
+                return Err(format!("no complete response within {limit:?}; got {:?}", String::from_utf8_lossy(&buf)))
+            }
             Ok(Err(e)) => return Err(format!("read failed: {e}; got {:?}", String::from_utf8_lossy(&buf))),
             Ok(Ok(0)) => return Err(format!("EOF; got {:?}", String::from_utf8_lossy(&buf))),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
@@ -170,9 +168,8 @@ async fn expect_100_continue_over_the_limit_gets_413_without_100_continue() {
     assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"));
     // Nothing else follows: no late 100 Continue while the gateway waits for the body it refused.
     let mut rest = [0u8; 64];
-    match tokio::time::timeout(Duration::from_millis(500), s.read(&mut rest)).await {
-        Ok(Ok(n)) => assert!(!String::from_utf8_lossy(&rest[..n]).contains("100"), "{:?}", &rest[..n]),
-        Ok(Err(_)) | Err(_) => {}
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut rest)).await {
+        assert!(!String::from_utf8_lossy(&rest[..n]).contains("100"), "{:?}", &rest[..n]);
     }
 
     // Under the limit, the body is wanted: 100 Continue, then the upstream's answer.
@@ -204,6 +201,27 @@ async fn chunked_upload_crossing_the_limit_mid_stream_reads_413() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_to_an_unreachable_upstream_reads_502() {
+    // A port with nothing listening: the upload is admitted, then never read by anyone.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let cfg =
+        ConfigDir::new(&main_toml(&format!("http://{dead_addr}"), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let gw = Gateway::start(&cfg);
+    let body = vec![b'z'; 5 * MB];
+    let head = format!(
+        "POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    for attempt in 0..10 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        let r = write_all_then_read(&mut s, &head, &body).await.unwrap_or_else(|e| panic!("attempt {attempt}: {e}"));
+        assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"), "attempt {attempt}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_upload_gets_408_and_is_not_charged() {
     // od-1 pays exactly one object-detection call (0.2 points).
     let ents = format!(
@@ -215,11 +233,20 @@ async fn stalled_upload_gets_408_and_is_not_charged() {
         from = at(-3600),
         until = at(86400),
     );
-    let (_up, _cfg, gw) = gateway_with("body_read_timeout_ms = 300\nupstream_timeout_ms = 20000", &ents).await;
+    let up = Upstream::start().await;
+    let main = main_toml(
+        &up.url(),
+        "body_read_timeout_ms = 300\nupstream_timeout_ms = 20000",
+        "[admission]\ndefault_qps = 50",
+    );
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &ents);
+    let gw = Gateway::start(&cfg);
     let mut s = TcpStream::connect(gw.addr).await.expect("connect");
-    s.write_all(b"POST /v1/detect/objects HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ncontent-length: 1000\r\n\r\n0123456789")
-        .await
-        .expect("write");
+    s.write_all(
+        b"POST /v1/detect/objects HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ncontent-length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .expect("write");
     let started = Instant::now();
     let r = read_reply(&mut s, Duration::from_secs(5)).await.expect("a response");
     assert_eq!((r.status, r.error_code().as_str()), (408, "body_timeout"));
@@ -236,7 +263,9 @@ async fn stalled_upload_gets_408_and_is_not_charged() {
     assert_eq!((r.status, r.header("x-turnstile-payer")), (StatusCode::OK, Some("payg")));
     let text = gw.metrics(&c).await;
     assert!(
-        text.contains(r#"turnstile_billed_units_total{feature="object-detection",payer="single_package:od-1",tenant="acme"} 1"#),
+        text.contains(
+            r#"turnstile_billed_units_total{feature="object-detection",payer="single_package",tenant="acme"} 1"#
+        ),
         "{text}"
     );
 }
@@ -281,6 +310,23 @@ async fn max_connections_holds_excess_connections_back_until_one_closes() {
     drop(held.remove(0));
     let r = read_reply(&mut third, Duration::from_secs(5)).await.expect("served once a slot is free");
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_give_their_slot_back_after_header_read_timeout() {
+    let (_up, _cfg, gw) = gateway("max_connections = 1\nheader_read_timeout_ms = 300").await;
+    let req = "GET /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\n\r\n";
+    let mut idle = TcpStream::connect(gw.addr).await.expect("connect");
+    assert_eq!(write_all_then_read(&mut idle, req, b"").await.expect("served").status, 200);
+    // The idle connection holds the only slot until the gateway closes it, ~300 ms from now.
+    let started = Instant::now();
+    let mut next = TcpStream::connect(gw.addr).await.expect("connect");
+    let r = write_all_then_read(&mut next, req, b"").await.expect("served once the idle one is closed");
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(200), "served at once: the slot was not held");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "the idle connection was closed: {closed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
