@@ -151,14 +151,25 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(snap: &Snapshot) -> std::io::Result<Listeners> {
-        let tenant = TcpListener::bind(snap.settings.listen)
-            .await
+        let tenant = listen(snap.settings.listen)
             .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {}: {e}", snap.settings.listen)))?;
         let admin = TcpListener::bind(snap.settings.admin_listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("server.admin_listen {}: {e}", snap.settings.admin_listen))
         })?;
         Ok(Listeners { tenant, admin })
     }
+}
+
+/// The tenant listener's accept queue: connections beyond `[server].max_connections` wait here
+/// (the kernel caps it at `net.core.somaxconn`). Tokio's `TcpListener::bind` uses 128.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts and serves connections until `stop` changes. With `limit`, at most that many

@@ -155,6 +155,44 @@ async fn other_refusals_drain_the_upload_and_keep_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_stops_at_64_mib_and_closes_the_connection() {
+    let (_up, _cfg, gw) = gateway("").await;
+    let total = 100 * MB;
+    let s = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let head =
+        format!("POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: nope\r\ncontent-length: {total}\r\n\r\n");
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await.expect("head");
+        let chunk = vec![b'x'; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    // The answer comes first; the connection is closed once 64 MiB have been discarded.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 401 "), "{:?}", String::from_utf8_lossy(&out));
+    let sent = tokio::time::timeout(Duration::from_secs(8), writer).await.expect("writer stops").expect("join");
+    assert!((64 * MB..total).contains(&sent), "wrote {sent} bytes before the gateway closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_over_the_limit_gets_413_without_100_continue() {
     let (_up, _cfg, gw) = gateway("max_request_body_bytes = 1048576").await;
     let mut s = TcpStream::connect(gw.addr).await.expect("connect");
@@ -351,6 +389,19 @@ async fn content_length_with_transfer_encoding_is_forwarded_with_one_framing() {
         let mut rest = Vec::new();
         let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
         assert!(matches!(n, Ok(Ok(0))), "closed after the response: {n:?}");
+    }
+    // hyper refuses what it cannot frame: a Transfer-Encoding not ending in chunked, two lengths.
+    for head in [
+        "POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ntransfer-encoding: gzip\r\ncontent-length: 5\r\n\r\n",
+        "POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(b"hello!").await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{head:?} -> {text:?}");
     }
     // A chunked body on a GET reaches the upstream too (not sent as an empty body).
     let mut s = TcpStream::connect(gw.addr).await.expect("connect");
