@@ -88,7 +88,7 @@ pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) 
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         // Like nginx: the connection is not reused after these (the body is drained first).
-        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } => {
+        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         _ => {}
@@ -259,6 +259,11 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
 /// before its body is read has its body drained after the answer (see [`crate::body`]).
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<TenantBody> {
     let start = Instant::now();
+    if !transfer_coding_is_chunked_only(req.headers()) {
+        // Not counted in turnstile_requests_total, like the 400s hyper answers itself.
+        let (resp, body) = (error_response(&ApiError::UnsupportedTransferEncoding, &[]), req.into_body());
+        return resp.map(|r| TenantBody::refusal(r, body));
+    }
     let fwd = match decide(&gw, req.headers(), req.uri().path()) {
         Decision::Reject(e, outcome, who, headers) => {
             match who {
@@ -277,6 +282,22 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
     gw.metrics.request_pair(pair, tenant, feature, outcome);
     gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
     resp.map(TenantBody::new)
+}
+
+/// No `Transfer-Encoding`, or exactly `chunked`. hyper accepts any list that ends in `chunked`
+/// and undoes only that; forwarded, the other codings (`gzip, chunked`) would be lost, since
+/// `Transfer-Encoding` is hop-by-hop.
+fn transfer_coding_is_chunked_only(h: &HeaderMap) -> bool {
+    let mut codings = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(c) => c.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -498,6 +519,25 @@ mod tests {
         let [(p, pv), (r, rv)] = rate_headers(40, 39, 1);
         assert_eq!((p.as_str(), pv.to_str().unwrap()), ("ratelimit-policy", "\"qps\";q=40;w=1"));
         assert_eq!((r.as_str(), rv.to_str().unwrap()), ("ratelimit", "\"qps\";r=39;t=1"));
+    }
+
+    #[test]
+    fn only_plain_chunked_transfer_coding_is_accepted() {
+        let with = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            transfer_coding_is_chunked_only(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&["chunked"]));
+        assert!(with(&[" Chunked "]));
+        assert!(with(&[", chunked"]), "empty list elements are allowed (RFC 9110 §5.6.1)");
+        assert!(!with(&["gzip, chunked"]));
+        assert!(!with(&["chunked, chunked"]));
+        assert!(!with(&["gzip", "chunked"]));
+        assert!(!with(&["identity"]));
     }
 
     #[test]
