@@ -33,6 +33,12 @@ pub enum ApiError {
     CapacityExceeded { capacity: u64 },
     #[error("the request body is larger than {limit} bytes: send a smaller body")]
     BodyTooLarge { limit: u64 },
+    #[error("no request body bytes arrived for {timeout_ms} ms: send the body without pausing, or retry over a faster connection")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error(
+        "only `Transfer-Encoding: chunked` is supported: send the body with a Content-Length or plain chunked (compress with Content-Encoding instead)"
+    )]
+    UnsupportedTransferEncoding,
     #[error("the inference service could not be reached: retry later")]
     UpstreamUnavailable,
     #[error("the inference service did not answer within {timeout_ms} ms: retry later, or send a smaller request")]
@@ -62,6 +68,8 @@ impl ApiError {
             InstanceReleased { .. } => StatusCode::GONE,
             CapacityExceeded { .. } => StatusCode::CONFLICT,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,6 +91,8 @@ impl ApiError {
             InstanceReleased { .. } => "instance_released",
             CapacityExceeded { .. } => "capacity_exceeded",
             BodyTooLarge { .. } => "body_too_large",
+            BodyTimeout { .. } => "body_timeout",
+            UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
             AdminDisabled => "admin_disabled",

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admission;
 pub mod billing;
+pub mod body;
 pub mod catalog;
 pub mod clock;
 pub mod config;

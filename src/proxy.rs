@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
-use http_body_util::{Either, Full, Limited};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::admission::{self, Admit};
 use crate::billing::{ImageSlot, Reservation, VideoUsage};
+use crate::body::{TenantBody, Upload, UploadError};
 use crate::catalog::Unit;
 use crate::config::gateway::ImageOp;
 use crate::error::{ApiError, JSON};
@@ -22,7 +24,7 @@ use crate::metrics::Outcome;
 use crate::server::Gateway;
 
 pub type ProxyBody = Either<Full<Bytes>, Incoming>;
-pub type UpstreamBody = Limited<Incoming>;
+pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
 static X_TURNSTILE_FEATURE: HeaderName = HeaderName::from_static("x-turnstile-feature");
@@ -59,6 +61,7 @@ pub struct Forward {
     upstream: Uri,
     timeout: Duration,
     body_limit: u64,
+    body_read_timeout: Duration,
     api_key_header: HeaderName,
     rate_headers: [(HeaderName, HeaderValue); 2],
     reservation: Reservation,
@@ -83,8 +86,15 @@ pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) 
     for (n, v) in extra {
         h.insert(n.clone(), v.clone());
     }
-    if let ApiError::QpsExceeded { retry_after, .. } = e {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    match e {
+        ApiError::QpsExceeded { retry_after, .. } => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        // Like nginx: the connection is not reused after these (the body is drained first).
+        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {}
     }
     resp
 }
@@ -258,6 +268,7 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             upstream: s.upstream.clone(),
             timeout: s.upstream_timeout,
             body_limit: s.max_request_body_bytes,
+            body_read_timeout: s.body_read_timeout,
             api_key_header: s.api_key_header.clone(),
             rate_headers: rate_headers(limit.qps, remaining, reset_secs),
             reservation,
@@ -267,9 +278,15 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     }
 }
 
-/// Handles one tenant request; never fails (errors become JSON responses).
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+/// Handles one tenant request; never fails (errors become JSON responses). A request refused
+/// before its body is read has its body drained after the answer (see [`crate::body`]).
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<TenantBody> {
     let start = Instant::now();
+    if !transfer_coding_is_chunked_only(req.headers()) {
+        // Not counted in turnstile_requests_total, like the 400s hyper answers itself.
+        let (resp, body) = (error_response(&ApiError::UnsupportedTransferEncoding, &[]), req.into_body());
+        return resp.map(|r| TenantBody::refusal(r, body));
+    }
     let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())) {
         Decision::Reject(e, outcome, who, headers) => {
             match who {
@@ -278,7 +295,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
                 Who::Nobody => gw.metrics.request("", "", outcome),
             }
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-            return error_response(&e, &headers);
+            let (resp, body) = (error_response(&e, &headers), req.into_body());
+            return resp.map(|r| TenantBody::refusal(r, body));
         }
         Decision::Forward(f) => f,
     };
@@ -286,7 +304,23 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
     let (resp, outcome) = forward(&gw, req, remote, fwd).await;
     gw.metrics.request_pair(pair, tenant, feature, outcome);
     gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-    resp
+    resp.map(TenantBody::new)
+}
+
+/// No `Transfer-Encoding`, or exactly `chunked`. hyper accepts any list that ends in `chunked`
+/// and undoes only that; forwarded, the other codings (`gzip, chunked`) would be lost, since
+/// `Transfer-Encoding` is hop-by-hop.
+fn transfer_coding_is_chunked_only(h: &HeaderMap) -> bool {
+    let mut codings = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(c) => c.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -337,17 +371,6 @@ fn upstream_uri(base: &Uri, original: &Uri, normalized: Option<&str>) -> Result<
         }
     });
     Ok(Uri::from_parts(parts)?)
-}
-
-fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// Reads the video usage report of SPEC §4; `None` when missing or malformed.
@@ -414,8 +437,12 @@ async fn forward(
     let reserved_payer = fwd.reservation.header();
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
-            let outcome =
-                if matches!(e, ApiError::BodyTooLarge { .. }) { Outcome::Forbidden } else { Outcome::UpstreamError };
+            // The client's fault (413, 408) counts as `forbidden`, like a 413 refused up front.
+            let outcome = if matches!(e, ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. }) {
+                Outcome::Forbidden
+            } else {
+                Outcome::UpstreamError
+            };
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
         }
@@ -440,10 +467,17 @@ async fn forward_inner(
     fwd: &Forward,
 ) -> Result<Response<ProxyBody>, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let uri =
-        upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
+    let expect_continue = parts.headers.contains_key(header::EXPECT);
+    let body = Upload::new(body, fwd.body_limit, fwd.body_read_timeout, expect_continue);
+    let uri = upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
+    // The body is forwarded with one framing, the one it was read with: a body of unknown length
+    // (chunked; hyper dropped any Content-Length that came with Transfer-Encoding) goes chunked,
+    // whatever the method (hyper's client would send a GET's as an empty body).
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
     h.remove(&fwd.api_key_header);
     if fwd.key_in_authorization {
         h.remove(header::AUTHORIZATION);
@@ -461,8 +495,7 @@ async fn forward_inner(
     }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let body_limit = usize::try_from(fwd.body_limit).unwrap_or(usize::MAX);
-    let upstream_req = Request::from_parts(parts, Limited::new(body, body_limit));
+    let upstream_req = Request::from_parts(parts, body);
 
     let sent = Instant::now();
     let result = tokio::time::timeout(fwd.timeout, gw.client.request(upstream_req)).await;
@@ -470,8 +503,12 @@ async fn forward_inner(
     let resp = match result {
         Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: fwd.timeout.as_millis() as u64 }),
         Ok(Err(e)) => {
-            if is_length_limit(&e) {
-                return Err(ApiError::BodyTooLarge { limit: fwd.body_limit });
+            match crate::body::upload_error(&e) {
+                Some(UploadError::TooLarge(_)) => return Err(ApiError::BodyTooLarge { limit: fwd.body_limit }),
+                Some(UploadError::Stalled(_)) => {
+                    return Err(ApiError::BodyTimeout { timeout_ms: fwd.body_read_timeout.as_millis() as u64 })
+                }
+                None => {}
             }
             tracing::debug!(error = %e, "upstream request failed");
             return Err(ApiError::UpstreamUnavailable);
@@ -530,6 +567,25 @@ mod tests {
         let [(p, pv), (r, rv)] = rate_headers(40, 39, 1);
         assert_eq!((p.as_str(), pv.to_str().unwrap()), ("ratelimit-policy", "\"qps\";q=40;w=1"));
         assert_eq!((r.as_str(), rv.to_str().unwrap()), ("ratelimit", "\"qps\";r=39;t=1"));
+    }
+
+    #[test]
+    fn only_plain_chunked_transfer_coding_is_accepted() {
+        let with = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            transfer_coding_is_chunked_only(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&["chunked"]));
+        assert!(with(&[" Chunked "]));
+        assert!(with(&[", chunked"]), "empty list elements are allowed (RFC 9110 §5.6.1)");
+        assert!(!with(&["gzip, chunked"]));
+        assert!(!with(&["chunked, chunked"]));
+        assert!(!with(&["gzip", "chunked"]));
+        assert!(!with(&["identity"]));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::Uri;
@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::admission::{BucketStore, LocalBuckets};
 use crate::billing::{Alert, Billing};
@@ -151,8 +151,7 @@ pub struct Listeners {
 
 impl Listeners {
     pub async fn bind(snap: &Snapshot) -> std::io::Result<Listeners> {
-        let tenant = TcpListener::bind(snap.settings.listen)
-            .await
+        let tenant = listen(snap.settings.listen)
             .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {}: {e}", snap.settings.listen)))?;
         let admin = TcpListener::bind(snap.settings.admin_listen).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("server.admin_listen {}: {e}", snap.settings.admin_listen))
@@ -161,17 +160,61 @@ impl Listeners {
     }
 }
 
-async fn accept_loop<F, Fut>(
+/// The tenant listener's accept queue: connections beyond `[server].max_connections` wait here
+/// (the kernel caps it at `net.core.somaxconn`). Tokio's `TcpListener::bind` uses 128.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Accepts and serves connections until `stop` changes. With `limit`, at most that many
+/// connections are open at once: beyond it the loop stops accepting, and new connections wait in
+/// the kernel's listen backlog until one closes (nginx `worker_connections` behaviour).
+async fn accept_loop<F, Fut, B>(
     listener: TcpListener,
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
     graceful: &GracefulShutdown,
+    limit: Option<Arc<Semaphore>>,
     handler: F,
 ) where
     F: Fn(Arc<Gateway>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = http::Response<proxy::ProxyBody>> + Send + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let mut warned_full: Option<Instant> = None;
     loop {
+        let permit = match &limit {
+            None => None,
+            Some(sem) => {
+                let permit = match sem.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        if warned_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            warned_full = Some(Instant::now());
+                            tracing::warn!(
+                                max_connections = gw.snapshot.load().settings.max_connections,
+                                "server.max_connections open connections: new ones wait in the listen backlog"
+                            );
+                        }
+                        tokio::select! {
+                            p = sem.clone().acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
+                            _ = stop.changed() => return,
+                        }
+                    }
+                };
+                Some(permit)
+            }
+        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -203,6 +246,9 @@ async fn accept_loop<F, Fut>(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            // The connection's slot is free once hyper is done with it (a refused body's
+            // drain included: hyper reads it on this connection).
+            drop(permit);
         });
     }
 }
@@ -217,10 +263,13 @@ pub async fn run(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = GracefulShutdown::new();
+    // Read at start: a reload that changes it warns that it takes effect at the next restart.
+    let max_connections = Arc::new(Semaphore::new(gw.snapshot.load().settings.max_connections));
     gw.ready.store(true, Ordering::SeqCst);
     tokio::join!(
-        accept_loop(listeners.tenant, gw.clone(), stop_rx.clone(), &graceful, proxy::handle),
-        accept_loop(listeners.admin, gw.clone(), stop_rx, &graceful, crate::admin::handle),
+        accept_loop(listeners.tenant, gw.clone(), stop_rx.clone(), &graceful, Some(max_connections), proxy::handle),
+        // The admin listener is not counted: /metrics and /healthz stay reachable under a flood.
+        accept_loop(listeners.admin, gw.clone(), stop_rx, &graceful, None, crate::admin::handle),
         async {
             shutdown.await;
             tracing::info!("shutting down: no longer accepting, draining in-flight requests");

@@ -46,6 +46,10 @@ pub struct RawServer {
     pub header_read_timeout_ms: u64,
     #[serde(default = "d_max_body")]
     pub max_request_body_bytes: u64,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: u64,
+    #[serde(default = "d_body_read_timeout")]
+    pub body_read_timeout_ms: u64,
 }
 fn d_listen() -> String {
     "127.0.0.1:8080".into()
@@ -62,6 +66,14 @@ fn d_header_timeout() -> u64 {
 fn d_max_body() -> u64 {
     33_554_432
 }
+fn d_max_connections() -> u64 {
+    10_000
+}
+fn d_body_read_timeout() -> u64 {
+    30_000
+}
+/// The most `server.max_connections` may be: beyond any file-descriptor limit a process gets.
+pub const MAX_CONNECTIONS_CAP: u64 = 1_000_000;
 
 #[derive(Debug, Deserialize)]
 pub struct RawIdentity {
@@ -234,6 +246,10 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_request_body_bytes: u64,
+    /// Open tenant connections at most; read at start (a reload warns that it needs a restart).
+    pub max_connections: usize,
+    /// Longest wait for the next piece of a request body (nginx `client_body_timeout`).
+    pub body_read_timeout: Duration,
     pub api_key_header: HeaderName,
     pub default_qps: u32,
     pub burst_seconds: f64,
@@ -288,6 +304,10 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
     if s.max_request_body_bytes == 0 {
         errs.push("server.max_request_body_bytes", "must be at least 1");
     }
+    if !(1..=MAX_CONNECTIONS_CAP).contains(&s.max_connections) {
+        errs.push("server.max_connections", format!("must be at least 1 and at most {MAX_CONNECTIONS_CAP}"));
+    }
+    let body_read_timeout = positive_ms(errs, "server.body_read_timeout_ms", s.body_read_timeout_ms);
     let api_key_header = HeaderName::from_bytes(raw.identity.api_key_header.as_bytes()).unwrap_or_else(|_| {
         errs.push("identity.api_key_header", format!("{:?} is not a valid header name", raw.identity.api_key_header));
         HeaderName::from_static("x-api-key")
@@ -395,6 +415,8 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             upstream_timeout,
             header_read_timeout,
             max_request_body_bytes: s.max_request_body_bytes,
+            max_connections: usize::try_from(s.max_connections.clamp(1, MAX_CONNECTIONS_CAP)).unwrap_or(10_000),
+            body_read_timeout,
             api_key_header,
             default_qps: a.default_qps,
             burst_seconds: a.burst_seconds,
