@@ -50,8 +50,20 @@ pub struct MonthRecord {
     /// Units per payer, indexed like [`PAYERS`].
     pub units: [Dec; 5],
     /// Pay-as-you-go units per price cell: `""` for tiered per-call features, the video cell
-    /// (`fps<=60,lines<=1440`) for video, `unpriced` where no price applies.
+    /// (`fps<=60,lines<=1440`) for video, [`UNPRICED`] where no price applies.
     pub payg: BTreeMap<String, Dec>,
+    /// Video minutes nothing could pay for (no package left, no price, no `prepaid_qps`).
+    /// Absent in records written before it existed: zero.
+    #[serde(default = "zero_dec")]
+    pub unpaid: Dec,
+}
+
+/// The pay-as-you-go cell of video minutes outside the feature's price matrix (or of a video
+/// feature without prices): metered, shown with a null amount.
+pub const UNPRICED: &str = "unpriced";
+
+fn zero_dec() -> Dec {
+    Dec(Decimal::ZERO)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +213,7 @@ mod tests {
             month: "2026-01".into(),
             units: u,
             payg,
+            unpaid: Dec(Decimal::ZERO),
         })
     }
 

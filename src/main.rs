@@ -26,6 +26,9 @@ enum LogFormat {
 
 const DEFAULT_CONFIG: &str = "config/turnstile.toml";
 
+/// At shutdown, the longest wait for the ledger's last commit.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway.
@@ -210,13 +213,25 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     tokio::spawn(reload_on_sighup(gw.clone()));
     server::run(gw.clone(), listeners, server::termination(), drain).await;
-    gw.billing.close();
-    tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed");
+    // Bounded: a failing disk must not keep SIGTERM from finishing.
+    let flushed = gw.billing.close(CLOSE_WAIT);
+    match &flushed {
+        Ok(()) => tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed"),
+        Err(e) => tracing::error!(
+            ledger = gw.billing.ledger_name(),
+            records = e.records,
+            "ledger not flushed: {e}; the charges in them are lost"
+        ),
+    }
     if let Some(stop) = standin {
         let _ = stop.send(true);
     }
     tracing::info!("stopped");
-    ExitCode::SUCCESS
+    if flushed.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// SIGHUP reloads the configuration, like nginx.
