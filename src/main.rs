@@ -183,6 +183,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
     let upstream = snap.settings.upstream.clone();
+    survive_file_size_limit();
     let gw = match Gateway::new(texts, snap, source, upstream_override, SystemClock::shared()) {
         Ok(gw) => gw,
         Err(e) => {
@@ -231,6 +232,22 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// A file-size limit (RLIMIT_FSIZE) reached by the ledger is a failed write like a full disk:
+/// the commit fails with EFBIG and is retried (SPEC §7). The SIGXFSZ that comes with it would
+/// otherwise kill the process; a registered handler replaces that default for good.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            Ok(mut s) => {
+                tokio::spawn(async move { while s.recv().await.is_some() {} });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit on the ledger would stop the process"),
+        }
     }
 }
 
