@@ -30,7 +30,9 @@ fn snapshot() -> Snapshot {
 
 fn billing(dir: &std::path::Path, d: Durability) -> Arc<Billing> {
     let store = RedbLedger::open(dir).expect("ledger");
-    Billing::open(Box::new(store), d, Duration::from_millis(5), Duration::from_secs(2), Arc::new(Metrics::new(true))).expect("billing").0
+    Billing::open(Box::new(store), d, Duration::from_millis(5), Duration::from_secs(2), Arc::new(Metrics::new(true)))
+        .expect("billing")
+        .0
 }
 
 fn now() -> i64 {

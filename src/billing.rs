@@ -827,7 +827,8 @@ impl Billing {
         let Settled { payer, seq, pending } = settled;
         let Some(charge) = pending else { return Ok(payer) };
         let mut rx = self.durable.subscribe();
-        let on_disk = tokio::time::timeout(self.strict_timeout, rx.wait_for(|&d| d >= seq)).await.is_ok_and(|r| r.is_ok());
+        let on_disk =
+            tokio::time::timeout(self.strict_timeout, rx.wait_for(|&d| d >= seq)).await.is_ok_and(|r| r.is_ok());
         drop(rx);
         match on_disk {
             true => {
@@ -1108,9 +1109,15 @@ mod tests {
 
     fn open(dir: &std::path::Path, d: Durability) -> Arc<Billing> {
         let store = RedbLedger::open(dir).unwrap();
-        Billing::open(Box::new(store), d, Duration::from_millis(5), Duration::from_secs(2), Arc::new(Metrics::new(true)))
-            .unwrap()
-            .0
+        Billing::open(
+            Box::new(store),
+            d,
+            Duration::from_millis(5),
+            Duration::from_secs(2),
+            Arc::new(Metrics::new(true)),
+        )
+        .unwrap()
+        .0
     }
 
     fn feature(s: &Snapshot, id: &str) -> usize {
@@ -1279,7 +1286,8 @@ mod tests {
         let packages: Vec<String> = (0..200)
             .map(|i| VID.replace("\"vid\"", &format!("\"vid-{i:02}\"")).replace("\"30\"", "\"0.15\""))
             .collect();
-        let (_dir, s, b, f, now) = fixture(&packages.join(","), "\"video_production\"", "comprehensive-video-enhancement");
+        let (_dir, s, b, f, now) =
+            fixture(&packages.join(","), "\"video_production\"", "comprehensive-video-enhancement");
         let s = Arc::new(s);
         let threads: Vec<_> = (0..16u64)
             .map(|th| {
@@ -1419,9 +1427,10 @@ mod tests {
     fn open_flaky(dir: &std::path::Path, d: Durability, strict_timeout: Duration) -> (Arc<Billing>, Arc<AtomicBool>) {
         let fail = Arc::new(AtomicBool::new(false));
         let store = FlakyStore { inner: RedbLedger::open(dir).unwrap(), fail: fail.clone() };
-        let b = Billing::open(Box::new(store), d, Duration::from_millis(5), strict_timeout, Arc::new(Metrics::new(true)))
-            .unwrap()
-            .0;
+        let b =
+            Billing::open(Box::new(store), d, Duration::from_millis(5), strict_timeout, Arc::new(Metrics::new(true)))
+                .unwrap()
+                .0;
         (b, fail)
     }
 
@@ -1509,7 +1518,7 @@ mod tests {
         let started = Instant::now();
         for fi in [od, lp] {
             let r = b.reserve(&s, tenant, fi, now).unwrap();
-            let e = rt.block_on(b.durable(b.settle_call(&s, tenant, fi, r, now))).err().expect("not durable");
+            let e = rt.block_on(b.durable(b.settle_call(&s, tenant, fi, r, now))).expect_err("not durable");
             assert_eq!(e.timeout_ms, 100);
         }
         // 2 minutes: 0.5 from the package, 1.5 at payg.
@@ -1594,7 +1603,11 @@ mod tests {
         let b = open(dir.path(), Durability::Batched);
         let u = b.usage("acme", "2026-03");
         let units = u[0].units;
-        assert_eq!(units.iter().copied().sum::<Decimal>(), Decimal::from(ok), "every answered call, once; no refused one");
+        assert_eq!(
+            units.iter().copied().sum::<Decimal>(),
+            Decimal::from(ok),
+            "every answered call, once; no refused one"
+        );
         assert_eq!(units[PayerKind::SinglePackage as usize], Decimal::from(ok_package));
         let consumed = b.package(&s.tenants[0], &s.tenants[0].packages[0]).consumed();
         assert_eq!(consumed, Decimal::from(ok_package) * Decimal::new(2, 1));
@@ -1615,7 +1628,7 @@ mod tests {
             b.settle_call(&s, &s.tenants[0], f, r, now);
         }
         let started = Instant::now();
-        let e = b.close(Duration::from_millis(200)).err().expect("the disk fails: not flushed");
+        let e = b.close(Duration::from_millis(200)).expect_err("the disk fails: not flushed");
         assert!(started.elapsed() < Duration::from_secs(2), "bounded");
         // The package and the two month records.
         assert_eq!(e.records, 3, "{e}");

@@ -246,7 +246,9 @@ fn survive_file_size_limit() {
             Ok(mut s) => {
                 tokio::spawn(async move { while s.recv().await.is_some() {} });
             }
-            Err(e) => tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit on the ledger would stop the process"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit on the ledger would stop the process")
+            }
         }
     }
 }
