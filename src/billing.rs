@@ -5,7 +5,9 @@
 //! Live state (package consumption, monthly units) is in memory, one small mutex per package and
 //! per (tenant, feature, month): only requests of the same tenant ever wait on one. A change marks
 //! its record dirty; the writer thread commits all dirty records in one transaction every
-//! `flush_interval` (batched) or as soon as any are dirty (strict, where the request waits for it).
+//! `flush_interval` (batched) or as soon as any are dirty (strict, where the request waits for it,
+//! at most `strict_timeout`: past it the settlement's deltas are reverted and the call is refused).
+//! A failed commit keeps everything in memory and is retried (SPEC §7).
 
 use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
