@@ -111,7 +111,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
-    gw.billing.close();
+    let _ = gw.billing.close(Duration::from_secs(5));
 }
 
 criterion_group!(benches, bench);

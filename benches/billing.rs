@@ -30,7 +30,9 @@ fn snapshot() -> Snapshot {
 
 fn billing(dir: &std::path::Path, d: Durability) -> Arc<Billing> {
     let store = RedbLedger::open(dir).expect("ledger");
-    Billing::open(Box::new(store), d, Duration::from_millis(5), Arc::new(Metrics::new(true))).expect("billing").0
+    Billing::open(Box::new(store), d, Duration::from_millis(5), Duration::from_secs(2), Arc::new(Metrics::new(true)))
+        .expect("billing")
+        .0
 }
 
 fn now() -> i64 {
@@ -63,7 +65,7 @@ fn bench(c: &mut Criterion) {
         });
     });
     g.finish();
-    b.close();
+    let _ = b.close(Duration::from_secs(5));
 
     let sdir = tempfile::tempdir().expect("tmp");
     let strict = billing(sdir.path(), Durability::Strict);
@@ -74,11 +76,11 @@ fn bench(c: &mut Criterion) {
         bch.iter(|| {
             let r = strict.reserve(&snap, tenant, lp, now()).expect("payg");
             let s = strict.settle_call(&snap, tenant, lp, r, now());
-            rt.block_on(strict.durable(s.seq));
+            let _ = rt.block_on(strict.durable(s));
         });
     });
     g.finish();
-    strict.close();
+    let _ = strict.close(Duration::from_secs(5));
 }
 
 criterion_group!(benches, bench);

@@ -118,5 +118,5 @@ fn main() {
             v.last().copied().unwrap_or(0)
         );
     }
-    gw.billing.close();
+    let _ = gw.billing.close(Duration::from_secs(5));
 }

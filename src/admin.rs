@@ -62,7 +62,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAdd
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            if gw.ready.load(Ordering::SeqCst) {
+            // Not ready while ledger commits fail (SPEC §7), ready again once one succeeds.
+            if gw.ready.load(Ordering::SeqCst) && gw.billing.healthy() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
@@ -240,32 +241,46 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
     let catalog = &snap.catalog;
     let mut total = Decimal::ZERO;
     let mut features = serde_json::Map::new();
-    for (feature, units, payg) in gw.billing.usage(tenant, &month) {
+    for u in gw.billing.usage(tenant, &month) {
+        let (feature, units, payg) = (u.feature, u.units, u.payg);
         let units_json: serde_json::Map<_, _> =
             PAYERS.iter().zip(units.iter()).map(|(p, u)| (p.to_string(), json!(plain_string(*u)))).collect();
         let payg_units: Decimal = payg.values().copied().sum();
         let payg_json = match catalog.feature(feature) {
             None => json!({"amount": null, "note": "feature no longer in the catalog"}),
             Some(f) if f.unit == Unit::VideoMinute => {
-                let mut amount = Some(Decimal::ZERO);
+                // Priced cells sum into the amount; minutes without a price (outside the matrix,
+                // or a feature without one) are listed with a null amount and a note, and do not
+                // hide the priced ones.
+                let mut amount = Decimal::ZERO;
+                let mut unpriced = Decimal::ZERO;
                 let mut lines = Vec::new();
-                for (cell, minutes) in &payg {
+                for (cell, minutes) in payg.iter().filter(|(_, m)| !m.is_zero()) {
                     let price = f.video_prices.iter().find(|c| &c.cell() == cell);
                     let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
-                    amount = amount.zip(line_amount).map(|(a, b)| a + b);
-                    lines.push(json!({
+                    match line_amount {
+                        Some(a) => amount += a,
+                        None => unpriced += *minutes,
+                    }
+                    let mut line = json!({
                         "cell": cell, "minutes": plain_string(minutes.round_dp(6)),
                         "price": price.map(|c| c.price.to_string()),
                         "amount": line_amount.map(money_string),
-                    }));
-                }
-                total += amount.unwrap_or_default();
-                match amount {
-                    Some(a) => json!({"amount": money_string(a), "lines": lines}),
-                    None => {
-                        json!({"amount": null, "note": "no price configured for part of this video", "lines": lines})
+                    });
+                    if price.is_none() {
+                        line["note"] = json!("no price configured");
                     }
+                    lines.push(line);
                 }
+                total += amount;
+                let mut v = json!({"amount": money_string(amount), "lines": lines});
+                if !unpriced.is_zero() {
+                    v["note"] = json!(format!(
+                        "no price configured for {} minutes; the amount covers the priced lines only",
+                        plain_string(unpriced.round_dp(6))
+                    ));
+                }
+                v
             }
             Some(f) if f.payg_tiers.is_empty() && payg_units > Decimal::ZERO => {
                 json!({"amount": null, "note": "no price configured"})
@@ -277,7 +292,11 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
                 json!({"amount": money_string(amount), "tiers": lines})
             }
         };
-        features.insert(feature.to_string(), json!({"units": units_json, "payg": payg_json}));
+        // Units nothing could pay for (SPEC §6): listed, never folded into a free payer.
+        features.insert(
+            feature.to_string(),
+            json!({"units": units_json, "payg": payg_json, "unpaid": plain_string(u.unpaid.round_dp(6))}),
+        );
     }
     let packages: Vec<_> = t
         .packages

@@ -43,6 +43,8 @@ pub enum ApiError {
     UpstreamUnavailable,
     #[error("the inference service did not answer within {timeout_ms} ms: retry later, or send a smaller request")]
     UpstreamTimeout { timeout_ms: u64 },
+    #[error("the gateway could not record the charge of this call durably within {timeout_ms} ms (ledger storage failing), so it was not charged: retry later; operators: check the ledger disk")]
+    LedgerUnavailable { timeout_ms: u64 },
     #[error("the admin API is disabled: set TURNSTILE_ADMIN_TOKEN to enable it")]
     AdminDisabled,
     #[error("missing or wrong admin token: send `Authorization: Bearer $TURNSTILE_ADMIN_TOKEN`")]
@@ -72,7 +74,7 @@ impl ApiError {
             UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            AdminDisabled => StatusCode::SERVICE_UNAVAILABLE,
+            AdminDisabled | LedgerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -95,6 +97,7 @@ impl ApiError {
             UnsupportedTransferEncoding => "unsupported_transfer_encoding",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
+            LedgerUnavailable { .. } => "ledger_unavailable",
             AdminDisabled => "admin_disabled",
             AdminUnauthorized => "unauthorized",
             NotFound(_) => "not_found",

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use rust_decimal::Decimal;
@@ -50,8 +51,20 @@ pub struct MonthRecord {
     /// Units per payer, indexed like [`PAYERS`].
     pub units: [Dec; 5],
     /// Pay-as-you-go units per price cell: `""` for tiered per-call features, the video cell
-    /// (`fps<=60,lines<=1440`) for video, `unpriced` where no price applies.
+    /// (`fps<=60,lines<=1440`) for video, [`UNPRICED`] where no price applies.
     pub payg: BTreeMap<String, Dec>,
+    /// Video minutes nothing could pay for (no package left, no price, no `prepaid_qps`).
+    /// Absent in records written before it existed: zero.
+    #[serde(default = "zero_dec")]
+    pub unpaid: Dec,
+}
+
+/// The pay-as-you-go cell of video minutes outside the feature's price matrix (or of a video
+/// feature without prices): metered, shown with a null amount.
+pub const UNPRICED: &str = "unpriced";
+
+fn zero_dec() -> Dec {
+    Dec(Decimal::ZERO)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,7 +105,9 @@ const MONTHS: TableDefinition<&str, &[u8]> = TableDefinition::new("months");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_counts");
 
 pub struct RedbLedger {
-    db: Database,
+    /// `None` after a failed commit: redb refuses every operation after an I/O error
+    /// (`PreviousIo`) until the database is reopened, so the next commit reopens it first.
+    db: Mutex<Option<Database>>,
     path: PathBuf,
 }
 
@@ -106,7 +121,7 @@ impl RedbLedger {
         let path = dir.join(Self::FILE);
         let db =
             Database::create(&path).map_err(|e| LedgerError::Open { path: path.clone(), reason: e.to_string() })?;
-        let ledger = RedbLedger { db, path };
+        let ledger = RedbLedger { db: Mutex::new(Some(db)), path };
         // Creates the tables on first use and proves the file is writable now, not at the first charge.
         ledger.commit(&[])?;
         Ok(ledger)
@@ -115,38 +130,9 @@ impl RedbLedger {
     fn write_err(&self, e: impl std::fmt::Display) -> LedgerError {
         LedgerError::Write { path: self.path.clone(), reason: e.to_string() }
     }
-}
 
-fn decode<T: for<'de> Deserialize<'de>>(path: &Path, key: &str, bytes: &[u8]) -> Result<T, LedgerError> {
-    serde_json::from_slice(bytes).map_err(|e| LedgerError::Corrupt {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-impl LedgerStore for RedbLedger {
-    fn load(&self) -> Result<Vec<Record>, LedgerError> {
-        let open_err = |e: &dyn std::fmt::Display| LedgerError::Open { path: self.path.clone(), reason: e.to_string() };
-        let txn = self.db.begin_read().map_err(|e| open_err(&e))?;
-        let mut out = Vec::new();
-        for (def, kind) in [(PACKAGES, 0u8), (MONTHS, 1), (IMAGES, 2)] {
-            let table = txn.open_table(def).map_err(|e| open_err(&e))?;
-            for row in table.iter().map_err(|e| open_err(&e))? {
-                let (k, v) = row.map_err(|e| open_err(&e))?;
-                let (key, bytes) = (k.value(), v.value());
-                out.push(match kind {
-                    0 => Record::Package(decode(&self.path, key, bytes)?),
-                    1 => Record::Month(decode(&self.path, key, bytes)?),
-                    _ => Record::ImageCount(decode(&self.path, key, bytes)?),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    fn commit(&self, records: &[Record]) -> Result<(), LedgerError> {
-        let txn = self.db.begin_write().map_err(|e| self.write_err(e))?;
+    fn write(&self, db: &Database, records: &[Record]) -> Result<(), LedgerError> {
+        let txn = db.begin_write().map_err(|e| self.write_err(e))?;
         {
             let mut packages = txn.open_table(PACKAGES).map_err(|e| self.write_err(e))?;
             let mut months = txn.open_table(MONTHS).map_err(|e| self.write_err(e))?;
@@ -168,6 +154,52 @@ impl LedgerStore for RedbLedger {
             }
         }
         txn.commit().map_err(|e| self.write_err(e))
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(path: &Path, key: &str, bytes: &[u8]) -> Result<T, LedgerError> {
+    serde_json::from_slice(bytes).map_err(|e| LedgerError::Corrupt {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+impl LedgerStore for RedbLedger {
+    fn load(&self) -> Result<Vec<Record>, LedgerError> {
+        let open_err = |e: &dyn std::fmt::Display| LedgerError::Open { path: self.path.clone(), reason: e.to_string() };
+        let guard = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        let db = guard.as_ref().ok_or_else(|| open_err(&"closed after a failed commit"))?;
+        let txn = db.begin_read().map_err(|e| open_err(&e))?;
+        let mut out = Vec::new();
+        for (def, kind) in [(PACKAGES, 0u8), (MONTHS, 1), (IMAGES, 2)] {
+            let table = txn.open_table(def).map_err(|e| open_err(&e))?;
+            for row in table.iter().map_err(|e| open_err(&e))? {
+                let (k, v) = row.map_err(|e| open_err(&e))?;
+                let (key, bytes) = (k.value(), v.value());
+                out.push(match kind {
+                    0 => Record::Package(decode(&self.path, key, bytes)?),
+                    1 => Record::Month(decode(&self.path, key, bytes)?),
+                    _ => Record::ImageCount(decode(&self.path, key, bytes)?),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, records: &[Record]) -> Result<(), LedgerError> {
+        let mut guard = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        let db = match guard.take() {
+            Some(db) => db,
+            // Reopening also lets redb repair what the failed commit left behind.
+            None => Database::create(&self.path).map_err(|e| self.write_err(format!("reopening: {e}")))?,
+        };
+        let result = self.write(&db, records);
+        if result.is_ok() {
+            *guard = Some(db);
+        }
+        // Else `db` is dropped here: closed (its file lock released), reopened by the next attempt.
+        result
     }
 
     fn describe(&self) -> String {
@@ -201,6 +233,7 @@ mod tests {
             month: "2026-01".into(),
             units: u,
             payg,
+            unpaid: Dec(Decimal::ZERO),
         })
     }
 

@@ -26,6 +26,9 @@ enum LogFormat {
 
 const DEFAULT_CONFIG: &str = "config/turnstile.toml";
 
+/// At shutdown, the longest wait for the ledger's last commit.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway.
@@ -180,6 +183,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
     let upstream = snap.settings.upstream.clone();
+    survive_file_size_limit();
     let gw = match Gateway::new(texts, snap, source, upstream_override, SystemClock::shared()) {
         Ok(gw) => gw,
         Err(e) => {
@@ -210,13 +214,43 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     tokio::spawn(reload_on_sighup(gw.clone()));
     server::run(gw.clone(), listeners, server::termination(), drain).await;
-    gw.billing.close();
-    tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed");
+    // Bounded: a failing disk must not keep SIGTERM from finishing.
+    let flushed = gw.billing.close(CLOSE_WAIT);
+    match &flushed {
+        Ok(()) => tracing::info!(ledger = gw.billing.ledger_name(), "ledger flushed"),
+        Err(e) => tracing::error!(
+            ledger = gw.billing.ledger_name(),
+            records = e.records,
+            "ledger not flushed: {e}; the charges in them are lost"
+        ),
+    }
     if let Some(stop) = standin {
         let _ = stop.send(true);
     }
     tracing::info!("stopped");
-    ExitCode::SUCCESS
+    if flushed.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A file-size limit (RLIMIT_FSIZE) reached by the ledger is a failed write like a full disk:
+/// the commit fails with EFBIG and is retried (SPEC §7). The SIGXFSZ that comes with it would
+/// otherwise kill the process; a registered handler replaces that default for good.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            Ok(mut s) => {
+                tokio::spawn(async move { while s.recv().await.is_some() {} });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit on the ledger would stop the process")
+            }
+        }
+    }
 }
 
 /// SIGHUP reloads the configuration, like nginx.

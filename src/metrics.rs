@@ -79,6 +79,9 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub ledger_flush_duration: Histogram,
     usage_report_errors: IntCounterVec,
+    /// Failed ledger commits (SPEC §7).
+    pub ledger_errors: IntCounter,
+    unpaid_units: CounterVec,
     image_count: IntGaugeVec,
     /// Handles per (tenant, feature) pair, so the request path does one map lookup and atomic
     /// adds instead of hashing label strings.
@@ -145,6 +148,15 @@ impl Metrics {
             Opts::new("turnstile_usage_report_errors_total", "Upstream usage reports missing or malformed"),
             &["feature"],
         ));
+        let ledger_errors =
+            def(IntCounter::new("turnstile_ledger_errors_total", "Ledger commits that failed (each is retried)"));
+        let unpaid_units = def(CounterVec::new(
+            Opts::new(
+                "turnstile_unpaid_units_total",
+                "Video minutes beyond the packages that nothing could pay for (no price, no prepaid_qps)",
+            ),
+            &with_tenant(&["feature"]),
+        ));
         let image_count = def(IntGaugeVec::new(
             Opts::new("turnstile_image_search_images", "Images in a tenant's Image Search instance"),
             &with_tenant(&[]),
@@ -162,6 +174,8 @@ impl Metrics {
             Box::new(config_generation.clone()),
             Box::new(ledger_flush_duration.clone()),
             Box::new(usage_report_errors.clone()),
+            Box::new(ledger_errors.clone()),
+            Box::new(unpaid_units.clone()),
         ];
         for c in collectors {
             def(registry.register(c));
@@ -185,6 +199,8 @@ impl Metrics {
             config_generation,
             ledger_flush_duration,
             usage_report_errors,
+            ledger_errors,
+            unpaid_units,
             image_count,
             pairs: DashMap::with_hasher(FxBuildHasher),
         }
@@ -249,6 +265,10 @@ impl Metrics {
 
     pub fn low_balance_alert(&self, tenant: &str, package: &str) {
         self.low_balance_alerts.with_label_values(&self.labels(tenant, &[package])).inc();
+    }
+
+    pub fn unpaid(&self, tenant: &str, feature: &str, units: f64) {
+        self.unpaid_units.with_label_values(&self.labels(tenant, &[feature])).inc_by(units);
     }
 
     pub fn usage_report_error(&self, feature: &str) {

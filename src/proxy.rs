@@ -386,11 +386,15 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 }
 
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
-/// charge is on disk. A tenant or feature removed by a reload meanwhile is not charged.
-async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<HeaderValue> {
-    let settled = settle_now(gw, fwd, upstream_headers)?;
-    gw.billing.durable(settled.seq).await;
-    Some(settled.payer)
+/// charge is on disk, at most `[ledger].strict_timeout_ms`: past it the charge is reverted and
+/// the call answered 503 `ledger_unavailable` (SPEC §7). A tenant or feature removed by a reload
+/// meanwhile is not charged (`Ok(None)`).
+async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
+    let Some(settled) = settle_now(gw, fwd, upstream_headers) else { return Ok(None) };
+    match gw.billing.durable(settled).await {
+        Ok(payer) => Ok(Some(payer)),
+        Err(e) => Err(ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms }),
+    }
 }
 
 /// The synchronous part of settling a 2xx: charge the payer, update image counts. `None` when a
@@ -446,10 +450,11 @@ async fn forward(
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
         }
-        Ok(resp) if resp.status().is_success() => {
-            let payer = settle(gw, fwd, resp.headers()).await.unwrap_or(reserved_payer);
-            (resp, payer, Outcome::Admitted)
-        }
+        Ok(resp) if resp.status().is_success() => match settle(gw, fwd, resp.headers()).await {
+            Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
+            // Strict ledger failing: the upstream's answer is dropped and the call not charged.
+            Err(e) => (error_response(&e, &[]), reserved_payer, Outcome::UpstreamError),
+        },
         Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
     };
     let h = resp.headers_mut();

@@ -76,7 +76,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
         let s = &snapshot.settings;
         let store = RedbLedger::open(&s.ledger_dir)?;
-        let (billing, alerts) = Billing::open(Box::new(store), s.durability, s.flush_interval, metrics.clone())?;
+        let (billing, alerts) =
+            Billing::open(Box::new(store), s.durability, s.flush_interval, s.strict_timeout, metrics.clone())?;
         metrics.config_generation.set(snapshot.generation as i64);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

@@ -372,3 +372,167 @@ fn unwritable_or_corrupt_ledger_refuses_to_start_naming_the_path() {
     assert!(err.contains("ledger.redb"), "{err}");
     assert!(err.contains("balances are never reset"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_or_unpriced_video_report_does_not_hide_the_priced_amount() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "", "", &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    for q in [
+        "?video_ms=140000&video_fps=60&video_lines=1080", // the seed's 37.33
+        "?video_ms=abc&video_fps=60&video_lines=1080",    // malformed: 0 minutes
+        "",                                               // missing: 0 minutes
+        "?video_ms=60000&video_fps=240&video_lines=1080", // outside the matrix: metered, no price
+    ] {
+        let r = post(&c, &gw.url(&format!("/v1/video/enhance{q}")), &[ACME], b"{}").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let u = usage(&c, &gw).await;
+    let video = &u["features"]["comprehensive-video-enhancement"];
+    assert_eq!(video["payg"]["amount"], "37.33", "{video}");
+    assert_eq!(u["total"], "37.33");
+    let lines = video["payg"]["lines"].as_array().expect("lines");
+    assert_eq!(lines.len(), 2, "one priced and one unpriced line: {video}");
+    let unpriced = lines.iter().find(|l| l["cell"] == "unpriced").expect("unpriced line");
+    assert_eq!(unpriced["minutes"], "1");
+    assert_eq!(unpriced["amount"], serde_json::Value::Null);
+    assert_eq!(unpriced["note"], "no price configured");
+    assert!(video["payg"]["note"].as_str().is_some_and(|n| n.contains("1 minutes")), "{video}");
+    assert_eq!(video["unpaid"], "0");
+}
+
+/// `turnstile serve` with stderr on a pipe: a file-size limit put on the process then hits the
+/// ledger's writes only, not its log.
+struct PipedGateway {
+    child: std::process::Child,
+    admin: std::net::SocketAddr,
+    tenant: std::net::SocketAddr,
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl PipedGateway {
+    fn start(cfg: &ConfigDir) -> PipedGateway {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", cfg.main().to_str().expect("utf-8")])
+            .env("TURNSTILE_ADMIN_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().expect("stderr"), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        let addr = |key: &str| -> std::net::SocketAddr {
+            let at = banner.find(&format!("{key}=http://")).expect("address") + key.len() + 8;
+            banner[at..].split_whitespace().next().expect("address").parse().expect("address")
+        };
+        PipedGateway { tenant: addr("tenant"), admin: addr("admin"), child, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.tenant)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the process's file-size limit (soft; the hard limit stays unlimited).
+    fn limit_file_size(&self, soft: &str) {
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--fsize={soft}:unlimited")])
+            .status()
+            .expect("prlimit");
+        assert!(status.success(), "prlimit failed");
+    }
+}
+
+impl Drop for PipedGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn status_of(c: &TestClient, url: &str) -> StatusCode {
+    get(c, url, &[]).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recover_losing_nothing() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "durability = \"strict\"\nstrict_timeout_ms = 300", "", &tenants());
+    let mut gw = PipedGateway::start(&cfg);
+    let c = client();
+    let lp = gw.url("/v1/ocr/license-plate");
+    assert_eq!(post(&c, &lp, &[ACME], b"{}").await.status, StatusCode::OK);
+    assert_eq!(status_of(&c, &gw.admin_url("/readyz")).await, StatusCode::OK);
+
+    // Every write past byte 1 of any file now fails (EFBIG), like a full disk.
+    gw.limit_file_size("1");
+    for _ in 0..2 {
+        let r = post(&c, &lp, &[ACME], b"{}").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.error_code(), "ledger_unavailable");
+    }
+    assert_eq!(status_of(&c, &gw.admin_url("/readyz")).await, StatusCode::SERVICE_UNAVAILABLE);
+    let text = String::from_utf8_lossy(&get(&c, &gw.admin_url("/metrics"), &[]).await.body).into_owned();
+    let errors: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_ledger_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("ledger error counter");
+    assert!(errors >= 2, "{errors}");
+    assert_eq!(gw.log().matches("ledger commit failed").count(), 1, "one error line per spell:\n{}", gw.log());
+
+    // Writable again: ready again, charges succeed.
+    gw.limit_file_size("unlimited");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while status_of(&c, &gw.admin_url("/readyz")).await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "not ready again after recovery:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gw.log().contains("ledger commits succeed again"), "{}", gw.log());
+    assert_eq!(post(&c, &lp, &[ACME], b"{}").await.status, StatusCode::OK);
+
+    // Failing again at SIGTERM: exit status 1 and a line naming what was not flushed.
+    gw.limit_file_size("1");
+    assert_eq!(post(&c, &lp, &[ACME], b"{}").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let _ = std::process::Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status();
+    let (status, gw) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = gw.child.try_wait() {
+                return (Some(s), gw);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        (None, gw)
+    })
+    .await
+    .expect("join");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", gw.log());
+    assert!(gw.log().contains("could not be flushed"), "{}", gw.log());
+    drop(gw);
+
+    // Two calls were answered 2xx; the three refused ones were not charged.
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let u = usage(&c, &gw).await;
+    assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "2", "{u}");
+}

@@ -124,3 +124,17 @@ fn missing_file_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nope.toml: cannot read"), "{stderr}");
 }
+
+#[test]
+fn ledger_strict_timeout_must_be_positive() {
+    let ents = entitlements(10, None);
+    let main = main_toml("http://127.0.0.1:1", "", "[ledger]\ndurability = \"strict\"\nstrict_timeout_ms = 0\n");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &ents);
+    let (ok, _stdout, stderr) = check(&cfg);
+    assert!(!ok);
+    let expected = format!("{}/turnstile.toml: ledger.strict_timeout_ms: must be at least 1", cfg.path().display());
+    assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    let cfg = ConfigDir::new(&main.replace("strict_timeout_ms = 0", "strict_timeout_ms = 250"), SHIPPED_CATALOG, &ents);
+    let (ok, _stdout, stderr) = check(&cfg);
+    assert!(ok, "250 ms is fine: {stderr}");
+}

@@ -137,10 +137,17 @@ pub struct RawLedger {
     pub durability: String,
     #[serde(default = "d_flush")]
     pub flush_interval_ms: u64,
+    #[serde(default = "d_strict_timeout")]
+    pub strict_timeout_ms: u64,
 }
 impl Default for RawLedger {
     fn default() -> Self {
-        RawLedger { dir: d_ledger_dir(), durability: d_durability(), flush_interval_ms: d_flush() }
+        RawLedger {
+            dir: d_ledger_dir(),
+            durability: d_durability(),
+            flush_interval_ms: d_flush(),
+            strict_timeout_ms: d_strict_timeout(),
+        }
     }
 }
 fn d_ledger_dir() -> String {
@@ -151,6 +158,9 @@ fn d_durability() -> String {
 }
 fn d_flush() -> u64 {
     5
+}
+fn d_strict_timeout() -> u64 {
+    2000
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,6 +269,8 @@ pub struct Settings {
     pub ledger_dir: PathBuf,
     pub durability: Durability,
     pub flush_interval: Duration,
+    /// Strict mode: the longest a 2xx waits for its charge to be durable (SPEC §7).
+    pub strict_timeout: Duration,
     pub tenant_label: bool,
     pub watch: bool,
 }
@@ -346,6 +358,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
         errs.push("ledger.dir", "must not be empty");
     }
     let flush_interval = positive_ms(errs, "ledger.flush_interval_ms", l.flush_interval_ms);
+    let strict_timeout = positive_ms(errs, "ledger.strict_timeout_ms", l.strict_timeout_ms);
 
     let mut routes: Vec<Route> = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
@@ -426,6 +439,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             ledger_dir: PathBuf::from(&l.dir),
             durability,
             flush_interval,
+            strict_timeout,
             tenant_label: raw.metrics.tenant_label,
             watch: raw.files.watch,
         },
