@@ -4,7 +4,9 @@
 //! A new configuration is validated whole, off the async workers, then published with one
 //! `ArcSwap` store: requests in flight keep the snapshot they loaded, new ones see the new one,
 //! nobody waits. Buckets are keyed by interned (tenant, feature) ids and carry their limit, so a
-//! bucket whose limit did not change keeps its state; buckets of removed pairs are dropped.
+//! bucket whose limit did not change keeps its state (one whose limit changed is re-shaped on its
+//! next use). The buckets and metric handles of exactly the removed pairs are then dropped one
+//! key at a time, off the async workers, so no request waits on more than a one-key operation.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -18,6 +20,8 @@ use sha2::{Digest, Sha256};
 use crate::catalog::IMAGE_SEARCH;
 use crate::config::entitlements::{RawEntitlements, RawUpgrade};
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
+use crate::billing::Billing;
+use crate::metrics::Metrics;
 use crate::server::Gateway;
 use crate::snapshot::Snapshot;
 
@@ -129,25 +133,36 @@ impl Gateway {
         };
         let old = self.snapshot.load_full();
         warn_restart_only(&old, &snap);
-        let removed = removed_pairs(&old, &snap);
-        self.snapshot.store(Arc::new(snap));
-        // Requests hold a snapshot only for their synchronous decision; keep the old one a moment
-        // so its (possibly large) deallocation happens here, not on a request's thread.
-        tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            drop(old);
-        });
+        let new = Arc::new(snap);
+        self.snapshot.store(new.clone());
         self.generation.store(generation, Ordering::SeqCst);
         self.metrics.config_generation.set(generation as i64);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         ctl.hash = hash(&texts);
         ctl.texts = texts;
         tracing::info!(why, generation, "configuration reloaded");
-        if let Some((tenants, features)) = removed {
-            // Memory stays bounded by the configured pairs.
-            let keep = move |k: u64| tenants.contains(&((k >> 32) as u32)) && features.contains(&(k as u32));
-            self.buckets.retain(&keep);
-            self.metrics.retain_pairs(&keep);
+        // Off the async workers, under the control lock (so a later reload that brings a pair
+        // back cannot be undone by this one): drop the state of the removed pairs, one key at a
+        // time (memory stays bounded by the configured pairs), and show the packages now loaded.
+        let (buckets, metrics, billing) = (self.buckets.clone(), self.metrics.clone(), self.billing.clone());
+        let cleanup = tokio::task::spawn_blocking(move || {
+            for key in removed_keys(&old, &new) {
+                buckets.remove(key);
+                metrics.remove_pair(key);
+            }
+            show_packages(&metrics, &billing, &new);
+            old
+        });
+        match cleanup.await {
+            // Requests hold a snapshot only for their synchronous decision; keep the old one a
+            // moment so its (possibly large) deallocation happens here, not on a request's thread.
+            Ok(old) => {
+                tokio::task::spawn_blocking(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    drop(old);
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cleanup after the reload failed"),
         }
         Ok(generation)
     }
@@ -347,13 +362,36 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
     }
 }
 
-/// Tenant and feature ids still configured, if the new snapshot dropped any.
-fn removed_pairs(old: &Snapshot, new: &Snapshot) -> Option<(HashSet<u32>, HashSet<u32>)> {
+/// The bucket and metric keys of the (tenant, feature) pairs `new` no longer has: every
+/// feature of a removed tenant (and its Image Search delete bucket), and every removed feature of
+/// the other tenants. Pairs of kept tenants and features are kept, whatever their limit.
+fn removed_keys(old: &Snapshot, new: &Snapshot) -> Vec<u64> {
+    use crate::intern::pair;
     let tenants: HashSet<u32> = new.tenants.iter().map(|t| t.intern).collect();
     let features: HashSet<u32> = new.catalog.features.iter().map(|f| f.intern).collect();
-    let dropped = old.tenants.iter().any(|t| !tenants.contains(&t.intern))
-        || old.catalog.features.iter().any(|f| !features.contains(&f.intern));
-    dropped.then_some((tenants, features))
+    let gone: Vec<u32> =
+        old.catalog.features.iter().map(|f| f.intern).filter(|f| !features.contains(f)).collect();
+    let mut keys = Vec::new();
+    for t in &old.tenants {
+        if tenants.contains(&t.intern) {
+            keys.extend(gone.iter().map(|&f| pair(t.intern, f)));
+        } else {
+            keys.extend(old.catalog.features.iter().map(|f| pair(t.intern, f.intern)));
+            keys.push(pair(t.intern, old.catalog.image_delete_intern));
+        }
+    }
+    keys
+}
+
+/// Gives every package of `snap` its `turnstile_package_remaining_points` series (points less
+/// what the ledger says it consumed) and hides the series of packages no longer configured.
+pub fn show_packages(metrics: &Metrics, billing: &Billing, snap: &Snapshot) {
+    metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
+    for t in &snap.tenants {
+        for p in &t.packages {
+            billing.refresh_package_gauge(t, p);
+        }
+    }
 }
 
 /// Watches the folders of the three files (so editors' write-and-rename and Kubernetes ConfigMap
@@ -392,4 +430,111 @@ pub fn watch(
         })
         .map_err(|e| notify::Error::generic(&e.to_string()))?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::{build, EMBEDDED_CATALOG};
+    use crate::metrics::Outcome;
+    use crate::proxy::{decide, Decision};
+    use http::{HeaderMap, HeaderValue};
+
+    fn main_toml(ledger: &Path) -> String {
+        format!(
+            "[server]\nupstream = \"http://127.0.0.1:1\"\n[ledger]\ndir = \"{}\"\n\
+             [[routes]]\npath = \"/v1/image-search/delete\"\nfeature = \"image-search\"\nop = \"delete\"\n\
+             [[routes]]\npath = \"/v1/ocr/license-plate\"\nfeature = \"license-plate-recognition\"\n",
+            ledger.display()
+        )
+    }
+
+    fn tenant(name: &str, extra: &str) -> String {
+        format!(r#""{name}": {{"api_keys": ["{}"], "services": ["text_recognition"]{extra}}}"#, crate::hash_key(name))
+    }
+
+    fn ents(tenants: &[String]) -> String {
+        format!(r#"{{"tenants": {{{}}}}}"#, tenants.join(","))
+    }
+
+    fn call(gw: &Gateway, key: &str, path: &str) -> Option<Outcome> {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_str(key).expect("key"));
+        match decide(gw, &h, path) {
+            Decision::Forward(_) => None,
+            Decision::Reject(_, outcome, ..) => Some(outcome),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_removing_another_tenant_keeps_the_delete_bucket_and_other_buckets() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let main = main_toml(&dir.path().join("ledger"));
+        let image = r#", "image_search": {"capacity": 100000, "qps": 1, "expires_at": "2036-01-01T00:00:00Z"}"#;
+        let both = ents(&[tenant("acme", image), tenant("globex", "")]);
+        let texts = Texts::in_memory(main.clone(), EMBEDDED_CATALOG, both);
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let gw = Gateway::new(texts, snap, ConfigSource::Embedded, None, clock.clone()).expect("gateway");
+
+        // The delete bucket (20 QPS, depth 20) is drained; the plate buckets are used once.
+        for i in 0..20 {
+            assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), None, "delete {i}");
+        }
+        assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), Some(Outcome::Throttled));
+        assert_eq!(call(&gw, "acme", "/v1/ocr/license-plate"), None);
+        assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), None);
+        assert_eq!(gw.buckets.len(), 3);
+
+        let only_acme = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
+        {
+            let mut ctl = gw.control.lock().await;
+            gw.publish(&mut ctl, only_acme, "test").await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(gw.buckets.len(), 2, "globex's bucket is gone, acme's two are kept");
+        assert_eq!(
+            call(&gw, "acme", "/v1/image-search/delete"),
+            Some(Outcome::Throttled),
+            "the delete bucket kept its (empty) state across a reload that removed another tenant"
+        );
+        assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+        gw.billing.close();
+    }
+
+    const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
+    const SMALL_CATALOG: &str = r#"
+currency = "CNY"
+[families.text_recognition]
+name = "Text"
+[features.license-plate-recognition]
+family = "text_recognition"
+billing = ["payg"]
+[features.vin-recognition]
+family = "text_recognition"
+billing = ["payg"]
+"#;
+
+    #[test]
+    fn removed_keys_are_exactly_the_removed_pairs() {
+        use crate::intern::pair;
+        let snap = |catalog: &str, tenants: &[String]| {
+            build(&Texts::in_memory(MAIN, catalog, ents(tenants)), 1).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let old = snap(SMALL_CATALOG, &[tenant("rk-a", ""), tenant("rk-b", "")]);
+        let t = |name: &str| crate::intern::tenant(name).0;
+        let f = |name: &str| crate::intern::feature(name).0;
+        let fewer_features = SMALL_CATALOG.replace("[features.vin-recognition]", "[features.other-recognition]");
+        let new = snap(&fewer_features, &[tenant("rk-a", "")]);
+        let mut got = removed_keys(&old, &new);
+        got.sort_unstable();
+        let mut want: Vec<u64> = old.catalog.features.iter().map(|x| pair(t("rk-b"), x.intern)).collect();
+        want.push(pair(t("rk-b"), old.catalog.image_delete_intern));
+        want.push(pair(t("rk-a"), f("vin-recognition")));
+        want.sort_unstable();
+        assert_eq!(got, want);
+        // Nothing removed: nothing to drop, whatever changed otherwise.
+        let same = snap(SMALL_CATALOG, &[tenant("rk-a", ""), tenant("rk-b", "")]);
+        assert!(removed_keys(&old, &same).is_empty());
+    }
 }

@@ -235,3 +235,52 @@ async fn load_across_20_reloads_has_zero_failed_requests() {
     assert!(ok.load(Ordering::SeqCst) > 200, "the load ran");
     assert_eq!(failed.load(Ordering::SeqCst), 0);
 }
+
+fn package(id: &str, points: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "feature": "object-detection", "points": "{points}", "ordered_at": "{}", "expires_at": "{}"}}"#,
+        at(-3600),
+        at(86400)
+    )
+}
+
+/// The standard tenants, with `packages` given to globex.
+fn with_packages(packages: &[String]) -> String {
+    entitlements(40, None).replace(
+        r#""services": ["text_recognition"]"#,
+        &format!(r#""services": ["text_recognition", "object_detection"], "packages": [{}]"#, packages.join(", ")),
+    )
+}
+
+fn package_series(m: &str, id: &str) -> Option<f64> {
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_package_remaining_points{"))
+        .find(|l| l.contains(&format!("package=\"{id}\"")) && l.contains("tenant=\"globex\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_configured_package_has_its_remaining_points_series_from_load() {
+    let up = Upstream::start().await;
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &with_packages(&[package("od-1", "5000.5")]));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-1"), Some(5000.5), "before any call:\n{m}");
+
+    let ents = cfg.path().join("entitlements.json");
+    replace_file(&ents, &with_packages(&[package("od-1", "5000.5"), package("od-2", "300")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-2"), Some(300.0), "a package added by a reload:\n{m}");
+    assert_eq!(package_series(&m, "od-1"), Some(5000.5));
+
+    replace_file(&ents, &with_packages(&[package("od-2", "300")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-1"), None, "a package removed by a reload has no series:\n{m}");
+    assert_eq!(package_series(&m, "od-2"), Some(300.0));
+}
