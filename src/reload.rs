@@ -18,7 +18,6 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::catalog::IMAGE_SEARCH;
-use crate::config::entitlements::{RawEntitlements, RawUpgrade};
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
 use crate::billing::Billing;
 use crate::metrics::Metrics;
@@ -59,6 +58,9 @@ pub enum WriteError {
     Invalid(String),
     #[error("the configuration is not valid after the change")]
     Config(ConfigErrors),
+    /// The files on disk (re-read for the change) are not valid: nothing is written.
+    #[error("{first} (the files on disk are not valid, so nothing was written; fix them, then retry)")]
+    OnDisk { code: &'static str, first: ConfigError },
     #[error("cannot write {path}: {reason}")]
     Io { path: String, reason: String },
 }
@@ -71,6 +73,7 @@ impl WriteError {
             WriteError::Downgrade(_) => "downgrade_not_allowed",
             WriteError::Invalid(_) => "invalid_request",
             WriteError::Config(_) => "invalid_config",
+            WriteError::OnDisk { code, .. } => code,
             WriteError::Io { .. } => "write_failed",
         }
     }
@@ -78,7 +81,7 @@ impl WriteError {
         use http::StatusCode as S;
         match self {
             WriteError::NotFound(_) => S::NOT_FOUND,
-            WriteError::Downgrade(_) => S::CONFLICT,
+            WriteError::Downgrade(_) | WriteError::OnDisk { .. } => S::CONFLICT,
             WriteError::AboveCap(_) | WriteError::Invalid(_) | WriteError::Config(_) => S::UNPROCESSABLE_ENTITY,
             WriteError::Io { .. } => S::INTERNAL_SERVER_ERROR,
         }
@@ -218,24 +221,37 @@ impl Gateway {
         }
     }
 
-    /// Applies `change` to the served entitlements, validates the result, writes it back
-    /// atomically (files) and publishes it. Serialized with reloads and other writes.
+    /// Re-reads the files from disk (an operator's edit the watcher has not picked up yet is
+    /// kept), applies `change` to the text of `entitlements.json` (one value replaced or one
+    /// upgrade inserted; every other byte stays as it was), validates the result as a whole
+    /// configuration, writes it back atomically (files) and publishes it. Serialized with
+    /// reloads and other writes by the control lock.
     async fn write_entitlements(
         &self,
         why: &str,
-        change: impl FnOnce(&Snapshot, &mut RawEntitlements) -> Result<serde_json::Value, WriteError>,
+        change: impl FnOnce(&Snapshot, &str) -> Result<(String, serde_json::Value), WriteError>,
     ) -> Result<serde_json::Value, WriteError> {
         let mut ctl = self.control.lock().await;
-        let snap = self.snapshot.load_full();
-        let mut raw: RawEntitlements = serde_json::from_str(&ctl.texts.entitlements)
-            .map_err(|e| WriteError::Invalid(format!("the served entitlements cannot be re-read: {e}")))?;
-        let answer = change(&snap, &mut raw)?;
-        let text = serde_json::to_string_pretty(&raw).map_err(|e| WriteError::Invalid(e.to_string()))? + "\n";
-        let mut texts = ctl.texts.clone();
+        let on_disk = |errors: ConfigErrors, ents: &str| {
+            let first = errors.0.into_iter().next().unwrap_or_else(|| ConfigError {
+                file: ents.to_string(),
+                path: String::new(),
+                message: "not valid".into(),
+            });
+            let code = if first.file == ents { "entitlements_invalid" } else { "config_invalid" };
+            WriteError::OnDisk { code, first }
+        };
+        let mut texts = self.read_current(&ctl).await.map_err(|e| on_disk(e, &ctl.texts.entitlements_name))?;
+        let generation = self.generation.load(Ordering::SeqCst) + 1;
+        let current = texts.clone();
+        let snap = tokio::task::spawn_blocking(move || config::build(&current, generation))
+            .await
+            .map_err(|e| WriteError::Invalid(e.to_string()))?
+            .map_err(|e| on_disk(e, &texts.entitlements_name))?;
+        let (text, answer) = change(&snap, &texts.entitlements)?;
         texts.entitlements = text;
         // Validate before touching the file.
         let check = texts.clone();
-        let generation = self.generation.load(Ordering::SeqCst) + 1;
         tokio::task::spawn_blocking(move || config::build(&check, generation).map(|_| ()))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
@@ -267,22 +283,18 @@ impl Gateway {
         }
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
         let until = until.to_string();
-        self.write_entitlements("temporary upgrade", move |snap, raw| {
-            let ActivePlan { index: plan_index, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
+        self.write_entitlements("temporary upgrade", move |snap, text| {
+            let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
             if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
                 return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
             }
-            let plan = raw
-                .tenants
-                .get_mut(&tenant)
-                .and_then(|t| t.qps_plans.get_mut(plan_index))
-                .ok_or_else(|| WriteError::NotFound(format!("no active QPS plan for {feature}")))?;
-            if qps <= plan.qps {
-                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {} QPS", plan.qps)));
+            if qps <= plan_qps {
+                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
             }
             let from = crate::time::format_rfc3339(now, tz);
-            plan.temporary_upgrades.push(RawUpgrade { qps, from: from.clone(), until: until.clone() });
-            Ok(serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}))
+            let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
+            let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
+            Ok((text, serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until})))
         })
         .await
     }
@@ -291,25 +303,18 @@ impl Gateway {
     pub async fn upgrade(&self, tenant: &str, feature: &str, qps: u32) -> Result<serde_json::Value, WriteError> {
         let now = self.clock.unix_nanos();
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
-        self.write_entitlements("upgrade", move |snap, raw| {
-            let ActivePlan { index: plan_index, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
-            let plan = raw
-                .tenants
-                .get_mut(&tenant)
-                .and_then(|t| t.qps_plans.get_mut(plan_index))
-                .ok_or_else(|| WriteError::NotFound(format!("no active QPS plan for {feature}")))?;
-            if qps < plan.qps {
+        self.write_entitlements("upgrade", move |snap, text| {
+            let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
+            if qps < previous {
                 return Err(WriteError::Downgrade(format!(
-                    "{qps} is below the plan's {} QPS: a plan can be upgraded, never downgraded",
-                    plan.qps
+                    "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
                 )));
             }
             if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
                 return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
             }
-            let previous = plan.qps;
-            plan.qps = qps;
-            Ok(serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous}))
+            let text = splice::set_plan_qps(text, &tenant, index, qps)?;
+            Ok((text, serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous})))
         })
         .await
     }
@@ -319,6 +324,8 @@ impl Gateway {
 struct ActivePlan {
     /// Index into the tenant's `qps_plans` in the file.
     index: usize,
+    /// The plan's own QPS (without upgrades).
+    qps: u32,
     /// The family and its cap, if it has one.
     cap: Option<(String, u32)>,
     tz: chrono::FixedOffset,
@@ -339,9 +346,90 @@ fn active_plan(snap: &Snapshot, tenant: &str, feature: &str, now: i64) -> Result
         .iter()
         .position(|p| p.feature == fi && p.active_at(now))
         .ok_or_else(|| WriteError::NotFound(format!("{tenant} has no active QPS plan for {feature}")))?;
+    let qps = t.plans[index].qps;
     let f = &snap.catalog.features[fi];
     let cap = snap.catalog.family_cap(f).map(|c| (snap.catalog.family_id(f).to_string(), c));
-    Ok(ActivePlan { index, cap, tz: snap.settings.timezone })
+    Ok(ActivePlan { index, qps, cap, tz: snap.settings.timezone })
+}
+
+/// Edits of `entitlements.json` in place: the byte range of one value is found with serde_json's
+/// `RawValue` (a slice of the text itself), and only that range changes, so the billing
+/// system's key order, spacing and number and decimal spellings stay exactly as exported.
+mod splice {
+    use std::collections::BTreeMap;
+
+    use serde_json::value::RawValue;
+
+    use super::WriteError;
+
+    type Object<'a> = BTreeMap<String, &'a RawValue>;
+
+    fn parse<'a, T: serde::Deserialize<'a>>(text: &'a str, what: &str) -> Result<T, WriteError> {
+        serde_json::from_str(text).map_err(|e| WriteError::Invalid(format!("entitlements.json: {what}: {e}")))
+    }
+
+    /// Byte range of `sub`, a slice of `text`, within `text`.
+    fn span(text: &str, sub: &str) -> (usize, usize) {
+        let start = sub.as_ptr() as usize - text.as_ptr() as usize;
+        (start, start + sub.len())
+    }
+
+    /// The object `tenants.{tenant}.qps_plans[{index}]` (its text is a slice of `text`).
+    fn plan<'a>(text: &'a str, tenant: &str, index: usize) -> Result<&'a str, WriteError> {
+        let root: Object<'a> = parse(text, "the file")?;
+        let tenants = root.get("tenants").ok_or_else(|| WriteError::Invalid("no tenants".into()))?;
+        let tenants: Object<'a> = parse(tenants.get(), "tenants")?;
+        let t = tenants.get(tenant).ok_or_else(|| WriteError::NotFound(format!("no tenant {tenant:?}")))?;
+        let t: Object<'a> = parse(t.get(), tenant)?;
+        let plans = t.get("qps_plans").ok_or_else(|| WriteError::NotFound(format!("{tenant} has no QPS plans")))?;
+        let plans: Vec<&'a RawValue> = parse(plans.get(), "qps_plans")?;
+        plans.get(index).map(|p| p.get()).ok_or_else(|| WriteError::NotFound(format!("{tenant} has no such plan")))
+    }
+
+    fn replace(text: &str, (start, end): (usize, usize), with: &str) -> String {
+        let mut out = String::with_capacity(text.len() + with.len());
+        out.push_str(&text[..start]);
+        out.push_str(with);
+        out.push_str(&text[end..]);
+        out
+    }
+
+    /// Sets `tenants.{tenant}.qps_plans[{index}].qps`.
+    pub fn set_plan_qps(text: &str, tenant: &str, index: usize, qps: u32) -> Result<String, WriteError> {
+        let p = plan(text, tenant, index)?;
+        let fields: Object<'_> = parse(p, "qps_plans")?;
+        let old = fields.get("qps").ok_or_else(|| WriteError::Invalid("the plan has no qps".into()))?;
+        Ok(replace(text, span(text, old.get()), &qps.to_string()))
+    }
+
+    /// Appends `upgrade` (a JSON object) to the plan's `temporary_upgrades`, creating the list.
+    pub fn push_upgrade(text: &str, tenant: &str, index: usize, upgrade: &str) -> Result<String, WriteError> {
+        let p = plan(text, tenant, index)?;
+        let fields: Object<'_> = parse(p, "qps_plans")?;
+        let (at, insert) = match fields.get("temporary_upgrades") {
+            Some(list) => {
+                let items: Vec<&RawValue> = parse(list.get(), "temporary_upgrades")?;
+                let (_, end) = span(text, list.get());
+                // Before the closing bracket (and the spacing in front of it).
+                let close = end - 1;
+                let at = match items.last() {
+                    Some(last) => span(text, last.get()).1,
+                    None => close,
+                };
+                (at, if items.is_empty() { upgrade.to_string() } else { format!(", {upgrade}") })
+            }
+            None => {
+                // After the plan's last value, before its closing brace.
+                let last = fields
+                    .values()
+                    .map(|v| span(text, v.get()).1)
+                    .max()
+                    .ok_or_else(|| WriteError::Invalid("the plan is empty".into()))?;
+                (last, format!(", \"temporary_upgrades\": [{upgrade}]"))
+            }
+        };
+        Ok(replace(text, (at, at), &insert))
+    }
 }
 
 fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
