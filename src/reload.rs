@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::billing::Billing;
 use crate::catalog::IMAGE_SEARCH;
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
-use crate::billing::Billing;
 use crate::metrics::Metrics;
 use crate::server::Gateway;
 use crate::snapshot::Snapshot;
@@ -294,7 +294,10 @@ impl Gateway {
             let from = crate::time::format_rfc3339(now, tz);
             let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
             let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
-            Ok((text, serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until})))
+            Ok((
+                text,
+                serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}),
+            ))
         })
         .await
     }
@@ -457,8 +460,7 @@ fn removed_keys(old: &Snapshot, new: &Snapshot) -> Vec<u64> {
     use crate::intern::pair;
     let tenants: HashSet<u32> = new.tenants.iter().map(|t| t.intern).collect();
     let features: HashSet<u32> = new.catalog.features.iter().map(|f| f.intern).collect();
-    let gone: Vec<u32> =
-        old.catalog.features.iter().map(|f| f.intern).filter(|f| !features.contains(f)).collect();
+    let gone: Vec<u32> = old.catalog.features.iter().map(|f| f.intern).filter(|f| !features.contains(f)).collect();
     let mut keys = Vec::new();
     for t in &old.tenants {
         if tenants.contains(&t.intern) {

@@ -77,8 +77,9 @@ fn apply(text: &str, json: bool, m: &Mutation) -> (String, Option<&'static str>)
                 return (format!("{}\"zz_unknown_key\": 1{comma}{}", &text[..at], &text[at..]), Some("zz_unknown_key"));
             }
             // After a table header line (`[x]` or `[[x]]`): a key of that table.
-            let headers: Vec<usize> =
-                (0..lines.len()).filter(|&i| lines[i].trim_start().starts_with('[') && lines[i].trim_end().ends_with(']')).collect();
+            let headers: Vec<usize> = (0..lines.len())
+                .filter(|&i| lines[i].trim_start().starts_with('[') && lines[i].trim_end().ends_with(']'))
+                .collect();
             if headers.is_empty() {
                 return (text.to_string(), None);
             }

@@ -263,7 +263,8 @@ fn package_series(m: &str, id: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_configured_package_has_its_remaining_points_series_from_load() {
     let up = Upstream::start().await;
-    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &with_packages(&[package("od-1", "5000.5")]));
+    let cfg =
+        ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &with_packages(&[package("od-1", "5000.5")]));
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let c = client();
     let m = gw.metrics(&c).await;

@@ -373,10 +373,12 @@ mod tests {
     #[test]
     fn image_search_instance_need_not_be_a_catalog_package() {
         // Seed 004: support quotes larger or custom packages; 5,000,000 / 8 is not on the list.
-        let snap = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(5_000_000, 8)), 1).unwrap_or_else(|e| panic!("{e}"));
+        let snap =
+            build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(5_000_000, 8)), 1).unwrap_or_else(|e| panic!("{e}"));
         let inst = snap.tenants[0].image_search.as_ref().expect("instance");
         assert_eq!((inst.capacity, inst.qps), (5_000_000, 8));
-        let snap = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(80_000_000, 25)), 1).unwrap_or_else(|e| panic!("{e}"));
+        let snap =
+            build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(80_000_000, 25)), 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(snap.tenants[0].image_search.as_ref().map(|i| i.qps), Some(25));
     }
 
