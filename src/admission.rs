@@ -106,8 +106,9 @@ pub enum Admit {
 pub trait BucketStore: Send + Sync {
     /// Takes one token from the pair's bucket, creating or re-shaping it if `limit`/`depth` changed.
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit;
-    /// Drops every bucket for which `keep` is false (tenants or features removed by a reload).
-    fn retain(&self, keep: &dyn Fn(u64) -> bool);
+    /// Drops one pair's bucket (its tenant or feature was removed by a reload). One key at a
+    /// time, so no lock is held across the map while requests use it.
+    fn remove(&self, key: u64);
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -224,8 +225,8 @@ impl BucketStore for LocalBuckets {
         }
     }
 
-    fn retain(&self, keep: &dyn Fn(u64) -> bool) {
-        self.store.0.retain(|k, _| keep(*k));
+    fn remove(&self, key: u64) {
+        self.store.0.remove(&key);
     }
 
     fn len(&self) -> usize {
@@ -420,7 +421,7 @@ families = ["face_body"]
         // A new limit gives a new bucket of the new depth.
         assert!(matches!(buckets.admit(key, 10, 10), Admit::Allowed { remaining: 9, .. }));
         assert_eq!(buckets.len(), 1);
-        buckets.retain(&|k| k != key);
+        buckets.remove(key);
         assert!(buckets.is_empty());
         let _ = Arc::strong_count(&clock);
     }

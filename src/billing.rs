@@ -487,6 +487,14 @@ impl Billing {
         self.package_state(crate::intern::pair(tenant.intern, p.intern), tenant.label, p.label)
     }
 
+    /// Sets a package's `turnstile_package_remaining_points` from its points and what the ledger
+    /// says it consumed (SPEC §10: the series exists from the moment the package is loaded).
+    pub fn refresh_package_gauge(&self, tenant: &Tenant, p: &Package) {
+        let st = self.package(tenant, p);
+        let remaining = (p.points - st.consumed()).max(Decimal::ZERO);
+        st.gauge.get_or_init(|| self.metrics.package_gauge(st.tenant, st.id)).set(to_f64(remaining));
+    }
+
     /// Whether a package can pay for the feature at `now` (SPEC §6.2), ignoring its balance.
     fn applies(snap: &Snapshot, f: &Feature, feature_idx: usize, p: &Package, now: i64) -> Option<PayerKind> {
         if !(p.effective_at <= now && now < p.expires_at) {

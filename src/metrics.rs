@@ -1,6 +1,7 @@
 //! Prometheus metrics of SPEC §10, served on the admin listener.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use dashmap::DashMap;
 use prometheus::core::Collector;
@@ -61,6 +62,38 @@ struct PairHandles {
     payg_amount: OnceLock<Counter>,
 }
 
+/// `turnstile_package_remaining_points`, showing the packages of the configuration being served
+/// only. A package a reload removed is hidden, not deleted from the vec: billing caches each
+/// package's gauge handle, and if a later reload brings the package back, that same handle must
+/// be the one shown.
+struct PackageGauges {
+    vec: GaugeVec,
+    /// `tenant\0package` (tenant empty without the tenant label) of every configured package.
+    shown: Arc<RwLock<HashSet<String>>>,
+}
+
+fn package_key(tenant: &str, package: &str) -> String {
+    format!("{tenant}\0{package}")
+}
+
+impl Collector for PackageGauges {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.vec.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.vec.collect();
+        let shown = self.shown.read().unwrap_or_else(PoisonError::into_inner);
+        for f in &mut families {
+            f.mut_metric().retain(|m| {
+                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map_or("", |l| l.value());
+                shown.contains(&package_key(label("tenant"), label("package")))
+            });
+        }
+        families
+    }
+}
+
 fn def<T>(r: Result<T, prometheus::Error>) -> T {
     r.unwrap_or_else(|e| unreachable!("static metric definition: {e}"))
 }
@@ -72,6 +105,7 @@ pub struct Metrics {
     billed_units: CounterVec,
     payg_amount: CounterVec,
     package_remaining: GaugeVec,
+    packages_shown: Arc<RwLock<HashSet<String>>>,
     low_balance_alerts: IntCounterVec,
     durations_by_outcome: Vec<Histogram>,
     pub upstream_duration: Histogram,
@@ -161,12 +195,13 @@ impl Metrics {
             Opts::new("turnstile_image_search_images", "Images in a tenant's Image Search instance"),
             &with_tenant(&[]),
         ));
+        let packages_shown = Arc::new(RwLock::new(HashSet::new()));
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(image_count.clone()),
             Box::new(requests.clone()),
             Box::new(billed_units.clone()),
             Box::new(payg_amount.clone()),
-            Box::new(package_remaining.clone()),
+            Box::new(PackageGauges { vec: package_remaining.clone(), shown: packages_shown.clone() }),
             Box::new(low_balance_alerts.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -192,6 +227,7 @@ impl Metrics {
             billed_units,
             payg_amount,
             package_remaining,
+            packages_shown,
             low_balance_alerts,
             durations_by_outcome,
             upstream_duration,
@@ -279,9 +315,17 @@ impl Metrics {
         self.durations_by_outcome[outcome as usize].observe(seconds);
     }
 
-    /// Drops cached handles of pairs a reload removed.
-    pub fn retain_pairs(&self, keep: &dyn Fn(u64) -> bool) {
-        self.pairs.retain(|k, _| keep(*k));
+    /// Drops the cached handles of a pair a reload removed (one key at a time: requests use the map).
+    pub fn remove_pair(&self, key: u64) {
+        self.pairs.remove(&key);
+    }
+
+    /// The packages whose `turnstile_package_remaining_points` series are shown: those of the
+    /// configuration being served (a reload's removed packages disappear from the scrape).
+    pub fn show_packages<'a>(&self, packages: impl Iterator<Item = (&'a str, &'a str)>) {
+        let shown: HashSet<String> =
+            packages.map(|(t, p)| package_key(if self.tenant_label { t } else { "" }, p)).collect();
+        *self.packages_shown.write().unwrap_or_else(PoisonError::into_inner) = shown;
     }
 
     pub fn render(&self) -> String {

@@ -4,7 +4,9 @@
 //! A new configuration is validated whole, off the async workers, then published with one
 //! `ArcSwap` store: requests in flight keep the snapshot they loaded, new ones see the new one,
 //! nobody waits. Buckets are keyed by interned (tenant, feature) ids and carry their limit, so a
-//! bucket whose limit did not change keeps its state; buckets of removed pairs are dropped.
+//! bucket whose limit did not change keeps its state (one whose limit changed is re-shaped on its
+//! next use). The buckets and metric handles of exactly the removed pairs are then dropped one
+//! key at a time, off the async workers, so no request waits on more than a one-key operation.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -15,9 +17,10 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::billing::Billing;
 use crate::catalog::IMAGE_SEARCH;
-use crate::config::entitlements::{RawEntitlements, RawUpgrade};
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
+use crate::metrics::Metrics;
 use crate::server::Gateway;
 use crate::snapshot::Snapshot;
 
@@ -55,6 +58,9 @@ pub enum WriteError {
     Invalid(String),
     #[error("the configuration is not valid after the change")]
     Config(ConfigErrors),
+    /// The files on disk (re-read for the change) are not valid: nothing is written.
+    #[error("{first} (the files on disk are not valid, so nothing was written; fix them, then retry)")]
+    OnDisk { code: &'static str, first: ConfigError },
     #[error("cannot write {path}: {reason}")]
     Io { path: String, reason: String },
 }
@@ -67,6 +73,7 @@ impl WriteError {
             WriteError::Downgrade(_) => "downgrade_not_allowed",
             WriteError::Invalid(_) => "invalid_request",
             WriteError::Config(_) => "invalid_config",
+            WriteError::OnDisk { code, .. } => code,
             WriteError::Io { .. } => "write_failed",
         }
     }
@@ -74,7 +81,7 @@ impl WriteError {
         use http::StatusCode as S;
         match self {
             WriteError::NotFound(_) => S::NOT_FOUND,
-            WriteError::Downgrade(_) => S::CONFLICT,
+            WriteError::Downgrade(_) | WriteError::OnDisk { .. } => S::CONFLICT,
             WriteError::AboveCap(_) | WriteError::Invalid(_) | WriteError::Config(_) => S::UNPROCESSABLE_ENTITY,
             WriteError::Io { .. } => S::INTERNAL_SERVER_ERROR,
         }
@@ -129,25 +136,36 @@ impl Gateway {
         };
         let old = self.snapshot.load_full();
         warn_restart_only(&old, &snap);
-        let removed = removed_pairs(&old, &snap);
-        self.snapshot.store(Arc::new(snap));
-        // Requests hold a snapshot only for their synchronous decision; keep the old one a moment
-        // so its (possibly large) deallocation happens here, not on a request's thread.
-        tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            drop(old);
-        });
+        let new = Arc::new(snap);
+        self.snapshot.store(new.clone());
         self.generation.store(generation, Ordering::SeqCst);
         self.metrics.config_generation.set(generation as i64);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         ctl.hash = hash(&texts);
         ctl.texts = texts;
         tracing::info!(why, generation, "configuration reloaded");
-        if let Some((tenants, features)) = removed {
-            // Memory stays bounded by the configured pairs.
-            let keep = move |k: u64| tenants.contains(&((k >> 32) as u32)) && features.contains(&(k as u32));
-            self.buckets.retain(&keep);
-            self.metrics.retain_pairs(&keep);
+        // Off the async workers, under the control lock (so a later reload that brings a pair
+        // back cannot be undone by this one): drop the state of the removed pairs, one key at a
+        // time (memory stays bounded by the configured pairs), and show the packages now loaded.
+        let (buckets, metrics, billing) = (self.buckets.clone(), self.metrics.clone(), self.billing.clone());
+        let cleanup = tokio::task::spawn_blocking(move || {
+            for key in removed_keys(&old, &new) {
+                buckets.remove(key);
+                metrics.remove_pair(key);
+            }
+            show_packages(&metrics, &billing, &new);
+            old
+        });
+        match cleanup.await {
+            // Requests hold a snapshot only for their synchronous decision; keep the old one a
+            // moment so its (possibly large) deallocation happens here, not on a request's thread.
+            Ok(old) => {
+                tokio::task::spawn_blocking(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    drop(old);
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cleanup after the reload failed"),
         }
         Ok(generation)
     }
@@ -203,24 +221,37 @@ impl Gateway {
         }
     }
 
-    /// Applies `change` to the served entitlements, validates the result, writes it back
-    /// atomically (files) and publishes it. Serialized with reloads and other writes.
+    /// Re-reads the files from disk (an operator's edit the watcher has not picked up yet is
+    /// kept), applies `change` to the text of `entitlements.json` (one value replaced or one
+    /// upgrade inserted; every other byte stays as it was), validates the result as a whole
+    /// configuration, writes it back atomically (files) and publishes it. Serialized with
+    /// reloads and other writes by the control lock.
     async fn write_entitlements(
         &self,
         why: &str,
-        change: impl FnOnce(&Snapshot, &mut RawEntitlements) -> Result<serde_json::Value, WriteError>,
+        change: impl FnOnce(&Snapshot, &str) -> Result<(String, serde_json::Value), WriteError>,
     ) -> Result<serde_json::Value, WriteError> {
         let mut ctl = self.control.lock().await;
-        let snap = self.snapshot.load_full();
-        let mut raw: RawEntitlements = serde_json::from_str(&ctl.texts.entitlements)
-            .map_err(|e| WriteError::Invalid(format!("the served entitlements cannot be re-read: {e}")))?;
-        let answer = change(&snap, &mut raw)?;
-        let text = serde_json::to_string_pretty(&raw).map_err(|e| WriteError::Invalid(e.to_string()))? + "\n";
-        let mut texts = ctl.texts.clone();
+        let on_disk = |errors: ConfigErrors, ents: &str| {
+            let first = errors.0.into_iter().next().unwrap_or_else(|| ConfigError {
+                file: ents.to_string(),
+                path: String::new(),
+                message: "not valid".into(),
+            });
+            let code = if first.file == ents { "entitlements_invalid" } else { "config_invalid" };
+            WriteError::OnDisk { code, first }
+        };
+        let mut texts = self.read_current(&ctl).await.map_err(|e| on_disk(e, &ctl.texts.entitlements_name))?;
+        let generation = self.generation.load(Ordering::SeqCst) + 1;
+        let current = texts.clone();
+        let snap = tokio::task::spawn_blocking(move || config::build(&current, generation))
+            .await
+            .map_err(|e| WriteError::Invalid(e.to_string()))?
+            .map_err(|e| on_disk(e, &texts.entitlements_name))?;
+        let (text, answer) = change(&snap, &texts.entitlements)?;
         texts.entitlements = text;
         // Validate before touching the file.
         let check = texts.clone();
-        let generation = self.generation.load(Ordering::SeqCst) + 1;
         tokio::task::spawn_blocking(move || config::build(&check, generation).map(|_| ()))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
@@ -252,22 +283,21 @@ impl Gateway {
         }
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
         let until = until.to_string();
-        self.write_entitlements("temporary upgrade", move |snap, raw| {
-            let ActivePlan { index: plan_index, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
+        self.write_entitlements("temporary upgrade", move |snap, text| {
+            let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
             if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
                 return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
             }
-            let plan = raw
-                .tenants
-                .get_mut(&tenant)
-                .and_then(|t| t.qps_plans.get_mut(plan_index))
-                .ok_or_else(|| WriteError::NotFound(format!("no active QPS plan for {feature}")))?;
-            if qps <= plan.qps {
-                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {} QPS", plan.qps)));
+            if qps <= plan_qps {
+                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
             }
             let from = crate::time::format_rfc3339(now, tz);
-            plan.temporary_upgrades.push(RawUpgrade { qps, from: from.clone(), until: until.clone() });
-            Ok(serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}))
+            let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
+            let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
+            Ok((
+                text,
+                serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}),
+            ))
         })
         .await
     }
@@ -276,25 +306,18 @@ impl Gateway {
     pub async fn upgrade(&self, tenant: &str, feature: &str, qps: u32) -> Result<serde_json::Value, WriteError> {
         let now = self.clock.unix_nanos();
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
-        self.write_entitlements("upgrade", move |snap, raw| {
-            let ActivePlan { index: plan_index, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
-            let plan = raw
-                .tenants
-                .get_mut(&tenant)
-                .and_then(|t| t.qps_plans.get_mut(plan_index))
-                .ok_or_else(|| WriteError::NotFound(format!("no active QPS plan for {feature}")))?;
-            if qps < plan.qps {
+        self.write_entitlements("upgrade", move |snap, text| {
+            let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
+            if qps < previous {
                 return Err(WriteError::Downgrade(format!(
-                    "{qps} is below the plan's {} QPS: a plan can be upgraded, never downgraded",
-                    plan.qps
+                    "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
                 )));
             }
             if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
                 return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
             }
-            let previous = plan.qps;
-            plan.qps = qps;
-            Ok(serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous}))
+            let text = splice::set_plan_qps(text, &tenant, index, qps)?;
+            Ok((text, serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous})))
         })
         .await
     }
@@ -304,6 +327,8 @@ impl Gateway {
 struct ActivePlan {
     /// Index into the tenant's `qps_plans` in the file.
     index: usize,
+    /// The plan's own QPS (without upgrades).
+    qps: u32,
     /// The family and its cap, if it has one.
     cap: Option<(String, u32)>,
     tz: chrono::FixedOffset,
@@ -324,9 +349,90 @@ fn active_plan(snap: &Snapshot, tenant: &str, feature: &str, now: i64) -> Result
         .iter()
         .position(|p| p.feature == fi && p.active_at(now))
         .ok_or_else(|| WriteError::NotFound(format!("{tenant} has no active QPS plan for {feature}")))?;
+    let qps = t.plans[index].qps;
     let f = &snap.catalog.features[fi];
     let cap = snap.catalog.family_cap(f).map(|c| (snap.catalog.family_id(f).to_string(), c));
-    Ok(ActivePlan { index, cap, tz: snap.settings.timezone })
+    Ok(ActivePlan { index, qps, cap, tz: snap.settings.timezone })
+}
+
+/// Edits of `entitlements.json` in place: the byte range of one value is found with serde_json's
+/// `RawValue` (a slice of the text itself), and only that range changes, so the billing
+/// system's key order, spacing and number and decimal spellings stay exactly as exported.
+mod splice {
+    use std::collections::BTreeMap;
+
+    use serde_json::value::RawValue;
+
+    use super::WriteError;
+
+    type Object<'a> = BTreeMap<String, &'a RawValue>;
+
+    fn parse<'a, T: serde::Deserialize<'a>>(text: &'a str, what: &str) -> Result<T, WriteError> {
+        serde_json::from_str(text).map_err(|e| WriteError::Invalid(format!("entitlements.json: {what}: {e}")))
+    }
+
+    /// Byte range of `sub`, a slice of `text`, within `text`.
+    fn span(text: &str, sub: &str) -> (usize, usize) {
+        let start = sub.as_ptr() as usize - text.as_ptr() as usize;
+        (start, start + sub.len())
+    }
+
+    /// The object `tenants.{tenant}.qps_plans[{index}]` (its text is a slice of `text`).
+    fn plan<'a>(text: &'a str, tenant: &str, index: usize) -> Result<&'a str, WriteError> {
+        let root: Object<'a> = parse(text, "the file")?;
+        let tenants = root.get("tenants").ok_or_else(|| WriteError::Invalid("no tenants".into()))?;
+        let tenants: Object<'a> = parse(tenants.get(), "tenants")?;
+        let t = tenants.get(tenant).ok_or_else(|| WriteError::NotFound(format!("no tenant {tenant:?}")))?;
+        let t: Object<'a> = parse(t.get(), tenant)?;
+        let plans = t.get("qps_plans").ok_or_else(|| WriteError::NotFound(format!("{tenant} has no QPS plans")))?;
+        let plans: Vec<&'a RawValue> = parse(plans.get(), "qps_plans")?;
+        plans.get(index).map(|p| p.get()).ok_or_else(|| WriteError::NotFound(format!("{tenant} has no such plan")))
+    }
+
+    fn replace(text: &str, (start, end): (usize, usize), with: &str) -> String {
+        let mut out = String::with_capacity(text.len() + with.len());
+        out.push_str(&text[..start]);
+        out.push_str(with);
+        out.push_str(&text[end..]);
+        out
+    }
+
+    /// Sets `tenants.{tenant}.qps_plans[{index}].qps`.
+    pub fn set_plan_qps(text: &str, tenant: &str, index: usize, qps: u32) -> Result<String, WriteError> {
+        let p = plan(text, tenant, index)?;
+        let fields: Object<'_> = parse(p, "qps_plans")?;
+        let old = fields.get("qps").ok_or_else(|| WriteError::Invalid("the plan has no qps".into()))?;
+        Ok(replace(text, span(text, old.get()), &qps.to_string()))
+    }
+
+    /// Appends `upgrade` (a JSON object) to the plan's `temporary_upgrades`, creating the list.
+    pub fn push_upgrade(text: &str, tenant: &str, index: usize, upgrade: &str) -> Result<String, WriteError> {
+        let p = plan(text, tenant, index)?;
+        let fields: Object<'_> = parse(p, "qps_plans")?;
+        let (at, insert) = match fields.get("temporary_upgrades") {
+            Some(list) => {
+                let items: Vec<&RawValue> = parse(list.get(), "temporary_upgrades")?;
+                let (_, end) = span(text, list.get());
+                // Before the closing bracket (and the spacing in front of it).
+                let close = end - 1;
+                let at = match items.last() {
+                    Some(last) => span(text, last.get()).1,
+                    None => close,
+                };
+                (at, if items.is_empty() { upgrade.to_string() } else { format!(", {upgrade}") })
+            }
+            None => {
+                // After the plan's last value, before its closing brace.
+                let last = fields
+                    .values()
+                    .map(|v| span(text, v.get()).1)
+                    .max()
+                    .ok_or_else(|| WriteError::Invalid("the plan is empty".into()))?;
+                (last, format!(", \"temporary_upgrades\": [{upgrade}]"))
+            }
+        };
+        Ok(replace(text, (at, at), &insert))
+    }
 }
 
 fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
@@ -348,13 +454,35 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
     }
 }
 
-/// Tenant and feature ids still configured, if the new snapshot dropped any.
-fn removed_pairs(old: &Snapshot, new: &Snapshot) -> Option<(HashSet<u32>, HashSet<u32>)> {
+/// The bucket and metric keys of the (tenant, feature) pairs `new` no longer has: every
+/// feature of a removed tenant (and its Image Search delete bucket), and every removed feature of
+/// the other tenants. Pairs of kept tenants and features are kept, whatever their limit.
+fn removed_keys(old: &Snapshot, new: &Snapshot) -> Vec<u64> {
+    use crate::intern::pair;
     let tenants: HashSet<u32> = new.tenants.iter().map(|t| t.intern).collect();
     let features: HashSet<u32> = new.catalog.features.iter().map(|f| f.intern).collect();
-    let dropped = old.tenants.iter().any(|t| !tenants.contains(&t.intern))
-        || old.catalog.features.iter().any(|f| !features.contains(&f.intern));
-    dropped.then_some((tenants, features))
+    let gone: Vec<u32> = old.catalog.features.iter().map(|f| f.intern).filter(|f| !features.contains(f)).collect();
+    let mut keys = Vec::new();
+    for t in &old.tenants {
+        if tenants.contains(&t.intern) {
+            keys.extend(gone.iter().map(|&f| pair(t.intern, f)));
+        } else {
+            keys.extend(old.catalog.features.iter().map(|f| pair(t.intern, f.intern)));
+            keys.push(pair(t.intern, old.catalog.image_delete_intern));
+        }
+    }
+    keys
+}
+
+/// Gives every package of `snap` its `turnstile_package_remaining_points` series (points less
+/// what the ledger says it consumed) and hides the series of packages no longer configured.
+pub fn show_packages(metrics: &Metrics, billing: &Billing, snap: &Snapshot) {
+    metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
+    for t in &snap.tenants {
+        for p in &t.packages {
+            billing.refresh_package_gauge(t, p);
+        }
+    }
 }
 
 /// Watches the folders of the three files (so editors' write-and-rename and Kubernetes ConfigMap
@@ -393,4 +521,111 @@ pub fn watch(
         })
         .map_err(|e| notify::Error::generic(&e.to_string()))?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::{build, EMBEDDED_CATALOG};
+    use crate::metrics::Outcome;
+    use crate::proxy::{decide, Decision};
+    use http::{HeaderMap, HeaderValue};
+
+    fn main_toml(ledger: &Path) -> String {
+        format!(
+            "[server]\nupstream = \"http://127.0.0.1:1\"\n[ledger]\ndir = \"{}\"\n\
+             [[routes]]\npath = \"/v1/image-search/delete\"\nfeature = \"image-search\"\nop = \"delete\"\n\
+             [[routes]]\npath = \"/v1/ocr/license-plate\"\nfeature = \"license-plate-recognition\"\n",
+            ledger.display()
+        )
+    }
+
+    fn tenant(name: &str, extra: &str) -> String {
+        format!(r#""{name}": {{"api_keys": ["{}"], "services": ["text_recognition"]{extra}}}"#, crate::hash_key(name))
+    }
+
+    fn ents(tenants: &[String]) -> String {
+        format!(r#"{{"tenants": {{{}}}}}"#, tenants.join(","))
+    }
+
+    fn call(gw: &Gateway, key: &str, path: &str) -> Option<Outcome> {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_str(key).expect("key"));
+        match decide(gw, &h, path) {
+            Decision::Forward(_) => None,
+            Decision::Reject(_, outcome, ..) => Some(outcome),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_removing_another_tenant_keeps_the_delete_bucket_and_other_buckets() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let main = main_toml(&dir.path().join("ledger"));
+        let image = r#", "image_search": {"capacity": 100000, "qps": 1, "expires_at": "2036-01-01T00:00:00Z"}"#;
+        let both = ents(&[tenant("acme", image), tenant("globex", "")]);
+        let texts = Texts::in_memory(main.clone(), EMBEDDED_CATALOG, both);
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let gw = Gateway::new(texts, snap, ConfigSource::Embedded, None, clock.clone()).expect("gateway");
+
+        // The delete bucket (20 QPS, depth 20) is drained; the plate buckets are used once.
+        for i in 0..20 {
+            assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), None, "delete {i}");
+        }
+        assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), Some(Outcome::Throttled));
+        assert_eq!(call(&gw, "acme", "/v1/ocr/license-plate"), None);
+        assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), None);
+        assert_eq!(gw.buckets.len(), 3);
+
+        let only_acme = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
+        {
+            let mut ctl = gw.control.lock().await;
+            gw.publish(&mut ctl, only_acme, "test").await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(gw.buckets.len(), 2, "globex's bucket is gone, acme's two are kept");
+        assert_eq!(
+            call(&gw, "acme", "/v1/image-search/delete"),
+            Some(Outcome::Throttled),
+            "the delete bucket kept its (empty) state across a reload that removed another tenant"
+        );
+        assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+        gw.billing.close();
+    }
+
+    const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
+    const SMALL_CATALOG: &str = r#"
+currency = "CNY"
+[families.text_recognition]
+name = "Text"
+[features.license-plate-recognition]
+family = "text_recognition"
+billing = ["payg"]
+[features.vin-recognition]
+family = "text_recognition"
+billing = ["payg"]
+"#;
+
+    #[test]
+    fn removed_keys_are_exactly_the_removed_pairs() {
+        use crate::intern::pair;
+        let snap = |catalog: &str, tenants: &[String]| {
+            build(&Texts::in_memory(MAIN, catalog, ents(tenants)), 1).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let old = snap(SMALL_CATALOG, &[tenant("rk-a", ""), tenant("rk-b", "")]);
+        let t = |name: &str| crate::intern::tenant(name).0;
+        let f = |name: &str| crate::intern::feature(name).0;
+        let fewer_features = SMALL_CATALOG.replace("[features.vin-recognition]", "[features.other-recognition]");
+        let new = snap(&fewer_features, &[tenant("rk-a", "")]);
+        let mut got = removed_keys(&old, &new);
+        got.sort_unstable();
+        let mut want: Vec<u64> = old.catalog.features.iter().map(|x| pair(t("rk-b"), x.intern)).collect();
+        want.push(pair(t("rk-b"), old.catalog.image_delete_intern));
+        want.push(pair(t("rk-a"), f("vin-recognition")));
+        want.sort_unstable();
+        assert_eq!(got, want);
+        // Nothing removed: nothing to drop, whatever changed otherwise.
+        let same = snap(SMALL_CATALOG, &[tenant("rk-a", ""), tenant("rk-b", "")]);
+        assert!(removed_keys(&old, &same).is_empty());
+    }
 }

@@ -29,7 +29,7 @@ use crate::snapshot::Snapshot;
 /// Everything the listeners share.
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
-    pub buckets: Box<dyn BucketStore>,
+    pub buckets: Arc<dyn BucketStore>,
     pub metrics: Arc<Metrics>,
     pub billing: Arc<Billing>,
     pub clock: SharedClock,
@@ -90,7 +90,7 @@ impl Gateway {
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
-            buckets: Box::new(LocalBuckets::new(clock.clone())),
+            buckets: Arc::new(LocalBuckets::new(clock.clone())),
             metrics,
             billing,
             clock,
@@ -101,6 +101,7 @@ impl Gateway {
             control: tokio::sync::Mutex::new(Control::new(texts)),
         });
         tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
+        crate::reload::show_packages(&gw.metrics, &gw.billing, &gw.snapshot.load());
         Ok(gw)
     }
 

@@ -138,3 +138,30 @@ fn ledger_strict_timeout_must_be_positive() {
     let (ok, _stdout, stderr) = check(&cfg);
     assert!(ok, "250 ms is fine: {stderr}");
 }
+
+#[test]
+fn custom_image_search_instance_is_valid_and_zero_sizes_are_named() {
+    // Support quotes packages outside the price list (seed 004): 5,000,000 images at 8 QPS.
+    let main = main_toml("http://127.0.0.1:1", "", "");
+    let custom = entitlements(40, None).replace(
+        r#""services": ["text_recognition"]"#,
+        r#""services": ["text_recognition"], "image_search": {"capacity": 5000000, "qps": 8, "expires_at": "2036-01-01T00:00:00Z"}"#,
+    );
+    assert!(custom.contains("5000000"), "{custom}");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &custom);
+    let (ok, stdout, stderr) = check(&cfg);
+    assert!(ok, "a custom instance is valid:\n{stderr}");
+    assert!(stdout.starts_with("ok:"), "{stdout}");
+
+    let zero = custom.replace(r#""capacity": 5000000, "qps": 8"#, r#""capacity": 0, "qps": 0"#);
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &zero);
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let dir = cfg.path().display().to_string();
+    for expected in [
+        format!("{dir}/entitlements.json: tenants.globex.image_search.capacity: must be at least 1"),
+        format!("{dir}/entitlements.json: tenants.globex.image_search.qps: must be at least 1"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+}

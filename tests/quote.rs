@@ -239,6 +239,9 @@ fn unknown_image_search_size_lists_the_sizes() {
     assert!(err.contains("3000000") && err.contains("2500000/5") && err.contains("50000000/10"), "{err}");
     let err = fails(&["image-search", "--from", "2500000/5", "--to", "5000000/7"]);
     assert!(err.contains("sizes"), "{err}");
+    // A custom instance (valid in entitlements.json, SPEC §3.3) has no catalog price to quote.
+    let err = fails(&["image-search", "--from", "5000000/8", "--to", "10000000/10"]);
+    assert!(err.contains("5000000 images at 8 QPS") && err.contains("sizes"), "{err}");
 }
 
 #[test]

@@ -235,3 +235,141 @@ async fn load_across_20_reloads_has_zero_failed_requests() {
     assert!(ok.load(Ordering::SeqCst) > 200, "the load ran");
     assert_eq!(failed.load(Ordering::SeqCst), 0);
 }
+
+fn package(id: &str, points: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "feature": "object-detection", "points": "{points}", "ordered_at": "{}", "expires_at": "{}"}}"#,
+        at(-3600),
+        at(86400)
+    )
+}
+
+/// The standard tenants, with `packages` given to globex.
+fn with_packages(packages: &[String]) -> String {
+    entitlements(40, None).replace(
+        r#""services": ["text_recognition"]"#,
+        &format!(r#""services": ["text_recognition", "object_detection"], "packages": [{}]"#, packages.join(", ")),
+    )
+}
+
+fn package_series(m: &str, id: &str) -> Option<f64> {
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_package_remaining_points{"))
+        .find(|l| l.contains(&format!("package=\"{id}\"")) && l.contains("tenant=\"globex\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_configured_package_has_its_remaining_points_series_from_load() {
+    let up = Upstream::start().await;
+    let cfg =
+        ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &with_packages(&[package("od-1", "5000.5")]));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-1"), Some(5000.5), "before any call:\n{m}");
+
+    let ents = cfg.path().join("entitlements.json");
+    replace_file(&ents, &with_packages(&[package("od-1", "5000.5"), package("od-2", "300")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-2"), Some(300.0), "a package added by a reload:\n{m}");
+    assert_eq!(package_series(&m, "od-1"), Some(5000.5));
+
+    replace_file(&ents, &with_packages(&[package("od-2", "300")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "od-1"), None, "a package removed by a reload has no series:\n{m}");
+    assert_eq!(package_series(&m, "od-2"), Some(300.0));
+}
+
+const UPGRADE: &str = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade";
+const TEMPORARY: &str = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_edit_inside_the_watch_debounce_survives_an_upgrade() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    let ents = cfg.path().join("entitlements.json");
+    // The operator gives globex a package; the upgrade call comes before the watcher's debounce ends.
+    let edited = with_packages(&[package("edit-1", "700")]);
+    replace_file(&ents, &edited);
+    let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let file = std::fs::read_to_string(&ents).expect("read");
+    assert_eq!(file, edited.replace("\"qps\": 40", "\"qps\": 45"), "the edit is kept, only the qps changed");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=45;w=1");
+    let m = gw.metrics(&c).await;
+    assert_eq!(package_series(&m, "edit-1"), Some(700.0), "the edit is served too:\n{m}");
+    assert_eq!(std::fs::read_to_string(&ents).expect("read"), file);
+}
+
+/// An export as a billing system might write it: its own key order, compact spacing, escapes,
+/// decimals with trailing zeros.
+fn unusual_export() -> String {
+    format!(
+        concat!(
+            r#"{{"tenants":{{"zeta":{{"services":["text_recognition"],"api_keys":["{z}"],"#,
+            r#""packages":[{{"points":"5000.50","id":"z-1","feature":"object-detection","expires_at":"{until}","ordered_at":"{from}"}}]}},"#,
+            "\n  \"acme\" : {{ \"services\" : [\"face_\\u0062ody\"], \"api_keys\":[\"{a}\"],\n",
+            r#"    "qps_plans":[{{"qps":40,"feature":"face-comparison-1-1","expires_at":"{until}","effective_at":"{from}"}}]}}"#,
+            "\n}}}}\n"
+        ),
+        z = key_hash("key-zeta"),
+        a = key_hash("key-acme"),
+        from = at(-3600),
+        until = at(86400),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_changes_only_the_changed_field() {
+    let up = Upstream::start().await;
+    let export = unusual_export();
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &export);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let ents = cfg.path().join("entitlements.json");
+    let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let upgraded = export.replace(r#""qps":40"#, r#""qps":45"#);
+    assert_eq!(std::fs::read_to_string(&ents).expect("read"), upgraded, "byte-identical but for the qps");
+
+    let until = at(600);
+    let r = admin_post(&c, &gw, TEMPORARY, &format!(r#"{{"qps": 50, "until": "{until}"}}"#)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let file = std::fs::read_to_string(&ents).expect("read");
+    let start = file.find(r#", "temporary_upgrades": ["#).expect("inserted");
+    let end = start + file[start..].find(']').expect("closed") + 1;
+    assert!(file[start..end].contains(&until) && file[start..end].contains("\"qps\":50"), "{file}");
+    assert_eq!(format!("{}{}", &file[..start], &file[end..]), upgraded, "nothing else changed");
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=50;w=1");
+
+    // A second upgrade goes into the same list.
+    let r = admin_post(&c, &gw, TEMPORARY, &format!(r#"{{"qps": 48, "until": "{}"}}"#, at(900))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ents).expect("read")).expect("json");
+    assert_eq!(file["tenants"]["acme"]["qps_plans"][0]["temporary_upgrades"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_over_an_invalid_file_is_refused_and_writes_nothing() {
+    let (_up, cfg, gw) = start(false, "").await;
+    let c = client();
+    let ents = cfg.path().join("entitlements.json");
+    let broken = entitlements(40, None).replace("\"services\": [\"text_recognition\"]", "\"services\": [\"nope\"]");
+    replace_file(&ents, &broken);
+    let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "entitlements_invalid"));
+    let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("entitlements.json") && message.contains("tenants.globex.services[0]"), "{message}");
+    assert_eq!(std::fs::read_to_string(&ents).expect("read"), broken, "nothing was written");
+    let r = admin_post(&c, &gw, TEMPORARY, &format!(r#"{{"qps": 50, "until": "{}"}}"#, at(600))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(std::fs::read_to_string(&ents).expect("read"), broken);
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1", "the served configuration is unchanged");
+}

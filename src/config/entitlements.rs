@@ -335,11 +335,13 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
 
         let image_search = t.image_search.as_ref().map(|is| {
             let ip = format!("{p}.image_search");
-            if !catalog.image_search.packages.iter().any(|k| k.capacity == is.capacity && k.qps == is.qps) {
-                errs.push(
-                    ip.clone(),
-                    format!("{}/{} QPS is not an image search package in the catalog", is.capacity, is.qps),
-                );
+            // Any positive size: support quotes larger or custom packages (seed 004, SPEC §3.3);
+            // only `quote image-search` needs a catalog package.
+            if is.capacity == 0 {
+                errs.push(format!("{ip}.capacity"), "must be at least 1");
+            }
+            if is.qps == 0 {
+                errs.push(format!("{ip}.qps"), "must be at least 1");
             }
             ImageInstance {
                 capacity: is.capacity,
@@ -352,4 +354,38 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
         tenants.push(Tenant { name: name.clone(), intern, label, api_keys, services, plans, packages, image_search });
     }
     tenants
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{build, Texts, EMBEDDED_CATALOG};
+
+    const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
+    const KEY: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn ents(capacity: u64, qps: u32) -> String {
+        format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": [],
+                "image_search": {{"capacity": {capacity}, "qps": {qps}, "expires_at": "2036-01-01T00:00:00Z"}}}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn image_search_instance_need_not_be_a_catalog_package() {
+        // Seed 004: support quotes larger or custom packages; 5,000,000 / 8 is not on the list.
+        let snap =
+            build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(5_000_000, 8)), 1).unwrap_or_else(|e| panic!("{e}"));
+        let inst = snap.tenants[0].image_search.as_ref().expect("instance");
+        assert_eq!((inst.capacity, inst.qps), (5_000_000, 8));
+        let snap =
+            build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(80_000_000, 25)), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(snap.tenants[0].image_search.as_ref().map(|i| i.qps), Some(25));
+    }
+
+    #[test]
+    fn image_search_zero_capacity_or_qps_is_an_error_naming_file_and_field() {
+        let errs = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(0, 0)), 1).err().expect("rejected").to_string();
+        assert!(errs.contains("entitlements.json: tenants.acme.image_search.capacity: must be at least 1"), "{errs}");
+        assert!(errs.contains("entitlements.json: tenants.acme.image_search.qps: must be at least 1"), "{errs}");
+    }
 }
