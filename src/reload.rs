@@ -590,7 +590,7 @@ mod tests {
             "the delete bucket kept its (empty) state across a reload that removed another tenant"
         );
         assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
-        gw.billing.close();
+        let _ = gw.billing.close(std::time::Duration::from_secs(5));
     }
 
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
