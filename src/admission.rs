@@ -106,6 +106,9 @@ pub enum Admit {
 pub trait BucketStore: Send + Sync {
     /// Takes one token from the pair's bucket, creating or re-shaping it if `limit`/`depth` changed.
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit;
+    /// Gives back the token an [`Admit::Allowed`] of the same shape took, for a request refused
+    /// after admission (402, 409): only admitted requests use the quota (SPEC §4).
+    fn refund(&self, key: u64, limit: u32, depth: u32);
     /// Drops one pair's bucket (its tenant or feature was removed by a reload). One key at a
     /// time, so no lock is held across the map while requests use it.
     fn remove(&self, key: u64);
@@ -223,6 +226,20 @@ impl BucketStore for LocalBuckets {
             }
             Err(not_until) => Admit::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) },
         }
+    }
+
+    fn refund(&self, key: u64, limit: u32, depth: u32) {
+        let Some(b) = self.store.0.get(&key) else { return };
+        if b.shape != shape(limit, depth) {
+            // Re-shaped since (a reload changed the limit): the new bucket never held the token.
+            return;
+        }
+        // GCRA: each admission moved the theoretical arrival time one emission interval on
+        // (governor's `Quota::per_second`: 1 s / limit); moving it back returns the token. A time
+        // at or before now is a full bucket, and 0 a fresh (full) one, so saturating is exact.
+        let t = 1_000_000_000 / u64::from(limit.max(1));
+        let _ =
+            b.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| (tat != 0).then(|| tat.saturating_sub(t)));
     }
 
     fn remove(&self, key: u64) {
@@ -404,6 +421,29 @@ families = ["face_body"]
             Admit::Throttled { retry_after } => assert!(retry_after <= Duration::from_millis(50)),
             other => panic!("expected throttled, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn refund_gives_back_exactly_one_token_of_the_same_shape() {
+        let clock = ManualClock::at("2026-11-01T00:00:00Z");
+        let buckets = LocalBuckets::new(clock.clone());
+        let key = crate::intern::pair(3, 3);
+        buckets.refund(key, 4, 4); // no bucket yet: nothing happens
+        for _ in 0..4 {
+            assert!(matches!(buckets.admit(key, 4, 4), Admit::Allowed { .. }));
+        }
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Throttled { .. }));
+        buckets.refund(key, 4, 4);
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 0, reset_secs: 1 }, "one token back");
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Throttled { .. }), "and only one");
+        buckets.refund(key, 8, 8);
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Throttled { .. }), "another shape's refund is ignored");
+        // A refund on a full bucket keeps it full, never fuller than its depth.
+        clock.advance(Duration::from_secs(5));
+        buckets.refund(key, 4, 4);
+        buckets.refund(key, 4, 4);
+        let admitted = (0..10).filter(|_| matches!(buckets.admit(key, 4, 4), Admit::Allowed { .. })).count();
+        assert_eq!(admitted, 4);
     }
 
     #[test]

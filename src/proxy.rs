@@ -64,6 +64,9 @@ pub struct Forward {
     body_read_timeout: Duration,
     api_key_header: HeaderName,
     rate_headers: [(HeaderName, HeaderValue); 2],
+    /// The bucket's shape, to give the token back when the body turns out too large.
+    limit: u32,
+    depth: u32,
     reservation: Reservation,
     video: bool,
     /// Image search: the operation, and for an add its capacity slot.
@@ -219,63 +222,63 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             rate_headers(limit.qps, depth, 0).into(),
         );
     }
-    // Payer and image-search capacity before the bucket, so that a 402 or 409 takes no token.
-    // Nothing was taken from the bucket for these refusals: the whole quota remains.
+    // The bucket, then the payer and the image-search capacity slot. A 429 holds nothing (no
+    // package share, even for a moment: a racing call must not find the package spent by calls
+    // that are refused anyway); a 402 or 409 gives its token back, so only admitted requests use
+    // the quota (SPEC §4).
+    let (remaining, reset_secs) = match gw.buckets.admit(pair, limit.qps, depth) {
+        Admit::Throttled { retry_after } => {
+            let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
+            return Decision::Reject(
+                ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
+                Outcome::Throttled,
+                ids(),
+                rate_headers(limit.qps, 0, secs).into(),
+            );
+        }
+        Admit::Allowed { remaining, reset_secs } => (remaining, reset_secs),
+    };
+    let refused = |e: ApiError, outcome: Outcome| {
+        gw.buckets.refund(pair, limit.qps, depth);
+        // The bucket as it was before this request took (and gave back) its token.
+        let remaining = (remaining + 1).min(depth);
+        let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.qps.max(1)));
+        Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, remaining, reset).into())
+    };
     let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
-        return Decision::Reject(
-            ApiError::PaymentRequired { feature: feature.id.clone() },
-            Outcome::PaymentRequired,
-            ids(),
-            rate_headers(limit.qps, depth, 0).into(),
-        );
+        return refused(ApiError::PaymentRequired { feature: feature.id.clone() }, Outcome::PaymentRequired);
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
     let image = match (route.op, tenant.image_search.as_ref()) {
         (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
             Some(slot) => Some((ImageOp::Add, Some(slot))),
-            None => {
-                return Decision::Reject(
-                    ApiError::CapacityExceeded { capacity: inst.capacity },
-                    Outcome::Forbidden,
-                    ids(),
-                    rate_headers(limit.qps, depth, 0).into(),
-                )
-            }
+            // Dropping `reservation` gives the package share back.
+            None => return refused(ApiError::CapacityExceeded { capacity: inst.capacity }, Outcome::Forbidden),
         },
         (Some(op), _) => Some((op, None)),
         (None, _) => None,
     };
-    match gw.buckets.admit(pair, limit.qps, depth) {
-        // Dropping `reservation` and `image` here gives the package share and the slot back.
-        Admit::Throttled { retry_after } => {
-            let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
-            Decision::Reject(
-                ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
-                Outcome::Throttled,
-                ids(),
-                rate_headers(limit.qps, 0, secs).into(),
-            )
-        }
-        Admit::Allowed { remaining, reset_secs } => Decision::Forward(Forward {
-            pair,
-            tenant: tenant.label,
-            feature: feature.label,
-            key_in_authorization,
-            path: match path {
-                std::borrow::Cow::Borrowed(_) => None,
-                std::borrow::Cow::Owned(p) => Some(p),
-            },
-            upstream: s.upstream.clone(),
-            timeout: s.upstream_timeout,
-            body_limit: s.max_request_body_bytes,
-            body_read_timeout: s.body_read_timeout,
-            api_key_header: s.api_key_header.clone(),
-            rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-            reservation,
-            video: feature.unit == Unit::VideoMinute,
-            image,
-        }),
-    }
+    Decision::Forward(Forward {
+        pair,
+        tenant: tenant.label,
+        feature: feature.label,
+        key_in_authorization,
+        path: match path {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(p) => Some(p),
+        },
+        upstream: s.upstream.clone(),
+        timeout: s.upstream_timeout,
+        body_limit: s.max_request_body_bytes,
+        body_read_timeout: s.body_read_timeout,
+        api_key_header: s.api_key_header.clone(),
+        rate_headers: rate_headers(limit.qps, remaining, reset_secs),
+        limit: limit.qps,
+        depth,
+        reservation,
+        video: feature.unit == Unit::VideoMinute,
+        image,
+    })
 }
 
 /// Handles one tenant request; never fails (errors become JSON responses). A request refused
@@ -447,6 +450,10 @@ async fn forward(
             } else {
                 Outcome::UpstreamError
             };
+            if matches!(e, ApiError::BodyTooLarge { .. }) {
+                // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
+                gw.buckets.refund(fwd.pair, fwd.limit, fwd.depth);
+            }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
         }
@@ -474,7 +481,8 @@ async fn forward_inner(
     let (mut parts, body) = req.into_parts();
     let expect_continue = parts.headers.contains_key(header::EXPECT);
     let body = Upload::new(body, fwd.body_limit, fwd.body_read_timeout, expect_continue);
-    let uri = upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
+    let uri =
+        upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     // The body is forwarded with one framing, the one it was read with: a body of unknown length

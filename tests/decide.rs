@@ -431,6 +431,42 @@ async fn a_concurrent_flood_leaks_no_package_share() {
     assert_eq!(shares.iter().filter(|r| r.is_some()).count(), 3, "the package's 3 points, all back");
 }
 
+/// A throttled request must be told 429, never 402: refusals by the bucket hold no package share,
+/// even for a moment, so a racing request never finds the package spent by calls that were
+/// refused anyway (nor falls through to a payer after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_requests_never_hold_a_package_share() {
+    let f = Fixture::new().await;
+    f.entitle(true, false);
+    // The burst (2) is admitted and dropped (its shares go back): the bucket is empty and the
+    // manual clock never refills it.
+    assert_eq!([f.acme("/v1/face/compare"), f.acme("/v1/face/compare")], [200, 200]);
+    let gw = f.gw.clone();
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-acme"));
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..2000)
+                            .map(|_| match decide(&gw, &h, "/v1/face/compare") {
+                                Decision::Forward(_) => 200,
+                                Decision::Reject(e, ..) => e.status().as_u16(),
+                            })
+                            .collect::<Vec<u16>>()
+                    })
+                })
+                .collect();
+            threads.into_iter().flat_map(|t| t.join().expect("thread")).collect::<Vec<u16>>()
+        })
+    })
+    .await
+    .expect("join");
+    let not_429: Vec<_> = statuses.iter().filter(|s| **s != 429).collect();
+    assert!(not_429.is_empty(), "{} of {} refusals were not 429, e.g. {:?}", not_429.len(), statuses.len(), not_429[0]);
+}
+
 #[tokio::test]
 async fn refusals_before_admission_leave_the_quota_intact() {
     let f = Fixture::new().await;

@@ -238,6 +238,27 @@ async fn chunked_upload_crossing_the_limit_mid_stream_reads_413() {
     }
 }
 
+/// SPEC §4: a request refused with 413 leaves the quota as it was, also when the body is found too
+/// large only while it streams (after admission): its token is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_mid_stream_gives_its_token_back() {
+    let (_up, _cfg, gw) = gateway("max_request_body_bytes = 65536").await;
+    // globex: license plates at the default 2 QPS (depth 2), paid pay-as-you-go.
+    let body = chunked(&vec![b'y'; 256 * 1024], 16 * 1024);
+    let head =
+        "POST /v1/ocr/license-plate HTTP/1.1\r\nhost: x\r\nx-api-key: key-globex\r\ntransfer-encoding: chunked\r\n\r\n";
+    for attempt in 0..6 {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        let r = write_all_then_read(&mut s, head, &body).await.unwrap_or_else(|e| panic!("attempt {attempt}: {e}"));
+        assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"), "attempt {attempt}: {}", r.head);
+    }
+    let c = client();
+    for i in 0..2 {
+        let r = post(&c, &gw.url("/v1/ocr/license-plate"), &[("x-api-key", "key-globex")], b"{}").await;
+        assert_eq!(r.status, http::StatusCode::OK, "call {i}: the whole burst is left");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_to_an_unreachable_upstream_reads_502() {
     // A port with nothing listening: the upload is admitted, then never read by anyone.
