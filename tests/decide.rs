@@ -319,6 +319,18 @@ impl Fixture {
         }
     }
 
+    /// `n` calls by acme that must all be forwarded, held in flight (their shares and slots kept).
+    fn admitted(&self, n: usize, path: &str) -> Vec<turnstile::proxy::Forward> {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-acme"));
+        (0..n)
+            .map(|_| match decide(&self.gw, &h, path) {
+                Decision::Forward(fwd) => fwd,
+                Decision::Reject(e, ..) => panic!("the whole quota should remain: {e}"),
+            })
+            .collect()
+    }
+
     fn acme(&self, path: &str) -> u16 {
         self.status(path, &[("x-api-key", "key-acme")])
     }
@@ -341,14 +353,7 @@ async fn payment_required_leaves_the_quota_intact() {
     f.entitle(true, false);
     // The full burst: two calls admitted (each holding a package point while in flight), the
     // third throttled.
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", HeaderValue::from_static("key-acme"));
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| match decide(&f.gw, &h, "/v1/face/compare") {
-            Decision::Forward(fwd) => fwd,
-            Decision::Reject(e, ..) => panic!("the whole quota should remain: {e}"),
-        })
-        .collect();
+    let in_flight = f.admitted(2, "/v1/face/compare");
     assert_eq!(f.acme("/v1/face/compare"), 429);
     // The throttled call gave its reserved point back: one of the three is still free.
     let snap = f.gw.snapshot.load();
@@ -369,14 +374,7 @@ async fn capacity_exceeded_leaves_the_quota_intact_and_a_throttled_add_gives_its
     }
     drop(held);
     // The full burst: two adds admitted (each holding a slot while in flight), the third throttled.
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", HeaderValue::from_static("key-acme"));
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| match decide(&f.gw, &h, "/v1/image-search/add") {
-            Decision::Forward(fwd) => fwd,
-            Decision::Reject(e, ..) => panic!("the whole quota should remain: {e}"),
-        })
-        .collect();
+    let in_flight = f.admitted(2, "/v1/image-search/add");
     assert_eq!(f.acme("/v1/image-search/add"), 429);
     // The throttled add gave its slot back: one of the three is still free.
     assert!(f.gw.billing.reserve_image_add(acme, 3).is_some(), "a throttled add keeps no slot");

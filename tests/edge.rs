@@ -262,9 +262,7 @@ async fn a_body_too_large_mid_stream_gives_its_token_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_to_an_unreachable_upstream_reads_502() {
     // A port with nothing listening: the upload is admitted, then never read by anyone.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
+    let dead_addr = dead_addr();
     let cfg =
         ConfigDir::new(&main_toml(&format!("http://{dead_addr}"), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);

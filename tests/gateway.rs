@@ -162,9 +162,7 @@ async fn body_limit_gives_413_for_declared_and_streamed_bodies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refused_is_502_and_slow_is_504() {
     // A port with nothing listening: bind, note the port, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
+    let dead_addr = dead_addr();
     let cfg =
         ConfigDir::new(&main_toml(&format!("http://{dead_addr}"), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);

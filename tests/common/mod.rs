@@ -25,6 +25,12 @@ pub fn at(secs: i64) -> String {
     (Utc::now() + chrono::Duration::seconds(secs)).to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// A loopback address with nothing listening (bound, noted, closed): connecting is refused.
+pub fn dead_addr() -> SocketAddr {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    dead.local_addr().expect("addr")
+}
+
 pub fn key_hash(key: &str) -> String {
     turnstile::hash_key(key)
 }
