@@ -452,6 +452,16 @@ impl PipedGateway {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Waits (at most 5 s) until the log holds `needle`: it reaches the test through a pipe and
+    /// a reader thread, a moment after the gateway wrote it.
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sets the process's file-size limit (soft; the hard limit stays unlimited).
     fn limit_file_size(&self, soft: &str) {
         let pid = self.child.id().to_string();
@@ -499,6 +509,7 @@ async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recove
         .and_then(|v| v.parse().ok())
         .expect("ledger error counter");
     assert!(errors >= 2, "{errors}");
+    gw.wait_for_log("ledger commit failed");
     assert_eq!(gw.log().matches("ledger commit failed").count(), 1, "one error line per spell:\n{}", gw.log());
 
     // Writable again: ready again, charges succeed.
@@ -508,7 +519,7 @@ async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recove
         assert!(Instant::now() < deadline, "not ready again after recovery:\n{}", gw.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(gw.log().contains("ledger commits succeed again"), "{}", gw.log());
+    gw.wait_for_log("ledger commits succeed again");
     assert_eq!(post(&c, &lp, &[ACME], b"{}").await.status, StatusCode::OK);
 
     // Failing again at SIGTERM: exit status 1 and a line naming what was not flushed.
@@ -528,7 +539,7 @@ async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recove
     .await
     .expect("join");
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", gw.log());
-    assert!(gw.log().contains("could not be flushed"), "{}", gw.log());
+    gw.wait_for_log("could not be flushed");
     drop(gw);
 
     // Two calls were answered 2xx; the three refused ones were not charged.
