@@ -43,7 +43,7 @@ async fn exit_status(mut gw: Gateway, within: Duration) -> (Option<std::process:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_serving_with_readyz_503_during_the_grace_then_exits_0() {
-    let (_up, _cfg, gw) = start("shutdown_grace_ms = 1500").await;
+    let (_up, _cfg, gw) = start("shutdown_grace_ms = 3000").await;
     let ready = fresh_get(&gw.admin_url("/readyz")).await.expect("admin answers");
     assert_eq!(ready.status, StatusCode::OK);
 
@@ -52,7 +52,7 @@ async fn sigterm_keeps_serving_with_readyz_503_during_the_grace_then_exits_0() {
     // Within the grace: /readyz answers 503 (not a refused connection), /healthz stays 200 (a
     // liveness probe must not restart a pod that is draining), and tenant requests, on new
     // connections, are still admitted and forwarded.
-    let deadline = signalled + Duration::from_millis(1000);
+    let deadline = signalled + Duration::from_millis(2000);
     let mut saw_503 = false;
     while Instant::now() < deadline {
         let r = fresh_get(&gw.admin_url("/readyz")).await.expect("the admin listener answers during the grace");
@@ -71,11 +71,11 @@ async fn sigterm_keeps_serving_with_readyz_503_during_the_grace_then_exits_0() {
     assert_eq!(r.header("connection"), Some("close"), "keep-alive clients are told to reconnect elsewhere");
     let metrics = fresh_get(&gw.admin_url("/metrics")).await.expect("metrics during the grace");
     assert_eq!(metrics.status, StatusCode::OK);
-    assert!(signalled.elapsed() < Duration::from_millis(1500), "these checks ran inside the grace");
+    assert!(signalled.elapsed() < Duration::from_millis(3000), "these checks ran inside the grace");
 
     let (status, gw) = exit_status(gw, Duration::from_secs(6)).await;
     assert!(status.is_some_and(|s| s.success()), "exit status {status:?}:\n{}", gw.logs());
-    assert!(signalled.elapsed() >= Duration::from_millis(1500), "the grace was held before exiting");
+    assert!(signalled.elapsed() >= Duration::from_millis(3000), "the grace was held before exiting");
     assert!(gw.logs().contains("ledger flushed"), "{}", gw.logs());
 }
 
@@ -123,4 +123,25 @@ fn check_refuses_a_bad_shutdown_grace() {
         assert!(!out.status.success(), "{value} accepted");
         assert!(stderr.contains("turnstile.toml") && stderr.contains(expect), "{value}: {stderr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_the_tenant_listener_is_closed_while_the_admin_listener_answers_through_the_drain() {
+    let (_up, _cfg, gw) = start("shutdown_grace_ms = 300").await;
+    let c = client();
+    let url = gw.url("/v1/face/compare?sleep_ms=2500");
+    let inflight = tokio::spawn(async move { post(&c, &url, &[ACME], b"{}").await.status });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill(&gw, "TERM");
+    // Past the grace, with the slow request still in flight (the drain).
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "the tenant listener no longer accepts");
+    let ready = fresh_get(&gw.admin_url("/readyz")).await.expect("the admin listener answers during the drain");
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let health = fresh_get(&gw.admin_url("/healthz")).await.expect("healthz during the drain");
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(!inflight.is_finished(), "the checks ran while the request was in flight");
+    assert_eq!(inflight.await.expect("join"), StatusCode::OK, "the in-flight request completed");
+    let (status, gw) = exit_status(gw, Duration::from_secs(5)).await;
+    assert!(status.is_some_and(|s| s.success()), "exit status {status:?}:\n{}", gw.logs());
 }
