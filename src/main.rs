@@ -213,7 +213,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         None
     };
     tokio::spawn(reload_on_sighup(gw.clone()));
-    server::run(gw.clone(), listeners, server::termination(), drain).await;
+    server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
     // Bounded: a failing disk must not keep SIGTERM from finishing.
     let flushed = gw.billing.close(CLOSE_WAIT);
     match &flushed {

@@ -176,12 +176,15 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Accepts and serves connections until `stop` changes. With `limit`, at most that many
 /// connections are open at once: beyond it the loop stops accepting, and new connections wait in
-/// the kernel's listen backlog until one closes (nginx `worker_connections` behaviour).
+/// the kernel's listen backlog until one closes (nginx `worker_connections` behaviour). With
+/// `graceful`, connections are drained by it at shutdown, and responses sent while the gateway is
+/// not ready (the shutdown grace) carry `Connection: close`, so keep-alive clients reconnect and
+/// reach another replica once the endpoints are updated.
 async fn accept_loop<F, Fut, B>(
     listener: TcpListener,
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
-    graceful: &GracefulShutdown,
+    graceful: Option<&GracefulShutdown>,
     limit: Option<Arc<Semaphore>>,
     handler: F,
 ) where
@@ -233,17 +236,28 @@ async fn accept_loop<F, Fut, B>(
         let header_timeout = gw.snapshot.load().settings.header_read_timeout;
         let gw2 = gw.clone();
         let h = handler.clone();
+        let close_when_draining = graceful.is_some();
         let svc = service_fn(move |req| {
             // Boxed: the request future is large, and hyper moves it into place; a pointer moves cheaply.
             let fut = Box::pin(h(gw2.clone(), req, remote));
-            async move { Ok::<_, Infallible>(fut.await) }
+            let gw3 = gw2.clone();
+            async move {
+                let mut resp = fut.await;
+                if close_when_draining && !gw3.ready.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
+        let conn: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>> = match graceful {
+            Some(g) => Box::pin(g.watch(conn)),
+            None => Box::pin(conn),
+        };
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
@@ -255,27 +269,64 @@ async fn accept_loop<F, Fut, B>(
     }
 }
 
-/// Serves both listeners until `shutdown` resolves, then stops accepting and drains in-flight
-/// requests for up to `drain` before returning.
+/// Why serving stops: a SIGTERM (from Kubernetes, docker, systemd) gets the shutdown grace; a
+/// SIGINT (Ctrl-C in a terminal) does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Term,
+    Int,
+}
+
+/// Serves both listeners until the first value arrives on `signals`, then shuts down the way
+/// load balancers expect:
+/// 1. `/readyz` answers 503 at once; for `[server].shutdown_grace_ms` (read from the snapshot
+///    then, so a reload changes it; 0 after SIGINT) the tenant listener goes on accepting and
+///    serving, its responses with `Connection: close`, while Kubernetes takes the pod out of
+///    its endpoints. A second signal ends the grace at once.
+/// 2. The tenant listener stops accepting, and in-flight requests drain for up to `drain`.
+///
+/// The admin listener keeps answering (`/healthz` 200, `/readyz` 503, `/metrics`) through both
+/// steps and after this returns, until the process exits, so probes see "not ready" rather than
+/// a refused connection while the ledger is flushed.
 pub async fn run(
     gw: Arc<Gateway>,
     listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()>,
+    mut signals: tokio::sync::mpsc::UnboundedReceiver<StopSignal>,
     drain: Duration,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = GracefulShutdown::new();
     // Read at start: a reload that changes it warns that it takes effect at the next restart.
     let max_connections = Arc::new(Semaphore::new(gw.snapshot.load().settings.max_connections));
+    // The admin listener is not counted (/metrics and /healthz stay reachable under a flood) and
+    // not drained: it serves until the runtime ends, its stop sender living in its own task.
+    let admin_gw = gw.clone();
+    tokio::spawn(async move {
+        let (_never, stop) = watch::channel(false);
+        accept_loop(listeners.admin, admin_gw, stop, None, None, crate::admin::handle).await;
+    });
     gw.ready.store(true, Ordering::SeqCst);
     tokio::join!(
-        accept_loop(listeners.tenant, gw.clone(), stop_rx.clone(), &graceful, Some(max_connections), proxy::handle),
-        // The admin listener is not counted: /metrics and /healthz stay reachable under a flood.
-        accept_loop(listeners.admin, gw.clone(), stop_rx, &graceful, None, crate::admin::handle),
+        accept_loop(listeners.tenant, gw.clone(), stop_rx, Some(&graceful), Some(max_connections), proxy::handle),
         async {
-            shutdown.await;
-            tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+            // A closed channel (no signal can come) means serve on.
+            let Some(signal) = signals.recv().await else { return std::future::pending().await };
             gw.ready.store(false, Ordering::SeqCst);
+            let grace = match signal {
+                StopSignal::Term => gw.snapshot.load().settings.shutdown_grace,
+                StopSignal::Int => Duration::ZERO,
+            };
+            if !grace.is_zero() {
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    "shutting down: /readyz answers 503; still serving during the grace so endpoints are removed first"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(grace) => {}
+                    Some(_) = signals.recv() => tracing::info!("second signal: ending the grace now"),
+                }
+            }
+            tracing::info!("shutting down: no longer accepting, draining in-flight requests");
             let _ = stop_tx.send(true);
         }
     );
@@ -283,6 +334,46 @@ pub async fn run(
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
     }
+}
+
+/// Forwards every SIGTERM and SIGINT to the returned channel (for [`run`]). The handlers are
+/// installed before this returns, so no signal from then on is missed.
+pub fn stop_signals() -> tokio::sync::mpsc::UnboundedReceiver<StopSignal> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::spawn(async move {
+                    loop {
+                        let s = tokio::select! {
+                            Some(()) = term.recv() => StopSignal::Term,
+                            Some(()) = int.recv() => StopSignal::Int,
+                            else => break,
+                        };
+                        let name = if s == StopSignal::Term { "SIGTERM" } else { "SIGINT" };
+                        tracing::info!(signal = name, "signal received");
+                        if tx.send(s).is_err() {
+                            break;
+                        }
+                    }
+                });
+                return rx;
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "cannot handle SIGTERM; stopping on Ctrl-C only"),
+        }
+    }
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if tx.send(StopSignal::Int).is_err() {
+                break;
+            }
+        }
+        // No signal can arrive any more: keep the channel open, so `run` serves on.
+        std::future::pending::<()>().await;
+    });
+    rx
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -50,6 +50,8 @@ pub struct RawServer {
     pub max_connections: u64,
     #[serde(default = "d_body_read_timeout")]
     pub body_read_timeout_ms: u64,
+    #[serde(default = "d_shutdown_grace")]
+    pub shutdown_grace_ms: u64,
 }
 fn d_listen() -> String {
     "127.0.0.1:8080".into()
@@ -72,6 +74,14 @@ fn d_max_connections() -> u64 {
 fn d_body_read_timeout() -> u64 {
     30_000
 }
+/// After SIGTERM, how long the gateway keeps serving with `/readyz` at 503 before it stops
+/// accepting: time for Kubernetes (or a load balancer) to take it out of its endpoints. 5 s is
+/// Istio's `terminationDrainDuration` default and covers the usual endpoint propagation.
+fn d_shutdown_grace() -> u64 {
+    5_000
+}
+/// The most `server.shutdown_grace_ms` may be (10 minutes): beyond it, a typo.
+pub const SHUTDOWN_GRACE_CAP_MS: u64 = 600_000;
 /// The most `server.max_connections` may be: beyond any file-descriptor limit a process gets.
 pub const MAX_CONNECTIONS_CAP: u64 = 1_000_000;
 
@@ -260,6 +270,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Longest wait for the next piece of a request body (nginx `client_body_timeout`).
     pub body_read_timeout: Duration,
+    /// After SIGTERM: serve on with `/readyz` at 503 this long before the listener closes.
+    pub shutdown_grace: Duration,
     pub api_key_header: HeaderName,
     pub default_qps: u32,
     pub burst_seconds: f64,
@@ -320,6 +332,13 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
         errs.push("server.max_connections", format!("must be at least 1 and at most {MAX_CONNECTIONS_CAP}"));
     }
     let body_read_timeout = positive_ms(errs, "server.body_read_timeout_ms", s.body_read_timeout_ms);
+    if s.shutdown_grace_ms > SHUTDOWN_GRACE_CAP_MS {
+        errs.push(
+            "server.shutdown_grace_ms",
+            format!("must be at most {SHUTDOWN_GRACE_CAP_MS} (10 minutes; 0 turns the grace off)"),
+        );
+    }
+    let shutdown_grace = Duration::from_millis(s.shutdown_grace_ms.min(SHUTDOWN_GRACE_CAP_MS));
     let api_key_header = HeaderName::from_bytes(raw.identity.api_key_header.as_bytes()).unwrap_or_else(|_| {
         errs.push("identity.api_key_header", format!("{:?} is not a valid header name", raw.identity.api_key_header));
         HeaderName::from_static("x-api-key")
@@ -430,6 +449,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             max_request_body_bytes: s.max_request_body_bytes,
             max_connections: usize::try_from(s.max_connections.clamp(1, MAX_CONNECTIONS_CAP)).unwrap_or(10_000),
             body_read_timeout,
+            shutdown_grace,
             api_key_header,
             default_qps: a.default_qps,
             burst_seconds: a.burst_seconds,

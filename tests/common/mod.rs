@@ -53,12 +53,16 @@ impl Upstream {
 
 /// Main-file text with ephemeral ports; `extra` is appended inside the matching sections via
 /// overrides of whole sections (pass complete `[section]` blocks for anything else).
+/// Unless `server_extra` sets `shutdown_grace_ms`, it is 0: tests that stop the gateway do not
+/// wait for a load balancer (tests/shutdown.rs tests the grace).
 pub fn main_toml(upstream: &str, server_extra: &str, rest: &str) -> String {
+    let grace = if server_extra.contains("shutdown_grace_ms") { "" } else { "shutdown_grace_ms = 0" };
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 upstream = "{upstream}"
+{grace}
 {server_extra}
 
 [files]
@@ -228,6 +232,18 @@ impl Gateway {
     pub fn signal_and_wait(&mut self, signal: &str) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
         for _ in 0..200 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status, or None.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return Some(s);
             }
