@@ -264,7 +264,7 @@ pub async fn concurrent_reservations_never_overspend<S: Store + 'static>(s: Arc<
                         tokio::task::yield_now().await;
                     }
                     for (k, id) in held.into_iter().enumerate() {
-                        if (i + th + k as u64) % 4 == 0 {
+                        if (i + th + k as u64).is_multiple_of(4) {
                             s.release(t, id).await.unwrap();
                         } else if s.commit(t, id).await.unwrap().is_some() {
                             committed.fetch_add(1, Ordering::SeqCst);
