@@ -147,10 +147,10 @@ impl Gateway {
         // Off the async workers, under the control lock (so a later reload that brings a pair
         // back cannot be undone by this one): drop the state of the removed pairs, one key at a
         // time (memory stays bounded by the configured pairs), and show the packages now loaded.
-        let (buckets, metrics, billing) = (self.buckets.clone(), self.metrics.clone(), self.billing.clone());
+        let (store, metrics, billing) = (self.billing.store().clone(), self.metrics.clone(), self.billing.clone());
         let cleanup = tokio::task::spawn_blocking(move || {
             for key in removed_keys(&old, &new) {
-                buckets.remove(key);
+                store.remove_bucket(key);
                 metrics.remove_pair(key);
             }
             show_packages(&metrics, &billing, &new);
@@ -554,7 +554,7 @@ mod tests {
         h.insert("x-api-key", HeaderValue::from_str(key).expect("key"));
         match decide(gw, &h, path) {
             Decision::Forward(_) => None,
-            Decision::Reject(_, outcome, ..) => Some(outcome),
+            Decision::Reject(e, ..) => Some(e.outcome()),
         }
     }
 
@@ -576,14 +576,14 @@ mod tests {
         assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), Some(Outcome::Throttled));
         assert_eq!(call(&gw, "acme", "/v1/ocr/license-plate"), None);
         assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), None);
-        assert_eq!(gw.buckets.len(), 3);
+        assert_eq!(gw.billing.store().bucket_count(), 3);
 
         let only_acme = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
         {
             let mut ctl = gw.control.lock().await;
             gw.publish(&mut ctl, only_acme, "test").await.unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(gw.buckets.len(), 2, "globex's bucket is gone, acme's two are kept");
+        assert_eq!(gw.billing.store().bucket_count(), 2, "globex's bucket is gone, acme's two are kept");
         assert_eq!(
             call(&gw, "acme", "/v1/image-search/delete"),
             Some(Outcome::Throttled),

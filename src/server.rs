@@ -16,7 +16,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::admission::{BucketStore, LocalBuckets};
 use crate::billing::{Alert, Billing};
 use crate::clock::SharedClock;
 use crate::config::{self, ConfigErrors, ConfigSource, Texts};
@@ -29,7 +28,6 @@ use crate::snapshot::Snapshot;
 /// Everything the listeners share.
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
-    pub buckets: Arc<dyn BucketStore>,
     pub metrics: Arc<Metrics>,
     pub billing: Arc<Billing>,
     pub clock: SharedClock,
@@ -99,7 +97,6 @@ impl Gateway {
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
-            buckets: Arc::new(LocalBuckets::new(clock.clone())),
             metrics,
             billing,
             clock,
