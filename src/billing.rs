@@ -322,6 +322,18 @@ impl Billing {
         self.set_gauge(t, c, self.store.consumed_now(t, c));
     }
 
+    /// Gives every package of `snap` its `turnstile_package_remaining_points` series (points
+    /// less what the ledger says it consumed) and hides the series of packages no longer
+    /// configured.
+    pub fn show_packages(&self, metrics: &Metrics, snap: &Snapshot) {
+        metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
+        for t in &snap.tenants {
+            for p in &t.packages {
+                self.refresh_package_gauge(t, p);
+            }
+        }
+    }
+
     /// Chooses and reserves the payer of one call at admission; `None` means 402.
     pub fn reserve(&self, snap: &Snapshot, tenant: &Tenant, feature_idx: usize, now: i64) -> Option<Reservation> {
         let f = &snap.catalog.features[feature_idx];
@@ -654,7 +666,7 @@ mod tests {
 
     fn snapshot(catalog: &str, ents: &str) -> Snapshot {
         let texts = crate::config::Texts::in_memory(MAIN, catalog, ents);
-        crate::config::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
+        crate::snapshot::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
     }
 
     const SHIPPED: &str = include_str!("../config/catalog.toml");

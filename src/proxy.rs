@@ -9,11 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::admission;
@@ -23,13 +22,14 @@ use crate::catalog::Feature;
 use crate::catalog::Unit;
 use crate::config::entitlements::Tenant;
 use crate::config::gateway::ImageOp;
-use crate::error::{ApiError, JSON};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
 use crate::metrics::Outcome;
-use crate::server::Gateway;
 use crate::snapshot::Snapshot;
 use crate::store::{Admit, BucketKey, Quota};
 
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub use crate::http_util::ProxyBody;
+use crate::http_util::{bearer_token, error_response};
 pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
@@ -86,27 +86,6 @@ fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, He
     [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
 }
 
-pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(e.body())));
-    *resp.status_mut() = e.status();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, JSON.clone());
-    for (n, v) in extra {
-        h.insert(n.clone(), v.clone());
-    }
-    match e {
-        ApiError::QpsExceeded { retry_after, .. } => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-        }
-        // Like nginx: the connection is not reused after these (the body is drained first).
-        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        _ => {}
-    }
-    resp
-}
-
 /// Returns the API key and whether it came from `Authorization: Bearer`.
 fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], bool)> {
     if let Some(v) = headers.get(name) {
@@ -116,17 +95,6 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
         }
     }
     bearer_token(headers).map(|k| (k, true))
-}
-
-/// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let (scheme, rest) = auth.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let k = rest.trim_ascii();
-    (!k.is_empty()).then_some(k)
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
