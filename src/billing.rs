@@ -29,8 +29,9 @@ use crate::units;
 pub use crate::payer::PayerKind;
 pub use crate::store::local::Unflushed;
 
-/// How long a hold lives before the sweep gives it back (local: only a leaked guard).
-const HOLD_LEASE: Duration = Duration::from_secs(60);
+/// How long a hold lives before the sweep gives it back (local: only a leaked guard, so longer
+/// than any request can be in flight).
+const HOLD_LEASE: Duration = Duration::from_secs(600);
 
 /// A low-balance alert, as logged and POSTed to the webhook.
 #[derive(Debug, Clone, serde::Serialize)]

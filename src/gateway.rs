@@ -125,12 +125,29 @@ impl Gateway {
             control: tokio::sync::Mutex::new(Control::new(texts)),
         });
         tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
+        tokio::spawn(sweep_store(Arc::downgrade(&gw.billing)));
         gw.billing.show_packages(&gw.metrics, &gw.snapshot.load());
         Ok(gw)
     }
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// Every few seconds, off the async workers: gives back holds whose lease passed (a leaked
+/// guard) and forgets the idempotency markers of settled requests, so memory stays bounded by
+/// the traffic of the last [`crate::store::local::DONE_TTL`].
+async fn sweep_store(billing: std::sync::Weak<Billing>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(store) = billing.upgrade().map(|b| b.store().clone()) else { return };
+        let swept = tokio::task::spawn_blocking(move || store.sweep_now()).await.unwrap_or(0);
+        if swept > 0 {
+            tracing::warn!(holds = swept, "gave back holds whose lease passed");
+        }
     }
 }
 
