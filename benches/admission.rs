@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderValue};
 use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
 use turnstile::clock::{SharedClock, SystemClock};
 use turnstile::config::{ConfigSource, Texts};
-use turnstile::proxy::{decide, settle_now, Decision};
+use turnstile::proxy::{decide_now as decide, settle_now, Decision};
 use turnstile::server::Gateway;
 use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;

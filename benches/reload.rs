@@ -19,7 +19,7 @@ use criterion::Criterion;
 use http::{HeaderMap, HeaderValue};
 use turnstile::clock::SystemClock;
 use turnstile::config::{ConfigSource, Texts};
-use turnstile::proxy::{decide, Decision};
+use turnstile::proxy::{decide_now as decide, Decision};
 use turnstile::server::Gateway;
 use turnstile::snapshot::build;
 

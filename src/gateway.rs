@@ -48,6 +48,8 @@ pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub billing: Arc<Billing>,
+    /// The store backend the request path awaits (the billing engine's local store).
+    pub stores: crate::store::Stores,
     pub clock: SharedClock,
     pub client: Client<HttpConnector, Upload>,
     pub source: ConfigSource,
@@ -116,6 +118,7 @@ impl Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
+            stores: crate::store::Stores::Local(billing.store().clone()),
             billing,
             clock,
             client,

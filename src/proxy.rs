@@ -26,7 +26,8 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
-use crate::store::{Admit, BucketKey, Quota};
+use crate::store::{Admit, BucketKey, Quota, RateStore};
+use std::future::Future as _;
 
 pub use crate::http_util::ProxyBody;
 use crate::http_util::{bearer_token, error_response};
@@ -198,52 +199,52 @@ fn route<'a>(
 
 /// Phase 3, admit: one token from the (tenant, feature) bucket in the store. A 429 holds
 /// nothing (no package share, even for a moment: a racing call must not find the package spent
-/// by calls that are refused anyway).
-fn admit(gw: &Gateway, tenant: &Tenant, feature: &Feature, r: &Routed<'_>) -> Result<(u32, u64), Refused> {
-    let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: r.pair };
-    match gw.billing.store().admit_now(key, r.quota) {
-        Admit::Throttled { retry_after } => {
+/// by calls that are refused anyway). A store that cannot answer refuses with 503
+/// `store_unavailable`.
+async fn admit(
+    gw: &Gateway,
+    key: BucketKey<'static>,
+    feature: &Feature,
+    r: &Routed<'_>,
+) -> Result<(u32, u64), Refused> {
+    let who = || Who::Pair(r.pair, key.tenant, feature.label);
+    match gw.stores.admit(key, r.quota).await {
+        Ok(Admit::Throttled { retry_after }) => {
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
             Err((
                 ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
-                Who::Pair(r.pair, tenant.label, feature.label),
+                who(),
                 rate_headers(r.quota.limit, 0, secs).into(),
             ))
         }
-        Admit::Allowed { remaining, reset_secs } => Ok((remaining, reset_secs)),
+        Ok(Admit::Allowed { remaining, reset_secs }) => Ok((remaining, reset_secs)),
+        Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), Vec::new())),
     }
 }
 
-/// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A 402 or
-/// 409 gives its token back, so only admitted requests use the quota (SPEC §4).
-#[allow(clippy::type_complexity)]
+/// What the pay phase holds for the call: its payer, and for Image Search its operation and,
+/// for an add, its capacity slot.
+type Paid = (Reservation, Option<(ImageOp, Option<ImageSlot>)>);
+
+/// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A
+/// refusal here (402, 409) comes after admission: the caller gives the token back.
 fn pay(
     gw: &Gateway,
     snap: &Snapshot,
     tenant: &Tenant,
     feature: &Feature,
     r: &Routed<'_>,
-    remaining: u32,
     now: i64,
-) -> Result<(Reservation, Option<(ImageOp, Option<ImageSlot>)>), Refused> {
-    let refused = |e: ApiError| {
-        let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: r.pair };
-        gw.billing.store().refund_now(key, r.quota);
-        // The bucket as it was before this request took (and gave back) its token.
-        let (limit, depth) = (r.quota.limit, r.quota.depth);
-        let remaining = (remaining + 1).min(depth);
-        let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.max(1)));
-        (e, Who::Pair(r.pair, tenant.label, feature.label), rate_headers(limit, remaining, reset).into())
-    };
+) -> Result<Paid, ApiError> {
     let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now) else {
-        return Err(refused(ApiError::PaymentRequired { feature: feature.id.clone() }));
+        return Err(ApiError::PaymentRequired { feature: feature.id.clone() });
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
     let image = match (r.route.op, tenant.image_search.as_ref()) {
         (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
             Some(slot) => Some((ImageOp::Add, Some(slot))),
             // Dropping `reservation` gives the package share back.
-            None => return Err(refused(ApiError::CapacityExceeded { capacity: inst.capacity })),
+            None => return Err(ApiError::CapacityExceeded { capacity: inst.capacity }),
         },
         (Some(op), _) => Some((op, None)),
         (None, _) => None,
@@ -252,19 +253,36 @@ fn pay(
 }
 
 /// Decides a request from its head alone, in the phases identify → route → admit → pay: one
-/// snapshot load, no await, no lock that a reload or another tenant can hold (the local store
-/// answers at once). `path` is the request's path as sent ([`crate::path::origin_path`]);
-/// routing and the upstream see its normal form. Only an admitted request takes a token: every
-/// check that needs no state comes first, and a request refused after admission (402, 409)
-/// gives its token back.
-pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
-    match decide_phases(gw, headers, path) {
+/// snapshot load and no lock that a reload or another tenant can hold; the admit phase awaits
+/// the store (the local store answers without suspending). `path` is the request's path as sent
+/// ([`crate::path::origin_path`]); routing and the upstream see its normal form. Only an
+/// admitted request takes a token: every check that needs no state comes first, and a request
+/// refused after admission (402, 409) gives its token back.
+pub async fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+    match decide_phases(gw, headers, path).await {
         Ok(f) => Decision::Forward(f),
         Err((e, who, headers)) => Decision::Reject(e, who, headers),
     }
 }
 
-fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
+/// [`decide`] for callers without a runtime (tests, benches): polls it once. Every phase of the
+/// local store answers without suspending, so it is always ready then; a backend that would have
+/// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
+/// dropped before it reached the store).
+pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+    let fut = std::pin::pin!(decide(gw, headers, path));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.poll(&mut cx) {
+        std::task::Poll::Ready(d) => d,
+        std::task::Poll::Pending => Decision::Reject(
+            ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
+            Who::Nobody,
+            Vec::new(),
+        ),
+    }
+}
+
+async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
     let snap = gw.snapshot.load();
     let s = &snap.settings;
     let (ti, key_in_authorization) = identify(&snap, headers)?;
@@ -272,8 +290,24 @@ fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forwar
     let now = gw.clock.unix_nanos();
     let routed = route(&snap, tenant, headers, path, now)?;
     let feature = &snap.catalog.features[routed.route.feature];
-    let (remaining, reset_secs) = admit(gw, tenant, feature, &routed)?;
-    let (reservation, image) = pay(gw, &snap, tenant, feature, &routed, remaining, now)?;
+    let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
+    let (remaining, reset_secs) = admit(gw, key, feature, &routed).await?;
+    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now) {
+        Ok(paid) => paid,
+        Err(e) => {
+            // Only admitted requests use the quota (SPEC §4): the token goes back.
+            let _ = gw.stores.refund(key, routed.quota).await;
+            // The bucket as it was before this request took (and gave back) its token.
+            let (limit, depth) = (routed.quota.limit, routed.quota.depth);
+            let remaining = (remaining + 1).min(depth);
+            let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.max(1)));
+            return Err((
+                e,
+                Who::Pair(routed.pair, tenant.label, feature.label),
+                rate_headers(limit, remaining, reset).into(),
+            ));
+        }
+    };
     Ok(Forward {
         pair: routed.pair,
         tenant: tenant.label,
@@ -305,7 +339,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
         let (resp, body) = (error_response(&ApiError::UnsupportedTransferEncoding, &[]), req.into_body());
         return resp.map(|r| TenantBody::refusal(r, body));
     }
-    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())) {
+    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())).await {
         Decision::Reject(e, who, headers) => {
             let outcome = e.outcome();
             match who {
@@ -464,7 +498,7 @@ async fn forward(
             if matches!(e, ApiError::BodyTooLarge { .. }) {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
                 let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
-                gw.billing.store().refund_now(key, fwd.quota);
+                let _ = gw.stores.refund(key, fwd.quota).await;
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)

@@ -493,7 +493,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::config::EMBEDDED_CATALOG;
     use crate::metrics::Outcome;
-    use crate::proxy::{decide, Decision};
+    use crate::proxy::{decide_now as decide, Decision};
     use crate::snapshot::build;
     use http::{HeaderMap, HeaderValue};
 

@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turnstile::clock::{ManualClock, SharedClock};
 use turnstile::config::{ConfigSource, Texts};
-use turnstile::proxy::{decide, Decision};
+use turnstile::proxy::{decide_now as decide, Decision};
 use turnstile::server::Gateway as InProcess;
 use turnstile::snapshot::build;
 
