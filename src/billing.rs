@@ -26,23 +26,13 @@ use crate::store::local::LocalStore;
 use crate::store::{BucketKey, Candidate, RequestId, RequestIds, StoreError, TenantKey, UsageTo, CALL_CELL, UNPRICED};
 use crate::units;
 
+pub use crate::alerts::Alert;
 pub use crate::payer::PayerKind;
 pub use crate::store::local::Unflushed;
 
 /// How long a hold lives before the sweep gives it back (local: only a leaked guard, so longer
 /// than any request can be in flight).
 const HOLD_LEASE: Duration = Duration::from_secs(600);
-
-/// A low-balance alert, as logged and POSTed to the webhook.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Alert {
-    pub tenant: String,
-    pub package: String,
-    pub points: Dec,
-    pub remaining: Dec,
-    pub ratio: Dec,
-    pub at: String,
-}
 
 fn tenant_key(t: &Tenant) -> TenantKey<'static> {
     TenantKey { name: t.label, local: t.intern }
@@ -393,7 +383,7 @@ impl Billing {
     fn paid(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        if remaining <= points * ratio && self.store.mark_alerted_now(t, c) {
+        if crate::alerts::crossed(points, remaining, ratio) && self.store.mark_alerted_now(t, c) {
             tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
             self.metrics.low_balance_alert(t.name, c.id);
             let _ = self.alerts.send(Alert {

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sha2::{Digest, Sha256};
 
-use crate::billing::{Alert, Billing};
+use crate::billing::Billing;
 use crate::body::Upload;
 use crate::clock::SharedClock;
 use crate::config::{self, ConfigErrors, ConfigSource, Texts};
@@ -127,7 +127,9 @@ impl Gateway {
             ready: AtomicBool::new(false),
             control: tokio::sync::Mutex::new(Control::new(texts)),
         });
-        tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
+        let weak = Arc::downgrade(&gw);
+        let webhook = move || weak.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone());
+        tokio::spawn(crate::alerts::deliver(webhook, alerts));
         tokio::spawn(sweep_store(Arc::downgrade(&gw.billing)));
         gw.billing.show_packages(&gw.metrics, &gw.snapshot.load());
         Ok(gw)
@@ -150,41 +152,6 @@ async fn sweep_store(billing: std::sync::Weak<Billing>) {
         let swept = tokio::task::spawn_blocking(move || store.sweep_now()).await.unwrap_or(0);
         if swept > 0 {
             tracing::warn!(holds = swept, "gave back holds whose lease passed");
-        }
-    }
-}
-
-/// POSTs each low-balance alert to `[billing].alert_webhook` (read at send time), off the
-/// request path, retrying with exponential backoff.
-async fn deliver_alerts(gw: std::sync::Weak<Gateway>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Alert>) {
-    use http_body_util::Full;
-    let client: Client<HttpConnector, Full<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    while let Some(alert) = rx.recv().await {
-        let Some(url) = gw.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone()) else { continue };
-        let body = bytes::Bytes::from(serde_json::to_vec(&alert).unwrap_or_default());
-        let mut delay = Duration::from_millis(200);
-        for attempt in 1..=6 {
-            let req = http::Request::post(url.clone())
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()));
-            let ok = match req {
-                Ok(req) => matches!(
-                    tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
-                    Ok(Ok(r)) if r.status().is_success()
-                ),
-                Err(_) => false,
-            };
-            if ok {
-                break;
-            }
-            if attempt == 6 {
-                tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, "low-balance webhook failed 6 times; giving up");
-                break;
-            }
-            tracing::warn!(tenant = %alert.tenant, package = %alert.package, attempt, "low-balance webhook failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay *= 2;
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod billing;
 pub mod body;
 pub mod catalog;
@@ -24,6 +25,7 @@ pub mod pricing;
 pub mod proxy;
 pub mod quote;
 pub mod reload;
+pub mod report;
 pub mod server;
 pub mod snapshot;
 pub mod standin;
