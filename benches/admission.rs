@@ -107,7 +107,9 @@ fn bench(c: &mut Criterion) {
     let ok = HeaderMap::new();
     g.bench_function("decide_and_settle_payg", |b| {
         b.iter(|| match decide(&gw, &headers, "/v1/infer") {
-            Decision::Forward(f) => settle_now(&gw, f, &ok).expect("settled"),
+            Decision::Forward(f) => {
+                turnstile::store::ready(settle_now(&gw, f, &ok)).expect("ready").expect("store").expect("settled")
+            }
             Decision::Reject(..) => panic!("refused"),
         })
     });

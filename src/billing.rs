@@ -23,7 +23,10 @@ use crate::metrics::Metrics;
 use crate::pricing;
 use crate::snapshot::Snapshot;
 use crate::store::local::LocalStore;
-use crate::store::{BucketKey, Candidate, RequestId, RequestIds, StoreError, TenantKey, UsageTo, CALL_CELL, UNPRICED};
+use crate::store::{
+    BalanceStore, BucketKey, Candidate, Durable, ImageStore, RequestId, RequestIds, StoreError, Stores, TenantKey,
+    UsageStore, UsageTo, CALL_CELL, UNPRICED,
+};
 use crate::units;
 
 pub use crate::alerts::Alert;
@@ -52,7 +55,7 @@ pub struct Reservation {
     /// The package named as payer (for a per-call feature: holding `factor` micro-points).
     package: Option<(TenantKey<'static>, Candidate<'static>)>,
     /// Set while a hold exists: dropping the reservation releases it.
-    held: Option<Arc<LocalStore>>,
+    held: Option<Stores>,
     /// Video features: the payer is decided from the usage the upstream reports.
     pub deferred: bool,
 }
@@ -69,8 +72,8 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(store) = self.held.take() {
-            store.release_now(self.id);
+        if let (Some(store), Some((t, _))) = (self.held.take(), self.package) {
+            store.release_in_background(t, self.id);
         }
     }
 }
@@ -78,13 +81,14 @@ impl Drop for Reservation {
 /// A capacity slot held by an image-search add in flight; given back when dropped unsettled.
 pub struct ImageSlot {
     id: RequestId,
-    store: Option<Arc<LocalStore>>,
+    tenant: TenantKey<'static>,
+    store: Option<Stores>,
 }
 
 impl Drop for ImageSlot {
     fn drop(&mut self) {
         if let Some(store) = self.store.take() {
-            store.release_image_slot_now(self.id);
+            store.release_image_slot_in_background(self.tenant, self.id);
         }
     }
 }
@@ -165,6 +169,8 @@ impl ImageView {
 
 pub struct Billing {
     store: Arc<LocalStore>,
+    /// The backend the request path awaits (today the same local store).
+    stores: Stores,
     ids: RequestIds,
     metrics: Arc<Metrics>,
     alerts: tokio::sync::mpsc::UnboundedSender<Alert>,
@@ -216,6 +222,7 @@ impl Billing {
         let store = LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock, video)?;
         let (alerts, alert_rx) = tokio::sync::mpsc::unbounded_channel();
         let billing = Arc::new(Billing {
+            stores: Stores::Local(store.clone()),
             store,
             ids: RequestIds::new(),
             metrics,
@@ -227,9 +234,14 @@ impl Billing {
         Ok((billing, alert_rx))
     }
 
-    /// The store behind it (the local backend).
+    /// The local store behind it (ledger, flush, gauges from load).
     pub fn store(&self) -> &Arc<LocalStore> {
         &self.store
+    }
+
+    /// The backend the request path awaits.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
     }
 
     /// False while ledger commits fail; true again once one succeeds.
@@ -263,22 +275,21 @@ impl Billing {
     }
 
     /// Reserves one image slot for an add; `None` when the instance is at capacity (409).
-    pub fn reserve_image_add(&self, tenant: &Tenant, capacity: u64) -> Option<ImageSlot> {
-        let id = self.ids.next();
-        self.store
-            .reserve_image_slot_now(tenant_key(tenant), capacity, id)
-            .then(|| ImageSlot { id, store: Some(self.store.clone()) })
+    pub async fn reserve_image_add(&self, tenant: &Tenant, capacity: u64) -> Result<Option<ImageSlot>, StoreError> {
+        let (id, t) = (self.ids.next(), tenant_key(tenant));
+        let held = self.stores.reserve_image_slot(t, capacity, id).await?;
+        Ok(held.then(|| ImageSlot { id, tenant: t, store: Some(self.stores.clone()) }))
     }
 
     /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
     /// delete, and `reported` (the upstream's `x-usage-image-count`), when given, wins.
-    pub fn settle_images(
+    pub async fn settle_images(
         &self,
         tenant: &Tenant,
         op: crate::config::gateway::ImageOp,
         slot: Option<ImageSlot>,
         reported: Option<u64>,
-    ) {
+    ) -> Result<(), StoreError> {
         // Taking the store out of the slot turns the hold into an image (no give-back).
         let id = match slot {
             Some(mut s) => {
@@ -287,7 +298,7 @@ impl Billing {
             }
             None => self.ids.next(),
         };
-        let count = self.store.settle_images_now(tenant_key(tenant), op, id, reported);
+        let count = self.stores.settle_images(tenant_key(tenant), op, id, reported).await?;
         let g = match self.image_gauges.get(&tenant.intern) {
             Some(g) => g.clone(),
             None => {
@@ -295,6 +306,7 @@ impl Billing {
             }
         };
         g.set(i64::try_from(count).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// The live balance of a tenant's package.
@@ -326,7 +338,13 @@ impl Billing {
     }
 
     /// Chooses and reserves the payer of one call at admission; `None` means 402.
-    pub fn reserve(&self, snap: &Snapshot, tenant: &Tenant, feature_idx: usize, now: i64) -> Option<Reservation> {
+    pub async fn reserve(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        now: i64,
+    ) -> Result<Option<Reservation>, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let id = self.ids.next();
         let video = f.unit == Unit::VideoMinute;
@@ -340,7 +358,7 @@ impl Billing {
         };
         if crate::payer::prepaid(&snap.catalog, tenant, feature_idx, now) {
             // Image search instances are prepaid subscriptions.
-            return Some(plain(PayerKind::PrepaidQps, false));
+            return Ok(Some(plain(PayerKind::PrepaidQps, false)));
         }
         let t = tenant_key(tenant);
         for (p, kind) in crate::payer::candidates(&snap.catalog, tenant, feature_idx, now) {
@@ -348,42 +366,43 @@ impl Billing {
             if video {
                 // Nothing is held (the minutes are not known yet); the first package with a
                 // balance names the payer, also on a failed call.
-                if c.points - self.store.consumed_now(t, c) > 0 {
+                if c.points - self.stores.consumed(t, c).await? > 0 {
                     let header = self.header(tenant, p, kind);
-                    return Some(Reservation {
-                        payer: kind,
-                        header,
-                        id,
-                        package: Some((t, c)),
-                        held: None,
-                        deferred: true,
-                    });
+                    let r = Reservation { payer: kind, header, id, package: Some((t, c)), held: None, deferred: true };
+                    return Ok(Some(r));
                 }
                 continue;
             }
             // One candidate at a time keeps the hot path free of a candidate list allocation;
             // the store applies the whole-factor rule.
-            if self.store.reserve_now(t, std::slice::from_ref(&c), f.factor_micro, id, HOLD_LEASE).is_some() {
+            if self.stores.reserve(t, std::slice::from_ref(&c), f.factor_micro, id, HOLD_LEASE).await?.is_some() {
                 let header = self.header(tenant, p, kind);
-                return Some(Reservation {
+                return Ok(Some(Reservation {
                     payer: kind,
                     header,
                     id,
                     package: Some((t, c)),
-                    held: Some(self.store.clone()),
+                    held: Some(self.stores.clone()),
                     deferred: false,
-                });
+                }));
             }
         }
-        Some(plain(crate::payer::call_fallback(f)?, video))
+        Ok(crate::payer::call_fallback(f).map(|k| plain(k, video)))
     }
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
     /// balance falls to the ratio (once: the store remembers it).
-    fn paid(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
+    async fn paid(
+        &self,
+        t: TenantKey<'static>,
+        c: Candidate<'static>,
+        consumed: i64,
+        ratio: Decimal,
+        now: i64,
+    ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        if crate::alerts::crossed(points, remaining, ratio) && self.store.mark_alerted_now(t, c) {
+        if crate::alerts::crossed(points, remaining, ratio) && self.stores.mark_alerted(t, c).await? {
             tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
             self.metrics.low_balance_alert(t.name, c.id);
             let _ = self.alerts.send(Alert {
@@ -395,6 +414,7 @@ impl Billing {
                 at: crate::time::format_utc(now),
             });
         }
+        Ok(())
     }
 
     /// Batched mode: the charge counts in the metrics at once. Strict mode: it is kept (boxed)
@@ -422,14 +442,14 @@ impl Billing {
     }
 
     /// Settles a per-call feature after the upstream answered 2xx.
-    pub fn settle_call(
+    pub async fn settle_call(
         &self,
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
         mut r: Reservation,
         now: i64,
-    ) -> Settled {
+    ) -> Result<Settled, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
@@ -448,13 +468,13 @@ impl Billing {
             currency: if strict { snap.catalog.currency.clone() } else { String::new() },
             packages: Vec::new(),
         };
-        let total = self.store.add_usage_now(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id);
+        let total = self.stores.add_usage(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id).await?;
         if r.payer == PayerKind::Payg {
             charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
         }
-        if r.held.take().is_some() {
-            if let (Some(consumed), Some((t, c))) = (self.store.commit_now(r.id), r.package) {
-                self.paid(t, c, consumed, snap.settings.low_balance_ratio, now);
+        if let (Some(_), Some((t, c))) = (r.held.take(), r.package) {
+            if let Some(consumed) = self.stores.commit(t, r.id).await? {
+                self.paid(t, c, consumed, snap.settings.low_balance_ratio, now).await?;
                 if strict {
                     charge.packages.push((t, c));
                 }
@@ -467,7 +487,7 @@ impl Billing {
             }
         }
         let payer = r.header();
-        self.finish(payer, r.id, charge)
+        Ok(self.finish(payer, r.id, charge))
     }
 
     /// Settles a video-minute call from the upstream's usage report, in integer ms: the packages
@@ -477,7 +497,7 @@ impl Billing {
     /// the feature has a price for the reported cell, else to `free_default` when its billing
     /// includes `prepaid_qps`, else it is recorded unpaid (never silently free).
     /// `usage = None` (missing or malformed report) bills 0 minutes and records nothing else.
-    pub fn settle_video(
+    pub async fn settle_video(
         &self,
         snap: &Snapshot,
         tenant: &Tenant,
@@ -485,7 +505,7 @@ impl Billing {
         r: Reservation,
         usage: Option<VideoUsage>,
         now: i64,
-    ) -> Settled {
+    ) -> Result<Settled, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
@@ -516,7 +536,7 @@ impl Billing {
             if !chosen.is_empty() {
                 let cands: Vec<Candidate<'static>> = chosen.iter().map(|(p, _)| candidate(tenant, p)).collect();
                 let want = crate::payer::video_want(ms, f.factor_micro);
-                let taken = self.store.take_now(t, &cands, want, r.id);
+                let taken = self.stores.take_up_to(t, &cands, want, r.id).await?;
                 let amounts: Vec<i64> = taken.iter().map(|x| x.taken).collect();
                 let (parts, rest) = crate::payer::split_video(ms, f.factor_micro, &amounts);
                 for (i, ((p, kind), x)) in chosen.iter().zip(taken.iter()).enumerate() {
@@ -525,7 +545,7 @@ impl Billing {
                     }
                     first.get_or_insert_with(|| self.header(tenant, p, *kind));
                     by_kind[*kind as usize] += parts[i];
-                    self.paid(t, cands[i], x.consumed, snap.settings.low_balance_ratio, now);
+                    self.paid(t, cands[i], x.consumed, snap.settings.low_balance_ratio, now).await?;
                     charge.packages.push((t, cands[i]));
                 }
                 left = rest;
@@ -533,18 +553,12 @@ impl Billing {
         }
         if ms == 0 {
             // Nothing to bill: the month still lists the feature (units 0), as a report shows.
-            self.store.add_usage_now(key, month, UsageTo::Payer(r.payer), 0, CALL_CELL, r.id);
+            self.stores.add_usage(key, month, UsageTo::Payer(r.payer), 0, CALL_CELL, r.id).await?;
         }
         for (i, n) in by_kind.iter().enumerate() {
             if *n > 0 {
-                self.store.add_usage_now(
-                    key,
-                    month,
-                    UsageTo::Payer(crate::payer::PayerKind::ALL[i]),
-                    *n,
-                    CALL_CELL,
-                    r.id,
-                );
+                let to = UsageTo::Payer(crate::payer::PayerKind::ALL[i]);
+                self.stores.add_usage(key, month, to, *n, CALL_CELL, r.id).await?;
                 charge.units[i] = units::ms_to_minutes(*n);
             }
         }
@@ -559,7 +573,7 @@ impl Billing {
                         (PayerKind::Payg, None) => UNPRICED.to_string(),
                         _ => String::new(),
                     };
-                    self.store.add_usage_now(key, month, UsageTo::Payer(kind), left, &cell_key, r.id);
+                    self.stores.add_usage(key, month, UsageTo::Payer(kind), left, &cell_key, r.id).await?;
                     charge.units[kind as usize] += minutes;
                     if kind == PayerKind::Payg {
                         charge.payg_amount = cell.map(|c| c.price * minutes);
@@ -573,13 +587,13 @@ impl Billing {
                         %minutes,
                         "video minutes beyond the packages and nothing else can pay: recorded unpaid"
                     );
-                    self.store.add_usage_now(key, month, UsageTo::Unpaid, left, CALL_CELL, r.id);
+                    self.stores.add_usage(key, month, UsageTo::Unpaid, left, CALL_CELL, r.id).await?;
                     charge.unpaid = minutes;
                 }
             }
         }
         let payer = first.unwrap_or_else(|| r.header());
-        self.finish(payer, r.id, charge)
+        Ok(self.finish(payer, r.id, charge))
     }
 
     /// Waits until a settlement is durable and returns its payer header. Batched mode returns at
@@ -588,7 +602,7 @@ impl Billing {
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
         let Settled { payer, id, pending } = settled;
         let Some(charge) = pending else { return Ok(payer) };
-        match self.store.durable_now(id).await {
+        match self.stores.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
                 Ok(payer)
@@ -673,6 +687,28 @@ mod tests {
         crate::time::parse_rfc3339(s).unwrap()
     }
 
+    // The billing engine on the local store completes every call without suspending: these run
+    // it synchronously (from plain threads, as the racing tests need).
+    fn reserve(b: &Billing, s: &Snapshot, t: &Tenant, f: usize, now: i64) -> Option<Reservation> {
+        crate::store::ready(b.reserve(s, t, f, now)).expect("local: ready").expect("local: no store error")
+    }
+
+    fn settle_call(b: &Billing, s: &Snapshot, t: &Tenant, f: usize, r: Reservation, now: i64) -> Settled {
+        crate::store::ready(b.settle_call(s, t, f, r, now)).expect("local: ready").expect("local: no store error")
+    }
+
+    fn settle_video(
+        b: &Billing,
+        s: &Snapshot,
+        t: &Tenant,
+        f: usize,
+        r: Reservation,
+        u: Option<VideoUsage>,
+        now: i64,
+    ) -> Settled {
+        crate::store::ready(b.settle_video(s, t, f, r, u, now)).expect("local: ready").expect("local: no store error")
+    }
+
     fn open(dir: &std::path::Path, d: Durability) -> Arc<Billing> {
         let store = RedbLedger::open(dir).unwrap();
         Billing::open(
@@ -712,9 +748,9 @@ mod tests {
         let f = feature(&s, "license-plate-recognition");
         let now = t("2026-01-15T12:00:00+08:00");
         for _ in 0..15_000 {
-            let r = b.reserve(&s, &s.tenants[0], f, now).expect("payg pays");
+            let r = reserve(&b, &s, &s.tenants[0], f, now).expect("payg pays");
             assert_eq!(r.payer, PayerKind::Payg);
-            b.settle_call(&s, &s.tenants[0], f, r, now);
+            settle_call(&b, &s, &s.tenants[0], f, r, now);
         }
         let usage = b.usage(&s, "acme", "2026-01");
         assert_eq!(usage.len(), 1);
@@ -748,9 +784,9 @@ mod tests {
         let mut order = Vec::new();
         // 1 point at 0.2 per call = 5 calls per package.
         for _ in 0..26 {
-            let r = b.reserve(&s, &s.tenants[0], f, now).expect("payer");
+            let r = reserve(&b, &s, &s.tenants[0], f, now).expect("payer");
             order.push(r.header().to_str().unwrap().to_string());
-            b.settle_call(&s, &s.tenants[0], f, r, now);
+            settle_call(&b, &s, &s.tenants[0], f, r, now);
         }
         let expect: Vec<String> = [
             "single_package:b-same",
@@ -770,19 +806,19 @@ mod tests {
     fn a_package_pays_only_if_it_holds_the_whole_factor_and_release_gives_it_back() {
         let pk = r#"{"id": "od", "feature": "object-detection", "points": "0.5", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
         let (_dir, s, b, f, now) = fixture(pk, "\"object_detection\"", "object-detection");
-        let r1 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        let r2 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        let r3 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+        let r1 = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        let r2 = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        let r3 = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
         assert_eq!(
             (r1.payer, r2.payer, r3.payer),
             (PayerKind::SinglePackage, PayerKind::SinglePackage, PayerKind::Payg),
             "0.1 left < 0.2"
         );
         drop(r2); // upstream failed: the share comes back
-        let r4 = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+        let r4 = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
         assert_eq!(r4.payer, PayerKind::SinglePackage);
-        b.settle_call(&s, &s.tenants[0], f, r1, now);
-        b.settle_call(&s, &s.tenants[0], f, r4, now);
+        settle_call(&b, &s, &s.tenants[0], f, r1, now);
+        settle_call(&b, &s, &s.tenants[0], f, r4, now);
         let st = b.package(&s.tenants[0], &s.tenants[0].packages[0]);
         assert_eq!(st.consumed(), Decimal::new(4, 1));
         assert!(st.alerted(), "0.1 of 0.5 left is at most 20%");
@@ -799,7 +835,7 @@ mod tests {
                 let (s, b, n) = (s.clone(), b.clone(), paid_by_package.clone());
                 std::thread::spawn(move || {
                     for i in 0..200 {
-                        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+                        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
                         if r.payer == PayerKind::SinglePackage {
                             if i % 3 == 0 {
                                 drop(r); // failed call: released
@@ -807,7 +843,7 @@ mod tests {
                             }
                             n.fetch_add(1, Ordering::SeqCst);
                         }
-                        b.settle_call(&s, &s.tenants[0], f, r, now);
+                        settle_call(&b, &s, &s.tenants[0], f, r, now);
                     }
                 })
             })
@@ -824,10 +860,10 @@ mod tests {
     fn video_minutes_split_across_packages_then_payg_and_the_seed_amount() {
         let pk = r#"{"id": "vid", "scope": "video-duration", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
         let (_dir, s, b, f, now) = fixture(pk, "\"video_production\"", "comprehensive-video-enhancement");
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
         assert!(r.deferred);
         let usage = VideoUsage { ms: 140_000, fps: 60, lines: 1080 };
-        let settled = b.settle_video(&s, &s.tenants[0], f, r, Some(usage), now);
+        let settled = settle_video(&b, &s, &s.tenants[0], f, r, Some(usage), now);
         assert_eq!(settled.payer.to_str().unwrap(), "general_package:vid");
         let u = b.usage(&s, "acme", "2026-03");
         let units = &u[0].units;
@@ -838,8 +874,8 @@ mod tests {
         let whole = Decimal::from(140_000) / Decimal::from(60_000) * Decimal::from(16);
         assert_eq!(pricing::round2(whole), Decimal::new(3733, 2));
         // Next call: the package is empty, payg pays from the start.
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        let settled = b.settle_video(&s, &s.tenants[0], f, r, None, now);
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        let settled = settle_video(&b, &s, &s.tenants[0], f, r, None, now);
         assert_eq!(settled.payer.to_str().unwrap(), "payg");
     }
 
@@ -870,9 +906,9 @@ mod tests {
                     for i in 0..100u64 {
                         // 0.1 to 0.4 minutes, exact in decimal.
                         let ms = 6_000 * ((i * 7 + th + round) % 4 + 1);
-                        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+                        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
                         let usage = VideoUsage { ms, fps: 60, lines: 1080 };
-                        b.settle_video(&s, &s.tenants[0], f, r, Some(usage), now);
+                        settle_video(&b, &s, &s.tenants[0], f, r, Some(usage), now);
                         minutes += Decimal::from(ms) / Decimal::from(60_000);
                     }
                     minutes
@@ -901,10 +937,10 @@ mod tests {
     #[test]
     fn a_missing_video_report_bills_zero_and_leaves_no_unpriced_cell() {
         let (_dir, s, b, f, now) = fixture("", "\"video_production\"", "comprehensive-video-enhancement");
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        b.settle_video(&s, &s.tenants[0], f, r, Some(VideoUsage { ms: 60_000, fps: 60, lines: 1080 }), now);
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        let settled = b.settle_video(&s, &s.tenants[0], f, r, None, now);
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        settle_video(&b, &s, &s.tenants[0], f, r, Some(VideoUsage { ms: 60_000, fps: 60, lines: 1080 }), now);
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        let settled = settle_video(&b, &s, &s.tenants[0], f, r, None, now);
         assert_eq!(settled.payer.to_str().unwrap(), "payg");
         let u = b.usage(&s, "acme", "2026-03");
         assert_eq!(u[0].units[PayerKind::Payg as usize], Decimal::ONE);
@@ -914,7 +950,7 @@ mod tests {
     #[test]
     fn a_failed_video_call_names_the_package_it_would_have_used() {
         let (_dir, s, b, f, now) = fixture(VID, "\"video_production\"", "comprehensive-video-enhancement");
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
         assert!(r.deferred);
         assert_eq!(r.header().to_str().unwrap(), "general_package:vid");
         drop(r);
@@ -951,8 +987,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let b = open(dir.path(), Durability::Batched);
             let f = feature(&s, id);
-            let r = b.reserve(&s, &s.tenants[0], f, now).expect("the package pays");
-            let settled = b.settle_video(&s, &s.tenants[0], f, r, three, now);
+            let r = reserve(&b, &s, &s.tenants[0], f, now).expect("the package pays");
+            let settled = settle_video(&b, &s, &s.tenants[0], f, r, three, now);
             assert_eq!(settled.payer.to_str().unwrap(), "general_package:vid", "{id}");
             let u = b.usage(&s, "acme", "2026-03");
             let units = &u[0].units;
@@ -1029,8 +1065,8 @@ mod tests {
         assert!(b.healthy());
         fail.store(true, Ordering::SeqCst);
         for _ in 0..10 {
-            let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-            b.settle_call(&s, &s.tenants[0], f, r, now);
+            let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+            settle_call(&b, &s, &s.tenants[0], f, r, now);
         }
         wait_until("two failed commits", || ledger_errors(&b) >= 2);
         assert!(!b.healthy(), "not ready while commits fail");
@@ -1038,8 +1074,8 @@ mod tests {
         // Served from memory meanwhile.
         assert_eq!(b.usage(&s, "acme", "2026-01")[0].units[PayerKind::Payg as usize], Decimal::from(10));
         for _ in 0..5 {
-            let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-            b.settle_call(&s, &s.tenants[0], f, r, now);
+            let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+            settle_call(&b, &s, &s.tenants[0], f, r, now);
         }
         fail.store(false, Ordering::SeqCst);
         assert!(b.flush(), "commits succeed again");
@@ -1073,12 +1109,12 @@ mod tests {
         let tenant = &s.tenants[0];
         // One of each, made durable: the state the reverts must come back to.
         for fi in [od, lp] {
-            let r = b.reserve(&s, tenant, fi, now).unwrap();
-            assert!(rt.block_on(b.durable(b.settle_call(&s, tenant, fi, r, now))).is_ok());
+            let r = reserve(&b, &s, tenant, fi, now).unwrap();
+            assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, fi, r, now))).is_ok());
         }
-        let r = b.reserve(&s, tenant, vid, now).unwrap();
+        let r = reserve(&b, &s, tenant, vid, now).unwrap();
         let usage = Some(VideoUsage { ms: 30_000, fps: 60, lines: 1080 });
-        assert!(rt.block_on(b.durable(b.settle_video(&s, tenant, vid, r, usage, now))).is_ok());
+        assert!(rt.block_on(b.durable(settle_video(&b, &s, tenant, vid, r, usage, now))).is_ok());
         let before = b.usage(&s, "acme", "2026-03");
         let consumed = |i: usize| b.package(tenant, &tenant.packages[i]).consumed();
         let (od_before, vid_before) = (consumed(0), consumed(1));
@@ -1094,14 +1130,14 @@ mod tests {
         fail.store(true, Ordering::SeqCst);
         let started = Instant::now();
         for fi in [od, lp] {
-            let r = b.reserve(&s, tenant, fi, now).unwrap();
-            let e = rt.block_on(b.durable(b.settle_call(&s, tenant, fi, r, now))).expect_err("not durable");
+            let r = reserve(&b, &s, tenant, fi, now).unwrap();
+            let e = rt.block_on(b.durable(settle_call(&b, &s, tenant, fi, r, now))).expect_err("not durable");
             assert_eq!(e.timeout_ms, 100);
         }
         // 2 minutes: 0.5 from the package, 1.5 at payg.
-        let r = b.reserve(&s, tenant, vid, now).unwrap();
+        let r = reserve(&b, &s, tenant, vid, now).unwrap();
         let usage = Some(VideoUsage { ms: 120_000, fps: 60, lines: 1080 });
-        assert!(rt.block_on(b.durable(b.settle_video(&s, tenant, vid, r, usage, now))).is_err());
+        assert!(rt.block_on(b.durable(settle_video(&b, &s, tenant, vid, r, usage, now))).is_err());
         assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout, not blocked");
         assert!(!b.healthy());
         let after = b.usage(&s, "acme", "2026-03");
@@ -1156,9 +1192,9 @@ mod tests {
                     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                     let (mut ok, mut ok_package, mut refused) = (0u64, 0u64, 0u64);
                     for _ in 0..40 {
-                        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
+                        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
                         let by_package = r.payer == PayerKind::SinglePackage;
-                        match rt.block_on(b.durable(b.settle_call(&s, &s.tenants[0], f, r, now))) {
+                        match rt.block_on(b.durable(settle_call(&b, &s, &s.tenants[0], f, r, now))) {
                             Ok(_) => {
                                 ok += 1;
                                 ok_package += u64::from(by_package);
@@ -1205,8 +1241,8 @@ mod tests {
         fail.store(true, Ordering::SeqCst);
         for id in ["object-detection", "license-plate-recognition"] {
             let f = feature(&s, id);
-            let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-            b.settle_call(&s, &s.tenants[0], f, r, now);
+            let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+            settle_call(&b, &s, &s.tenants[0], f, r, now);
         }
         let started = Instant::now();
         let e = b.close(Duration::from_millis(200)).expect_err("the disk fails: not flushed");
@@ -1219,8 +1255,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, _fail) = open_flaky(dir.path(), Durability::Batched, Duration::from_secs(2));
         let f = feature(&s, "license-plate-recognition");
-        let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
-        b.settle_call(&s, &s.tenants[0], f, r, now);
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        settle_call(&b, &s, &s.tenants[0], f, r, now);
         assert!(b.close(Duration::from_secs(5)).is_ok());
     }
 
@@ -1234,14 +1270,14 @@ mod tests {
         {
             let b = open(dir.path(), Durability::Strict);
             for _ in 0..5 {
-                let r = b.reserve(&s, &s.tenants[0], od, t("2026-01-31T15:59:59Z")).unwrap();
-                b.settle_call(&s, &s.tenants[0], od, r, t("2026-01-31T15:59:59Z"));
+                let r = reserve(&b, &s, &s.tenants[0], od, t("2026-01-31T15:59:59Z")).unwrap();
+                settle_call(&b, &s, &s.tenants[0], od, r, t("2026-01-31T15:59:59Z"));
             }
-            let r = b.reserve(&s, &s.tenants[0], lp, t("2026-01-31T15:59:59Z")).unwrap();
-            b.settle_call(&s, &s.tenants[0], lp, r, t("2026-01-31T15:59:59Z"));
+            let r = reserve(&b, &s, &s.tenants[0], lp, t("2026-01-31T15:59:59Z")).unwrap();
+            settle_call(&b, &s, &s.tenants[0], lp, r, t("2026-01-31T15:59:59Z"));
             // 16:00Z is midnight in +08:00: February.
-            let r = b.reserve(&s, &s.tenants[0], lp, t("2026-01-31T16:00:00Z")).unwrap();
-            b.settle_call(&s, &s.tenants[0], lp, r, t("2026-01-31T16:00:00Z"));
+            let r = reserve(&b, &s, &s.tenants[0], lp, t("2026-01-31T16:00:00Z")).unwrap();
+            settle_call(&b, &s, &s.tenants[0], lp, r, t("2026-01-31T16:00:00Z"));
             b.close(Duration::from_secs(5)).unwrap();
         }
         let b = open(dir.path(), Durability::Batched);
@@ -1254,6 +1290,6 @@ mod tests {
         assert_eq!(feb.len(), 1);
         assert_eq!(feb[0].units[PayerKind::Payg as usize], Decimal::ONE);
         // The package is spent: the next object-detection call falls through to payg.
-        assert_eq!(b.reserve(&s, &s.tenants[0], od, t("2026-02-02T00:00:00Z")).unwrap().payer, PayerKind::Payg);
+        assert_eq!(reserve(&b, &s, &s.tenants[0], od, t("2026-02-02T00:00:00Z")).unwrap().payer, PayerKind::Payg);
     }
 }

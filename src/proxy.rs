@@ -27,7 +27,6 @@ use crate::gateway::Gateway;
 use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
 use crate::store::{Admit, BucketKey, Quota, RateStore};
-use std::future::Future as _;
 
 pub use crate::http_util::ProxyBody;
 use crate::http_util::{bearer_token, error_response};
@@ -227,8 +226,9 @@ async fn admit(
 type Paid = (Reservation, Option<(ImageOp, Option<ImageSlot>)>);
 
 /// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A
-/// refusal here (402, 409) comes after admission: the caller gives the token back.
-fn pay(
+/// refusal here (402, 409, 503 `store_unavailable`) comes after admission: the caller gives
+/// the token back.
+async fn pay(
     gw: &Gateway,
     snap: &Snapshot,
     tenant: &Tenant,
@@ -236,16 +236,19 @@ fn pay(
     r: &Routed<'_>,
     now: i64,
 ) -> Result<Paid, ApiError> {
-    let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now) else {
+    let unavailable = |e: crate::store::StoreError| ApiError::StoreUnavailable { reason: e.to_string() };
+    let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now).await.map_err(unavailable)? else {
         return Err(ApiError::PaymentRequired { feature: feature.id.clone() });
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
     let image = match (r.route.op, tenant.image_search.as_ref()) {
-        (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
-            Some(slot) => Some((ImageOp::Add, Some(slot))),
-            // Dropping `reservation` gives the package share back.
-            None => return Err(ApiError::CapacityExceeded { capacity: inst.capacity }),
-        },
+        (Some(ImageOp::Add), Some(inst)) => {
+            match gw.billing.reserve_image_add(tenant, inst.capacity).await.map_err(unavailable)? {
+                Some(slot) => Some((ImageOp::Add, Some(slot))),
+                // Dropping `reservation` gives the package share back.
+                None => return Err(ApiError::CapacityExceeded { capacity: inst.capacity }),
+            }
+        }
         (Some(op), _) => Some((op, None)),
         (None, _) => None,
     };
@@ -270,16 +273,13 @@ pub async fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
 /// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
 /// dropped before it reached the store).
 pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
-    let fut = std::pin::pin!(decide(gw, headers, path));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match fut.poll(&mut cx) {
-        std::task::Poll::Ready(d) => d,
-        std::task::Poll::Pending => Decision::Reject(
+    crate::store::ready(decide(gw, headers, path)).unwrap_or_else(|| {
+        Decision::Reject(
             ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
             Who::Nobody,
             Vec::new(),
-        ),
-    }
+        )
+    })
 }
 
 async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
@@ -292,7 +292,7 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
     let feature = &snap.catalog.features[routed.route.feature];
     let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
     let (remaining, reset_secs) = admit(gw, key, feature, &routed).await?;
-    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now) {
+    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now).await {
         Ok(paid) => paid,
         Err(e) => {
             // Only admitted requests use the quota (SPEC §4): the token goes back.
@@ -443,44 +443,50 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 /// the call answered 503 `ledger_unavailable` (SPEC §7). A tenant or feature removed by a reload
 /// meanwhile is not charged (`Ok(None)`).
 async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
-    let Some(settled) = settle_now(gw, fwd, upstream_headers) else { return Ok(None) };
+    let settled = match settle_now(gw, fwd, upstream_headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(ApiError::StoreUnavailable { reason: e.to_string() }),
+    };
     match gw.billing.durable(settled).await {
         Ok(payer) => Ok(Some(payer)),
         Err(e) => Err(ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms }),
     }
 }
 
-/// The synchronous part of settling a 2xx: charge the payer, update image counts. `None` when a
-/// reload removed the tenant or feature meanwhile (then nothing is charged).
-pub fn settle_now(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<crate::billing::Settled> {
-    Some({
-        let snap = gw.snapshot.load();
-        let tenant = snap.tenant(fwd.tenant)?;
-        let &fi = snap.catalog.feature_index.get(fwd.feature)?;
-        let now = gw.clock.unix_nanos();
-        if fwd.video {
-            let usage = video_usage(upstream_headers);
-            if usage.is_none() {
-                gw.metrics.usage_report_error(fwd.feature);
-                tracing::warn!(
-                    tenant = fwd.tenant,
-                    feature = fwd.feature,
-                    "missing or malformed x-usage-video-* headers: billed as 0 minutes"
-                );
-            }
-            gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now)
-        } else {
-            let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now);
-            if let Some((op, slot)) = fwd.image {
-                let reported = upstream_headers
-                    .get("x-usage-image-count")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                gw.billing.settle_images(tenant, op, slot, reported);
-            }
-            settled
+/// Settles a 2xx in the store: charge the payer, update image counts. `None` when a reload
+/// removed the tenant or feature meanwhile (then nothing is charged). The snapshot is held as an
+/// `Arc` (not a guard) across the store's awaits.
+pub async fn settle_now(
+    gw: &Gateway,
+    fwd: Forward,
+    upstream_headers: &HeaderMap,
+) -> Result<Option<crate::billing::Settled>, crate::store::StoreError> {
+    let snap = gw.snapshot.load_full();
+    let Some(tenant) = snap.tenant(fwd.tenant) else { return Ok(None) };
+    let Some(&fi) = snap.catalog.feature_index.get(fwd.feature) else { return Ok(None) };
+    let now = gw.clock.unix_nanos();
+    if fwd.video {
+        let usage = video_usage(upstream_headers);
+        if usage.is_none() {
+            gw.metrics.usage_report_error(fwd.feature);
+            tracing::warn!(
+                tenant = fwd.tenant,
+                feature = fwd.feature,
+                "missing or malformed x-usage-video-* headers: billed as 0 minutes"
+            );
         }
-    })
+        return gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now).await.map(Some);
+    }
+    let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now).await?;
+    if let Some((op, slot)) = fwd.image {
+        let reported = upstream_headers
+            .get("x-usage-image-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        gw.billing.settle_images(tenant, op, slot, reported).await?;
+    }
+    Ok(Some(settled))
 }
 
 /// Forwards an admitted request and settles it; returns the response and its outcome.

@@ -315,6 +315,7 @@ pub trait Durable: Send + Sync {
 
 /// The backends, dispatched statically (no boxed futures): the gateway holds one of these.
 /// The Redis backend adds its variant and one arm per method.
+#[derive(Clone)]
 pub enum Stores {
     Local(std::sync::Arc<local::LocalStore>),
 }
@@ -434,6 +435,17 @@ impl OverrideStore for Stores {
 impl Durable for Stores {
     async fn durable(&self, id: RequestId) -> Result<(), StoreError> {
         each!(self, s => s.durable(id).await)
+    }
+}
+
+/// Runs a future that completes without suspending (every local-store operation) to its output
+/// by polling it once; `None` if it would have to wait. For synchronous callers (tests, benches).
+pub fn ready<F: Future>(f: F) -> Option<F::Output> {
+    let f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 
