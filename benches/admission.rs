@@ -13,9 +13,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use http::{HeaderMap, HeaderValue};
 use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
 use turnstile::clock::{SharedClock, SystemClock};
-use turnstile::config::{build, ConfigSource, Texts};
-use turnstile::proxy::{decide, settle_now, Decision};
+use turnstile::config::{ConfigSource, Texts};
+use turnstile::proxy::{decide_now as decide, settle_now, Decision};
 use turnstile::server::Gateway;
+use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;
 
 const KEYS: usize = 100_000;
@@ -106,7 +107,9 @@ fn bench(c: &mut Criterion) {
     let ok = HeaderMap::new();
     g.bench_function("decide_and_settle_payg", |b| {
         b.iter(|| match decide(&gw, &headers, "/v1/infer") {
-            Decision::Forward(f) => settle_now(&gw, f, &ok).expect("settled"),
+            Decision::Forward(f) => {
+                turnstile::store::ready(settle_now(&gw, f, &ok)).expect("ready").expect("store").expect("settled")
+            }
             Decision::Reject(..) => panic!("refused"),
         })
     });

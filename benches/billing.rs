@@ -11,10 +11,12 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use turnstile::billing::Billing;
 use turnstile::config::gateway::Durability;
-use turnstile::config::{build, Texts};
+use turnstile::config::Texts;
 use turnstile::ledger::RedbLedger;
 use turnstile::metrics::Metrics;
+use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;
+use turnstile::store::ready;
 
 fn snapshot() -> Snapshot {
     let key = turnstile::hash_key("bench");
@@ -50,18 +52,18 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("payer");
     g.throughput(Throughput::Elements(1));
     g.bench_function("reserve_release_package", |bch| {
-        bch.iter(|| drop(b.reserve(&snap, tenant, od, now())));
+        bch.iter(|| drop(ready(b.reserve(&snap, tenant, od, now())).expect("local: ready").expect("store")));
     });
     g.bench_function("reserve_settle_payg_batched", |bch| {
         bch.iter(|| {
-            let r = b.reserve(&snap, tenant, lp, now()).expect("payg");
-            b.settle_call(&snap, tenant, lp, r, now())
+            let r = ready(b.reserve(&snap, tenant, lp, now())).expect("local: ready").expect("store").expect("payg");
+            ready(b.settle_call(&snap, tenant, lp, r, now())).expect("local: ready").expect("store")
         });
     });
     g.bench_function("reserve_settle_package_batched", |bch| {
         bch.iter(|| {
-            let r = b.reserve(&snap, tenant, od, now()).expect("package");
-            b.settle_call(&snap, tenant, od, r, now())
+            let r = ready(b.reserve(&snap, tenant, od, now())).expect("local: ready").expect("store").expect("package");
+            ready(b.settle_call(&snap, tenant, od, r, now())).expect("local: ready").expect("store")
         });
     });
     g.finish();
@@ -74,8 +76,9 @@ fn bench(c: &mut Criterion) {
     g.sample_size(30).measurement_time(Duration::from_secs(5));
     g.bench_function("strict_settle_until_on_disk", |bch| {
         bch.iter(|| {
-            let r = strict.reserve(&snap, tenant, lp, now()).expect("payg");
-            let s = strict.settle_call(&snap, tenant, lp, r, now());
+            let r =
+                ready(strict.reserve(&snap, tenant, lp, now())).expect("local: ready").expect("store").expect("payg");
+            let s = ready(strict.settle_call(&snap, tenant, lp, r, now())).expect("local: ready").expect("store");
             let _ = rt.block_on(strict.durable(s));
         });
     });

@@ -14,14 +14,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::admission::{self, LimitSource};
-use crate::catalog::Unit;
 use crate::error::ApiError;
-use crate::ledger::PAYERS;
-use crate::pricing::{self, ser::money_string, ser::plain_string};
-use crate::proxy::{bearer_token, error_response, ProxyBody};
-use crate::server::Gateway;
+use crate::gateway::Gateway;
+use crate::http_util::{bearer_token, error_response, ProxyBody};
 use crate::time::format_rfc3339;
-use rust_decimal::Decimal;
 
 pub const TOKEN_ENV: &str = "TURNSTILE_ADMIN_TOKEN";
 
@@ -238,90 +234,5 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
         Ok(m) => m,
         Err(e) => return error(&e),
     };
-    let catalog = &snap.catalog;
-    let mut total = Decimal::ZERO;
-    let mut features = serde_json::Map::new();
-    for u in gw.billing.usage(tenant, &month) {
-        let (feature, units, payg) = (u.feature, u.units, u.payg);
-        let units_json: serde_json::Map<_, _> =
-            PAYERS.iter().zip(units.iter()).map(|(p, u)| (p.to_string(), json!(plain_string(*u)))).collect();
-        let payg_units: Decimal = payg.values().copied().sum();
-        let payg_json = match catalog.feature(feature) {
-            None => json!({"amount": null, "note": "feature no longer in the catalog"}),
-            Some(f) if f.unit == Unit::VideoMinute => {
-                // Priced cells sum into the amount; minutes without a price (outside the matrix,
-                // or a feature without one) are listed with a null amount and a note, and do not
-                // hide the priced ones.
-                let mut amount = Decimal::ZERO;
-                let mut unpriced = Decimal::ZERO;
-                let mut lines = Vec::new();
-                for (cell, minutes) in payg.iter().filter(|(_, m)| !m.is_zero()) {
-                    let price = f.video_prices.iter().find(|c| &c.cell() == cell);
-                    let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
-                    match line_amount {
-                        Some(a) => amount += a,
-                        None => unpriced += *minutes,
-                    }
-                    let mut line = json!({
-                        "cell": cell, "minutes": plain_string(minutes.round_dp(6)),
-                        "price": price.map(|c| c.price.to_string()),
-                        "amount": line_amount.map(money_string),
-                    });
-                    if price.is_none() {
-                        line["note"] = json!("no price configured");
-                    }
-                    lines.push(line);
-                }
-                total += amount;
-                let mut v = json!({"amount": money_string(amount), "lines": lines});
-                if !unpriced.is_zero() {
-                    v["note"] = json!(format!(
-                        "no price configured for {} minutes; the amount covers the priced lines only",
-                        plain_string(unpriced.round_dp(6))
-                    ));
-                }
-                v
-            }
-            Some(f) if f.payg_tiers.is_empty() && payg_units > Decimal::ZERO => {
-                json!({"amount": null, "note": "no price configured"})
-            }
-            Some(f) => {
-                let lines = pricing::graduated(&f.payg_tiers, Decimal::ZERO, payg_units);
-                let amount: Decimal = lines.iter().map(|l| l.amount).sum();
-                total += amount;
-                json!({"amount": money_string(amount), "tiers": lines})
-            }
-        };
-        // Units nothing could pay for (SPEC §6): listed, never folded into a free payer.
-        features.insert(
-            feature.to_string(),
-            json!({"units": units_json, "payg": payg_json, "unpaid": plain_string(u.unpaid.round_dp(6))}),
-        );
-    }
-    let packages: Vec<_> = t
-        .packages
-        .iter()
-        .map(|p| {
-            let st = gw.billing.package(t, p);
-            let remaining = (p.points - st.consumed()).max(Decimal::ZERO);
-            let mut v = json!({
-                "id": p.id, "points": plain_string(p.points), "remaining": plain_string(remaining),
-                "expires_at": format_rfc3339(p.expires_at, tz), "low_balance_alerted": st.alerted(),
-            });
-            match p.target {
-                crate::config::entitlements::PackageTarget::Feature(f) => v["feature"] = json!(catalog.features[f].id),
-                crate::config::entitlements::PackageTarget::Scope(g) => {
-                    v["scope"] = json!(catalog.general_packages[g].id)
-                }
-            }
-            v
-        })
-        .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "tenant": t.name, "month": month, "currency": catalog.currency, "total": money_string(total),
-            "features": features, "packages": packages,
-        }),
-    )
+    json_response(StatusCode::OK, &crate::report::usage(&snap, &gw.billing, t, &month))
 }

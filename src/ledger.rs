@@ -31,8 +31,7 @@ pub enum LedgerError {
     Write { path: PathBuf, reason: String },
 }
 
-/// Payers, in the order of the usage report's `units` object.
-pub const PAYERS: [&str; 5] = ["prepaid_qps", "single_package", "general_package", "payg", "free_default"];
+pub use crate::payer::PAYERS;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PackageRecord {
@@ -57,6 +56,10 @@ pub struct MonthRecord {
     /// Absent in records written before it existed: zero.
     #[serde(default = "zero_dec")]
     pub unpaid: Dec,
+    /// True since integer units (issue 12): the values are store units (calls, or ms for
+    /// video). Absent (false) in older records, which kept decimal minutes for video.
+    #[serde(default)]
+    pub integer: bool,
 }
 
 /// The pay-as-you-go cell of video minutes outside the feature's price matrix (or of a video
@@ -234,6 +237,7 @@ mod tests {
             units: u,
             payg,
             unpaid: Dec(Decimal::ZERO),
+            integer: true,
         })
     }
 

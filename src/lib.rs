@@ -6,24 +6,32 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod billing;
 pub mod body;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod diag;
 pub mod error;
+pub mod gateway;
+pub mod http_util;
 pub mod intern;
 pub mod ledger;
 pub mod metrics;
 pub mod path;
+pub mod payer;
 pub mod pricing;
 pub mod proxy;
 pub mod quote;
 pub mod reload;
+pub mod report;
 pub mod server;
 pub mod snapshot;
 pub mod standin;
+pub mod store;
 pub mod time;
+pub mod units;
 
 /// Keys of the demo tenants in `config/entitlements.json` (their sha256 is what the file stores).
 pub const DEMO_KEYS: &[(&str, &str)] =

@@ -1,4 +1,6 @@
-//! Tenant traffic (SPEC §4): identify → route → activation → payer → limit → forward.
+//! Tenant traffic (SPEC §4), in named phases: identify → route → admit → pay → forward →
+//! settle. Refusals are [`ApiError`]s; their status, code and outcome come from one table
+//! ([`ApiError::refusal`]).
 //!
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
@@ -7,23 +9,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::admission::{self, Admit};
+use crate::admission;
 use crate::billing::{ImageSlot, Reservation, VideoUsage};
 use crate::body::{TenantBody, Upload, UploadError};
+use crate::catalog::Feature;
 use crate::catalog::Unit;
+use crate::config::entitlements::Tenant;
 use crate::config::gateway::ImageOp;
-use crate::error::{ApiError, JSON};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
 use crate::metrics::Outcome;
-use crate::server::Gateway;
+use crate::snapshot::Snapshot;
+use crate::store::{Admit, BucketKey, Quota, RateStore};
 
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub use crate::http_util::ProxyBody;
+use crate::http_util::{bearer_token, error_response};
 pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
@@ -65,8 +71,7 @@ pub struct Forward {
     api_key_header: HeaderName,
     rate_headers: [(HeaderName, HeaderValue); 2],
     /// The bucket's shape, to give the token back when the body turns out too large.
-    limit: u32,
-    depth: u32,
+    quota: Quota,
     reservation: Reservation,
     video: bool,
     /// Image search: the operation, and for an add its capacity slot.
@@ -81,27 +86,6 @@ fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, He
     [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
 }
 
-pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(e.body())));
-    *resp.status_mut() = e.status();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, JSON.clone());
-    for (n, v) in extra {
-        h.insert(n.clone(), v.clone());
-    }
-    match e {
-        ApiError::QpsExceeded { retry_after, .. } => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-        }
-        // Like nginx: the connection is not reused after these (the body is drained first).
-        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        _ => {}
-    }
-    resp
-}
-
 /// Returns the API key and whether it came from `Authorization: Bearer`.
 fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], bool)> {
     if let Some(v) = headers.get(name) {
@@ -111,17 +95,6 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
         }
     }
     bearer_token(headers).map(|k| (k, true))
-}
-
-/// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let (scheme, rest) = auth.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let k = rest.trim_ascii();
-    (!k.is_empty()).then_some(k)
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
@@ -134,69 +107,73 @@ pub enum Who {
     Pair(u64, &'static str, &'static str),
 }
 
-/// The outcome of identify → route → activation → payer → limit.
+/// The outcome of identify → route → admit → pay.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
-    Reject(ApiError, Outcome, Who, Vec<(HeaderName, HeaderValue)>),
+    /// Refused: the error (its status, code and outcome come from [`ApiError::refusal`]), who
+    /// it is counted against, and the headers that go with it.
+    Reject(ApiError, Who, Vec<(HeaderName, HeaderValue)>),
     Forward(Forward),
 }
 
-/// Decides a request from its head alone: one snapshot load, no await, no lock that a reload or
-/// another tenant can hold. `path` is the request's path as sent ([`crate::path::origin_path`]);
-/// routing and the upstream see its normal form. Only an admitted request takes a token: every
-/// other check (payer reservation and image-search capacity slot included) comes first, and a
-/// throttled request gives its reservation and slot back by dropping them.
-pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
-    let snap = gw.snapshot.load();
+type Refused = (ApiError, Who, Vec<(HeaderName, HeaderValue)>);
+
+/// Phase 1, identify: the API key → the tenant's index, and whether the key came as a bearer.
+fn identify(snap: &Snapshot, headers: &HeaderMap) -> Result<(usize, bool), Refused> {
     let s = &snap.settings;
     let Some((key, key_in_authorization)) = api_key(headers, &s.api_key_header) else {
-        return Decision::Reject(
-            ApiError::MissingApiKey { header: s.api_key_header.to_string() },
-            Outcome::Unauthenticated,
-            Who::Nobody,
-            Vec::new(),
-        );
+        return Err((ApiError::MissingApiKey { header: s.api_key_header.to_string() }, Who::Nobody, Vec::new()));
     };
-    let Some(ti) = snap.identify(key) else {
-        return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, Who::Nobody, Vec::new());
-    };
-    let tenant = &snap.tenants[ti];
+    match snap.identify(key) {
+        Some(ti) => Ok((ti, key_in_authorization)),
+        None => Err((ApiError::InvalidApiKey, Who::Nobody, Vec::new())),
+    }
+}
+
+/// What routing found: the feature, its bucket, and its limit now.
+struct Routed<'a> {
+    route: &'a crate::config::gateway::Route,
+    path: std::borrow::Cow<'a, str>,
+    pair: u64,
+    quota: Quota,
+}
+
+/// Phase 2, route: the normalized path → the feature and its limit; then the checks that need
+/// no state (service activated, Image Search instance not expired, declared body length). Every
+/// refusal here leaves the quota whole.
+fn route<'a>(
+    snap: &'a Snapshot,
+    tenant: &'a Tenant,
+    headers: &HeaderMap,
+    path: &'a str,
+    now: i64,
+) -> Result<Routed<'a>, Refused> {
+    let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
-    let path = match crate::path::normalize(path) {
-        Ok(p) => p,
-        Err(why) => {
-            return Decision::Reject(
-                ApiError::BadPath(why),
-                Outcome::UnknownRoute,
-                Who::Tenant(tenant.label),
-                Vec::new(),
-            )
-        }
-    };
+    let path =
+        crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), Vec::new()))?;
     let Some(route) = snap.router.find(&path) else {
-        let e = ApiError::UnknownRoute { path: path.into_owned() };
-        return Decision::Reject(e, Outcome::UnknownRoute, Who::Tenant(tenant.label), Vec::new());
+        return Err((ApiError::UnknownRoute { path: path.into_owned() }, Who::Tenant(tenant.label), Vec::new()));
     };
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
     // Image search deletions have their own limit, hence their own bucket.
     let bucket_feature = if route.op == Some(ImageOp::Delete) { catalog.image_delete_intern } else { feature.intern };
     let pair = crate::intern::pair(tenant.intern, bucket_feature);
-    let ids = || Who::Pair(pair, tenant.label, feature.label);
-    let now = gw.clock.unix_nanos();
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
-    let depth = admission::depth(limit.qps, s.burst_seconds);
-
+    let quota = Quota { limit: limit.qps, depth: admission::depth(limit.qps, s.burst_seconds) };
+    // Nothing was taken from the bucket: the whole quota remains.
+    let refuse = |e: ApiError| {
+        Err((e, Who::Pair(pair, tenant.label, feature.label), rate_headers(quota.limit, quota.depth, 0).into()))
+    };
     if !tenant.activated(feature.family) {
-        let e = match feature.family {
+        return refuse(match feature.family {
             Some(m) => {
                 ApiError::ServiceNotActivated { family: catalog.families[m].name.clone(), feature: feature.id.clone() }
             }
             None => ApiError::ImageSearchNotActivated { feature: feature.id.clone() },
-        };
-        // Nothing was taken from the bucket: the whole quota remains.
-        return Decision::Reject(e, Outcome::Forbidden, ids(), rate_headers(limit.qps, depth, 0).into());
+        });
     }
     if let Some(inst) = tenant.image_search.as_ref().filter(|_| feature.family.is_none()) {
         if now >= inst.expires_at {
@@ -204,66 +181,139 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             let released_at =
                 inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
             let expires_at = crate::time::format_rfc3339(inst.expires_at, s.timezone);
-            let (e, outcome) = if now < released_at {
-                (ApiError::InstanceExpired { expires_at, retention_days }, Outcome::PaymentRequired)
+            return refuse(if now < released_at {
+                ApiError::InstanceExpired { expires_at, retention_days }
             } else {
-                (ApiError::InstanceReleased { expires_at, retention_days }, Outcome::Forbidden)
-            };
-            return Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, depth, 0).into());
+                ApiError::InstanceReleased { expires_at, retention_days }
+            });
         }
     }
     let declared_len =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
-        return Decision::Reject(
-            ApiError::BodyTooLarge { limit: s.max_request_body_bytes },
-            Outcome::Forbidden,
-            ids(),
-            rate_headers(limit.qps, depth, 0).into(),
-        );
+        return refuse(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
     }
-    // The bucket, then the payer and the image-search capacity slot. A 429 holds nothing (no
-    // package share, even for a moment: a racing call must not find the package spent by calls
-    // that are refused anyway); a 402 or 409 gives its token back, so only admitted requests use
-    // the quota (SPEC §4).
-    let (remaining, reset_secs) = match gw.buckets.admit(pair, limit.qps, depth) {
-        Admit::Throttled { retry_after } => {
+    Ok(Routed { route, path, pair, quota })
+}
+
+/// Phase 3, admit: one token from the (tenant, feature) bucket in the store. A 429 holds
+/// nothing (no package share, even for a moment: a racing call must not find the package spent
+/// by calls that are refused anyway). A store that cannot answer refuses with 503
+/// `store_unavailable`.
+async fn admit(
+    gw: &Gateway,
+    key: BucketKey<'static>,
+    feature: &Feature,
+    r: &Routed<'_>,
+) -> Result<(u32, u64), Refused> {
+    let who = || Who::Pair(r.pair, key.tenant, feature.label);
+    match gw.stores.admit(key, r.quota).await {
+        Ok(Admit::Throttled { retry_after }) => {
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
-            return Decision::Reject(
-                ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
-                Outcome::Throttled,
-                ids(),
-                rate_headers(limit.qps, 0, secs).into(),
-            );
+            Err((
+                ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
+                who(),
+                rate_headers(r.quota.limit, 0, secs).into(),
+            ))
         }
-        Admit::Allowed { remaining, reset_secs } => (remaining, reset_secs),
-    };
-    let refused = |e: ApiError, outcome: Outcome| {
-        gw.buckets.refund(pair, limit.qps, depth);
-        // The bucket as it was before this request took (and gave back) its token.
-        let remaining = (remaining + 1).min(depth);
-        let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.qps.max(1)));
-        Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, remaining, reset).into())
-    };
-    let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
-        return refused(ApiError::PaymentRequired { feature: feature.id.clone() }, Outcome::PaymentRequired);
+        Ok(Admit::Allowed { remaining, reset_secs }) => Ok((remaining, reset_secs)),
+        Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), Vec::new())),
+    }
+}
+
+/// What the pay phase holds for the call: its payer, and for Image Search its operation and,
+/// for an add, its capacity slot.
+type Paid = (Reservation, Option<(ImageOp, Option<ImageSlot>)>);
+
+/// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A
+/// refusal here (402, 409, 503 `store_unavailable`) comes after admission: the caller gives
+/// the token back.
+async fn pay(
+    gw: &Gateway,
+    snap: &Snapshot,
+    tenant: &Tenant,
+    feature: &Feature,
+    r: &Routed<'_>,
+    now: i64,
+) -> Result<Paid, ApiError> {
+    let unavailable = |e: crate::store::StoreError| ApiError::StoreUnavailable { reason: e.to_string() };
+    let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now).await.map_err(unavailable)? else {
+        return Err(ApiError::PaymentRequired { feature: feature.id.clone() });
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
-    let image = match (route.op, tenant.image_search.as_ref()) {
-        (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
-            Some(slot) => Some((ImageOp::Add, Some(slot))),
-            // Dropping `reservation` gives the package share back.
-            None => return refused(ApiError::CapacityExceeded { capacity: inst.capacity }, Outcome::Forbidden),
-        },
+    let image = match (r.route.op, tenant.image_search.as_ref()) {
+        (Some(ImageOp::Add), Some(inst)) => {
+            match gw.billing.reserve_image_add(tenant, inst.capacity).await.map_err(unavailable)? {
+                Some(slot) => Some((ImageOp::Add, Some(slot))),
+                // Dropping `reservation` gives the package share back.
+                None => return Err(ApiError::CapacityExceeded { capacity: inst.capacity }),
+            }
+        }
         (Some(op), _) => Some((op, None)),
         (None, _) => None,
     };
-    Decision::Forward(Forward {
-        pair,
+    Ok((reservation, image))
+}
+
+/// Decides a request from its head alone, in the phases identify → route → admit → pay: one
+/// snapshot load and no lock that a reload or another tenant can hold; the admit phase awaits
+/// the store (the local store answers without suspending). `path` is the request's path as sent
+/// ([`crate::path::origin_path`]); routing and the upstream see its normal form. Only an
+/// admitted request takes a token: every check that needs no state comes first, and a request
+/// refused after admission (402, 409) gives its token back.
+pub async fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+    match decide_phases(gw, headers, path).await {
+        Ok(f) => Decision::Forward(f),
+        Err((e, who, headers)) => Decision::Reject(e, who, headers),
+    }
+}
+
+/// [`decide`] for callers without a runtime (tests, benches): polls it once. Every phase of the
+/// local store answers without suspending, so it is always ready then; a backend that would have
+/// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
+/// dropped before it reached the store).
+pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+    crate::store::ready(decide(gw, headers, path)).unwrap_or_else(|| {
+        Decision::Reject(
+            ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
+            Who::Nobody,
+            Vec::new(),
+        )
+    })
+}
+
+async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
+    let snap = gw.snapshot.load();
+    let s = &snap.settings;
+    let (ti, key_in_authorization) = identify(&snap, headers)?;
+    let tenant = &snap.tenants[ti];
+    let now = gw.clock.unix_nanos();
+    let routed = route(&snap, tenant, headers, path, now)?;
+    let feature = &snap.catalog.features[routed.route.feature];
+    let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
+    let (remaining, reset_secs) = admit(gw, key, feature, &routed).await?;
+    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now).await {
+        Ok(paid) => paid,
+        Err(e) => {
+            // Only admitted requests use the quota (SPEC §4): the token goes back.
+            let _ = gw.stores.refund(key, routed.quota).await;
+            // The bucket as it was before this request took (and gave back) its token.
+            let (limit, depth) = (routed.quota.limit, routed.quota.depth);
+            let remaining = (remaining + 1).min(depth);
+            let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.max(1)));
+            return Err((
+                e,
+                Who::Pair(routed.pair, tenant.label, feature.label),
+                rate_headers(limit, remaining, reset).into(),
+            ));
+        }
+    };
+    Ok(Forward {
+        pair: routed.pair,
         tenant: tenant.label,
         feature: feature.label,
         key_in_authorization,
-        path: match path {
+        path: match routed.path {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(p) => Some(p),
         },
@@ -272,9 +322,8 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
         body_limit: s.max_request_body_bytes,
         body_read_timeout: s.body_read_timeout,
         api_key_header: s.api_key_header.clone(),
-        rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-        limit: limit.qps,
-        depth,
+        rate_headers: rate_headers(routed.quota.limit, remaining, reset_secs),
+        quota: routed.quota,
         reservation,
         video: feature.unit == Unit::VideoMinute,
         image,
@@ -290,8 +339,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
         let (resp, body) = (error_response(&ApiError::UnsupportedTransferEncoding, &[]), req.into_body());
         return resp.map(|r| TenantBody::refusal(r, body));
     }
-    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())) {
-        Decision::Reject(e, outcome, who, headers) => {
+    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())).await {
+        Decision::Reject(e, who, headers) => {
+            let outcome = e.outcome();
             match who {
                 Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
                 Who::Tenant(t) => gw.metrics.request(t, "", outcome),
@@ -393,44 +443,50 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 /// the call answered 503 `ledger_unavailable` (SPEC §7). A tenant or feature removed by a reload
 /// meanwhile is not charged (`Ok(None)`).
 async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
-    let Some(settled) = settle_now(gw, fwd, upstream_headers) else { return Ok(None) };
+    let settled = match settle_now(gw, fwd, upstream_headers).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(ApiError::StoreUnavailable { reason: e.to_string() }),
+    };
     match gw.billing.durable(settled).await {
         Ok(payer) => Ok(Some(payer)),
         Err(e) => Err(ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms }),
     }
 }
 
-/// The synchronous part of settling a 2xx: charge the payer, update image counts. `None` when a
-/// reload removed the tenant or feature meanwhile (then nothing is charged).
-pub fn settle_now(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Option<crate::billing::Settled> {
-    Some({
-        let snap = gw.snapshot.load();
-        let tenant = snap.tenant(fwd.tenant)?;
-        let &fi = snap.catalog.feature_index.get(fwd.feature)?;
-        let now = gw.clock.unix_nanos();
-        if fwd.video {
-            let usage = video_usage(upstream_headers);
-            if usage.is_none() {
-                gw.metrics.usage_report_error(fwd.feature);
-                tracing::warn!(
-                    tenant = fwd.tenant,
-                    feature = fwd.feature,
-                    "missing or malformed x-usage-video-* headers: billed as 0 minutes"
-                );
-            }
-            gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now)
-        } else {
-            let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now);
-            if let Some((op, slot)) = fwd.image {
-                let reported = upstream_headers
-                    .get("x-usage-image-count")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                gw.billing.settle_images(tenant, op, slot, reported);
-            }
-            settled
+/// Settles a 2xx in the store: charge the payer, update image counts. `None` when a reload
+/// removed the tenant or feature meanwhile (then nothing is charged). The snapshot is held as an
+/// `Arc` (not a guard) across the store's awaits.
+pub async fn settle_now(
+    gw: &Gateway,
+    fwd: Forward,
+    upstream_headers: &HeaderMap,
+) -> Result<Option<crate::billing::Settled>, crate::store::StoreError> {
+    let snap = gw.snapshot.load_full();
+    let Some(tenant) = snap.tenant(fwd.tenant) else { return Ok(None) };
+    let Some(&fi) = snap.catalog.feature_index.get(fwd.feature) else { return Ok(None) };
+    let now = gw.clock.unix_nanos();
+    if fwd.video {
+        let usage = video_usage(upstream_headers);
+        if usage.is_none() {
+            gw.metrics.usage_report_error(fwd.feature);
+            tracing::warn!(
+                tenant = fwd.tenant,
+                feature = fwd.feature,
+                "missing or malformed x-usage-video-* headers: billed as 0 minutes"
+            );
         }
-    })
+        return gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now).await.map(Some);
+    }
+    let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now).await?;
+    if let Some((op, slot)) = fwd.image {
+        let reported = upstream_headers
+            .get("x-usage-image-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        gw.billing.settle_images(tenant, op, slot, reported).await?;
+    }
+    Ok(Some(settled))
 }
 
 /// Forwards an admitted request and settles it; returns the response and its outcome.
@@ -444,15 +500,11 @@ async fn forward(
     let reserved_payer = fwd.reservation.header();
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
-            // The client's fault (413, 408) counts as `forbidden`, like a 413 refused up front.
-            let outcome = if matches!(e, ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. }) {
-                Outcome::Forbidden
-            } else {
-                Outcome::UpstreamError
-            };
+            let outcome = e.outcome();
             if matches!(e, ApiError::BodyTooLarge { .. }) {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
-                gw.buckets.refund(fwd.pair, fwd.limit, fwd.depth);
+                let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
+                let _ = gw.stores.refund(key, fwd.quota).await;
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
@@ -460,7 +512,7 @@ async fn forward(
         Ok(resp) if resp.status().is_success() => match settle(gw, fwd, resp.headers()).await {
             Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
             // Strict ledger failing: the upstream's answer is dropped and the call not charged.
-            Err(e) => (error_response(&e, &[]), reserved_payer, Outcome::UpstreamError),
+            Err(e) => (error_response(&e, &[]), reserved_payer, e.outcome()),
         },
         Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
     };

@@ -15,9 +15,10 @@ use common::*;
 use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turnstile::clock::{ManualClock, SharedClock};
-use turnstile::config::{build, ConfigSource, Texts};
-use turnstile::proxy::{decide, Decision};
+use turnstile::config::{ConfigSource, Texts};
+use turnstile::proxy::{decide_now as decide, Decision};
 use turnstile::server::Gateway as InProcess;
+use turnstile::snapshot::build;
 
 // ---------------------------------------------------------------------------------------------
 // Paths (black-box)
@@ -359,7 +360,13 @@ async fn payment_required_leaves_the_quota_intact() {
     let snap = f.gw.snapshot.load();
     let fc = snap.catalog.feature_index["face-comparison-1-1"];
     let now = f.gw.clock.unix_nanos();
-    assert!(f.gw.billing.reserve(&snap, &snap.tenants[0], fc, now).is_some(), "a throttled call keeps no share");
+    assert!(
+        turnstile::store::ready(f.gw.billing.reserve(&snap, &snap.tenants[0], fc, now))
+            .expect("local: ready")
+            .expect("local: no store error")
+            .is_some(),
+        "a throttled call keeps no share"
+    );
     drop(in_flight);
 }
 
@@ -368,7 +375,14 @@ async fn capacity_exceeded_leaves_the_quota_intact_and_a_throttled_add_gives_its
     let f = Fixture::new().await;
     let snap = f.gw.snapshot.load();
     let acme = &snap.tenants[0];
-    let held: Vec<_> = (0..3).map(|_| f.gw.billing.reserve_image_add(acme, 3).expect("a slot")).collect();
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            turnstile::store::ready(f.gw.billing.reserve_image_add(acme, 3))
+                .expect("local: ready")
+                .expect("local: no store error")
+                .expect("a slot")
+        })
+        .collect();
     for _ in 0..FLOOD {
         assert_eq!(f.acme("/v1/image-search/add"), 409);
     }
@@ -377,7 +391,13 @@ async fn capacity_exceeded_leaves_the_quota_intact_and_a_throttled_add_gives_its
     let in_flight = f.admitted(2, "/v1/image-search/add");
     assert_eq!(f.acme("/v1/image-search/add"), 429);
     // The throttled add gave its slot back: one of the three is still free.
-    assert!(f.gw.billing.reserve_image_add(acme, 3).is_some(), "a throttled add keeps no slot");
+    assert!(
+        turnstile::store::ready(f.gw.billing.reserve_image_add(acme, 3))
+            .expect("local: ready")
+            .expect("local: no store error")
+            .is_some(),
+        "a throttled add keeps no slot"
+    );
     drop(in_flight);
 }
 
@@ -425,7 +445,13 @@ async fn a_concurrent_flood_leaks_no_package_share() {
     let snap = f.gw.snapshot.load();
     let fc = snap.catalog.feature_index["face-comparison-1-1"];
     let now = f.gw.clock.unix_nanos();
-    let shares: Vec<_> = (0..4).map(|_| f.gw.billing.reserve(&snap, &snap.tenants[0], fc, now)).collect();
+    let shares: Vec<_> = (0..4)
+        .map(|_| {
+            turnstile::store::ready(f.gw.billing.reserve(&snap, &snap.tenants[0], fc, now))
+                .expect("local: ready")
+                .expect("local: no store error")
+        })
+        .collect();
     assert_eq!(shares.iter().filter(|r| r.is_some()).count(), 3, "the package's 3 points, all back");
 }
 
