@@ -23,6 +23,10 @@ pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod standin;
+/// Cluster-mode stores (issue 12). The seams helper's `store/mod.rs` replaces this inline module.
+pub mod store {
+    pub mod redis;
+}
 pub mod time;
 
 /// Keys of the demo tenants in `config/entitlements.json` (their sha256 is what the file stores).
