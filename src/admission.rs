@@ -5,7 +5,6 @@
 //! [`BucketStore`] is the narrow interface a shared (e.g. Redis-backed) store can implement.
 
 use std::num::NonZeroU32;
-use std::time::Duration;
 
 use dashmap::DashMap;
 use std::num::NonZeroU64;
@@ -94,13 +93,7 @@ pub fn depth(limit: u32, burst_seconds: f64) -> u32 {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
-    /// Admitted; `remaining` more fit right now; the bucket is full again in `reset_secs`.
-    Allowed { remaining: u32, reset_secs: u64 },
-    /// Refused; a request can be admitted again after `retry_after`.
-    Throttled { retry_after: Duration },
-}
+pub use crate::store::Admit;
 
 /// Token-bucket state per (tenant, feature) pair, keyed by [`crate::intern::pair`].
 pub trait BucketStore: Send + Sync {
@@ -255,6 +248,7 @@ impl BucketStore for LocalBuckets {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use std::time::Duration;
     use crate::config::{build, Texts};
     use std::sync::Arc;
 

@@ -32,22 +32,7 @@ use crate::metrics::Metrics;
 use crate::pricing;
 use crate::snapshot::Snapshot;
 
-/// The payers of SPEC §6, indexed like [`ledger::PAYERS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum PayerKind {
-    PrepaidQps = 0,
-    SinglePackage = 1,
-    GeneralPackage = 2,
-    Payg = 3,
-    FreeDefault = 4,
-}
-
-impl PayerKind {
-    pub fn as_str(self) -> &'static str {
-        ledger::PAYERS[self as usize]
-    }
-}
+pub use crate::payer::PayerKind;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

@@ -31,8 +31,7 @@ pub enum LedgerError {
     Write { path: PathBuf, reason: String },
 }
 
-/// Payers, in the order of the usage report's `units` object.
-pub const PAYERS: [&str; 5] = ["prepaid_qps", "single_package", "general_package", "payg", "free_default"];
+pub use crate::payer::PAYERS;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PackageRecord {

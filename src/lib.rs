@@ -16,6 +16,7 @@ pub mod intern;
 pub mod ledger;
 pub mod metrics;
 pub mod path;
+pub mod payer;
 pub mod pricing;
 pub mod proxy;
 pub mod quote;
@@ -23,10 +24,7 @@ pub mod reload;
 pub mod server;
 pub mod snapshot;
 pub mod standin;
-/// Cluster-mode stores (issue 12). The seams helper's `store/mod.rs` replaces this inline module.
-pub mod store {
-    pub mod redis;
-}
+pub mod store;
 pub mod time;
 
 /// Keys of the demo tenants in `config/entitlements.json` (their sha256 is what the file stores).

@@ -1,0 +1,330 @@
+//! The store interfaces (issue 12, `STORE.md`): everything the request path keeps between
+//! requests — token buckets, package balances and holds, monthly usage, image counts, alerts
+//! fired, upgrade overrides — behind async, delta-based operations that are idempotent on a
+//! [`RequestId`], so that a local backend (DashMap + redb) and a shared one (Redis) are
+//! interchangeable and agree to the unit.
+//!
+//! Every quantity a store keeps is an integer (Lua numbers are doubles): package points in
+//! micro-points ([`MICRO`] per point), per-call units in whole calls, video usage in milliseconds.
+//! Money is computed by the caller with `rust_decimal` from these integers and never stored.
+//!
+//! Dispatch is static: the traits use `impl Future + Send` returns (implementations write plain
+//! `async fn`), and the gateway holds an enum of the backends that implements every trait by
+//! `match` — no `Box<dyn Future>`, no allocation per request. A backend that answers from memory
+//! (the local one) completes without suspending.
+//!
+//! Keys carry the names a shared store needs (`tenant`, `bucket`, package id) and, in `local`,
+//! the process-local interned id of the same thing ([`crate::intern`]), which the local backend
+//! keys its maps by so the hot path hashes one integer. A remote backend ignores `local`.
+
+/// The Redis backend (SPEC §11).
+pub mod redis;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::config::gateway::ImageOp;
+pub use crate::payer::PayerKind;
+
+/// Micro-points per point: package points are kept as `i64` micro-points.
+pub const MICRO: i64 = 1_000_000;
+
+/// A GCRA bucket's shape (governor's maths): `limit` per second, `depth` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    pub limit: u32,
+    pub depth: u32,
+}
+
+/// Unique per request across replicas: the idempotency key of every delta a request applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u128);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Makes [`RequestId`]s: a 64-bit process nonce (start time, pid, address entropy) in the high
+/// half, a counter in the low half. Unique within the process by construction and across
+/// replicas with overwhelming probability.
+pub struct RequestIds {
+    nonce: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's randomness once per process.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        RequestIds { nonce: h.finish(), next: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    pub fn next(&self) -> RequestId {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RequestId((u128::from(self.nonce) << 64) | u128::from(n))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The answer of the rate store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Admitted; `remaining` more fit right now; the bucket is full again in `reset_secs`.
+    Allowed { remaining: u32, reset_secs: u64 },
+    /// Refused; a request can be admitted again after `retry_after`.
+    Throttled { retry_after: Duration },
+}
+
+/// A (tenant, bucket) key: `bucket` is the feature id (or the image-search delete bucket).
+#[derive(Debug, Clone, Copy)]
+pub struct BucketKey<'a> {
+    pub tenant: &'a str,
+    pub bucket: &'a str,
+    /// [`crate::intern::pair`] of the two (local backend only).
+    pub local: u64,
+}
+
+/// A tenant, by name and interned id.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantKey<'a> {
+    pub name: &'a str,
+    /// [`crate::intern::tenant`] (local backend only).
+    pub local: u32,
+}
+
+/// A package that may pay, in SPEC §6 order ([`crate::payer`] makes the list).
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub id: &'a str,
+    /// The package's configured points, in micro-points.
+    pub points: i64,
+    /// [`crate::intern::pair`] of (tenant, package) (local backend only).
+    pub local: u64,
+}
+
+/// Where units of usage go: a payer of SPEC §6, or nowhere (video minutes nothing could pay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UsageTo {
+    Payer(PayerKind),
+    Unpaid,
+}
+
+/// Pay-as-you-go cell of tiered per-call features (SPEC §9 `payg` key `""`).
+pub const CALL_CELL: &str = "";
+/// The pay-as-you-go cell of video minutes outside the price matrix (metered, no amount).
+pub const UNPRICED: &str = "unpriced";
+
+/// The usage of one (tenant, feature, month), in store units (calls or ms).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthUsage {
+    pub feature: String,
+    /// Units per payer, indexed like [`PayerKind`] (`PAYERS` order).
+    pub units: [i64; 5],
+    /// Pay-as-you-go units per price cell ([`CALL_CELL`], a video cell, or [`UNPRICED`]).
+    pub payg: std::collections::BTreeMap<String, i64>,
+    /// Units nothing could pay for.
+    pub unpaid: i64,
+}
+
+/// What [`BalanceStore::take_up_to`] took from one candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Taken {
+    /// Micro-points taken (0 ≤ taken ≤ want).
+    pub taken: i64,
+    /// The package's consumption after the take (for the gauge and the low-balance alert).
+    pub consumed: i64,
+}
+
+/// An upgrade posted through the admin API (SPEC §8): permanent (`until = None`) or temporary.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Override {
+    pub qps: u32,
+    /// Unix nanoseconds.
+    pub from: i64,
+    pub until: Option<i64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or refused the operation (SPEC §11.6).
+    #[error("store {backend} unavailable: {reason}")]
+    Unavailable { backend: String, reason: String },
+    /// The store did not answer within its bounded timeout.
+    #[error("store {backend} did not answer {op} within {ms} ms")]
+    Timeout { backend: String, op: &'static str, ms: u64 },
+    /// Strict mode: the request's deltas were not durable within `strict_timeout_ms`; they were
+    /// reverted exactly (SPEC §7), so the request is not charged.
+    #[error("the charge was not durable within {timeout_ms} ms; it was reverted")]
+    NotDurable { timeout_ms: u64 },
+    /// A stored value does not decode: never silently reset.
+    #[error("store {backend}: corrupt value at {key}: {reason}")]
+    Corrupt { backend: String, key: String, reason: String },
+}
+
+/// One GCRA bucket per (tenant, bucket). The local backend uses governor on the injected clock;
+/// Redis runs the same maths on Redis `TIME`.
+pub trait RateStore: Send + Sync {
+    /// Takes one token; a bucket whose shape changed starts afresh (full).
+    fn admit(&self, key: BucketKey<'_>, q: Quota) -> impl Future<Output = Result<Admit, StoreError>> + Send;
+    /// Gives back the token an [`Admit::Allowed`] of the same shape took (402, 409, 413): moves
+    /// the theoretical arrival time back one emission interval, never past a full bucket; a
+    /// bucket re-shaped since is left alone.
+    fn refund(&self, key: BucketKey<'_>, q: Quota) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Package balances: holds with a lease, committed or released exactly once per request id.
+pub trait BalanceStore: Send + Sync {
+    /// Holds `want` micro-points on the first candidate (in the given order) whose
+    /// `points - consumed - held >= want` (the whole-factor rule), for `lease`. Returns the
+    /// candidate's index, or `None` when none can pay. Idempotent on `id`: a second call with a
+    /// live hold returns the same index and holds nothing more.
+    fn reserve(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<usize>, StoreError>> + Send;
+    /// Turns the hold of `id` into consumption. Returns the package's consumption after the
+    /// commit, or `None` when `id` holds nothing (already committed, released, swept): a no-op.
+    fn commit(
+        &self,
+        tenant: TenantKey<'_>,
+        id: RequestId,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+    /// Gives the hold of `id` back; a no-op when there is none.
+    fn release(&self, tenant: TenantKey<'_>, id: RequestId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The release of a reservation guard dropped without a commit (client gone, upstream error):
+    /// cannot await. Local: synchronous. Remote: spawned, with the lease sweep as the backstop.
+    fn release_in_background(&self, tenant: TenantKey<'_>, id: RequestId);
+    /// Video settlement, one step per candidate: takes up to `want[i]` micro-points of what
+    /// candidate `i` holds beyond the holds of calls in flight. Never takes more than a package
+    /// holds, whatever the concurrency. Idempotent on `id` (a repeat returns the first answer).
+    fn take_up_to(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: &[i64],
+        id: RequestId,
+    ) -> impl Future<Output = Result<Vec<Taken>, StoreError>> + Send;
+    /// Micro-points a package has consumed (committed), holds not included.
+    fn consumed(
+        &self,
+        tenant: TenantKey<'_>,
+        package: Candidate<'_>,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+    /// Marks a package's low-balance alert fired; true only the first time (cluster-wide).
+    fn mark_alerted(
+        &self,
+        tenant: TenantKey<'_>,
+        package: Candidate<'_>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Gives back every hold whose lease has passed; returns how many.
+    fn sweep(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Monthly usage counters per (tenant, feature, month `YYYY-MM`).
+pub trait UsageStore: Send + Sync {
+    /// Adds `units` (calls or ms) to `to`, and for `UsageTo::Payer(Payg)` also to the price
+    /// `cell`. Idempotent on (`id`, `to`, `cell`): a repeat adds nothing. Returns the total after
+    /// the add of the cell (payg) or of the payer's units (others), for the payg tier maths.
+    #[allow(clippy::too_many_arguments)]
+    fn add_usage(
+        &self,
+        key: BucketKey<'_>,
+        month: &str,
+        to: UsageTo,
+        units: i64,
+        cell: &str,
+        id: RequestId,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+    /// A tenant's usage of a month, per feature, sorted by feature id.
+    fn month(
+        &self,
+        tenant: TenantKey<'_>,
+        month: &str,
+    ) -> impl Future<Output = Result<Vec<MonthUsage>, StoreError>> + Send;
+}
+
+/// Image Search image counts: a slot held by an add in flight, then the count.
+pub trait ImageStore: Send + Sync {
+    /// Holds one slot when `count + held < capacity`; false means 409. Idempotent on `id`.
+    fn reserve_image_slot(
+        &self,
+        tenant: TenantKey<'_>,
+        capacity: u64,
+        id: RequestId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// After a 2xx: an add turns its slot into an image (+1), a delete is -1 (never below 0), and
+    /// `reported` (the upstream's `x-usage-image-count`), when given, wins. Returns the count.
+    fn settle_images(
+        &self,
+        tenant: TenantKey<'_>,
+        op: ImageOp,
+        id: RequestId,
+        reported: Option<u64>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Gives the slot of `id` back; a no-op when there is none.
+    fn release_image_slot(
+        &self,
+        tenant: TenantKey<'_>,
+        id: RequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The same, from a guard's `Drop` (see [`BalanceStore::release_in_background`]).
+    fn release_image_slot_in_background(&self, tenant: TenantKey<'_>, id: RequestId);
+    /// The tenant's image count.
+    fn image_count(&self, tenant: TenantKey<'_>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Upgrade overrides posted through any replica's admin API.
+pub trait OverrideStore: Send + Sync {
+    /// Stores an override for (tenant, feature); storing the same one twice keeps one.
+    fn put_override(
+        &self,
+        tenant: &str,
+        feature: &str,
+        ov: Override,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Every stored override, sorted by (tenant, feature, from).
+    fn overrides(&self) -> impl Future<Output = Result<Vec<(String, String, Override)>, StoreError>> + Send;
+}
+
+/// Durability of a request's deltas (SPEC §7, §11.5).
+pub trait Durable: Send + Sync {
+    /// Returns once every delta applied for `id` is durable. Batched mode: at once. Strict mode:
+    /// within `strict_timeout`, else every delta of `id` is reverted exactly and the answer is
+    /// [`StoreError::NotDurable`] (the call is not charged). A backend whose settlement already
+    /// waited for durability (Redis strict) answers at once.
+    fn durable(&self, id: RequestId) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Every store interface at once: what the gateway holds.
+pub trait Store: RateStore + BalanceStore + UsageStore + ImageStore + OverrideStore + Durable {}
+
+impl<T: RateStore + BalanceStore + UsageStore + ImageStore + OverrideStore + Durable> Store for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_share_the_process_nonce() {
+        let ids = RequestIds::new();
+        let (a, b) = (ids.next(), ids.next());
+        assert_ne!(a, b);
+        assert_eq!(a.0 >> 64, b.0 >> 64);
+        assert_ne!(RequestIds::new().next().0 >> 64, a.0 >> 64, "another process (or generator) draws another nonce");
+        assert_eq!(format!("{a}").len(), 32);
+    }
+}
