@@ -248,9 +248,9 @@ impl BucketStore for LocalBuckets {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use std::time::Duration;
     use crate::config::{build, Texts};
     use std::sync::Arc;
+    use std::time::Duration;
 
     const MAIN: &str = r#"
 [server]

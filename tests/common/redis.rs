@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 /// Whether `redis-server` and `redis-cli` can be run. Under `CI=true` their absence panics.
 pub fn available(test: &str) -> bool {
-    let ok = ["redis-server", "redis-cli"].iter().all(|bin| {
-        Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-    });
+    let ok = ["redis-server", "redis-cli"]
+        .iter()
+        .all(|bin| Command::new(bin).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok());
     if !ok {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{test}: redis-server/redis-cli not found, and CI=true (.ci/run installs Debian's redis-server)");
@@ -66,7 +66,14 @@ impl RedisServer {
         let dir = tmp.path().to_path_buf();
         // A port taken between `free_port` and the bind makes redis-server exit: try again.
         for _ in 0..5 {
-            let mut s = RedisServer { port: free_port(), bus_port: free_port(), dir: dir.clone(), opts: opts.clone(), child: None, _tmp: None };
+            let mut s = RedisServer {
+                port: free_port(),
+                bus_port: free_port(),
+                dir: dir.clone(),
+                opts: opts.clone(),
+                child: None,
+                _tmp: None,
+            };
             if s.spawn().is_ok() {
                 s._tmp = Some(tmp);
                 return Some(s);
@@ -171,7 +178,11 @@ impl RedisCluster {
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(|n| n.addr()));
         args.extend(["--cluster-replicas".into(), "0".into(), "--cluster-yes".into()]);
-        let out = Command::new("redis-cli").args(&args).stdin(Stdio::null()).output().expect("run redis-cli --cluster create");
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
         assert!(
             out.status.success(),
             "{test}: redis-cli --cluster create failed: {}{}",

@@ -10,6 +10,7 @@
 -- ARGV[4] usage field ('' = none)   ARGV[5] units   ARGV[6] feature (month index)
 -- ARGV[7] alert at: fire when the held package's consumed reaches it (-1 = never)
 -- ARGV[8] image op: '' | 'add' | 'delete' | 'set' | 'release'   ARGV[9] reported count (set)
+-- ARGV[10] a second usage field that gets the same units ('' = none; its total is returned)
 -- Returns { replay (1/0), hold (1 done now, 0 none: released or swept), package consumed after
 --           (-1 none), usage cell total (-1 none), alert fired (1/0), image count (-1 none) }.
 local function encode(r)
@@ -51,6 +52,9 @@ end
 
 if ARGV[4] ~= '' then
   cell = redis.call('HINCRBY', KEYS[4], ARGV[4], ARGV[5])
+  if ARGV[10] ~= '' then
+    cell = redis.call('HINCRBY', KEYS[4], ARGV[10], ARGV[5])
+  end
   redis.call('SADD', KEYS[5], ARGV[6])
 end
 

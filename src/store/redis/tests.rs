@@ -14,7 +14,12 @@ enum Keep {
 }
 
 fn opts() -> RedisOpts {
-    RedisOpts { key_prefix: "tp".into(), op_timeout: Duration::from_secs(2), done_ttl: Duration::from_secs(60) }
+    RedisOpts {
+        key_prefix: "tp".into(),
+        op_timeout: Duration::from_secs(2),
+        done_ttl: Duration::from_secs(60),
+        hold_lease: Duration::from_millis(300),
+    }
 }
 
 async fn single(test: &str) -> Option<(RedisStore, Keep)> {
@@ -64,6 +69,8 @@ on_both!(
     image_slots_respect_capacity_and_settle_once,
     month_usage_and_overrides_read_back,
     tenants_keys_share_one_slot,
+    the_store_interfaces_on_redis,
+    one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back,
 );
 
 /// A flood of 2 s from 16 tasks: admitted within [limit × T, limit × T + depth] (3% timing
@@ -78,7 +85,7 @@ async fn gcra_flood_admits_between_limit_t_and_limit_t_plus_depth(store: RedisSt
         let (store, admitted) = (store.clone(), admitted.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < until {
-                if store.admit("acme", "face", limit, depth).await.unwrap().is_ok() {
+                if store.gcra("acme", "face", limit, depth).await.unwrap().is_ok() {
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -96,27 +103,27 @@ async fn gcra_flood_admits_between_limit_t_and_limit_t_plus_depth(store: RedisSt
 
 async fn gcra_burst_remaining_reset_and_refund(store: RedisStore) {
     // Like the local buckets (admission.rs tests): depth at once, remaining counts down.
-    assert_eq!(store.admit("acme", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
-    assert_eq!(store.admit("acme", "seg", 4, 4).await.unwrap(), Ok((2, 1)));
-    assert_eq!(store.admit("acme", "seg", 4, 4).await.unwrap(), Ok((1, 1)));
-    assert_eq!(store.admit("acme", "seg", 4, 4).await.unwrap(), Ok((0, 1)));
-    let retry = store.admit("acme", "seg", 4, 4).await.unwrap().expect_err("the fifth is throttled");
+    assert_eq!(store.gcra("acme", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
+    assert_eq!(store.gcra("acme", "seg", 4, 4).await.unwrap(), Ok((2, 1)));
+    assert_eq!(store.gcra("acme", "seg", 4, 4).await.unwrap(), Ok((1, 1)));
+    assert_eq!(store.gcra("acme", "seg", 4, 4).await.unwrap(), Ok((0, 1)));
+    let retry = store.gcra("acme", "seg", 4, 4).await.unwrap().expect_err("the fifth is throttled");
     assert!(retry > Duration::from_millis(150) && retry <= Duration::from_millis(250), "retry {retry:?}");
     // A refund gives exactly one token back.
-    store.refund("acme", "seg", 4, 4).await.unwrap();
-    assert!(store.admit("acme", "seg", 4, 4).await.unwrap().is_ok(), "one token back");
-    assert!(store.admit("acme", "seg", 4, 4).await.unwrap().is_err());
+    store.gcra_refund("acme", "seg", 4, 4).await.unwrap();
+    assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_ok(), "one token back");
+    assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
     // A refund of another shape is ignored; a new shape is a fresh (full) bucket.
-    store.refund("acme", "seg", 8, 8).await.unwrap();
-    assert!(store.admit("acme", "seg", 4, 4).await.unwrap().is_err());
-    assert_eq!(store.admit("acme", "seg", 10, 10).await.unwrap(), Ok((9, 1)));
+    store.gcra_refund("acme", "seg", 8, 8).await.unwrap();
+    assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
+    assert_eq!(store.gcra("acme", "seg", 10, 10).await.unwrap(), Ok((9, 1)));
     // Another tenant's bucket is its own.
-    assert_eq!(store.admit("globex", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
+    assert_eq!(store.gcra("globex", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
     // A refund on a full bucket keeps it full, never fuller than its depth.
-    store.refund("initech", "seg", 2, 2).await.unwrap();
-    assert!(store.admit("initech", "seg", 2, 2).await.unwrap().is_ok());
-    assert!(store.admit("initech", "seg", 2, 2).await.unwrap().is_ok());
-    assert!(store.admit("initech", "seg", 2, 2).await.unwrap().is_err());
+    store.gcra_refund("initech", "seg", 2, 2).await.unwrap();
+    assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
+    assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
+    assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_err());
 }
 
 /// 64 tasks × 4 calls on one package that pays 10: every hold is committed or released once;
@@ -132,22 +139,22 @@ async fn holds_are_committed_or_released_exactly_once_under_concurrency(store: R
             for call in 0..4u128 {
                 let id = task << 8 | call;
                 let cands = [("small", 1_000_000), ("pkg", points)];
-                let Some(idx) = store.reserve("acme", &cands, want, id, Duration::from_secs(30)).await.unwrap() else {
+                let Some(idx) = store.hold("acme", &cands, want, id, Duration::from_secs(30)).await.unwrap() else {
                     continue;
                 };
                 assert_eq!(idx, 1, "a package that cannot hold the whole factor never pays");
                 // A retried reserve holds nothing more.
-                assert_eq!(store.reserve("acme", &cands, want, id, Duration::from_secs(30)).await.unwrap(), Some(1));
+                assert_eq!(store.hold("acme", &cands, want, id, Duration::from_secs(30)).await.unwrap(), Some(1));
                 if (task + call) % 3 == 0 {
-                    store.release("acme", id).await.unwrap();
-                    store.release("acme", id).await.unwrap();
-                    assert_eq!(store.commit("acme", id).await.unwrap(), None, "commit after release");
+                    store.release_hold("acme", id).await.unwrap();
+                    store.release_hold("acme", id).await.unwrap();
+                    assert_eq!(store.commit_hold("acme", id).await.unwrap(), None, "commit after release");
                 } else {
-                    let first = store.commit("acme", id).await.unwrap();
+                    let first = store.commit_hold("acme", id).await.unwrap();
                     assert!(first.is_some(), "the first commit commits");
                     committed.fetch_add(1, Ordering::Relaxed);
-                    assert_eq!(store.commit("acme", id).await.unwrap(), first, "a repeated commit is a replay");
-                    store.release("acme", id).await.unwrap();
+                    assert_eq!(store.commit_hold("acme", id).await.unwrap(), first, "a repeated commit is a replay");
+                    store.release_hold("acme", id).await.unwrap();
                 }
             }
         }));
@@ -155,12 +162,12 @@ async fn holds_are_committed_or_released_exactly_once_under_concurrency(store: R
     for t in tasks {
         t.await.unwrap();
     }
-    let consumed = store.consumed("acme", "pkg").await.unwrap();
+    let consumed = store.package_consumed("acme", "pkg").await.unwrap();
     assert_eq!(consumed, committed.load(Ordering::Relaxed) * want);
     assert!(consumed <= points, "consumed {consumed} > points {points}");
     assert_eq!(consumed, points, "enough calls to drain it");
-    assert_eq!(store.held("acme", "pkg").await.unwrap(), 0);
-    assert_eq!(store.consumed("acme", "small").await.unwrap(), 0);
+    assert_eq!(store.package_held("acme", "pkg").await.unwrap(), 0);
+    assert_eq!(store.package_consumed("acme", "small").await.unwrap(), 0);
 }
 
 /// Concurrent video takes over two packages: never past their points, each take's sum is what
@@ -168,7 +175,7 @@ async fn holds_are_committed_or_released_exactly_once_under_concurrency(store: R
 async fn take_up_to_never_takes_more_than_a_package_holds_under_concurrency(store: RedisStore) {
     let (a_pts, b_pts) = (7_000_000i64, 5_500_000i64);
     // A call in flight holds part of `a`: takes leave it alone.
-    assert_eq!(store.reserve("acme", &[("a", a_pts)], 1_000_000, 1, Duration::from_secs(30)).await.unwrap(), Some(0));
+    assert_eq!(store.hold("acme", &[("a", a_pts)], 1_000_000, 1, Duration::from_secs(30)).await.unwrap(), Some(0));
     let taken = Arc::new(AtomicI64::new(0));
     let mut tasks = Vec::new();
     for task in 0..48u128 {
@@ -176,16 +183,16 @@ async fn take_up_to_never_takes_more_than_a_package_holds_under_concurrency(stor
         tasks.push(tokio::spawn(async move {
             let want = 250_000 + (task as i64 % 5) * 100_000;
             let from = [
-                TakeFrom { package: "a", points: a_pts, want, alert_at: None },
-                TakeFrom { package: "b", points: b_pts, want, alert_at: None },
+                TakeFrom { package: "a", points: a_pts, cap: Some(want), alert_at: None },
+                TakeFrom { package: "b", points: b_pts, cap: Some(want), alert_at: None },
             ];
             let id = 1000 + task;
-            let got = store.take_up_to("acme", &from, id).await.unwrap();
+            let got = store.take("acme", &from, None, id).await.unwrap();
             assert_eq!(got.len(), 2);
             for g in &got {
                 assert!(g.taken >= 0 && g.taken <= want);
             }
-            let again = store.take_up_to("acme", &from, id).await.unwrap();
+            let again = store.take("acme", &from, None, id).await.unwrap();
             assert_eq!(again, got, "a replay answers the first take");
             taken.fetch_add(got.iter().map(|g| g.taken).sum::<i64>(), Ordering::Relaxed);
         }));
@@ -193,8 +200,8 @@ async fn take_up_to_never_takes_more_than_a_package_holds_under_concurrency(stor
     for t in tasks {
         t.await.unwrap();
     }
-    let a = store.consumed("acme", "a").await.unwrap();
-    let b = store.consumed("acme", "b").await.unwrap();
+    let a = store.package_consumed("acme", "a").await.unwrap();
+    let b = store.package_consumed("acme", "b").await.unwrap();
     assert!(a <= a_pts - 1_000_000, "a: consumed {a} plus the hold exceeds its points");
     assert!(b <= b_pts, "b: consumed {b}");
     assert_eq!(a + b, taken.load(Ordering::Relaxed));
@@ -203,27 +210,35 @@ async fn take_up_to_never_takes_more_than_a_package_holds_under_concurrency(stor
 
 async fn settlement_replay_is_idempotent(store: RedisStore) {
     let pts = 10_000_000;
-    assert_eq!(store.reserve("acme", &[("p", pts)], 4_000_000, 7, Duration::from_secs(30)).await.unwrap(), Some(0));
+    assert_eq!(store.hold("acme", &[("p", pts)], 4_000_000, 7, Duration::from_secs(30)).await.unwrap(), Some(0));
     let s = Settle {
         hold: HoldAction::Commit,
         alert_at: Some(3_000_000),
         usage: Some(("face", "2026-11", "package", 1)),
         image: ImagePart::None,
+        also: "",
         part: "s",
     };
     let first = store.settle("acme", 7, s).await.unwrap();
     assert_eq!(
         first,
-        Settled { replay: false, hold: true, consumed: Some(4_000_000), cell_total: Some(1), alert_fired: true, images: None }
+        Settled {
+            replay: false,
+            hold: true,
+            consumed: Some(4_000_000),
+            cell_total: Some(1),
+            alert_fired: true,
+            images: None
+        }
     );
     let again = store.settle("acme", 7, s).await.unwrap();
     assert_eq!(again, Settled { replay: true, ..first }, "a replay returns the first answer and applies nothing");
-    assert_eq!(store.consumed("acme", "p").await.unwrap(), 4_000_000);
+    assert_eq!(store.package_consumed("acme", "p").await.unwrap(), 4_000_000);
     // Usage added per (id, part): a repeat adds nothing, another id adds.
-    assert_eq!(store.add_usage("acme", "face", "2026-11", "payg:", 1, 8, "u").await.unwrap(), 1);
-    assert_eq!(store.add_usage("acme", "face", "2026-11", "payg:", 1, 8, "u").await.unwrap(), 1);
-    assert_eq!(store.add_usage("acme", "face", "2026-11", "payg:", 2, 9, "u").await.unwrap(), 3);
-    let month = store.month("acme", "2026-11").await.unwrap();
+    assert_eq!(store.add_units("acme", ("face", "2026-11", "payg:", 1), "", 8, "u").await.unwrap(), 1);
+    assert_eq!(store.add_units("acme", ("face", "2026-11", "payg:", 1), "", 8, "u").await.unwrap(), 1);
+    assert_eq!(store.add_units("acme", ("face", "2026-11", "payg:", 2), "", 9, "u").await.unwrap(), 3);
+    let month = store.month_cells("acme", "2026-11").await.unwrap();
     assert_eq!(month, vec![("face".to_string(), vec![("package".to_string(), 1), ("payg:".to_string(), 3)])]);
 }
 
@@ -234,12 +249,13 @@ async fn low_balance_alert_fires_once_under_concurrency(store: RedisStore) {
     for id in 0..40u128 {
         let (store, fired) = (store.clone(), fired.clone());
         tasks.push(tokio::spawn(async move {
-            if store.reserve("acme", &[("p", pts)], 2_000_000, id, Duration::from_secs(30)).await.unwrap().is_some() {
+            if store.hold("acme", &[("p", pts)], 2_000_000, id, Duration::from_secs(30)).await.unwrap().is_some() {
                 let s = Settle {
                     hold: HoldAction::Commit,
                     alert_at: Some(pts - 80_000_000), // remaining ≤ 80 % of the points
                     usage: None,
                     image: ImagePart::None,
+                    also: "",
                     part: "s",
                 };
                 if store.settle("acme", id, s).await.unwrap().alert_fired {
@@ -252,27 +268,27 @@ async fn low_balance_alert_fires_once_under_concurrency(store: RedisStore) {
         t.await.unwrap();
     }
     assert_eq!(fired.load(Ordering::Relaxed), 1, "the alert fires exactly once");
-    assert!(!store.mark_alerted("acme", "p").await.unwrap(), "already fired");
-    assert!(store.mark_alerted("acme", "q").await.unwrap(), "another package's first time");
-    assert!(!store.mark_alerted("acme", "q").await.unwrap());
+    assert!(!store.alert_once("acme", "p").await.unwrap(), "already fired");
+    assert!(store.alert_once("acme", "q").await.unwrap(), "another package's first time");
+    assert!(!store.alert_once("acme", "q").await.unwrap());
 }
 
 async fn sweep_gives_back_holds_and_image_slots_after_their_lease(store: RedisStore) {
     let pts = 2_000_000;
     let lease = Duration::from_millis(300);
-    assert_eq!(store.reserve("acme", &[("p", pts)], 2_000_000, 1, lease).await.unwrap(), Some(0));
-    assert_eq!(store.reserve("acme", &[("p", pts)], 2_000_000, 2, lease).await.unwrap(), None, "all held");
-    assert!(store.reserve_image_slot("acme", 1, 3, lease).await.unwrap());
-    assert!(!store.reserve_image_slot("acme", 1, 4, lease).await.unwrap(), "the one slot is held");
+    assert_eq!(store.hold("acme", &[("p", pts)], 2_000_000, 1, lease).await.unwrap(), Some(0));
+    assert_eq!(store.hold("acme", &[("p", pts)], 2_000_000, 2, lease).await.unwrap(), None, "all held");
+    assert!(store.hold_image_slot("acme", 1, 3, lease).await.unwrap());
+    assert!(!store.hold_image_slot("acme", 1, 4, lease).await.unwrap(), "the one slot is held");
     // Before the lease ends, nothing is given back.
-    assert_eq!(store.sweep().await.unwrap(), 0);
+    assert_eq!(store.sweep_all().await.unwrap(), 0);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.sweep_tenant("acme").await.unwrap(), (1, 1));
-    assert_eq!(store.held("acme", "p").await.unwrap(), 0);
-    assert_eq!(store.commit("acme", 1).await.unwrap(), None, "a swept hold is not committed");
-    assert_eq!(store.consumed("acme", "p").await.unwrap(), 0);
-    assert_eq!(store.reserve("acme", &[("p", pts)], 2_000_000, 5, lease).await.unwrap(), Some(0), "the points are back");
-    assert!(store.reserve_image_slot("acme", 1, 6, lease).await.unwrap(), "the slot is back");
+    assert_eq!(store.package_held("acme", "p").await.unwrap(), 0);
+    assert_eq!(store.commit_hold("acme", 1).await.unwrap(), None, "a swept hold is not committed");
+    assert_eq!(store.package_consumed("acme", "p").await.unwrap(), 0);
+    assert_eq!(store.hold("acme", &[("p", pts)], 2_000_000, 5, lease).await.unwrap(), Some(0), "the points are back");
+    assert!(store.hold_image_slot("acme", 1, 6, lease).await.unwrap(), "the slot is back");
     assert_eq!(store.sweep_tenant("acme").await.unwrap(), (0, 0));
 }
 
@@ -283,11 +299,11 @@ async fn image_slots_respect_capacity_and_settle_once(store: RedisStore) {
     for id in 0..20u128 {
         let (store, held) = (store.clone(), held.clone());
         tasks.push(tokio::spawn(async move {
-            if store.reserve_image_slot("acme", 5, id, lease).await.unwrap() {
+            if store.hold_image_slot("acme", 5, id, lease).await.unwrap() {
                 held.fetch_add(1, Ordering::Relaxed);
-                assert!(store.reserve_image_slot("acme", 5, id, lease).await.unwrap(), "idempotent on id");
-                let n = store.settle_images("acme", id, ImagePart::Add).await.unwrap();
-                assert_eq!(store.settle_images("acme", id, ImagePart::Add).await.unwrap(), n, "a replay");
+                assert!(store.hold_image_slot("acme", 5, id, lease).await.unwrap(), "idempotent on id");
+                let n = store.settle_image("acme", id, ImagePart::Add).await.unwrap();
+                assert_eq!(store.settle_image("acme", id, ImagePart::Add).await.unwrap(), n, "a replay");
             }
         }));
     }
@@ -295,24 +311,24 @@ async fn image_slots_respect_capacity_and_settle_once(store: RedisStore) {
         t.await.unwrap();
     }
     assert_eq!(held.load(Ordering::Relaxed), 5, "capacity 5");
-    assert_eq!(store.image_count("acme").await.unwrap(), 5);
-    assert!(!store.reserve_image_slot("acme", 5, 100, lease).await.unwrap(), "full");
-    assert_eq!(store.settle_images("acme", 101, ImagePart::Delete).await.unwrap(), 4);
-    assert!(store.reserve_image_slot("acme", 5, 102, lease).await.unwrap());
-    store.settle_images("acme", 102, ImagePart::Release).await.unwrap();
-    assert_eq!(store.settle_images("acme", 103, ImagePart::Set(2)).await.unwrap(), 2, "a reported count wins");
+    assert_eq!(store.images("acme").await.unwrap(), 5);
+    assert!(!store.hold_image_slot("acme", 5, 100, lease).await.unwrap(), "full");
+    assert_eq!(store.settle_image("acme", 101, ImagePart::Delete).await.unwrap(), 4);
+    assert!(store.hold_image_slot("acme", 5, 102, lease).await.unwrap());
+    store.settle_image("acme", 102, ImagePart::Release).await.unwrap();
+    assert_eq!(store.settle_image("acme", 103, ImagePart::Set(2)).await.unwrap(), 2, "a reported count wins");
     for id in 104..110 {
-        store.settle_images("acme", id, ImagePart::Delete).await.unwrap();
+        store.settle_image("acme", id, ImagePart::Delete).await.unwrap();
     }
-    assert_eq!(store.image_count("acme").await.unwrap(), 0, "never below zero");
+    assert_eq!(store.images("acme").await.unwrap(), 0, "never below zero");
 }
 
 async fn month_usage_and_overrides_read_back(store: RedisStore) {
-    assert_eq!(store.month("acme", "2026-11").await.unwrap(), vec![]);
-    store.add_usage("acme", "video", "2026-11", "payg:1080p", 90_000, 1, "u").await.unwrap();
-    store.add_usage("acme", "face", "2026-11", "free_default", 1, 2, "u").await.unwrap();
-    store.add_usage("acme", "face", "2026-12", "free_default", 1, 3, "u").await.unwrap();
-    let m = store.month("acme", "2026-11").await.unwrap();
+    assert_eq!(store.month_cells("acme", "2026-11").await.unwrap(), vec![]);
+    store.add_units("acme", ("video", "2026-11", "payg:1080p", 90_000), "", 1, "u").await.unwrap();
+    store.add_units("acme", ("face", "2026-11", "free_default", 1), "", 2, "u").await.unwrap();
+    store.add_units("acme", ("face", "2026-12", "free_default", 1), "", 3, "u").await.unwrap();
+    let m = store.month_cells("acme", "2026-11").await.unwrap();
     assert_eq!(
         m,
         vec![
@@ -320,11 +336,11 @@ async fn month_usage_and_overrides_read_back(store: RedisStore) {
             ("video".to_string(), vec![("payg:1080p".to_string(), 90_000)]),
         ]
     );
-    store.put_override("acme", "face", r#"{"qps":10}"#).await.unwrap();
-    store.put_override("acme", "face", r#"{"qps":10}"#).await.unwrap();
-    store.put_override("globex", "seg", r#"{"qps":5}"#).await.unwrap();
+    store.put_override_json("acme", "face", r#"{"qps":10}"#).await.unwrap();
+    store.put_override_json("acme", "face", r#"{"qps":10}"#).await.unwrap();
+    store.put_override_json("globex", "seg", r#"{"qps":5}"#).await.unwrap();
     assert_eq!(
-        store.overrides().await.unwrap(),
+        store.override_jsons().await.unwrap(),
         vec![
             ("acme".to_string(), "face".to_string(), r#"{"qps":10}"#.to_string()),
             ("globex".to_string(), "seg".to_string(), r#"{"qps":5}"#.to_string()),
@@ -357,15 +373,15 @@ async fn a_dead_server_fails_within_the_timeout_and_a_restart_recovers() {
     let Some(mut s) = RedisServer::start("a_dead_server_fails_within_the_timeout", Opts::default()) else { return };
     let o = RedisOpts { op_timeout: Duration::from_millis(300), ..opts() };
     let store = RedisStore::connect(&[s.url()], o).await.unwrap();
-    assert!(store.admit("acme", "face", 10, 10).await.unwrap().is_ok());
+    assert!(store.gcra("acme", "face", 10, 10).await.unwrap().is_ok());
     s.kill9();
     let start = Instant::now();
-    let err = store.admit("acme", "face", 10, 10).await.expect_err("Redis is down");
+    let err = store.gcra("acme", "face", 10, 10).await.expect_err("Redis is down");
     assert!(start.elapsed() < Duration::from_millis(1500), "answered in {:?}: {err}", start.elapsed());
     s.restart();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match store.admit("acme", "face", 10, 10).await {
+        match store.gcra("acme", "face", 10, 10).await {
             Ok(_) => break,
             Err(e) => assert!(Instant::now() < deadline, "no reconnect within 5 s: {e}"),
         }
@@ -386,13 +402,112 @@ async fn acknowledged_commits_survive_kill_9_with_appendfsync_always() {
     assert_eq!(store.aof_policy().await.unwrap(), ("yes".to_string(), "always".to_string()));
     let pts = 5_000_000;
     for id in 0..5u128 {
-        assert_eq!(store.reserve("acme", &[("p", pts)], 1_000_000, id, Duration::from_secs(30)).await.unwrap(), Some(0));
-        assert!(store.commit("acme", id).await.unwrap().is_some());
+        assert_eq!(store.hold("acme", &[("p", pts)], 1_000_000, id, Duration::from_secs(30)).await.unwrap(), Some(0));
+        assert!(store.commit_hold("acme", id).await.unwrap().is_some());
     }
     s.kill9();
     s.restart();
     let store = RedisStore::connect(&[s.url()], opts()).await.unwrap();
-    assert_eq!(store.consumed("acme", "p").await.unwrap(), pts, "every acknowledged commit is there");
-    assert_eq!(store.reserve("acme", &[("p", pts)], 1_000_000, 9, Duration::from_secs(30)).await.unwrap(), None);
-    assert_eq!(store.commit("acme", 3).await.unwrap(), Some(4_000_000), "the replay marker survived too");
+    assert_eq!(store.package_consumed("acme", "p").await.unwrap(), pts, "every acknowledged commit is there");
+    assert_eq!(store.hold("acme", &[("p", pts)], 1_000_000, 9, Duration::from_secs(30)).await.unwrap(), None);
+    assert_eq!(store.commit_hold("acme", 3).await.unwrap(), Some(4_000_000), "the replay marker survived too");
+}
+
+/// The interfaces of `store/mod.rs` as the gateway calls them.
+async fn the_store_interfaces_on_redis(store: RedisStore) {
+    use crate::config::gateway::ImageOp;
+    use crate::store::{
+        Admit, BalanceStore, BucketKey, Candidate, ImageStore, MonthUsage, Override, OverrideStore, PayerKind, Quota,
+        RateStore, RequestId, TenantKey, UsageStore, UsageTo,
+    };
+    let key = BucketKey { tenant: "acme", bucket: "face", local: 0 };
+    let q = Quota { limit: 2, depth: 2 };
+    assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 1, reset_secs: 1 });
+    assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 0, reset_secs: 1 });
+    assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Throttled { .. }));
+    store.refund(key, q).await.unwrap();
+    assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Allowed { .. }));
+
+    let t = TenantKey { name: "acme", local: 0 };
+    let cands =
+        [Candidate { id: "p1", points: 1_000_000, local: 0 }, Candidate { id: "p2", points: 5_000_000, local: 0 }];
+    assert_eq!(store.reserve(t, &cands, 2_000_000, RequestId(1), Duration::from_secs(30)).await.unwrap(), Some(1));
+    assert_eq!(store.commit(t, RequestId(1)).await.unwrap(), Some(2_000_000));
+    assert_eq!(store.commit(t, RequestId(1)).await.unwrap(), None, "a second commit is a no-op");
+    assert_eq!(store.consumed(t, cands[1]).await.unwrap(), 2_000_000);
+    assert_eq!(store.reserve(t, &cands, 2_000_000, RequestId(2), Duration::from_secs(30)).await.unwrap(), Some(1));
+    store.release(t, RequestId(2)).await.unwrap();
+    assert_eq!(store.commit(t, RequestId(2)).await.unwrap(), None, "released, then nothing to commit");
+    let took = store.take_up_to(t, &cands, &[600_000, 900_000], RequestId(3)).await.unwrap();
+    assert_eq!(
+        (took[0].taken, took[0].consumed, took[1].taken, took[1].consumed),
+        (600_000, 600_000, 900_000, 2_900_000)
+    );
+    assert!(store.mark_alerted(t, cands[0]).await.unwrap());
+    assert!(!store.mark_alerted(t, cands[0]).await.unwrap());
+
+    let pay = UsageTo::Payer(PayerKind::Payg);
+    assert_eq!(store.add_usage(key, "2026-11", pay, 3, "", RequestId(4)).await.unwrap(), 3);
+    assert_eq!(store.add_usage(key, "2026-11", pay, 3, "", RequestId(4)).await.unwrap(), 3, "idempotent");
+    assert_eq!(store.add_usage(key, "2026-11", pay, 2, "", RequestId(5)).await.unwrap(), 5);
+    let pkg = UsageTo::Payer(PayerKind::SinglePackage);
+    assert_eq!(store.add_usage(key, "2026-11", pkg, 1, "", RequestId(5)).await.unwrap(), 1, "another payer, same id");
+    let video = BucketKey { tenant: "acme", bucket: "video", local: 0 };
+    store.add_usage(video, "2026-11", pay, 90_000, "1080p", RequestId(6)).await.unwrap();
+    store.add_usage(video, "2026-11", UsageTo::Unpaid, 30_000, "", RequestId(6)).await.unwrap();
+    let mut face = MonthUsage { feature: "face".into(), ..MonthUsage::default() };
+    face.units[PayerKind::Payg as usize] = 5;
+    face.units[PayerKind::SinglePackage as usize] = 1;
+    face.payg.insert(String::new(), 5);
+    let mut vid = MonthUsage { feature: "video".into(), unpaid: 30_000, ..MonthUsage::default() };
+    vid.units[PayerKind::Payg as usize] = 90_000;
+    vid.payg.insert("1080p".into(), 90_000);
+    assert_eq!(store.month(t, "2026-11").await.unwrap(), vec![face, vid]);
+
+    assert!(store.reserve_image_slot(t, 1, RequestId(7)).await.unwrap());
+    assert!(!store.reserve_image_slot(t, 1, RequestId(8)).await.unwrap());
+    assert_eq!(store.settle_images(t, ImageOp::Add, RequestId(7), None).await.unwrap(), 1);
+    assert_eq!(store.settle_images(t, ImageOp::Delete, RequestId(9), Some(4)).await.unwrap(), 4, "the report wins");
+    assert_eq!(store.image_count(t).await.unwrap(), 4);
+
+    let later = Override { qps: 9, from: 20, until: None };
+    let sooner = Override { qps: 7, from: 10, until: Some(30) };
+    store.put_override("acme", "face", later.clone()).await.unwrap();
+    store.put_override("acme", "face", sooner.clone()).await.unwrap();
+    store.put_override("acme", "face", later.clone()).await.unwrap();
+    assert_eq!(
+        store.overrides().await.unwrap(),
+        vec![("acme".to_string(), "face".to_string(), sooner), ("acme".to_string(), "face".to_string(), later)]
+    );
+}
+
+/// The admission script: a throttled call holds nothing; an admitted one holds on the first
+/// candidate that pays the whole factor; with no candidate the token goes back (a 402 follows).
+async fn one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back(store: RedisStore) {
+    let cands = [("p", 3_000_000i64)];
+    let hold = |id: u128, undo: bool| HoldReq {
+        candidates: &cands,
+        want: 2_000_000,
+        id,
+        lease: Duration::from_secs(30),
+        undo_if_none: undo,
+    };
+    let bucket = Some(("face", 2u32, 2u32));
+    let a = store.admit_and_hold("acme", bucket, Some(hold(1, true))).await.unwrap();
+    assert_eq!(a, Admission { admit: Ok((1, 1)), hold: Some(0) });
+    // No candidate can hold 2 more points: admitted, no hold, and the token is given back.
+    let b = store.admit_and_hold("acme", bucket, Some(hold(2, true))).await.unwrap();
+    assert_eq!(b, Admission { admit: Ok((0, 1)), hold: None });
+    // So one token is still there; without `undo_if_none` the token stays taken.
+    let c = store.admit_and_hold("acme", bucket, Some(hold(3, false))).await.unwrap();
+    assert_eq!(c.hold, None);
+    assert!(c.admit.is_ok(), "the given-back token");
+    let d = store.admit_and_hold("acme", bucket, Some(hold(4, true))).await.unwrap();
+    assert!(d.admit.is_err(), "throttled");
+    assert_eq!(d.hold, None, "a throttled call holds nothing");
+    assert_eq!(store.package_held("acme", "p").await.unwrap(), 2_000_000, "only the first call's hold");
+    // A new bucket (the tenant's first call of a feature) given back is a full one again.
+    let e = store.admit_and_hold("acme", Some(("seg", 1, 1)), Some(hold(5, true))).await.unwrap();
+    assert_eq!(e.hold, None);
+    assert!(store.admit_and_hold("acme", Some(("seg", 1, 1)), None).await.unwrap().admit.is_ok());
 }
