@@ -802,6 +802,27 @@ impl RedisStore {
     }
 }
 
+/// For `turnstile check` (SPEC §11.5): each listed node's `appendonly` and `appendfsync`,
+/// asked directly (one connection per URL, each bounded by `timeout`).
+pub async fn aof_policies(urls: &[String], timeout: Duration) -> Vec<(String, Result<(String, String), StoreError>)> {
+    let mut out = Vec::with_capacity(urls.len());
+    for url in urls {
+        let r = async {
+            let op = "sync";
+            let client = redis::Client::open(url.as_str()).map_err(|e| redis_err(op, e))?;
+            let mut conn = bounded(op, timeout, client.get_multiplexed_async_connection()).await?;
+            let v: Vec<String> =
+                bounded(op, timeout, redis::cmd("CONFIG").arg("GET").arg("append*").query_async(&mut conn)).await?;
+            let get =
+                |name: &str| v.chunks(2).find(|kv| kv[0] == name).and_then(|kv| kv.get(1)).cloned().unwrap_or_default();
+            Ok((get("appendonly"), get("appendfsync")))
+        }
+        .await;
+        out.push((url.clone(), r));
+    }
+    out
+}
+
 async fn bounded<T>(
     op: &'static str,
     timeout: Duration,
