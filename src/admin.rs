@@ -241,12 +241,12 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
     let catalog = &snap.catalog;
     let mut total = Decimal::ZERO;
     let mut features = serde_json::Map::new();
-    for u in gw.billing.usage(tenant, &month) {
+    for u in gw.billing.usage(&snap, tenant, &month) {
         let (feature, units, payg) = (u.feature, u.units, u.payg);
         let units_json: serde_json::Map<_, _> =
             PAYERS.iter().zip(units.iter()).map(|(p, u)| (p.to_string(), json!(plain_string(*u)))).collect();
         let payg_units: Decimal = payg.values().copied().sum();
-        let payg_json = match catalog.feature(feature) {
+        let payg_json = match catalog.feature(&feature) {
             None => json!({"amount": null, "note": "feature no longer in the catalog"}),
             Some(f) if f.unit == Unit::VideoMinute => {
                 // Priced cells sum into the amount; minutes without a price (outside the matrix,

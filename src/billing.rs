@@ -1,145 +1,36 @@
-//! Who pays (SPEC §6): payer selection and reservation at admission, settlement on a 2xx,
-//! release otherwise; pay-as-you-go tiers per tenant, feature and month; low-balance alerts;
-//! and the group-committing writer that keeps the [`LedgerStore`] up to date.
-//!
-//! Live state (package consumption, monthly units) is in memory, one small mutex per package and
-//! per (tenant, feature, month): only requests of the same tenant ever wait on one. A change marks
-//! its record dirty; the writer thread commits all dirty records in one transaction every
-//! `flush_interval` (batched) or as soon as any are dirty (strict, where the request waits for it,
-//! at most `strict_timeout`: past it the settlement's deltas are reverted and the call is refused).
-//! A failed commit keeps everything in memory and is retried (SPEC §7).
+//! Who pays, as orchestration (SPEC §6): at admission the payer is chosen ([`crate::payer`])
+//! and a package's share is held in the store; on a 2xx the hold is committed and the units
+//! added to the month; otherwise the hold is given back (the [`Reservation`] guard's drop).
+//! Low-balance alerts, package and image gauges, and the charge metrics live here; the state
+//! itself lives in the store ([`crate::store::local::LocalStore`]), in integer units, changed by
+//! deltas that are idempotent on the request id.
 
-use std::collections::{BTreeMap, HashSet};
-use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use http::HeaderValue;
-use prometheus::Gauge;
+use prometheus::{Gauge, IntGauge};
 use rust_decimal::Decimal;
 use rustc_hash::FxBuildHasher;
-use tokio::sync::watch;
 
-use crate::catalog::{Feature, Method, Unit};
-use crate::config::entitlements::{Package, PackageTarget, Tenant};
+use crate::catalog::Unit;
+use crate::config::entitlements::{Package, Tenant};
 use crate::config::gateway::Durability;
 use crate::config::Dec;
-use crate::ledger::{self, LedgerError, LedgerStore, MonthRecord, PackageRecord, Record, UNPRICED};
+use crate::ledger::{LedgerError, LedgerStore};
 use crate::metrics::Metrics;
 use crate::pricing;
 use crate::snapshot::Snapshot;
+use crate::store::local::LocalStore;
+use crate::store::{BucketKey, Candidate, RequestId, RequestIds, StoreError, TenantKey, UsageTo, CALL_CELL, UNPRICED};
+use crate::units;
 
 pub use crate::payer::PayerKind;
+pub use crate::store::local::Unflushed;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-struct PkgInner {
-    consumed: Decimal,
-    reserved: Decimal,
-    alerted: bool,
-    dirty: bool,
-}
-
-/// Live state of one package: what was consumed (durable) and what is reserved by calls in flight.
-pub struct PackageState {
-    tenant: &'static str,
-    id: &'static str,
-    key: u64,
-    inner: Mutex<PkgInner>,
-    gauge: OnceLock<Gauge>,
-    header_single: OnceLock<HeaderValue>,
-    header_general: OnceLock<HeaderValue>,
-}
-
-impl PackageState {
-    fn header(&self, kind: PayerKind) -> HeaderValue {
-        let (cell, prefix) = match kind {
-            PayerKind::SinglePackage => (&self.header_single, "single_package"),
-            _ => (&self.header_general, "general_package"),
-        };
-        cell.get_or_init(|| {
-            HeaderValue::try_from(format!("{prefix}:{}", self.id)).unwrap_or(HeaderValue::from_static("package"))
-        })
-        .clone()
-    }
-
-    pub fn consumed(&self) -> Decimal {
-        lock(&self.inner).consumed
-    }
-
-    pub fn alerted(&self) -> bool {
-        lock(&self.inner).alerted
-    }
-}
-
-struct MonthInner {
-    units: [Decimal; 5],
-    payg: BTreeMap<String, Decimal>,
-    /// Video minutes nothing could pay for (SPEC §6: never silently free).
-    unpaid: Decimal,
-    dirty: bool,
-}
-
-/// Units of one (tenant, feature, month), by payer, and pay-as-you-go units by price cell.
-pub struct MonthState {
-    tenant: &'static str,
-    feature: &'static str,
-    month: String,
-    inner: Mutex<MonthInner>,
-}
-
-struct ImageInner {
-    count: u64,
-    /// Adds in flight: each holds a slot until the upstream answers.
-    reserved: u64,
-    dirty: bool,
-}
-
-/// The image count of a tenant's Image Search instance.
-pub struct ImageState {
-    tenant: &'static str,
-    key: u32,
-    inner: Mutex<ImageInner>,
-    gauge: OnceLock<prometheus::IntGauge>,
-}
-
-impl ImageState {
-    pub fn count(&self) -> u64 {
-        lock(&self.inner).count
-    }
-}
-
-/// A capacity slot held by an image-search add in flight; given back when dropped unsettled.
-pub struct ImageSlot(Option<Arc<ImageState>>);
-
-impl Drop for ImageSlot {
-    fn drop(&mut self) {
-        if let Some(st) = self.0.take() {
-            let mut g = lock(&st.inner);
-            g.reserved = g.reserved.saturating_sub(1);
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum DirtyKey {
-    Package(u64),
-    Month(u64, u32),
-    Image(u32),
-}
-
-enum Msg {
-    Dirty(DirtyKey),
-    /// Commit everything now and answer when it is on disk.
-    Flush(mpsc::Sender<()>),
-    /// Commit what is dirty once more, then stop the writer ([`Billing::close`]).
-    Stop,
-}
+/// How long a hold lives before the sweep gives it back (local: only a leaked guard).
+const HOLD_LEASE: Duration = Duration::from_secs(60);
 
 /// A low-balance alert, as logged and POSTed to the webhook.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -152,60 +43,80 @@ pub struct Alert {
     pub at: String,
 }
 
-/// A payer chosen at admission. A reserved package share is given back when this is dropped
+fn tenant_key(t: &Tenant) -> TenantKey<'static> {
+    TenantKey { name: t.label, local: t.intern }
+}
+
+fn candidate(t: &Tenant, p: &Package) -> Candidate<'static> {
+    Candidate { id: p.label, points: p.points_micro, local: crate::intern::pair(t.intern, p.intern) }
+}
+
+/// A payer chosen at admission. A held package share is given back when this is dropped
 /// without [`Billing::settle_call`] (upstream error, non-2xx, client gone).
 pub struct Reservation {
     pub payer: PayerKind,
-    /// The package and the share reserved from it; for a deferred video call the share is zero
-    /// (minutes are known only from the response) and the package only names the payer.
-    package: Option<(Arc<PackageState>, Decimal)>,
+    header: HeaderValue,
+    /// The request's id: the key of its hold and of every delta it settles.
+    id: RequestId,
+    /// The package named as payer (for a per-call feature: holding `factor` micro-points).
+    package: Option<(TenantKey<'static>, Candidate<'static>)>,
+    /// Set while a hold exists: dropping the reservation releases it.
+    held: Option<Arc<LocalStore>>,
     /// Video features: the payer is decided from the usage the upstream reports.
     pub deferred: bool,
 }
 
 impl Reservation {
     pub fn header(&self) -> HeaderValue {
-        match (&self.package, self.payer) {
-            (Some((p, _)), kind) => p.header(kind),
-            (None, kind) => HeaderValue::from_static(kind.as_str()),
-        }
+        self.header.clone()
+    }
+
+    pub fn id(&self) -> RequestId {
+        self.id
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some((state, factor)) = self.package.take() {
-            if !factor.is_zero() {
-                lock(&state.inner).reserved -= factor;
-            }
+        if let Some(store) = self.held.take() {
+            store.release_now(self.id);
         }
     }
 }
 
-/// What a settlement did: who paid first (for `x-turnstile-payer`), the commit sequence to
-/// wait for in strict mode, and (strict mode only) the charge itself, as deltas, so that
-/// [`Billing::durable`] can revert it exactly when it cannot be made durable in time.
-pub struct Settled {
-    pub payer: HeaderValue,
-    pub seq: u64,
-    pending: Option<Box<Charge>>,
+/// A capacity slot held by an image-search add in flight; given back when dropped unsettled.
+pub struct ImageSlot {
+    id: RequestId,
+    store: Option<Arc<LocalStore>>,
 }
 
-/// The deltas one settlement applied to memory.
+impl Drop for ImageSlot {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.release_image_slot_now(self.id);
+        }
+    }
+}
+
+/// The metrics of one settlement (counted at once in batched mode, once durable in strict).
 struct Charge {
     pair: u64,
     tenant: &'static str,
     feature: &'static str,
-    month: Arc<MonthState>,
-    month_key: (u64, u32),
     units: [Decimal; 5],
-    /// Pay-as-you-go units by price cell key, and their exact amount when priced.
-    payg: Option<(String, Decimal)>,
     payg_amount: Option<Decimal>,
     unpaid: Decimal,
-    /// (package, points taken, the package's points) for each package that paid.
-    packages: Vec<(Arc<PackageState>, Decimal, Decimal)>,
     currency: String,
+    /// Packages that paid: their gauges are set again after a revert.
+    packages: Vec<(TenantKey<'static>, Candidate<'static>)>,
+}
+
+/// What a settlement did: who paid first (for `x-turnstile-payer`), the request id whose deltas
+/// [`Billing::durable`] waits for in strict mode, and (strict only) the charge's metrics.
+pub struct Settled {
+    pub payer: HeaderValue,
+    id: RequestId,
+    pending: Option<Box<Charge>>,
 }
 
 /// A strict-mode charge that was not on disk within `[ledger].strict_timeout_ms`; it was
@@ -216,22 +127,15 @@ pub struct NotDurable {
     pub timeout_ms: u64,
 }
 
-/// [`Billing::close`] could not commit everything: `records` ledger records stay unwritten.
-#[derive(Debug, thiserror::Error)]
-#[error("{records} ledger record(s) could not be flushed to {ledger}")]
-pub struct Unflushed {
-    pub records: usize,
-    pub ledger: String,
-}
-
-/// The usage of one (tenant, feature, month), as the usage report (SPEC §9) shows it.
+/// The usage of one (tenant, feature, month), as the usage report (SPEC §9) shows it: calls,
+/// or minutes (exact decimals of the ms kept) for video features.
 #[derive(Debug, Clone)]
 pub struct MonthUsage {
-    pub feature: &'static str,
-    /// Units per payer, indexed like [`ledger::PAYERS`].
+    pub feature: String,
+    /// Units per payer, indexed like [`crate::payer::PAYERS`].
     pub units: [Decimal; 5],
     /// Pay-as-you-go units per price cell.
-    pub payg: BTreeMap<String, Decimal>,
+    pub payg: std::collections::BTreeMap<String, Decimal>,
     /// Units nothing could pay for.
     pub unpaid: Decimal,
 }
@@ -244,56 +148,58 @@ pub struct VideoUsage {
     pub lines: u32,
 }
 
+/// A package's live balance, as the admin views show it.
+pub struct PackageView {
+    consumed: Decimal,
+    alerted: bool,
+}
+
+impl PackageView {
+    pub fn consumed(&self) -> Decimal {
+        self.consumed
+    }
+    pub fn alerted(&self) -> bool {
+        self.alerted
+    }
+}
+
+/// A tenant's Image Search count, as the admin views show it.
+pub struct ImageView(u64);
+
+impl ImageView {
+    pub fn count(&self) -> u64 {
+        self.0
+    }
+}
+
 pub struct Billing {
-    packages: DashMap<u64, Arc<PackageState>, FxBuildHasher>,
-    months: DashMap<(u64, u32), Arc<MonthState>, FxBuildHasher>,
-    images: DashMap<u32, Arc<ImageState>, FxBuildHasher>,
-    /// `std::sync::mpsc::Sender` is `Sync`: settlements send without any shared lock.
-    tx: mpsc::Sender<Msg>,
-    seq: AtomicU64,
-    durable: watch::Sender<u64>,
-    strict: bool,
-    strict_timeout: Duration,
-    /// False while ledger commits fail (SPEC §7: `/readyz` answers 503 meanwhile).
-    healthy: AtomicBool,
+    store: Arc<LocalStore>,
+    ids: RequestIds,
     metrics: Arc<Metrics>,
     alerts: tokio::sync::mpsc::UnboundedSender<Alert>,
-    ledger_name: String,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    closed: AtomicBool,
+    gauges: DashMap<u64, Gauge, FxBuildHasher>,
+    image_gauges: DashMap<u32, IntGauge, FxBuildHasher>,
+    /// `single_package:<id>` / `general_package:<id>` per (tenant, package), made once.
+    headers: DashMap<(u64, bool), HeaderValue, FxBuildHasher>,
 }
 
-/// The entry for `key`, created by `make` on first use; the common case takes a read lock only.
-fn get_or_insert<K: std::hash::Hash + Eq, V>(
-    map: &DashMap<K, Arc<V>, FxBuildHasher>,
-    key: K,
-    make: impl FnOnce() -> V,
-) -> Arc<V> {
-    if let Some(v) = map.get(&key) {
-        return v.clone();
-    }
-    map.entry(key).or_insert_with(|| Arc::new(make())).clone()
-}
-
-fn month_index(unix_nanos: i64, offset: chrono::FixedOffset) -> u32 {
+/// `YYYY-MM` of `unix_nanos` in `offset`, on the stack (settlements format it per call).
+fn month_of(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
     use chrono::{Datelike, TimeZone};
     let t = offset.timestamp_nanos(unix_nanos);
-    (t.year().max(0) as u32) * 12 + t.month0()
-}
-
-fn month_index_of(s: &str) -> Option<u32> {
-    let (y, m) = s.split_once('-')?;
-    let (y, m): (u32, u32) = (y.parse().ok()?, m.parse().ok()?);
-    (1..=12).contains(&m).then_some(y * 12 + m - 1)
+    let (y, m) = (t.year().clamp(0, 9999) as u32, t.month());
+    let d = |n: u32| b'0' + (n % 10) as u8;
+    [d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)]
 }
 
 fn to_f64(d: Decimal) -> f64 {
+    use std::str::FromStr;
     f64::from_str(&d.to_string()).unwrap_or(0.0)
 }
 
 impl Billing {
-    /// Loads the ledger and starts the writer thread. Returns the alert receiver for the
-    /// webhook sender.
+    /// Loads the ledger (with the system clock, no legacy video records) and starts the writer
+    /// thread. Returns the alert receiver for the webhook sender.
     pub fn open(
         store: Box<dyn LedgerStore>,
         durability: Durability,
@@ -301,135 +207,76 @@ impl Billing {
         strict_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
-        let records = store.load()?;
-        let (tx, rx) = mpsc::channel();
+        let clock = crate::clock::SystemClock::shared();
+        Self::open_with(store, durability, flush_interval, strict_timeout, metrics, clock, &|_| false)
+    }
+
+    /// [`Billing::open`] with the gateway's clock and which features count video (ledger
+    /// records written before integer units kept decimal minutes for them).
+    pub fn open_with(
+        store: Box<dyn LedgerStore>,
+        durability: Durability,
+        flush_interval: Duration,
+        strict_timeout: Duration,
+        metrics: Arc<Metrics>,
+        clock: crate::clock::SharedClock,
+        video: &dyn Fn(&str) -> bool,
+    ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
+        let store = LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock, video)?;
         let (alerts, alert_rx) = tokio::sync::mpsc::unbounded_channel();
         let billing = Arc::new(Billing {
-            packages: DashMap::with_hasher(FxBuildHasher),
-            months: DashMap::with_hasher(FxBuildHasher),
-            images: DashMap::with_hasher(FxBuildHasher),
-            tx,
-            seq: AtomicU64::new(0),
-            durable: watch::Sender::new(0),
-            strict: durability == Durability::Strict,
-            strict_timeout,
-            healthy: AtomicBool::new(true),
+            store,
+            ids: RequestIds::new(),
             metrics,
             alerts,
-            ledger_name: store.describe(),
-            writer: Mutex::new(None),
-            closed: AtomicBool::new(false),
+            gauges: DashMap::with_hasher(FxBuildHasher),
+            image_gauges: DashMap::with_hasher(FxBuildHasher),
+            headers: DashMap::with_hasher(FxBuildHasher),
         });
-        for r in records {
-            match r {
-                Record::Package(p) => {
-                    let (t, tl) = crate::intern::tenant(&p.tenant);
-                    let (id, idl) = crate::intern::package(&p.id);
-                    let st = billing.package_state(crate::intern::pair(t, id), tl, idl);
-                    let mut g = lock(&st.inner);
-                    g.consumed = p.consumed.0;
-                    g.alerted = p.alerted;
-                }
-                Record::Month(m) => {
-                    let Some(mi) = month_index_of(&m.month) else { continue };
-                    let (t, tl) = crate::intern::tenant(&m.tenant);
-                    let (f, fl) = crate::intern::feature(&m.feature);
-                    let st = billing.month_state(crate::intern::pair(t, f), mi, tl, fl, || m.month.clone());
-                    let mut g = lock(&st.inner);
-                    for (i, u) in m.units.iter().enumerate() {
-                        g.units[i] = u.0;
-                    }
-                    g.payg = m.payg.into_iter().map(|(k, v)| (k, v.0)).collect();
-                    g.unpaid = m.unpaid.0;
-                }
-                Record::ImageCount(i) => {
-                    let (t, tl) = crate::intern::tenant(&i.tenant);
-                    lock(&billing.image_state(t, tl).inner).count = i.count;
-                }
-            }
-        }
-        let weak = Arc::downgrade(&billing);
-        let handle = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || writer(weak, store, rx, flush_interval))
-            .map_err(|e| LedgerError::Write { path: "ledger-writer".into(), reason: e.to_string() })?;
-        *lock(&billing.writer) = Some(handle);
         Ok((billing, alert_rx))
     }
 
-    fn send(&self, msg: Msg) {
-        // Fails only after close(): the change then stays in memory (and counts as unflushed).
-        let _ = self.tx.send(msg);
+    /// The store behind it (the local backend).
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
     }
 
     /// False while ledger commits fail; true again once one succeeds.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.store.healthy()
     }
 
-    fn package_state(&self, key: u64, tenant: &'static str, id: &'static str) -> Arc<PackageState> {
-        get_or_insert(&self.packages, key, || PackageState {
-            tenant,
-            id,
-            key,
-            inner: Mutex::new(PkgInner {
-                consumed: Decimal::ZERO,
-                reserved: Decimal::ZERO,
-                alerted: false,
-                dirty: false,
-            }),
-            gauge: OnceLock::new(),
-            header_single: OnceLock::new(),
-            header_general: OnceLock::new(),
-        })
+    fn header(&self, tenant: &Tenant, p: &Package, kind: PayerKind) -> HeaderValue {
+        let general = kind == PayerKind::GeneralPackage;
+        let key = (crate::intern::pair(tenant.intern, p.intern), general);
+        if let Some(h) = self.headers.get(&key) {
+            return h.clone();
+        }
+        let prefix = if general { "general_package" } else { "single_package" };
+        let h = HeaderValue::try_from(format!("{prefix}:{}", p.label)).unwrap_or(HeaderValue::from_static("package"));
+        self.headers.entry(key).or_insert(h).clone()
     }
 
-    /// The state of (pair, month); `name` (`YYYY-MM`) is only formatted when it is created.
-    fn month_state(
-        &self,
-        pair: u64,
-        month: u32,
-        tenant: &'static str,
-        feature: &'static str,
-        name: impl FnOnce() -> String,
-    ) -> Arc<MonthState> {
-        get_or_insert(&self.months, (pair, month), || MonthState {
-            tenant,
-            feature,
-            month: name(),
-            inner: Mutex::new(MonthInner {
-                units: [Decimal::ZERO; 5],
-                payg: BTreeMap::new(),
-                unpaid: Decimal::ZERO,
-                dirty: false,
-            }),
-        })
-    }
-
-    fn image_state(&self, key: u32, tenant: &'static str) -> Arc<ImageState> {
-        get_or_insert(&self.images, key, || ImageState {
-            tenant,
-            key,
-            inner: Mutex::new(ImageInner { count: 0, reserved: 0, dirty: false }),
-            gauge: OnceLock::new(),
-        })
+    fn set_gauge(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64) {
+        let remaining = units::from_micro((c.points - consumed).max(0));
+        let g = match self.gauges.get(&c.local) {
+            Some(g) => g.clone(),
+            None => self.gauges.entry(c.local).or_insert_with(|| self.metrics.package_gauge(t.name, c.id)).clone(),
+        };
+        g.set(to_f64(remaining));
     }
 
     /// The image count of a tenant's instance (as kept in the ledger).
-    pub fn images(&self, tenant: &Tenant) -> Arc<ImageState> {
-        self.image_state(tenant.intern, tenant.label)
+    pub fn images(&self, tenant: &Tenant) -> ImageView {
+        ImageView(self.store.image_count_now(tenant_key(tenant)))
     }
 
     /// Reserves one image slot for an add; `None` when the instance is at capacity (409).
     pub fn reserve_image_add(&self, tenant: &Tenant, capacity: u64) -> Option<ImageSlot> {
-        let st = self.images(tenant);
-        let mut g = lock(&st.inner);
-        if g.count + g.reserved >= capacity {
-            return None;
-        }
-        g.reserved += 1;
-        drop(g);
-        Some(ImageSlot(Some(st)))
+        let id = self.ids.next();
+        self.store
+            .reserve_image_slot_now(tenant_key(tenant), capacity, id)
+            .then(|| ImageSlot { id, store: Some(self.store.clone()) })
     }
 
     /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
@@ -441,170 +288,122 @@ impl Billing {
         slot: Option<ImageSlot>,
         reported: Option<u64>,
     ) {
-        use crate::config::gateway::ImageOp;
-        // Taking the state out of the slot turns the reservation into an image (no give-back).
-        let held = slot.and_then(|mut s| s.0.take());
-        let st = held.clone().unwrap_or_else(|| self.images(tenant));
-        let count = {
-            let mut g = lock(&st.inner);
-            let before = g.count;
-            match op {
-                ImageOp::Add if held.is_some() => {
-                    g.reserved = g.reserved.saturating_sub(1);
-                    g.count += 1;
-                }
-                ImageOp::Delete => g.count = g.count.saturating_sub(1),
-                _ => {}
+        // Taking the store out of the slot turns the hold into an image (no give-back).
+        let id = match slot {
+            Some(mut s) => {
+                s.store = None;
+                s.id
             }
-            if let Some(n) = reported {
-                g.count = n;
-            }
-            if g.count != before {
-                self.mark(&mut g.dirty, DirtyKey::Image(st.key));
-            }
-            g.count
+            None => self.ids.next(),
         };
-        st.gauge.get_or_init(|| self.metrics.image_gauge(st.tenant)).set(i64::try_from(count).unwrap_or(i64::MAX));
+        let count = self.store.settle_images_now(tenant_key(tenant), op, id, reported);
+        let g = match self.image_gauges.get(&tenant.intern) {
+            Some(g) => g.clone(),
+            None => {
+                self.image_gauges.entry(tenant.intern).or_insert_with(|| self.metrics.image_gauge(tenant.label)).clone()
+            }
+        };
+        g.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// The live state of a tenant's package (created empty if never used).
-    pub fn package(&self, tenant: &Tenant, p: &Package) -> Arc<PackageState> {
-        self.package_state(crate::intern::pair(tenant.intern, p.intern), tenant.label, p.label)
+    /// The live balance of a tenant's package.
+    pub fn package(&self, tenant: &Tenant, p: &Package) -> PackageView {
+        let (t, c) = (tenant_key(tenant), candidate(tenant, p));
+        PackageView {
+            consumed: units::from_micro(self.store.consumed_now(t, c)),
+            alerted: self.store.alerted_now(t, c),
+        }
     }
 
     /// Sets a package's `turnstile_package_remaining_points` from its points and what the ledger
     /// says it consumed (SPEC §10: the series exists from the moment the package is loaded).
     pub fn refresh_package_gauge(&self, tenant: &Tenant, p: &Package) {
-        let st = self.package(tenant, p);
-        let remaining = (p.points - st.consumed()).max(Decimal::ZERO);
-        st.gauge.get_or_init(|| self.metrics.package_gauge(st.tenant, st.id)).set(to_f64(remaining));
-    }
-
-    /// Whether a package can pay for the feature at `now` (SPEC §6.2), ignoring its balance.
-    fn applies(snap: &Snapshot, f: &Feature, feature_idx: usize, p: &Package, now: i64) -> Option<PayerKind> {
-        if !(p.effective_at <= now && now < p.expires_at) {
-            return None;
-        }
-        match p.target {
-            PackageTarget::Feature(i) if i == feature_idx => Some(PayerKind::SinglePackage),
-            PackageTarget::Scope(g) if f.billing.has(Method::GeneralPackage) && snap.catalog.general_covers(g, f) => {
-                Some(PayerKind::GeneralPackage)
-            }
-            _ => None,
-        }
+        let (t, c) = (tenant_key(tenant), candidate(tenant, p));
+        self.set_gauge(t, c, self.store.consumed_now(t, c));
     }
 
     /// Chooses and reserves the payer of one call at admission; `None` means 402.
     pub fn reserve(&self, snap: &Snapshot, tenant: &Tenant, feature_idx: usize, now: i64) -> Option<Reservation> {
         let f = &snap.catalog.features[feature_idx];
-        if feature_idx == snap.catalog.image_search_feature || tenant.active_plan(feature_idx, now).is_some() {
-            // Image search instances are prepaid subscriptions.
-            return Some(Reservation { payer: PayerKind::PrepaidQps, package: None, deferred: false });
-        }
+        let id = self.ids.next();
         let video = f.unit == Unit::VideoMinute;
-        for p in &tenant.packages {
-            let Some(kind) = Self::applies(snap, f, feature_idx, p, now) else { continue };
-            let state = self.package(tenant, p);
-            let mut g = lock(&state.inner);
-            let available = p.points - g.consumed - g.reserved;
+        let plain = |payer: PayerKind, deferred| Reservation {
+            payer,
+            header: HeaderValue::from_static(payer.as_str()),
+            id,
+            package: None,
+            held: None,
+            deferred,
+        };
+        if crate::payer::prepaid(&snap.catalog, tenant, feature_idx, now) {
+            // Image search instances are prepaid subscriptions.
+            return Some(plain(PayerKind::PrepaidQps, false));
+        }
+        let t = tenant_key(tenant);
+        for (p, kind) in crate::payer::candidates(&snap.catalog, tenant, feature_idx, now) {
+            let c = candidate(tenant, p);
             if video {
-                if available > Decimal::ZERO {
-                    drop(g);
-                    // Nothing is reserved (the minutes are not known yet); the package names
-                    // the payer, also on a failed call.
-                    return Some(Reservation { payer: kind, package: Some((state, Decimal::ZERO)), deferred: true });
+                // Nothing is held (the minutes are not known yet); the first package with a
+                // balance names the payer, also on a failed call.
+                if c.points - self.store.consumed_now(t, c) > 0 {
+                    let header = self.header(tenant, p, kind);
+                    return Some(Reservation {
+                        payer: kind,
+                        header,
+                        id,
+                        package: Some((t, c)),
+                        held: None,
+                        deferred: true,
+                    });
                 }
-            } else if available >= f.points_per_unit {
-                g.reserved += f.points_per_unit;
-                drop(g);
-                return Some(Reservation { payer: kind, package: Some((state, f.points_per_unit)), deferred: false });
+                continue;
+            }
+            // One candidate at a time keeps the hot path free of a candidate list allocation;
+            // the store applies the whole-factor rule.
+            if self.store.reserve_now(t, std::slice::from_ref(&c), f.factor_micro, id, HOLD_LEASE).is_some() {
+                let header = self.header(tenant, p, kind);
+                return Some(Reservation {
+                    payer: kind,
+                    header,
+                    id,
+                    package: Some((t, c)),
+                    held: Some(self.store.clone()),
+                    deferred: false,
+                });
             }
         }
-        let fallback = if f.billing.has(Method::Payg) {
-            PayerKind::Payg
-        } else if f.billing.has(Method::PrepaidQps) {
-            PayerKind::FreeDefault
-        } else {
-            return None;
-        };
-        Some(Reservation { payer: fallback, package: None, deferred: video })
+        Some(plain(crate::payer::call_fallback(f)?, video))
     }
 
-    /// Flags a record as changed and, the first time since its last commit, queues it for the
-    /// writer. Called with the record's lock held, like every change to it.
-    fn mark(&self, dirty: &mut bool, key: DirtyKey) {
-        if !*dirty {
-            *dirty = true;
-            self.send(Msg::Dirty(key));
-        }
-    }
-
-    /// Consumes from a package in one step under its lock: the share a call reserved
-    /// (`reserved` > 0), or else up to `up_to` points of what the package still holds beyond
-    /// the shares reserved by calls in flight (video). Fires the low-balance alert the first
-    /// time the balance falls to the ratio. Returns the points consumed.
-    fn consume(
-        &self,
-        state: &PackageState,
-        p: Option<&Package>,
-        reserved: Decimal,
-        up_to: Decimal,
-        ratio: Decimal,
-        now: i64,
-    ) -> Decimal {
-        let mut g = lock(&state.inner);
-        let points = if reserved > Decimal::ZERO {
-            g.reserved -= reserved;
-            reserved
-        } else {
-            let available = p.map_or(Decimal::ZERO, |p| p.points - g.consumed - g.reserved);
-            available.max(Decimal::ZERO).min(up_to)
-        };
-        if points <= Decimal::ZERO {
-            return Decimal::ZERO;
-        }
-        g.consumed += points;
-        self.mark(&mut g.dirty, DirtyKey::Package(state.key));
-        // The package left the configuration while the call was in flight: still charged.
-        let Some(p) = p else { return points };
-        let remaining = (p.points - g.consumed).max(Decimal::ZERO);
-        let fire = !g.alerted && remaining <= p.points * ratio;
-        if fire {
-            g.alerted = true;
-        }
-        drop(g);
-        state.gauge.get_or_init(|| self.metrics.package_gauge(state.tenant, state.id)).set(to_f64(remaining));
-        if fire {
-            tracing::warn!(tenant = state.tenant, package = state.id, points = %p.points, %remaining, "package balance low");
-            self.metrics.low_balance_alert(state.tenant, state.id);
+    /// After a package paid: sets its gauge and fires the low-balance alert the first time the
+    /// balance falls to the ratio (once: the store remembers it).
+    fn paid(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
+        self.set_gauge(t, c, consumed);
+        let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
+        if remaining <= points * ratio && self.store.mark_alerted_now(t, c) {
+            tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
+            self.metrics.low_balance_alert(t.name, c.id);
             let _ = self.alerts.send(Alert {
-                tenant: state.tenant.to_string(),
-                package: state.id.to_string(),
-                points: Dec(p.points),
+                tenant: t.name.to_string(),
+                package: c.id.to_string(),
+                points: Dec(points),
                 remaining: Dec(remaining),
                 ratio: Dec(ratio),
                 at: crate::time::format_utc(now),
             });
         }
-        points
-    }
-
-    fn find_package<'a>(tenant: &'a Tenant, state: &PackageState) -> Option<&'a Package> {
-        tenant.packages.iter().find(|p| p.label == state.id)
     }
 
     /// Batched mode: the charge counts in the metrics at once. Strict mode: it is kept (boxed)
     /// in the [`Settled`] and counts once [`Billing::durable`] saw it on disk.
-    fn finish(&self, payer: HeaderValue, charge: Charge) -> Settled {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.strict {
-            return Settled { payer, seq, pending: Some(Box::new(charge)) };
+    fn finish(&self, payer: HeaderValue, id: RequestId, charge: Charge) -> Settled {
+        if self.store.is_strict() {
+            return Settled { payer, id, pending: Some(Box::new(charge)) };
         }
         self.count(&charge);
-        Settled { payer, seq, pending: None }
+        Settled { payer, id, pending: None }
     }
 
-    /// The metrics of a charge.
     fn count(&self, c: &Charge) {
         for (i, u) in c.units.iter().enumerate() {
             if !u.is_zero() {
@@ -619,36 +418,6 @@ impl Billing {
         }
     }
 
-    /// Takes a charge back out of memory, exactly (deltas, so later settlements are kept); the
-    /// records are marked dirty, so the reverted state is what the writer commits next. A
-    /// low-balance alert already fired stays fired.
-    fn revert(&self, c: &Charge) {
-        {
-            let mut g = lock(&c.month.inner);
-            for (u, d) in g.units.iter_mut().zip(c.units.iter()) {
-                *u -= *d;
-            }
-            g.unpaid -= c.unpaid;
-            if let Some((cell, units)) = &c.payg {
-                if let Some(v) = g.payg.get_mut(cell) {
-                    *v -= *units;
-                    if v.is_zero() {
-                        g.payg.remove(cell);
-                    }
-                }
-            }
-            self.mark(&mut g.dirty, DirtyKey::Month(c.month_key.0, c.month_key.1));
-        }
-        for (state, taken, points) in &c.packages {
-            let mut g = lock(&state.inner);
-            g.consumed -= *taken;
-            let remaining = (*points - g.consumed).max(Decimal::ZERO);
-            self.mark(&mut g.dirty, DirtyKey::Package(state.key));
-            drop(g);
-            state.gauge.get_or_init(|| self.metrics.package_gauge(state.tenant, state.id)).set(to_f64(remaining));
-        }
-    }
-
     /// Settles a per-call feature after the upstream answered 2xx.
     pub fn settle_call(
         &self,
@@ -660,131 +429,137 @@ impl Billing {
     ) -> Settled {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
-        let payer = r.header();
-        let mi = month_index(now, snap.settings.timezone);
-        let month = self.month_state(pair, mi, tenant.label, f.label, || ledger::month_of(now, snap.settings.timezone));
+        let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
+        let month = month_of(now, snap.settings.timezone);
+        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
         let mut units = [Decimal::ZERO; 5];
         units[r.payer as usize] = Decimal::ONE;
+        let strict = self.store.is_strict();
         let mut charge = Charge {
             pair,
             tenant: tenant.label,
             feature: f.label,
-            month: month.clone(),
-            month_key: (pair, mi),
             units,
-            payg: None,
             payg_amount: None,
             unpaid: Decimal::ZERO,
+            currency: if strict { snap.catalog.currency.clone() } else { String::new() },
             packages: Vec::new(),
-            currency: if self.strict { snap.catalog.currency.clone() } else { String::new() },
         };
-        {
-            let mut g = lock(&month.inner);
-            g.units[r.payer as usize] += Decimal::ONE;
-            if r.payer == PayerKind::Payg {
-                let before = g.payg.get("").copied().unwrap_or_default();
-                charge.payg_amount = pricing::marginal_price(&f.payg_tiers, before);
-                *g.payg.entry(String::new()).or_default() += Decimal::ONE;
-                charge.payg = Some((String::new(), Decimal::ONE));
-            }
-            self.mark(&mut g.dirty, DirtyKey::Month(pair, mi));
+        let total = self.store.add_usage_now(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id);
+        if r.payer == PayerKind::Payg {
+            charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
         }
-        if let Some((state, factor)) = r.package.take() {
-            let p = Self::find_package(tenant, &state);
-            let taken = self.consume(&state, p, factor, Decimal::ZERO, snap.settings.low_balance_ratio, now);
-            if self.strict {
-                charge.packages.push((state.clone(), taken, p.map_or(Decimal::ZERO, |p| p.points)));
+        if r.held.take().is_some() {
+            if let (Some(consumed), Some((t, c))) = (self.store.commit_now(r.id), r.package) {
+                self.paid(t, c, consumed, snap.settings.low_balance_ratio, now);
+                if strict {
+                    charge.packages.push((t, c));
+                }
             }
         }
-        if !self.strict {
+        if !strict {
             // `count` takes the currency from here in batched mode (no copy per call).
             if let Some(a) = charge.payg_amount.take() {
                 self.metrics.payg_amount(pair, tenant.label, f.label, &snap.catalog.currency, to_f64(a));
             }
         }
-        self.finish(payer, charge)
+        let payer = r.header();
+        self.finish(payer, r.id, charge)
     }
 
-    /// Settles a video-minute call from the upstream's usage report: the minutes are taken from
-    /// packages in payer order, each paying up to what it holds (taken in one step under the
-    /// package's lock), and the rest goes to pay-as-you-go when the feature's billing includes
-    /// it or the feature has a price for the reported cell, else to `free_default` when its
-    /// billing includes `prepaid_qps`, else it is recorded unpaid (never silently free).
+    /// Settles a video-minute call from the upstream's usage report, in integer ms: the packages
+    /// in payer order give, in one step each, up to the micro-points the ms cost
+    /// ([`crate::payer::video_want`]), [`crate::payer::split_video`] splits the ms over what
+    /// they gave, and the rest goes to pay-as-you-go when the feature's billing includes it or
+    /// the feature has a price for the reported cell, else to `free_default` when its billing
+    /// includes `prepaid_qps`, else it is recorded unpaid (never silently free).
     /// `usage = None` (missing or malformed report) bills 0 minutes and records nothing else.
     pub fn settle_video(
         &self,
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
-        mut r: Reservation,
+        r: Reservation,
         usage: Option<VideoUsage>,
         now: i64,
     ) -> Settled {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
-        let mut left = usage.map(|u| Decimal::from(u.ms) / Decimal::from(60_000u32)).unwrap_or_default();
-        let mi = month_index(now, snap.settings.timezone);
-        let month = self.month_state(pair, mi, tenant.label, f.label, || ledger::month_of(now, snap.settings.timezone));
+        let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
+        let month = month_of(now, snap.settings.timezone);
+        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
         let mut first: Option<HeaderValue> = None;
         let mut charge = Charge {
             pair,
             tenant: tenant.label,
             feature: f.label,
-            month: month.clone(),
-            month_key: (pair, mi),
             units: [Decimal::ZERO; 5],
-            payg: None,
             payg_amount: None,
             unpaid: Decimal::ZERO,
-            packages: Vec::new(),
             currency: snap.catalog.currency.clone(),
+            packages: Vec::new(),
         };
+        let mut by_kind = [0i64; 5];
+        let mut left = ms;
+        let t = tenant_key(tenant);
         if r.payer == PayerKind::PrepaidQps {
-            charge.units[PayerKind::PrepaidQps as usize] = left;
-            left = Decimal::ZERO;
+            by_kind[PayerKind::PrepaidQps as usize] = ms;
+            left = 0;
             first = Some(r.header());
-        } else {
-            for p in &tenant.packages {
-                if left <= Decimal::ZERO {
-                    break;
+        } else if ms > 0 {
+            let chosen: Vec<(&Package, PayerKind)> =
+                crate::payer::candidates(&snap.catalog, tenant, feature_idx, now).collect();
+            if !chosen.is_empty() {
+                let cands: Vec<Candidate<'static>> = chosen.iter().map(|(p, _)| candidate(tenant, p)).collect();
+                let want = crate::payer::video_want(ms, f.factor_micro);
+                let taken = self.store.take_now(t, &cands, want, r.id);
+                let amounts: Vec<i64> = taken.iter().map(|x| x.taken).collect();
+                let (parts, rest) = crate::payer::split_video(ms, f.factor_micro, &amounts);
+                for (i, ((p, kind), x)) in chosen.iter().zip(taken.iter()).enumerate() {
+                    if x.taken <= 0 {
+                        continue;
+                    }
+                    first.get_or_insert_with(|| self.header(tenant, p, *kind));
+                    by_kind[*kind as usize] += parts[i];
+                    self.paid(t, cands[i], x.consumed, snap.settings.low_balance_ratio, now);
+                    charge.packages.push((t, cands[i]));
                 }
-                let Some(kind) = Self::applies(snap, f, feature_idx, p, now) else { continue };
-                let state = self.package(tenant, p);
-                let taken = self.consume(
-                    &state,
-                    Some(p),
-                    Decimal::ZERO,
-                    left * f.points_per_unit,
-                    snap.settings.low_balance_ratio,
-                    now,
-                );
-                if taken <= Decimal::ZERO {
-                    continue;
-                }
-                let minutes = taken / f.points_per_unit;
-                first.get_or_insert_with(|| state.header(kind));
-                charge.units[kind as usize] += minutes;
-                charge.packages.push((state, taken, p.points));
-                left -= minutes;
+                left = rest;
             }
         }
-        if left > Decimal::ZERO {
+        if ms == 0 {
+            // Nothing to bill: the month still lists the feature (units 0), as a report shows.
+            self.store.add_usage_now(key, month, UsageTo::Payer(r.payer), 0, CALL_CELL, r.id);
+        }
+        for (i, n) in by_kind.iter().enumerate() {
+            if *n > 0 {
+                self.store.add_usage_now(
+                    key,
+                    month,
+                    UsageTo::Payer(crate::payer::PayerKind::ALL[i]),
+                    *n,
+                    CALL_CELL,
+                    r.id,
+                );
+                charge.units[i] = units::ms_to_minutes(*n);
+            }
+        }
+        if left > 0 {
             let cell = usage.and_then(|u| pricing::video_cell(&f.video_prices, u.fps, u.lines));
-            let to = if cell.is_some() || f.billing.has(Method::Payg) {
-                Some(PayerKind::Payg)
-            } else if f.billing.has(Method::PrepaidQps) {
-                Some(PayerKind::FreeDefault)
-            } else {
-                None
-            };
-            match to {
+            let minutes = units::ms_to_minutes(left);
+            match crate::payer::video_fallback(f, cell.is_some()) {
                 Some(kind) => {
-                    charge.units[kind as usize] += left;
+                    // A payg feature without a price for this cell is still metered (SPEC §3.2).
+                    let cell_key = match (kind, cell) {
+                        (PayerKind::Payg, Some(c)) => c.cell(),
+                        (PayerKind::Payg, None) => UNPRICED.to_string(),
+                        _ => String::new(),
+                    };
+                    self.store.add_usage_now(key, month, UsageTo::Payer(kind), left, &cell_key, r.id);
+                    charge.units[kind as usize] += minutes;
                     if kind == PayerKind::Payg {
-                        // A payg feature without a price for this cell is still metered (SPEC §3.2).
-                        let key = cell.map_or_else(|| UNPRICED.to_string(), |c| c.cell());
-                        charge.payg = Some((key, left));
-                        charge.payg_amount = cell.map(|c| c.price * left);
+                        charge.payg_amount = cell.map(|c| c.price * minutes);
                     }
                     first.get_or_insert_with(|| HeaderValue::from_static(kind.as_str()));
                 }
@@ -792,58 +567,45 @@ impl Billing {
                     tracing::warn!(
                         tenant = tenant.label,
                         feature = f.label,
-                        minutes = %left,
+                        %minutes,
                         "video minutes beyond the packages and nothing else can pay: recorded unpaid"
                     );
-                    charge.unpaid = left;
+                    self.store.add_usage_now(key, month, UsageTo::Unpaid, left, CALL_CELL, r.id);
+                    charge.unpaid = minutes;
                 }
             }
         }
-        {
-            let mut g = lock(&month.inner);
-            for (u, d) in g.units.iter_mut().zip(charge.units.iter()) {
-                *u += *d;
-            }
-            g.unpaid += charge.unpaid;
-            if let Some((cell, minutes)) = &charge.payg {
-                *g.payg.entry(cell.clone()).or_default() += *minutes;
-            }
-            self.mark(&mut g.dirty, DirtyKey::Month(pair, mi));
-        }
-        r.package.take();
         let payer = first.unwrap_or_else(|| r.header());
-        self.finish(payer, charge)
+        self.finish(payer, r.id, charge)
     }
 
     /// Waits until a settlement is durable and returns its payer header. Batched mode returns at
     /// once. Strict mode waits at most `[ledger].strict_timeout_ms`; past it the charge is
     /// reverted (the call is not charged) and the error says so (SPEC §7).
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
-        let Settled { payer, seq, pending } = settled;
+        let Settled { payer, id, pending } = settled;
         let Some(charge) = pending else { return Ok(payer) };
-        let mut rx = self.durable.subscribe();
-        let on_disk =
-            tokio::time::timeout(self.strict_timeout, rx.wait_for(|&d| d >= seq)).await.is_ok_and(|r| r.is_ok());
-        drop(rx);
-        match on_disk {
-            true => {
+        match self.store.durable_now(id).await {
+            Ok(()) => {
                 self.count(&charge);
                 Ok(payer)
             }
-            // Timed out, or the writer is gone (closed): not durable.
-            false => {
-                self.revert(&charge);
-                Err(NotDurable { timeout_ms: u64::try_from(self.strict_timeout.as_millis()).unwrap_or(u64::MAX) })
+            Err(e) => {
+                for (t, c) in &charge.packages {
+                    self.set_gauge(*t, *c, self.store.consumed_now(*t, *c));
+                }
+                let timeout_ms = match e {
+                    StoreError::NotDurable { timeout_ms } => timeout_ms,
+                    _ => 0,
+                };
+                Err(NotDurable { timeout_ms })
             }
         }
     }
 
-    /// Commits everything settled so far and waits for it, at most `wait`; true when it is on
-    /// disk.
+    /// Commits everything settled so far and waits for it, at most `wait`; true when on disk.
     pub fn flush_within(&self, wait: Duration) -> bool {
-        let (tx, rx) = mpsc::channel();
-        self.send(Msg::Flush(tx));
-        rx.recv_timeout(wait).is_ok()
+        self.store.flush_within(wait)
     }
 
     /// Commits everything settled so far and waits for it (tests, benches), at most 30 s.
@@ -854,233 +616,39 @@ impl Billing {
     /// Flushes (waiting at most `wait`), then stops the writer with a last commit attempt.
     /// Reports how many records could not be written; later settlements stay in memory only.
     pub fn close(&self, wait: Duration) -> Result<(), Unflushed> {
-        if !self.closed.swap(true, Ordering::SeqCst) {
-            self.flush_within(wait);
-            self.send(Msg::Stop);
-            if let Some(h) = lock(&self.writer).take() {
-                // The writer answers Stop within one commit attempt; wait a bounded time for it.
-                let deadline = Instant::now() + wait.max(Duration::from_millis(100));
-                while !h.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                if h.is_finished() {
-                    let _ = h.join();
-                }
-            }
-        }
-        match self.unflushed() {
-            0 => Ok(()),
-            records => Err(Unflushed { records, ledger: self.ledger_name.clone() }),
-        }
-    }
-
-    /// Records changed in memory and not (yet) committed.
-    fn unflushed(&self) -> usize {
-        self.packages.iter().filter(|e| lock(&e.value().inner).dirty).count()
-            + self.months.iter().filter(|e| lock(&e.value().inner).dirty).count()
-            + self.images.iter().filter(|e| lock(&e.value().inner).dirty).count()
+        self.store.close(wait)
     }
 
     pub fn ledger_name(&self) -> &str {
-        &self.ledger_name
+        self.store.ledger_name()
     }
 
-    /// Usage of a tenant for a `YYYY-MM` month, per feature, sorted by feature id.
-    pub fn usage(&self, tenant: &str, month: &str) -> Vec<MonthUsage> {
-        let mut out: Vec<_> = self
-            .months
-            .iter()
-            .filter(|e| e.value().tenant == tenant && e.value().month == month)
-            .map(|e| {
-                let g = lock(&e.value().inner);
-                MonthUsage { feature: e.value().feature, units: g.units, payg: g.payg.clone(), unpaid: g.unpaid }
+    /// Usage of a tenant for a `YYYY-MM` month, per feature, sorted by feature id, in the units
+    /// the report shows: calls, or exact decimal minutes of the ms kept for video features.
+    pub fn usage(&self, snap: &Snapshot, tenant: &str, month: &str) -> Vec<MonthUsage> {
+        self.store
+            .month_now(tenant, month)
+            .into_iter()
+            .map(|u| {
+                let video = snap.catalog.feature(&u.feature).is_some_and(|f| f.unit == Unit::VideoMinute);
+                let show = |n: i64| if video { units::ms_to_minutes(n) } else { Decimal::from(n) };
+                MonthUsage {
+                    units: u.units.map(show),
+                    payg: u.payg.iter().map(|(k, v)| (k.clone(), show(*v))).collect(),
+                    unpaid: show(u.unpaid),
+                    feature: u.feature,
+                }
             })
-            .collect();
-        out.sort_by_key(|x| x.feature);
-        out
-    }
-
-    fn record(&self, key: &DirtyKey) -> Option<Record> {
-        match key {
-            DirtyKey::Package(k) => {
-                let st = self.packages.get(k)?.clone();
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                Some(Record::Package(PackageRecord {
-                    tenant: st.tenant.to_string(),
-                    id: st.id.to_string(),
-                    consumed: Dec(g.consumed),
-                    alerted: g.alerted,
-                }))
-            }
-            DirtyKey::Image(k) => {
-                let st = self.images.get(k)?.clone();
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                Some(Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.to_string(), count: g.count }))
-            }
-            DirtyKey::Month(pair, m) => {
-                let st = self.months.get(&(*pair, *m))?.clone();
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                Some(Record::Month(MonthRecord {
-                    tenant: st.tenant.to_string(),
-                    feature: st.feature.to_string(),
-                    month: st.month.clone(),
-                    units: g.units.map(Dec),
-                    payg: g.payg.iter().map(|(k, v)| (k.clone(), Dec(*v))).collect(),
-                    unpaid: Dec(g.unpaid),
-                }))
-            }
-        }
-    }
-
-    /// Marks a record dirty again after a failed commit (the writer keeps its key), so that
-    /// [`Billing::close`] counts it and a change meanwhile does not queue it twice.
-    fn redirty(&self, key: &DirtyKey) {
-        match key {
-            DirtyKey::Package(k) => {
-                if let Some(st) = self.packages.get(k) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
-            DirtyKey::Month(p, m) => {
-                if let Some(st) = self.months.get(&(*p, *m)) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
-            DirtyKey::Image(k) => {
-                if let Some(st) = self.images.get(k) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
-        }
-    }
-}
-
-/// The writer thread: one ledger transaction per group of dirty records. A failed commit keeps
-/// every record in memory, marked dirty, and is retried; the first failure of a spell is logged
-/// as an error and makes the billing unhealthy (`/readyz` 503) until a commit succeeds again.
-fn writer(billing: std::sync::Weak<Billing>, store: Box<dyn LedgerStore>, rx: mpsc::Receiver<Msg>, interval: Duration) {
-    let mut keys: HashSet<DirtyKey> = HashSet::new();
-    let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
-    let mut stop = false;
-    let mut failures: u64 = 0;
-    loop {
-        let Some(strict) = billing.upgrade().map(|b| b.strict) else { return };
-        // Strict mode also wakes every 2 ms: a settlement whose record was committed before its
-        // sequence number was taken still needs `durable` advanced past that number.
-        let first = if strict || failures > 0 {
-            match rx.recv_timeout(Duration::from_millis(2)) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        } else {
-            match rx.recv() {
-                Ok(m) => Some(m),
-                Err(_) => return,
-            }
-        };
-        let Some(b) = billing.upgrade() else { return };
-        let take = |m: Msg, keys: &mut HashSet<DirtyKey>, waiters: &mut Vec<mpsc::Sender<()>>, stop: &mut bool| match m
-        {
-            Msg::Dirty(k) => {
-                keys.insert(k);
-            }
-            Msg::Flush(w) => waiters.push(w),
-            Msg::Stop => *stop = true,
-        };
-        match first {
-            Some(m) => take(m, &mut keys, &mut waiters, &mut stop),
-            None if !keys.is_empty() || b.seq.load(Ordering::SeqCst) > *b.durable.borrow() => {}
-            None => continue,
-        }
-        if !b.strict && waiters.is_empty() && !stop && failures == 0 {
-            // Batched: gather for one interval, unless someone asks for a flush meanwhile.
-            let deadline = Instant::now() + interval;
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(m) => {
-                        take(m, &mut keys, &mut waiters, &mut stop);
-                        if !waiters.is_empty() || stop {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        let target = b.seq.load(Ordering::SeqCst);
-        while let Ok(m) = rx.try_recv() {
-            take(m, &mut keys, &mut waiters, &mut stop);
-        }
-        if keys.is_empty() {
-            // Every settlement numbered up to `target` is already committed (its record would
-            // otherwise be dirty and queued).
-            b.durable.send_replace(target);
-            for w in waiters.drain(..) {
-                let _ = w.send(());
-            }
-            if stop {
-                return;
-            }
-            continue;
-        }
-        let records: Vec<Record> = keys.iter().filter_map(|k| b.record(k)).collect();
-        let started = Instant::now();
-        match store.commit(&records) {
-            Ok(()) => {
-                b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
-                if failures > 0 {
-                    tracing::info!(
-                        ledger = %b.ledger_name,
-                        failed_commits = failures,
-                        records = records.len(),
-                        "ledger commits succeed again; everything kept in memory is on disk"
-                    );
-                    failures = 0;
-                }
-                b.healthy.store(true, Ordering::SeqCst);
-                keys.clear();
-                b.durable.send_replace(target);
-                for w in waiters.drain(..) {
-                    let _ = w.send(());
-                }
-            }
-            Err(e) => {
-                b.metrics.ledger_errors.inc();
-                b.healthy.store(false, Ordering::SeqCst);
-                if failures == 0 {
-                    tracing::error!(
-                        error = %e,
-                        records = records.len(),
-                        "ledger commit failed; serving from memory and retrying (not ready until it succeeds)"
-                    );
-                }
-                failures += 1;
-                // The records stay dirty in memory and in `keys`: the next attempt writes their
-                // latest state.
-                for k in &keys {
-                    b.redirty(k);
-                }
-            }
-        }
-        drop(b);
-        if stop {
-            return;
-        }
-        if failures > 0 {
-            // Back off before the next attempt; a Stop or Flush meanwhile is seen at the next turn.
-            std::thread::sleep(interval.clamp(Duration::from_millis(20), Duration::from_millis(200)));
-        }
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::RedbLedger;
+    use crate::ledger::{Record, RedbLedger};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
 
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
 
@@ -1145,7 +713,7 @@ mod tests {
             assert_eq!(r.payer, PayerKind::Payg);
             b.settle_call(&s, &s.tenants[0], f, r, now);
         }
-        let usage = b.usage("acme", "2026-01");
+        let usage = b.usage(&s, "acme", "2026-01");
         assert_eq!(usage.len(), 1);
         assert_eq!(usage[0].units[PayerKind::Payg as usize], Decimal::from(15_000));
         let lines = pricing::graduated(&s.catalog.features[f].payg_tiers, Decimal::ZERO, usage[0].payg[""]);
@@ -1258,7 +826,7 @@ mod tests {
         let usage = VideoUsage { ms: 140_000, fps: 60, lines: 1080 };
         let settled = b.settle_video(&s, &s.tenants[0], f, r, Some(usage), now);
         assert_eq!(settled.payer.to_str().unwrap(), "general_package:vid");
-        let u = b.usage("acme", "2026-03");
+        let u = b.usage(&s, "acme", "2026-03");
         let units = &u[0].units;
         assert_eq!(units[PayerKind::GeneralPackage as usize], Decimal::ONE, "the package paid the one minute it held");
         let payg_minutes = u[0].payg["fps<=60,lines<=1440"];
@@ -1316,7 +884,7 @@ mod tests {
             consumed += c;
         }
         assert_eq!(consumed, Decimal::from(30), "demand exceeds the packages: all of them are spent");
-        let u = b.usage("acme", "2026-03");
+        let u = b.usage(&s, "acme", "2026-03");
         let units = &u[0].units;
         assert_eq!(units[PayerKind::GeneralPackage as usize], consumed);
         assert_eq!(
@@ -1335,7 +903,7 @@ mod tests {
         let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
         let settled = b.settle_video(&s, &s.tenants[0], f, r, None, now);
         assert_eq!(settled.payer.to_str().unwrap(), "payg");
-        let u = b.usage("acme", "2026-03");
+        let u = b.usage(&s, "acme", "2026-03");
         assert_eq!(u[0].units[PayerKind::Payg as usize], Decimal::ONE);
         assert_eq!(u[0].payg.keys().collect::<Vec<_>>(), ["fps<=60,lines<=1440"], "no unpriced cell: {:?}", u[0].payg);
     }
@@ -1383,7 +951,7 @@ mod tests {
             let r = b.reserve(&s, &s.tenants[0], f, now).expect("the package pays");
             let settled = b.settle_video(&s, &s.tenants[0], f, r, three, now);
             assert_eq!(settled.payer.to_str().unwrap(), "general_package:vid", "{id}");
-            let u = b.usage("acme", "2026-03");
+            let u = b.usage(&s, "acme", "2026-03");
             let units = &u[0].units;
             assert_eq!(units[PayerKind::GeneralPackage as usize], Decimal::ONE, "{id}");
             for k in [PayerKind::PrepaidQps, PayerKind::SinglePackage, PayerKind::Payg, PayerKind::FreeDefault] {
@@ -1401,7 +969,7 @@ mod tests {
             assert!(b.close(Duration::from_secs(5)).is_ok());
             drop(b);
             let b = open(dir.path(), Durability::Batched);
-            assert_eq!(b.usage("acme", "2026-03")[0].unpaid, unpaid, "{id} after restart");
+            assert_eq!(b.usage(&s, "acme", "2026-03")[0].unpaid, unpaid, "{id} after restart");
         }
     }
 
@@ -1465,7 +1033,7 @@ mod tests {
         assert!(!b.healthy(), "not ready while commits fail");
         assert!(!b.flush_within(Duration::from_millis(50)), "a flush cannot succeed meanwhile");
         // Served from memory meanwhile.
-        assert_eq!(b.usage("acme", "2026-01")[0].units[PayerKind::Payg as usize], Decimal::from(10));
+        assert_eq!(b.usage(&s, "acme", "2026-01")[0].units[PayerKind::Payg as usize], Decimal::from(10));
         for _ in 0..5 {
             let r = b.reserve(&s, &s.tenants[0], f, now).unwrap();
             b.settle_call(&s, &s.tenants[0], f, r, now);
@@ -1477,7 +1045,11 @@ mod tests {
         assert!(b.close(Duration::from_secs(5)).is_ok());
         drop(b);
         let b = open(dir.path(), Durability::Batched);
-        assert_eq!(b.usage("acme", "2026-01")[0].units[PayerKind::Payg as usize], Decimal::from(15), "nothing lost");
+        assert_eq!(
+            b.usage(&s, "acme", "2026-01")[0].units[PayerKind::Payg as usize],
+            Decimal::from(15),
+            "nothing lost"
+        );
         assert!(errors >= 2);
     }
 
@@ -1504,7 +1076,7 @@ mod tests {
         let r = b.reserve(&s, tenant, vid, now).unwrap();
         let usage = Some(VideoUsage { ms: 30_000, fps: 60, lines: 1080 });
         assert!(rt.block_on(b.durable(b.settle_video(&s, tenant, vid, r, usage, now))).is_ok());
-        let before = b.usage("acme", "2026-03");
+        let before = b.usage(&s, "acme", "2026-03");
         let consumed = |i: usize| b.package(tenant, &tenant.packages[i]).consumed();
         let (od_before, vid_before) = (consumed(0), consumed(1));
         assert_eq!((od_before, vid_before), (Decimal::new(2, 1), Decimal::new(5, 1)));
@@ -1529,9 +1101,13 @@ mod tests {
         assert!(rt.block_on(b.durable(b.settle_video(&s, tenant, vid, r, usage, now))).is_err());
         assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout, not blocked");
         assert!(!b.healthy());
-        let after = b.usage("acme", "2026-03");
+        let after = b.usage(&s, "acme", "2026-03");
         for (x, y) in before.iter().zip(after.iter()) {
-            assert_eq!((x.feature, x.units, &x.payg, x.unpaid), (y.feature, y.units, &y.payg, y.unpaid), "not charged");
+            assert_eq!(
+                (&x.feature, x.units, &x.payg, x.unpaid),
+                (&y.feature, y.units, &y.payg, y.unpaid),
+                "not charged"
+            );
         }
         assert_eq!((consumed(0), consumed(1)), (od_before, vid_before), "package consumption given back");
         assert_eq!(charge_series(&b), billed_before, "no billed metric for an uncharged call");
@@ -1543,9 +1119,9 @@ mod tests {
         drop(b);
         let b = open(dir.path(), Durability::Batched);
         let consumed = |i: usize| b.package(tenant, &tenant.packages[i]).consumed();
-        let reopened = b.usage("acme", "2026-03");
+        let reopened = b.usage(&s, "acme", "2026-03");
         for (x, y) in before.iter().zip(reopened.iter()) {
-            assert_eq!((x.feature, x.units, &x.payg), (y.feature, y.units, &y.payg), "the reverted state is on disk");
+            assert_eq!((&x.feature, x.units, &x.payg), (&y.feature, y.units, &y.payg), "the reverted state is on disk");
         }
         assert_eq!((consumed(0), consumed(1)), (od_before, vid_before));
     }
@@ -1603,7 +1179,7 @@ mod tests {
         assert!(b.close(Duration::from_secs(5)).is_ok());
         drop(b);
         let b = open(dir.path(), Durability::Batched);
-        let u = b.usage("acme", "2026-03");
+        let u = b.usage(&s, "acme", "2026-03");
         let units = u[0].units;
         assert_eq!(
             units.iter().copied().sum::<Decimal>(),
@@ -1669,8 +1245,8 @@ mod tests {
         let st = b.package(&s.tenants[0], &s.tenants[0].packages[0]);
         assert_eq!(st.consumed(), Decimal::ONE);
         assert!(st.alerted());
-        let jan = b.usage("acme", "2026-01");
-        let feb = b.usage("acme", "2026-02");
+        let jan = b.usage(&s, "acme", "2026-01");
+        let feb = b.usage(&s, "acme", "2026-02");
         assert_eq!(jan.len(), 2);
         assert_eq!(feb.len(), 1);
         assert_eq!(feb[0].units[PayerKind::Payg as usize], Decimal::ONE);

@@ -199,6 +199,8 @@ pub struct Feature {
     pub unit: Unit,
     pub default_qps: Option<u32>,
     pub points_per_unit: Decimal,
+    /// `points_per_unit` in micro-points (the unit stores keep).
+    pub factor_micro: i64,
     pub payg_tiers: Vec<Tier>,
     pub qps_prices: Vec<QpsPrice>,
     pub package_prices: Vec<PackagePrice>,
@@ -381,9 +383,13 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
             }
         }
         let points_per_unit = f.points_per_unit.map(|d| d.0).unwrap_or(Decimal::ONE);
+        let factor_micro = crate::units::micro_or_reason(points_per_unit);
         if points_per_unit <= Decimal::ZERO {
             errs.push(format!("{p}.points_per_unit"), "must be above 0");
+        } else if let Err(e) = &factor_micro {
+            errs.push(format!("{p}.points_per_unit"), e.clone());
         }
+        let factor_micro = factor_micro.unwrap_or(0);
         check_ascending(errs, &format!("{p}.payg_tiers"), &f.payg_tiers, |t| t.up_to);
         if !f.payg_tiers.is_empty() && !billing.has(Method::Payg) {
             errs.push(format!("{p}.payg_tiers"), "given, but billing does not include payg");
@@ -454,6 +460,7 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
             unit,
             default_qps: f.default_qps,
             points_per_unit,
+            factor_micro,
             payg_tiers,
             qps_prices,
             package_prices,
@@ -506,6 +513,7 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
         unit: Unit::Call,
         default_qps: None,
         points_per_unit: Decimal::ONE,
+        factor_micro: crate::units::MICRO,
         payg_tiers: Vec::new(),
         qps_prices: Vec::new(),
         package_prices: Vec::new(),

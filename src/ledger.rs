@@ -56,6 +56,10 @@ pub struct MonthRecord {
     /// Absent in records written before it existed: zero.
     #[serde(default = "zero_dec")]
     pub unpaid: Dec,
+    /// True since integer units (issue 12): the values are store units (calls, or ms for
+    /// video). Absent (false) in older records, which kept decimal minutes for video.
+    #[serde(default)]
+    pub integer: bool,
 }
 
 /// The pay-as-you-go cell of video minutes outside the feature's price matrix (or of a video
@@ -233,6 +237,7 @@ mod tests {
             units: u,
             payg,
             unpaid: Dec(Decimal::ZERO),
+            integer: true,
         })
     }
 

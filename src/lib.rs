@@ -26,6 +26,7 @@ pub mod snapshot;
 pub mod standin;
 pub mod store;
 pub mod time;
+pub mod units;
 
 /// Keys of the demo tenants in `config/entitlements.json` (their sha256 is what the file stores).
 pub const DEMO_KEYS: &[(&str, &str)] =

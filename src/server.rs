@@ -76,8 +76,17 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
         let s = &snapshot.settings;
         let store = RedbLedger::open(&s.ledger_dir)?;
-        let (billing, alerts) =
-            Billing::open(Box::new(store), s.durability, s.flush_interval, s.strict_timeout, metrics.clone())?;
+        let video =
+            |id: &str| snapshot.catalog.feature(id).is_some_and(|f| f.unit == crate::catalog::Unit::VideoMinute);
+        let (billing, alerts) = Billing::open_with(
+            Box::new(store),
+            s.durability,
+            s.flush_interval,
+            s.strict_timeout,
+            metrics.clone(),
+            clock.clone(),
+            &video,
+        )?;
         metrics.config_generation.set(snapshot.generation as i64);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

@@ -103,6 +103,8 @@ pub struct Package {
     pub label: &'static str,
     pub target: PackageTarget,
     pub points: Decimal,
+    /// `points` in micro-points (the unit stores keep).
+    pub points_micro: i64,
     pub ordered_at: i64,
     pub effective_at: i64,
     pub expires_at: i64,
@@ -300,9 +302,13 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
                     }
                 },
             };
+            let points_micro = crate::units::micro_or_reason(pk.points.0);
             if pk.points.0 <= Decimal::ZERO {
                 errs.push(format!("{pp}.points"), "must be above 0");
+            } else if let Err(e) = &points_micro {
+                errs.push(format!("{pp}.points"), e.clone());
             }
+            let points_micro = points_micro.unwrap_or(0);
             let ordered_at = time(errs, format!("{pp}.ordered_at"), &pk.ordered_at);
             let effective_at = match &pk.effective_at {
                 Some(e) => time(errs, format!("{pp}.effective_at"), e),
@@ -320,6 +326,7 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
                     label,
                     target,
                     points: pk.points.0,
+                    points_micro,
                     ordered_at,
                     effective_at,
                     expires_at,
@@ -387,5 +394,33 @@ mod tests {
         let errs = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(0, 0)), 1).err().expect("rejected").to_string();
         assert!(errs.contains("entitlements.json: tenants.acme.image_search.capacity: must be at least 1"), "{errs}");
         assert!(errs.contains("entitlements.json: tenants.acme.image_search.qps: must be at least 1"), "{errs}");
+    }
+
+    #[test]
+    fn points_with_more_than_six_decimals_are_errors_naming_file_and_field() {
+        let ents = format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": ["object_detection"], "packages": [
+                {{"id": "od", "feature": "object-detection", "points": "1.0000001",
+                  "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}},
+                {{"id": "ok", "feature": "object-detection", "points": "1.0000010",
+                  "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}}]}}}}}}"#
+        );
+        let errs = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, &ents), 1).err().expect("rejected").to_string();
+        assert!(
+            errs.contains("entitlements.json: tenants.acme.packages[0].points: 1.0000001 has more than 6 decimals"),
+            "{errs}"
+        );
+        assert!(!errs.contains("packages[1]"), "trailing zeros are not decimals: {errs}");
+        let catalog = EMBEDDED_CATALOG.replacen("points_per_unit = \"0.2\"", "points_per_unit = \"0.2000005\"", 1);
+        assert_ne!(catalog, EMBEDDED_CATALOG);
+        let errs = build(&Texts::in_memory(MAIN, &catalog, ents.replace("1.0000001", "1")), 1)
+            .err()
+            .expect("rejected")
+            .to_string();
+        assert!(
+            errs.contains("catalog.toml: features.")
+                && errs.contains(".points_per_unit: 0.2000005 has more than 6 decimals"),
+            "{errs}"
+        );
     }
 }

@@ -26,8 +26,10 @@ use std::time::Duration;
 use crate::config::gateway::ImageOp;
 pub use crate::payer::PayerKind;
 
+pub mod local;
+
 /// Micro-points per point: package points are kept as `i64` micro-points.
-pub const MICRO: i64 = 1_000_000;
+pub use crate::units::MICRO;
 
 /// A GCRA bucket's shape (governor's maths): `limit` per second, `depth` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,14 +210,17 @@ pub trait BalanceStore: Send + Sync {
     /// The release of a reservation guard dropped without a commit (client gone, upstream error):
     /// cannot await. Local: synchronous. Remote: spawned, with the lease sweep as the backstop.
     fn release_in_background(&self, tenant: TenantKey<'_>, id: RequestId);
-    /// Video settlement, one step per candidate: takes up to `want[i]` micro-points of what
-    /// candidate `i` holds beyond the holds of calls in flight. Never takes more than a package
-    /// holds, whatever the concurrency. Idempotent on `id` (a repeat returns the first answer).
+    /// Video settlement, one step: takes greedily, in the given order, up to `want` micro-points
+    /// in total — from each candidate `min(what it holds beyond the holds of calls in flight,
+    /// what the total still lacks)` — and returns what each candidate gave (one entry per
+    /// candidate). Never takes more than a package holds, whatever the concurrency. The ms split
+    /// is the caller's ([`crate::payer::split_video`]). Idempotent on `id` (a repeat returns the
+    /// first answer and takes nothing).
     fn take_up_to(
         &self,
         tenant: TenantKey<'_>,
         candidates: &[Candidate<'_>],
-        want: &[i64],
+        want: i64,
         id: RequestId,
     ) -> impl Future<Output = Result<Vec<Taken>, StoreError>> + Send;
     /// Micro-points a package has consumed (committed), holds not included.
@@ -307,6 +312,130 @@ pub trait Durable: Send + Sync {
     /// [`StoreError::NotDurable`] (the call is not charged). A backend whose settlement already
     /// waited for durability (Redis strict) answers at once.
     fn durable(&self, id: RequestId) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The backends, dispatched statically (no boxed futures): the gateway holds one of these.
+/// The Redis backend adds its variant and one arm per method.
+pub enum Stores {
+    Local(std::sync::Arc<local::LocalStore>),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Stores::Local($s) => $e,
+        }
+    };
+}
+
+impl RateStore for Stores {
+    async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
+        each!(self, s => s.admit(key, q).await)
+    }
+    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
+        each!(self, s => s.refund(key, q).await)
+    }
+}
+
+impl BalanceStore for Stores {
+    async fn reserve(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+        lease: Duration,
+    ) -> Result<Option<usize>, StoreError> {
+        each!(self, s => s.reserve(tenant, candidates, want, id, lease).await)
+    }
+    async fn commit(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<Option<i64>, StoreError> {
+        each!(self, s => s.commit(tenant, id).await)
+    }
+    async fn release(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
+        each!(self, s => s.release(tenant, id).await)
+    }
+    fn release_in_background(&self, tenant: TenantKey<'_>, id: RequestId) {
+        each!(self, s => s.release_in_background(tenant, id))
+    }
+    async fn take_up_to(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+    ) -> Result<Vec<Taken>, StoreError> {
+        each!(self, s => s.take_up_to(tenant, candidates, want, id).await)
+    }
+    async fn consumed(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<i64, StoreError> {
+        each!(self, s => s.consumed(tenant, package).await)
+    }
+    async fn mark_alerted(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<bool, StoreError> {
+        each!(self, s => s.mark_alerted(tenant, package).await)
+    }
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        each!(self, s => s.sweep().await)
+    }
+}
+
+impl UsageStore for Stores {
+    async fn add_usage(
+        &self,
+        key: BucketKey<'_>,
+        month: &str,
+        to: UsageTo,
+        units: i64,
+        cell: &str,
+        id: RequestId,
+    ) -> Result<i64, StoreError> {
+        each!(self, s => s.add_usage(key, month, to, units, cell, id).await)
+    }
+    async fn month(&self, tenant: TenantKey<'_>, month: &str) -> Result<Vec<MonthUsage>, StoreError> {
+        each!(self, s => s.month(tenant, month).await)
+    }
+}
+
+impl ImageStore for Stores {
+    async fn reserve_image_slot(
+        &self,
+        tenant: TenantKey<'_>,
+        capacity: u64,
+        id: RequestId,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.reserve_image_slot(tenant, capacity, id).await)
+    }
+    async fn settle_images(
+        &self,
+        tenant: TenantKey<'_>,
+        op: ImageOp,
+        id: RequestId,
+        reported: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        each!(self, s => s.settle_images(tenant, op, id, reported).await)
+    }
+    async fn release_image_slot(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
+        each!(self, s => s.release_image_slot(tenant, id).await)
+    }
+    fn release_image_slot_in_background(&self, tenant: TenantKey<'_>, id: RequestId) {
+        each!(self, s => s.release_image_slot_in_background(tenant, id))
+    }
+    async fn image_count(&self, tenant: TenantKey<'_>) -> Result<u64, StoreError> {
+        each!(self, s => s.image_count(tenant).await)
+    }
+}
+
+impl OverrideStore for Stores {
+    async fn put_override(&self, tenant: &str, feature: &str, ov: Override) -> Result<(), StoreError> {
+        each!(self, s => s.put_override(tenant, feature, ov).await)
+    }
+    async fn overrides(&self) -> Result<Vec<(String, String, Override)>, StoreError> {
+        each!(self, s => s.overrides().await)
+    }
+}
+
+impl Durable for Stores {
+    async fn durable(&self, id: RequestId) -> Result<(), StoreError> {
+        each!(self, s => s.durable(id).await)
+    }
 }
 
 /// Every store interface at once: what the gateway holds.

@@ -1,0 +1,995 @@
+//! The local backend (`store = "local"`): token buckets, package balances and holds, monthly
+//! usage, image counts, alerts and overrides in process memory (DashMap, one small mutex per
+//! record), made durable by a writer thread that group-commits dirty records to the redb ledger
+//! ([`crate::ledger`]).
+//!
+//! The request path hands it deltas, each idempotent on the [`RequestId`]; only the writer turns
+//! a record into an absolute value, and only one process writes the ledger. Batched mode commits
+//! every `flush_interval`; strict mode commits as soon as a record is dirty and
+//! [`Durable::durable`] waits for it at most `strict_timeout`, reverting every delta of the
+//! request exactly past it. A failed commit keeps everything in memory, marks the store
+//! unhealthy (`/readyz` 503) and is retried (SPEC §7). Every operation answers without
+//! suspending (the async trait methods only wrap the synchronous ones).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
+use tokio::sync::watch;
+
+use super::{
+    Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, MonthUsage, Override, OverrideStore, Quota,
+    RateStore, RequestId, StoreError, Taken, TenantKey, UsageStore, UsageTo,
+};
+use crate::admission::{BucketStore, LocalBuckets};
+use crate::clock::SharedClock;
+use crate::config::gateway::{Durability, ImageOp};
+use crate::config::Dec;
+use crate::ledger::{self, LedgerError, LedgerStore, MonthRecord, PackageRecord, Record};
+use crate::metrics::Metrics;
+use crate::units;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long idempotency markers of settled requests are kept (a repeat within it is a no-op).
+const DONE_TTL_NANOS: i64 = 10 * 60 * 1_000_000_000;
+
+struct PkgInner {
+    /// Committed micro-points.
+    consumed: i64,
+    /// Micro-points held by calls in flight.
+    held: i64,
+    alerted: bool,
+    dirty: bool,
+}
+
+struct Pkg {
+    tenant: String,
+    id: String,
+    key: u64,
+    inner: Mutex<PkgInner>,
+}
+
+struct Hold {
+    pkg: Arc<Pkg>,
+    index: usize,
+    points: i64,
+    expires: i64,
+}
+
+struct MonthInner {
+    units: [i64; 5],
+    payg: BTreeMap<String, i64>,
+    unpaid: i64,
+    dirty: bool,
+}
+
+struct Month {
+    tenant: String,
+    feature: String,
+    month: String,
+    inner: Mutex<MonthInner>,
+}
+
+struct ImgInner {
+    count: u64,
+    held: u64,
+    dirty: bool,
+}
+
+struct Img {
+    tenant: String,
+    key: u32,
+    inner: Mutex<ImgInner>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DirtyKey {
+    Package(u64),
+    Month(u64, u32),
+    Image(u32),
+}
+
+enum Msg {
+    Dirty(DirtyKey),
+    Flush(mpsc::Sender<()>),
+    Stop,
+}
+
+/// One delta a request applied (strict mode keeps them until durable, to revert exactly).
+enum Delta {
+    Consumed(Arc<Pkg>, i64),
+    Usage { month: Arc<Month>, key: (u64, u32), to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
+}
+
+struct Pending {
+    seq: u64,
+    deltas: Vec<Delta>,
+}
+
+/// [`LocalStore::close`] could not commit everything: `records` ledger records stay unwritten.
+#[derive(Debug, thiserror::Error)]
+#[error("{records} ledger record(s) could not be flushed to {ledger}")]
+pub struct Unflushed {
+    pub records: usize,
+    pub ledger: String,
+}
+
+pub struct LocalStore {
+    buckets: LocalBuckets,
+    packages: DashMap<u64, Arc<Pkg>, FxBuildHasher>,
+    holds: DashMap<RequestId, Hold, FxBuildHasher>,
+    months: DashMap<(u64, u32), Arc<Month>, FxBuildHasher>,
+    images: DashMap<u32, Arc<Img>, FxBuildHasher>,
+    slots: DashMap<RequestId, (Arc<Img>, i64), FxBuildHasher>,
+    /// (request, usage slot) already added, with the time the marker expires.
+    usage_done: DashMap<(RequestId, u8), i64, FxBuildHasher>,
+    takes: DashMap<RequestId, (Vec<Taken>, i64), FxBuildHasher>,
+    images_done: DashMap<RequestId, (u64, i64), FxBuildHasher>,
+    overrides: Mutex<Vec<(String, String, Override)>>,
+    /// Strict mode: the deltas of each request not yet known durable.
+    pending: DashMap<RequestId, Pending, FxBuildHasher>,
+    clock: SharedClock,
+    tx: mpsc::Sender<Msg>,
+    seq: AtomicU64,
+    durable: watch::Sender<u64>,
+    strict: bool,
+    strict_timeout: Duration,
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
+    ledger_name: String,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+fn get_or_insert<K: std::hash::Hash + Eq, V>(
+    map: &DashMap<K, Arc<V>, FxBuildHasher>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    if let Some(v) = map.get(&key) {
+        return v.clone();
+    }
+    map.entry(key).or_insert_with(|| Arc::new(make())).clone()
+}
+
+/// `YYYY-MM` as a month index (`year × 12 + month0`).
+pub fn month_index_of(s: &str) -> Option<u32> {
+    let (y, m) = s.split_once('-')?;
+    let (y, m): (u32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    (1..=12).contains(&m).then_some(y * 12 + m - 1)
+}
+
+fn usage_slot(to: UsageTo) -> u8 {
+    match to {
+        UsageTo::Payer(k) => k as u8,
+        UsageTo::Unpaid => 5,
+    }
+}
+
+fn dec_i64(d: Dec) -> i64 {
+    i64::try_from(d.0.round()).unwrap_or(0)
+}
+
+impl LocalStore {
+    /// Loads the ledger and starts the writer thread. `video` tells which features count video
+    /// usage: ledger records written before integer units kept decimal minutes for them.
+    pub fn open(
+        store: Box<dyn LedgerStore>,
+        durability: Durability,
+        flush_interval: Duration,
+        strict_timeout: Duration,
+        metrics: Arc<Metrics>,
+        clock: SharedClock,
+        video: &dyn Fn(&str) -> bool,
+    ) -> Result<Arc<LocalStore>, LedgerError> {
+        let records = store.load()?;
+        let (tx, rx) = mpsc::channel();
+        let s = Arc::new(LocalStore {
+            buckets: LocalBuckets::new(clock.clone()),
+            packages: DashMap::with_hasher(FxBuildHasher),
+            holds: DashMap::with_hasher(FxBuildHasher),
+            months: DashMap::with_hasher(FxBuildHasher),
+            images: DashMap::with_hasher(FxBuildHasher),
+            slots: DashMap::with_hasher(FxBuildHasher),
+            usage_done: DashMap::with_hasher(FxBuildHasher),
+            takes: DashMap::with_hasher(FxBuildHasher),
+            images_done: DashMap::with_hasher(FxBuildHasher),
+            overrides: Mutex::new(Vec::new()),
+            pending: DashMap::with_hasher(FxBuildHasher),
+            clock,
+            tx,
+            seq: AtomicU64::new(0),
+            durable: watch::Sender::new(0),
+            strict: durability == Durability::Strict,
+            strict_timeout,
+            healthy: AtomicBool::new(true),
+            metrics,
+            ledger_name: store.describe(),
+            writer: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        for r in records {
+            match r {
+                Record::Package(p) => {
+                    let (t, tl) = crate::intern::tenant(&p.tenant);
+                    let (id, _) = crate::intern::package(&p.id);
+                    let st = s.pkg(TenantKey { name: tl, local: t }, crate::intern::pair(t, id), &p.id);
+                    let mut g = lock(&st.inner);
+                    // Exact for every value written since integer units (at most 6 decimals).
+                    g.consumed = i64::try_from((p.consumed.0 * rust_decimal::Decimal::from(units::MICRO)).round())
+                        .unwrap_or(i64::MAX);
+                    g.alerted = p.alerted;
+                }
+                Record::Month(m) => {
+                    let Some(mi) = month_index_of(&m.month) else { continue };
+                    let (t, tl) = crate::intern::tenant(&m.tenant);
+                    let (f, fl) = crate::intern::feature(&m.feature);
+                    let key = BucketKey { tenant: tl, bucket: fl, local: crate::intern::pair(t, f) };
+                    let st = s.month_state(key, mi, &m.month);
+                    let conv =
+                        |d: Dec| if !m.integer && video(&m.feature) { units::minutes_to_ms(d.0) } else { dec_i64(d) };
+                    let mut g = lock(&st.inner);
+                    for (i, u) in m.units.iter().enumerate() {
+                        g.units[i] = conv(*u);
+                    }
+                    g.payg = m.payg.iter().map(|(k, v)| (k.clone(), conv(*v))).collect();
+                    g.unpaid = conv(m.unpaid);
+                }
+                Record::ImageCount(i) => {
+                    let (t, tl) = crate::intern::tenant(&i.tenant);
+                    lock(&s.img(TenantKey { name: tl, local: t }).inner).count = i.count;
+                }
+            }
+        }
+        let weak = Arc::downgrade(&s);
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer(weak, store, rx, flush_interval))
+            .map_err(|e| LedgerError::Write { path: "ledger-writer".into(), reason: e.to_string() })?;
+        *lock(&s.writer) = Some(handle);
+        Ok(s)
+    }
+
+    fn send(&self, msg: Msg) {
+        // Fails only after close(): the change then stays in memory (and counts as unflushed).
+        let _ = self.tx.send(msg);
+    }
+
+    fn mark(&self, dirty: &mut bool, key: DirtyKey) {
+        if !*dirty {
+            *dirty = true;
+            self.send(Msg::Dirty(key));
+        }
+    }
+
+    /// Strict mode: remembers a delta of `id` until [`Durable::durable`] settles it.
+    fn remember(&self, id: RequestId, d: Delta) {
+        if !self.strict {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut e = self.pending.entry(id).or_insert_with(|| Pending { seq, deltas: Vec::new() });
+        e.seq = e.seq.max(seq);
+        e.deltas.push(d);
+    }
+
+    /// Batched mode still numbers changes, so that a flush knows what it covers.
+    fn bump(&self) {
+        if !self.strict {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn pkg(&self, tenant: TenantKey<'_>, key: u64, id: &str) -> Arc<Pkg> {
+        get_or_insert(&self.packages, key, || Pkg {
+            tenant: tenant.name.to_string(),
+            id: id.to_string(),
+            key,
+            inner: Mutex::new(PkgInner { consumed: 0, held: 0, alerted: false, dirty: false }),
+        })
+    }
+
+    fn month_state(&self, key: BucketKey<'_>, mi: u32, month: &str) -> Arc<Month> {
+        get_or_insert(&self.months, (key.local, mi), || Month {
+            tenant: key.tenant.to_string(),
+            feature: key.bucket.to_string(),
+            month: month.to_string(),
+            inner: Mutex::new(MonthInner { units: [0; 5], payg: BTreeMap::new(), unpaid: 0, dirty: false }),
+        })
+    }
+
+    fn img(&self, tenant: TenantKey<'_>) -> Arc<Img> {
+        get_or_insert(&self.images, tenant.local, || Img {
+            tenant: tenant.name.to_string(),
+            key: tenant.local,
+            inner: Mutex::new(ImgInner { count: 0, held: 0, dirty: false }),
+        })
+    }
+
+    // ---- rate ----
+
+    pub fn admit_now(&self, key: BucketKey<'_>, q: Quota) -> Admit {
+        self.buckets.admit(key.local, q.limit, q.depth)
+    }
+
+    pub fn refund_now(&self, key: BucketKey<'_>, q: Quota) {
+        self.buckets.refund(key.local, q.limit, q.depth)
+    }
+
+    /// Drops one pair's bucket (a reload removed its tenant or feature).
+    pub fn remove_bucket(&self, pair: u64) {
+        self.buckets.remove(pair)
+    }
+
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    // ---- balances ----
+
+    pub fn reserve_now(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+        lease: Duration,
+    ) -> Option<usize> {
+        if let Some(h) = self.holds.get(&id) {
+            return Some(h.index);
+        }
+        let lease = i64::try_from(lease.as_nanos()).unwrap_or(i64::MAX);
+        for (i, c) in candidates.iter().enumerate() {
+            let pkg = self.pkg(tenant, c.local, c.id);
+            let mut g = lock(&pkg.inner);
+            if crate::payer::pays_whole(c.points - g.consumed - g.held, want) {
+                g.held += want;
+                drop(g);
+                let expires = self.clock.unix_nanos().saturating_add(lease);
+                self.holds.insert(id, Hold { pkg, index: i, points: want, expires });
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub fn commit_now(&self, id: RequestId) -> Option<i64> {
+        let (_, h) = self.holds.remove(&id)?;
+        let mut g = lock(&h.pkg.inner);
+        g.held -= h.points;
+        g.consumed += h.points;
+        let consumed = g.consumed;
+        self.mark(&mut g.dirty, DirtyKey::Package(h.pkg.key));
+        drop(g);
+        self.bump();
+        self.remember(id, Delta::Consumed(h.pkg, h.points));
+        Some(consumed)
+    }
+
+    pub fn release_now(&self, id: RequestId) {
+        if let Some((_, h)) = self.holds.remove(&id) {
+            lock(&h.pkg.inner).held -= h.points;
+        }
+    }
+
+    pub fn take_now(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+    ) -> Vec<Taken> {
+        if let Some(t) = self.takes.get(&id) {
+            return t.0.clone();
+        }
+        let mut left = want.max(0);
+        let mut out = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let pkg = self.pkg(tenant, c.local, c.id);
+            let mut g = lock(&pkg.inner);
+            let available = (c.points - g.consumed - g.held).max(0);
+            let taken = available.min(left);
+            if taken > 0 {
+                g.consumed += taken;
+                left -= taken;
+                self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+            }
+            let consumed = g.consumed;
+            drop(g);
+            if taken > 0 {
+                self.remember(id, Delta::Consumed(pkg, taken));
+            }
+            out.push(Taken { taken, consumed });
+        }
+        self.bump();
+        self.takes.insert(id, (out.clone(), self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS)));
+        out
+    }
+
+    pub fn consumed_now(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> i64 {
+        lock(&self.pkg(tenant, package.local, package.id).inner).consumed
+    }
+
+    pub fn alerted_now(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> bool {
+        lock(&self.pkg(tenant, package.local, package.id).inner).alerted
+    }
+
+    pub fn mark_alerted_now(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> bool {
+        let pkg = self.pkg(tenant, package.local, package.id);
+        let mut g = lock(&pkg.inner);
+        if g.alerted {
+            return false;
+        }
+        g.alerted = true;
+        self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+        true
+    }
+
+    /// Gives back expired holds and image slots, and forgets expired idempotency markers.
+    pub fn sweep_now(&self) -> u64 {
+        let now = self.clock.unix_nanos();
+        let expired: Vec<RequestId> = self.holds.iter().filter(|h| h.expires <= now).map(|h| *h.key()).collect();
+        let mut n = 0;
+        for id in expired {
+            if self.holds.remove_if(&id, |_, h| h.expires <= now).is_some_and(|(_, h)| {
+                lock(&h.pkg.inner).held -= h.points;
+                true
+            }) {
+                n += 1;
+            }
+        }
+        let slots: Vec<RequestId> = self.slots.iter().filter(|s| s.1 <= now).map(|s| *s.key()).collect();
+        for id in slots {
+            if let Some((_, (img, _))) = self.slots.remove_if(&id, |_, s| s.1 <= now) {
+                let mut g = lock(&img.inner);
+                g.held = g.held.saturating_sub(1);
+                n += 1;
+            }
+        }
+        self.usage_done.retain(|_, exp| *exp > now);
+        self.takes.retain(|_, (_, exp)| *exp > now);
+        self.images_done.retain(|_, (_, exp)| *exp > now);
+        n
+    }
+
+    // ---- usage ----
+
+    pub fn add_usage_now(
+        &self,
+        key: BucketKey<'_>,
+        month: &str,
+        to: UsageTo,
+        n: i64,
+        cell: &str,
+        id: RequestId,
+    ) -> i64 {
+        let mi = month_index_of(month).unwrap_or(0);
+        let st = self.month_state(key, mi, month);
+        let slot = usage_slot(to);
+        let fresh = {
+            use dashmap::mapref::entry::Entry;
+            match self.usage_done.entry((id, slot)) {
+                Entry::Occupied(_) => false,
+                Entry::Vacant(v) => {
+                    v.insert(self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS));
+                    true
+                }
+            }
+        };
+        let mut g = lock(&st.inner);
+        if fresh && n != 0 {
+            match to {
+                UsageTo::Payer(k) => g.units[k as usize] += n,
+                UsageTo::Unpaid => g.unpaid += n,
+            }
+            if to == UsageTo::Payer(crate::payer::PayerKind::Payg) {
+                *g.payg.entry(cell.to_string()).or_default() += n;
+            }
+            self.mark(&mut g.dirty, DirtyKey::Month(key.local, mi));
+        }
+        let total = match to {
+            UsageTo::Payer(crate::payer::PayerKind::Payg) => g.payg.get(cell).copied().unwrap_or(0),
+            UsageTo::Payer(k) => g.units[k as usize],
+            UsageTo::Unpaid => g.unpaid,
+        };
+        drop(g);
+        if fresh && n != 0 {
+            self.bump();
+            let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
+            self.remember(id, Delta::Usage { month: st, key: (key.local, mi), to, cell, units: n, slot });
+        }
+        total
+    }
+
+    /// A tenant's usage of a `YYYY-MM` month, per feature, sorted by feature id.
+    pub fn month_now(&self, tenant: &str, month: &str) -> Vec<MonthUsage> {
+        let mut out: Vec<MonthUsage> = self
+            .months
+            .iter()
+            .filter(|e| e.value().tenant == tenant && e.value().month == month)
+            .map(|e| {
+                let g = lock(&e.value().inner);
+                MonthUsage {
+                    feature: e.value().feature.clone(),
+                    units: g.units,
+                    payg: g.payg.clone(),
+                    unpaid: g.unpaid,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.feature.cmp(&b.feature));
+        out
+    }
+
+    // ---- images ----
+
+    pub fn reserve_image_slot_now(&self, tenant: TenantKey<'_>, capacity: u64, id: RequestId) -> bool {
+        if self.slots.contains_key(&id) {
+            return true;
+        }
+        let img = self.img(tenant);
+        let mut g = lock(&img.inner);
+        if g.count + g.held >= capacity {
+            return false;
+        }
+        g.held += 1;
+        drop(g);
+        self.slots.insert(id, (img, self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS)));
+        true
+    }
+
+    pub fn settle_images_now(&self, tenant: TenantKey<'_>, op: ImageOp, id: RequestId, reported: Option<u64>) -> u64 {
+        if let Some(done) = self.images_done.get(&id) {
+            return done.0;
+        }
+        let held = self.slots.remove(&id).map(|(_, (img, _))| img);
+        let img = held.clone().unwrap_or_else(|| self.img(tenant));
+        let mut g = lock(&img.inner);
+        let before = g.count;
+        match op {
+            ImageOp::Add if held.is_some() => {
+                g.held = g.held.saturating_sub(1);
+                g.count += 1;
+            }
+            ImageOp::Delete => g.count = g.count.saturating_sub(1),
+            _ => {}
+        }
+        if let Some(n) = reported {
+            g.count = n;
+        }
+        if g.count != before {
+            self.mark(&mut g.dirty, DirtyKey::Image(img.key));
+        }
+        let count = g.count;
+        drop(g);
+        self.images_done.insert(id, (count, self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS)));
+        count
+    }
+
+    pub fn release_image_slot_now(&self, id: RequestId) {
+        if let Some((_, (img, _))) = self.slots.remove(&id) {
+            let mut g = lock(&img.inner);
+            g.held = g.held.saturating_sub(1);
+        }
+    }
+
+    pub fn image_count_now(&self, tenant: TenantKey<'_>) -> u64 {
+        self.images.get(&tenant.local).map_or(0, |i| lock(&i.inner).count)
+    }
+
+    // ---- overrides ----
+
+    pub fn put_override_now(&self, tenant: &str, feature: &str, ov: Override) {
+        let mut all = lock(&self.overrides);
+        let item = (tenant.to_string(), feature.to_string(), ov);
+        if !all.contains(&item) {
+            all.push(item);
+            all.sort_by(|a, b| (&a.0, &a.1, a.2.from).cmp(&(&b.0, &b.1, b.2.from)));
+        }
+    }
+
+    pub fn overrides_now(&self) -> Vec<(String, String, Override)> {
+        lock(&self.overrides).clone()
+    }
+
+    // ---- durability ----
+
+    /// Takes every delta of `id` back out of memory, exactly; the records are marked dirty, so
+    /// the reverted state is what the writer commits next. An alert already fired stays fired.
+    fn revert(&self, deltas: Vec<Delta>, id: RequestId) {
+        for d in deltas {
+            match d {
+                Delta::Consumed(pkg, n) => {
+                    let mut g = lock(&pkg.inner);
+                    g.consumed -= n;
+                    self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+                }
+                Delta::Usage { month, key, to, cell, units: n, slot } => {
+                    let mut g = lock(&month.inner);
+                    match to {
+                        UsageTo::Payer(k) => g.units[k as usize] -= n,
+                        UsageTo::Unpaid => g.unpaid -= n,
+                    }
+                    if let Some(cell) = cell {
+                        if let Some(v) = g.payg.get_mut(&cell) {
+                            *v -= n;
+                            if *v == 0 {
+                                g.payg.remove(&cell);
+                            }
+                        }
+                    }
+                    self.mark(&mut g.dirty, DirtyKey::Month(key.0, key.1));
+                    drop(g);
+                    self.usage_done.remove(&(id, slot));
+                }
+            }
+        }
+        self.takes.remove(&id);
+    }
+
+    pub async fn durable_now(&self, id: RequestId) -> Result<(), StoreError> {
+        let Some((_, Pending { seq, deltas })) = self.pending.remove(&id) else { return Ok(()) };
+        let mut rx = self.durable.subscribe();
+        let on_disk =
+            tokio::time::timeout(self.strict_timeout, rx.wait_for(|&d| d >= seq)).await.is_ok_and(|r| r.is_ok());
+        drop(rx);
+        if on_disk {
+            return Ok(());
+        }
+        // Timed out, or the writer is gone (closed): not durable.
+        self.revert(deltas, id);
+        Err(StoreError::NotDurable { timeout_ms: u64::try_from(self.strict_timeout.as_millis()).unwrap_or(u64::MAX) })
+    }
+
+    /// False while ledger commits fail; true again once one succeeds.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    pub fn ledger_name(&self) -> &str {
+        &self.ledger_name
+    }
+
+    /// Commits everything settled so far and waits for it, at most `wait`; true when on disk.
+    pub fn flush_within(&self, wait: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.send(Msg::Flush(tx));
+        rx.recv_timeout(wait).is_ok()
+    }
+
+    /// Flushes (waiting at most `wait`), then stops the writer with a last commit attempt.
+    /// Reports how many records could not be written; later changes stay in memory only.
+    pub fn close(&self, wait: Duration) -> Result<(), Unflushed> {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.flush_within(wait);
+            self.send(Msg::Stop);
+            if let Some(h) = lock(&self.writer).take() {
+                // The writer answers Stop within one commit attempt; wait a bounded time for it.
+                let deadline = Instant::now() + wait.max(Duration::from_millis(100));
+                while !h.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                if h.is_finished() {
+                    let _ = h.join();
+                }
+            }
+        }
+        match self.unflushed() {
+            0 => Ok(()),
+            records => Err(Unflushed { records, ledger: self.ledger_name.clone() }),
+        }
+    }
+
+    fn unflushed(&self) -> usize {
+        self.packages.iter().filter(|e| lock(&e.value().inner).dirty).count()
+            + self.months.iter().filter(|e| lock(&e.value().inner).dirty).count()
+            + self.images.iter().filter(|e| lock(&e.value().inner).dirty).count()
+    }
+
+    fn record(&self, key: &DirtyKey) -> Option<Record> {
+        match key {
+            DirtyKey::Package(k) => {
+                let st = self.packages.get(k)?.clone();
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                Some(Record::Package(PackageRecord {
+                    tenant: st.tenant.clone(),
+                    id: st.id.clone(),
+                    consumed: Dec(units::from_micro(g.consumed)),
+                    alerted: g.alerted,
+                }))
+            }
+            DirtyKey::Image(k) => {
+                let st = self.images.get(k)?.clone();
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                Some(Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.clone(), count: g.count }))
+            }
+            DirtyKey::Month(pair, m) => {
+                let st = self.months.get(&(*pair, *m))?.clone();
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                let d = |v: i64| Dec(rust_decimal::Decimal::from(v));
+                Some(Record::Month(MonthRecord {
+                    tenant: st.tenant.clone(),
+                    feature: st.feature.clone(),
+                    month: st.month.clone(),
+                    units: g.units.map(d),
+                    payg: g.payg.iter().map(|(k, v)| (k.clone(), d(*v))).collect(),
+                    unpaid: d(g.unpaid),
+                    integer: true,
+                }))
+            }
+        }
+    }
+
+    /// Marks a record dirty again after a failed commit (the writer keeps its key).
+    fn redirty(&self, key: &DirtyKey) {
+        match key {
+            DirtyKey::Package(k) => {
+                if let Some(st) = self.packages.get(k) {
+                    lock(&st.inner).dirty = true;
+                }
+            }
+            DirtyKey::Month(p, m) => {
+                if let Some(st) = self.months.get(&(*p, *m)) {
+                    lock(&st.inner).dirty = true;
+                }
+            }
+            DirtyKey::Image(k) => {
+                if let Some(st) = self.images.get(k) {
+                    lock(&st.inner).dirty = true;
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread: one ledger transaction per group of dirty records. A failed commit keeps
+/// every record in memory, marked dirty, and is retried; the first failure of a spell is logged
+/// as an error and makes the store unhealthy (`/readyz` 503) until a commit succeeds again.
+fn writer(
+    store: std::sync::Weak<LocalStore>,
+    ledger: Box<dyn LedgerStore>,
+    rx: mpsc::Receiver<Msg>,
+    interval: Duration,
+) {
+    let mut keys: HashSet<DirtyKey> = HashSet::new();
+    let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
+    let mut stop = false;
+    let mut failures: u64 = 0;
+    loop {
+        let Some(strict) = store.upgrade().map(|b| b.strict) else { return };
+        // Strict mode also wakes every 2 ms: a settlement whose record was committed before its
+        // sequence number was taken still needs `durable` advanced past that number.
+        let first = if strict || failures > 0 {
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
+        };
+        let Some(b) = store.upgrade() else { return };
+        let take = |m: Msg, keys: &mut HashSet<DirtyKey>, waiters: &mut Vec<mpsc::Sender<()>>, stop: &mut bool| match m
+        {
+            Msg::Dirty(k) => {
+                keys.insert(k);
+            }
+            Msg::Flush(w) => waiters.push(w),
+            Msg::Stop => *stop = true,
+        };
+        match first {
+            Some(m) => take(m, &mut keys, &mut waiters, &mut stop),
+            None if !keys.is_empty() || b.seq.load(Ordering::SeqCst) > *b.durable.borrow() => {}
+            None => continue,
+        }
+        if !b.strict && waiters.is_empty() && !stop && failures == 0 {
+            // Batched: gather for one interval, unless someone asks for a flush meanwhile.
+            let deadline = Instant::now() + interval;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(m) => {
+                        take(m, &mut keys, &mut waiters, &mut stop);
+                        if !waiters.is_empty() || stop {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        let target = b.seq.load(Ordering::SeqCst);
+        while let Ok(m) = rx.try_recv() {
+            take(m, &mut keys, &mut waiters, &mut stop);
+        }
+        if keys.is_empty() {
+            // Every change numbered up to `target` is already committed (its record would
+            // otherwise be dirty and queued).
+            b.durable.send_replace(target);
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+            if stop {
+                return;
+            }
+            continue;
+        }
+        let records: Vec<Record> = keys.iter().filter_map(|k| b.record(k)).collect();
+        let started = Instant::now();
+        match ledger.commit(&records) {
+            Ok(()) => {
+                b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
+                if failures > 0 {
+                    tracing::info!(
+                        ledger = %b.ledger_name,
+                        failed_commits = failures,
+                        records = records.len(),
+                        "ledger commits succeed again; everything kept in memory is on disk"
+                    );
+                    failures = 0;
+                }
+                b.healthy.store(true, Ordering::SeqCst);
+                keys.clear();
+                b.durable.send_replace(target);
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+            Err(e) => {
+                b.metrics.ledger_errors.inc();
+                b.healthy.store(false, Ordering::SeqCst);
+                if failures == 0 {
+                    tracing::error!(
+                        error = %e,
+                        records = records.len(),
+                        "ledger commit failed; serving from memory and retrying (not ready until it succeeds)"
+                    );
+                }
+                failures += 1;
+                for k in &keys {
+                    b.redirty(k);
+                }
+            }
+        }
+        drop(b);
+        if stop {
+            return;
+        }
+        if failures > 0 {
+            // Back off before the next attempt; a Stop or Flush meanwhile is seen at the next turn.
+            std::thread::sleep(interval.clamp(Duration::from_millis(20), Duration::from_millis(200)));
+        }
+    }
+}
+
+// ---- the interfaces: each completes without suspending ----
+
+impl RateStore for LocalStore {
+    async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
+        Ok(self.admit_now(key, q))
+    }
+    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
+        self.refund_now(key, q);
+        Ok(())
+    }
+}
+
+impl BalanceStore for LocalStore {
+    async fn reserve(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+        lease: Duration,
+    ) -> Result<Option<usize>, StoreError> {
+        Ok(self.reserve_now(tenant, candidates, want, id, lease))
+    }
+    async fn commit(&self, _tenant: TenantKey<'_>, id: RequestId) -> Result<Option<i64>, StoreError> {
+        Ok(self.commit_now(id))
+    }
+    async fn release(&self, _tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
+        self.release_now(id);
+        Ok(())
+    }
+    fn release_in_background(&self, _tenant: TenantKey<'_>, id: RequestId) {
+        self.release_now(id)
+    }
+    async fn take_up_to(
+        &self,
+        tenant: TenantKey<'_>,
+        candidates: &[Candidate<'_>],
+        want: i64,
+        id: RequestId,
+    ) -> Result<Vec<Taken>, StoreError> {
+        Ok(self.take_now(tenant, candidates, want, id))
+    }
+    async fn consumed(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<i64, StoreError> {
+        Ok(self.consumed_now(tenant, package))
+    }
+    async fn mark_alerted(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<bool, StoreError> {
+        Ok(self.mark_alerted_now(tenant, package))
+    }
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        Ok(self.sweep_now())
+    }
+}
+
+impl UsageStore for LocalStore {
+    async fn add_usage(
+        &self,
+        key: BucketKey<'_>,
+        month: &str,
+        to: UsageTo,
+        units: i64,
+        cell: &str,
+        id: RequestId,
+    ) -> Result<i64, StoreError> {
+        Ok(self.add_usage_now(key, month, to, units, cell, id))
+    }
+    async fn month(&self, tenant: TenantKey<'_>, month: &str) -> Result<Vec<MonthUsage>, StoreError> {
+        Ok(self.month_now(tenant.name, month))
+    }
+}
+
+impl ImageStore for LocalStore {
+    async fn reserve_image_slot(
+        &self,
+        tenant: TenantKey<'_>,
+        capacity: u64,
+        id: RequestId,
+    ) -> Result<bool, StoreError> {
+        Ok(self.reserve_image_slot_now(tenant, capacity, id))
+    }
+    async fn settle_images(
+        &self,
+        tenant: TenantKey<'_>,
+        op: ImageOp,
+        id: RequestId,
+        reported: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        Ok(self.settle_images_now(tenant, op, id, reported))
+    }
+    async fn release_image_slot(&self, _tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
+        self.release_image_slot_now(id);
+        Ok(())
+    }
+    fn release_image_slot_in_background(&self, _tenant: TenantKey<'_>, id: RequestId) {
+        self.release_image_slot_now(id)
+    }
+    async fn image_count(&self, tenant: TenantKey<'_>) -> Result<u64, StoreError> {
+        Ok(self.image_count_now(tenant))
+    }
+}
+
+impl OverrideStore for LocalStore {
+    async fn put_override(&self, tenant: &str, feature: &str, ov: Override) -> Result<(), StoreError> {
+        self.put_override_now(tenant, feature, ov);
+        Ok(())
+    }
+    async fn overrides(&self) -> Result<Vec<(String, String, Override)>, StoreError> {
+        Ok(self.overrides_now())
+    }
+}
+
+impl Durable for LocalStore {
+    async fn durable(&self, id: RequestId) -> Result<(), StoreError> {
+        self.durable_now(id).await
+    }
+}
