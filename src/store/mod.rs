@@ -318,12 +318,14 @@ pub trait Durable: Send + Sync {
 /// The Redis backend adds its variant and one arm per method.
 pub enum Stores {
     Local(std::sync::Arc<local::LocalStore>),
+    Redis(redis::RedisStore),
 }
 
 macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Stores::Local($s) => $e,
+            Stores::Redis($s) => $e,
         }
     };
 }

@@ -904,15 +904,14 @@ impl BalanceStore for RedisStore {
         &self,
         tenant: TenantKey<'_>,
         candidates: &[Candidate<'_>],
-        want: &[i64],
+        want: i64,
         id: RequestId,
     ) -> Result<Vec<Taken>, StoreError> {
         let from: Vec<TakeFrom<'_>> = candidates
             .iter()
-            .zip(want)
-            .map(|(c, w)| TakeFrom { package: c.id, points: c.points, cap: Some(*w), alert_at: None })
+            .map(|c| TakeFrom { package: c.id, points: c.points, cap: None, alert_at: None })
             .collect();
-        let took = self.take(tenant.name, &from, None, id.0).await?;
+        let took = self.take(tenant.name, &from, Some(want), id.0).await?;
         Ok(took.into_iter().map(|t| Taken { taken: t.taken, consumed: t.consumed }).collect())
     }
 
