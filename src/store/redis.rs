@@ -28,12 +28,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::DashSet;
+use dashmap::{DashMap, DashSet};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use rustc_hash::FxBuildHasher;
 
 use super::StoreError;
 
@@ -54,6 +55,19 @@ pub struct RedisOpts {
     pub done_ttl: Duration,
     /// Lease of an image slot (`[cluster].hold_lease_ms`; package holds get theirs per call).
     pub hold_lease: Duration,
+}
+
+impl RedisOpts {
+    /// From `[cluster]`: its prefix and lease; replay markers kept an hour, or two leases when
+    /// longer (a settlement retried after a lease must still find its first answer).
+    pub fn from_cluster(c: &crate::config::gateway::ClusterSettings) -> RedisOpts {
+        RedisOpts {
+            key_prefix: c.key_prefix.clone(),
+            hold_lease: c.hold_lease,
+            done_ttl: Duration::from_secs(3600).max(c.hold_lease * 2),
+            ..RedisOpts::default()
+        }
+    }
 }
 
 impl Default for RedisOpts {
@@ -231,7 +245,24 @@ pub struct RedisStore {
     /// [`RedisStore::set_tenants`] (every configured tenant, so a survivor gives back a dead
     /// replica's holds).
     tenants: Arc<DashSet<String>>,
+    /// 429s answered locally until their retry time, by [`throttle_key`].
+    throttled: Arc<DashMap<u64, Throttled, FxBuildHasher>>,
     metrics: Option<StoreMetrics>,
+}
+
+/// A cached 429: the names guard against a hash collision.
+struct Throttled {
+    tenant: Box<str>,
+    bucket: Box<str>,
+    until: Instant,
+}
+
+/// The cache key of a bucket of one shape (a new limit is a new bucket, never cached).
+fn throttle_key(tenant: &str, bucket: &str, limit: u32, depth: u32) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = FxBuildHasher.build_hasher();
+    (tenant, bucket, limit, depth).hash(&mut h);
+    h.finish()
 }
 
 /// The store metrics of SPEC §10 (`op`: admit, settle, sweep, sync), to register on the
@@ -344,6 +375,7 @@ impl RedisStore {
             opts: Arc::new(opts),
             scripts: Arc::new(Scripts::new()),
             tenants: Arc::new(DashSet::new()),
+            throttled: Arc::new(DashMap::with_hasher(FxBuildHasher)),
             metrics: None,
         })
     }
@@ -393,6 +425,16 @@ impl RedisStore {
         hold: Option<HoldReq<'_>>,
     ) -> Result<Admission, StoreError> {
         let op = "admit";
+        // A 429 answered from this replica's cache until its retry time: no store call. It can
+        // never admit wrongly (it only refuses), and the bucket's tat only moves forward apart
+        // from refunds, which drop the entry here (another replica's refund may leave a 429
+        // here up to one emission interval early: a refusal, never an overdraw).
+        let cache_key = bucket.map(|(b, limit, depth)| throttle_key(tenant, b, limit, depth));
+        if let Some(k) = cache_key {
+            if let Some(retry) = self.cached_429(k, tenant, bucket.map_or("", |b| b.0)) {
+                return Ok(Admission { admit: Err(retry), hold: None });
+            }
+        }
         let mut inv = self.scripts.admit.prepare_invoke();
         let (t, tau, shape, limit, depth) = match bucket {
             Some((_, limit, depth)) => {
@@ -436,10 +478,30 @@ impl RedisStore {
                 Ok((0, 0))
             }
         } else {
-            Err(Duration::from_micros(u64::try_from(r[1]).unwrap_or(0)))
+            let retry = Duration::from_micros(u64::try_from(r[1]).unwrap_or(0));
+            if let (Some(k), Some((b, _, _))) = (cache_key, bucket) {
+                self.throttled
+                    .insert(k, Throttled { tenant: tenant.into(), bucket: b.into(), until: Instant::now() + retry });
+            }
+            Err(retry)
         };
         let hold = usize::try_from(r[3]).ok();
         Ok(Admission { admit, hold })
+    }
+
+    /// The time left of a cached 429 of this bucket, if any (an expired one is dropped).
+    fn cached_429(&self, key: u64, tenant: &str, bucket: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let hit = self.throttled.get(&key).and_then(|e| {
+            (&*e.tenant == tenant && &*e.bucket == bucket).then(|| e.until.checked_duration_since(now))
+        })?;
+        match hit {
+            Some(left) if !left.is_zero() => Some(left),
+            _ => {
+                self.throttled.remove_if(&key, |_, e| e.until <= now);
+                None
+            }
+        }
     }
 
     /// Takes one token of the (tenant, bucket) GCRA bucket.
@@ -456,6 +518,7 @@ impl RedisStore {
     /// Gives back one token of the same shape.
     pub async fn gcra_refund(&self, tenant: &str, bucket: &str, limit: u32, depth: u32) -> Result<(), StoreError> {
         let op = "admit";
+        self.throttled.remove(&throttle_key(tenant, bucket, limit, depth));
         let t = 1_000_000 / u64::from(limit.max(1));
         let mut inv = self.scripts.refund.prepare_invoke();
         inv.key(self.key(tenant, &format!("b:{bucket}"))).arg(t).arg(format!("{}:{}", limit.max(1), depth.max(1)));
@@ -746,12 +809,52 @@ impl RedisStore {
         let idx = format!("{}:ov:index", self.opts.key_prefix);
         let cmd = redis::cmd("SADD").arg(&idx).arg(format!("{tenant}\n{feature}")).clone();
         let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
+        let cmd = redis::cmd("INCR").arg(format!("{}:ov:version", self.opts.key_prefix)).clone();
+        let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
         let cmd = redis::cmd("PUBLISH")
             .arg(format!("{}:overrides", self.opts.key_prefix))
             .arg(format!("{tenant}\n{feature}"))
             .clone();
         let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
         Ok(())
+    }
+
+    /// A counter every [`RedisStore::put_override_json`] raises: a replica polls it (one round
+    /// trip) and reads the overrides again only when it moved (SPEC §11.4: within 1 s).
+    pub async fn override_version(&self) -> Result<i64, StoreError> {
+        let op = "sync";
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("GET").arg(format!("{}:ov:version", self.opts.key_prefix)).clone();
+        let v: Value = self.timed(op, cmd.query_async(&mut conn)).await?;
+        as_i64(op, &v)
+    }
+
+    /// Sweeps every known tenant every `every` (lease expiry backstop, SPEC §11.2) until the
+    /// handle is aborted. A failure is counted (`turnstile_store_errors_total{op="sweep"}`) and
+    /// logged once per failure spell.
+    pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match store.sweep_all().await {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(holds = n, "gave back holds whose lease ended");
+                        }
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::error!(error = %e, "hold sweep failed; retrying");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
     }
 
     /// Every stored override as (tenant, feature, JSON), sorted.

@@ -71,6 +71,7 @@ on_both!(
     tenants_keys_share_one_slot,
     the_store_interfaces_on_redis,
     one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back,
+    the_sweeper_task_gives_back_a_dead_replicas_holds,
 );
 
 /// A flood of 2 s from 16 tasks: admitted within [limit × T, limit × T + depth] (3% timing
@@ -342,7 +343,10 @@ async fn month_usage_and_overrides_read_back(store: RedisStore) {
             ("video".to_string(), vec![("payg:1080p".to_string(), 90_000)]),
         ]
     );
+    assert_eq!(store.override_version().await.unwrap(), 0);
     store.put_override_json("acme", "face", r#"{"qps":10}"#).await.unwrap();
+    let v1 = store.override_version().await.unwrap();
+    assert!(v1 > 0, "a put moves the version");
     store.put_override_json("acme", "face", r#"{"qps":10}"#).await.unwrap();
     store.put_override_json("globex", "seg", r#"{"qps":5}"#).await.unwrap();
     assert_eq!(
@@ -518,4 +522,47 @@ async fn one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back
     let e = store.admit_and_hold("acme", Some(("seg", 1, 1)), Some(hold(5, true))).await.unwrap();
     assert_eq!(e.hold, None);
     assert!(store.admit_and_hold("acme", Some(("seg", 1, 1)), None).await.unwrap().admit.is_ok());
+}
+
+/// A 429 is answered from this replica's cache until its retry time: no store call (here the
+/// store is even gone), and a refund drops the cached answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_429_needs_no_store_call_until_its_retry_time() {
+    let Some(mut s) = RedisServer::start("a_cached_429_needs_no_store_call", Opts::default()) else { return };
+    let store =
+        RedisStore::connect(&[s.url()], RedisOpts { op_timeout: Duration::from_millis(300), ..opts() }).await.unwrap();
+    assert!(store.gcra("acme", "face", 1, 1).await.unwrap().is_ok());
+    let first = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled");
+    assert!(first > Duration::from_millis(800), "{first:?}");
+    // A refund drops the cache entry: the next answer comes from Redis again (admitted).
+    store.gcra_refund("acme", "face", 1, 1).await.unwrap();
+    assert!(store.gcra("acme", "face", 1, 1).await.unwrap().is_ok(), "the refunded token");
+    let retry = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled again");
+    s.kill9();
+    let cached = store.gcra("acme", "face", 1, 1).await.expect("answered without Redis").expect_err("still throttled");
+    assert!(cached <= retry, "{cached:?} > {retry:?}");
+    // Another shape (a reload changed the limit) is not answered from the cache.
+    assert!(store.gcra("acme", "face", 2, 2).await.is_err(), "Redis is down: a store error");
+}
+
+/// A replica reserves and dies (its store handle is gone, nothing released); another replica's
+/// sweeper, told the tenants of the configuration, gives the hold back after the lease.
+async fn the_sweeper_task_gives_back_a_dead_replicas_holds(store: RedisStore) {
+    let dead = store.clone();
+    let lease = Duration::from_millis(300);
+    assert_eq!(dead.hold("acme", &[("p", 1_000_000)], 1_000_000, 1, lease).await.unwrap(), Some(0));
+    drop(dead);
+    // The survivor never reserved for acme: it sweeps because the configuration names it.
+    let survivor = RedisStore { tenants: Arc::new(DashSet::new()), ..store.clone() };
+    survivor.set_tenants(["acme", "globex"]);
+    let sweeper = survivor.spawn_sweeper(Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(survivor.package_held("acme", "p").await.unwrap(), 1_000_000, "not before the lease");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while survivor.package_held("acme", "p").await.unwrap() != 0 {
+        assert!(Instant::now() < deadline, "the hold was not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sweeper.abort();
+    assert_eq!(survivor.hold("acme", &[("p", 1_000_000)], 1_000_000, 2, lease).await.unwrap(), Some(0));
 }
