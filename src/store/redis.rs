@@ -259,10 +259,8 @@ struct Throttled {
 
 /// The cache key of a bucket of one shape (a new limit is a new bucket, never cached).
 fn throttle_key(tenant: &str, bucket: &str, limit: u32, depth: u32) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = FxBuildHasher.build_hasher();
-    (tenant, bucket, limit, depth).hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    FxBuildHasher.hash_one((tenant, bucket, limit, depth))
 }
 
 /// The store metrics of SPEC §10 (`op`: admit, settle, sweep, sync), to register on the
