@@ -27,6 +27,8 @@ use crate::config::gateway::ImageOp;
 pub use crate::payer::PayerKind;
 
 pub mod local;
+#[cfg(test)]
+pub mod tests;
 
 /// Micro-points per point: package points are kept as `i64` micro-points.
 pub use crate::units::MICRO;
@@ -444,18 +446,3 @@ impl Durable for Stores {
 pub trait Store: RateStore + BalanceStore + UsageStore + ImageStore + OverrideStore + Durable {}
 
 impl<T: RateStore + BalanceStore + UsageStore + ImageStore + OverrideStore + Durable> Store for T {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_unique_and_share_the_process_nonce() {
-        let ids = RequestIds::new();
-        let (a, b) = (ids.next(), ids.next());
-        assert_ne!(a, b);
-        assert_eq!(a.0 >> 64, b.0 >> 64);
-        assert_ne!(RequestIds::new().next().0 >> 64, a.0 >> 64, "another process (or generator) draws another nonce");
-        assert_eq!(format!("{a}").len(), 32);
-    }
-}
