@@ -1164,4 +1164,4 @@ impl Durable for RedisStore {
 pub(crate) mod harness;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

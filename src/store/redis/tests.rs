@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// What keeps the Redis processes alive for the test's length.
 #[allow(dead_code)]
-enum Keep {
+pub(crate) enum Keep {
     One(RedisServer),
     Cluster(RedisCluster),
 }
@@ -32,6 +32,13 @@ async fn cluster(test: &str) -> Option<(RedisStore, Keep)> {
     let c = RedisCluster::start(test)?;
     let store = RedisStore::connect(&c.urls(), opts()).await.expect("connect to the cluster");
     Some((store, Keep::Cluster(c)))
+}
+
+/// The backend-agnostic suite's fixture (`store/tests.rs`): a fresh single server, or a fresh
+/// 3-node cluster; `None` when Redis is not installed (and `CI` is not `true`).
+pub(crate) async fn suite_fixture(test: &str, cluster_mode: bool) -> Option<(Arc<RedisStore>, Keep)> {
+    let (store, keep) = if cluster_mode { cluster(test).await? } else { single(test).await? };
+    Some((Arc::new(store), keep))
 }
 
 /// Each behaviour runs on a single server and on a 3-node cluster.
