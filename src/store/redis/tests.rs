@@ -573,3 +573,24 @@ async fn the_sweeper_task_gives_back_a_dead_replicas_holds(store: RedisStore) {
     sweeper.abort();
     assert_eq!(survivor.hold("acme", &[("p", 1_000_000)], 1_000_000, 2, lease).await.unwrap(), Some(0));
 }
+
+/// SPEC §10's store metrics, registered on the gateway's registry: every call is timed, every
+/// failure counted, per `op`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_calls_are_timed_and_failures_counted_per_op() {
+    let Some(mut s) = RedisServer::start("store_calls_are_timed_and_failures_counted", Opts::default()) else { return };
+    let metrics = crate::metrics::Metrics::new(true);
+    let m = StoreMetrics::new().unwrap();
+    m.register(&metrics.registry).unwrap();
+    let o = RedisOpts { op_timeout: Duration::from_millis(300), ..opts() };
+    let store = RedisStore::connect(&[s.url()], o).await.unwrap().with_metrics(m);
+    store.gcra("acme", "face", 10, 10).await.unwrap().unwrap();
+    store.sweep_tenant("acme").await.unwrap();
+    s.kill9();
+    assert!(store.gcra("acme", "face", 10, 10).await.is_err());
+    let text = metrics.render();
+    assert!(text.contains("turnstile_store_duration_seconds_count{op=\"admit\"} 2"), "{text}");
+    assert!(text.contains("turnstile_store_duration_seconds_count{op=\"sweep\"} 1"), "{text}");
+    assert!(text.contains("turnstile_store_errors_total{op=\"admit\"} 1"), "{text}");
+    assert!(!text.contains("turnstile_store_errors_total{op=\"sweep\"}"), "{text}");
+}
