@@ -407,7 +407,7 @@ async fn a_dead_server_fails_within_the_timeout_and_a_restart_recovers() {
 }
 
 /// `appendfsync always`: a commit Redis acknowledged survives kill -9 and a restart on the same
-/// directory, and nothing is refilled.
+/// directory, and nothing is refilled (neither the package nor the bucket).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commits_survive_kill_9_with_appendfsync_always() {
     let Some(mut s) =
@@ -422,9 +422,16 @@ async fn acknowledged_commits_survive_kill_9_with_appendfsync_always() {
         assert_eq!(store.hold("acme", &[("p", pts)], 1_000_000, id, Duration::from_secs(30)).await.unwrap(), Some(0));
         assert!(store.commit_hold("acme", id).await.unwrap().is_some());
     }
+    // The bucket's one token (1 per second) is taken just before the crash.
+    assert!(store.gcra("acme", "face", 1, 1).await.unwrap().is_ok());
+    let crash = Instant::now();
     s.kill9();
     s.restart();
     let store = RedisStore::connect(&[s.url()], opts()).await.unwrap();
+    let throttled = store.gcra("acme", "face", 1, 1).await.unwrap();
+    let elapsed = crash.elapsed();
+    assert!(elapsed < Duration::from_millis(900), "restart took {elapsed:?}: too slow to check the bucket");
+    assert!(throttled.is_err(), "the bucket was refilled by the restart");
     assert_eq!(store.package_consumed("acme", "p").await.unwrap(), pts, "every acknowledged commit is there");
     assert_eq!(store.hold("acme", &[("p", pts)], 1_000_000, 9, Duration::from_secs(30)).await.unwrap(), None);
     assert_eq!(store.commit_hold("acme", 3).await.unwrap(), Some(4_000_000), "the replay marker survived too");
