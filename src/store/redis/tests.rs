@@ -601,3 +601,36 @@ async fn store_calls_are_timed_and_failures_counted_per_op() {
     assert!(text.contains("turnstile_store_errors_total{op=\"admit\"} 1"), "{text}");
     assert!(!text.contains("turnstile_store_errors_total{op=\"sweep\"}"), "{text}");
 }
+
+/// A Redis Cluster node dies: calls for the tenants it served fail within the store timeout
+/// (never hang), the other tenants keep being served, and its restart (same directory, same
+/// nodes.conf) brings its tenants back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_node_fails_its_tenants_within_the_timeout_only() {
+    let Some(mut c) = RedisCluster::start("a_dead_cluster_node_fails_its_tenants") else { return };
+    let o = RedisOpts { op_timeout: Duration::from_millis(400), ..opts() };
+    let store = RedisStore::connect(&c.urls(), o).await.unwrap();
+    let tenants: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        assert!(store.gcra(t, "face", 100, 100).await.unwrap().is_ok());
+    }
+    c.nodes[0].kill9();
+    let (mut ok, mut failed) = (0, 0);
+    for t in &tenants {
+        let start = Instant::now();
+        match store.gcra(t, "face", 100, 100).await {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+        assert!(start.elapsed() < Duration::from_millis(1500), "{t}: answered in {:?}", start.elapsed());
+    }
+    assert!(ok > 0 && failed > 0, "ok {ok}, failed {failed}: one node of three serves some tenants");
+    c.nodes[0].restart();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    for t in &tenants {
+        while store.gcra(t, "face", 100, 100).await.is_err() {
+            assert!(Instant::now() < deadline, "{t} not served again after the node's restart");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
