@@ -13,9 +13,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use http::{HeaderMap, HeaderValue};
 use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
 use turnstile::clock::{SharedClock, SystemClock};
-use turnstile::config::{build, ConfigSource, Texts};
+use turnstile::config::{ConfigSource, Texts};
 use turnstile::proxy::{decide, settle_now, Decision};
 use turnstile::server::Gateway;
+use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;
 
 const KEYS: usize = 100_000;

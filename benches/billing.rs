@@ -11,9 +11,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use turnstile::billing::Billing;
 use turnstile::config::gateway::Durability;
-use turnstile::config::{build, Texts};
+use turnstile::config::Texts;
 use turnstile::ledger::RedbLedger;
 use turnstile::metrics::Metrics;
+use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;
 
 fn snapshot() -> Snapshot {

@@ -18,9 +18,10 @@ use arc_swap::ArcSwap;
 use criterion::Criterion;
 use http::{HeaderMap, HeaderValue};
 use turnstile::clock::SystemClock;
-use turnstile::config::{build, ConfigSource, Texts};
+use turnstile::config::{ConfigSource, Texts};
 use turnstile::proxy::{decide, Decision};
 use turnstile::server::Gateway;
+use turnstile::snapshot::build;
 
 const TENANTS: usize = 100_000;
 /// Tenants left out of every other reload (the last ones; traffic never uses them).

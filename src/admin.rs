@@ -16,10 +16,10 @@ use subtle::ConstantTimeEq;
 use crate::admission::{self, LimitSource};
 use crate::catalog::Unit;
 use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::http_util::{bearer_token, error_response, ProxyBody};
 use crate::ledger::PAYERS;
 use crate::pricing::{self, ser::money_string, ser::plain_string};
-use crate::proxy::{bearer_token, error_response, ProxyBody};
-use crate::server::Gateway;
 use crate::time::format_rfc3339;
 use rust_decimal::Decimal;
 

@@ -248,7 +248,8 @@ impl BucketStore for LocalBuckets {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::config::{build, Texts};
+    use crate::config::Texts;
+    use crate::snapshot::build;
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -29,8 +29,9 @@ use crate::units;
 pub use crate::payer::PayerKind;
 pub use crate::store::local::Unflushed;
 
-/// How long a hold lives before the sweep gives it back (local: only a leaked guard).
-const HOLD_LEASE: Duration = Duration::from_secs(60);
+/// How long a hold lives before the sweep gives it back (local: only a leaked guard, so longer
+/// than any request can be in flight).
+const HOLD_LEASE: Duration = Duration::from_secs(600);
 
 /// A low-balance alert, as logged and POSTed to the webhook.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -320,6 +321,18 @@ impl Billing {
     pub fn refresh_package_gauge(&self, tenant: &Tenant, p: &Package) {
         let (t, c) = (tenant_key(tenant), candidate(tenant, p));
         self.set_gauge(t, c, self.store.consumed_now(t, c));
+    }
+
+    /// Gives every package of `snap` its `turnstile_package_remaining_points` series (points
+    /// less what the ledger says it consumed) and hides the series of packages no longer
+    /// configured.
+    pub fn show_packages(&self, metrics: &Metrics, snap: &Snapshot) {
+        metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
+        for t in &snap.tenants {
+            for p in &t.packages {
+                self.refresh_package_gauge(t, p);
+            }
+        }
     }
 
     /// Chooses and reserves the payer of one call at admission; `None` means 402.
@@ -654,7 +667,7 @@ mod tests {
 
     fn snapshot(catalog: &str, ents: &str) -> Snapshot {
         let texts = crate::config::Texts::in_memory(MAIN, catalog, ents);
-        crate::config::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
+        crate::snapshot::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
     }
 
     const SHIPPED: &str = include_str!("../config/catalog.toml");

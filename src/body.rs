@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::proxy::ProxyBody;
+use crate::http_util::ProxyBody;
 
 /// The most bytes of a refused request body read and discarded before the connection is closed.
 pub const DRAIN_MAX_BYTES: u64 = 64 * 1024 * 1024;

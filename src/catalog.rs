@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
-use crate::config::{Dec, Errs};
+use crate::diag::{Dec, Errs};
 use crate::intern;
 
 /// The built-in Image Search feature (SPEC §3.3): limits and prices come from `[image_search]`.

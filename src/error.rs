@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
+use crate::metrics::Outcome;
+
 /// Everything the data plane and the admin API can refuse a request with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -45,6 +47,8 @@ pub enum ApiError {
     UpstreamTimeout { timeout_ms: u64 },
     #[error("the gateway could not record the charge of this call durably within {timeout_ms} ms (ledger storage failing), so it was not charged: retry later; operators: check the ledger disk")]
     LedgerUnavailable { timeout_ms: u64 },
+    #[error("the gateway's shared store could not be reached within its timeout ({reason}), so nothing was charged: retry later; operators: check the store")]
+    StoreUnavailable { reason: String },
     #[error("the admin API is disabled: set TURNSTILE_ADMIN_TOKEN to enable it")]
     AdminDisabled,
     #[error("missing or wrong admin token: send `Authorization: Bearer $TURNSTILE_ADMIN_TOKEN`")]
@@ -57,53 +61,67 @@ pub enum ApiError {
     MethodNotAllowed(String),
 }
 
+/// How a refusal is answered and counted: the one table (status, code, outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    /// The `outcome` label of `turnstile_requests_total`.
+    pub outcome: Outcome,
+}
+
+const fn r(status: StatusCode, code: &'static str, outcome: Outcome) -> Refusal {
+    Refusal { status, code, outcome }
+}
+
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
+    /// The one table from refusal to status, code and outcome. Client faults found before or
+    /// while reading the body (413, 408) count as `forbidden`; failures of the upstream or of
+    /// the gateway's own stores after admission count as `upstream_error`.
+    pub fn refusal(&self) -> Refusal {
         use ApiError::*;
+        use Outcome as O;
+        use StatusCode as S;
         match self {
-            MissingApiKey { .. } | InvalidApiKey | AdminUnauthorized => StatusCode::UNAUTHORIZED,
-            UnknownRoute { .. } | NotFound(_) => StatusCode::NOT_FOUND,
-            BadRequest(_) | BadPath(_) => StatusCode::BAD_REQUEST,
-            ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => StatusCode::FORBIDDEN,
-            QpsExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            PaymentRequired { .. } | InstanceExpired { .. } => StatusCode::PAYMENT_REQUIRED,
-            InstanceReleased { .. } => StatusCode::GONE,
-            CapacityExceeded { .. } => StatusCode::CONFLICT,
-            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
-            UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            AdminDisabled | LedgerUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            MissingApiKey { .. } => r(S::UNAUTHORIZED, "missing_api_key", O::Unauthenticated),
+            InvalidApiKey => r(S::UNAUTHORIZED, "invalid_api_key", O::Unauthenticated),
+            UnknownRoute { .. } => r(S::NOT_FOUND, "unknown_route", O::UnknownRoute),
+            BadPath(_) => r(S::BAD_REQUEST, "bad_path", O::UnknownRoute),
+            ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => {
+                r(S::FORBIDDEN, "service_not_activated", O::Forbidden)
+            }
+            QpsExceeded { .. } => r(S::TOO_MANY_REQUESTS, "qps_exceeded", O::Throttled),
+            PaymentRequired { .. } => r(S::PAYMENT_REQUIRED, "payment_required", O::PaymentRequired),
+            InstanceExpired { .. } => r(S::PAYMENT_REQUIRED, "instance_expired", O::PaymentRequired),
+            InstanceReleased { .. } => r(S::GONE, "instance_released", O::Forbidden),
+            CapacityExceeded { .. } => r(S::CONFLICT, "capacity_exceeded", O::Forbidden),
+            BodyTooLarge { .. } => r(S::PAYLOAD_TOO_LARGE, "body_too_large", O::Forbidden),
+            BodyTimeout { .. } => r(S::REQUEST_TIMEOUT, "body_timeout", O::Forbidden),
+            // Answered before any decision; not counted in turnstile_requests_total.
+            UnsupportedTransferEncoding => r(S::NOT_IMPLEMENTED, "unsupported_transfer_encoding", O::Forbidden),
+            UpstreamUnavailable => r(S::BAD_GATEWAY, "upstream_unavailable", O::UpstreamError),
+            UpstreamTimeout { .. } => r(S::GATEWAY_TIMEOUT, "upstream_timeout", O::UpstreamError),
+            LedgerUnavailable { .. } => r(S::SERVICE_UNAVAILABLE, "ledger_unavailable", O::UpstreamError),
+            StoreUnavailable { .. } => r(S::SERVICE_UNAVAILABLE, "store_unavailable", O::UpstreamError),
+            // The admin API (not counted as tenant traffic).
+            AdminDisabled => r(S::SERVICE_UNAVAILABLE, "admin_disabled", O::Forbidden),
+            AdminUnauthorized => r(S::UNAUTHORIZED, "unauthorized", O::Unauthenticated),
+            NotFound(_) => r(S::NOT_FOUND, "not_found", O::UnknownRoute),
+            BadRequest(_) => r(S::BAD_REQUEST, "bad_request", O::Forbidden),
+            MethodNotAllowed(_) => r(S::METHOD_NOT_ALLOWED, "method_not_allowed", O::Forbidden),
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.refusal().status
+    }
+
     pub fn code(&self) -> &'static str {
-        use ApiError::*;
-        match self {
-            MissingApiKey { .. } => "missing_api_key",
-            InvalidApiKey => "invalid_api_key",
-            UnknownRoute { .. } => "unknown_route",
-            BadPath(_) => "bad_path",
-            ServiceNotActivated { .. } | ImageSearchNotActivated { .. } => "service_not_activated",
-            QpsExceeded { .. } => "qps_exceeded",
-            PaymentRequired { .. } => "payment_required",
-            InstanceExpired { .. } => "instance_expired",
-            InstanceReleased { .. } => "instance_released",
-            CapacityExceeded { .. } => "capacity_exceeded",
-            BodyTooLarge { .. } => "body_too_large",
-            BodyTimeout { .. } => "body_timeout",
-            UnsupportedTransferEncoding => "unsupported_transfer_encoding",
-            UpstreamUnavailable => "upstream_unavailable",
-            UpstreamTimeout { .. } => "upstream_timeout",
-            LedgerUnavailable { .. } => "ledger_unavailable",
-            AdminDisabled => "admin_disabled",
-            AdminUnauthorized => "unauthorized",
-            NotFound(_) => "not_found",
-            BadRequest(_) => "bad_request",
-            MethodNotAllowed(_) => "method_not_allowed",
-        }
+        self.refusal().code
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        self.refusal().outcome
     }
 
     pub fn body(&self) -> Bytes {
@@ -118,3 +136,40 @@ pub fn error_body(code: &str, message: &str) -> Bytes {
 }
 
 pub static JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_table_gives_status_code_and_outcome() {
+        let rows: [(ApiError, u16, &str, Outcome); 8] = [
+            (ApiError::InvalidApiKey, 401, "invalid_api_key", Outcome::Unauthenticated),
+            (ApiError::BadPath(crate::path::BadPath::Backslash), 400, "bad_path", Outcome::UnknownRoute),
+            (
+                ApiError::QpsExceeded { feature: "f".into(), limit: 1, retry_after: 1 },
+                429,
+                "qps_exceeded",
+                Outcome::Throttled,
+            ),
+            (
+                ApiError::InstanceExpired { expires_at: "x".into(), retention_days: 7 },
+                402,
+                "instance_expired",
+                Outcome::PaymentRequired,
+            ),
+            (
+                ApiError::InstanceReleased { expires_at: "x".into(), retention_days: 7 },
+                410,
+                "instance_released",
+                Outcome::Forbidden,
+            ),
+            (ApiError::BodyTimeout { timeout_ms: 1 }, 408, "body_timeout", Outcome::Forbidden),
+            (ApiError::LedgerUnavailable { timeout_ms: 1 }, 503, "ledger_unavailable", Outcome::UpstreamError),
+            (ApiError::StoreUnavailable { reason: "down".into() }, 503, "store_unavailable", Outcome::UpstreamError),
+        ];
+        for (e, status, code, outcome) in rows {
+            assert_eq!((e.status().as_u16(), e.code(), e.outcome()), (status, code, outcome), "{e}");
+        }
+    }
+}

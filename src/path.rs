@@ -386,7 +386,8 @@ mod tests {
 
 #[cfg(test)]
 mod config_tests {
-    use crate::config::{build, Texts};
+    use crate::config::Texts;
+    use crate::snapshot::build;
 
     #[test]
     fn a_route_must_be_written_in_normal_form() {

@@ -151,7 +151,7 @@ mod tests {
             r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": [{services}], "packages": [{packages}], "qps_plans": [{plans}]}}}}}}"#
         );
         let texts = crate::config::Texts::in_memory(MAIN, catalog, &ents);
-        crate::config::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
+        crate::snapshot::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn t(s: &str) -> i64 {

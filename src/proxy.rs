@@ -1,4 +1,6 @@
-//! Tenant traffic (SPEC §4): identify → route → activation → payer → limit → forward.
+//! Tenant traffic (SPEC §4), in named phases: identify → route → admit → pay → forward →
+//! settle. Refusals are [`ApiError`]s; their status, code and outcome come from one table
+//! ([`ApiError::refusal`]).
 //!
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
@@ -7,23 +9,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::admission::{self, Admit};
+use crate::admission;
 use crate::billing::{ImageSlot, Reservation, VideoUsage};
 use crate::body::{TenantBody, Upload, UploadError};
+use crate::catalog::Feature;
 use crate::catalog::Unit;
+use crate::config::entitlements::Tenant;
 use crate::config::gateway::ImageOp;
-use crate::error::{ApiError, JSON};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
 use crate::metrics::Outcome;
-use crate::server::Gateway;
+use crate::snapshot::Snapshot;
+use crate::store::{Admit, BucketKey, Quota};
 
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub use crate::http_util::ProxyBody;
+use crate::http_util::{bearer_token, error_response};
 pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
@@ -65,8 +71,7 @@ pub struct Forward {
     api_key_header: HeaderName,
     rate_headers: [(HeaderName, HeaderValue); 2],
     /// The bucket's shape, to give the token back when the body turns out too large.
-    limit: u32,
-    depth: u32,
+    quota: Quota,
     reservation: Reservation,
     video: bool,
     /// Image search: the operation, and for an add its capacity slot.
@@ -81,27 +86,6 @@ fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, He
     [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
 }
 
-pub(crate) fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Left(Full::new(e.body())));
-    *resp.status_mut() = e.status();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, JSON.clone());
-    for (n, v) in extra {
-        h.insert(n.clone(), v.clone());
-    }
-    match e {
-        ApiError::QpsExceeded { retry_after, .. } => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-        }
-        // Like nginx: the connection is not reused after these (the body is drained first).
-        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        _ => {}
-    }
-    resp
-}
-
 /// Returns the API key and whether it came from `Authorization: Bearer`.
 fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], bool)> {
     if let Some(v) = headers.get(name) {
@@ -111,17 +95,6 @@ fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], b
         }
     }
     bearer_token(headers).map(|k| (k, true))
-}
-
-/// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
-pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let (scheme, rest) = auth.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let k = rest.trim_ascii();
-    (!k.is_empty()).then_some(k)
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
@@ -134,69 +107,73 @@ pub enum Who {
     Pair(u64, &'static str, &'static str),
 }
 
-/// The outcome of identify → route → activation → payer → limit.
+/// The outcome of identify → route → admit → pay.
 // A short-lived return value on the stack; boxing `Forward` would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
-    Reject(ApiError, Outcome, Who, Vec<(HeaderName, HeaderValue)>),
+    /// Refused: the error (its status, code and outcome come from [`ApiError::refusal`]), who
+    /// it is counted against, and the headers that go with it.
+    Reject(ApiError, Who, Vec<(HeaderName, HeaderValue)>),
     Forward(Forward),
 }
 
-/// Decides a request from its head alone: one snapshot load, no await, no lock that a reload or
-/// another tenant can hold. `path` is the request's path as sent ([`crate::path::origin_path`]);
-/// routing and the upstream see its normal form. Only an admitted request takes a token: every
-/// other check (payer reservation and image-search capacity slot included) comes first, and a
-/// throttled request gives its reservation and slot back by dropping them.
-pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
-    let snap = gw.snapshot.load();
+type Refused = (ApiError, Who, Vec<(HeaderName, HeaderValue)>);
+
+/// Phase 1, identify: the API key → the tenant's index, and whether the key came as a bearer.
+fn identify(snap: &Snapshot, headers: &HeaderMap) -> Result<(usize, bool), Refused> {
     let s = &snap.settings;
     let Some((key, key_in_authorization)) = api_key(headers, &s.api_key_header) else {
-        return Decision::Reject(
-            ApiError::MissingApiKey { header: s.api_key_header.to_string() },
-            Outcome::Unauthenticated,
-            Who::Nobody,
-            Vec::new(),
-        );
+        return Err((ApiError::MissingApiKey { header: s.api_key_header.to_string() }, Who::Nobody, Vec::new()));
     };
-    let Some(ti) = snap.identify(key) else {
-        return Decision::Reject(ApiError::InvalidApiKey, Outcome::Unauthenticated, Who::Nobody, Vec::new());
-    };
-    let tenant = &snap.tenants[ti];
+    match snap.identify(key) {
+        Some(ti) => Ok((ti, key_in_authorization)),
+        None => Err((ApiError::InvalidApiKey, Who::Nobody, Vec::new())),
+    }
+}
+
+/// What routing found: the feature, its bucket, and its limit now.
+struct Routed<'a> {
+    route: &'a crate::config::gateway::Route,
+    path: std::borrow::Cow<'a, str>,
+    pair: u64,
+    quota: Quota,
+}
+
+/// Phase 2, route: the normalized path → the feature and its limit; then the checks that need
+/// no state (service activated, Image Search instance not expired, declared body length). Every
+/// refusal here leaves the quota whole.
+fn route<'a>(
+    snap: &'a Snapshot,
+    tenant: &'a Tenant,
+    headers: &HeaderMap,
+    path: &'a str,
+    now: i64,
+) -> Result<Routed<'a>, Refused> {
+    let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
-    let path = match crate::path::normalize(path) {
-        Ok(p) => p,
-        Err(why) => {
-            return Decision::Reject(
-                ApiError::BadPath(why),
-                Outcome::UnknownRoute,
-                Who::Tenant(tenant.label),
-                Vec::new(),
-            )
-        }
-    };
+    let path =
+        crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), Vec::new()))?;
     let Some(route) = snap.router.find(&path) else {
-        let e = ApiError::UnknownRoute { path: path.into_owned() };
-        return Decision::Reject(e, Outcome::UnknownRoute, Who::Tenant(tenant.label), Vec::new());
+        return Err((ApiError::UnknownRoute { path: path.into_owned() }, Who::Tenant(tenant.label), Vec::new()));
     };
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
     // Image search deletions have their own limit, hence their own bucket.
     let bucket_feature = if route.op == Some(ImageOp::Delete) { catalog.image_delete_intern } else { feature.intern };
     let pair = crate::intern::pair(tenant.intern, bucket_feature);
-    let ids = || Who::Pair(pair, tenant.label, feature.label);
-    let now = gw.clock.unix_nanos();
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
-    let depth = admission::depth(limit.qps, s.burst_seconds);
-
+    let quota = Quota { limit: limit.qps, depth: admission::depth(limit.qps, s.burst_seconds) };
+    // Nothing was taken from the bucket: the whole quota remains.
+    let refuse = |e: ApiError| {
+        Err((e, Who::Pair(pair, tenant.label, feature.label), rate_headers(quota.limit, quota.depth, 0).into()))
+    };
     if !tenant.activated(feature.family) {
-        let e = match feature.family {
+        return refuse(match feature.family {
             Some(m) => {
                 ApiError::ServiceNotActivated { family: catalog.families[m].name.clone(), feature: feature.id.clone() }
             }
             None => ApiError::ImageSearchNotActivated { feature: feature.id.clone() },
-        };
-        // Nothing was taken from the bucket: the whole quota remains.
-        return Decision::Reject(e, Outcome::Forbidden, ids(), rate_headers(limit.qps, depth, 0).into());
+        });
     }
     if let Some(inst) = tenant.image_search.as_ref().filter(|_| feature.family.is_none()) {
         if now >= inst.expires_at {
@@ -204,66 +181,105 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
             let released_at =
                 inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
             let expires_at = crate::time::format_rfc3339(inst.expires_at, s.timezone);
-            let (e, outcome) = if now < released_at {
-                (ApiError::InstanceExpired { expires_at, retention_days }, Outcome::PaymentRequired)
+            return refuse(if now < released_at {
+                ApiError::InstanceExpired { expires_at, retention_days }
             } else {
-                (ApiError::InstanceReleased { expires_at, retention_days }, Outcome::Forbidden)
-            };
-            return Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, depth, 0).into());
+                ApiError::InstanceReleased { expires_at, retention_days }
+            });
         }
     }
     let declared_len =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
-        return Decision::Reject(
-            ApiError::BodyTooLarge { limit: s.max_request_body_bytes },
-            Outcome::Forbidden,
-            ids(),
-            rate_headers(limit.qps, depth, 0).into(),
-        );
+        return refuse(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
     }
-    // The bucket, then the payer and the image-search capacity slot. A 429 holds nothing (no
-    // package share, even for a moment: a racing call must not find the package spent by calls
-    // that are refused anyway); a 402 or 409 gives its token back, so only admitted requests use
-    // the quota (SPEC §4).
-    let (remaining, reset_secs) = match gw.buckets.admit(pair, limit.qps, depth) {
+    Ok(Routed { route, path, pair, quota })
+}
+
+/// Phase 3, admit: one token from the (tenant, feature) bucket in the store. A 429 holds
+/// nothing (no package share, even for a moment: a racing call must not find the package spent
+/// by calls that are refused anyway).
+fn admit(gw: &Gateway, tenant: &Tenant, feature: &Feature, r: &Routed<'_>) -> Result<(u32, u64), Refused> {
+    let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: r.pair };
+    match gw.billing.store().admit_now(key, r.quota) {
         Admit::Throttled { retry_after } => {
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
-            return Decision::Reject(
-                ApiError::QpsExceeded { feature: feature.id.clone(), limit: limit.qps, retry_after: secs },
-                Outcome::Throttled,
-                ids(),
-                rate_headers(limit.qps, 0, secs).into(),
-            );
+            Err((
+                ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
+                Who::Pair(r.pair, tenant.label, feature.label),
+                rate_headers(r.quota.limit, 0, secs).into(),
+            ))
         }
-        Admit::Allowed { remaining, reset_secs } => (remaining, reset_secs),
-    };
-    let refused = |e: ApiError, outcome: Outcome| {
-        gw.buckets.refund(pair, limit.qps, depth);
+        Admit::Allowed { remaining, reset_secs } => Ok((remaining, reset_secs)),
+    }
+}
+
+/// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A 402 or
+/// 409 gives its token back, so only admitted requests use the quota (SPEC §4).
+#[allow(clippy::type_complexity)]
+fn pay(
+    gw: &Gateway,
+    snap: &Snapshot,
+    tenant: &Tenant,
+    feature: &Feature,
+    r: &Routed<'_>,
+    remaining: u32,
+    now: i64,
+) -> Result<(Reservation, Option<(ImageOp, Option<ImageSlot>)>), Refused> {
+    let refused = |e: ApiError| {
+        let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: r.pair };
+        gw.billing.store().refund_now(key, r.quota);
         // The bucket as it was before this request took (and gave back) its token.
+        let (limit, depth) = (r.quota.limit, r.quota.depth);
         let remaining = (remaining + 1).min(depth);
-        let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.qps.max(1)));
-        Decision::Reject(e, outcome, ids(), rate_headers(limit.qps, remaining, reset).into())
+        let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.max(1)));
+        (e, Who::Pair(r.pair, tenant.label, feature.label), rate_headers(limit, remaining, reset).into())
     };
-    let Some(reservation) = gw.billing.reserve(&snap, tenant, route.feature, now) else {
-        return refused(ApiError::PaymentRequired { feature: feature.id.clone() }, Outcome::PaymentRequired);
+    let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now) else {
+        return Err(refused(ApiError::PaymentRequired { feature: feature.id.clone() }));
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
-    let image = match (route.op, tenant.image_search.as_ref()) {
+    let image = match (r.route.op, tenant.image_search.as_ref()) {
         (Some(ImageOp::Add), Some(inst)) => match gw.billing.reserve_image_add(tenant, inst.capacity) {
             Some(slot) => Some((ImageOp::Add, Some(slot))),
             // Dropping `reservation` gives the package share back.
-            None => return refused(ApiError::CapacityExceeded { capacity: inst.capacity }, Outcome::Forbidden),
+            None => return Err(refused(ApiError::CapacityExceeded { capacity: inst.capacity })),
         },
         (Some(op), _) => Some((op, None)),
         (None, _) => None,
     };
-    Decision::Forward(Forward {
-        pair,
+    Ok((reservation, image))
+}
+
+/// Decides a request from its head alone, in the phases identify → route → admit → pay: one
+/// snapshot load, no await, no lock that a reload or another tenant can hold (the local store
+/// answers at once). `path` is the request's path as sent ([`crate::path::origin_path`]);
+/// routing and the upstream see its normal form. Only an admitted request takes a token: every
+/// check that needs no state comes first, and a request refused after admission (402, 409)
+/// gives its token back.
+pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+    match decide_phases(gw, headers, path) {
+        Ok(f) => Decision::Forward(f),
+        Err((e, who, headers)) => Decision::Reject(e, who, headers),
+    }
+}
+
+fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
+    let snap = gw.snapshot.load();
+    let s = &snap.settings;
+    let (ti, key_in_authorization) = identify(&snap, headers)?;
+    let tenant = &snap.tenants[ti];
+    let now = gw.clock.unix_nanos();
+    let routed = route(&snap, tenant, headers, path, now)?;
+    let feature = &snap.catalog.features[routed.route.feature];
+    let (remaining, reset_secs) = admit(gw, tenant, feature, &routed)?;
+    let (reservation, image) = pay(gw, &snap, tenant, feature, &routed, remaining, now)?;
+    Ok(Forward {
+        pair: routed.pair,
         tenant: tenant.label,
         feature: feature.label,
         key_in_authorization,
-        path: match path {
+        path: match routed.path {
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(p) => Some(p),
         },
@@ -272,9 +288,8 @@ pub fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
         body_limit: s.max_request_body_bytes,
         body_read_timeout: s.body_read_timeout,
         api_key_header: s.api_key_header.clone(),
-        rate_headers: rate_headers(limit.qps, remaining, reset_secs),
-        limit: limit.qps,
-        depth,
+        rate_headers: rate_headers(routed.quota.limit, remaining, reset_secs),
+        quota: routed.quota,
         reservation,
         video: feature.unit == Unit::VideoMinute,
         image,
@@ -291,7 +306,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
         return resp.map(|r| TenantBody::refusal(r, body));
     }
     let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())) {
-        Decision::Reject(e, outcome, who, headers) => {
+        Decision::Reject(e, who, headers) => {
+            let outcome = e.outcome();
             match who {
                 Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
                 Who::Tenant(t) => gw.metrics.request(t, "", outcome),
@@ -444,15 +460,11 @@ async fn forward(
     let reserved_payer = fwd.reservation.header();
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
-            // The client's fault (413, 408) counts as `forbidden`, like a 413 refused up front.
-            let outcome = if matches!(e, ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. }) {
-                Outcome::Forbidden
-            } else {
-                Outcome::UpstreamError
-            };
+            let outcome = e.outcome();
             if matches!(e, ApiError::BodyTooLarge { .. }) {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
-                gw.buckets.refund(fwd.pair, fwd.limit, fwd.depth);
+                let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
+                gw.billing.store().refund_now(key, fwd.quota);
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)
@@ -460,7 +472,7 @@ async fn forward(
         Ok(resp) if resp.status().is_success() => match settle(gw, fwd, resp.headers()).await {
             Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
             // Strict ledger failing: the upstream's answer is dropped and the call not charged.
-            Err(e) => (error_response(&e, &[]), reserved_payer, Outcome::UpstreamError),
+            Err(e) => (error_response(&e, &[]), reserved_payer, e.outcome()),
         },
         Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
     };

@@ -15,35 +15,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
-use crate::billing::Billing;
 use crate::catalog::IMAGE_SEARCH;
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
-use crate::metrics::Metrics;
-use crate::server::Gateway;
+use crate::gateway::{hash, Control, Gateway};
 use crate::snapshot::Snapshot;
-
-/// What was loaded last (guarded by the gateway's control mutex).
-pub struct Control {
-    texts: Texts,
-    hash: [u8; 32],
-}
-
-fn hash(t: &Texts) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for part in [&t.main, &t.catalog, &t.entitlements] {
-        h.update(part.as_bytes());
-        h.update([0u8]);
-    }
-    h.finalize().into()
-}
-
-impl Control {
-    pub fn new(texts: Texts) -> Self {
-        Control { hash: hash(&texts), texts }
-    }
-}
 
 /// Why an admin write was refused.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +89,7 @@ impl Gateway {
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let upstream = self.upstream_override.clone();
         let (texts, built) = tokio::task::spawn_blocking(move || {
-            let built = crate::server::build(&texts, upstream.as_ref(), generation);
+            let built = crate::gateway::build(&texts, upstream.as_ref(), generation);
             (texts, built)
         })
         .await
@@ -147,13 +122,13 @@ impl Gateway {
         // Off the async workers, under the control lock (so a later reload that brings a pair
         // back cannot be undone by this one): drop the state of the removed pairs, one key at a
         // time (memory stays bounded by the configured pairs), and show the packages now loaded.
-        let (buckets, metrics, billing) = (self.buckets.clone(), self.metrics.clone(), self.billing.clone());
+        let (store, metrics, billing) = (self.billing.store().clone(), self.metrics.clone(), self.billing.clone());
         let cleanup = tokio::task::spawn_blocking(move || {
             for key in removed_keys(&old, &new) {
-                buckets.remove(key);
+                store.remove_bucket(key);
                 metrics.remove_pair(key);
             }
-            show_packages(&metrics, &billing, &new);
+            billing.show_packages(&metrics, &new);
             old
         });
         match cleanup.await {
@@ -244,7 +219,7 @@ impl Gateway {
         let mut texts = self.read_current(&ctl).await.map_err(|e| on_disk(e, &ctl.texts.entitlements_name))?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let current = texts.clone();
-        let snap = tokio::task::spawn_blocking(move || config::build(&current, generation))
+        let snap = tokio::task::spawn_blocking(move || crate::snapshot::build(&current, generation))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(|e| on_disk(e, &texts.entitlements_name))?;
@@ -252,7 +227,7 @@ impl Gateway {
         texts.entitlements = text;
         // Validate before touching the file.
         let check = texts.clone();
-        tokio::task::spawn_blocking(move || config::build(&check, generation).map(|_| ()))
+        tokio::task::spawn_blocking(move || crate::snapshot::build(&check, generation).map(|_| ()))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(WriteError::Config)?;
@@ -474,17 +449,6 @@ fn removed_keys(old: &Snapshot, new: &Snapshot) -> Vec<u64> {
     keys
 }
 
-/// Gives every package of `snap` its `turnstile_package_remaining_points` series (points less
-/// what the ledger says it consumed) and hides the series of packages no longer configured.
-pub fn show_packages(metrics: &Metrics, billing: &Billing, snap: &Snapshot) {
-    metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
-    for t in &snap.tenants {
-        for p in &t.packages {
-            billing.refresh_package_gauge(t, p);
-        }
-    }
-}
-
 /// Watches the folders of the three files (so editors' write-and-rename and Kubernetes ConfigMap
 /// symlink swaps are seen) and reloads, debounced, when their contents change.
 pub fn watch(
@@ -527,9 +491,10 @@ pub fn watch(
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::config::{build, EMBEDDED_CATALOG};
+    use crate::config::EMBEDDED_CATALOG;
     use crate::metrics::Outcome;
     use crate::proxy::{decide, Decision};
+    use crate::snapshot::build;
     use http::{HeaderMap, HeaderValue};
 
     fn main_toml(ledger: &Path) -> String {
@@ -554,7 +519,7 @@ mod tests {
         h.insert("x-api-key", HeaderValue::from_str(key).expect("key"));
         match decide(gw, &h, path) {
             Decision::Forward(_) => None,
-            Decision::Reject(_, outcome, ..) => Some(outcome),
+            Decision::Reject(e, ..) => Some(e.outcome()),
         }
     }
 
@@ -576,14 +541,14 @@ mod tests {
         assert_eq!(call(&gw, "acme", "/v1/image-search/delete"), Some(Outcome::Throttled));
         assert_eq!(call(&gw, "acme", "/v1/ocr/license-plate"), None);
         assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), None);
-        assert_eq!(gw.buckets.len(), 3);
+        assert_eq!(gw.billing.store().bucket_count(), 3);
 
         let only_acme = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
         {
             let mut ctl = gw.control.lock().await;
             gw.publish(&mut ctl, only_acme, "test").await.unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(gw.buckets.len(), 2, "globex's bucket is gone, acme's two are kept");
+        assert_eq!(gw.billing.store().bucket_count(), 2, "globex's bucket is gone, acme's two are kept");
         assert_eq!(
             call(&gw, "acme", "/v1/image-search/delete"),
             Some(Outcome::Throttled),

@@ -119,6 +119,47 @@ impl Snapshot {
     }
 }
 
+/// Parses and validates all three texts into a runtime snapshot (not yet published).
+pub fn build(texts: &crate::config::Texts, generation: u64) -> Result<Snapshot, crate::config::ConfigErrors> {
+    let mut errors = Vec::new();
+    let main: Option<crate::config::gateway::RawGateway> =
+        crate::config::parse_toml(&texts.main_name, &texts.main, &mut errors);
+    let raw_catalog: Option<crate::catalog::RawCatalog> =
+        crate::config::parse_toml(&texts.catalog_name, &texts.catalog, &mut errors);
+    let raw_ents: Option<crate::config::entitlements::RawEntitlements> =
+        crate::config::parse_json(&texts.entitlements_name, &texts.entitlements, &mut errors);
+
+    let catalog: Option<Catalog> = raw_catalog
+        .map(|c| crate::catalog::compile(c, &mut crate::config::Errs { file: &texts.catalog_name, out: &mut errors }));
+    let (Some(main), Some(catalog)) = (main, catalog) else {
+        return Err(crate::config::ConfigErrors(errors));
+    };
+    let mut settings = crate::config::gateway::compile(
+        main,
+        &catalog,
+        &mut crate::config::Errs { file: &texts.main_name, out: &mut errors },
+    );
+    if let (Some((s, _)), Some(base)) = (settings.as_mut(), texts.base_dir.as_ref()) {
+        if s.ledger_dir.is_relative() {
+            s.ledger_dir = base.join(&s.ledger_dir);
+        }
+    }
+    let tenants = raw_ents.map(|e| {
+        crate::config::entitlements::compile(
+            e,
+            &catalog,
+            &mut crate::config::Errs { file: &texts.entitlements_name, out: &mut errors },
+        )
+    });
+    if !errors.is_empty() {
+        return Err(crate::config::ConfigErrors(errors));
+    }
+    let (Some((settings, routes)), Some(tenants)) = (settings, tenants) else {
+        return Err(crate::config::ConfigErrors(errors));
+    };
+    Ok(Snapshot::new(Sources { generation, settings, routes, catalog, tenants }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

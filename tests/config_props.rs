@@ -4,7 +4,8 @@
 //! a syntax error, by line and column.
 
 use proptest::prelude::*;
-use turnstile::config::{build, ConfigError, Texts, EMBEDDED_CATALOG, EMBEDDED_ENTITLEMENTS, EMBEDDED_MAIN};
+use turnstile::config::{ConfigError, Texts, EMBEDDED_CATALOG, EMBEDDED_ENTITLEMENTS, EMBEDDED_MAIN};
+use turnstile::snapshot::build;
 
 const FILES: [&str; 3] = ["turnstile.toml", "catalog.toml", "entitlements.json"];
 

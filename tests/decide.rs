@@ -15,9 +15,10 @@ use common::*;
 use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turnstile::clock::{ManualClock, SharedClock};
-use turnstile::config::{build, ConfigSource, Texts};
+use turnstile::config::{ConfigSource, Texts};
 use turnstile::proxy::{decide, Decision};
 use turnstile::server::Gateway as InProcess;
+use turnstile::snapshot::build;
 
 // ---------------------------------------------------------------------------------------------
 // Paths (black-box)

@@ -365,7 +365,8 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{build, Texts, EMBEDDED_CATALOG};
+    use crate::config::{Texts, EMBEDDED_CATALOG};
+    use crate::snapshot::build;
 
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
     const KEY: &str = "0000000000000000000000000000000000000000000000000000000000000001";

@@ -7,62 +7,12 @@
 pub mod entitlements;
 pub mod gateway;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::Deserializer;
 
-use crate::catalog::{self, Catalog};
-use crate::snapshot::{Snapshot, Sources};
-
-/// One problem in one file, at one field.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ConfigError {
-    pub file: String,
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}: {}", self.file, self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.file, self.path, self.message)
-        }
-    }
-}
-
-/// Every problem found; never empty.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Collects errors for one file.
-pub struct Errs<'a> {
-    pub file: &'a str,
-    pub out: &'a mut Vec<ConfigError>,
-}
-
-impl Errs<'_> {
-    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.out.push(ConfigError { file: self.file.to_string(), path: path.into(), message: message.into() });
-    }
-}
+pub use crate::diag::{ConfigError, ConfigErrors, Dec, Errs};
 
 /// Where the configuration comes from: files on disk, or the embedded demo.
 #[derive(Debug, Clone)]
@@ -162,36 +112,6 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
     }
 }
 
-/// Parses and validates all three texts into a runtime snapshot (not yet published).
-pub fn build(texts: &Texts, generation: u64) -> Result<Snapshot, ConfigErrors> {
-    let mut errors = Vec::new();
-    let main: Option<gateway::RawGateway> = parse_toml(&texts.main_name, &texts.main, &mut errors);
-    let raw_catalog: Option<catalog::RawCatalog> = parse_toml(&texts.catalog_name, &texts.catalog, &mut errors);
-    let raw_ents: Option<entitlements::RawEntitlements> =
-        parse_json(&texts.entitlements_name, &texts.entitlements, &mut errors);
-
-    let catalog: Option<Catalog> =
-        raw_catalog.map(|c| catalog::compile(c, &mut Errs { file: &texts.catalog_name, out: &mut errors }));
-    let (Some(main), Some(catalog)) = (main, catalog) else {
-        return Err(ConfigErrors(errors));
-    };
-    let mut settings = gateway::compile(main, &catalog, &mut Errs { file: &texts.main_name, out: &mut errors });
-    if let (Some((s, _)), Some(base)) = (settings.as_mut(), texts.base_dir.as_ref()) {
-        if s.ledger_dir.is_relative() {
-            s.ledger_dir = base.join(&s.ledger_dir);
-        }
-    }
-    let tenants = raw_ents
-        .map(|e| entitlements::compile(e, &catalog, &mut Errs { file: &texts.entitlements_name, out: &mut errors }));
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    let (Some((settings, routes)), Some(tenants)) = (settings, tenants) else {
-        return Err(ConfigErrors(errors));
-    };
-    Ok(Snapshot::new(Sources { generation, settings, routes, catalog, tenants }))
-}
-
 /// Renders a serde_ignored path as `a.b[0].c`.
 fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path as P;
@@ -270,42 +190,4 @@ pub fn parse_json<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<
         }
     }
     v.filter(|_| errors.len() == before)
-}
-
-/// A decimal written as a string (`"0.15"`): money and points are never floats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dec(pub Decimal);
-
-impl<'de> Deserialize<'de> for Dec {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Dec;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a decimal written as a string, e.g. \"0.15\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dec, E> {
-                Decimal::from_str_exact(s.trim())
-                    .or_else(|_| Decimal::from_str(s.trim()))
-                    .map(Dec)
-                    .map_err(|_| E::custom(format!("{s:?} is not a decimal number")))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dec, E> {
-                Err(E::custom(format!("{v} is a float: write decimals as strings, e.g. \"{v}\"")))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dec, E> {
-                Err(E::custom(format!("{v} is a number: write decimals as strings, e.g. \"{v}\"")))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dec, E> {
-                Err(E::custom(format!("{v} is a number: write decimals as strings, e.g. \"{v}\"")))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl serde::Serialize for Dec {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0.normalize().to_string())
-    }
 }

@@ -37,8 +37,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// How long idempotency markers of settled requests are kept (a repeat within it is a no-op).
-const DONE_TTL_NANOS: i64 = 10 * 60 * 1_000_000_000;
+/// How long the idempotency markers of settled requests are kept: a repeat of a request id
+/// within it is a no-op. Locally every request settles once, at once, so this only bounds the
+/// memory of the markers (the gateway sweeps every 5 s).
+pub const DONE_TTL: Duration = Duration::from_secs(30);
+const DONE_TTL_NANOS: i64 = 30 * 1_000_000_000;
+/// An image slot is given back by the sweep only after this (a leaked guard): longer than any
+/// request can be in flight.
+const SLOT_LEASE_NANOS: i64 = 10 * 60 * 1_000_000_000;
 
 struct PkgInner {
     /// Committed micro-points.
@@ -541,7 +547,7 @@ impl LocalStore {
         }
         g.held += 1;
         drop(g);
-        self.slots.insert(id, (img, self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS)));
+        self.slots.insert(id, (img, self.clock.unix_nanos().saturating_add(SLOT_LEASE_NANOS)));
         true
     }
 
@@ -991,5 +997,94 @@ impl OverrideStore for LocalStore {
 impl Durable for LocalStore {
     async fn durable(&self, id: RequestId) -> Result<(), StoreError> {
         self.durable_now(id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn open(clock: SharedClock) -> (Arc<LocalStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::ledger::RedbLedger::open(dir.path()).unwrap();
+        let s = LocalStore::open(
+            Box::new(ledger),
+            Durability::Batched,
+            Duration::from_millis(5),
+            Duration::from_secs(2),
+            Arc::new(Metrics::new(true)),
+            clock,
+            &|_| false,
+        )
+        .unwrap();
+        (s, dir)
+    }
+
+    #[test]
+    fn the_sweep_keeps_live_holds_and_slots_and_forgets_markers_after_their_ttl() {
+        let clock = ManualClock::at("2026-03-01T00:00:00Z");
+        let (s, _dir) = open(clock.clone());
+        let t = TenantKey { name: "acme", local: 1 };
+        let p = Candidate { id: "p", points: 10, local: 7 };
+        let key = BucketKey { tenant: "acme", bucket: "f", local: 9 };
+        let ids = crate::store::RequestIds::new();
+        let (hold, slot, used) = (ids.next(), ids.next(), ids.next());
+        assert_eq!(s.reserve_now(t, &[p], 10, hold, Duration::from_secs(600)), Some(0));
+        assert!(s.reserve_image_slot_now(t, 1, slot));
+        s.add_usage_now(key, "2026-03", UsageTo::Payer(crate::payer::PayerKind::Payg), 1, "", used);
+        clock.advance(DONE_TTL + Duration::from_secs(1));
+        assert_eq!(s.sweep_now(), 0, "a hold and a slot in flight are not swept before their lease");
+        assert_eq!(s.usage_done.len(), 0, "the settled request's marker is forgotten");
+        assert_eq!(s.commit_now(hold), Some(10));
+        assert!(!s.reserve_image_slot_now(t, 1, ids.next()), "the slot is still held");
+        clock.advance(Duration::from_secs(600));
+        assert_eq!(s.sweep_now(), 1, "the leaked slot comes back after its lease");
+        assert!(s.reserve_image_slot_now(t, 1, ids.next()));
+    }
+
+    #[test]
+    fn legacy_video_minutes_load_as_ms_and_integer_records_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let month = |feature: &str, v: &str, integer: bool| {
+            let d = Dec(v.parse().unwrap());
+            let mut units = crate::ledger::zero_units();
+            units[3] = d;
+            Record::Month(MonthRecord {
+                tenant: "acme".into(),
+                feature: feature.into(),
+                month: "2026-03".into(),
+                units,
+                payg: BTreeMap::from([("fps<=60,lines<=1440".to_string(), d)]),
+                unpaid: Dec(rust_decimal::Decimal::ZERO),
+                integer,
+            })
+        };
+        {
+            let l = crate::ledger::RedbLedger::open(dir.path()).unwrap();
+            l.commit(&[
+                month("video-old", "2.3333333333333333333333333333", false),
+                month("video-new", "140000", true),
+                month("calls", "15", false),
+            ])
+            .unwrap();
+        }
+        let ledger = crate::ledger::RedbLedger::open(dir.path()).unwrap();
+        let s = LocalStore::open(
+            Box::new(ledger),
+            Durability::Batched,
+            Duration::from_millis(5),
+            Duration::from_secs(2),
+            Arc::new(Metrics::new(true)),
+            crate::clock::SystemClock::shared(),
+            &|f| f.starts_with("video"),
+        )
+        .unwrap();
+        let got = s.month_now("acme", "2026-03");
+        let payg: Vec<(String, i64)> = got.iter().map(|u| (u.feature.clone(), u.units[3])).collect();
+        assert_eq!(
+            payg,
+            [("calls".to_string(), 15), ("video-new".to_string(), 140_000), ("video-old".to_string(), 140_000)]
+        );
     }
 }

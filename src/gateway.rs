@@ -1,0 +1,187 @@
+//! The gateway state every listener shares ([`Gateway`]): the configuration snapshot, the
+//! billing engine and its store, metrics, the upstream client, and the control state of
+//! reloads. It depends on no listener: `proxy`, `admin`, `reload` and `server` depend on it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use sha2::{Digest, Sha256};
+
+use crate::billing::{Alert, Billing};
+use crate::body::Upload;
+use crate::clock::SharedClock;
+use crate::config::{self, ConfigErrors, ConfigSource, Texts};
+use crate::ledger::{LedgerError, RedbLedger};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+/// What was loaded last (guarded by the gateway's control mutex).
+pub struct Control {
+    pub(crate) texts: Texts,
+    pub(crate) hash: [u8; 32],
+}
+
+/// The hash of the three configuration texts (a reload with the same hash changes nothing).
+pub(crate) fn hash(t: &Texts) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [&t.main, &t.catalog, &t.entitlements] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize().into()
+}
+
+impl Control {
+    pub fn new(texts: Texts) -> Self {
+        Control { hash: hash(&texts), texts }
+    }
+}
+
+/// Everything the listeners share.
+pub struct Gateway {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub billing: Arc<Billing>,
+    pub clock: SharedClock,
+    pub client: Client<HttpConnector, Upload>,
+    pub source: ConfigSource,
+    /// `serve --demo` points the gateway at its stand-in upstream, whatever the file says.
+    pub upstream_override: Option<Uri>,
+    pub ready: AtomicBool,
+    pub(crate) generation: AtomicU64,
+    /// Serializes reloads and admin writes; holds what was loaded last.
+    pub(crate) control: tokio::sync::Mutex<Control>,
+}
+
+/// Validates configuration texts into a snapshot of the given generation.
+pub fn build(texts: &Texts, upstream_override: Option<&Uri>, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut snap = crate::snapshot::build(texts, generation)?;
+    if let Some(u) = upstream_override {
+        snap.settings.upstream = u.clone();
+    }
+    Ok(snap)
+}
+
+/// Reads and validates the configuration.
+pub fn load(
+    source: &ConfigSource,
+    upstream_override: Option<&Uri>,
+    generation: u64,
+) -> Result<(Texts, Snapshot), ConfigErrors> {
+    let texts = config::read_texts(source)?;
+    let snap = build(&texts, upstream_override, generation)?;
+    Ok((texts, snap))
+}
+
+impl Gateway {
+    /// Opens the ledger (restoring balances and monthly usage) and builds the gateway state.
+    /// Must run inside a Tokio runtime (the alert sender is spawned on it).
+    pub fn new(
+        texts: Texts,
+        snapshot: Snapshot,
+        source: ConfigSource,
+        upstream_override: Option<Uri>,
+        clock: SharedClock,
+    ) -> Result<Arc<Self>, LedgerError> {
+        let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
+        let s = &snapshot.settings;
+        let store = RedbLedger::open(&s.ledger_dir)?;
+        let video =
+            |id: &str| snapshot.catalog.feature(id).is_some_and(|f| f.unit == crate::catalog::Unit::VideoMinute);
+        let (billing, alerts) = Billing::open_with(
+            Box::new(store),
+            s.durability,
+            s.flush_interval,
+            s.strict_timeout,
+            metrics.clone(),
+            clock.clone(),
+            &video,
+        )?;
+        metrics.config_generation.set(snapshot.generation as i64);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(snapshot.settings.upstream_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let gw = Arc::new(Gateway {
+            generation: AtomicU64::new(snapshot.generation),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            billing,
+            clock,
+            client,
+            source,
+            upstream_override,
+            ready: AtomicBool::new(false),
+            control: tokio::sync::Mutex::new(Control::new(texts)),
+        });
+        tokio::spawn(deliver_alerts(Arc::downgrade(&gw), alerts));
+        tokio::spawn(sweep_store(Arc::downgrade(&gw.billing)));
+        gw.billing.show_packages(&gw.metrics, &gw.snapshot.load());
+        Ok(gw)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// Every few seconds, off the async workers: gives back holds whose lease passed (a leaked
+/// guard) and forgets the idempotency markers of settled requests, so memory stays bounded by
+/// the traffic of the last [`crate::store::local::DONE_TTL`].
+async fn sweep_store(billing: std::sync::Weak<Billing>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(store) = billing.upgrade().map(|b| b.store().clone()) else { return };
+        let swept = tokio::task::spawn_blocking(move || store.sweep_now()).await.unwrap_or(0);
+        if swept > 0 {
+            tracing::warn!(holds = swept, "gave back holds whose lease passed");
+        }
+    }
+}
+
+/// POSTs each low-balance alert to `[billing].alert_webhook` (read at send time), off the
+/// request path, retrying with exponential backoff.
+async fn deliver_alerts(gw: std::sync::Weak<Gateway>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Alert>) {
+    use http_body_util::Full;
+    let client: Client<HttpConnector, Full<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    while let Some(alert) = rx.recv().await {
+        let Some(url) = gw.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone()) else { continue };
+        let body = bytes::Bytes::from(serde_json::to_vec(&alert).unwrap_or_default());
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=6 {
+            let req = http::Request::post(url.clone())
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()));
+            let ok = match req {
+                Ok(req) => matches!(
+                    tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
+                    Ok(Ok(r)) if r.status().is_success()
+                ),
+                Err(_) => false,
+            };
+            if ok {
+                break;
+            }
+            if attempt == 6 {
+                tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, "low-balance webhook failed 6 times; giving up");
+                break;
+            }
+            tracing::warn!(tenant = %alert.tenant, package = %alert.package, attempt, "low-balance webhook failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Small HTTP helpers shared by the tenant and admin listeners (a leaf: no listener imports
+//! another for these): the response body type, the JSON error response, the bearer token.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Response;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::error::{ApiError, JSON};
+
+/// A response body: a small one the gateway made, or the upstream's streamed.
+pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+
+/// The one JSON error shape, with its status and the headers that go with the refusal.
+pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Left(Full::new(e.body())));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON.clone());
+    for (n, v) in extra {
+        h.insert(n.clone(), v.clone());
+    }
+    match e {
+        ApiError::QpsExceeded { retry_after, .. } => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        // Like nginx: the connection is not reused after these (the body is drained first).
+        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {}
+    }
+    resp
+}
+
+/// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = auth.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let k = rest.trim_ascii();
+    (!k.is_empty()).then_some(k)
+}
