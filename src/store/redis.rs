@@ -378,6 +378,26 @@ impl RedisStore {
         })
     }
 
+    /// The store of `[cluster]` (SPEC §11): connects to its URLs (one: a server; several: a
+    /// Redis Cluster) and, given the gateway's registry, registers and feeds the store metrics
+    /// of SPEC §10. `tenants`: the configuration's tenants, whose expired holds this replica's
+    /// sweeper gives back (also those of a replica that died).
+    pub async fn open<'a>(
+        c: &crate::config::gateway::ClusterSettings,
+        registry: Option<&prometheus::Registry>,
+        tenants: impl IntoIterator<Item = &'a str>,
+    ) -> Result<RedisStore, StoreError> {
+        let mut store = RedisStore::connect(&c.redis, RedisOpts::from_cluster(c)).await?;
+        if let Some(r) = registry {
+            let m = StoreMetrics::new().and_then(|m| m.register(r).map(|()| m)).map_err(|e| {
+                StoreError::Unavailable { backend: BACKEND.into(), reason: format!("store metrics: {e}") }
+            })?;
+            store = store.with_metrics(m);
+        }
+        store.set_tenants(tenants);
+        Ok(store)
+    }
+
     /// Counts and times every call in `m`.
     pub fn with_metrics(mut self, m: StoreMetrics) -> Self {
         self.metrics = Some(m);

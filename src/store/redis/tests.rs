@@ -634,3 +634,28 @@ async fn a_dead_cluster_node_fails_its_tenants_within_the_timeout_only() {
         }
     }
 }
+
+/// `open` from a `[cluster]` section: its prefix and lease, the metrics on the given registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_follows_the_cluster_section() {
+    use crate::config::gateway::{ClusterSettings, OnStoreError, StoreKind};
+    let Some(s) = RedisServer::start("open_follows_the_cluster_section", Opts::default()) else { return };
+    let c = ClusterSettings {
+        store: StoreKind::Redis,
+        redis: vec![s.url()],
+        key_prefix: "custom".into(),
+        hold_lease: Duration::from_millis(200),
+        on_store_error: OnStoreError::Deny,
+        expected_replicas: 1,
+    };
+    let registry = prometheus::Registry::new();
+    let store = RedisStore::open(&c, Some(&registry), ["acme"]).await.unwrap();
+    assert!(store.hold_image_slot("acme", 1, 1, store.opts.hold_lease).await.unwrap());
+    assert_eq!(s.cli(&["exists", "custom:{acme}:imgslots"]), "1", "keys start with key_prefix");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.sweep_tenant("acme").await.unwrap(), (0, 1), "the slot's lease is hold_lease_ms");
+    let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_string()).collect();
+    assert!(names.contains(&"turnstile_store_duration_seconds".to_string()), "{names:?}");
+    // Another store on the same registry cannot register the metrics twice: an error, not a panic.
+    assert!(RedisStore::open(&c, Some(&registry), ["acme"]).await.is_err());
+}
