@@ -112,6 +112,9 @@ fn main() -> ExitCode {
             let source = ConfigSource::Files { main: config };
             match server::load(&source, None, 0) {
                 Ok((texts, snap)) => {
+                    if !check_cluster_store(&texts.main_name, &snap.settings) {
+                        return ExitCode::FAILURE;
+                    }
                     println!(
                         "ok: {} ({} routes), {} ({} features), {} ({} tenants)",
                         texts.main_name,
@@ -263,4 +266,44 @@ async fn reload_on_sighup(gw: std::sync::Arc<Gateway>) {
             let _ = gw.reload("SIGHUP").await;
         }
     }
+}
+
+/// `turnstile check` with `[cluster].store = "redis"` (SPEC §11.5): connects to every listed
+/// node and reads its AOF policy. Without `appendonly yes` + `appendfsync always`: an error in
+/// strict mode (a 2xx must not go out before its charge is on Redis's disk), a warning in
+/// batched mode. A node that cannot be reached or read is an error. Returns false on an error.
+fn check_cluster_store(file: &str, settings: &turnstile::config::gateway::Settings) -> bool {
+    use turnstile::config::gateway::{Durability, StoreKind};
+    let c = &settings.cluster;
+    if c.store != StoreKind::Redis {
+        return true;
+    }
+    let Some(rt) = runtime() else { return false };
+    let report = rt.block_on(turnstile::store::redis::aof_policies(&c.redis, std::time::Duration::from_secs(2)));
+    let strict = settings.durability == Durability::Strict;
+    let mut errors = 0;
+    for (url, r) in report {
+        match r {
+            Ok((ao, af)) if ao == "yes" && af == "always" => {}
+            Ok((ao, af)) => {
+                let msg = format!(
+                    "{file}: cluster.redis: {url} runs appendonly {ao:?}, appendfsync {af:?}; strict mode needs appendonly yes and appendfsync always (SPEC §11.5)"
+                );
+                if strict {
+                    eprintln!("{msg}");
+                    errors += 1;
+                } else {
+                    eprintln!("warning: {msg}: in batched mode a Redis crash may lose recent charges");
+                }
+            }
+            Err(e) => {
+                eprintln!("{file}: cluster.redis: {url}: {e}");
+                errors += 1;
+            }
+        }
+    }
+    if errors > 0 {
+        eprintln!("{errors} error(s)");
+    }
+    errors == 0
 }

@@ -31,6 +31,8 @@ pub struct RawGateway {
     pub files: RawFiles,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub cluster: RawCluster,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +175,50 @@ fn d_strict_timeout() -> u64 {
     2000
 }
 
+/// `[cluster]` (SPEC §11).
+#[derive(Debug, Deserialize)]
+pub struct RawCluster {
+    #[serde(default = "d_store")]
+    pub store: String,
+    #[serde(default)]
+    pub redis: Vec<String>,
+    #[serde(default = "d_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "d_hold_lease")]
+    pub hold_lease_ms: u64,
+    #[serde(default = "d_on_store_error")]
+    pub on_store_error: String,
+    #[serde(default = "d_expected_replicas")]
+    pub expected_replicas: u32,
+}
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            store: d_store(),
+            redis: Vec::new(),
+            key_prefix: d_key_prefix(),
+            hold_lease_ms: d_hold_lease(),
+            on_store_error: d_on_store_error(),
+            expected_replicas: d_expected_replicas(),
+        }
+    }
+}
+fn d_store() -> String {
+    "local".into()
+}
+fn d_key_prefix() -> String {
+    "turnstile".into()
+}
+fn d_hold_lease() -> u64 {
+    60_000
+}
+fn d_on_store_error() -> String {
+    "deny".into()
+}
+fn d_expected_replicas() -> u32 {
+    1
+}
+
 #[derive(Debug, Deserialize)]
 pub struct RawMetrics {
     #[serde(default = "d_true")]
@@ -257,6 +303,36 @@ pub struct Route {
     pub op: Option<ImageOp>,
 }
 
+/// Where limits and balances live (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In this process (DashMap + redb): the embedded default.
+    Local,
+    /// Shared by every replica through Redis or a Redis Cluster.
+    Redis,
+}
+
+/// What a replica does while Redis cannot be reached (SPEC §11.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 `store_unavailable`, nothing charged.
+    Deny,
+    /// Admit at `limit / expected_replicas`, charge locally, replay later.
+    Local,
+}
+
+/// Validated `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub store: StoreKind,
+    /// One URL: a single server; several: Redis Cluster seed nodes.
+    pub redis: Vec<String>,
+    pub key_prefix: String,
+    pub hold_lease: Duration,
+    pub on_store_error: OnStoreError,
+    pub expected_replicas: u32,
+}
+
 /// Validated gateway settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -285,6 +361,7 @@ pub struct Settings {
     pub strict_timeout: Duration,
     pub tenant_label: bool,
     pub watch: bool,
+    pub cluster: ClusterSettings,
 }
 
 fn parse_addr(errs: &mut Errs<'_>, path: &str, s: &str) -> SocketAddr {
@@ -313,6 +390,67 @@ fn positive_ms(errs: &mut Errs<'_>, path: &str, ms: u64) -> Duration {
         errs.push(path, "must be at least 1");
     }
     Duration::from_millis(ms)
+}
+
+fn compile_cluster(c: &RawCluster, upstream_timeout_ms: u64, errs: &mut Errs<'_>) -> ClusterSettings {
+    let store = match c.store.as_str() {
+        "local" => StoreKind::Local,
+        "redis" => StoreKind::Redis,
+        other => {
+            errs.push("cluster.store", format!("{other:?} must be \"local\" or \"redis\""));
+            StoreKind::Local
+        }
+    };
+    for (i, url) in c.redis.iter().enumerate() {
+        // redis-rs parses it as it will connect; TLS (rediss://) is not built in.
+        let parsed = if url.starts_with("redis://") {
+            redis::IntoConnectionInfo::into_connection_info(url.as_str()).map(|_| ()).map_err(|e| e.to_string())
+        } else {
+            Err("only redis:// URLs are supported".to_string())
+        };
+        if let Err(e) = parsed {
+            errs.push(
+                format!("cluster.redis[{i}]"),
+                format!("{url:?} is not a Redis URL like \"redis://127.0.0.1:6379\" ({e})"),
+            );
+        }
+    }
+    if store == StoreKind::Redis && c.redis.is_empty() {
+        errs.push("cluster.redis", "store = \"redis\" needs at least one URL, like [\"redis://127.0.0.1:6379\"]");
+    }
+    // `{` and `}` would change the hash tag that keeps a tenant's keys in one slot.
+    if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}']) || c.key_prefix.contains(char::is_whitespace) {
+        errs.push("cluster.key_prefix", format!("{:?} must be non-empty, without braces or spaces", c.key_prefix));
+    }
+    let hold_lease = positive_ms(errs, "cluster.hold_lease_ms", c.hold_lease_ms);
+    if store == StoreKind::Redis && c.hold_lease_ms != 0 && c.hold_lease_ms <= upstream_timeout_ms {
+        errs.push(
+            "cluster.hold_lease_ms",
+            format!(
+                "{} must exceed server.upstream_timeout_ms ({upstream_timeout_ms}): a hold would be given back while its call is still upstream",
+                c.hold_lease_ms
+            ),
+        );
+    }
+    let on_store_error = match c.on_store_error.as_str() {
+        "deny" => OnStoreError::Deny,
+        "local" => OnStoreError::Local,
+        other => {
+            errs.push("cluster.on_store_error", format!("{other:?} must be \"deny\" or \"local\""));
+            OnStoreError::Deny
+        }
+    };
+    if c.expected_replicas == 0 {
+        errs.push("cluster.expected_replicas", "must be at least 1");
+    }
+    ClusterSettings {
+        store,
+        redis: c.redis.clone(),
+        key_prefix: c.key_prefix.clone(),
+        hold_lease,
+        on_store_error,
+        expected_replicas: c.expected_replicas.max(1),
+    }
 }
 
 pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Option<(Settings, Vec<Route>)> {
@@ -378,6 +516,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
     }
     let flush_interval = positive_ms(errs, "ledger.flush_interval_ms", l.flush_interval_ms);
     let strict_timeout = positive_ms(errs, "ledger.strict_timeout_ms", l.strict_timeout_ms);
+    let cluster = compile_cluster(&raw.cluster, s.upstream_timeout_ms, errs);
 
     let mut routes: Vec<Route> = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
@@ -462,6 +601,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             strict_timeout,
             tenant_label: raw.metrics.tenant_label,
             watch: raw.files.watch,
+            cluster,
         },
         routes,
     ))

@@ -17,6 +17,9 @@
 //! the process-local interned id of the same thing ([`crate::intern`]), which the local backend
 //! keys its maps by so the hot path hashes one integer. A remote backend ignores `local`.
 
+/// The Redis backend (SPEC §11).
+pub mod redis;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -318,12 +321,14 @@ pub trait Durable: Send + Sync {
 #[derive(Clone)]
 pub enum Stores {
     Local(std::sync::Arc<local::LocalStore>),
+    Redis(redis::RedisStore),
 }
 
 macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Stores::Local($s) => $e,
+            Stores::Redis($s) => $e,
         }
     };
 }

@@ -376,3 +376,24 @@ store_suite!(local_via_stores_enum, {
     let (s, dir) = local_fixture();
     (Arc::new(Stores::Local(s)), dir)
 });
+store_suite!(
+    redis_single_server,
+    match redis::tests::suite_fixture("store_suite", false).await {
+        Some(f) => f,
+        None => return,
+    }
+);
+store_suite!(
+    redis_cluster_3_nodes,
+    match redis::tests::suite_fixture("store_suite", true).await {
+        Some(f) => f,
+        None => return,
+    }
+);
+store_suite!(
+    redis_via_stores_enum,
+    match redis::tests::suite_fixture("store_suite", false).await {
+        Some((s, keep)) => (Arc::new(Stores::Redis((*s).clone())), keep),
+        None => return,
+    }
+);

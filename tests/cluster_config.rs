@@ -1,0 +1,109 @@
+//! The `[cluster]` section of turnstile.toml (SPEC §11) and what `turnstile check` says about the
+//! Redis it names (§11.5: AOF policy), against real redis-server processes.
+
+mod common;
+
+use std::process::Command;
+
+use common::redis::{Opts, RedisServer};
+use common::*;
+
+fn check(cfg: &ConfigDir) -> (bool, String, String) {
+    let out = Command::new(BIN).arg("check").arg("--config").arg(cfg.main()).output().expect("run check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn config(cluster: &str, ledger: &str) -> ConfigDir {
+    let main = main_toml("http://127.0.0.1:1", "", &format!("{ledger}\n[cluster]\n{cluster}\n"));
+    ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(10, None))
+}
+
+#[test]
+fn cluster_section_errors_name_file_and_field() {
+    let cfg = config(
+        "store = \"memcached\"\nredis = [\"http://127.0.0.1:6379\", \"redis://\"]\nkey_prefix = \"a{b\"\n\
+         hold_lease_ms = 0\non_store_error = \"retry\"\nexpected_replicas = 0\n",
+        "",
+    );
+    let (ok, _out, err) = check(&cfg);
+    assert!(!ok);
+    let file = format!("{}/turnstile.toml", cfg.path().display());
+    for field in [
+        "cluster.store",
+        "cluster.redis[0]",
+        "cluster.redis[1]",
+        "cluster.key_prefix",
+        "cluster.hold_lease_ms",
+        "cluster.on_store_error",
+        "cluster.expected_replicas",
+    ] {
+        assert!(err.contains(&format!("{file}: {field}: ")), "no error for {field} in:\n{err}");
+    }
+
+    // A misspelt key is named (the loader reports unknown keys before it validates values).
+    let cfg = config("replicas = 3\n", "");
+    let (ok, _out, err) = check(&cfg);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}/turnstile.toml: cluster.replicas: unknown key", cfg.path().display())), "{err}");
+
+    // store = "redis" needs at least one URL; a lease shorter than the upstream timeout would
+    // give a call's points back while the upstream still works on it.
+    let cfg = config("store = \"redis\"\nredis = []\nhold_lease_ms = 1000\n", "");
+    let (ok, _out, err) = check(&cfg);
+    assert!(!ok);
+    assert!(err.contains("cluster.redis: "), "{err}");
+    assert!(err.contains("cluster.hold_lease_ms: "), "{err}");
+
+    // The embedded default needs no section at all, and `store = "local"` connects nowhere.
+    let cfg = config("store = \"local\"\nredis = [\"redis://127.0.0.1:1\"]\n", "");
+    let (ok, _out, err) = check(&cfg);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn check_reports_a_redis_without_appendfsync_always() {
+    let Some(plain) = RedisServer::start("check_reports_a_redis_without_appendfsync_always", Opts::default()) else {
+        return;
+    };
+    let Some(aof) = RedisServer::start(
+        "check_reports_a_redis_without_appendfsync_always",
+        Opts { aof_always: true, cluster: false },
+    ) else {
+        return;
+    };
+    let redis = |url: String| format!("store = \"redis\"\nredis = [\"{url}\"]\n");
+
+    // Strict mode: an error, and check fails.
+    let cfg = config(&redis(plain.url()), "[ledger]\ndurability = \"strict\"\n");
+    let (ok, _out, err) = check(&cfg);
+    assert!(!ok, "strict mode on a Redis without AOF must fail");
+    assert!(err.contains("error") && err.contains("appendonly"), "{err}");
+    assert!(err.contains(&plain.url()), "the node is named: {err}");
+
+    // Batched mode: a warning, and check passes.
+    let cfg = config(&redis(plain.url()), "[ledger]\ndurability = \"batched\"\n");
+    let (ok, out, err) = check(&cfg);
+    assert!(ok, "{err}");
+    assert!(err.contains("warning") && err.contains("appendonly"), "{err}");
+    assert!(out.starts_with("ok:"), "{out}");
+
+    // appendonly yes + appendfsync always: nothing to say in either mode.
+    let cfg = config(&redis(aof.url()), "[ledger]\ndurability = \"strict\"\n");
+    let (ok, _out, err) = check(&cfg);
+    assert!(ok, "{err}");
+    assert!(!err.contains("appendonly"), "{err}");
+
+    // A Redis that does not answer is an error (check cannot vouch for it).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = config(&redis(format!("redis://127.0.0.1:{port}")), "");
+    let (ok, _out, err) = check(&cfg);
+    assert!(!ok);
+    assert!(err.contains(&format!("redis://127.0.0.1:{port}")), "{err}");
+}
