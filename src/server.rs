@@ -79,14 +79,7 @@ impl Gateway {
         let (billing, alerts) =
             Billing::open(Box::new(store), s.durability, s.flush_interval, s.strict_timeout, metrics.clone())?;
         metrics.config_generation.set(snapshot.generation as i64);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(snapshot.settings.upstream_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = upstream_client(snapshot.settings.upstream_timeout);
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -108,6 +101,40 @@ impl Gateway {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
+
+    /// Sends a request upstream through this worker thread's own connection pool (see [`run`]),
+    /// or through the shared client off the workers (one CPU, tests).
+    pub fn upstream_request(&self, req: http::Request<UpstreamBody>) -> hyper_util::client::legacy::ResponseFuture {
+        WORKER_CLIENT.with(|c| match c.get() {
+            Some(client) => client.request(req),
+            None => self.client.request(req),
+        })
+    }
+}
+
+/// The upstream client: keep-alive pool, no Nagle, `upstream_timeout` to connect.
+fn upstream_client(connect_timeout: Duration) -> Client<HttpConnector, UpstreamBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+thread_local! {
+    /// Set on each per-core worker thread: its own upstream pool, so no pool lock or connection
+    /// is shared between cores (pingora's `work_stealing: false`, nginx's workers).
+    static WORKER_CLIENT: std::cell::OnceCell<Client<HttpConnector, UpstreamBody>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// How many per-core workers serve the tenant listener: one per CPU this process may run on
+/// (its affinity, e.g. `taskset`). With one, the tenant listener is served on the main runtime.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// POSTs each low-balance alert to `[billing].alert_webhook` (read at send time), off the
@@ -170,6 +197,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     #[cfg(unix)]
     socket.set_reuseaddr(true)?;
+    // Each per-core worker accepts on its own socket bound to the same address; the kernel
+    // spreads new connections over them (like nginx's `listen ... reuseport`).
+    #[cfg(unix)]
+    if worker_count() > 1 {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
@@ -305,34 +338,107 @@ pub async fn run(
         let (_never, stop) = watch::channel(false);
         accept_loop(listeners.admin, admin_gw, stop, None, None, crate::admin::handle).await;
     });
-    gw.ready.store(true, Ordering::SeqCst);
-    tokio::join!(
-        accept_loop(listeners.tenant, gw.clone(), stop_rx, Some(&graceful), Some(max_connections), proxy::handle),
-        async {
-            // A closed channel (no signal can come) means serve on.
-            let Some(signal) = signals.recv().await else { return std::future::pending().await };
-            gw.ready.store(false, Ordering::SeqCst);
-            let grace = match signal {
-                StopSignal::Term => gw.snapshot.load().settings.shutdown_grace,
-                StopSignal::Int => Duration::ZERO,
-            };
-            if !grace.is_zero() {
-                tracing::info!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutting down: /readyz answers 503; still serving during the grace so endpoints are removed first"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(grace) => {}
-                    Some(_) = signals.recv() => tracing::info!("second signal: ending the grace now"),
-                }
+    let workers = worker_count();
+    // One listener per worker: the bound one, then more on the same address (SO_REUSEPORT).
+    let mut sockets = Vec::new();
+    if workers > 1 {
+        match listeners.tenant.local_addr().and_then(|addr| {
+            let mut v = Vec::with_capacity(workers - 1);
+            for _ in 1..workers {
+                v.push(listen(addr)?.into_std()?);
             }
-            tracing::info!("shutting down: no longer accepting, draining in-flight requests");
-            let _ = stop_tx.send(true);
+            Ok(v)
+        }) {
+            Ok(v) => sockets = v,
+            Err(e) => tracing::warn!(error = %e, "cannot open per-core listeners; serving on one runtime"),
         }
+    }
+    gw.ready.store(true, Ordering::SeqCst);
+    let stopper = async {
+        // A closed channel (no signal can come) means serve on.
+        let Some(signal) = signals.recv().await else { return std::future::pending().await };
+        gw.ready.store(false, Ordering::SeqCst);
+        let grace = match signal {
+            StopSignal::Term => gw.snapshot.load().settings.shutdown_grace,
+            StopSignal::Int => Duration::ZERO,
+        };
+        if !grace.is_zero() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: /readyz answers 503; still serving during the grace so endpoints are removed first"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                Some(_) = signals.recv() => tracing::info!("second signal: ending the grace now"),
+            }
+        }
+        tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+        let _ = stop_tx.send(true);
+    };
+    if sockets.is_empty() {
+        tokio::join!(
+            accept_loop(listeners.tenant, gw.clone(), stop_rx, Some(&graceful), Some(max_connections), proxy::handle),
+            stopper
+        );
+        match tokio::time::timeout(drain, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections drained"),
+            Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+        }
+        return;
+    }
+    // Per-core workers, nginx's model: each thread runs a current-thread runtime with its own
+    // listener and upstream pool, so a request stays on one core from accept to answer (no
+    // work-stealing, no shared pool lock). Buckets, billing and metrics stay shared, so limits and
+    // balances are exact whichever core serves a tenant.
+    sockets.insert(
+        0,
+        match listeners.tenant.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand the tenant listener to the workers");
+                return;
+            }
+        },
     );
-    match tokio::time::timeout(drain, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+    let mut done = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+        let (gw, stop, limit) = (gw.clone(), stop_rx.clone(), max_connections.clone());
+        let spawned = std::thread::Builder::new().name(format!("turnstile-worker-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, worker = i, "cannot start a worker runtime"),
+            };
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, worker = i, "worker cannot use its listener"),
+                };
+                let timeout = gw.snapshot.load().settings.upstream_timeout;
+                WORKER_CLIENT.with(|c| {
+                    c.get_or_init(|| upstream_client(timeout));
+                });
+                let graceful = GracefulShutdown::new();
+                accept_loop(listener, gw, stop, Some(&graceful), Some(limit), proxy::handle).await;
+                let drained = tokio::time::timeout(drain, graceful.shutdown()).await.is_ok();
+                let _ = tx.send(drained);
+            });
+        });
+        match spawned {
+            Ok(_) => done.push(rx),
+            Err(e) => tracing::error!(error = %e, worker = i, "cannot start a worker thread"),
+        }
+    }
+    tracing::info!(workers = done.len(), "serving the tenant listener on per-core workers");
+    stopper.await;
+    let mut all = true;
+    for rx in done {
+        all &= rx.await.unwrap_or(false);
+    }
+    if all {
+        tracing::info!("all connections drained");
+    } else {
+        tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections");
     }
 }
 
