@@ -86,3 +86,67 @@ async fn one_worker_per_cpu_each_accepting_and_the_limit_exact_across_them() {
     assert!(throttled > 100, "the flood must overload the limit ({throttled} throttled)");
     assert!((40..=61).contains(&ok), "20 QPS for 2 s across workers must admit 40..=61, admitted {ok}");
 }
+
+/// Context switches (voluntary + involuntary) of the thread named `ledger-writer`.
+fn writer_switches(pid: u32) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("proc") {
+        let dir = task.expect("task").path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != "ledger-writer" {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        return status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+            .sum();
+    }
+    panic!("no ledger-writer thread in /proc/{pid}/task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_writer_does_not_wake_for_every_tenant_it_has_to_commit() {
+    // 300 pay-as-you-go tenants, one call each: every settlement dirties a new monthly record and
+    // queues its key for the writer. With a 2 s batch the writer must gather them asleep (woken
+    // once for the first key, once when the window ends), not once per key.
+    const TENANTS: usize = 300;
+    let up = Upstream::start().await;
+    let tenants: Vec<String> = (0..TENANTS)
+        .map(|i| {
+            format!(
+                r#""t{i}": {{"api_keys": ["{}"], "services": ["text_recognition"]}}"#,
+                key_hash(&format!("key-{i}"))
+            )
+        })
+        .collect();
+    let ents = format!(r#"{{"tenants": {{{}}}}}"#, tenants.join(","));
+    let rest = "[ledger]\ndurability = \"batched\"\nflush_interval_ms = 2000\n";
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", rest), SHIPPED_CATALOG, &ents);
+    let gw = Gateway::start(&cfg);
+    let before = writer_switches(gw.pid());
+    let c = client();
+    let url = gw.url("/v1/ocr/license-plate");
+    let mut tasks = Vec::new();
+    for part in 0..6 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in (part..TENANTS).step_by(6) {
+                let key = format!("key-{i}");
+                let r = post(&c, &url, &[("x-api-key", key.as_str())], b"{}").await;
+                assert_eq!(r.status.as_u16(), 200, "tenant t{i}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let woke = writer_switches(gw.pid()) - before;
+    assert!(woke < 60, "the ledger writer switched {woke} times for {TENANTS} settlements of distinct tenants");
+    let metrics = gw.metrics(&c).await;
+    let billed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("turnstile_billed_units_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(billed as usize, TENANTS, "every call billed once");
+}
