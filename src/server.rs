@@ -207,6 +207,31 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// A connection slot under `[server].max_connections` (None: no limit), waiting for one while at
+/// the cap; `None` when `stop` changes first.
+async fn slot(
+    limit: &Option<Arc<Semaphore>>,
+    stop: &mut watch::Receiver<bool>,
+    gw: &Gateway,
+    warned_full: &mut Option<Instant>,
+) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    let Some(sem) = limit else { return Some(None) };
+    if let Ok(p) = sem.clone().try_acquire_owned() {
+        return Some(Some(p));
+    }
+    if warned_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        *warned_full = Some(Instant::now());
+        tracing::warn!(
+            max_connections = gw.snapshot.load().settings.max_connections,
+            "server.max_connections open connections: new ones wait in the listen backlog"
+        );
+    }
+    tokio::select! {
+        p = sem.clone().acquire_owned() => p.ok().map(Some),
+        _ = stop.changed() => None,
+    }
+}
+
 /// Accepts and serves connections until `stop` changes. With `limit`, at most that many
 /// connections are open at once: beyond it the loop stops accepting, and new connections wait in
 /// the kernel's listen backlog until one closes (nginx `worker_connections` behaviour). With
@@ -219,6 +244,7 @@ async fn accept_loop<F, Fut, B>(
     mut stop: watch::Receiver<bool>,
     graceful: Option<&GracefulShutdown>,
     limit: Option<Arc<Semaphore>>,
+    accept_first: bool,
     handler: F,
 ) where
     F: Fn(Arc<Gateway>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -228,31 +254,13 @@ async fn accept_loop<F, Fut, B>(
 {
     let mut warned_full: Option<Instant> = None;
     loop {
-        let permit = match &limit {
-            None => None,
-            Some(sem) => {
-                let permit = match sem.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        if warned_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                            warned_full = Some(Instant::now());
-                            tracing::warn!(
-                                max_connections = gw.snapshot.load().settings.max_connections,
-                                "server.max_connections open connections: new ones wait in the listen backlog"
-                            );
-                        }
-                        tokio::select! {
-                            p = sem.clone().acquire_owned() => match p {
-                                Ok(p) => p,
-                                Err(_) => return,
-                            },
-                            _ = stop.changed() => return,
-                        }
-                    }
-                };
-                Some(permit)
+        let mut permit = None;
+        if !accept_first {
+            match slot(&limit, &mut stop, &gw, &mut warned_full).await {
+                Some(p) => permit = p,
+                None => return,
             }
-        };
+        }
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -265,6 +273,12 @@ async fn accept_loop<F, Fut, B>(
             },
             _ = stop.changed() => return,
         };
+        if accept_first {
+            match slot(&limit, &mut stop, &gw, &mut warned_full).await {
+                Some(p) => permit = p,
+                None => return,
+            }
+        }
         let _ = stream.set_nodelay(true);
         let header_timeout = gw.snapshot.load().settings.header_read_timeout;
         let gw2 = gw.clone();
@@ -336,7 +350,7 @@ pub async fn run(
     let admin_gw = gw.clone();
     tokio::spawn(async move {
         let (_never, stop) = watch::channel(false);
-        accept_loop(listeners.admin, admin_gw, stop, None, None, crate::admin::handle).await;
+        accept_loop(listeners.admin, admin_gw, stop, None, None, false, crate::admin::handle).await;
     });
     let workers = worker_count();
     // One listener per worker: the bound one, then more on the same address (SO_REUSEPORT).
@@ -377,7 +391,15 @@ pub async fn run(
     };
     if sockets.is_empty() {
         tokio::join!(
-            accept_loop(listeners.tenant, gw.clone(), stop_rx, Some(&graceful), Some(max_connections), proxy::handle),
+            accept_loop(
+                listeners.tenant,
+                gw.clone(),
+                stop_rx,
+                Some(&graceful),
+                Some(max_connections),
+                false,
+                proxy::handle
+            ),
             stopper
         );
         match tokio::time::timeout(drain, graceful.shutdown()).await {
@@ -419,7 +441,7 @@ pub async fn run(
                     c.get_or_init(|| upstream_client(timeout));
                 });
                 let graceful = GracefulShutdown::new();
-                accept_loop(listener, gw, stop, Some(&graceful), Some(limit), proxy::handle).await;
+                accept_loop(listener, gw, stop, Some(&graceful), Some(limit), true, proxy::handle).await;
                 let drained = tokio::time::timeout(drain, graceful.shutdown()).await.is_ok();
                 let _ = tx.send(drained);
             });
