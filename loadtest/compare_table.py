@@ -150,7 +150,13 @@ def oha(text):
     return n, s["requestsPerSec"], p["p50"] * 1000, p["p99"] * 1000, non2xx
 
 
+SHARED = False  # LAYOUT=shared: the upstream runs on the proxy's core, so it is not "other"
+
+
 def load_rows(run):
+    global SHARED
+    header = (run / "header.txt").read_text() if (run / "header.txt").exists() else ""
+    SHARED = "layout shared" in header
     rows = {}
     for f in sorted((run / "raw").glob("*.txt")):
         w, tool, peer, r = f.stem.split(".")
@@ -166,7 +172,8 @@ def load_rows(run):
         rows.setdefault((w, tool, peer), []).append(dict(
             round=int(r), n=n, rps=rps, p50=p50, p99=p99, non2xx=non2xx,
             cpu=(pu + ps) * 1e4 / n, kernel=ps * 1e4 / n, sw=psw / n, up=(uu + us) * 1e4 / n,
-            other=max(0.0, (busy - pu - ps) / 100 / secs), irq=ci / 100 / secs, core=busy * 1e4 / n))
+            other=max(0.0, (busy - pu - ps - (uu + us if SHARED else 0)) / 100 / secs), irq=ci / 100 / secs,
+            core=busy * 1e4 / n))
     return rows
 
 
