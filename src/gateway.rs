@@ -106,14 +106,7 @@ impl Gateway {
             &video,
         )?;
         metrics.config_generation.set(snapshot.generation as i64);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(snapshot.settings.upstream_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = upstream_client(snapshot.settings.upstream_timeout);
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -138,6 +131,40 @@ impl Gateway {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
+
+    /// Sends a request upstream through this worker thread's own connection pool (see
+    /// [`crate::server::run`]), or through the shared client off the workers (one CPU, tests).
+    pub fn upstream_request(&self, req: http::Request<Upload>) -> hyper_util::client::legacy::ResponseFuture {
+        WORKER_CLIENT.with(|c| match c.get() {
+            Some(client) => client.request(req),
+            None => self.client.request(req),
+        })
+    }
+}
+
+/// The upstream client: keep-alive pool, no Nagle, `upstream_timeout` to connect.
+pub(crate) fn upstream_client(connect_timeout: Duration) -> Client<HttpConnector, Upload> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+thread_local! {
+    /// Set on each per-core worker thread: its own upstream pool, so no pool lock or connection
+    /// is shared between cores (pingora's `work_stealing: false`, nginx's workers).
+    pub(crate) static WORKER_CLIENT: std::cell::OnceCell<Client<HttpConnector, Upload>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// How many per-core workers serve the tenant listener: one per CPU this process may run on
+/// (its affinity, e.g. `taskset`). With one, the tenant listener is served on the main runtime.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Every few seconds, off the async workers: gives back holds whose lease passed (a leaked

@@ -72,9 +72,11 @@ fn init_logs(format: LogFormat) {
 
 /// The async runtime: one thread per CPU this process may run on. On a single CPU (e.g. pinned
 /// with taskset) a current-thread runtime avoids the work-stealing scheduler's overhead.
-fn runtime() -> Option<tokio::runtime::Runtime> {
+/// `serve` always uses a current-thread one: its tenant listener runs on per-core workers
+/// (`server::run`), the main runtime only has the admin listener, reloads and signals.
+fn runtime(one_thread: bool) -> Option<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let built = if cpus == 1 {
+    let built = if cpus == 1 || one_thread {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread().worker_threads(cpus).enable_all().build()
@@ -88,7 +90,7 @@ fn main() -> ExitCode {
         Cmd::Quote(q) => turnstile::quote::run(q),
         Cmd::StandIn { listen } => {
             init_logs(cli.log_format);
-            let Some(rt) = runtime() else { return ExitCode::FAILURE };
+            let Some(rt) = runtime(false) else { return ExitCode::FAILURE };
             rt.block_on(async {
                 match turnstile::standin::spawn(listen).await {
                     Ok((addr, stop)) => {
@@ -140,7 +142,7 @@ fn main() -> ExitCode {
                 (None, true) => ConfigSource::Embedded,
                 (None, false) => ConfigSource::Files { main: DEFAULT_CONFIG.into() },
             };
-            let Some(rt) = runtime() else { return ExitCode::FAILURE };
+            let Some(rt) = runtime(true) else { return ExitCode::FAILURE };
             rt.block_on(serve(source, demo))
         }
     }
@@ -278,7 +280,7 @@ fn check_cluster_store(file: &str, settings: &turnstile::config::gateway::Settin
     if c.store != StoreKind::Redis {
         return true;
     }
-    let Some(rt) = runtime() else { return false };
+    let Some(rt) = runtime(true) else { return false };
     let report = rt.block_on(turnstile::store::redis::aof_policies(&c.redis, std::time::Duration::from_secs(2)));
     let strict = settings.durability == Durability::Strict;
     let mut errors = 0;

@@ -563,7 +563,7 @@ async fn forward_inner(
     let upstream_req = Request::from_parts(parts, body);
 
     let sent = Instant::now();
-    let result = tokio::time::timeout(fwd.timeout, gw.client.request(upstream_req)).await;
+    let result = tokio::time::timeout(fwd.timeout, gw.upstream_request(upstream_req)).await;
     gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
     let resp = match result {
         Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: fwd.timeout.as_millis() as u64 }),

@@ -12,7 +12,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-pub use crate::gateway::{build, load, Gateway};
+pub use crate::gateway::{build, load, worker_count, Gateway};
+use crate::gateway::{upstream_client, WORKER_CLIENT};
 use crate::proxy;
 use crate::snapshot::Snapshot;
 
@@ -41,8 +42,39 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     #[cfg(unix)]
     socket.set_reuseaddr(true)?;
+    // Each per-core worker accepts on its own socket bound to the same address; the kernel
+    // spreads new connections over them (like nginx's `listen ... reuseport`).
+    #[cfg(unix)]
+    if worker_count() > 1 {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// A connection slot under `[server].max_connections` (None: no limit), waiting for one while at
+/// the cap; `None` when `stop` changes first.
+async fn slot(
+    limit: &Option<Arc<Semaphore>>,
+    stop: &mut watch::Receiver<bool>,
+    gw: &Gateway,
+    warned_full: &mut Option<Instant>,
+) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    let Some(sem) = limit else { return Some(None) };
+    if let Ok(p) = sem.clone().try_acquire_owned() {
+        return Some(Some(p));
+    }
+    if warned_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        *warned_full = Some(Instant::now());
+        tracing::warn!(
+            max_connections = gw.snapshot.load().settings.max_connections,
+            "server.max_connections open connections: new ones wait in the listen backlog"
+        );
+    }
+    tokio::select! {
+        p = sem.clone().acquire_owned() => p.ok().map(Some),
+        _ = stop.changed() => None,
+    }
 }
 
 /// Accepts and serves connections until `stop` changes. With `limit`, at most that many
@@ -57,6 +89,7 @@ async fn accept_loop<F, Fut, B>(
     mut stop: watch::Receiver<bool>,
     graceful: Option<&GracefulShutdown>,
     limit: Option<Arc<Semaphore>>,
+    accept_first: bool,
     handler: F,
 ) where
     F: Fn(Arc<Gateway>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -66,31 +99,13 @@ async fn accept_loop<F, Fut, B>(
 {
     let mut warned_full: Option<Instant> = None;
     loop {
-        let permit = match &limit {
-            None => None,
-            Some(sem) => {
-                let permit = match sem.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        if warned_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                            warned_full = Some(Instant::now());
-                            tracing::warn!(
-                                max_connections = gw.snapshot.load().settings.max_connections,
-                                "server.max_connections open connections: new ones wait in the listen backlog"
-                            );
-                        }
-                        tokio::select! {
-                            p = sem.clone().acquire_owned() => match p {
-                                Ok(p) => p,
-                                Err(_) => return,
-                            },
-                            _ = stop.changed() => return,
-                        }
-                    }
-                };
-                Some(permit)
+        let mut permit = None;
+        if !accept_first {
+            match slot(&limit, &mut stop, &gw, &mut warned_full).await {
+                Some(p) => permit = p,
+                None => return,
             }
-        };
+        }
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -103,6 +118,12 @@ async fn accept_loop<F, Fut, B>(
             },
             _ = stop.changed() => return,
         };
+        if accept_first {
+            match slot(&limit, &mut stop, &gw, &mut warned_full).await {
+                Some(p) => permit = p,
+                None => return,
+            }
+        }
         let _ = stream.set_nodelay(true);
         let header_timeout = gw.snapshot.load().settings.header_read_timeout;
         let gw2 = gw.clone();
@@ -174,36 +195,117 @@ pub async fn run(
     let admin_gw = gw.clone();
     tokio::spawn(async move {
         let (_never, stop) = watch::channel(false);
-        accept_loop(listeners.admin, admin_gw, stop, None, None, crate::admin::handle).await;
+        accept_loop(listeners.admin, admin_gw, stop, None, None, false, crate::admin::handle).await;
     });
-    gw.ready.store(true, Ordering::SeqCst);
-    tokio::join!(
-        accept_loop(listeners.tenant, gw.clone(), stop_rx, Some(&graceful), Some(max_connections), proxy::handle),
-        async {
-            // A closed channel (no signal can come) means serve on.
-            let Some(signal) = signals.recv().await else { return std::future::pending().await };
-            gw.ready.store(false, Ordering::SeqCst);
-            let grace = match signal {
-                StopSignal::Term => gw.snapshot.load().settings.shutdown_grace,
-                StopSignal::Int => Duration::ZERO,
-            };
-            if !grace.is_zero() {
-                tracing::info!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutting down: /readyz answers 503; still serving during the grace so endpoints are removed first"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(grace) => {}
-                    Some(_) = signals.recv() => tracing::info!("second signal: ending the grace now"),
-                }
+    let workers = worker_count();
+    // One listener per worker: the bound one, then more on the same address (SO_REUSEPORT).
+    let mut sockets = Vec::new();
+    if workers > 1 {
+        match listeners.tenant.local_addr().and_then(|addr| {
+            let mut v = Vec::with_capacity(workers - 1);
+            for _ in 1..workers {
+                v.push(listen(addr)?.into_std()?);
             }
-            tracing::info!("shutting down: no longer accepting, draining in-flight requests");
-            let _ = stop_tx.send(true);
+            Ok(v)
+        }) {
+            Ok(v) => sockets = v,
+            Err(e) => tracing::warn!(error = %e, "cannot open per-core listeners; serving on one runtime"),
         }
+    }
+    gw.ready.store(true, Ordering::SeqCst);
+    let stopper = async {
+        // A closed channel (no signal can come) means serve on.
+        let Some(signal) = signals.recv().await else { return std::future::pending().await };
+        gw.ready.store(false, Ordering::SeqCst);
+        let grace = match signal {
+            StopSignal::Term => gw.snapshot.load().settings.shutdown_grace,
+            StopSignal::Int => Duration::ZERO,
+        };
+        if !grace.is_zero() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: /readyz answers 503; still serving during the grace so endpoints are removed first"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                Some(_) = signals.recv() => tracing::info!("second signal: ending the grace now"),
+            }
+        }
+        tracing::info!("shutting down: no longer accepting, draining in-flight requests");
+        let _ = stop_tx.send(true);
+    };
+    if sockets.is_empty() {
+        tokio::join!(
+            accept_loop(
+                listeners.tenant,
+                gw.clone(),
+                stop_rx,
+                Some(&graceful),
+                Some(max_connections),
+                false,
+                proxy::handle
+            ),
+            stopper
+        );
+        match tokio::time::timeout(drain, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections drained"),
+            Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+        }
+        return;
+    }
+    // Per-core workers, nginx's model: each thread runs a current-thread runtime with its own
+    // listener and upstream pool, so a request stays on one core from accept to answer (no
+    // work-stealing, no shared pool lock). Buckets, billing and metrics stay shared, so limits and
+    // balances are exact whichever core serves a tenant.
+    sockets.insert(
+        0,
+        match listeners.tenant.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand the tenant listener to the workers");
+                return;
+            }
+        },
     );
-    match tokio::time::timeout(drain, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+    let mut done = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+        let (gw, stop, limit) = (gw.clone(), stop_rx.clone(), max_connections.clone());
+        let spawned = std::thread::Builder::new().name(format!("turnstile-worker-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, worker = i, "cannot start a worker runtime"),
+            };
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, worker = i, "worker cannot use its listener"),
+                };
+                let timeout = gw.snapshot.load().settings.upstream_timeout;
+                WORKER_CLIENT.with(|c| {
+                    c.get_or_init(|| upstream_client(timeout));
+                });
+                let graceful = GracefulShutdown::new();
+                accept_loop(listener, gw, stop, Some(&graceful), Some(limit), true, proxy::handle).await;
+                let drained = tokio::time::timeout(drain, graceful.shutdown()).await.is_ok();
+                let _ = tx.send(drained);
+            });
+        });
+        match spawned {
+            Ok(_) => done.push(rx),
+            Err(e) => tracing::error!(error = %e, worker = i, "cannot start a worker thread"),
+        }
+    }
+    tracing::info!(workers = done.len(), "serving the tenant listener on per-core workers");
+    stopper.await;
+    let mut all = true;
+    for rx in done {
+        all &= rx.await.unwrap_or(false);
+    }
+    if all {
+        tracing::info!("all connections drained");
+    } else {
+        tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections");
     }
 }
 

@@ -671,6 +671,9 @@ impl LocalStore {
     pub fn flush_within(&self, wait: Duration) -> bool {
         let (tx, rx) = mpsc::channel();
         self.send(Msg::Flush(tx));
+        if let Some(h) = lock(&self.writer).as_ref() {
+            h.thread().unpark(); // the writer may be parked in its gather window
+        }
         rx.recv_timeout(wait).is_ok()
     }
 
@@ -681,6 +684,7 @@ impl LocalStore {
             self.flush_within(wait);
             self.send(Msg::Stop);
             if let Some(h) = lock(&self.writer).take() {
+                h.thread().unpark();
                 // The writer answers Stop within one commit attempt; wait a bounded time for it.
                 let deadline = Instant::now() + wait.max(Duration::from_millis(100));
                 while !h.is_finished() && Instant::now() < deadline {
@@ -806,17 +810,17 @@ fn writer(
             None => continue,
         }
         if !b.strict && waiters.is_empty() && !stop && failures == 0 {
-            // Batched: gather for one interval, unless someone asks for a flush meanwhile.
+            // Batched: gather for one interval, parked instead of waking for each message (with
+            // many tenants nearly every settlement queues a key, and a wake-up each cost a context
+            // switch per request); `flush_within` and `close` unpark it.
             let deadline = Instant::now() + interval;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(m) => {
-                        take(m, &mut keys, &mut waiters, &mut stop);
-                        if !waiters.is_empty() || stop {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
+                std::thread::park_timeout(left);
+                while let Ok(m) = rx.try_recv() {
+                    take(m, &mut keys, &mut waiters, &mut stop);
+                }
+                if !waiters.is_empty() || stop {
+                    break;
                 }
             }
         }
