@@ -297,3 +297,29 @@ async fn local_fallback_serves_and_replays_its_charges_exactly_once() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     check(admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json());
 }
+
+/// SPEC §11.5 strict: the 2xx goes out only after Redis acknowledged the charge, so the other
+/// replica's usage report shows every answered call at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_mode_answers_only_after_redis_has_the_charge() {
+    let Some(redis) = RedisServer::start("strict_mode_answers_only_after", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"strict\"\n");
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), &rest, &catalog(), &ents(40, 5), &[]);
+    let c = client();
+    for i in 1..=8u32 {
+        let (path, field) = if i % 2 == 0 { (DETECT, "object-detection") } else { (OCR, "license-plate-recognition") };
+        let r = post(&c, &set.gw[0].url(path), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        let v = admin_get(&c, &set.gw[1], "/admin/v1/tenants/acme/usage").await.json();
+        let payer = if i % 2 == 0 { "single_package" } else { "payg" };
+        let want = i.div_ceil(2).to_string();
+        let want = if i % 2 == 0 { (i / 2).to_string() } else { want };
+        assert_eq!(v["features"][field]["units"][payer], want.as_str(), "call {i} not yet in Redis when answered: {v}");
+    }
+    let v = admin_get(&c, &set.gw[1], "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["packages"][0]["remaining"], "1", "5 points less 4 calls: {v}");
+}
