@@ -1065,7 +1065,29 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
-        r: Reservation,
+        mut r: Reservation,
+        usage: Option<VideoUsage>,
+        now: i64,
+    ) -> Result<Settled, StoreError> {
+        match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await {
+            Err(e) if !r.fallback && self.remote.is_some() => {
+                // Redis failed part-way: on `local` the settlement is made again on the
+                // fallback and journaled under the same id; the parts Redis did apply answer
+                // the replay from their markers instead of applying twice.
+                self.failover(e)?;
+                r.fallback = true;
+                self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn settle_video_in(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        r: &Reservation,
         usage: Option<VideoUsage>,
         now: i64,
     ) -> Result<Settled, StoreError> {
