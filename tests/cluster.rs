@@ -322,4 +322,29 @@ async fn strict_mode_answers_only_after_redis_has_the_charge() {
     }
     let v = admin_get(&c, &set.gw[1], "/admin/v1/tenants/acme/usage").await.json();
     assert_eq!(v["packages"][0]["remaining"], "1", "5 points less 4 calls: {v}");
+    // One store round trip before forwarding (admission + package hold) and one after
+    // (settlement) per call, on the replica that served them.
+    let m = set.gw[0].metrics(&c).await;
+    for op in ["admit", "settle"] {
+        let series = format!("turnstile_store_duration_seconds_count{{op=\"{op}\"}}");
+        assert_eq!(metric(&m, &series), Some(8.0), "{op} round trips for 8 calls:\n{m}");
+    }
+}
+
+/// A replica that cannot reach Redis at start does not start (it has no shared state to serve
+/// from): exit status 1 and a message naming `cluster.redis`, within the store timeout.
+#[test]
+fn a_replica_without_redis_at_start_exits_1() {
+    let dead = format!("redis://{}", dead_addr());
+    let main = main_toml("http://127.0.0.1:1", "", &cluster_section(&[dead], ""));
+    let cfg = ConfigDir::new(&main, &catalog(), &ents(40, 1));
+    let started = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
+        .output()
+        .expect("run turnstile");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.redis") && err.contains("not starting"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
