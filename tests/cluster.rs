@@ -191,6 +191,10 @@ async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_secon
     }
     let r = post(&c, &set.gw[1].url(FACE), &key(), b"{}").await;
     assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=35;w=1"), "B's bucket follows the upgrade");
+    // A reload of B's files (which do not have the upgrade) keeps it.
+    let r = post(&c, &set.gw[1].admin_url("/admin/v1/reload"), &[(n, &v)], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(limit_on(1).await, 35, "a reload keeps the shared upgrade");
     // A permanent upgrade too, and a replica started afterwards applies both at start.
     let r = post(
         &c,
