@@ -118,6 +118,12 @@ fn consumed(r: &mut Redis) -> i64 {
     r.hget(&format!("{PREFIX}:{{acme}}:p:{PKG}"), "consumed")
 }
 
+/// Batched mode settles after the answer went out: waits (≤ 3 s) for Redis's `consumed`.
+async fn settles_to(r: &mut Redis, want: i64) {
+    let ok = eventually(Duration::from_secs(3), || std::future::ready(consumed(r) == want)).await;
+    assert!(ok, "consumed {} micro-points, want {want}", consumed(r));
+}
+
 fn held(r: &mut Redis) -> i64 {
     r.hget(&format!("{PREFIX}:{{acme}}:p:{PKG}"), "held")
 }
@@ -439,17 +445,27 @@ async fn drain(mut redis: Redis) {
     let expected: BTreeMap<String, u64> =
         [(format!("single_package:{PKG}"), POINTS as u64), ("payg".to_string(), 240 - POINTS as u64)].into();
     assert_eq!(by_payer, expected, "who paid the 240 calls");
-    assert_eq!(consumed(&mut redis), POINTS as i64 * MICRO, "consumed in Redis");
-    assert_eq!(held(&mut redis), 0, "nothing left held");
+    // Batched mode settles after the answer went out: give the last settlements a moment.
+    let settled = eventually(Duration::from_secs(3), || {
+        std::future::ready(consumed(&mut redis) == POINTS as i64 * MICRO && held(&mut redis) == 0)
+    })
+    .await;
+    assert!(settled, "consumed {} (want {}), held {}", consumed(&mut redis), POINTS as i64 * MICRO, held(&mut redis));
 
     let c = client();
-    let reports: Vec<serde_json::Value> = {
-        let mut v = Vec::new();
+    let mut reports: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        reports.clear();
         for g in reps.live() {
-            v.push(usage(&c, g).await);
+            reports.push(usage(&c, g).await);
         }
-        v
-    };
+        let payg = &reports[0]["features"]["license-plate-recognition"]["units"]["payg"];
+        if payg == &serde_json::Value::from((240 - POINTS).to_string()) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let lp = &reports[0]["features"]["license-plate-recognition"];
     assert_eq!(lp["units"]["single_package"], POINTS.to_string(), "{}", reports[0]);
     assert_eq!(lp["units"]["payg"], (240 - POINTS).to_string(), "{}", reports[0]);
@@ -549,8 +565,11 @@ async fn killed_replica(mut redis: Redis) {
         }
     }
     assert_eq!(paid, 4, "all four points came back, and no more");
-    assert_eq!(consumed(&mut redis), 4 * MICRO);
-    assert_eq!(held(&mut redis), 0);
+    let settled = eventually(Duration::from_secs(3), || {
+        std::future::ready(consumed(&mut redis) == 4 * MICRO && held(&mut redis) == 0)
+    })
+    .await;
+    assert!(settled, "consumed {}, held {}", consumed(&mut redis), held(&mut redis));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,14 +759,14 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
         let a = must(&c, &g.url("/v1/ocr/license-plate")).await;
         assert_eq!(a.status, StatusCode::OK);
     }
-    assert_eq!(consumed(&mut redis), 3 * MICRO);
+    settles_to(&mut redis, 3 * MICRO).await;
 
     let check_down = |what: &'static str| {
         let c = c.clone();
         let urls: Vec<String> = reps.live().map(|g| g.url("/v1/ocr/license-plate")).collect();
         async move {
             for url in urls {
-                for _ in 0..3 {
+                for _ in 0..2 {
                     let t = Instant::now();
                     let a = must(&c, &url).await;
                     let took = t.elapsed();
@@ -784,7 +803,7 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
     }
     check_down("killed").await;
     let errors = metric_sum(&c, &reps, "turnstile_store_errors_total", &[]).await;
-    assert!(errors >= 18.0, "store errors counted: {errors}");
+    assert!(errors >= 12.0, "store errors counted: {errors}");
     if let Redis::Single(s) = &mut redis {
         s.restart();
     }
@@ -825,7 +844,7 @@ async fn store_down_local_fallback_replays_exactly_once() {
         assert_eq!(must(&c, &g.url("/v1/face/compare")).await.status, StatusCode::OK);
         face_2xx += 1;
     }
-    assert_eq!(consumed(&mut redis), 6 * MICRO);
+    settles_to(&mut redis, 6 * MICRO).await;
 
     if let Redis::Single(s) = &mut redis {
         s.kill9();
