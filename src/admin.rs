@@ -123,8 +123,8 @@ async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<
                 }}),
             ),
         },
-        (&Method::GET, ["tenants", t, "limits"]) => limits(gw, t),
-        (&Method::GET, ["tenants", t, "usage"]) => usage(gw, t, query.as_deref()),
+        (&Method::GET, ["tenants", t, "limits"]) => limits(gw, t).await,
+        (&Method::GET, ["tenants", t, "usage"]) => usage(gw, t, query.as_deref()).await,
         (&Method::POST, ["tenants", t, "qps-plans", f, op @ ("temporary-upgrade" | "upgrade")]) => {
             let (t, f, op) = (t.to_string(), f.to_string(), *op);
             let body = match json_body(req).await {
@@ -152,8 +152,8 @@ async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<
 
 /// Per feature the tenant can call or holds a plan for: the limit now, its source, the plan and
 /// the temporary upgrades active now.
-fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
-    let snap = gw.snapshot.load();
+async fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
+    let snap = gw.snapshot.load_full();
     let Some(t) = snap.tenant(tenant) else {
         return error(&ApiError::NotFound(format!("no tenant {tenant:?}")));
     };
@@ -198,7 +198,10 @@ fn limits(gw: &Gateway, tenant: &str) -> Response<ProxyBody> {
         if let (LimitSource::ImageSearch, Some(inst)) = (limit.source, t.image_search.as_ref()) {
             entry["delete_limit"] = json!(catalog.image_search.delete_qps);
             entry["capacity"] = json!(inst.capacity);
-            entry["images"] = json!(gw.billing.images(t).count());
+            entry["images"] = match gw.billing.images_shared(t).await {
+                Ok(v) => json!(v.count()),
+                Err(e) => return error(&ApiError::StoreUnavailable { reason: e.to_string() }),
+            };
             entry["expires_at"] = json!(format_rfc3339(inst.expires_at, tz));
         }
         features.insert(f.id.clone(), entry);
@@ -224,8 +227,8 @@ fn month_param(query: Option<&str>, default: String) -> Result<String, ApiError>
 }
 
 /// The usage report of SPEC §9.
-fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody> {
-    let snap = gw.snapshot.load();
+async fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody> {
+    let snap = gw.snapshot.load_full();
     let Some(t) = snap.tenant(tenant) else {
         return error(&ApiError::NotFound(format!("no tenant {tenant:?}")));
     };
@@ -234,5 +237,8 @@ fn usage(gw: &Gateway, tenant: &str, query: Option<&str>) -> Response<ProxyBody>
         Ok(m) => m,
         Err(e) => return error(&e),
     };
-    json_response(StatusCode::OK, &crate::report::usage(&snap, &gw.billing, t, &month))
+    match crate::report::usage(&snap, &gw.billing, t, &month).await {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => error(&ApiError::StoreUnavailable { reason: e.to_string() }),
+    }
 }

@@ -24,8 +24,8 @@ use crate::pricing;
 use crate::snapshot::Snapshot;
 use crate::store::local::LocalStore;
 use crate::store::{
-    BalanceStore, BucketKey, Candidate, Durable, ImageStore, RequestId, RequestIds, StoreError, Stores, TenantKey,
-    UsageStore, UsageTo, CALL_CELL, UNPRICED,
+    Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, Quota, RateStore, RequestId, RequestIds,
+    StoreError, Stores, TenantKey, UsageStore, UsageTo, CALL_CELL, UNPRICED,
 };
 use crate::units;
 
@@ -58,6 +58,9 @@ pub struct Reservation {
     held: Option<Stores>,
     /// Video features: the payer is decided from the usage the upstream reports.
     pub deferred: bool,
+    /// Made on the local fallback (cluster mode, Redis unreachable): settled locally and
+    /// journaled for the replay.
+    pub fallback: bool,
 }
 
 impl Reservation {
@@ -91,6 +94,43 @@ impl Drop for ImageSlot {
             store.release_image_slot_in_background(self.tenant, self.id);
         }
     }
+}
+
+/// The Image Search part of a call's settlement: the operation, the add's slot, and the count
+/// the upstream reported.
+pub struct ImageSettle {
+    pub op: crate::config::gateway::ImageOp,
+    pub slot: Option<ImageSlot>,
+    pub reported: Option<u64>,
+}
+
+/// The settlement script's image part for `i`.
+fn image_part(i: &ImageSettle) -> crate::store::redis::ImagePart {
+    use crate::config::gateway::ImageOp;
+    use crate::store::redis::ImagePart;
+    match (i.reported, i.op) {
+        (Some(n), _) => ImagePart::Set(n),
+        (None, ImageOp::Add) => ImagePart::Add,
+        (None, ImageOp::Delete) => ImagePart::Delete,
+        (None, ImageOp::Search) => ImagePart::Release,
+    }
+}
+
+/// What [`Billing::admit`] answered.
+/// `quota` is the bucket's shape as enforced (on the fallback: the replica's share).
+pub enum Admission {
+    Throttled {
+        retry_after: Duration,
+        quota: Quota,
+    },
+    /// Admitted. `paid`: on Redis, the payer chosen in the same round trip (`Some(None)`: none
+    /// can pay, a 402 whose token was already given back); `None`: the pay phase chooses it.
+    Allowed {
+        remaining: u32,
+        reset_secs: u64,
+        paid: Option<Option<Reservation>>,
+        quota: Quota,
+    },
 }
 
 /// The metrics of one settlement (counted at once in batched mode, once durable in strict).
@@ -169,8 +209,12 @@ impl ImageView {
 
 pub struct Billing {
     store: Arc<LocalStore>,
-    /// The backend the request path awaits (today the same local store).
+    /// The backend the request path awaits: the local store, or Redis in cluster mode.
     stores: Stores,
+    /// `Stores::Local(store)`: the local store through the interfaces (cluster fallback).
+    local: Stores,
+    /// Cluster mode (SPEC §11): Redis, the failure policy, the fallback and its journal.
+    remote: Option<Arc<crate::cluster::Remote>>,
     ids: RequestIds,
     metrics: Arc<Metrics>,
     alerts: tokio::sync::mpsc::UnboundedSender<Alert>,
@@ -219,10 +263,29 @@ impl Billing {
         clock: crate::clock::SharedClock,
         video: &dyn Fn(&str) -> bool,
     ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
+        Self::open_cluster(store, durability, flush_interval, strict_timeout, metrics, clock, video, None)
+    }
+
+    /// [`Billing::open_with`] with, in cluster mode, Redis as the store the request path awaits
+    /// (the local store stays: the ledger of the fallback, SPEC §11.6).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_cluster(
+        store: Box<dyn LedgerStore>,
+        durability: Durability,
+        flush_interval: Duration,
+        strict_timeout: Duration,
+        metrics: Arc<Metrics>,
+        clock: crate::clock::SharedClock,
+        video: &dyn Fn(&str) -> bool,
+        remote: Option<crate::cluster::Remote>,
+    ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
         let store = LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock, video)?;
         let (alerts, alert_rx) = tokio::sync::mpsc::unbounded_channel();
+        let remote = remote.map(Arc::new);
         let billing = Arc::new(Billing {
-            stores: Stores::Local(store.clone()),
+            stores: remote.as_ref().map_or_else(|| Stores::Local(store.clone()), |r| r.stores.clone()),
+            local: Stores::Local(store.clone()),
+            remote,
             store,
             ids: RequestIds::new(),
             metrics,
@@ -242,6 +305,136 @@ impl Billing {
     /// The backend the request path awaits.
     pub fn stores(&self) -> &Stores {
         &self.stores
+    }
+
+    /// Cluster mode: Redis and the fallback state.
+    pub fn remote(&self) -> Option<&Arc<crate::cluster::Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// True while cluster mode serves on the local fallback.
+    pub fn in_fallback(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.in_fallback())
+    }
+
+    /// The store a request made now uses: Redis, or the local store in fallback.
+    fn current(&self) -> (&Stores, bool) {
+        match &self.remote {
+            Some(r) if r.in_fallback() => (&self.local, true),
+            _ => (&self.stores, false),
+        }
+    }
+
+    /// A store error: 503 (`deny`, or local mode) or the switch to the fallback (`local`).
+    fn failover(&self, e: StoreError) -> Result<(), StoreError> {
+        match &self.remote {
+            Some(r) => r.failover(e),
+            None => Err(e),
+        }
+    }
+
+    /// Admission (SPEC §5.4, §11.1) of one call and, on Redis for a per-call feature that
+    /// packages may pay, its package hold in the same round trip. Local mode and the fallback
+    /// take from the local buckets (the fallback at `limit / expected_replicas`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn admit(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        key: BucketKey<'static>,
+        q: Quota,
+        now: i64,
+    ) -> Result<Admission, StoreError> {
+        if let Some(remote) = self.remote.as_ref().filter(|r| !r.in_fallback()) {
+            match self.admit_redis(remote, snap, tenant, feature_idx, key, q, now).await {
+                Ok(a) => return Ok(a),
+                Err(e) => self.failover(e)?,
+            }
+        }
+        let (stores, fallback) = self.current();
+        let q = match (&self.remote, fallback) {
+            (Some(r), true) => r.local_quota(q),
+            _ => q,
+        };
+        Ok(match stores.admit(key, q).await? {
+            Admit::Allowed { remaining, reset_secs } => {
+                Admission::Allowed { remaining, reset_secs, paid: None, quota: q }
+            }
+            Admit::Throttled { retry_after } => Admission::Throttled { retry_after, quota: q },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn admit_redis(
+        &self,
+        remote: &crate::cluster::Remote,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        key: BucketKey<'static>,
+        q: Quota,
+        now: i64,
+    ) -> Result<Admission, StoreError> {
+        let f = &snap.catalog.features[feature_idx];
+        let bucket = Some((key.bucket, q.limit, q.depth));
+        let per_call_package =
+            f.unit != Unit::VideoMinute && !crate::payer::prepaid(&snap.catalog, tenant, feature_idx, now);
+        let chosen: Vec<(&Package, PayerKind)> = if per_call_package {
+            crate::payer::candidates(&snap.catalog, tenant, feature_idx, now).collect()
+        } else {
+            Vec::new()
+        };
+        if chosen.is_empty() {
+            let a = remote.redis.admit_and_hold(key.tenant, bucket, None).await?;
+            return Ok(match a.admit {
+                Ok((remaining, reset_secs)) => Admission::Allowed { remaining, reset_secs, paid: None, quota: q },
+                Err(retry_after) => Admission::Throttled { retry_after, quota: q },
+            });
+        }
+        let cands: Vec<(&str, i64)> = chosen.iter().map(|(p, _)| (p.label, p.points_micro)).collect();
+        let id = self.ids.next();
+        let fallback_payer = crate::payer::call_fallback(f);
+        let hold = crate::store::redis::HoldReq {
+            candidates: &cands,
+            want: f.factor_micro,
+            id: id.0,
+            lease: remote.redis_lease(),
+            undo_if_none: fallback_payer.is_none(),
+        };
+        let a = remote.redis.admit_and_hold(key.tenant, bucket, Some(hold)).await?;
+        let (remaining, reset_secs) = match a.admit {
+            Ok(x) => x,
+            Err(retry_after) => return Ok(Admission::Throttled { retry_after, quota: q }),
+        };
+        let paid = match a.hold.and_then(|i| chosen.get(i).map(|c| (i, c))) {
+            Some((_, (p, kind))) => Some(Reservation {
+                payer: *kind,
+                header: self.header(tenant, p, *kind),
+                id,
+                package: Some((tenant_key(tenant), candidate(tenant, p))),
+                held: Some(self.stores.clone()),
+                deferred: false,
+                fallback: false,
+            }),
+            None => fallback_payer.map(|k| Reservation {
+                payer: k,
+                header: HeaderValue::from_static(k.as_str()),
+                id,
+                package: None,
+                held: None,
+                deferred: false,
+                fallback: false,
+            }),
+        };
+        // `paid: Some(None)` is a 402 whose token the script already gave back.
+        Ok(Admission::Allowed { remaining, reset_secs, paid: Some(paid), quota: q })
+    }
+
+    /// Gives back the token of an admitted call refused afterwards (402, 409, 413), in the
+    /// store serving now; `q` is the shape [`Billing::admit`] enforced.
+    pub async fn refund(&self, key: BucketKey<'static>, q: Quota) -> Result<(), StoreError> {
+        self.current().0.refund(key, q).await
     }
 
     /// False while ledger commits fail; true again once one succeeds.
@@ -274,17 +467,59 @@ impl Billing {
         ImageView(self.store.image_count_now(tenant_key(tenant)))
     }
 
-    /// Reserves one image slot for an add; `None` when the instance is at capacity (409).
+    /// The image count of a tenant's instance in the store the gateway serves from (Redis in
+    /// cluster mode: the same answer on every replica).
+    pub async fn images_shared(&self, tenant: &Tenant) -> Result<ImageView, StoreError> {
+        let (stores, _) = self.current();
+        Ok(ImageView(stores.image_count(tenant_key(tenant)).await?))
+    }
+
+    /// Reserves one image slot for an add (under a fresh id); `None` when at capacity (409).
     pub async fn reserve_image_add(&self, tenant: &Tenant, capacity: u64) -> Result<Option<ImageSlot>, StoreError> {
         let (id, t) = (self.ids.next(), tenant_key(tenant));
         let held = self.stores.reserve_image_slot(t, capacity, id).await?;
         Ok(held.then(|| ImageSlot { id, tenant: t, store: Some(self.stores.clone()) }))
     }
 
+    /// Reserves one image slot for the add of `r` (under its request id, so the settlement
+    /// script can turn it into an image); `None` when the instance is at capacity (409).
+    pub async fn reserve_image_add_for(
+        &self,
+        tenant: &Tenant,
+        capacity: u64,
+        r: &Reservation,
+    ) -> Result<Option<ImageSlot>, StoreError> {
+        let t = tenant_key(tenant);
+        let stores = if r.fallback { &self.local } else { &self.stores };
+        let held = stores.reserve_image_slot(t, capacity, r.id).await?;
+        Ok(held.then(|| ImageSlot { id: r.id, tenant: t, store: Some(stores.clone()) }))
+    }
+
+    fn set_image_gauge(&self, tenant: &Tenant, count: u64) {
+        let g = match self.image_gauges.get(&tenant.intern) {
+            Some(g) => g.clone(),
+            None => {
+                self.image_gauges.entry(tenant.intern).or_insert_with(|| self.metrics.image_gauge(tenant.label)).clone()
+            }
+        };
+        g.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
     /// delete, and `reported` (the upstream's `x-usage-image-count`), when given, wins.
     pub async fn settle_images(
         &self,
+        tenant: &Tenant,
+        op: crate::config::gateway::ImageOp,
+        slot: Option<ImageSlot>,
+        reported: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.settle_images_in(&self.stores, tenant, op, slot, reported).await
+    }
+
+    async fn settle_images_in(
+        &self,
+        stores: &Stores,
         tenant: &Tenant,
         op: crate::config::gateway::ImageOp,
         slot: Option<ImageSlot>,
@@ -298,14 +533,8 @@ impl Billing {
             }
             None => self.ids.next(),
         };
-        let count = self.stores.settle_images(tenant_key(tenant), op, id, reported).await?;
-        let g = match self.image_gauges.get(&tenant.intern) {
-            Some(g) => g.clone(),
-            None => {
-                self.image_gauges.entry(tenant.intern).or_insert_with(|| self.metrics.image_gauge(tenant.label)).clone()
-            }
-        };
-        g.set(i64::try_from(count).unwrap_or(i64::MAX));
+        let count = stores.settle_images(tenant_key(tenant), op, id, reported).await?;
+        self.set_image_gauge(tenant, count);
         Ok(())
     }
 
@@ -326,20 +555,107 @@ impl Billing {
     }
 
     /// Gives every package of `snap` its `turnstile_package_remaining_points` series (points
-    /// less what the ledger says it consumed) and hides the series of packages no longer
-    /// configured.
-    pub fn show_packages(&self, metrics: &Metrics, snap: &Snapshot) {
+    /// less what the store says it consumed) and hides the series of packages no longer
+    /// configured. In cluster mode the consumption is read from Redis off this thread (a task):
+    /// until it answers, the series shows the full points.
+    pub fn show_packages(self: &Arc<Self>, metrics: &Metrics, snap: &Arc<Snapshot>) {
         metrics.show_packages(snap.tenants.iter().flat_map(|t| t.packages.iter().map(move |p| (t.label, p.label))));
+        if self.remote.is_none() {
+            for t in &snap.tenants {
+                for p in &t.packages {
+                    self.refresh_package_gauge(t, p);
+                }
+            }
+            return;
+        }
         for t in &snap.tenants {
             for p in &t.packages {
-                self.refresh_package_gauge(t, p);
+                let c = candidate(t, p);
+                self.set_gauge(tenant_key(t), c, 0);
             }
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (billing, snap) = (Arc::downgrade(self), snap.clone());
+        rt.spawn(async move {
+            let Some(b) = billing.upgrade() else { return };
+            let Some(remote) = b.remote.clone() else { return };
+            for t in &snap.tenants {
+                for p in &t.packages {
+                    let (tk, c) = (tenant_key(t), candidate(t, p));
+                    match remote.stores.consumed(tk, c).await {
+                        Ok(consumed) => {
+                            remote.note_consumed(c.local, consumed);
+                            b.set_gauge(tk, c, consumed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "package gauges: cannot read the balances from Redis");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// The live balance of a tenant's package in the store the gateway serves from (Redis in
+    /// cluster mode, so every replica answers the same).
+    pub async fn package_shared(&self, tenant: &Tenant, p: &Package) -> Result<PackageView, StoreError> {
+        let (t, c) = (tenant_key(tenant), candidate(tenant, p));
+        match (&self.remote, self.current().1) {
+            (Some(r), false) => {
+                let consumed = r.redis.package_consumed(t.name, c.id).await?;
+                let alerted = r.redis.alerted(t.name, c.id).await?;
+                Ok(PackageView { consumed: units::from_micro(consumed), alerted })
+            }
+            _ => Ok(self.package(tenant, p)),
+        }
+    }
+
+    /// [`Billing::usage`] from the store the gateway serves from (Redis in cluster mode).
+    pub async fn usage_shared(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        month: &str,
+    ) -> Result<Vec<MonthUsage>, StoreError> {
+        let (stores, _) = self.current();
+        let raw = stores.month(tenant_key(tenant), month).await?;
+        Ok(Self::shown(snap, raw))
     }
 
     /// Chooses and reserves the payer of one call at admission; `None` means 402.
     pub async fn reserve(
         &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        now: i64,
+    ) -> Result<Option<Reservation>, StoreError> {
+        let (stores, fallback) = self.current();
+        match self.reserve_in(stores, fallback, snap, tenant, feature_idx, now).await {
+            Err(e) if !fallback && self.remote.is_some() => {
+                self.failover(e)?;
+                self.reserve_in(&self.local, true, snap, tenant, feature_idx, now).await
+            }
+            r => r,
+        }
+    }
+
+    /// A package as a candidate in `stores`: in the fallback it offers the local ledger only
+    /// what Redis last said it had left.
+    fn candidate_in(&self, fallback: bool, tenant: &Tenant, p: &Package) -> Candidate<'static> {
+        let mut c = candidate(tenant, p);
+        if let (true, Some(r)) = (fallback, &self.remote) {
+            c.points = (c.points - r.known_consumed(c.local)).max(0);
+        }
+        c
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn reserve_in(
+        &self,
+        stores: &Stores,
+        fallback: bool,
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
@@ -355,35 +671,49 @@ impl Billing {
             package: None,
             held: None,
             deferred,
+            fallback,
         };
         if crate::payer::prepaid(&snap.catalog, tenant, feature_idx, now) {
             // Image search instances are prepaid subscriptions.
             return Ok(Some(plain(PayerKind::PrepaidQps, false)));
         }
+        let lease = match &self.remote {
+            Some(r) if !fallback => r.redis_lease(),
+            _ => HOLD_LEASE,
+        };
         let t = tenant_key(tenant);
         for (p, kind) in crate::payer::candidates(&snap.catalog, tenant, feature_idx, now) {
-            let c = candidate(tenant, p);
+            let c = self.candidate_in(fallback, tenant, p);
             if video {
                 // Nothing is held (the minutes are not known yet); the first package with a
                 // balance names the payer, also on a failed call.
-                if c.points - self.stores.consumed(t, c).await? > 0 {
+                if c.points - stores.consumed(t, c).await? > 0 {
                     let header = self.header(tenant, p, kind);
-                    let r = Reservation { payer: kind, header, id, package: Some((t, c)), held: None, deferred: true };
+                    let r = Reservation {
+                        payer: kind,
+                        header,
+                        id,
+                        package: Some((t, c)),
+                        held: None,
+                        deferred: true,
+                        fallback,
+                    };
                     return Ok(Some(r));
                 }
                 continue;
             }
             // One candidate at a time keeps the hot path free of a candidate list allocation;
             // the store applies the whole-factor rule.
-            if self.stores.reserve(t, std::slice::from_ref(&c), f.factor_micro, id, HOLD_LEASE).await?.is_some() {
+            if stores.reserve(t, std::slice::from_ref(&c), f.factor_micro, id, lease).await?.is_some() {
                 let header = self.header(tenant, p, kind);
                 return Ok(Some(Reservation {
                     payer: kind,
                     header,
                     id,
                     package: Some((t, c)),
-                    held: Some(self.stores.clone()),
+                    held: Some(stores.clone()),
                     deferred: false,
+                    fallback,
                 }));
             }
         }
@@ -392,8 +722,10 @@ impl Billing {
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
     /// balance falls to the ratio (once: the store remembers it).
+    #[allow(clippy::too_many_arguments)]
     async fn paid(
         &self,
+        stores: &Stores,
         t: TenantKey<'static>,
         c: Candidate<'static>,
         consumed: i64,
@@ -402,7 +734,16 @@ impl Billing {
     ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        if crate::alerts::crossed(points, remaining, ratio) && self.stores.mark_alerted(t, c).await? {
+        if crate::alerts::crossed(points, remaining, ratio) && stores.mark_alerted(t, c).await? {
+            self.alert_fired(t, c, consumed, ratio, now);
+        }
+        Ok(())
+    }
+
+    /// The low-balance alert fired (the store said it was the first time): log, metric, webhook.
+    fn alert_fired(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
+        let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
+        {
             tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
             self.metrics.low_balance_alert(t.name, c.id);
             let _ = self.alerts.send(Alert {
@@ -414,7 +755,6 @@ impl Billing {
                 at: crate::time::format_utc(now),
             });
         }
-        Ok(())
     }
 
     /// Batched mode: the charge counts in the metrics at once. Strict mode: it is kept (boxed)
@@ -447,8 +787,222 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
+        r: Reservation,
+        now: i64,
+    ) -> Result<Settled, StoreError> {
+        self.settle_call_with(snap, tenant, feature_idx, r, now, None).await
+    }
+
+    /// [`Billing::settle_call`] with the Image Search count change of the same call
+    /// (`(op, slot, reported count)`). On Redis the whole settlement — hold commit, month units,
+    /// low-balance alert, image count — is one script call (SPEC §11.2–3).
+    pub async fn settle_call_with(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        r: Reservation,
+        now: i64,
+        image: Option<ImageSettle>,
+    ) -> Result<Settled, StoreError> {
+        match &self.remote {
+            Some(remote) if !r.fallback => {
+                self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image).await
+            }
+            Some(remote) => {
+                let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());
+                let settled = self.settle_call_in(&self.local, snap, tenant, feature_idx, r, now, image).await?;
+                for j in journal {
+                    remote.journal(j);
+                }
+                Ok(settled)
+            }
+            None => self.settle_call_in(&self.stores, snap, tenant, feature_idx, r, now, image).await,
+        }
+    }
+
+    /// Batched mode on Redis (SPEC §11.5): the settlement of a per-call 2xx is spawned and the
+    /// answer goes out at once with the payer chosen at admission. At most
+    /// [`crate::cluster::MAX_DEFERRED`] are in flight; past that (and in strict mode, local mode
+    /// or the fallback) the call is handed back to be settled on the request.
+    /// What a crash can lose: the spawned settlements not yet acknowledged by Redis (their holds
+    /// come back after the lease, so those calls go uncharged, never double-charged).
+    #[allow(clippy::result_large_err)]
+    pub fn defer_call(
+        self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
+        tenant: &'static str,
+        feature_idx: usize,
+        r: Reservation,
+        now: i64,
+        image: Option<ImageSettle>,
+    ) -> Result<Settled, (Reservation, Option<ImageSettle>)> {
+        let Some(remote) = self.remote.as_ref().filter(|_| !r.fallback && !self.store.is_strict()) else {
+            return Err((r, image));
+        };
+        let Ok(permit) = remote.deferred.clone().try_acquire_owned() else { return Err((r, image)) };
+        let settled = Settled { payer: r.header(), id: r.id, pending: None };
+        let (billing, snap) = (self.clone(), snap.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(t) = snap.tenant(tenant) else { return };
+            if let Err(e) = billing.settle_call_with(&snap, t, feature_idx, r, now, image).await {
+                tracing::error!(tenant, error = %e, "batched settlement failed: this call is not charged");
+            }
+        });
+        Ok(settled)
+    }
+
+    /// The settlement script's parts for a per-call charge: (usage field, cell field, alert at).
+    fn call_parts(r: &Reservation, ratio: Decimal) -> (String, String, Option<i64>) {
+        use crate::store::redis::{CELL_FIELD, PAYER_FIELD};
+        let field = format!("{PAYER_FIELD}{}", r.payer.as_str());
+        let also = if r.payer == PayerKind::Payg { format!("{CELL_FIELD}{CALL_CELL}") } else { String::new() };
+        let alert_at = r.package.map(|(_, c)| {
+            let keep = (ratio * Decimal::from(c.points)).floor();
+            c.points - i64::try_from(keep).unwrap_or(0).clamp(0, c.points)
+        });
+        (field, also, alert_at)
+    }
+
+    /// What a call settled on the fallback replays to Redis: its units and image change in one
+    /// settlement (no hold there), and its package charge as a take of the same id.
+    fn call_replay(
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        r: &Reservation,
+        now: i64,
+        image: Option<&ImageSettle>,
+    ) -> Vec<crate::cluster::Replay> {
+        let f = &snap.catalog.features[feature_idx];
+        let month = month_of(now, snap.settings.timezone);
+        let month = std::str::from_utf8(&month).unwrap_or("0000-00").to_string();
+        let (field, also, _) = Self::call_parts(r, snap.settings.low_balance_ratio);
+        let mut out = vec![crate::cluster::Replay::Settle {
+            tenant: tenant.name.clone(),
+            id: r.id.0,
+            hold: crate::store::redis::HoldAction::None,
+            alert_at: None,
+            usage: Some((f.id.clone(), month, field, 1)),
+            also,
+            image: image.map_or(crate::store::redis::ImagePart::None, image_part),
+            take: None,
+        }];
+        if let (Some(_), Some((_, c))) = (&r.held, r.package) {
+            let points = tenant.packages.iter().find(|p| p.label == c.id).map_or(c.points, |p| p.points_micro);
+            out.push(crate::cluster::Replay::Take {
+                tenant: tenant.name.clone(),
+                candidates: vec![(c.id.to_string(), points)],
+                want: f.factor_micro,
+                id: r.id,
+            });
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_call_redis(
+        &self,
+        remote: &crate::cluster::Remote,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
         mut r: Reservation,
         now: i64,
+        image: Option<ImageSettle>,
+    ) -> Result<Settled, StoreError> {
+        use crate::store::redis::{HoldAction, Settle};
+        let f = &snap.catalog.features[feature_idx];
+        let pair = crate::intern::pair(tenant.intern, f.intern);
+        let month = month_of(now, snap.settings.timezone);
+        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let ratio = snap.settings.low_balance_ratio;
+        let (field, also, alert_at) = Self::call_parts(&r, ratio);
+        // The hold is settled here (committed, or replayed), never released by the guard.
+        let hold = if r.held.take().is_some() { HoldAction::Commit } else { HoldAction::None };
+        let img = image.as_ref().map_or(crate::store::redis::ImagePart::None, image_part);
+        // The slot is held under the call's own id: the script turns it into an image (or
+        // the replay does), so the guard must not give it back.
+        if let Some(mut slot) = image.and_then(|i| i.slot) {
+            slot.store = None;
+        }
+        let s = Settle {
+            hold,
+            alert_at: alert_at.filter(|_| hold == HoldAction::Commit),
+            usage: Some((f.label, month, &field, 1)),
+            image: img,
+            also: &also,
+            part: crate::cluster::SETTLE_PART,
+        };
+        let out = match remote.redis.settle(tenant.label, r.id.0, s).await {
+            Ok(out) => out,
+            Err(e) => {
+                self.failover(e)?;
+                // The settlement may or may not have reached Redis: the identical call (same
+                // id and part) is replayed, so it applies exactly once.
+                let take = r
+                    .package
+                    .filter(|_| hold == HoldAction::Commit)
+                    .map(|(_, c)| (c.id.to_string(), c.points, f.factor_micro));
+                remote.journal(crate::cluster::Replay::Settle {
+                    tenant: tenant.name.clone(),
+                    id: r.id.0,
+                    hold,
+                    alert_at: s.alert_at,
+                    usage: Some((f.id.clone(), month.to_string(), field.clone(), 1)),
+                    also: also.clone(),
+                    image: img,
+                    take,
+                });
+                let payer = r.header();
+                return Ok(Settled { payer, id: r.id, pending: None });
+            }
+        };
+        let mut units = [Decimal::ZERO; 5];
+        units[r.payer as usize] = Decimal::ONE;
+        let mut charge = Charge {
+            pair,
+            tenant: tenant.label,
+            feature: f.label,
+            units,
+            payg_amount: None,
+            unpaid: Decimal::ZERO,
+            currency: snap.catalog.currency.clone(),
+            packages: Vec::new(),
+        };
+        if r.payer == PayerKind::Payg {
+            if let Some(total) = out.cell_total {
+                charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
+            }
+        }
+        if let (Some((t, c)), Some(consumed)) = (r.package, out.consumed) {
+            remote.note_consumed(c.local, consumed);
+            self.set_gauge(t, c, consumed);
+            if out.alert_fired {
+                self.alert_fired(t, c, consumed, ratio, now);
+            }
+        }
+        if let Some(n) = out.images {
+            self.set_image_gauge(tenant, n);
+        }
+        // Redis acknowledged the script: in strict mode its AOF policy (checked by `turnstile
+        // check`) made it durable before the answer (SPEC §11.5).
+        self.count(&charge);
+        let payer = r.header();
+        Ok(Settled { payer, id: r.id, pending: None })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_call_in(
+        &self,
+        stores: &Stores,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        mut r: Reservation,
+        now: i64,
+        image: Option<ImageSettle>,
     ) -> Result<Settled, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
@@ -468,17 +1022,20 @@ impl Billing {
             currency: if strict { snap.catalog.currency.clone() } else { String::new() },
             packages: Vec::new(),
         };
-        let total = self.stores.add_usage(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id).await?;
+        let total = stores.add_usage(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id).await?;
         if r.payer == PayerKind::Payg {
             charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
         }
         if let (Some(_), Some((t, c))) = (r.held.take(), r.package) {
-            if let Some(consumed) = self.stores.commit(t, r.id).await? {
-                self.paid(t, c, consumed, snap.settings.low_balance_ratio, now).await?;
+            if let Some(consumed) = stores.commit(t, r.id).await? {
+                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now).await?;
                 if strict {
                     charge.packages.push((t, c));
                 }
             }
+        }
+        if let Some(i) = image {
+            self.settle_images_in(stores, tenant, i.op, i.slot, i.reported).await?;
         }
         if !strict {
             // `count` takes the currency from here in batched mode (no copy per call).
@@ -526,6 +1083,24 @@ impl Billing {
         let mut by_kind = [0i64; 5];
         let mut left = ms;
         let t = tenant_key(tenant);
+        let stores = if r.fallback { &self.local } else { &self.stores };
+        // The fallback journals what it charges: replayed to Redis under the same id.
+        let mut journal: Vec<crate::cluster::Replay> = Vec::new();
+        let fallback = r.fallback && self.remote.is_some();
+        let mut usage_log = |to: UsageTo, units: i64, cell: &str| {
+            if fallback {
+                journal.push(crate::cluster::Replay::Usage {
+                    tenant: tenant.name.clone(),
+                    feature: f.id.clone(),
+                    month: month.to_string(),
+                    to,
+                    units,
+                    cell: cell.to_string(),
+                    id: r.id,
+                });
+            }
+        };
+        let mut take_log: Option<crate::cluster::Replay> = None;
         if r.payer == PayerKind::PrepaidQps {
             by_kind[PayerKind::PrepaidQps as usize] = ms;
             left = 0;
@@ -534,9 +1109,19 @@ impl Billing {
             let chosen: Vec<(&Package, PayerKind)> =
                 crate::payer::candidates(&snap.catalog, tenant, feature_idx, now).collect();
             if !chosen.is_empty() {
-                let cands: Vec<Candidate<'static>> = chosen.iter().map(|(p, _)| candidate(tenant, p)).collect();
+                let cands: Vec<Candidate<'static>> =
+                    chosen.iter().map(|(p, _)| self.candidate_in(r.fallback, tenant, p)).collect();
                 let want = crate::payer::video_want(ms, f.factor_micro);
-                let taken = self.stores.take_up_to(t, &cands, want, r.id).await?;
+                let taken = stores.take_up_to(t, &cands, want, r.id).await?;
+                if fallback {
+                    let got: i64 = taken.iter().map(|x| x.taken).sum();
+                    take_log = Some(crate::cluster::Replay::Take {
+                        tenant: tenant.name.clone(),
+                        candidates: chosen.iter().map(|(p, _)| (p.id.clone(), p.points_micro)).collect(),
+                        want: got,
+                        id: r.id,
+                    });
+                }
                 let amounts: Vec<i64> = taken.iter().map(|x| x.taken).collect();
                 let (parts, rest) = crate::payer::split_video(ms, f.factor_micro, &amounts);
                 for (i, ((p, kind), x)) in chosen.iter().zip(taken.iter()).enumerate() {
@@ -545,7 +1130,10 @@ impl Billing {
                     }
                     first.get_or_insert_with(|| self.header(tenant, p, *kind));
                     by_kind[*kind as usize] += parts[i];
-                    self.paid(t, cands[i], x.consumed, snap.settings.low_balance_ratio, now).await?;
+                    if let (Some(remote), false) = (&self.remote, r.fallback) {
+                        remote.note_consumed(cands[i].local, x.consumed);
+                    }
+                    self.paid(stores, t, cands[i], x.consumed, snap.settings.low_balance_ratio, now).await?;
                     charge.packages.push((t, cands[i]));
                 }
                 left = rest;
@@ -553,12 +1141,14 @@ impl Billing {
         }
         if ms == 0 {
             // Nothing to bill: the month still lists the feature (units 0), as a report shows.
-            self.stores.add_usage(key, month, UsageTo::Payer(r.payer), 0, CALL_CELL, r.id).await?;
+            stores.add_usage(key, month, UsageTo::Payer(r.payer), 0, CALL_CELL, r.id).await?;
+            usage_log(UsageTo::Payer(r.payer), 0, CALL_CELL);
         }
         for (i, n) in by_kind.iter().enumerate() {
             if *n > 0 {
                 let to = UsageTo::Payer(crate::payer::PayerKind::ALL[i]);
-                self.stores.add_usage(key, month, to, *n, CALL_CELL, r.id).await?;
+                stores.add_usage(key, month, to, *n, CALL_CELL, r.id).await?;
+                usage_log(to, *n, CALL_CELL);
                 charge.units[i] = units::ms_to_minutes(*n);
             }
         }
@@ -573,7 +1163,8 @@ impl Billing {
                         (PayerKind::Payg, None) => UNPRICED.to_string(),
                         _ => String::new(),
                     };
-                    self.stores.add_usage(key, month, UsageTo::Payer(kind), left, &cell_key, r.id).await?;
+                    stores.add_usage(key, month, UsageTo::Payer(kind), left, &cell_key, r.id).await?;
+                    usage_log(UsageTo::Payer(kind), left, &cell_key);
                     charge.units[kind as usize] += minutes;
                     if kind == PayerKind::Payg {
                         charge.payg_amount = cell.map(|c| c.price * minutes);
@@ -587,12 +1178,23 @@ impl Billing {
                         %minutes,
                         "video minutes beyond the packages and nothing else can pay: recorded unpaid"
                     );
-                    self.stores.add_usage(key, month, UsageTo::Unpaid, left, CALL_CELL, r.id).await?;
+                    stores.add_usage(key, month, UsageTo::Unpaid, left, CALL_CELL, r.id).await?;
+                    usage_log(UsageTo::Unpaid, left, CALL_CELL);
                     charge.unpaid = minutes;
                 }
             }
         }
+        if let Some(remote) = self.remote.as_ref().filter(|_| fallback) {
+            for j in take_log.into_iter().chain(journal) {
+                remote.journal(j);
+            }
+        }
         let payer = first.unwrap_or_else(|| r.header());
+        if self.remote.is_some() && !r.fallback {
+            // Redis acknowledged every step before this point (SPEC §11.5).
+            self.count(&charge);
+            return Ok(Settled { payer, id: r.id, pending: None });
+        }
         Ok(self.finish(payer, r.id, charge))
     }
 
@@ -602,7 +1204,7 @@ impl Billing {
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
         let Settled { payer, id, pending } = settled;
         let Some(charge) = pending else { return Ok(payer) };
-        match self.stores.durable(id).await {
+        match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
                 Ok(payer)
@@ -643,9 +1245,11 @@ impl Billing {
     /// Usage of a tenant for a `YYYY-MM` month, per feature, sorted by feature id, in the units
     /// the report shows: calls, or exact decimal minutes of the ms kept for video features.
     pub fn usage(&self, snap: &Snapshot, tenant: &str, month: &str) -> Vec<MonthUsage> {
-        self.store
-            .month_now(tenant, month)
-            .into_iter()
+        Self::shown(snap, self.store.month_now(tenant, month))
+    }
+
+    fn shown(snap: &Snapshot, raw: Vec<crate::store::MonthUsage>) -> Vec<MonthUsage> {
+        raw.into_iter()
             .map(|u| {
                 let video = snap.catalog.feature(&u.feature).is_some_and(|f| f.unit == Unit::VideoMinute);
                 let show = |n: i64| if video { units::ms_to_minutes(n) } else { Decimal::from(n) };

@@ -25,6 +25,9 @@ use crate::snapshot::Snapshot;
 pub struct Control {
     pub(crate) texts: Texts,
     pub(crate) hash: [u8; 32],
+    /// Cluster mode: the upgrade overrides shared through Redis, overlaid on every snapshot
+    /// published (SPEC §11.4).
+    pub(crate) overrides: Vec<(String, String, crate::store::Override)>,
 }
 
 /// The hash of the three configuration texts (a reload with the same hash changes nothing).
@@ -39,7 +42,7 @@ pub(crate) fn hash(t: &Texts) -> [u8; 32] {
 
 impl Control {
     pub fn new(texts: Texts) -> Self {
-        Control { hash: hash(&texts), texts }
+        Control { hash: hash(&texts), texts, overrides: Vec::new() }
     }
 }
 
@@ -91,12 +94,43 @@ impl Gateway {
         upstream_override: Option<Uri>,
         clock: SharedClock,
     ) -> Result<Arc<Self>, LedgerError> {
+        Self::with_redis(texts, snapshot, source, upstream_override, clock, None)
+    }
+
+    /// [`Gateway::new`] in cluster mode (SPEC §11): `redis` (connected with
+    /// [`crate::store::redis::RedisStore::open`]) becomes the store every request awaits; the
+    /// store metrics and `turnstile_store_fallback` go on the gateway's registry; a sweeper gives
+    /// back expired holds, a probe replays fallback charges, and a poller applies the shared
+    /// upgrade overrides.
+    pub fn with_redis(
+        texts: Texts,
+        snapshot: Snapshot,
+        source: ConfigSource,
+        upstream_override: Option<Uri>,
+        clock: SharedClock,
+        redis: Option<crate::store::redis::RedisStore>,
+    ) -> Result<Arc<Self>, LedgerError> {
         let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
+        let remote = match redis {
+            Some(r) => {
+                let m = crate::store::redis::StoreMetrics::new()
+                    .and_then(|m| m.register(&metrics.registry).map(|()| m))
+                    .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
+                let gauge = prometheus::IntGauge::new(
+                    "turnstile_store_fallback",
+                    "1 while this replica serves on the local fallback of SPEC §11.6",
+                )
+                .and_then(|g| metrics.registry.register(Box::new(g.clone())).map(|()| g))
+                .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
+                Some(crate::cluster::Remote::new(r.with_metrics(m), &snapshot.settings.cluster, gauge))
+            }
+            None => None,
+        };
         let s = &snapshot.settings;
         let store = RedbLedger::open(&s.ledger_dir)?;
         let video =
             |id: &str| snapshot.catalog.feature(id).is_some_and(|f| f.unit == crate::catalog::Unit::VideoMinute);
-        let (billing, alerts) = Billing::open_with(
+        let (billing, alerts) = Billing::open_cluster(
             Box::new(store),
             s.durability,
             s.flush_interval,
@@ -104,6 +138,7 @@ impl Gateway {
             metrics.clone(),
             clock.clone(),
             &video,
+            remote,
         )?;
         metrics.config_generation.set(snapshot.generation as i64);
         let mut connector = HttpConnector::new();
@@ -118,7 +153,7 @@ impl Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
-            stores: crate::store::Stores::Local(billing.store().clone()),
+            stores: billing.stores().clone(),
             billing,
             clock,
             client,
@@ -131,8 +166,39 @@ impl Gateway {
         let webhook = move || weak.upgrade().and_then(|g| g.snapshot.load().settings.alert_webhook.clone());
         tokio::spawn(crate::alerts::deliver(webhook, alerts));
         tokio::spawn(sweep_store(Arc::downgrade(&gw.billing)));
-        gw.billing.show_packages(&gw.metrics, &gw.snapshot.load());
+        if let Some(remote) = gw.billing.remote() {
+            // Expired holds of any replica (one that died included) come back after the lease.
+            let sweeper = remote.redis.spawn_sweeper(Duration::from_secs(1));
+            let weak = Arc::downgrade(&gw.billing);
+            tokio::spawn(async move {
+                crate::cluster::probe_loop(weak).await;
+                sweeper.abort();
+            });
+        }
+        if gw.billing.remote().is_some() {
+            tokio::spawn(crate::cluster::poll_overrides(Arc::downgrade(&gw)));
+        }
+        gw.billing.show_packages(&gw.metrics, &gw.snapshot.load_full());
         Ok(gw)
+    }
+
+    /// Cluster mode: reads the shared upgrade overrides and, when they changed, republishes
+    /// the configuration being served with them. True when something changed.
+    pub async fn sync_overrides(&self) -> Result<bool, crate::store::StoreError> {
+        use crate::store::OverrideStore;
+        let Some(remote) = self.billing.remote() else { return Ok(false) };
+        let overrides = remote.stores.overrides().await?;
+        let mut ctl = self.control.lock().await;
+        if ctl.overrides == overrides {
+            return Ok(false);
+        }
+        ctl.overrides = overrides;
+        let texts = ctl.texts.clone();
+        // The texts being served were valid: only an override could make them fail (never).
+        if let Err(e) = self.publish(&mut ctl, texts, "shared upgrade").await {
+            tracing::error!("the shared upgrades could not be applied:\n{e}");
+        }
+        Ok(true)
     }
 
     pub fn generation(&self) -> u64 {

@@ -11,6 +11,7 @@ pub mod billing;
 pub mod body;
 pub mod catalog;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod diag;
 pub mod error;

@@ -187,13 +187,33 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     let drain = snap.settings.upstream_timeout + Duration::from_secs(1);
     let upstream = snap.settings.upstream.clone();
     survive_file_size_limit();
-    let gw = match Gateway::new(texts, snap, source, upstream_override, SystemClock::shared()) {
+    // Cluster mode (SPEC §11): connect to Redis before serving; a replica that cannot reach it
+    // at start does not start (it has no shared state to serve from yet).
+    let redis = if snap.settings.cluster.store == turnstile::config::gateway::StoreKind::Redis {
+        let tenants: Vec<&str> = snap.tenants.iter().map(|t| t.label).collect();
+        match turnstile::store::redis::RedisStore::open(&snap.settings.cluster, None, tenants).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!(
+                    "turnstile: cluster.redis: {e}; not starting (start Redis, or set [cluster].store = \"local\")"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let gw = match Gateway::with_redis(texts, snap, source, upstream_override, SystemClock::shared(), redis) {
         Ok(gw) => gw,
         Err(e) => {
             eprintln!("turnstile: {e}; not starting (fix or move the ledger; balances are never reset silently)");
             return ExitCode::FAILURE;
         }
     };
+    // Cluster mode: the upgrades other replicas stored apply from the first request (SPEC §11.4).
+    if let Err(e) = gw.sync_overrides().await {
+        tracing::warn!(error = %e, "cannot read the shared upgrades yet; applying them once Redis answers");
+    }
     println!("turnstile listening: tenant=http://{tenant_addr} admin=http://{admin_addr} upstream={upstream}");
     if demo {
         let (tenant, key) = turnstile::DEMO_KEYS[0];

@@ -16,7 +16,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::admission;
-use crate::billing::{ImageSlot, Reservation, VideoUsage};
+use crate::billing::{Admission, ImageSettle, ImageSlot, Reservation, VideoUsage};
 use crate::body::{TenantBody, Upload, UploadError};
 use crate::catalog::Feature;
 use crate::catalog::Unit;
@@ -26,7 +26,7 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
-use crate::store::{Admit, BucketKey, Quota, RateStore};
+use crate::store::{BucketKey, Quota};
 
 pub use crate::http_util::ProxyBody;
 use crate::http_util::{bearer_token, error_response};
@@ -200,15 +200,21 @@ fn route<'a>(
 /// nothing (no package share, even for a moment: a racing call must not find the package spent
 /// by calls that are refused anyway). A store that cannot answer refuses with 503
 /// `store_unavailable`.
+/// On Redis, a per-call feature that packages may pay gets its package hold in the same round
+/// trip (`Some(payer)`; `Some(None)`: nothing can pay, the token is already back).
 async fn admit(
     gw: &Gateway,
+    snap: &Snapshot,
+    tenant: &Tenant,
     key: BucketKey<'static>,
     feature: &Feature,
-    r: &Routed<'_>,
-) -> Result<(u32, u64), Refused> {
+    r: &mut Routed<'_>,
+    now: i64,
+) -> Result<(u32, u64, Option<Option<Reservation>>), Refused> {
     let who = || Who::Pair(r.pair, key.tenant, feature.label);
-    match gw.stores.admit(key, r.quota).await {
-        Ok(Admit::Throttled { retry_after }) => {
+    match gw.billing.admit(snap, tenant, r.route.feature, key, r.quota, now).await {
+        Ok(Admission::Throttled { retry_after, quota }) => {
+            r.quota = quota;
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
             Err((
                 ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
@@ -216,7 +222,11 @@ async fn admit(
                 rate_headers(r.quota.limit, 0, secs).into(),
             ))
         }
-        Ok(Admit::Allowed { remaining, reset_secs }) => Ok((remaining, reset_secs)),
+        Ok(Admission::Allowed { remaining, reset_secs, paid, quota }) => {
+            // On the cluster fallback the replica enforces its share: the headers say so.
+            r.quota = quota;
+            Ok((remaining, reset_secs, paid))
+        }
         Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), Vec::new())),
     }
 }
@@ -235,15 +245,20 @@ async fn pay(
     feature: &Feature,
     r: &Routed<'_>,
     now: i64,
+    paid: Option<Option<Reservation>>,
 ) -> Result<Paid, ApiError> {
     let unavailable = |e: crate::store::StoreError| ApiError::StoreUnavailable { reason: e.to_string() };
-    let Some(reservation) = gw.billing.reserve(snap, tenant, r.route.feature, now).await.map_err(unavailable)? else {
+    let reservation = match paid {
+        Some(p) => p,
+        None => gw.billing.reserve(snap, tenant, r.route.feature, now).await.map_err(unavailable)?,
+    };
+    let Some(reservation) = reservation else {
         return Err(ApiError::PaymentRequired { feature: feature.id.clone() });
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
     let image = match (r.route.op, tenant.image_search.as_ref()) {
         (Some(ImageOp::Add), Some(inst)) => {
-            match gw.billing.reserve_image_add(tenant, inst.capacity).await.map_err(unavailable)? {
+            match gw.billing.reserve_image_add_for(tenant, inst.capacity, &reservation).await.map_err(unavailable)? {
                 Some(slot) => Some((ImageOp::Add, Some(slot))),
                 // Dropping `reservation` gives the package share back.
                 None => return Err(ApiError::CapacityExceeded { capacity: inst.capacity }),
@@ -288,15 +303,19 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
     let (ti, key_in_authorization) = identify(&snap, headers)?;
     let tenant = &snap.tenants[ti];
     let now = gw.clock.unix_nanos();
-    let routed = route(&snap, tenant, headers, path, now)?;
+    let mut routed = route(&snap, tenant, headers, path, now)?;
     let feature = &snap.catalog.features[routed.route.feature];
     let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
-    let (remaining, reset_secs) = admit(gw, key, feature, &routed).await?;
-    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now).await {
+    let (remaining, reset_secs, paid) = admit(gw, &snap, tenant, key, feature, &mut routed, now).await?;
+    // Redis gave the token back itself when nothing could pay (one round trip).
+    let token_back = matches!(paid, Some(None));
+    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now, paid).await {
         Ok(paid) => paid,
         Err(e) => {
             // Only admitted requests use the quota (SPEC §4): the token goes back.
-            let _ = gw.stores.refund(key, routed.quota).await;
+            if !token_back {
+                let _ = gw.billing.refund(key, routed.quota).await;
+            }
             // The bucket as it was before this request took (and gave back) its token.
             let (limit, depth) = (routed.quota.limit, routed.quota.depth);
             let remaining = (remaining + 1).min(depth);
@@ -478,14 +497,19 @@ pub async fn settle_now(
         }
         return gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now).await.map(Some);
     }
-    let settled = gw.billing.settle_call(&snap, tenant, fi, fwd.reservation, now).await?;
-    if let Some((op, slot)) = fwd.image {
+    let image = fwd.image.map(|(op, slot)| {
         let reported = upstream_headers
             .get("x-usage-image-count")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        gw.billing.settle_images(tenant, op, slot, reported).await?;
-    }
+        ImageSettle { op, slot, reported }
+    });
+    // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
+    let (reservation, image) = match gw.billing.defer_call(&snap, fwd.tenant, fi, fwd.reservation, now, image) {
+        Ok(settled) => return Ok(Some(settled)),
+        Err(back) => back,
+    };
+    let settled = gw.billing.settle_call_with(&snap, tenant, fi, reservation, now, image).await?;
     Ok(Some(settled))
 }
 
@@ -504,7 +528,7 @@ async fn forward(
             if matches!(e, ApiError::BodyTooLarge { .. }) {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
                 let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
-                let _ = gw.stores.refund(key, fwd.quota).await;
+                let _ = gw.billing.refund(key, fwd.quota).await;
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (error_response(&e, &[]), reserved_payer, outcome)

@@ -38,6 +38,9 @@ pub enum WriteError {
     OnDisk { code: &'static str, first: ConfigError },
     #[error("cannot write {path}: {reason}")]
     Io { path: String, reason: String },
+    /// Cluster mode: applied here, but not stored in Redis (the other replicas do not have it).
+    #[error("applied on this replica, but not shared with the others: {0}; retry the call")]
+    Store(String),
 }
 
 impl WriteError {
@@ -50,6 +53,7 @@ impl WriteError {
             WriteError::Config(_) => "invalid_config",
             WriteError::OnDisk { code, .. } => code,
             WriteError::Io { .. } => "write_failed",
+            WriteError::Store(_) => "store_unavailable",
         }
     }
     pub fn status(&self) -> http::StatusCode {
@@ -59,6 +63,7 @@ impl WriteError {
             WriteError::Downgrade(_) | WriteError::OnDisk { .. } => S::CONFLICT,
             WriteError::AboveCap(_) | WriteError::Invalid(_) | WriteError::Config(_) => S::UNPROCESSABLE_ENTITY,
             WriteError::Io { .. } => S::INTERNAL_SERVER_ERROR,
+            WriteError::Store(_) => S::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -85,7 +90,7 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 
 impl Gateway {
     /// Validates `texts` off the async workers and publishes them. Caller holds the control lock.
-    async fn publish(&self, ctl: &mut Control, texts: Texts, why: &str) -> Result<u64, ConfigErrors> {
+    pub(crate) async fn publish(&self, ctl: &mut Control, texts: Texts, why: &str) -> Result<u64, ConfigErrors> {
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let upstream = self.upstream_override.clone();
         let (texts, built) = tokio::task::spawn_blocking(move || {
@@ -96,7 +101,7 @@ impl Gateway {
         .map_err(|e| {
             ConfigErrors(vec![ConfigError { file: "turnstile".into(), path: String::new(), message: e.to_string() }])
         })?;
-        let snap = match built {
+        let mut snap = match built {
             Ok(s) => s,
             Err(errors) => {
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
@@ -109,6 +114,8 @@ impl Gateway {
                 return Err(errors);
             }
         };
+        // Cluster mode: the upgrades shared through Redis apply on top of the files.
+        crate::cluster::overlay(&mut snap, &ctl.overrides);
         let old = self.snapshot.load_full();
         warn_restart_only(&old, &snap);
         let new = Arc::new(snap);
@@ -258,43 +265,66 @@ impl Gateway {
         }
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
         let until = until.to_string();
-        self.write_entitlements("temporary upgrade", move |snap, text| {
-            let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
-            if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
-                return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
-            }
-            if qps <= plan_qps {
-                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
-            }
-            let from = crate::time::format_rfc3339(now, tz);
-            let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
-            let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
-            Ok((
-                text,
-                serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}),
-            ))
-        })
-        .await
+        let answer = self
+            .write_entitlements("temporary upgrade", move |snap, text| {
+                let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
+                if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
+                    return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
+                }
+                if qps <= plan_qps {
+                    return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
+                }
+                let from = crate::time::format_rfc3339(now, tz);
+                let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
+                let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
+                Ok((
+                    text,
+                    serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}),
+                ))
+            })
+            .await?;
+        // The `from` written to the file (whole seconds), so the overlay finds it identical.
+        let from = answer["from"].as_str().and_then(|f| crate::time::parse_rfc3339(f).ok()).unwrap_or(now);
+        self.share_override(&answer, crate::store::Override { qps, from, until: Some(until_ns) }).await?;
+        Ok(answer)
+    }
+
+    /// Cluster mode: stores an upgrade made here in Redis and publishes it (SPEC §11.4).
+    async fn share_override(&self, answer: &serde_json::Value, ov: crate::store::Override) -> Result<(), WriteError> {
+        use crate::store::OverrideStore;
+        let Some(remote) = self.billing.remote() else { return Ok(()) };
+        let (Some(tenant), Some(feature)) = (answer["tenant"].as_str(), answer["feature"].as_str()) else {
+            return Ok(());
+        };
+        remote.stores.put_override(tenant, feature, ov).await.map_err(|e| WriteError::Store(e.to_string()))?;
+        self.sync_overrides().await.map_err(|e| WriteError::Store(e.to_string()))?;
+        Ok(())
     }
 
     /// `POST /admin/v1/tenants/{t}/qps-plans/{f}/upgrade` `{"qps": N}`: permanent, never lower.
     pub async fn upgrade(&self, tenant: &str, feature: &str, qps: u32) -> Result<serde_json::Value, WriteError> {
         let now = self.clock.unix_nanos();
         let (tenant, feature) = (tenant.to_string(), feature.to_string());
-        self.write_entitlements("upgrade", move |snap, text| {
-            let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
-            if qps < previous {
-                return Err(WriteError::Downgrade(format!(
-                    "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
-                )));
-            }
-            if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
-                return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
-            }
-            let text = splice::set_plan_qps(text, &tenant, index, qps)?;
-            Ok((text, serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous})))
-        })
-        .await
+        let answer = self
+            .write_entitlements("upgrade", move |snap, text| {
+                let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
+                if qps < previous {
+                    return Err(WriteError::Downgrade(format!(
+                        "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
+                    )));
+                }
+                if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
+                    return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
+                }
+                let text = splice::set_plan_qps(text, &tenant, index, qps)?;
+                Ok((
+                    text,
+                    serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous}),
+                ))
+            })
+            .await?;
+        self.share_override(&answer, crate::store::Override { qps, from: now, until: None }).await?;
+        Ok(answer)
     }
 }
 

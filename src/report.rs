@@ -13,12 +13,18 @@ use crate::snapshot::Snapshot;
 use crate::time::format_rfc3339;
 
 /// The report of `t` for `month` (`YYYY-MM`).
-pub fn usage(snap: &Snapshot, billing: &Billing, t: &Tenant, month: &str) -> serde_json::Value {
+/// Reads the shared store in cluster mode, so every replica answers the same (SPEC §11.3).
+pub async fn usage(
+    snap: &Snapshot,
+    billing: &Billing,
+    t: &Tenant,
+    month: &str,
+) -> Result<serde_json::Value, crate::store::StoreError> {
     let tz = snap.settings.timezone;
     let catalog = &snap.catalog;
     let mut total = Decimal::ZERO;
     let mut features = serde_json::Map::new();
-    for u in billing.usage(snap, &t.name, month) {
+    for u in billing.usage_shared(snap, t, month).await? {
         let (feature, units, payg) = (u.feature, u.units, u.payg);
         let units_json: serde_json::Map<_, _> =
             PAYERS.iter().zip(units.iter()).map(|(p, u)| (p.to_string(), json!(plain_string(*u)))).collect();
@@ -75,11 +81,10 @@ pub fn usage(snap: &Snapshot, billing: &Billing, t: &Tenant, month: &str) -> ser
             json!({"units": units_json, "payg": payg_json, "unpaid": plain_string(u.unpaid.round_dp(6))}),
         );
     }
-    let packages: Vec<_> = t
-        .packages
-        .iter()
-        .map(|p| {
-            let st = billing.package(t, p);
+    let mut packages = Vec::with_capacity(t.packages.len());
+    for p in &t.packages {
+        let st = billing.package_shared(t, p).await?;
+        packages.push({
             let remaining = (p.points - st.consumed()).max(Decimal::ZERO);
             let mut v = json!({
                 "id": p.id, "points": plain_string(p.points), "remaining": plain_string(remaining),
@@ -92,10 +97,10 @@ pub fn usage(snap: &Snapshot, billing: &Billing, t: &Tenant, month: &str) -> ser
                 }
             }
             v
-        })
-        .collect();
-    json!({
+        });
+    }
+    Ok(json!({
             "tenant": t.name, "month": month, "currency": catalog.currency, "total": money_string(total),
             "features": features, "packages": packages,
-    })
+    }))
 }

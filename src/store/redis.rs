@@ -419,6 +419,20 @@ impl RedisStore {
         u64::try_from(self.opts.done_ttl.as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
+    /// The lease of package holds and image slots (`[cluster].hold_lease_ms`).
+    pub fn hold_lease(&self) -> Duration {
+        self.opts.hold_lease
+    }
+
+    /// Whether a package's low-balance alert has fired (cluster-wide).
+    pub async fn alerted(&self, tenant: &str, package: &str) -> Result<bool, StoreError> {
+        let op = "sync";
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("HEXISTS").arg(self.key(tenant, "alerted")).arg(package).clone();
+        let n: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
+        Ok(n == 1)
+    }
+
     /// Tenants to sweep besides those this replica reserved for.
     pub fn set_tenants<'a>(&self, tenants: impl IntoIterator<Item = &'a str>) {
         for t in tenants {
@@ -969,9 +983,9 @@ use crate::config::gateway::ImageOp;
 
 /// Month hash fields: `payer:<payer>` units per payer, `cell:<cell>` pay-as-you-go units per
 /// price cell, `unpaid` units nothing could pay.
-const PAYER_FIELD: &str = "payer:";
-const CELL_FIELD: &str = "cell:";
-const UNPAID_FIELD: &str = "unpaid";
+pub const PAYER_FIELD: &str = "payer:";
+pub const CELL_FIELD: &str = "cell:";
+pub const UNPAID_FIELD: &str = "unpaid";
 
 impl RateStore for RedisStore {
     async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {

@@ -3,6 +3,7 @@
 //! and reaped on drop.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};

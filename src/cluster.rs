@@ -1,0 +1,302 @@
+//! Cluster mode wiring (SPEC §11): the Redis store as the billing engine's primary store, the
+//! `on_store_error` policy, the local fallback with its replay journal, and the shared upgrade
+//! overrides.
+//!
+//! Fallback (`on_store_error = "local"`, SPEC §11.6): the first store error switches this
+//! replica to its local buckets (each at `limit / expected_replicas`, at least 1) and its local
+//! ledger; every charge made meanwhile is also written to an in-memory journal. A task probes
+//! Redis every [`PROBE_EVERY`]; once it answers, the journal is replayed in order through
+//! operations that are idempotent on the request id (a replay of a replay changes nothing), and
+//! only when the journal is empty does the replica go back to Redis and set
+//! `turnstile_store_fallback` to 0.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus::IntGauge;
+use rustc_hash::FxBuildHasher;
+
+use crate::config::gateway::{ClusterSettings, ImageOp, OnStoreError};
+use crate::store::redis::{HoldAction, ImagePart, RedisStore, Settle};
+use crate::store::{
+    BalanceStore, BucketKey, Candidate, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore,
+    UsageTo,
+};
+
+/// How often a replica in fallback (or with a journal to replay) probes Redis.
+pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Settlements spawned in batched mode and not yet acknowledged by Redis, at most; past it a
+/// settlement is awaited on the request (backpressure, never an unbounded queue).
+pub const MAX_DEFERRED: usize = 4096;
+
+/// How often every replica polls the override version counter (SPEC §11.4: applied within 1 s).
+pub const OVERRIDE_POLL: Duration = Duration::from_millis(200);
+
+/// One charge to apply to Redis again, with the request id it was made under.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// A settlement script call (per-call features): same id and part, so a settlement that did
+    /// reach Redis before its answer was lost is not applied twice.
+    Settle {
+        tenant: String,
+        id: u128,
+        hold: HoldAction,
+        alert_at: Option<i64>,
+        usage: Option<(String, String, String, i64)>,
+        also: String,
+        image: ImagePart,
+        /// When the hold is gone by the time of the replay (swept after its lease): take the
+        /// package's share instead (package, points, micro-points).
+        take: Option<(String, i64, i64)>,
+    },
+    /// Micro-points taken from packages in candidate order (a package charge made locally).
+    Take { tenant: String, candidates: Vec<(String, i64)>, want: i64, id: RequestId },
+    /// Units added to a month (video settlements made locally).
+    Usage { tenant: String, feature: String, month: String, to: UsageTo, units: i64, cell: String, id: RequestId },
+    /// An image count change made locally.
+    Images { tenant: String, op: ImageOp, id: RequestId, reported: Option<u64> },
+}
+
+/// The Redis side of the billing engine.
+pub struct Remote {
+    pub redis: RedisStore,
+    /// `Stores::Redis(redis)`.
+    pub stores: Stores,
+    pub on_error: OnStoreError,
+    pub expected_replicas: u32,
+    fallback: AtomicBool,
+    gauge: IntGauge,
+    journal: Mutex<Vec<Replay>>,
+    /// Batched mode: permits for settlements spawned after the answer went out.
+    pub deferred: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The last consumption Redis reported per (tenant, package) ([`crate::intern::pair`]): in
+    /// fallback a package offers only `points - known` to the local ledger.
+    known: DashMap<u64, i64, FxBuildHasher>,
+}
+
+impl Remote {
+    pub fn new(redis: RedisStore, c: &ClusterSettings, gauge: IntGauge) -> Remote {
+        gauge.set(0);
+        Remote {
+            stores: Stores::Redis(redis.clone()),
+            redis,
+            on_error: c.on_store_error,
+            expected_replicas: c.expected_replicas.max(1),
+            fallback: AtomicBool::new(false),
+            gauge,
+            journal: Mutex::new(Vec::new()),
+            deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
+            known: DashMap::with_hasher(FxBuildHasher),
+        }
+    }
+
+    /// True while this replica serves on its local fallback.
+    pub fn in_fallback(&self) -> bool {
+        self.fallback.load(Ordering::Relaxed)
+    }
+
+    /// A store error: `deny` passes it on (503); `local` switches to the fallback (once per
+    /// spell, logged) and answers `Ok`, so the caller goes on with the local store.
+    pub fn failover(&self, e: StoreError) -> Result<(), StoreError> {
+        if self.on_error == OnStoreError::Deny {
+            return Err(e);
+        }
+        if !self.fallback.swap(true, Ordering::SeqCst) {
+            self.gauge.set(1);
+            tracing::error!(
+                error = %e,
+                "store unreachable: serving on the local fallback (limit / {} per replica, local ledger); charges are replayed to Redis when it is back",
+                self.expected_replicas
+            );
+        }
+        Ok(())
+    }
+
+    /// The local share of a bucket while in fallback: `limit / expected_replicas` (at least 1),
+    /// the depth scaled the same way.
+    pub fn local_quota(&self, q: Quota) -> Quota {
+        let n = self.expected_replicas.max(1);
+        Quota { limit: (q.limit / n).max(1), depth: (q.depth / n).max(1) }
+    }
+
+    /// The lease of Redis holds (`[cluster].hold_lease_ms`).
+    pub fn redis_lease(&self) -> Duration {
+        self.redis.hold_lease()
+    }
+
+    pub fn note_consumed(&self, pair: u64, consumed: i64) {
+        self.known.insert(pair, consumed);
+    }
+
+    pub fn known_consumed(&self, pair: u64) -> i64 {
+        self.known.get(&pair).map_or(0, |v| *v)
+    }
+
+    pub fn journal(&self, r: Replay) {
+        if let Ok(mut j) = self.journal.lock() {
+            j.push(r);
+        }
+    }
+
+    pub fn journal_len(&self) -> usize {
+        self.journal.lock().map_or(0, |j| j.len())
+    }
+
+    /// Applies one journal entry to Redis (idempotent on its request id).
+    async fn replay(&self, r: &Replay) -> Result<(), StoreError> {
+        match r {
+            Replay::Settle { tenant, id, hold, alert_at, usage, also, image, take } => {
+                let s = Settle {
+                    hold: *hold,
+                    alert_at: *alert_at,
+                    usage: usage.as_ref().map(|(f, m, field, n)| (f.as_str(), m.as_str(), field.as_str(), *n)),
+                    image: *image,
+                    also,
+                    part: SETTLE_PART,
+                };
+                let out = self.redis.settle(tenant, *id, s).await?;
+                if let (Some((pkg, points, want)), false) = (take, out.hold) {
+                    let t = TenantKey { name: tenant, local: 0 };
+                    let c = [Candidate { id: pkg, points: *points, local: 0 }];
+                    self.redis.take_up_to(t, &c, *want, RequestId(*id)).await?;
+                }
+                Ok(())
+            }
+            Replay::Take { tenant, candidates, want, id } => {
+                let c: Vec<Candidate<'_>> =
+                    candidates.iter().map(|(p, pts)| Candidate { id: p, points: *pts, local: 0 }).collect();
+                let t = TenantKey { name: tenant, local: 0 };
+                let taken = self.redis.take_up_to(t, &c, *want, *id).await?;
+                let got: i64 = taken.iter().map(|x| x.taken).sum();
+                if got < *want {
+                    tracing::warn!(
+                        tenant,
+                        wanted = want,
+                        taken = got,
+                        "replayed package charge: the shared balance held less than the fallback charged (overspent while Redis was unreachable)"
+                    );
+                }
+                Ok(())
+            }
+            Replay::Usage { tenant, feature, month, to, units, cell, id } => {
+                let key = BucketKey { tenant, bucket: feature, local: 0 };
+                self.redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| ())
+            }
+            Replay::Images { tenant, op, id, reported } => {
+                let t = TenantKey { name: tenant, local: 0 };
+                self.redis.settle_images(t, *op, *id, *reported).await.map(|_| ())
+            }
+        }
+    }
+
+    /// One probe: when Redis answers, replays the journal in order; when it is empty, leaves the
+    /// fallback. Returns the entries replayed.
+    pub async fn probe(&self) -> usize {
+        if !self.in_fallback() && self.journal_len() == 0 {
+            return 0;
+        }
+        if self.redis.override_version().await.is_err() {
+            return 0;
+        }
+        let mut done = 0;
+        loop {
+            let batch: Vec<Replay> = match self.journal.lock() {
+                Ok(mut j) => std::mem::take(&mut *j),
+                Err(_) => return done,
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for (i, r) in batch.iter().enumerate() {
+                if let Err(e) = self.replay(r).await {
+                    tracing::warn!(error = %e, left = batch.len() - i, "replay to Redis interrupted; retrying");
+                    if let Ok(mut j) = self.journal.lock() {
+                        let later = std::mem::take(&mut *j);
+                        j.extend(batch[i..].iter().cloned());
+                        j.extend(later);
+                    }
+                    return done;
+                }
+                done += 1;
+            }
+        }
+        if self.fallback.swap(false, Ordering::SeqCst) {
+            self.gauge.set(0);
+            tracing::info!(replayed = done, "store reachable again: local charges replayed; back on Redis");
+        }
+        done
+    }
+}
+
+/// The marker part of a per-call settlement (`done:<id>:s`).
+pub const SETTLE_PART: &str = "s";
+
+/// Runs [`Remote::probe`] every [`PROBE_EVERY`] while the billing engine lives.
+pub async fn probe_loop(billing: std::sync::Weak<crate::billing::Billing>) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(b) = billing.upgrade() else { return };
+        if let Some(r) = b.remote() {
+            r.probe().await;
+        }
+    }
+}
+
+/// Overlays the shared upgrade overrides (SPEC §11.4) on a snapshot built from the files: a
+/// permanent one raises the QPS of the tenant's plans for the feature that are active at its
+/// `from` (never lowers it); a temporary one is added to those plans' temporary upgrades (an
+/// identical one already in the file is not added twice). Overrides naming a tenant, feature or
+/// plan the files no longer have are ignored.
+pub fn overlay(snap: &mut crate::snapshot::Snapshot, overrides: &[(String, String, crate::store::Override)]) {
+    for (tenant, feature, ov) in overrides {
+        let Some(&fi) = snap.catalog.feature_index.get(feature.as_str()) else { continue };
+        let Some(&ti) = snap.tenant_index.get(tenant.as_str()) else { continue };
+        let Some(t) = snap.tenants.get_mut(ti) else { continue };
+        for plan in t.plans.iter_mut().filter(|p| p.feature == fi && p.active_at(ov.from)) {
+            match ov.until {
+                None => plan.qps = plan.qps.max(ov.qps),
+                Some(until) => {
+                    let u = crate::config::entitlements::Upgrade { qps: ov.qps, from: ov.from, until };
+                    if !plan.upgrades.iter().any(|x| x.qps == u.qps && x.from == u.from && x.until == u.until) {
+                        plan.upgrades.push(u);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Polls the override version counter every [`OVERRIDE_POLL`] and, when it moved, reads the
+/// overrides and republishes the configuration with them (one `GET` per poll otherwise).
+pub async fn poll_overrides(gw: std::sync::Weak<crate::gateway::Gateway>) {
+    let mut seen: Option<i64> = None;
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(OVERRIDE_POLL).await;
+        let Some(gw) = gw.upgrade() else { return };
+        let Some(remote) = gw.billing.remote().cloned() else { return };
+        let v = match remote.redis.override_version().await {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if Some(v) == seen {
+            continue;
+        }
+        match gw.sync_overrides().await {
+            Ok(_) => {
+                seen = Some(v);
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot read the shared upgrades; retrying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}

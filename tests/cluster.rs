@@ -1,0 +1,299 @@
+//! Cluster mode black-box tests (SPEC §11): real gateway replicas sharing one real
+//! `redis-server` (each test starts its own on a free loopback port and stops it). Without Redis
+//! installed they are skipped with a notice, unless `CI=true`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{cluster_section, metric, Replicas};
+use common::redis::{Opts, RedisServer};
+use common::*;
+use http::StatusCode;
+
+const FACE: &str = "/v1/face/compare";
+const OCR: &str = "/v1/ocr/license-plate";
+const DETECT: &str = "/v1/detect/objects";
+
+fn catalog() -> String {
+    small_catalog(
+        r#"["prepaid_qps"]"#,
+        r#"["payg"]"#,
+        r#"["single_package"]"#,
+        "",
+    )
+    .replace(
+        "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]",
+        "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]\npayg_tiers = [{ price = \"0.10\" }]",
+    )
+}
+
+/// `acme`: a face comparison plan at `plan_qps`, an object-detection package of `points`.
+fn ents(plan_qps: u32, points: u32) -> String {
+    format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{key}"], "services": ["face_body"],
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": {plan_qps}, "effective_at": "{from}", "expires_at": "{until}"}}],
+    "packages": [{{"id": "od-1", "feature": "object-detection", "points": "{points}", "ordered_at": "{from}", "expires_at": "{until}"}}]}}}}}}"#,
+        key = key_hash("key-acme"),
+        from = at(-3600),
+        until = at(86400),
+    )
+}
+
+const HIGH_DEFAULT: &str = "[admission]\ndefault_qps = 1000\n";
+
+fn key() -> [(&'static str, &'static str); 1] {
+    [("x-api-key", "key-acme")]
+}
+
+async fn admin_get(c: &TestClient, gw: &Gateway, path: &str) -> Reply {
+    let (n, v) = Replicas::admin_auth();
+    get(c, &gw.admin_url(path), &[(n, &v)]).await
+}
+
+/// Floods `url`s round-robin with `conns` concurrent clients for `secs`; returns the 2xx count,
+/// the 429 count and the elapsed time.
+async fn flood(urls: Vec<String>, conns: usize, secs: f64) -> (u64, u64, f64) {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let url = urls[i % urls.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut throttled) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let r = post(&c, &url, &key(), b"{}").await;
+                match r.status {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => throttled += 1,
+                    s => panic!("unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+                }
+            }
+            (ok, throttled)
+        }));
+    }
+    let (mut ok, mut throttled) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.expect("join");
+        ok += a;
+        throttled += b;
+    }
+    (ok, throttled, start.elapsed().as_secs_f64())
+}
+
+/// SPEC §11.1: two replicas flooding one 40 QPS plan admit, together, what one bucket admits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_one_limit() {
+    let Some(redis) = RedisServer::start("two_replicas_share_one_limit", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(40, 1), &[]);
+    let urls: Vec<String> = set.gw.iter().map(|g| g.url(FACE)).collect();
+    let (ok, throttled, t) = flood(urls, 16, 3.0).await;
+    let (limit, depth) = (40.0, 40.0);
+    let (low, high) = (limit * t * 0.97, (limit * t + depth) * 1.03);
+    assert!(throttled > 0, "the flood must exceed the limit");
+    assert!(
+        (ok as f64) >= low && (ok as f64) <= high,
+        "admitted {ok} in {t:.2} s across 2 replicas; one shared bucket admits within [{low:.0}, {high:.0}]"
+    );
+}
+
+/// SPEC §11.2–3: a package drained through two replicas pays exactly the calls it holds, and
+/// both replicas' usage reports show the same figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_package_drained_by_two_replicas_pays_exactly_its_points() {
+    let Some(redis) = RedisServer::start("a_package_drained_by_two_replicas", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    let set = Replicas::start(
+        2,
+        &up.url(),
+        &cluster_section(&[redis.url()], ""),
+        HIGH_DEFAULT,
+        &catalog(),
+        &ents(40, 30),
+        &[],
+    );
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let url = set.gw[i % 2].url(DETECT);
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let (mut paid, mut refused) = (0u32, 0u32);
+            for _ in 0..5 {
+                let r = post(&c, &url, &key(), b"{}").await;
+                match r.status {
+                    StatusCode::OK => {
+                        assert_eq!(r.header("x-turnstile-payer"), Some("single_package:od-1"));
+                        paid += 1
+                    }
+                    StatusCode::PAYMENT_REQUIRED => refused += 1,
+                    s => panic!("unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+                }
+            }
+            (paid, refused)
+        }));
+    }
+    let (mut paid, mut refused) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.expect("join");
+        paid += a;
+        refused += b;
+    }
+    assert_eq!((paid, refused), (30, 30), "30 points at 1 per call pay exactly 30 of 60 calls");
+    let c = client();
+    let reports: Vec<serde_json::Value> = {
+        let mut v = Vec::new();
+        for g in &set.gw {
+            let r = admin_get(&c, g, "/admin/v1/tenants/acme/usage").await;
+            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+            v.push(r.json());
+        }
+        v
+    };
+    assert_eq!(reports[0], reports[1], "every replica answers the same usage report");
+    assert_eq!(reports[0]["packages"][0]["remaining"], "0");
+    assert_eq!(reports[0]["features"]["object-detection"]["units"]["single_package"], "30");
+}
+
+/// SPEC §11.4: an upgrade posted to replica A is in replica B's limits view within 1 s, and
+/// B's bucket follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_second() {
+    let Some(redis) = RedisServer::start("an_upgrade_posted_to_one_replica", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
+    let c = client();
+    let limit_on = |i: usize| {
+        let (c, gw) = (&c, &set.gw[i]);
+        async move {
+            let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
+            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
+        }
+    };
+    assert_eq!(limit_on(1).await, 20);
+    let (n, v) = Replicas::admin_auth();
+    let body = format!(r#"{{"qps": 35, "until": "{}"}}"#, at(3600));
+    let r = post(
+        &c,
+        &set.gw[0].admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade"),
+        &[(n, &v)],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let posted = Instant::now();
+    assert_eq!(limit_on(0).await, 35, "the replica that took the upgrade applies it at once");
+    while limit_on(1).await != 35 {
+        assert!(posted.elapsed() < Duration::from_secs(1), "replica B did not apply the upgrade within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = post(&c, &set.gw[1].url(FACE), &key(), b"{}").await;
+    assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=35;w=1"), "B's bucket follows the upgrade");
+    // A permanent upgrade too, and a replica started afterwards applies both at start.
+    let r = post(
+        &c,
+        &set.gw[1].admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade"),
+        &[(n, &v)],
+        br#"{"qps": 25}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let late = Replicas::start(1, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
+    let r = admin_get(&c, &late.gw[0], "/admin/v1/tenants/acme/limits").await;
+    let f = &r.json()["features"]["face-comparison-1-1"];
+    assert_eq!(f["limit"], 35, "the temporary upgrade still wins: {f}");
+    assert_eq!(f["plan"]["qps"], 25, "the permanent upgrade is applied at start: {f}");
+}
+
+/// SPEC §11.6 `deny`: Redis stopped → 503 `store_unavailable` within the store timeout, nothing
+/// charged; Redis back → served again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deny_answers_503_within_the_store_timeout_while_redis_is_down() {
+    let Some(mut redis) = RedisServer::start("deny_answers_503", Opts { aof_always: true, cluster: false }) else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"deny\"");
+    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 1), &[]);
+    let c = client();
+    let gw = &set.gw[0];
+    assert_eq!(post(&c, &gw.url(OCR), &key(), b"{}").await.status, StatusCode::OK);
+    // Batched mode settles after the answer: let it reach Redis before it dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for _ in 0..3 {
+        let sent = Instant::now();
+        let r = post(&c, &gw.url(OCR), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.error_code(), "store_unavailable");
+        assert!(sent.elapsed() < Duration::from_millis(1500), "answered in {:?}", sent.elapsed());
+    }
+    let m = gw.metrics(&c).await;
+    assert!(m.contains("turnstile_store_errors_total{op=\"admit\"}"), "store errors are counted");
+    redis.restart();
+    let back = Instant::now();
+    loop {
+        let r = post(&c, &gw.url(OCR), &key(), b"{}").await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(5), "not serving again 5 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await;
+    assert_eq!(r.json()["features"]["license-plate-recognition"]["units"]["payg"], "2", "the 503s charged nothing");
+}
+
+/// SPEC §11.6 `local`: Redis stopped → served on the local fallback (limit / expected_replicas,
+/// `turnstile_store_fallback` 1); Redis back → the fallback's charges replayed exactly once and
+/// the gauge back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_fallback_serves_and_replays_its_charges_exactly_once() {
+    let Some(mut redis) = RedisServer::start("local_fallback_replays", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 2");
+    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let c = client();
+    let gw = &set.gw[0];
+    for _ in 0..3 {
+        assert_eq!(post(&c, &gw.url(OCR), &key(), b"{}").await.status, StatusCode::OK);
+    }
+    assert_eq!(post(&c, &gw.url(DETECT), &key(), b"{}").await.status, StatusCode::OK);
+    assert_eq!(metric(&gw.metrics(&c).await, "turnstile_store_fallback"), Some(0.0));
+    // Batched mode settles after the answer: let it reach Redis before it dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for _ in 0..4 {
+        let r = post(&c, &gw.url(OCR), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "served on the fallback: {}", String::from_utf8_lossy(&r.body));
+    }
+    for _ in 0..2 {
+        let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "the package pays on the fallback: {}", String::from_utf8_lossy(&r.body));
+    }
+    // The plan's 40 QPS is 20 per replica on the fallback.
+    let r = post(&c, &gw.url(FACE), &key(), b"{}").await;
+    assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=20;w=1"), "limit / expected_replicas");
+    assert_eq!(metric(&gw.metrics(&c).await, "turnstile_store_fallback"), Some(1.0));
+    redis.restart();
+    let back = Instant::now();
+    while metric(&gw.metrics(&c).await, "turnstile_store_fallback") != Some(0.0) {
+        assert!(back.elapsed() < Duration::from_secs(5), "still on the fallback 5 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let check = |v: serde_json::Value| {
+        assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "7", "3 + 4 payg calls: {v}");
+        assert_eq!(v["features"]["object-detection"]["units"]["single_package"], "3", "1 + 2 package calls: {v}");
+        assert_eq!(v["packages"][0]["remaining"], "7", "10 points less 3: {v}");
+    };
+    check(admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json());
+    // Exactly once: later probes replay nothing again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    check(admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json());
+}
