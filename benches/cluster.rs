@@ -179,7 +179,10 @@ async fn main() {
     let idle0 = commands(&plain);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = total(&commands(&plain)) - total(&idle0);
-    println!("\n## Redis commands per call (INFO commandstats; background over an idle second: {idle} — {})", delta(&commands(&plain), &idle0));
+    println!(
+        "\n## Redis commands per call (INFO commandstats; background over an idle second: {idle} — {})",
+        delta(&commands(&plain), &idle0)
+    );
     println!("| call | commands per call | which |");
     println!("| --- | ---: | --- |");
     let n = 1000u64;
@@ -227,7 +230,10 @@ async fn main() {
             }
         }
     }
-    println!("\n## Latency, one keep-alive connection, sequential pay-as-you-go calls ({} per mode)", rounds as usize * calls);
+    println!(
+        "\n## Latency, one keep-alive connection, sequential pay-as-you-go calls ({} per mode)",
+        rounds as usize * calls
+    );
     println!("| mode | p50 µs | p99 µs | p50 added µs | p99 added µs |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let mut base = None;

@@ -364,9 +364,26 @@ async fn flood(redis: Redis) {
     let admitted = admitted.load(Ordering::Relaxed);
     let throttled = throttled.load(Ordering::Relaxed);
     let other = other.lock().unwrap().clone();
-    assert!(other.is_empty(), "only 200 and 429 expected, got {} others: {:?}", other.len(), &other[..other.len().min(10)]);
+    // A store call over its 500 ms bound is a 503 store_unavailable (a refusal, nothing charged):
+    // on a machine loaded far past its cores a few happen. Anything else is a failure.
+    let (timeouts, wrong): (Vec<&String>, Vec<&String>) = other.iter().partition(|o| o.ends_with(" store_unavailable"));
+    assert!(
+        wrong.is_empty(),
+        "only 200, 429 or 503 expected, got {} others: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(
+        timeouts.len() as u64 * 100 <= admitted + throttled,
+        "{} of {} calls timed out on the store",
+        timeouts.len(),
+        admitted + throttled
+    );
     let (lo, hi) = (LIMIT * t_inner * 0.97, (LIMIT * t_outer + DEPTH) * 1.03);
-    eprintln!("flood: {admitted} admitted, {throttled} throttled in {t_outer:.2} s; bounds [{lo:.0}, {hi:.0}]");
+    eprintln!(
+        "flood: {admitted} admitted, {throttled} throttled, {} store timeouts in {t_outer:.2} s; bounds [{lo:.0}, {hi:.0}]",
+        timeouts.len()
+    );
     assert!(throttled > admitted, "the flood must overload the plan ({admitted} admitted, {throttled} throttled)");
     assert!(
         (lo..=hi).contains(&(admitted as f64)),
@@ -374,9 +391,11 @@ async fn flood(redis: Redis) {
     );
     let c = client();
     let labels = [r#"feature="face-comparison-1-1""#, r#"tenant="acme""#];
-    let counted = metric_sum(&c, &reps, "turnstile_requests_total", &[labels[0], labels[1], r#"outcome="admitted""#]).await;
+    let counted =
+        metric_sum(&c, &reps, "turnstile_requests_total", &[labels[0], labels[1], r#"outcome="admitted""#]).await;
     assert_eq!(counted as u64, admitted, "clients' 200s vs the replicas' admitted counters");
-    let counted = metric_sum(&c, &reps, "turnstile_requests_total", &[labels[0], labels[1], r#"outcome="throttled""#]).await;
+    let counted =
+        metric_sum(&c, &reps, "turnstile_requests_total", &[labels[0], labels[1], r#"outcome="throttled""#]).await;
     assert_eq!(counted as u64, throttled, "clients' 429s vs the replicas' throttled counters (cached 429s included)");
     // Each replica admitted some: the flood really went through all three.
     for g in reps.live() {
@@ -597,7 +616,7 @@ async fn killed_replica_gives_its_holds_back_after_the_lease_on_redis_cluster() 
 /// an answer could add); the face bucket is not refilled (another replica gets at most the
 /// tokens the elapsed time earned, not 10); the package pays exactly what it had left.
 async fn killed_redis(mut redis: Redis) {
-    const POINTS: i64 = 60;
+    const POINTS: i64 = 150;
     let up = Upstream::start().await;
     let setup = Setup {
         upstream: up.url(),
@@ -715,7 +734,8 @@ async fn killed_redis(mut redis: Redis) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothing() {
     let _s = serial();
-    let Some(r) = Redis::single("killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothing", true) else {
+    let Some(r) = Redis::single("killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothing", true)
+    else {
         return;
     };
     killed_redis(r).await;
@@ -770,7 +790,12 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
                     let t = Instant::now();
                     let a = must(&c, &url).await;
                     let took = t.elapsed();
-                    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {}", String::from_utf8_lossy(&a.body));
+                    assert_eq!(
+                        a.status,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "{what}: {}",
+                        String::from_utf8_lossy(&a.body)
+                    );
                     assert_eq!(a.code(), "store_unavailable", "{what}");
                     // The store timeout is 500 ms; a debug build on a busy machine gets slack.
                     assert!(took < Duration::from_millis(1200), "{what}: answered after {took:?}");
@@ -900,9 +925,9 @@ async fn store_down_local_fallback_replays_exactly_once() {
             let (c, url, admin) = (c.clone(), g.url("/v1/face/compare"), g.admin_url("/metrics"));
             async move {
                 let _ = call(&c, &url).await;
-                try_get(&c, &admin).await.is_some_and(|r| {
-                    metric(&String::from_utf8_lossy(&r.body), "turnstile_store_fallback", &[]) == 0.0
-                })
+                try_get(&c, &admin)
+                    .await
+                    .is_some_and(|r| metric(&String::from_utf8_lossy(&r.body), "turnstile_store_fallback", &[]) == 0.0)
             }
         })
         .await;

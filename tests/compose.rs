@@ -124,7 +124,10 @@ fn compose_cluster_file_matches_its_configuration() {
             vols.iter().find(|(_, dst, _)| dst == target).unwrap_or_else(|| panic!("{name}: nothing at {target}"))
         };
         let (src, _, ro) = mount("/etc/turnstile/turnstile.toml");
-        assert!(*ro && Path::new(DIR).join(src).canonicalize().ok() == Path::new(DIR).join("turnstile.toml").canonicalize().ok());
+        assert!(
+            *ro && Path::new(DIR).join(src).canonicalize().ok()
+                == Path::new(DIR).join("turnstile.toml").canonicalize().ok()
+        );
         for key in ["catalog", "entitlements"] {
             let file = cfg["files"][key].as_str().expect("files entry");
             let (src, _, ro) = mount(&format!("/etc/turnstile/{file}"));
@@ -141,7 +144,8 @@ fn compose_cluster_file_matches_its_configuration() {
 
     // Prometheus scrapes every replica's admin port.
     let prom: Value =
-        serde_norway::from_str(&std::fs::read_to_string(Path::new(DIR).join("prometheus.yml")).expect("read")).expect("yaml");
+        serde_norway::from_str(&std::fs::read_to_string(Path::new(DIR).join("prometheus.yml")).expect("read"))
+            .expect("yaml");
     let vols = volumes(&c["services"]["prometheus"]);
     assert!(vols.iter().any(|(s, d, _)| s == "./prometheus.yml" && d == "/etc/prometheus/prometheus.yml"));
     let job = &prom["scrape_configs"][0];
@@ -156,8 +160,10 @@ fn compose_cluster_file_matches_its_configuration() {
 /// serves a demo tenant's call through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_cluster_configuration_checks_and_serves() {
-    let Some(redis) = RedisServer::start("compose_cluster_configuration_checks_and_serves", Opts { aof_always: true, cluster: false })
-    else {
+    let Some(redis) = RedisServer::start(
+        "compose_cluster_configuration_checks_and_serves",
+        Opts { aof_always: true, cluster: false },
+    ) else {
         return;
     };
     let up = Upstream::start().await;

@@ -187,9 +187,8 @@ impl RedisCluster {
 
     /// Like [`RedisCluster::start`], every node with `appendfsync always` when asked.
     pub fn start_with(test: &str, aof_always: bool) -> Option<RedisCluster> {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start(test, Opts { aof_always, cluster: true }))
-            .collect::<Option<_>>()?;
+        let nodes: Vec<RedisServer> =
+            (0..3).map(|_| RedisServer::start(test, Opts { aof_always, cluster: true })).collect::<Option<_>>()?;
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(|n| n.addr()));
         args.extend(["--cluster-replicas".into(), "0".into(), "--cluster-yes".into()]);
