@@ -1,11 +1,12 @@
 //! Cluster mode in numbers (issue 12): the same gateway binary in local mode and in Redis mode,
 //! side by side in one run, over loopback.
 //!
-//! - **Store round trips per call**: Redis's own count (`INFO commandstats`, every command but
-//!   `INFO`) before and after N sequential calls of one kind, divided by N: a pay-as-you-go call,
-//!   a package call, a prepaid (plan) call, a call the upstream fails (only what happens before
-//!   forwarding: the upstream's 500 settles nothing) and a 429 answered from the replica's cache.
-//!   The background (hold sweeper, override polling) is measured over an idle second and shown.
+//! - **Store round trips per call**: the commands replicas send to Redis (a `MONITOR` connection
+//!   tells them from the commands the Lua scripts run) over N sequential calls of one kind,
+//!   divided by N: a pay-as-you-go call, a package call, a call the upstream fails (what happens
+//!   before forwarding: the upstream's 500 settles nothing) and a 429 answered from the replica's
+//!   cache. The background (the replica's hold sweeper and override polling) is measured
+//!   over an idle second and shown.
 //! - **Added latency**: one keep-alive connection, sequential pay-as-you-go calls, rounds
 //!   alternating local / redis / redis+AOF; p50 and p99 of each mode and the difference.
 //! - **Requests/s of one replica**: 64 keep-alive connections for `SECS` seconds per mode,
@@ -90,31 +91,66 @@ async fn call(c: &TestClient, url: &str) -> StatusCode {
     status
 }
 
-/// Every command Redis counted, `INFO` itself left out.
-fn commands(r: &RedisServer) -> BTreeMap<String, u64> {
-    r.cli(&["info", "commandstats"])
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
-            (name != "info").then(|| (name.to_string(), calls))
-        })
-        .collect()
+/// Counts of a MONITOR connection: commands clients sent, by name, and commands scripts ran.
+#[derive(Default, Clone)]
+struct Counts {
+    sent: u64,
+    scripted: u64,
+    by_name: BTreeMap<String, u64>,
 }
 
-fn total(m: &BTreeMap<String, u64>) -> u64 {
-    m.values().sum()
+impl Counts {
+    fn names_since(&self, before: &Counts) -> String {
+        self.by_name
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - before.by_name.get(k).copied().unwrap_or(0);
+                (d > 0).then(|| format!("{k} {d}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> String {
-    after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0);
-            (d > 0).then(|| format!("{k} {d}"))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+struct Monitor {
+    counts: Arc<std::sync::Mutex<Counts>>,
+    stream: std::net::TcpStream,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Monitor {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect for MONITOR");
+        stream.write_all(b"MONITOR\r\n").expect("MONITOR");
+        let counts = Arc::new(std::sync::Mutex::new(Counts::default()));
+        let (reader, c) = (stream.try_clone().expect("clone"), counts.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                // +1700000000.123456 [0 127.0.0.1:5555] "evalsha" "..." / [0 lua] "hmget" ...
+                let Some((_, rest)) = line.split_once(" [") else { continue };
+                let Some((who, cmd)) = rest.split_once("] ") else { continue };
+                let name = cmd.split('"').nth(1).unwrap_or("").to_ascii_lowercase();
+                let mut c = c.lock().unwrap();
+                if who.ends_with(" lua") {
+                    c.scripted += 1;
+                } else {
+                    c.sent += 1;
+                    *c.by_name.entry(name).or_default() += 1;
+                }
+            }
+        });
+        Monitor { counts, stream }
+    }
+
+    async fn snapshot(&self) -> Counts {
+        self.counts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -175,29 +211,37 @@ async fn main() {
     println!("# turnstile cluster bench: {rounds} rounds, {calls} latency calls and {secs} s of throughput per mode and round");
 
     // --- Round trips per call (redis mode) ---------------------------------------------------
+    // MONITOR shows every command a client sent (`[0 127.0.0.1:port]`) and every command a
+    // script ran (`[0 lua]`): the first are the round trips.
     let g = &gws[1].1;
-    let idle0 = commands(&plain);
+    let mon = Monitor::start(plain.port);
+    let idle0 = mon.snapshot().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = total(&commands(&plain)) - total(&idle0);
+    let idle = mon.snapshot().await;
     println!(
-        "\n## Redis commands per call (INFO commandstats; background over an idle second: {idle} — {})",
-        delta(&commands(&plain), &idle0)
+        "\n## Redis round trips per call (MONITOR; background over an idle second, the replica's override poller and hold sweeper: {} — {})",
+        idle.sent - idle0.sent,
+        idle.names_since(&idle0)
     );
-    println!("| call | commands per call | which |");
-    println!("| --- | ---: | --- |");
+    println!(
+        "| call | round trips per call | commands run by scripts per call | round trips over {n} calls |",
+        n = 1000
+    );
+    println!("| --- | ---: | ---: | --- |");
     let n = 1000u64;
-    // The plan's bucket (1 QPS): one admitted, then 429s, the first from Redis, the rest cached.
+    // The plan's bucket (1 QPS): drained first, so Redis answers one 429 and the replica the rest.
     for (what, path, want) in [
         ("pay-as-you-go, 2xx", "/v1/payg", StatusCode::OK),
         ("package, 2xx", "/v1/package", StatusCode::OK),
-        ("upstream 500 (before forwarding only)", "/v1/payg?status=500", StatusCode::INTERNAL_SERVER_ERROR),
-        ("429 (plan of 1 QPS, cached)", "/v1/plan", StatusCode::TOO_MANY_REQUESTS),
+        ("upstream 500 (what happens before forwarding)", "/v1/payg?status=500", StatusCode::INTERNAL_SERVER_ERROR),
+        ("429 (plan of 1 QPS, answered from the replica's cache)", "/v1/plan", StatusCode::TOO_MANY_REQUESTS),
     ] {
         if want == StatusCode::TOO_MANY_REQUESTS {
-            // Drain the bucket (and let Redis answer the first 429 once).
             while call(&c, &g.url(path)).await != StatusCode::TOO_MANY_REQUESTS {}
         }
-        let before = commands(&plain);
+        // Batched settlements of the previous kind may still be on their way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = mon.snapshot().await;
         let t = Instant::now();
         let mut other = 0;
         for _ in 0..n {
@@ -205,15 +249,18 @@ async fn main() {
                 other += 1;
             }
         }
-        let after = commands(&plain);
-        let per = (total(&after) - total(&before)) as f64 / n as f64;
-        let note = if other > 0 { format!(" ({other} of {n} answered otherwise)") } else { String::new() };
+        let secs = t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = mon.snapshot().await;
+        let note = if other > 0 { format!("; {other} of {n} answered otherwise") } else { String::new() };
         println!(
-            "| {what} | {per:.3} | {} over {n} calls in {:.2} s{note} |",
-            delta(&after, &before),
-            t.elapsed().as_secs_f64()
+            "| {what} | {:.3} | {:.3} | {} in {secs:.2} s (+0.6 s of waiting){note} |",
+            (after.sent - before.sent) as f64 / n as f64,
+            (after.scripted - before.scripted) as f64 / n as f64,
+            after.names_since(&before),
         );
     }
+    drop(mon);
 
     // --- Latency, one connection, sequential --------------------------------------------------
     let mut lat: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
