@@ -118,6 +118,8 @@ fn image_part(i: &ImageSettle) -> crate::store::redis::ImagePart {
 
 /// What [`Billing::admit`] answered.
 /// `quota` is the bucket's shape as enforced (on the fallback: the replica's share).
+// A short-lived return value on the stack; boxing the reservation would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Admission {
     Throttled {
         retry_after: Duration,
@@ -567,6 +569,10 @@ impl Billing {
                 }
             }
             return;
+        }
+        if let Some(r) = &self.remote {
+            // The sweeper gives back the expired holds of every configured tenant.
+            r.redis.set_tenants(snap.tenants.iter().map(|t| t.label));
         }
         for t in &snap.tenants {
             for p in &t.packages {
@@ -1059,7 +1065,29 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
-        r: Reservation,
+        mut r: Reservation,
+        usage: Option<VideoUsage>,
+        now: i64,
+    ) -> Result<Settled, StoreError> {
+        match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await {
+            Err(e) if !r.fallback && self.remote.is_some() => {
+                // Redis failed part-way: on `local` the settlement is made again on the
+                // fallback and journaled under the same id; the parts Redis did apply answer
+                // the replay from their markers instead of applying twice.
+                self.failover(e)?;
+                r.fallback = true;
+                self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn settle_video_in(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        r: &Reservation,
         usage: Option<VideoUsage>,
         now: i64,
     ) -> Result<Settled, StoreError> {
@@ -1230,6 +1258,18 @@ impl Billing {
     /// Commits everything settled so far and waits for it (tests, benches), at most 30 s.
     pub fn flush(&self) -> bool {
         self.flush_within(Duration::from_secs(30))
+    }
+
+    /// Cluster batched mode: waits (at most `wait`) for the settlements spawned after their
+    /// answers to be acknowledged by Redis, so SIGTERM loses none of them. Returns how many
+    /// were still in flight at the deadline (0: none lost).
+    pub async fn drain_deferred(&self, wait: Duration) -> usize {
+        let Some(r) = &self.remote else { return 0 };
+        let all = u32::try_from(crate::cluster::MAX_DEFERRED).unwrap_or(u32::MAX);
+        match tokio::time::timeout(wait, r.deferred.acquire_many(all)).await {
+            Ok(_) => 0,
+            Err(_) => crate::cluster::MAX_DEFERRED - r.deferred.available_permits(),
+        }
     }
 
     /// Flushes (waiting at most `wait`), then stops the writer with a last commit attempt.

@@ -300,3 +300,68 @@ pub async fn poll_overrides(gw: std::sync::Weak<crate::gateway::Gateway>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Override;
+
+    const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
+    const CATALOG: &str = r#"currency = "CNY"
+[families.face_body]
+name = "Face and Body"
+qps_cap = 50
+[features.face-comparison-1-1]
+family = "face_body"
+billing = ["prepaid_qps"]
+"#;
+
+    fn t(s: &str) -> i64 {
+        crate::time::parse_rfc3339(s).unwrap()
+    }
+
+    fn snapshot() -> crate::snapshot::Snapshot {
+        let ents = r#"{"tenants": {"acme": {"api_keys": ["00000000000000000000000000000000000000000000000000000000000000aa"], "services": ["face_body"], "qps_plans": [
+            {"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2026-02-01T00:00:00Z",
+             "temporary_upgrades": [{"qps": 30, "from": "2026-01-10T00:00:00Z", "until": "2026-01-11T00:00:00Z"}]},
+            {"feature": "face-comparison-1-1", "qps": 10, "effective_at": "2026-02-01T00:00:00Z", "expires_at": "2026-03-01T00:00:00Z"}]}}}"#;
+        let texts = crate::config::Texts::in_memory(MAIN, CATALOG, ents);
+        crate::snapshot::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn overlay_raises_the_plan_active_at_from_and_adds_upgrades_once() {
+        let mut s = snapshot();
+        let f = "face-comparison-1-1".to_string();
+        let ovs = vec![
+            ("acme".to_string(), f.clone(), Override { qps: 25, from: t("2026-01-05T00:00:00Z"), until: None }),
+            // A lower permanent one never lowers a plan.
+            ("acme".to_string(), f.clone(), Override { qps: 15, from: t("2026-01-06T00:00:00Z"), until: None }),
+            // Identical to the file's upgrade: not added twice.
+            (
+                "acme".to_string(),
+                f.clone(),
+                Override { qps: 30, from: t("2026-01-10T00:00:00Z"), until: Some(t("2026-01-11T00:00:00Z")) },
+            ),
+            (
+                "acme".to_string(),
+                f.clone(),
+                Override { qps: 40, from: t("2026-01-20T00:00:00Z"), until: Some(t("2026-01-21T00:00:00Z")) },
+            ),
+            // Unknown tenant and feature: ignored.
+            ("nobody".to_string(), f.clone(), Override { qps: 40, from: t("2026-01-20T00:00:00Z"), until: None }),
+            (
+                "acme".to_string(),
+                "nope".to_string(),
+                Override { qps: 40, from: t("2026-01-20T00:00:00Z"), until: None },
+            ),
+        ];
+        overlay(&mut s, &ovs);
+        let plans = &s.tenants[0].plans;
+        assert_eq!(plans[0].qps, 25);
+        assert_eq!(plans[0].upgrades.len(), 2, "{:?}", plans[0].upgrades);
+        assert_eq!(plans[0].upgrades[1].qps, 40);
+        assert_eq!(plans[1].qps, 10, "a plan not active at the override's from is left alone");
+        assert!(plans[1].upgrades.is_empty());
+    }
+}

@@ -168,7 +168,9 @@ impl Gateway {
         tokio::spawn(sweep_store(Arc::downgrade(&gw.billing)));
         if let Some(remote) = gw.billing.remote() {
             // Expired holds of any replica (one that died included) come back after the lease.
-            let sweeper = remote.redis.spawn_sweeper(Duration::from_secs(1));
+            // A quarter of the lease (between 250 ms and 5 s): a hold is back within 1.25 leases.
+            let every = (remote.redis_lease() / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+            let sweeper = remote.redis.spawn_sweeper(every);
             let weak = Arc::downgrade(&gw.billing);
             tokio::spawn(async move {
                 crate::cluster::probe_loop(weak).await;

@@ -237,6 +237,14 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     };
     tokio::spawn(reload_on_sighup(gw.clone()));
     server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
+    // Cluster batched mode: the settlements spawned after their answers reach Redis first.
+    let unsettled = gw.billing.drain_deferred(CLOSE_WAIT).await;
+    if unsettled > 0 {
+        tracing::error!(
+            calls = unsettled,
+            "settlements not acknowledged by Redis at shutdown; those calls are not charged"
+        );
+    }
     // Bounded: a failing disk must not keep SIGTERM from finishing.
     let flushed = gw.billing.close(CLOSE_WAIT);
     match &flushed {

@@ -191,6 +191,10 @@ async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_secon
     }
     let r = post(&c, &set.gw[1].url(FACE), &key(), b"{}").await;
     assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=35;w=1"), "B's bucket follows the upgrade");
+    // A reload of B's files (which do not have the upgrade) keeps it.
+    let r = post(&c, &set.gw[1].admin_url("/admin/v1/reload"), &[(n, &v)], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(limit_on(1).await, 35, "a reload keeps the shared upgrade");
     // A permanent upgrade too, and a replica started afterwards applies both at start.
     let r = post(
         &c,
@@ -296,4 +300,55 @@ async fn local_fallback_serves_and_replays_its_charges_exactly_once() {
     // Exactly once: later probes replay nothing again.
     tokio::time::sleep(Duration::from_millis(600)).await;
     check(admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json());
+}
+
+/// SPEC §11.5 strict: the 2xx goes out only after Redis acknowledged the charge, so the other
+/// replica's usage report shows every answered call at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_mode_answers_only_after_redis_has_the_charge() {
+    let Some(redis) = RedisServer::start("strict_mode_answers_only_after", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"strict\"\n");
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), &rest, &catalog(), &ents(40, 5), &[]);
+    let c = client();
+    for i in 1..=8u32 {
+        let (path, field) = if i % 2 == 0 { (DETECT, "object-detection") } else { (OCR, "license-plate-recognition") };
+        let r = post(&c, &set.gw[0].url(path), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+        let v = admin_get(&c, &set.gw[1], "/admin/v1/tenants/acme/usage").await.json();
+        let payer = if i % 2 == 0 { "single_package" } else { "payg" };
+        let want = i.div_ceil(2).to_string();
+        let want = if i % 2 == 0 { (i / 2).to_string() } else { want };
+        assert_eq!(v["features"][field]["units"][payer], want.as_str(), "call {i} not yet in Redis when answered: {v}");
+    }
+    let v = admin_get(&c, &set.gw[1], "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["packages"][0]["remaining"], "1", "5 points less 4 calls: {v}");
+    // One store round trip before forwarding (admission + package hold) and one after
+    // (settlement) per call, on the replica that served them.
+    let m = set.gw[0].metrics(&c).await;
+    for op in ["admit", "settle"] {
+        let series = format!("turnstile_store_duration_seconds_count{{op=\"{op}\"}}");
+        assert_eq!(metric(&m, &series), Some(8.0), "{op} round trips for 8 calls:\n{m}");
+    }
+}
+
+/// A replica that cannot reach Redis at start does not start (it has no shared state to serve
+/// from): exit status 1 and a message naming `cluster.redis`, within the store timeout.
+#[test]
+fn a_replica_without_redis_at_start_exits_1() {
+    let dead = format!("redis://{}", dead_addr());
+    let main = main_toml("http://127.0.0.1:1", "", &cluster_section(&[dead], ""));
+    let cfg = ConfigDir::new(&main, &catalog(), &ents(40, 1));
+    let started = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
+        .output()
+        .expect("run turnstile");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.redis") && err.contains("not starting"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
