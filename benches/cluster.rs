@@ -22,7 +22,6 @@
 //! and the upstream share the machine's cores: ratios carry over, absolute figures do not.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeMap;
@@ -174,9 +173,11 @@ fn upstream() -> Upstream {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the stand-in");
+    // Killed and reaped on drop, whatever happens next.
+    let up = Upstream(child, format!("http://127.0.0.1:{port}"));
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Upstream(child, format!("http://127.0.0.1:{port}"));
+            return up;
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -17,7 +17,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,10 +34,11 @@ const MICRO: i64 = 1_000_000;
 /// The package every money test spends (license-plate-recognition, 1 point a call).
 const PKG: &str = "lp-1";
 
-static SERIAL: Mutex<()> = Mutex::new(());
+/// Runtime-agnostic (each test has its own runtime); a failed test releases it on unwind.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,14 +407,14 @@ async fn flood(redis: Redis) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_three_replicas_share_one_bucket() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::single("flood_three_replicas_share_one_bucket", false) else { return };
     flood(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_three_replicas_share_one_bucket_on_redis_cluster() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::cluster("flood_three_replicas_share_one_bucket_on_redis_cluster", false) else { return };
     flood(r).await;
 }
@@ -502,14 +503,14 @@ async fn drain(mut redis: Redis) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn package_drained_by_three_replicas_pays_exactly_its_points() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::single("package_drained_by_three_replicas_pays_exactly_its_points", false) else { return };
     drain(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn package_drained_by_three_replicas_pays_exactly_its_points_on_redis_cluster() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::cluster("package_drained_by_three_replicas_pays_exactly_its_points_on_redis_cluster", false)
     else {
         return;
@@ -593,14 +594,14 @@ async fn killed_replica(mut redis: Redis) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_replica_gives_its_holds_back_after_the_lease() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::single("killed_replica_gives_its_holds_back_after_the_lease", false) else { return };
     killed_replica(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_replica_gives_its_holds_back_after_the_lease_on_redis_cluster() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::cluster("killed_replica_gives_its_holds_back_after_the_lease_on_redis_cluster", false) else {
         return;
     };
@@ -616,7 +617,7 @@ async fn killed_replica_gives_its_holds_back_after_the_lease_on_redis_cluster() 
 /// an answer could add); the face bucket is not refilled (another replica gets at most the
 /// tokens the elapsed time earned, not 10); the package pays exactly what it had left.
 async fn killed_redis(mut redis: Redis) {
-    const POINTS: i64 = 150;
+    const POINTS: i64 = 400;
     let up = Upstream::start().await;
     let setup = Setup {
         upstream: up.url(),
@@ -665,7 +666,7 @@ async fn killed_redis(mut redis: Redis) {
                         }
                         _ => failed += 1,
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 (paid_2xx, failed)
             }));
@@ -733,7 +734,7 @@ async fn killed_redis(mut redis: Redis) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothing() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::single("killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothing", true)
     else {
         return;
@@ -743,7 +744,7 @@ async fn killed_redis_with_appendfsync_always_loses_no_charge_and_refills_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_redis_cluster_node_loses_no_charge_and_refills_nothing() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(r) = Redis::cluster("killed_redis_cluster_node_loses_no_charge_and_refills_nothing", true) else {
         return;
     };
@@ -758,7 +759,7 @@ async fn killed_redis_cluster_node_loses_no_charge_and_refills_nothing() {
 /// they serve again by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_deny_answers_503_within_the_store_timeout() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(mut redis) = Redis::single("store_down_deny_answers_503_within_the_store_timeout", true) else {
         return;
     };
@@ -844,7 +845,7 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
 /// finds the same figures).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_local_fallback_replays_exactly_once() {
-    let _s = serial();
+    let _s = serial().await;
     let Some(mut redis) = Redis::single("store_down_local_fallback_replays_exactly_once", true) else { return };
     let up = Upstream::start().await;
     let setup = Setup {
