@@ -106,6 +106,11 @@ fn compose_cluster_file_matches_its_configuration() {
     for name in REPLICAS {
         let svc = &c["services"][name];
         assert_eq!(strs(&svc["command"]), ["serve", "--config", "/etc/turnstile/turnstile.toml"], "{name}");
+        // Built from the repository's Dockerfile (compose builds the tag once, so no service
+        // tries to pull a `turnstile:local` that no registry has).
+        let build = svc["build"].as_str().unwrap_or_else(|| panic!("{name}: build"));
+        assert!(Path::new(DIR).join(build).join("Dockerfile").is_file(), "{name}: {build}/Dockerfile");
+        assert_eq!(svc["image"], c["services"]["upstream"]["image"], "{name}: the upstream's image");
         assert!(svc["environment"]["TURNSTILE_ADMIN_TOKEN"].as_str().is_some(), "{name}: admin token");
         let deps = &svc["depends_on"];
         assert_eq!(deps["redis"]["condition"].as_str(), Some("service_healthy"), "{name} waits for Redis");
