@@ -7,7 +7,7 @@
 //! Every test holds [`SERIAL`]: they start up to three gateways and a Redis (or three) each, and
 //! the lease and timeout checks must not starve behind another test's flood on a small machine.
 //! HEAVY (CPU-bound for their whole run): `flood_*` (3 × 64 keep-alive clients for 10 s each).
-//! The others take 2–6 s. The file takes about 70 s on 2 cores.
+//! The others take 2–8 s. The file takes 50–55 s on the 2-core VM it was written on.
 //!
 //! Without `redis-server` on PATH every test prints a notice and passes, except under `CI=true`
 //! (`.ci/run` installs Debian's redis-server), where a missing redis-server fails.
