@@ -157,6 +157,16 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         cli(self.port, args)
     }
+
+    /// Whether the process runs (not killed by [`RedisServer::kill9`]).
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id (for SIGSTOP/SIGCONT), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
 }
 
 impl Drop for RedisServer {
@@ -172,9 +182,13 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(test: &str) -> Option<RedisCluster> {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start(test, Opts { aof_always: false, cluster: true }))
-            .collect::<Option<_>>()?;
+        Self::start_with(test, false)
+    }
+
+    /// Like [`RedisCluster::start`], every node with `appendfsync always` when asked.
+    pub fn start_with(test: &str, aof_always: bool) -> Option<RedisCluster> {
+        let nodes: Vec<RedisServer> =
+            (0..3).map(|_| RedisServer::start(test, Opts { aof_always, cluster: true })).collect::<Option<_>>()?;
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(|n| n.addr()));
         args.extend(["--cluster-replicas".into(), "0".into(), "--cluster-yes".into()]);
@@ -189,13 +203,19 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // Every node must see the whole cluster as ok before a client may rely on it.
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(test);
+        Some(cluster)
+    }
+
+    /// Waits (≤ 10 s) until every node sees the whole cluster as ok (after a start or the
+    /// restart of a node).
+    pub fn wait_ok(&self, test: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !nodes.iter().all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok")) {
+        while !self.nodes.iter().all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok")) {
             assert!(Instant::now() < deadline, "{test}: cluster did not reach cluster_state:ok in 10 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(RedisCluster { nodes })
     }
 
     /// One URL per node, as `[cluster].redis` lists them.
