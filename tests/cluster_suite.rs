@@ -760,9 +760,25 @@ async fn killed_redis_cluster_node_loses_no_charge_and_refills_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_deny_answers_503_within_the_store_timeout() {
     let _s = serial().await;
-    let Some(mut redis) = Redis::single("store_down_deny_answers_503_within_the_store_timeout", true) else {
+    let Some(redis) = Redis::single("store_down_deny_answers_503_within_the_store_timeout", true) else {
         return;
     };
+    deny(redis).await;
+}
+
+/// The same on a 3-node Redis Cluster, with the node that serves the tenant's slot hung, then
+/// killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_deny_answers_503_within_the_store_timeout_on_redis_cluster() {
+    let _s = serial().await;
+    let Some(redis) = Redis::cluster("store_down_deny_answers_503_within_the_store_timeout_on_redis_cluster", true)
+    else {
+        return;
+    };
+    deny(redis).await;
+}
+
+async fn deny(mut redis: Redis) {
     let up = Upstream::start().await;
     let setup = Setup {
         upstream: up.url(),
@@ -804,11 +820,9 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
             }
         }
     };
-    // Hung: the connection stays open and nothing answers.
-    let pid = match &redis {
-        Redis::Single(s) => s.pid().expect("running"),
-        Redis::Cluster(_) => unreachable!(),
-    };
+    // Hung: the connection stays open and nothing answers (the node of the tenant's slot).
+    let owner_key = format!("{PREFIX}:{{acme}}:p:{PKG}");
+    let pid = redis.owner(&owner_key).pid().expect("running");
     signal(pid, "STOP");
     check_down("SIGSTOP").await;
     signal(pid, "CONT");
@@ -824,14 +838,15 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
     }
     // Down: connections refused.
     let before = consumed(&mut redis);
-    if let Redis::Single(s) = &mut redis {
-        s.kill9();
-    }
+    let owner_port = redis.owner(&owner_key).port;
+    redis.owner(&owner_key).kill9();
     check_down("killed").await;
     let errors = metric_sum(&c, &reps, "turnstile_store_errors_total", &[]).await;
     assert!(errors >= 12.0, "store errors counted: {errors}");
-    if let Redis::Single(s) = &mut redis {
-        s.restart();
+    for n in redis.nodes() {
+        if n.port == owner_port {
+            n.restart();
+        }
     }
     for g in reps.live() {
         assert!(back(c.clone(), g.url("/v1/face/compare")).await, "replica {} did not reconnect", g.addr);
@@ -846,7 +861,22 @@ async fn store_down_deny_answers_503_within_the_store_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_local_fallback_replays_exactly_once() {
     let _s = serial().await;
-    let Some(mut redis) = Redis::single("store_down_local_fallback_replays_exactly_once", true) else { return };
+    let Some(redis) = Redis::single("store_down_local_fallback_replays_exactly_once", true) else { return };
+    local_fallback(redis).await;
+}
+
+/// The same on a 3-node Redis Cluster, with the node that serves the tenant's slot killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_local_fallback_replays_exactly_once_on_redis_cluster() {
+    let _s = serial().await;
+    let Some(redis) = Redis::cluster("store_down_local_fallback_replays_exactly_once_on_redis_cluster", true) else {
+        return;
+    };
+    local_fallback(redis).await;
+}
+
+async fn local_fallback(mut redis: Redis) {
+    let owner_key = format!("{PREFIX}:{{acme}}:p:{PKG}");
     let up = Upstream::start().await;
     let setup = Setup {
         upstream: up.url(),
@@ -872,9 +902,8 @@ async fn store_down_local_fallback_replays_exactly_once() {
     }
     settles_to(&mut redis, 6 * MICRO).await;
 
-    if let Redis::Single(s) = &mut redis {
-        s.kill9();
-    }
+    let owner_port = redis.owner(&owner_key).port;
+    redis.owner(&owner_key).kill9();
     // Fallback: every replica serves and charges locally.
     let mut fallback_paid = 0;
     for g in reps.live() {
@@ -917,8 +946,10 @@ async fn store_down_local_fallback_replays_exactly_once() {
     );
     assert!((admitted as f64) >= 10.0 * t * 0.9, "fallback admitted only {admitted} in {t:.2} s");
 
-    if let Redis::Single(s) = &mut redis {
-        s.restart();
+    for n in redis.nodes() {
+        if n.port == owner_port {
+            n.restart();
+        }
     }
     // Back: every replica leaves the fallback and replays what it charged.
     for g in reps.live() {
