@@ -280,7 +280,18 @@ pub async fn concurrent_reservations_never_overspend<S: Store + 'static>(s: Arc<
     let consumed = s.consumed(t, p).await.unwrap();
     assert!(consumed <= 10_000_000, "{consumed}");
     assert_eq!(consumed, committed.load(Ordering::SeqCst) as i64 * 200_000);
-    assert_eq!(consumed, 10_000_000, "demand (~250 commits) exceeds the 50 the package pays: all of it is spent");
+    // Demand (~250 commits) exceeds the 50 the package pays, but whether the racing tasks spent
+    // it all depends on scheduling (a release at the very end gives points back that nobody asks
+    // for again): what is left must still be spendable, exactly, so no hold leaked.
+    let ids = RequestIds::new();
+    loop {
+        let id = ids.next();
+        if s.reserve(t, &[p], 200_000, id, LEASE).await.unwrap().is_none() {
+            break;
+        }
+        assert!(s.commit(t, id).await.unwrap().is_some());
+    }
+    assert_eq!(s.consumed(t, p).await.unwrap(), 10_000_000, "all of it is spendable and spent");
 }
 
 /// Money invariant: concurrent video takes never take more than the packages hold, and what each
