@@ -373,10 +373,20 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
         Decision::Forward(f) => f,
     };
     let (pair, tenant, feature) = (fwd.pair, fwd.tenant, fwd.feature);
-    let (resp, outcome) = forward(&gw, req, remote, fwd).await;
-    gw.metrics.request_pair(pair, tenant, feature, outcome);
-    gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-    resp.map(TenantBody::new)
+    // Forward and settle on a task of their own (on this worker's runtime): hyper drops this
+    // future when the client goes away, and a call the upstream answers 2xx must be charged all
+    // the same (units == upstream-served successes; nginx's `proxy_ignore_client_abort on`).
+    let task = tokio::spawn(async move {
+        let (resp, outcome) = forward(&gw, req, remote, fwd).await;
+        gw.metrics.request_pair(pair, tenant, feature, outcome);
+        gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+        resp
+    });
+    match task.await {
+        Ok(resp) => resp.map(TenantBody::new),
+        // The task panicked or the runtime is shutting down: nothing was settled.
+        Err(_) => error_response(&ApiError::UpstreamUnavailable, &[]).map(TenantBody::new),
+    }
 }
 
 /// No `Transfer-Encoding`, or exactly `chunked`. hyper accepts any list that ends in `chunked`

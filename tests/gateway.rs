@@ -334,3 +334,37 @@ async fn demo_mode_prints_a_working_curl_line() {
     assert_eq!(r.status, StatusCode::OK, "{out}");
     assert_eq!(r.json()["ok"], true, "answered by the stand-in upstream");
 }
+
+/// Units == upstream-served successes: a call the upstream answers 2xx is charged even when its
+/// client went away before the answer came (the settlement does not hang on the client's
+/// connection), like nginx's `proxy_ignore_client_abort on`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_call_is_charged_when_its_client_left_before_the_answer() {
+    let (_up, _cfg, gw) = gateway(40, None, "").await;
+    let c = client();
+    let billed = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("tenant=\"globex\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    for i in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+        let head = "POST /v1/ocr/license-plate?sleep_ms=400 HTTP/1.1\r\nhost: x\r\nx-api-key: key-globex\r\ncontent-length: 2\r\n\r\n{}";
+        s.write_all(head.as_bytes()).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s); // the client leaves while the upstream works on the call
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = gw.metrics(&c).await;
+            if billed(&text) >= f64::from(i + 1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "call {i}: the upstream served it, but it was not charged:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // And charged exactly once each.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(billed(&gw.metrics(&c).await), 3.0);
+}
