@@ -131,8 +131,8 @@ impl Scripts {
         Scripts {
             admit: Script::new(include_str!("lua/admit.lua")),
             refund: Script::new(include_str!("lua/refund.lua")),
-            settle: Script::new(include_str!("lua/settle.lua")),
-            take: Script::new(include_str!("lua/take.lua")),
+            settle: Script::new(concat!(include_str!("lua/replay.lua"), include_str!("lua/settle.lua"))),
+            take: Script::new(concat!(include_str!("lua/replay.lua"), include_str!("lua/take.lua"))),
             sweep: Script::new(include_str!("lua/sweep.lua")),
             image_slot: Script::new(include_str!("lua/image_slot.lua")),
             month: Script::new(include_str!("lua/month.lua")),
@@ -702,18 +702,19 @@ impl RedisStore {
 
     /// Micro-points a package has consumed.
     pub async fn package_consumed(&self, tenant: &str, package: &str) -> Result<i64, StoreError> {
-        let op = "sync";
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("HGET").arg(self.key(tenant, &format!("p:{package}"))).arg("consumed").clone();
-        let v: Value = self.timed(op, cmd.query_async(&mut conn)).await?;
-        as_i64(op, &v)
+        self.package_field(tenant, package, "consumed").await
     }
 
     /// Micro-points held by calls in flight on a package.
     pub async fn package_held(&self, tenant: &str, package: &str) -> Result<i64, StoreError> {
+        self.package_field(tenant, package, "held").await
+    }
+
+    /// One field of a package's hash (0 when absent).
+    async fn package_field(&self, tenant: &str, package: &str, field: &str) -> Result<i64, StoreError> {
         let op = "sync";
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("HGET").arg(self.key(tenant, &format!("p:{package}"))).arg("held").clone();
+        let cmd = redis::cmd("HGET").arg(self.key(tenant, &format!("p:{package}"))).arg(field).clone();
         let v: Value = self.timed(op, cmd.query_async(&mut conn)).await?;
         as_i64(op, &v)
     }

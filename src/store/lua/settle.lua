@@ -13,22 +13,7 @@
 -- ARGV[10] a second usage field that gets the same units ('' = none; its total is returned)
 -- Returns { replay (1/0), hold (1 done now, 0 none: released or swept), package consumed after
 --           (-1 none), usage cell total (-1 none), alert fired (1/0), image count (-1 none) }.
-local function encode(r)
-  local s = {}
-  for i, n in ipairs(r) do s[i] = string.format('%.0f', n) end
-  return table.concat(s, ',')
-end
-local function decode(s)
-  local r = {}
-  for n in string.gmatch(s, '[^,]+') do r[#r + 1] = tonumber(n) end
-  return r
-end
-local prev = redis.call('GET', KEYS[1])
-if prev then
-  local r = decode(prev)
-  r[1] = 1
-  return r
-end
+-- (replay.lua, prepended when the script is built, answers a replay and defines encode.)
 
 local hold_done, consumed, cell, fired, images = 0, -1, -1, 0, -1
 

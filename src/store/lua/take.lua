@@ -7,22 +7,7 @@
 -- ARGV[1] marker TTL (ms)   ARGV[2] total want (-1 = no total, only the caps)
 -- ARGV[3..] per candidate: points, cap (-1 = none), alert at (-1 = never), package id
 -- Returns { replay, then per candidate: taken, consumed after, alert fired (1/0) }.
-local function encode(r)
-  local s = {}
-  for i, n in ipairs(r) do s[i] = string.format('%.0f', n) end
-  return table.concat(s, ',')
-end
-local function decode(s)
-  local r = {}
-  for n in string.gmatch(s, '[^,]+') do r[#r + 1] = tonumber(n) end
-  return r
-end
-local prev = redis.call('GET', KEYS[1])
-if prev then
-  local r = decode(prev)
-  r[1] = 1
-  return r
-end
+-- (replay.lua, prepended when the script is built, answers a replay and defines encode.)
 local r = { 0 }
 local left = tonumber(ARGV[2])
 for i = 1, #KEYS - 2 do
