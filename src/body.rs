@@ -24,6 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::grpc::TrailerGate;
 use crate::http_util::ProxyBody;
 
 /// The most bytes of a refused request body read and discarded before the connection is closed.
@@ -77,18 +78,25 @@ pub struct TenantBody {
     inner: ProxyBody,
     /// A refused request's body, drained once the response head is written.
     refused: Option<Incoming>,
+    /// A gRPC call's charge, waiting for the upstream's trailers ([`TrailerGate`]).
+    gate: Option<TrailerGate>,
 }
 
 impl TenantBody {
     pub fn new(inner: ProxyBody) -> TenantBody {
-        TenantBody { inner, refused: None }
+        TenantBody { inner, refused: None, gate: None }
+    }
+
+    /// A gRPC call's streamed answer, charged when its trailers say OK.
+    pub fn gated(inner: ProxyBody, gate: Option<TrailerGate>) -> TenantBody {
+        TenantBody { inner, refused: None, gate }
     }
 
     /// A response sent before the request body was read: the body is drained once hyper has
     /// written the response head (it polls a response body only after writing the head, and
     /// drops one that is empty right after writing the head).
     pub fn refusal(inner: ProxyBody, request_body: Incoming) -> TenantBody {
-        TenantBody { inner, refused: (!request_body.is_end_stream()).then_some(request_body) }
+        TenantBody { inner, refused: (!request_body.is_end_stream()).then_some(request_body), gate: None }
     }
 }
 
@@ -109,11 +117,37 @@ impl Body for TenantBody {
         if let Some(b) = this.refused.take() {
             spawn_drain(b);
         }
-        Pin::new(&mut this.inner).poll_frame(cx)
+        let Some(gate) = this.gate.as_mut() else { return Pin::new(&mut this.inner).poll_frame(cx) };
+        if !gate.settling() {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        if let Some(t) = gate.trailers(trailers) {
+                            this.gate = None;
+                            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                        }
+                    }
+                    Err(data) => return Poll::Ready(Some(Ok(data))),
+                },
+                Poll::Pending => return Poll::Pending,
+                // Ended without trailers, or broke: not a success; dropping the gate drops the charge.
+                other => {
+                    this.gate = None;
+                    return other;
+                }
+            }
+        }
+        match gate.poll_settled(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(t) => {
+                this.gate = None;
+                Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() && self.gate.as_ref().is_none_or(|g| !g.settling())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -122,7 +156,7 @@ impl Body for TenantBody {
 }
 
 /// Why an upload was cut off.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UploadError {
     #[error("the request body is over {0} bytes")]
     TooLarge(u64),
@@ -144,6 +178,8 @@ pub struct Upload {
     polled: bool,
     /// The client sent `Expect: 100-continue`.
     expect: bool,
+    /// Where the cut-off is noted ([`Upload::noting_failure`]).
+    failure: Option<std::sync::Arc<std::sync::OnceLock<UploadError>>>,
 }
 
 impl Upload {
@@ -157,7 +193,24 @@ impl Upload {
             waiting: false,
             polled: false,
             expect: expect_continue,
+            failure: None,
         }
+    }
+
+    /// Also notes why the upload was cut off in the returned slot. Needed with an HTTP/2
+    /// upstream: hyper's HTTP/2 client sends the body from a task of its own and answers the
+    /// request with a stream reset, not with this body's error (HTTP/1 returns the error itself).
+    pub fn noting_failure(mut self) -> (Upload, std::sync::Arc<std::sync::OnceLock<UploadError>>) {
+        let slot = std::sync::Arc::new(std::sync::OnceLock::new());
+        self.failure = Some(slot.clone());
+        (self, slot)
+    }
+
+    fn fail(&mut self, e: UploadError) -> Box<dyn std::error::Error + Send + Sync> {
+        if let Some(slot) = &self.failure {
+            let _ = slot.set(e.clone());
+        }
+        e.into()
     }
 }
 
@@ -192,7 +245,7 @@ impl Body for Upload {
                     if let Some(b) = this.body.take() {
                         spawn_drain(b);
                     }
-                    return Poll::Ready(Some(Err(UploadError::TooLarge(this.limit).into())));
+                    return Poll::Ready(Some(Err(this.fail(UploadError::TooLarge(this.limit)))));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -222,7 +275,7 @@ impl Body for Upload {
                 if timer.as_mut().poll(cx).is_ready() {
                     // The client stalled: nothing to drain; hyper closes the connection after the 408.
                     this.body = None;
-                    return Poll::Ready(Some(Err(UploadError::Stalled(this.idle).into())));
+                    return Poll::Ready(Some(Err(this.fail(UploadError::Stalled(this.idle)))));
                 }
                 Poll::Pending
             }

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::billing::Billing;
 use crate::body::Upload;
 use crate::clock::SharedClock;
+use crate::config::gateway::UpstreamProtocol;
 use crate::config::{self, ConfigErrors, ConfigSource, Texts};
 use crate::ledger::{LedgerError, RedbLedger};
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ pub struct Gateway {
     pub stores: crate::store::Stores,
     pub clock: SharedClock,
     pub client: Client<HttpConnector, Upload>,
+    /// How `client` (and every worker's) talks to the upstream; fixed at start.
+    pub upstream_protocol: UpstreamProtocol,
     pub source: ConfigSource,
     /// `serve --demo` points the gateway at its stand-in upstream, whatever the file says.
     pub upstream_override: Option<Uri>,
@@ -141,7 +144,8 @@ impl Gateway {
             remote,
         )?;
         metrics.config_generation.set(snapshot.generation as i64);
-        let client = upstream_client(snapshot.settings.upstream_timeout);
+        let upstream_protocol = snapshot.settings.upstream_protocol;
+        let client = upstream_client(snapshot.settings.upstream_timeout, upstream_protocol);
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -150,6 +154,7 @@ impl Gateway {
             billing,
             clock,
             client,
+            upstream_protocol,
             source,
             upstream_override,
             ready: AtomicBool::new(false),
@@ -210,16 +215,23 @@ impl Gateway {
     }
 }
 
-/// The upstream client: keep-alive pool, no Nagle, `upstream_timeout` to connect.
-pub(crate) fn upstream_client(connect_timeout: Duration) -> Client<HttpConnector, Upload> {
+/// The upstream client: no Nagle, `upstream_timeout` to connect; HTTP/1.1 with a keep-alive
+/// pool, or (`h2c`) cleartext HTTP/2 with prior knowledge, one multiplexed connection per pool.
+pub(crate) fn upstream_client(connect_timeout: Duration, protocol: UpstreamProtocol) -> Client<HttpConnector, Upload> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024).pool_timer(TokioTimer::new());
+    if protocol == UpstreamProtocol::H2c {
+        // Keep-alive pings find a dead connection before a call does (Envoy's
+        // `connection_keepalive`); the timer drives them.
+        b.http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10));
+    }
+    b.build(connector)
 }
 
 thread_local! {

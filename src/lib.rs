@@ -16,6 +16,7 @@ pub mod config;
 pub mod diag;
 pub mod error;
 pub mod gateway;
+pub mod grpc;
 pub mod http_util;
 pub mod intern;
 pub mod ledger;

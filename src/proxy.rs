@@ -21,9 +21,10 @@ use crate::body::{TenantBody, Upload, UploadError};
 use crate::catalog::Feature;
 use crate::catalog::Unit;
 use crate::config::entitlements::Tenant;
-use crate::config::gateway::ImageOp;
+use crate::config::gateway::{ImageOp, UpstreamProtocol};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::grpc::TrailerGate;
 use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
 use crate::store::{BucketKey, Quota};
@@ -353,9 +354,10 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
 /// before its body is read has its body drained after the answer (see [`crate::body`]).
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<TenantBody> {
     let start = Instant::now();
+    let grpc = crate::grpc::is_grpc(req.headers());
     if !transfer_coding_is_chunked_only(req.headers()) {
         // Not counted in turnstile_requests_total, like the 400s hyper answers itself.
-        let (resp, body) = (error_response(&ApiError::UnsupportedTransferEncoding, &[]), req.into_body());
+        let (resp, body) = (refuse(&ApiError::UnsupportedTransferEncoding, &[], grpc), req.into_body());
         return resp.map(|r| TenantBody::refusal(r, body));
     }
     let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())).await {
@@ -367,7 +369,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
                 Who::Nobody => gw.metrics.request("", "", outcome),
             }
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-            let (resp, body) = (error_response(&e, &headers), req.into_body());
+            let (resp, body) = (refuse(&e, &headers, grpc), req.into_body());
             return resp.map(|r| TenantBody::refusal(r, body));
         }
         Decision::Forward(f) => f,
@@ -377,15 +379,25 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr
     // future when the client goes away, and a call the upstream answers 2xx must be charged all
     // the same (units == upstream-served successes; nginx's `proxy_ignore_client_abort on`).
     let task = tokio::spawn(async move {
-        let (resp, outcome) = forward(&gw, req, remote, fwd).await;
+        let (resp, outcome, gate) = forward(&gw, req, remote, fwd, grpc).await;
         gw.metrics.request_pair(pair, tenant, feature, outcome);
         gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-        resp
+        resp.map(|b| TenantBody::gated(b, gate))
     });
     match task.await {
-        Ok(resp) => resp.map(TenantBody::new),
+        Ok(resp) => resp,
         // The task panicked or the runtime is shutting down: nothing was settled.
-        Err(_) => error_response(&ApiError::UpstreamUnavailable, &[]).map(TenantBody::new),
+        Err(_) => refuse(&ApiError::UpstreamUnavailable, &[], grpc).map(TenantBody::new),
+    }
+}
+
+/// A refusal in the one JSON error shape, or for a gRPC call as a trailers-only gRPC status
+/// (SPEC §4).
+fn refuse(e: &ApiError, extra: &[(HeaderName, HeaderValue)], grpc: bool) -> Response<ProxyBody> {
+    if grpc {
+        crate::grpc::refusal(e, extra)
+    } else {
+        error_response(e, extra)
     }
 }
 
@@ -523,15 +535,20 @@ pub async fn settle_now(
     Ok(Some(settled))
 }
 
-/// Forwards an admitted request and settles it; returns the response and its outcome.
+/// Forwards an admitted request and settles it; returns the response and its outcome. A gRPC
+/// call (`grpc`) is charged only when its status is OK: a trailers-only answer is judged by its
+/// headers here; a streamed one returns the [`TrailerGate`] that charges it when its trailers
+/// say OK.
 async fn forward(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     req: Request<Incoming>,
     remote: SocketAddr,
     fwd: Forward,
-) -> (Response<ProxyBody>, Outcome) {
+    grpc: bool,
+) -> (Response<ProxyBody>, Outcome, Option<TrailerGate>) {
     let rate = fwd.rate_headers.clone();
     let reserved_payer = fwd.reservation.header();
+    let mut gate = None;
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
             let outcome = e.outcome();
@@ -541,12 +558,30 @@ async fn forward(
                 let _ = gw.billing.refund(key, fwd.quota).await;
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
-            (error_response(&e, &[]), reserved_payer, outcome)
+            (refuse(&e, &[], grpc), reserved_payer, outcome)
         }
-        Ok(resp) if resp.status().is_success() => match settle(gw, fwd, resp.headers()).await {
-            Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
-            // Strict ledger failing: the upstream's answer is dropped and the call not charged.
-            Err(e) => (error_response(&e, &[]), reserved_payer, e.outcome()),
+        Ok(resp) if resp.status().is_success() => match grpc.then(|| crate::grpc::status_in(resp.headers())) {
+            // Plain HTTP, or a trailers-only gRPC OK: charged now.
+            None | Some(Some(Some(crate::grpc::code::OK))) => match settle(gw, fwd, resp.headers()).await {
+                Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
+                // Strict ledger failing: the upstream's answer is dropped and the call not charged.
+                Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
+            },
+            // A trailers-only gRPC error: not charged (dropping `fwd`).
+            Some(Some(_)) => (resp, reserved_payer, Outcome::Admitted),
+            // A streamed gRPC answer: charged when its trailers say OK.
+            Some(None) => {
+                let (gw, head) = (gw.clone(), resp.headers().clone());
+                gate = Some(TrailerGate::new(Box::new(move |trailers| {
+                    tokio::spawn(async move {
+                        // Usage reports may come in the headers or the trailers.
+                        let mut reported = head;
+                        reported.extend(trailers);
+                        settle(&gw, fwd, &reported).await.map(drop)
+                    })
+                })));
+                (resp, reserved_payer, Outcome::Admitted)
+            }
         },
         Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
     };
@@ -555,7 +590,7 @@ async fn forward(
         h.insert(n, v);
     }
     h.insert(X_TURNSTILE_PAYER.clone(), payer);
-    (resp, outcome)
+    (resp, outcome, gate)
 }
 
 async fn forward_inner(
@@ -567,10 +602,26 @@ async fn forward_inner(
     let (mut parts, body) = req.into_parts();
     let expect_continue = parts.headers.contains_key(header::EXPECT);
     let body = Upload::new(body, fwd.body_limit, fwd.body_read_timeout, expect_continue);
+    let (body, cut_off) = match gw.upstream_protocol {
+        UpstreamProtocol::Http1 => (body, None),
+        UpstreamProtocol::H2c => {
+            let (body, slot) = body.noting_failure();
+            (body, Some(slot))
+        }
+    };
     let uri =
         upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
     let h = &mut parts.headers;
+    // `TE: trailers` is the one TE value that goes on (gRPC requires it; RFC 9113 §8.2.2
+    // allows it in HTTP/2), as Envoy does.
+    let te_trailers = h
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
     strip_hop_by_hop(h);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // The body is forwarded with one framing, the one it was read with: a body of unknown length
     // (chunked; hyper dropped any Content-Length that came with Transfer-Encoding) goes chunked,
     // whatever the method (hyper's client would send a GET's as an empty body).
@@ -593,7 +644,10 @@ async fn forward_inner(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
+    parts.version = match gw.upstream_protocol {
+        UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        UpstreamProtocol::H2c => http::Version::HTTP_2,
+    };
     let upstream_req = Request::from_parts(parts, body);
 
     let sent = Instant::now();
@@ -602,7 +656,7 @@ async fn forward_inner(
     let resp = match result {
         Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: fwd.timeout.as_millis() as u64 }),
         Ok(Err(e)) => {
-            match crate::body::upload_error(&e) {
+            match crate::body::upload_error(&e).or_else(|| cut_off.as_ref().and_then(|s| s.get())) {
                 Some(UploadError::TooLarge(_)) => return Err(ApiError::BodyTooLarge { limit: fwd.body_limit }),
                 Some(UploadError::Stalled(_)) => {
                     return Err(ApiError::BodyTimeout { timeout_ms: fwd.body_read_timeout.as_millis() as u64 })

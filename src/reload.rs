@@ -446,6 +446,7 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
         ("server.listen", a.listen != b.listen),
         ("server.admin_listen", a.admin_listen != b.admin_listen),
         ("server.max_connections", a.max_connections != b.max_connections),
+        ("server.upstream_protocol", a.upstream_protocol != b.upstream_protocol),
         (
             "ledger",
             a.ledger_dir != b.ledger_dir || a.durability != b.durability || a.flush_interval != b.flush_interval,

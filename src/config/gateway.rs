@@ -54,6 +54,11 @@ pub struct RawServer {
     pub body_read_timeout_ms: u64,
     #[serde(default = "d_shutdown_grace")]
     pub shutdown_grace_ms: u64,
+    #[serde(default = "d_upstream_protocol")]
+    pub upstream_protocol: String,
+}
+fn d_upstream_protocol() -> String {
+    "http1".into()
 }
 fn d_listen() -> String {
     "127.0.0.1:8080".into()
@@ -287,6 +292,15 @@ pub enum Durability {
     Strict,
 }
 
+/// How the gateway talks to the upstream (`[server].upstream_protocol`, SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a keep-alive pool (the default).
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: one multiplexed connection; what gRPC needs.
+    H2c,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageOp {
     Search,
@@ -340,6 +354,7 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     pub upstream: Uri,
     pub upstream_timeout: Duration,
+    pub upstream_protocol: UpstreamProtocol,
     pub header_read_timeout: Duration,
     pub max_request_body_bytes: u64,
     /// Open tenant connections at most; read at start (a reload warns that it needs a restart).
@@ -463,6 +478,14 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
     let upstream = parse_http_uri(errs, "server.upstream", &s.upstream);
     let upstream_timeout = positive_ms(errs, "server.upstream_timeout_ms", s.upstream_timeout_ms);
     let header_read_timeout = positive_ms(errs, "server.header_read_timeout_ms", s.header_read_timeout_ms);
+    let upstream_protocol = match s.upstream_protocol.as_str() {
+        "http1" => UpstreamProtocol::Http1,
+        "h2c" => UpstreamProtocol::H2c,
+        other => {
+            errs.push("server.upstream_protocol", format!("{other:?} must be \"http1\" or \"h2c\""));
+            UpstreamProtocol::Http1
+        }
+    };
     if s.max_request_body_bytes == 0 {
         errs.push("server.max_request_body_bytes", "must be at least 1");
     }
@@ -584,6 +607,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             admin_listen,
             upstream: upstream?,
             upstream_timeout,
+            upstream_protocol,
             header_read_timeout,
             max_request_body_bytes: s.max_request_body_bytes,
             max_connections: usize::try_from(s.max_connections.clamp(1, MAX_CONNECTIONS_CAP)).unwrap_or(10_000),

@@ -1,0 +1,290 @@
+//! HTTP/2 and gRPC through the gateway (SPEC §4), black-box: a real tonic client calls a real
+//! tonic server through the `turnstile` binary, HTTP/2 cleartext on both sides
+//! (`upstream_protocol = "h2c"`). Unary, server-streaming and bidirectional calls pass; every
+//! refusal is a trailers-only gRPC status with the rate-limit fields as headers; a call is
+//! charged only when its trailers say OK, and a stream that breaks is not charged.
+
+mod common;
+#[path = "common/grpc.rs"]
+mod grpc_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use grpc_support::{path, start_server, Client, InferRequest};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use tonic::Code;
+
+const FEATURE: &str = "license-plate-recognition";
+
+/// Payg license plates for gRPC inference; object detection (packages only: 402 without one)
+/// and face comparison (a 1 QPS plan: 429 on the second call) for the refusals.
+fn catalog() -> String {
+    small_catalog(r#"["prepaid_qps"]"#, r#"["payg"]"#, r#"["single_package"]"#, "").replace(
+        "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]",
+        "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]\npayg_tiers = [{ price = \"0.10\" }]",
+    )
+}
+
+fn tenants() -> String {
+    format!(
+        r#"{{"tenants": {{
+  "acme": {{"api_keys": ["{acme}"], "services": ["face_body"],
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": 1, "effective_at": "{from}", "expires_at": "{until}"}}]}},
+  "globex": {{"api_keys": ["{globex}"], "services": []}}
+}}}}"#,
+        acme = key_hash("key-acme"),
+        globex = key_hash("key-globex"),
+        from = at(-3600),
+        until = at(86400),
+    )
+}
+
+const ROUTES: &str = r#"
+[admission]
+default_qps = 1000
+burst_seconds = 1.0
+
+[[routes]]
+path = "/inference.GRPCInferenceService/*"
+feature = "license-plate-recognition"
+
+[[routes]]
+path = "/paid.GRPCInferenceService/*"
+feature = "object-detection"
+
+[[routes]]
+path = "/limited.GRPCInferenceService/*"
+feature = "face-comparison-1-1"
+"#;
+
+fn config(upstream: &str, server_extra: &str) -> ConfigDir {
+    let server = format!("upstream_protocol = \"h2c\"\nupstream_timeout_ms = 1500\n{server_extra}");
+    ConfigDir::new(&main_toml(upstream, &server, ROUTES), &catalog(), &tenants())
+}
+
+fn billed(metrics: &str) -> u64 {
+    let series = format!(r#"turnstile_billed_units_total{{feature="{FEATURE}",payer="payg",tenant="acme"}} "#);
+    metrics.lines().find_map(|l| l.strip_prefix(series.as_str())).map_or(0, |v| v.trim().parse().expect("number"))
+}
+
+fn infer(model: &str) -> InferRequest {
+    InferRequest { model: model.into(), ..Default::default() }
+}
+
+fn header<'a>(s: &'a tonic::Status, name: &str) -> Option<&'a str> {
+    s.metadata().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_pass_both_ways_over_h2c_and_are_charged_only_on_ok() {
+    let up = start_server().await;
+    let cfg = config(&format!("http://{up}"), "");
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let mut g = Client::connect(gw.addr, Some("key-acme")).await;
+
+    // Unary OK: charged once each; the key is not forwarded, the tenant and `te: trailers` are.
+    for i in 0..3 {
+        let r = g.unary(infer("plates")).await.expect("unary OK");
+        let md = r.metadata();
+        assert_eq!(md.get("x-turnstile-payer").and_then(|v| v.to_str().ok()), Some("payg"));
+        assert!(md.get("ratelimit").is_some() && md.get("ratelimit-policy").is_some());
+        let r = r.into_inner();
+        assert_eq!(
+            (r.model.as_str(), r.tenant.as_str(), r.saw_api_key, r.te.as_str()),
+            ("plates", "acme", false, "trailers")
+        );
+        assert_eq!(billed(&gw.metrics(&c).await), i + 1, "charged when the OK trailers came");
+    }
+
+    // Unary error status (tonic answers it trailers-only, HTTP 200): not charged.
+    let e = g.unary(InferRequest { fail_with: Code::Internal as i32, ..infer("x") }).await.expect_err("INTERNAL");
+    assert_eq!(e.code(), Code::Internal);
+    assert_eq!(billed(&gw.metrics(&c).await), 3);
+
+    // Server streaming: every reply passes, then OK: charged once.
+    let (replies, end) = g.server_stream(InferRequest { replies: 5, ..infer("video") }).await;
+    assert_eq!(replies.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    end.expect("OK");
+    assert_eq!(billed(&gw.metrics(&c).await), 4);
+
+    // Replies, then an error status in the trailers: HTTP 200 and data were not success.
+    let (replies, end) =
+        g.server_stream(InferRequest { replies: 3, fail_with: Code::Unavailable as i32, ..infer("video") }).await;
+    assert_eq!((replies.len(), end.expect_err("error trailers").code()), (3, Code::Unavailable));
+    assert_eq!(billed(&gw.metrics(&c).await), 4);
+
+    // Bidirectional: each message is sent only after the previous echo came back.
+    let (replies, end) = g.bidi((0..4).map(|i| infer(&format!("m{i}"))).collect()).await;
+    end.expect("OK");
+    let models: Vec<_> = replies.iter().map(|r| r.model.as_str()).collect();
+    assert_eq!(models, ["m0", "m1", "m2", "m3"]);
+    assert_eq!(billed(&gw.metrics(&c).await), 5);
+
+    // The usage report agrees with the metric: units == OK calls.
+    let text = gw.metrics(&c).await;
+    let admitted = format!(r#"turnstile_requests_total{{feature="{FEATURE}",outcome="admitted",tenant="acme"}} 7"#);
+    assert!(text.contains(&admitted), "{admitted}\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_of_a_grpc_call_is_a_trailers_only_grpc_status() {
+    let up = start_server().await;
+    let cfg = config(&format!("http://{up}"), "max_request_body_bytes = 1024");
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let mut acme = Client::connect(gw.addr, Some("key-acme")).await;
+
+    let mut anonymous = Client::connect(gw.addr, None).await;
+    let e = anonymous.unary(infer("x")).await.expect_err("no key");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::Unauthenticated, Some("missing_api_key")));
+    assert!(e.message().contains("x-api-key"), "says what to do: {}", e.message());
+    let mut stranger = Client::connect(gw.addr, Some("key-nobody")).await;
+    assert_eq!(stranger.unary(infer("x")).await.expect_err("bad key").code(), Code::Unauthenticated);
+
+    let mut globex = Client::connect(gw.addr, Some("key-globex")).await;
+    let e = globex.unary(infer("x")).await.expect_err("not activated");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::PermissionDenied, Some("service_not_activated")));
+    assert!(header(&e, "ratelimit").is_some(), "rate-limit fields kept as headers");
+
+    let e = acme.unary_at("/other.Service/Call".parse().unwrap(), infer("x")).await.expect_err("no route");
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = acme.unary_at("/inference.GRPCInferenceService%2FModelInfer".parse().unwrap(), infer("x")).await;
+    assert_eq!(e.expect_err("bad path").code(), Code::InvalidArgument);
+
+    let e = acme.unary_at("/paid.GRPCInferenceService/ModelInfer".parse().unwrap(), infer("x")).await;
+    let e = e.expect_err("nothing can pay");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::FailedPrecondition, Some("payment_required")));
+
+    let limited = || path("ModelInfer").as_str().replace("inference.", "limited.").parse().unwrap();
+    acme.unary_at(limited(), infer("x")).await.expect("the first call is within 1 QPS");
+    let e = acme.unary_at(limited(), infer("x")).await.expect_err("over 1 QPS");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::ResourceExhausted, Some("qps_exceeded")));
+    assert_eq!(header(&e, "ratelimit-policy"), Some("\"qps\";q=1;w=1"));
+    assert!(header(&e, "ratelimit").is_some_and(|v| v.starts_with("\"qps\";r=0;")));
+    assert_eq!(header(&e, "retry-after"), Some("1"));
+    assert_eq!(header(&e, "x-turnstile-payer"), None, "a 429 reserves no payer");
+
+    // 4 KB in a message over a 1 KB limit: the body has no declared length over HTTP/2, so it
+    // is cut off while streaming; still a gRPC status.
+    let big = InferRequest { payload: vec![7; 4096], ..infer("x") };
+    let e = acme.unary(big).await.expect_err("too large");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::ResourceExhausted, Some("body_too_large")));
+
+    // The upstream takes longer than upstream_timeout_ms (1.5 s): DEADLINE_EXCEEDED.
+    let e = acme.unary(InferRequest { sleep_ms: 3000, ..infer("slow") }).await.expect_err("timeout");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::DeadlineExceeded, Some("upstream_timeout")));
+
+    assert_eq!(billed(&gw.metrics(&c).await), 0, "no refusal is charged");
+
+    // The upstream is not there: UNAVAILABLE.
+    let cfg = config(&format!("http://{}", dead_addr()), "");
+    let gw = Gateway::start(&cfg);
+    let mut acme = Client::connect(gw.addr, Some("key-acme")).await;
+    let e = acme.unary(infer("x")).await.expect_err("no upstream");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::Unavailable, Some("upstream_unavailable")));
+}
+
+/// An HTTP/2 upstream that answers a gRPC call with headers and one message, then resets the
+/// stream (no trailers): the call broke, and is not charged.
+async fn breaking_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    // One length-prefixed (empty) message, then an error: hyper resets the stream.
+                    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
+                        Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                        Err(std::io::Error::other("the model crashed")),
+                    ];
+                    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .expect("response");
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_that_breaks_is_not_charged() {
+    let up = breaking_upstream().await;
+    let cfg = config(&format!("http://{up}"), "");
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let mut g = Client::connect(gw.addr, Some("key-acme")).await;
+    for _ in 0..3 {
+        let (_, end) = g.server_stream(InferRequest { replies: 1, ..infer("x") }).await;
+        assert_ne!(end.expect_err("the stream broke").code(), Code::Ok);
+    }
+    let text = gw.metrics(&c).await;
+    assert_eq!(billed(&text), 0, "{text}");
+}
+
+/// HTTP/1.1 and HTTP/2 (prior knowledge) share the tenant port, for plain HTTP calls too: the
+/// same answers, JSON errors and rate-limit fields; an `Upgrade: h2c` request is answered
+/// over HTTP/1.1, as RFC 9113 lets a server do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_share_the_tenant_port() {
+    let up = Upstream::start().await;
+    let rest = "[admission]\ndefault_qps = 2\nburst_seconds = 1.0\n";
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", rest), &catalog(), &tenants());
+    let gw = Gateway::start(&cfg);
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let send = |uri: String, key: &'static str| {
+        let req = http::Request::post(uri).header("x-api-key", key).body(Full::new(Bytes::from_static(b"{}")));
+        let h2 = h2.clone();
+        async move {
+            let resp = h2.request(req.expect("request")).await.expect("HTTP/2 response");
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            let (parts, body) = resp.into_parts();
+            (parts, body.collect().await.expect("body").to_bytes())
+        }
+    };
+    let (parts, body) = send(gw.url("/v1/ocr/license-plate"), "key-acme").await;
+    assert_eq!(parts.status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(parts.headers["x-turnstile-payer"], "payg");
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("stand-in JSON");
+    assert_eq!(seen["headers"]["x-turnstile-tenant"], "acme");
+    assert_eq!(seen["path"], "/v1/ocr/license-plate");
+
+    // The same bucket whichever protocol: 2 QPS, depth 2, so a third call at once is a 429.
+    let r = post(&client(), &gw.url("/v1/ocr/license-plate"), &[("x-api-key", "key-acme")], b"{}").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let (parts, body) = send(gw.url("/v1/ocr/license-plate"), "key-acme").await;
+    assert_eq!(parts.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(parts.headers["content-type"], "application/json");
+    assert!(parts.headers.get("connection").is_none(), "no connection-specific header in HTTP/2");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error");
+    assert_eq!(v["error"]["code"], "qps_exceeded");
+    let (parts, _) = send(gw.url("/v1/ocr/license-plate"), "key-nobody").await;
+    assert_eq!(parts.status, StatusCode::UNAUTHORIZED);
+
+    // `Upgrade: h2c` (RFC 7540 §3.2, deprecated by RFC 9113): answered over HTTP/1.1.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(
+        b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nx-api-key: key-acme\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("answer").expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
