@@ -61,6 +61,9 @@ pub struct Reservation {
     /// Made on the local fallback (cluster mode, Redis unreachable): settled locally and
     /// journaled for the replay.
     pub fallback: bool,
+    /// Shadow mode (SPEC §5.5): nothing could pay, and the call is forwarded all the same; a
+    /// 2xx charges nobody and records its units as unpaid ([`Billing::unpaid`]).
+    unpaid: bool,
 }
 
 impl Reservation {
@@ -71,7 +74,16 @@ impl Reservation {
     pub fn id(&self) -> RequestId {
         self.id
     }
+
+    /// Whether this is a shadow-mode call with no payer ([`Billing::unpaid`]).
+    pub fn is_unpaid(&self) -> bool {
+        self.unpaid
+    }
 }
+
+/// `x-turnstile-payer` of a shadow-mode call nothing could pay for: what the usage report and
+/// `turnstile_unpaid_units_total` record it as.
+pub const UNPAID_HEADER: &str = "unpaid";
 
 impl Drop for Reservation {
     fn drop(&mut self) {
@@ -418,6 +430,7 @@ impl Billing {
                 held: Some(self.stores.clone()),
                 deferred: false,
                 fallback: false,
+                unpaid: false,
             }),
             None => fallback_payer.map(|k| Reservation {
                 payer: k,
@@ -427,6 +440,7 @@ impl Billing {
                 held: None,
                 deferred: false,
                 fallback: false,
+                unpaid: false,
             }),
         };
         // `paid: Some(None)` is a 402 whose token the script already gave back.
@@ -678,6 +692,7 @@ impl Billing {
             held: None,
             deferred,
             fallback,
+            unpaid: false,
         };
         if crate::payer::prepaid(&snap.catalog, tenant, feature_idx, now) {
             // Image search instances are prepaid subscriptions.
@@ -703,6 +718,7 @@ impl Billing {
                         held: None,
                         deferred: true,
                         fallback,
+                        unpaid: false,
                     };
                     return Ok(Some(r));
                 }
@@ -720,10 +736,88 @@ impl Billing {
                     held: Some(stores.clone()),
                     deferred: false,
                     fallback,
+                    unpaid: false,
                 }));
             }
         }
         Ok(crate::payer::call_fallback(f).map(|k| plain(k, video)))
+    }
+
+    /// The reservation of a call nothing can pay for, forwarded in shadow mode (SPEC §5.5):
+    /// no payer and nothing held (`payer` is not read); a 2xx is settled by
+    /// [`Billing::settle_unpaid`]. Made in the store serving now, like [`Billing::reserve`].
+    pub fn unpaid(&self) -> Reservation {
+        Reservation {
+            payer: PayerKind::FreeDefault,
+            header: HeaderValue::from_static(UNPAID_HEADER),
+            id: self.ids.next(),
+            package: None,
+            held: None,
+            deferred: false,
+            fallback: self.current().1,
+            unpaid: true,
+        }
+    }
+
+    /// Settles a 2xx of a shadow-mode call nothing could pay for: nobody is charged, and its
+    /// units (1 call, or the reported video ms) are recorded unpaid in the month, as video
+    /// minutes nothing can pay are (SPEC §6), so the usage report's `unpaid` and
+    /// `turnstile_unpaid_units_total` show what shadow mode served without a payer.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_unpaid(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
+        r: Reservation,
+        n: i64,
+        now: i64,
+    ) -> Result<Settled, StoreError> {
+        let f = &snap.catalog.features[feature_idx];
+        let pair = crate::intern::pair(tenant.intern, f.intern);
+        let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
+        let month = month_of(now, snap.settings.timezone);
+        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let mut fallback = r.fallback;
+        let stores = if fallback { &self.local } else { &self.stores };
+        if let Err(e) = stores.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await {
+            if fallback || self.remote.is_none() {
+                return Err(e);
+            }
+            // Redis failed: on `local` the units are recorded on the fallback and replayed
+            // under the same id (applied once, whether or not Redis had them).
+            self.failover(e)?;
+            fallback = true;
+            self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
+        }
+        if let Some(remote) = self.remote.as_ref().filter(|_| fallback) {
+            remote.journal(crate::cluster::Replay::Usage {
+                tenant: tenant.name.clone(),
+                feature: f.id.clone(),
+                month: month.to_string(),
+                to: UsageTo::Unpaid,
+                units: n,
+                cell: String::new(),
+                id: r.id,
+            });
+        }
+        let charge = Charge {
+            pair,
+            tenant: tenant.label,
+            feature: f.label,
+            units: [Decimal::ZERO; 5],
+            payg_amount: None,
+            unpaid: if f.unit == Unit::VideoMinute { units::ms_to_minutes(n) } else { Decimal::from(n) },
+            currency: String::new(),
+            packages: Vec::new(),
+        };
+        let payer = r.header();
+        if self.remote.is_some() && !fallback {
+            // Redis acknowledged it (SPEC §11.5).
+            self.count(&charge);
+            return Ok(Settled { payer, id: r.id, pending: None });
+        }
+        Ok(self.finish(payer, r.id, charge))
     }
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
@@ -811,6 +905,10 @@ impl Billing {
         now: i64,
         image: Option<ImageSettle>,
     ) -> Result<Settled, StoreError> {
+        if r.unpaid {
+            // Image Search calls are prepaid: an unpaid call has no image part.
+            return self.settle_unpaid(snap, tenant, feature_idx, r, 1, now).await;
+        }
         match &self.remote {
             Some(remote) if !r.fallback => {
                 self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image).await
@@ -1069,6 +1167,10 @@ impl Billing {
         usage: Option<VideoUsage>,
         now: i64,
     ) -> Result<Settled, StoreError> {
+        if r.unpaid {
+            let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
+            return self.settle_unpaid(snap, tenant, feature_idx, r, ms, now).await;
+        }
         match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await {
             Err(e) if !r.fallback && self.remote.is_some() => {
                 // Redis failed part-way: on `local` the settlement is made again on the

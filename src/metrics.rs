@@ -22,10 +22,14 @@ pub enum Outcome {
     PaymentRequired,
     UnknownRoute,
     UpstreamError,
+    /// Shadow mode (SPEC §5.5): would have been 429 `qps_exceeded`, forwarded instead.
+    ShadowThrottled,
+    /// Shadow mode: would have been 402 `payment_required`, forwarded unpaid instead.
+    ShadowPaymentRequired,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Admitted,
         Outcome::Throttled,
         Outcome::Unauthenticated,
@@ -33,6 +37,8 @@ impl Outcome {
         Outcome::PaymentRequired,
         Outcome::UnknownRoute,
         Outcome::UpstreamError,
+        Outcome::ShadowThrottled,
+        Outcome::ShadowPaymentRequired,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,6 +49,8 @@ impl Outcome {
             Outcome::PaymentRequired => "payment_required",
             Outcome::UnknownRoute => "unknown_route",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::ShadowThrottled => "shadow_throttled",
+            Outcome::ShadowPaymentRequired => "shadow_payment_required",
         }
     }
 }
@@ -57,7 +65,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// Cached handles of one (tenant, feature) pair.
 #[derive(Default)]
 struct PairHandles {
-    requests: [OnceLock<IntCounter>; 7],
+    requests: [OnceLock<IntCounter>; Outcome::ALL.len()],
     billed: [OnceLock<Counter>; 5],
     payg_amount: OnceLock<Counter>,
 }
@@ -187,7 +195,7 @@ impl Metrics {
         let unpaid_units = def(CounterVec::new(
             Opts::new(
                 "turnstile_unpaid_units_total",
-                "Video minutes beyond the packages that nothing could pay for (no price, no prepaid_qps)",
+                "Units nothing could pay for: video minutes beyond the packages, and units served in shadow mode",
             ),
             &with_tenant(&["feature"]),
         ));

@@ -6,6 +6,7 @@
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use crate::body::{TenantBody, Upload, UploadError};
 use crate::catalog::Feature;
 use crate::catalog::Unit;
 use crate::config::entitlements::Tenant;
-use crate::config::gateway::{ImageOp, UpstreamProtocol};
+use crate::config::gateway::{AdmissionMode, ImageOp, UpstreamProtocol};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::grpc::TrailerGate;
@@ -77,6 +78,9 @@ pub struct Forward {
     video: bool,
     /// Image search: the operation, and for an add its capacity slot.
     image: Option<(ImageOp, Option<ImageSlot>)>,
+    /// Shadow mode (SPEC §5.5): the outcome counted instead of `admitted` when the upstream
+    /// answers (`shadow_throttled`, `shadow_payment_required`); `None` for an admitted call.
+    shadow: Option<Outcome>,
 }
 
 /// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax).
@@ -203,6 +207,9 @@ fn route<'a>(
 /// `store_unavailable`.
 /// On Redis, a per-call feature that packages may pay gets its package hold in the same round
 /// trip (`Some(payer)`; `Some(None)`: nothing can pay, the token is already back).
+/// In shadow mode (`shadow`) a 429 lets the call through instead, with the 429's rate-limit
+/// state (remaining 0, reset = Retry-After) and `true` last: no token was taken.
+#[allow(clippy::too_many_arguments)]
 async fn admit(
     gw: &Gateway,
     snap: &Snapshot,
@@ -211,12 +218,16 @@ async fn admit(
     feature: &Feature,
     r: &mut Routed<'_>,
     now: i64,
-) -> Result<(u32, u64, Option<Option<Reservation>>), Refused> {
+    shadow: bool,
+) -> Result<(u32, u64, Option<Option<Reservation>>, bool), Refused> {
     let who = || Who::Pair(r.pair, key.tenant, feature.label);
     match gw.billing.admit(snap, tenant, r.route.feature, key, r.quota, now).await {
         Ok(Admission::Throttled { retry_after, quota }) => {
             r.quota = quota;
             let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
+            if shadow {
+                return Ok((0, secs, None, true));
+            }
             Err((
                 ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
                 who(),
@@ -226,7 +237,7 @@ async fn admit(
         Ok(Admission::Allowed { remaining, reset_secs, paid, quota }) => {
             // On the cluster fallback the replica enforces its share: the headers say so.
             r.quota = quota;
-            Ok((remaining, reset_secs, paid))
+            Ok((remaining, reset_secs, paid, false))
         }
         Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), Vec::new())),
     }
@@ -238,7 +249,9 @@ type Paid = (Reservation, Option<(ImageOp, Option<ImageSlot>)>);
 
 /// Phase 4, pay: the payer (SPEC §6) and, for an Image Search add, a capacity slot. A
 /// refusal here (402, 409, 503 `store_unavailable`) comes after admission: the caller gives
-/// the token back.
+/// the token back. In shadow mode (`shadow`) a call nothing can pay for goes on with an unpaid
+/// reservation instead of the 402 (the caller gives its token back all the same).
+#[allow(clippy::too_many_arguments)]
 async fn pay(
     gw: &Gateway,
     snap: &Snapshot,
@@ -247,14 +260,17 @@ async fn pay(
     r: &Routed<'_>,
     now: i64,
     paid: Option<Option<Reservation>>,
+    shadow: bool,
 ) -> Result<Paid, ApiError> {
     let unavailable = |e: crate::store::StoreError| ApiError::StoreUnavailable { reason: e.to_string() };
     let reservation = match paid {
         Some(p) => p,
         None => gw.billing.reserve(snap, tenant, r.route.feature, now).await.map_err(unavailable)?,
     };
-    let Some(reservation) = reservation else {
-        return Err(ApiError::PaymentRequired { feature: feature.id.clone() });
+    let reservation = match reservation {
+        Some(reservation) => reservation,
+        None if shadow => gw.billing.unpaid(),
+        None => return Err(ApiError::PaymentRequired { feature: feature.id.clone() }),
     };
     // Image search adds take a capacity slot, so concurrent adds never overshoot.
     let image = match (r.route.op, tenant.image_search.as_ref()) {
@@ -307,20 +323,27 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
     let mut routed = route(&snap, tenant, headers, path, now)?;
     let feature = &snap.catalog.features[routed.route.feature];
     let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
-    let (remaining, reset_secs, paid) = admit(gw, &snap, tenant, key, feature, &mut routed, now).await?;
-    // Redis gave the token back itself when nothing could pay (one round trip).
-    let token_back = matches!(paid, Some(None));
-    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now, paid).await {
+    // Shadow mode (SPEC §5.5): a 429 `qps_exceeded` or 402 `payment_required` is forwarded instead.
+    let shadow = s.admission_mode == AdmissionMode::Shadow || tenant.shadow;
+    let (mut remaining, mut reset_secs, paid, throttled) =
+        admit(gw, &snap, tenant, key, feature, &mut routed, now, shadow).await?;
+    // Redis gave the token back itself when nothing could pay (one round trip); a
+    // shadow-throttled call took none.
+    let token_back = matches!(paid, Some(None)) || throttled;
+    let (reservation, image) = match pay(gw, &snap, tenant, feature, &routed, now, paid, shadow).await {
         Ok(paid) => paid,
         Err(e) => {
             // Only admitted requests use the quota (SPEC §4): the token goes back.
             if !token_back {
                 let _ = gw.billing.refund(key, routed.quota).await;
             }
-            // The bucket as it was before this request took (and gave back) its token.
-            let (limit, depth) = (routed.quota.limit, routed.quota.depth);
-            let remaining = (remaining + 1).min(depth);
-            let reset = u64::from(depth - remaining).div_ceil(u64::from(limit.max(1)));
+            // The bucket as it was before this request took (and gave back) its token; a
+            // shadow-throttled one took none.
+            let (limit, remaining, reset) = if throttled {
+                (routed.quota.limit, remaining, reset_secs)
+            } else {
+                given_back(routed.quota, remaining)
+            };
             return Err((
                 e,
                 Who::Pair(routed.pair, tenant.label, feature.label),
@@ -328,6 +351,21 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
             ));
         }
     };
+    let shadowed = if throttled {
+        Some(Outcome::ShadowThrottled)
+    } else if reservation.is_unpaid() {
+        // As for the 402 it stands for, the token goes back, and the fields show it back.
+        if !token_back {
+            let _ = gw.billing.refund(key, routed.quota).await;
+        }
+        (_, remaining, reset_secs) = given_back(routed.quota, remaining);
+        Some(Outcome::ShadowPaymentRequired)
+    } else {
+        None
+    };
+    if let Some(outcome) = shadowed {
+        SHADOW_LOG.log(gw.clock.mono_nanos(), tenant.label, feature.label, outcome);
+    }
     Ok(Forward {
         pair: routed.pair,
         tenant: tenant.label,
@@ -347,7 +385,62 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
         reservation,
         video: feature.unit == Unit::VideoMinute,
         image,
+        shadow: shadowed,
     })
+}
+
+/// The rate-limit state (limit, remaining, reset) of a bucket after an admitted call gave its
+/// token back: as it was before the call took it.
+fn given_back(quota: Quota, remaining: u32) -> (u32, u32, u64) {
+    let (limit, depth) = (quota.limit, quota.depth);
+    let remaining = (remaining + 1).min(depth);
+    (limit, remaining, u64::from(depth - remaining).div_ceil(u64::from(limit.max(1))))
+}
+
+/// At most one log line a second for the calls shadow mode forwards (SPEC §5.5): one line per
+/// call would flood the log under the very traffic shadow mode is meant to observe. Lock-free:
+/// the line goes to whoever swaps the timestamp; the others only count themselves, and the next
+/// line says how many were left out.
+struct ShadowLog {
+    /// Monotonic nanoseconds of the last line (`i64::MIN`: none yet).
+    last: AtomicI64,
+    /// Shadowed calls not logged since the last line.
+    suppressed: AtomicU64,
+}
+
+static SHADOW_LOG: ShadowLog = ShadowLog::new();
+
+impl ShadowLog {
+    const INTERVAL_NANOS: i64 = 1_000_000_000;
+
+    const fn new() -> ShadowLog {
+        ShadowLog { last: AtomicI64::new(i64::MIN), suppressed: AtomicU64::new(0) }
+    }
+
+    /// Whether a line may be written at `now` (monotonic nanoseconds), and if so how many calls
+    /// were left out since the last one (the `suppressed` field of the line).
+    fn allow(&self, now: i64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < Self::INTERVAL_NANOS
+            || self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+
+    fn log(&self, now: u64, tenant: &str, feature: &str, outcome: Outcome) {
+        if let Some(suppressed) = self.allow(i64::try_from(now).unwrap_or(i64::MAX)) {
+            tracing::info!(
+                tenant,
+                feature,
+                outcome = outcome.as_str(),
+                suppressed,
+                "shadow mode: forwarded a call that would have been refused"
+            );
+        }
+    }
 }
 
 /// Handles one tenant request; never fails (errors become JSON responses). A request refused
@@ -546,13 +639,14 @@ async fn forward(
     fwd: Forward,
     grpc: bool,
 ) -> (Response<ProxyBody>, Outcome, Option<TrailerGate>) {
-    let rate = fwd.rate_headers.clone();
+    let (rate, shadow) = (fwd.rate_headers.clone(), fwd.shadow);
     let reserved_payer = fwd.reservation.header();
     let mut gate = None;
     let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
         Err(e) => {
             let outcome = e.outcome();
-            if matches!(e, ApiError::BodyTooLarge { .. }) {
+            // A shadowed call holds no token (none taken, or given back at the decision).
+            if matches!(e, ApiError::BodyTooLarge { .. }) && shadow.is_none() {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
                 let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
                 let _ = gw.billing.refund(key, fwd.quota).await;
@@ -585,6 +679,7 @@ async fn forward(
         },
         Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
     };
+    let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
     let h = resp.headers_mut();
     for (n, v) in rate {
         h.insert(n, v);
@@ -713,6 +808,37 @@ mod tests {
             upstream_uri(&base, &dotted, normal).unwrap().to_string(),
             "http://127.0.0.1:18080/infer/v1/face/compare?x=/../1"
         );
+    }
+
+    #[test]
+    fn shadow_log_writes_at_most_one_line_a_second_and_counts_the_rest() {
+        let sec = ShadowLog::INTERVAL_NANOS;
+        let log = ShadowLog::new();
+        assert_eq!(log.allow(0), Some(0), "the first line");
+        assert_eq!(log.allow(1), None);
+        assert_eq!(log.allow(sec - 1), None);
+        assert_eq!(log.allow(sec), Some(2), "a second later, naming the two left out");
+        assert_eq!(log.allow(sec + 1), None);
+        assert_eq!(log.allow(10 * sec), Some(1));
+        // Racing callers: one line per second in all, and every other call counted once, in
+        // that line (those left out before it) or the next.
+        let log = ShadowLog::new();
+        let (lines, reported) = (AtomicU64::new(0), AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..1000 {
+                        if let Some(n) = log.allow(5 * sec + i) {
+                            lines.fetch_add(1, Ordering::Relaxed);
+                            reported.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(lines.load(Ordering::Relaxed), 1);
+        let next = log.allow(7 * sec).expect("a second later");
+        assert_eq!(reported.load(Ordering::Relaxed) + next, 3999);
     }
 
     #[test]

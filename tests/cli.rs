@@ -165,3 +165,33 @@ fn custom_image_search_instance_is_valid_and_zero_sizes_are_named() {
         assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
     }
 }
+
+#[test]
+fn admission_mode_is_enforce_or_shadow_and_a_tenant_flag_is_a_boolean() {
+    let ents = entitlements(40, None);
+    let main = |mode: &str| main_toml("http://127.0.0.1:1", "", &format!("[admission]\nmode = \"{mode}\"\n"));
+    for mode in ["enforce", "shadow"] {
+        let (ok, stdout, stderr) = check(&ConfigDir::new(&main(mode), SHIPPED_CATALOG, &ents));
+        assert!(ok && stdout.starts_with("ok:"), "{mode} is valid:\n{stderr}");
+    }
+    let cfg = ConfigDir::new(&main("dry-run"), SHIPPED_CATALOG, &ents);
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let expected = format!(
+        "{}/turnstile.toml: admission.mode: \"dry-run\" must be \"enforce\" or \"shadow\"",
+        cfg.path().display()
+    );
+    assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+
+    let flagged =
+        ents.replace(r#""services": ["text_recognition"]"#, r#""services": ["text_recognition"], "shadow": true"#);
+    assert_ne!(flagged, ents);
+    let (ok, _, stderr) = check(&ConfigDir::new(&main("enforce"), SHIPPED_CATALOG, &flagged));
+    assert!(ok, "a tenant's shadow flag is valid:\n{stderr}");
+    let cfg =
+        ConfigDir::new(&main("enforce"), SHIPPED_CATALOG, &flagged.replace("\"shadow\": true", "\"shadow\": \"yes\""));
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let expected = format!("{}/entitlements.json: tenants.globex.shadow: invalid type", cfg.path().display());
+    assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+}

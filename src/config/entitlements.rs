@@ -25,6 +25,9 @@ pub struct RawTenant {
     pub packages: Vec<RawPackage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_search: Option<RawImageSearch>,
+    /// Shadow mode for this tenant alone (SPEC §5.5).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -130,6 +133,8 @@ pub struct Tenant {
     pub plans: Vec<Plan>,
     pub packages: Vec<Package>,
     pub image_search: Option<ImageInstance>,
+    /// Shadow mode for this tenant (SPEC §5.5), whatever `[admission].mode` says.
+    pub shadow: bool,
 }
 
 impl Tenant {
@@ -358,7 +363,17 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
         });
 
         let (intern, label) = intern::tenant(name);
-        tenants.push(Tenant { name: name.clone(), intern, label, api_keys, services, plans, packages, image_search });
+        tenants.push(Tenant {
+            name: name.clone(),
+            intern,
+            label,
+            api_keys,
+            services,
+            plans,
+            packages,
+            image_search,
+            shadow: t.shadow,
+        });
     }
     tenants
 }
@@ -388,6 +403,17 @@ mod tests {
         let snap =
             build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(80_000_000, 25)), 1).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(snap.tenants[0].image_search.as_ref().map(|i| i.qps), Some(25));
+    }
+
+    #[test]
+    fn shadow_mode_is_off_by_default_and_set_by_the_mode_or_a_tenant_flag() {
+        use crate::config::gateway::AdmissionMode;
+        let snap = build(&Texts::in_memory(MAIN, EMBEDDED_CATALOG, ents(1, 1)), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((snap.settings.admission_mode, snap.tenants[0].shadow), (AdmissionMode::Enforce, false));
+        let main = format!("{MAIN}[admission]\nmode = \"shadow\"\n");
+        let flagged = ents(1, 1).replace(r#""services": [],"#, r#""services": [], "shadow": true,"#);
+        let snap = build(&Texts::in_memory(main, EMBEDDED_CATALOG, flagged), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((snap.settings.admission_mode, snap.tenants[0].shadow), (AdmissionMode::Shadow, true));
     }
 
     #[test]

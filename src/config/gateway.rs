@@ -112,10 +112,12 @@ pub struct RawAdmission {
     pub default_qps: u32,
     #[serde(default = "d_burst")]
     pub burst_seconds: f64,
+    #[serde(default = "d_mode")]
+    pub mode: String,
 }
 impl Default for RawAdmission {
     fn default() -> Self {
-        RawAdmission { default_qps: d_default_qps(), burst_seconds: d_burst() }
+        RawAdmission { default_qps: d_default_qps(), burst_seconds: d_burst(), mode: d_mode() }
     }
 }
 fn d_default_qps() -> u32 {
@@ -123,6 +125,9 @@ fn d_default_qps() -> u32 {
 }
 fn d_burst() -> f64 {
     1.0
+}
+fn d_mode() -> String {
+    "enforce".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +291,16 @@ pub fn peek_files(text: &str) -> Option<RawFiles> {
     })
 }
 
+/// `[admission].mode` (SPEC §5.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionMode {
+    /// 429 and 402 are answered.
+    Enforce,
+    /// A request that would get 429 `qps_exceeded` or 402 `payment_required` is forwarded
+    /// instead, and counted as `shadow_throttled` / `shadow_payment_required`.
+    Shadow,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     Batched,
@@ -366,6 +381,8 @@ pub struct Settings {
     pub api_key_header: HeaderName,
     pub default_qps: u32,
     pub burst_seconds: f64,
+    /// Shadow mode for every tenant (a tenant's own `shadow` flag turns it on for that tenant).
+    pub admission_mode: AdmissionMode,
     pub timezone: FixedOffset,
     pub low_balance_ratio: Decimal,
     pub alert_webhook: Option<Uri>,
@@ -514,6 +531,14 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
     if !(a.burst_seconds.is_finite() && a.burst_seconds > 0.0 && a.burst_seconds <= 3600.0) {
         errs.push("admission.burst_seconds", format!("{} must be above 0 and at most 3600", a.burst_seconds));
     }
+    let admission_mode = match a.mode.as_str() {
+        "enforce" => AdmissionMode::Enforce,
+        "shadow" => AdmissionMode::Shadow,
+        other => {
+            errs.push("admission.mode", format!("{other:?} must be \"enforce\" or \"shadow\""));
+            AdmissionMode::Enforce
+        }
+    };
     let b = &raw.billing;
     let timezone = crate::time::parse_offset(&b.timezone).unwrap_or_else(|e| {
         errs.push("billing.timezone", e);
@@ -616,6 +641,7 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
             api_key_header,
             default_qps: a.default_qps,
             burst_seconds: a.burst_seconds,
+            admission_mode,
             timezone,
             low_balance_ratio: ratio,
             alert_webhook,
