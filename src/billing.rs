@@ -247,9 +247,10 @@ fn month_of(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
     [d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)]
 }
 
+/// A metric's value (Prometheus values are floats): nothing allocated on the settle path.
 fn to_f64(d: Decimal) -> f64 {
-    use std::str::FromStr;
-    f64::from_str(&d.to_string()).unwrap_or(0.0)
+    use rust_decimal::prelude::ToPrimitive;
+    d.to_f64().unwrap_or(0.0)
 }
 
 impl Billing {

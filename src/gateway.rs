@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 
 use crate::billing::Billing;
@@ -55,7 +55,7 @@ pub struct Gateway {
     /// The store backend the request path awaits (the billing engine's local store).
     pub stores: crate::store::Stores,
     pub clock: SharedClock,
-    pub client: Client<HttpConnector, Upload>,
+    pub client: Client<Connector, Upload>,
     /// How `client` (and every worker's) talks to the upstream; fixed at start.
     pub upstream_protocol: UpstreamProtocol,
     pub source: ConfigSource,
@@ -217,7 +217,7 @@ impl Gateway {
 
 /// The upstream client: no Nagle, `upstream_timeout` to connect; HTTP/1.1 with a keep-alive
 /// pool, or (`h2c`) cleartext HTTP/2 with prior knowledge, one multiplexed connection per pool.
-pub(crate) fn upstream_client(connect_timeout: Duration, protocol: UpstreamProtocol) -> Client<HttpConnector, Upload> {
+pub(crate) fn upstream_client(connect_timeout: Duration, protocol: UpstreamProtocol) -> Client<Connector, Upload> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -231,13 +231,85 @@ pub(crate) fn upstream_client(connect_timeout: Duration, protocol: UpstreamProto
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10));
     }
-    b.build(connector)
+    b.build(Connector(connector))
+}
+
+/// The upstream connector: [`HttpConnector`]'s connections without their `HttpInfo`. hyper-util
+/// copies a connection's `HttpInfo` (its addresses) into the extensions of every response it
+/// carries, three allocations per call, and the gateway never reads it.
+#[derive(Clone)]
+pub struct Connector(HttpConnector);
+
+/// A TCP connection to the upstream (see [`Connector`]).
+pub struct UpstreamConn(TokioIo<tokio::net::TcpStream>);
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamConn;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<UpstreamConn, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.0.call(dst);
+        Box::pin(async move { connecting.await.map(UpstreamConn) })
+    }
+}
+
+impl Connection for UpstreamConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for UpstreamConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 thread_local! {
     /// Set on each per-core worker thread: its own upstream pool, so no pool lock or connection
     /// is shared between cores (pingora's `work_stealing: false`, nginx's workers).
-    pub(crate) static WORKER_CLIENT: std::cell::OnceCell<Client<HttpConnector, Upload>> =
+    pub(crate) static WORKER_CLIENT: std::cell::OnceCell<Client<Connector, Upload>> =
         const { std::cell::OnceCell::new() };
 }
 
