@@ -31,6 +31,7 @@ start_gateway() {
 listen = "127.0.0.1:$GW_PORT"
 admin_listen = "127.0.0.1:$ADMIN_PORT"
 upstream = "http://127.0.0.1:$UP_PORT"
+shutdown_grace_ms = 0                # no load balancer here: stop at once, so the next run can bind
 [admission]
 default_qps = $PAYG_QPS
 [files]
