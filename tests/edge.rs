@@ -423,7 +423,7 @@ async fn content_length_with_transfer_encoding_is_forwarded_with_one_framing() {
         assert!(text.starts_with("HTTP/1.1 400 "), "{head:?} -> {text:?}");
     }
     // A transfer coding besides chunked (which hyper would undo only the chunked part of, so the
-    // upstream would get gzip bytes as the body) is refused, not forwarded: 501, like nginx.
+    // upstream would get gzip bytes as the body) is refused, not forwarded: 501, as reverse proxies answer it.
     for te in ["gzip, chunked", "chunked, chunked", "gzip\r\ntransfer-encoding: chunked"] {
         let head = format!(
             "POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ntransfer-encoding: {te}\r\n\r\n"

@@ -337,7 +337,7 @@ async fn demo_mode_prints_a_working_curl_line() {
 
 /// Units == upstream-served successes: a call the upstream answers 2xx is charged even when its
 /// client went away before the answer came (the settlement does not hang on the client's
-/// connection), like nginx's `proxy_ignore_client_abort on`.
+/// connection), the reverse-proxy setting `proxy_ignore_client_abort on`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_call_is_charged_when_its_client_left_before_the_answer() {
     let (_up, _cfg, gw) = gateway(40, None, "").await;

@@ -1,6 +1,6 @@
 //! A real gRPC inference server (tonic) for the tests, and a client for it: the service
 //! `inference.GRPCInferenceService`, written out by hand the way tonic-build would generate it
-//! (prost messages, no protoc), with a unary, a server-streaming and a bidirectional method.
+//! (prost-derived messages: no protobuf compiler needed), with a unary, a server-streaming and a bidirectional method.
 //! The server reports what the gateway forwarded (tenant header, whether an API key leaked),
 //! and does what the request asks: fail with a status, stream N replies, sleep.
 
