@@ -701,14 +701,17 @@ async fn forward(
             if matches!(e, ApiError::BodyTooLarge { .. }) && shadow.is_none() {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
                 let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
-                let _ = gw.billing.refund(key, fwd.quota).await;
+                // Boxed, like the settlement: a rare path should not size every request's future.
+                let _ = Box::pin(gw.billing.refund(key, fwd.quota)).await;
             }
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (refuse(&e, &[], grpc), reserved_payer, outcome)
         }
         Ok(resp) if resp.status().is_success() => match grpc.then(|| crate::grpc::status_in(resp.headers())) {
             // Plain HTTP, or a trailers-only gRPC OK: charged now.
-            None | Some(Some(Some(crate::grpc::code::OK))) => match settle(gw, fwd, resp.headers()).await {
+            // The settlement's future is boxed: inline it would be most of this future's 10 KB,
+            // copied into `FinishOnDrop`'s box on every request.
+            None | Some(Some(Some(crate::grpc::code::OK))) => match Box::pin(settle(gw, fwd, resp.headers())).await {
                 Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
                 // Strict ledger failing: the upstream's answer is dropped and the call not charged.
                 Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
