@@ -1,7 +1,6 @@
 //! The admin listener (SPEC §8): health, readiness, metrics without auth; `/admin/v1/*` behind
 //! `Authorization: Bearer $TURNSTILE_ADMIN_TOKEN` (constant-time compared).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -53,7 +52,8 @@ fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAddr) -> Response<ProxyBody> {
+pub async fn handle(conn: Arc<crate::server::Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let gw = &conn.gw;
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -70,7 +70,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, _remote: SocketAdd
             if let Err(e) = authorize(&req) {
                 return error(&e);
             }
-            admin_v1(&gw, req, &path["/admin/v1/".len()..]).await
+            admin_v1(gw, req, &path["/admin/v1/".len()..]).await
         }
         _ => error(&ApiError::NotFound(format!("no admin endpoint at {path}"))),
     }

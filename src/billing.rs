@@ -327,6 +327,18 @@ impl Billing {
         self.remote.as_ref()
     }
 
+    /// True when every operation of the request path completes without suspending: the local
+    /// store (no Redis), and for settlements, batched durability (strict mode waits for the
+    /// disk). The proxy then runs those phases in place instead of keeping their futures.
+    pub fn decides_at_once(&self) -> bool {
+        self.remote.is_none()
+    }
+
+    /// See [`Billing::decides_at_once`].
+    pub fn settles_at_once(&self) -> bool {
+        self.remote.is_none() && !self.store.is_strict()
+    }
+
     /// True while cluster mode serves on the local fallback.
     pub fn in_fallback(&self) -> bool {
         self.remote.as_ref().is_some_and(|r| r.in_fallback())
@@ -362,7 +374,8 @@ impl Billing {
         now: i64,
     ) -> Result<Admission, StoreError> {
         if let Some(remote) = self.remote.as_ref().filter(|r| !r.in_fallback()) {
-            match self.admit_redis(remote, snap, tenant, feature_idx, key, q, now).await {
+            // Boxed, like every Redis call: its state would size the local path's future too.
+            match Box::pin(self.admit_redis(remote, snap, tenant, feature_idx, key, q, now)).await {
                 Ok(a) => return Ok(a),
                 Err(e) => self.failover(e)?,
             }
@@ -912,7 +925,7 @@ impl Billing {
         }
         match &self.remote {
             Some(remote) if !r.fallback => {
-                self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image).await
+                Box::pin(self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image)).await
             }
             Some(remote) => {
                 let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());

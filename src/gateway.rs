@@ -2,21 +2,17 @@
 //! billing engine and its store, metrics, the upstream client, and the control state of
 //! reloads. It depends on no listener: `proxy`, `admin`, `reload` and `server` depend on it.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 
 use crate::billing::Billing;
-use crate::body::Upload;
 use crate::clock::SharedClock;
-use crate::config::gateway::UpstreamProtocol;
 use crate::config::{self, ConfigErrors, ConfigSource, Texts};
 use crate::ledger::{LedgerError, RedbLedger};
 use crate::metrics::Metrics;
@@ -55,9 +51,9 @@ pub struct Gateway {
     /// The store backend the request path awaits (the billing engine's local store).
     pub stores: crate::store::Stores,
     pub clock: SharedClock,
-    pub client: Client<Connector, Upload>,
-    /// How `client` (and every worker's) talks to the upstream; fixed at start.
-    pub upstream_protocol: UpstreamProtocol,
+    /// How the upstream is reached (protocol, connect timeout; fixed at start). Each thread
+    /// keeps its own connections ([`crate::upstream`]).
+    pub upstream: crate::upstream::Upstream,
     pub source: ConfigSource,
     /// `serve --demo` points the gateway at its stand-in upstream, whatever the file says.
     pub upstream_override: Option<Uri>,
@@ -144,8 +140,10 @@ impl Gateway {
             remote,
         )?;
         metrics.config_generation.set(snapshot.generation as i64);
-        let upstream_protocol = snapshot.settings.upstream_protocol;
-        let client = upstream_client(snapshot.settings.upstream_timeout, upstream_protocol);
+        let upstream = crate::upstream::Upstream {
+            protocol: snapshot.settings.upstream_protocol,
+            connect_timeout: snapshot.settings.upstream_timeout,
+        };
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -153,8 +151,7 @@ impl Gateway {
             stores: billing.stores().clone(),
             billing,
             clock,
-            client,
-            upstream_protocol,
+            upstream,
             source,
             upstream_override,
             ready: AtomicBool::new(false),
@@ -204,113 +201,25 @@ impl Gateway {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
-
-    /// Sends a request upstream through this worker thread's own connection pool (see
-    /// [`crate::server::run`]), or through the shared client off the workers (one CPU, tests).
-    pub fn upstream_request(&self, req: http::Request<Upload>) -> hyper_util::client::legacy::ResponseFuture {
-        WORKER_CLIENT.with(|c| match c.get() {
-            Some(client) => client.request(req),
-            None => self.client.request(req),
-        })
-    }
 }
 
-/// The upstream client: no Nagle, `upstream_timeout` to connect; HTTP/1.1 with a keep-alive
-/// pool, or (`h2c`) cleartext HTTP/2 with prior knowledge, one multiplexed connection per pool.
-pub(crate) fn upstream_client(connect_timeout: Duration, protocol: UpstreamProtocol) -> Client<Connector, Upload> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024).pool_timer(TokioTimer::new());
-    if protocol == UpstreamProtocol::H2c {
-        // Keep-alive pings find a dead connection before a call does (Envoy's
-        // `connection_keepalive`); the timer drives them.
-        b.http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10));
-    }
-    b.build(Connector(connector))
+/// One accepted connection, shared by the requests on it. Its reference count is touched by
+/// its own worker thread only, where a per-request clone of the gateway's `Arc` would be one
+/// cache line written by every core on every request.
+pub struct Conn {
+    pub gw: Arc<Gateway>,
+    pub remote: SocketAddr,
+    /// The peer's address as a header value (for `X-Forwarded-For`), formatted once.
+    pub peer_ip: http::HeaderValue,
 }
 
-/// The upstream connector: [`HttpConnector`]'s connections without their `HttpInfo`. hyper-util
-/// copies a connection's `HttpInfo` (its addresses) into the extensions of every response it
-/// carries, three allocations per call, and the gateway never reads it.
-#[derive(Clone)]
-pub struct Connector(HttpConnector);
-
-/// A TCP connection to the upstream (see [`Connector`]).
-pub struct UpstreamConn(TokioIo<tokio::net::TcpStream>);
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamConn;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<UpstreamConn, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+impl Conn {
+    pub fn new(gw: Arc<Gateway>, remote: SocketAddr) -> Conn {
+        let mut buf = [0u8; 48];
+        let ip = crate::http_util::write_into(&mut buf, format_args!("{}", remote.ip()));
+        let peer_ip = http::HeaderValue::from_bytes(ip).unwrap_or(http::HeaderValue::from_static("unknown"));
+        Conn { gw, remote, peer_ip }
     }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = self.0.call(dst);
-        Box::pin(async move { connecting.await.map(UpstreamConn) })
-    }
-}
-
-impl Connection for UpstreamConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for UpstreamConn {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamConn {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-thread_local! {
-    /// Set on each per-core worker thread: its own upstream pool, so no pool lock or connection
-    /// is shared between cores (pingora's `work_stealing: false`, nginx's workers).
-    pub(crate) static WORKER_CLIENT: std::cell::OnceCell<Client<Connector, Upload>> =
-        const { std::cell::OnceCell::new() };
 }
 
 /// How many per-core workers serve the tenant listener: one per CPU this process may run on

@@ -5,12 +5,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::error::{ApiError, JSON};
 
 /// A response body: a small one the gateway made, or the upstream's streamed.
-pub type ProxyBody = Either<Full<Bytes>, Incoming>;
+pub type ProxyBody = Either<Full<Bytes>, crate::upstream::Body>;
 
 /// The one JSON error shape, with its status and the headers that go with the refusal.
 pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
@@ -43,4 +42,15 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
     }
     let k = rest.trim_ascii();
     (!k.is_empty()).then_some(k)
+}
+
+/// Formats into `buf` and returns what was written (cut at the buffer's end), so a header value
+/// costs one allocation (its own bytes) instead of a `String` and then its conversion.
+pub fn write_into<'a>(buf: &'a mut [u8], args: std::fmt::Arguments<'_>) -> &'a [u8] {
+    use std::io::Write;
+    let len = buf.len();
+    let mut rest = &mut buf[..];
+    let _ = rest.write_fmt(args);
+    let written = len - rest.len();
+    &buf[..written]
 }

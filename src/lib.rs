@@ -34,6 +34,7 @@ pub mod standin;
 pub mod store;
 pub mod time;
 pub mod units;
+pub mod upstream;
 
 /// Keys of the demo tenants in `config/entitlements.json` (their sha256 is what the file stores).
 pub const DEMO_KEYS: &[(&str, &str)] =

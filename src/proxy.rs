@@ -5,10 +5,9 @@
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
@@ -24,7 +23,7 @@ use crate::catalog::Unit;
 use crate::config::entitlements::Tenant;
 use crate::config::gateway::{AdmissionMode, ImageOp, UpstreamProtocol};
 use crate::error::ApiError;
-use crate::gateway::Gateway;
+use crate::gateway::{Conn, Gateway};
 use crate::grpc::TrailerGate;
 use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
@@ -57,8 +56,15 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
         || matches!(n.as_str(), "keep-alive" | "proxy-connection")
 }
 
-/// Everything needed after the decision, owned, so no snapshot is held across awaits.
+/// Everything needed after the decision, owned. It holds the snapshot the call was decided on
+/// (the one load of the request), so the forward and settle phases read the same configuration
+/// and never look the tenant or feature up again; a reload meanwhile publishes a new snapshot
+/// for the calls that come next and waits for nobody.
 pub struct Forward {
+    snap: Arc<Snapshot>,
+    /// Indexes of the tenant and feature in `snap`.
+    ti: usize,
+    fi: usize,
     pair: u64,
     tenant: &'static str,
     feature: &'static str,
@@ -66,16 +72,11 @@ pub struct Forward {
     /// The normalized path (SPEC §4) when it differs from the request's; `None` keeps the
     /// request's own path (nearly always: nothing allocated).
     path: Option<String>,
-    upstream: Uri,
-    timeout: Duration,
-    body_limit: u64,
-    body_read_timeout: Duration,
-    api_key_header: HeaderName,
-    rate_headers: [(HeaderName, HeaderValue); 2],
+    /// The rate-limit fields' values, formatted when the answer goes out.
+    rate: RateFields,
     /// The bucket's shape, to give the token back when the body turns out too large.
     quota: Quota,
     reservation: Reservation,
-    video: bool,
     /// Image search: the operation, and for an add its capacity slot.
     image: Option<(ImageOp, Option<ImageSlot>)>,
     /// Shadow mode (SPEC §5.5): the outcome counted instead of `admitted` when the upstream
@@ -83,25 +84,82 @@ pub struct Forward {
     shadow: Option<Outcome>,
 }
 
-/// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax).
-fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, HeaderValue); 2] {
-    let mut buf = [0u8; 64];
-    let policy = HeaderValue::from_bytes(write_into(&mut buf, format_args!("\"qps\";q={limit};w=1")))
-        .unwrap_or(HeaderValue::from_static("\"qps\""));
-    let state = HeaderValue::from_bytes(write_into(&mut buf, format_args!("\"qps\";r={remaining};t={reset_secs}")))
-        .unwrap_or(HeaderValue::from_static("\"qps\""));
-    [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), state)]
+/// The bucket's state as the rate-limit fields show it: limit, remaining, seconds to full.
+#[derive(Debug, Clone, Copy)]
+struct RateFields(u32, u32, u64);
+
+impl RateFields {
+    fn headers(self) -> [(HeaderName, HeaderValue); 2] {
+        rate_headers(self.0, self.1, self.2)
+    }
 }
 
-/// Formats into `buf` and returns what was written (cut at the buffer's end), so a header value
-/// costs one allocation (its own bytes) instead of a `String` and then its conversion.
-fn write_into<'a>(buf: &'a mut [u8], args: std::fmt::Arguments<'_>) -> &'a [u8] {
-    use std::io::Write;
-    let len = buf.len();
-    let mut rest = &mut buf[..];
-    let _ = rest.write_fmt(args);
-    let written = len - rest.len();
-    &buf[..written]
+/// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax):
+/// `ratelimit-policy: "qps";q=<limit>;w=1` and `ratelimit: "qps";r=<remaining>;t=<reset>`.
+/// Formatted by hand (no `fmt` machinery on every answer); the policy, which changes only with
+/// the limit, is kept per thread for the limit seen last.
+fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, HeaderValue); 2] {
+    thread_local! {
+        static POLICY: std::cell::RefCell<Option<(u32, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    let policy = POLICY.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.as_ref() {
+            Some((l, v)) if *l == limit => v.clone(),
+            _ => {
+                let mut b = Digits::new(b"\"qps\";q=");
+                b.num(u64::from(limit));
+                b.push(b";w=1");
+                let v = b.value();
+                *p = Some((limit, v.clone()));
+                v
+            }
+        }
+    });
+    let mut b = Digits::new(b"\"qps\";r=");
+    b.num(u64::from(remaining));
+    b.push(b";t=");
+    b.num(reset_secs);
+    [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), b.value())]
+}
+
+/// A short header value built on the stack: ASCII pieces and decimal numbers.
+struct Digits {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Digits {
+    fn new(start: &[u8]) -> Digits {
+        let mut d = Digits { buf: [0; 64], len: 0 };
+        d.push(start);
+        d
+    }
+
+    fn push(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+
+    fn num(&mut self, mut n: u64) {
+        let mut tmp = [0u8; 20];
+        let mut i = tmp.len();
+        loop {
+            i -= 1;
+            tmp[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&tmp[i..]);
+    }
+
+    fn value(&self) -> HeaderValue {
+        // Digits and the fixed ASCII above: always a valid value.
+        HeaderValue::from_bytes(&self.buf[..self.len]).unwrap_or(HeaderValue::from_static("\"qps\""))
+    }
 }
 
 /// Returns the API key and whether it came from `Authorization: Bearer`.
@@ -328,7 +386,7 @@ pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
 }
 
 async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
-    let snap = gw.snapshot.load();
+    let snap = gw.snapshot.load_full();
     let s = &snap.settings;
     let (ti, key_in_authorization) = identify(&snap, headers)?;
     let tenant = &snap.tenants[ti];
@@ -379,26 +437,26 @@ async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<
     if let Some(outcome) = shadowed {
         SHADOW_LOG.log(gw.clock.mono_nanos(), tenant.label, feature.label, outcome);
     }
+    let path = match routed.path {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p),
+    };
+    let (pair, quota, fi, tenant, feature) =
+        (routed.pair, routed.quota, routed.route.feature, tenant.label, feature.label);
     Ok(Forward {
-        pair: routed.pair,
-        tenant: tenant.label,
-        feature: feature.label,
+        ti,
+        fi,
+        pair,
+        tenant,
+        feature,
         key_in_authorization,
-        path: match routed.path {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(p) => Some(p),
-        },
-        upstream: s.upstream.clone(),
-        timeout: s.upstream_timeout,
-        body_limit: s.max_request_body_bytes,
-        body_read_timeout: s.body_read_timeout,
-        api_key_header: s.api_key_header.clone(),
-        rate_headers: rate_headers(routed.quota.limit, remaining, reset_secs),
-        quota: routed.quota,
+        path,
+        rate: RateFields(quota.limit, remaining, reset_secs),
+        quota,
         reservation,
-        video: feature.unit == Unit::VideoMinute,
         image,
         shadow: shadowed,
+        snap,
     })
 }
 
@@ -458,46 +516,114 @@ impl ShadowLog {
 
 /// Handles one tenant request; never fails (errors become JSON responses). A request refused
 /// before its body is read has its body drained after the answer (see [`crate::body`]).
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<TenantBody> {
+///
+/// In local mode every phase up to forwarding completes without suspending, so the decision
+/// runs here, in place, and the future hyper keeps for the request ([`Handling`]) is only the
+/// answer or the forwarding; with Redis it is the whole of [`handle_async`], boxed.
+pub fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Handling<impl std::future::Future<Output = Response<TenantBody>> + Send + 'static> {
     let start = Instant::now();
     let grpc = crate::grpc::is_grpc(req.headers());
     if !transfer_coding_is_chunked_only(req.headers()) {
         // Not counted in turnstile_requests_total, like the 400s hyper answers itself.
         let (resp, body) = (refuse(&ApiError::UnsupportedTransferEncoding, &[], grpc), req.into_body());
-        return resp.map(|r| TenantBody::refusal(r, body));
+        return Handling::Done(Some(resp.map(|r| TenantBody::refusal(r, body))));
     }
-    let fwd = match decide(&gw, req.headers(), crate::path::origin_path(req.uri(), req.version())).await {
+    if !conn.gw.billing.decides_at_once() {
+        return Handling::Deciding(Box::pin(handle_async(conn, req, start, grpc)));
+    }
+    let decision = decide_now(&conn.gw, req.headers(), crate::path::origin_path(req.uri(), req.version()));
+    match decision {
         Decision::Reject(e, who, headers) => {
-            let outcome = e.outcome();
-            match who {
-                Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
-                Who::Tenant(t) => gw.metrics.request(t, "", outcome),
-                Who::Nobody => gw.metrics.request("", "", outcome),
-            }
-            gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-            let (resp, body) = (refuse(&e, &headers, grpc), req.into_body());
-            return resp.map(|r| TenantBody::refusal(r, body));
+            Handling::Done(Some(refused(&conn.gw, req, e, who, &headers, grpc, start)))
         }
-        Decision::Forward(f) => f,
-    };
-    let (pair, tenant, feature) = (fwd.pair, fwd.tenant, fwd.feature);
-    // Forward and settle in this connection's task (no task hop per request), but hyper drops
-    // this future when the client goes away, and a call the upstream answers 2xx must be charged
-    // all the same (units == upstream-served successes; nginx's `proxy_ignore_client_abort on`):
-    // dropped unfinished, the rest runs on a task of its own.
-    FinishOnDrop::new(async move {
-        let (resp, outcome, gate) = forward(&gw, req, remote, fwd, grpc).await;
-        gw.metrics.request_pair(pair, tenant, feature, outcome);
-        gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-        resp.map(|b| TenantBody::gated(b, gate))
-    })
-    .await
+        Decision::Forward(fwd) => Handling::Forwarding(forwarding(conn, req, fwd, grpc, start)),
+    }
+}
+
+/// [`handle`] where the decision may suspend (the Redis store).
+async fn handle_async(conn: Arc<Conn>, req: Request<Incoming>, start: Instant, grpc: bool) -> Response<TenantBody> {
+    let path = crate::path::origin_path(req.uri(), req.version());
+    match decide(&conn.gw, req.headers(), path).await {
+        Decision::Reject(e, who, headers) => refused(&conn.gw, req, e, who, &headers, grpc, start),
+        Decision::Forward(fwd) => forwarding(conn, req, fwd, grpc, start).await,
+    }
+}
+
+/// A refusal's answer, counted.
+#[allow(clippy::too_many_arguments)]
+fn refused(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    e: ApiError,
+    who: Who,
+    headers: &[(HeaderName, HeaderValue)],
+    grpc: bool,
+    start: Instant,
+) -> Response<TenantBody> {
+    let outcome = e.outcome();
+    match who {
+        Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
+        Who::Tenant(t) => gw.metrics.request(t, "", outcome),
+        Who::Nobody => gw.metrics.request("", "", outcome),
+    }
+    gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+    let (resp, body) = (refuse(&e, headers, grpc), req.into_body());
+    resp.map(|r| TenantBody::refusal(r, body))
+}
+
+/// Forward and settle in this connection's task (no task hop per request), but hyper drops the
+/// request's future when the client goes away, and a call the upstream answers 2xx must be
+/// charged all the same (units == upstream-served successes; nginx's
+/// `proxy_ignore_client_abort on`): dropped unfinished, the rest runs on a task of its own.
+fn forwarding(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+    fwd: Forward,
+    grpc: bool,
+    start: Instant,
+) -> FinishOnDrop<impl std::future::Future<Output = Response<TenantBody>> + Send + 'static> {
+    FinishOnDrop::new(forward(conn, req, fwd, grpc, start))
+}
+
+/// The future of one tenant request (see [`handle`]).
+// A refusal's response inline: boxing it would cost every refusal (a 429 flood) an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Handling<F: std::future::Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
+    /// Answered at once (a refusal); taken when polled.
+    Done(Option<Response<TenantBody>>),
+    Forwarding(FinishOnDrop<F>),
+    Deciding(std::pin::Pin<Box<dyn std::future::Future<Output = Response<TenantBody>> + Send>>),
+}
+
+impl<F> std::future::Future for Handling<F>
+where
+    F: std::future::Future<Output = Response<TenantBody>> + Send + 'static,
+{
+    type Output = Response<TenantBody>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        // Every variant is Unpin: the forwarding and the decision are boxed.
+        match self.get_mut() {
+            Handling::Done(resp) => match resp.take() {
+                Some(r) => std::task::Poll::Ready(r),
+                None => std::task::Poll::Pending,
+            },
+            Handling::Forwarding(f) => std::pin::Pin::new(f).poll(cx),
+            Handling::Deciding(f) => f.as_mut().poll(cx),
+        }
+    }
 }
 
 /// A future that, dropped before it finished, finishes on a task of its own (on the current
 /// runtime; its output is dropped). Cheaper than spawning every request's forwarding and
 /// awaiting it: one allocation, and no wake-up of another task when the answer comes.
-struct FinishOnDrop<F: std::future::Future + Send + 'static>(Option<std::pin::Pin<Box<F>>>)
+pub struct FinishOnDrop<F: std::future::Future + Send + 'static>(Option<std::pin::Pin<Box<F>>>)
 where
     F::Output: Send + 'static;
 
@@ -626,33 +752,25 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
 /// charge is on disk, at most `[ledger].strict_timeout_ms`: past it the charge is reverted and
-/// the call answered 503 `ledger_unavailable` (SPEC §7). A tenant or feature removed by a reload
-/// meanwhile is not charged (`Ok(None)`).
-async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
-    let settled = match settle_now(gw, fwd, upstream_headers).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(ApiError::StoreUnavailable { reason: e.to_string() }),
-    };
-    match gw.billing.durable(settled).await {
-        Ok(payer) => Ok(Some(payer)),
-        Err(e) => Err(ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms }),
-    }
+/// the call answered 503 `ledger_unavailable` (SPEC §7).
+async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let settled = settle_now(gw, fwd, upstream_headers)
+        .await
+        .map_err(|e| ApiError::StoreUnavailable { reason: e.to_string() })?;
+    gw.billing.durable(settled).await.map_err(|e| ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms })
 }
 
-/// Settles a 2xx in the store: charge the payer, update image counts. `None` when a reload
-/// removed the tenant or feature meanwhile (then nothing is charged). The snapshot is held as an
-/// `Arc` (not a guard) across the store's awaits.
+/// Settles a 2xx in the store: charge the payer, update image counts, under the configuration
+/// the call was admitted with.
 pub async fn settle_now(
     gw: &Gateway,
     fwd: Forward,
     upstream_headers: &HeaderMap,
-) -> Result<Option<crate::billing::Settled>, crate::store::StoreError> {
-    let snap = gw.snapshot.load_full();
-    let Some(tenant) = snap.tenant(fwd.tenant) else { return Ok(None) };
-    let Some(&fi) = snap.catalog.feature_index.get(fwd.feature) else { return Ok(None) };
+) -> Result<crate::billing::Settled, crate::store::StoreError> {
+    let snap = &fwd.snap;
+    let (tenant, fi) = (&snap.tenants[fwd.ti], fwd.fi);
     let now = gw.clock.unix_nanos();
-    if fwd.video {
+    if snap.catalog.features[fi].unit == Unit::VideoMinute {
         let usage = video_usage(upstream_headers);
         if usage.is_none() {
             gw.metrics.usage_report_error(fwd.feature);
@@ -662,7 +780,7 @@ pub async fn settle_now(
                 "missing or malformed x-usage-video-* headers: billed as 0 minutes"
             );
         }
-        return gw.billing.settle_video(&snap, tenant, fi, fwd.reservation, usage, now).await.map(Some);
+        return gw.billing.settle_video(snap, tenant, fi, fwd.reservation, usage, now).await;
     }
     let image = fwd.image.map(|(op, slot)| {
         let reported = upstream_headers
@@ -672,35 +790,36 @@ pub async fn settle_now(
         ImageSettle { op, slot, reported }
     });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
-    let (reservation, image) = match gw.billing.defer_call(&snap, fwd.tenant, fi, fwd.reservation, now, image) {
-        Ok(settled) => return Ok(Some(settled)),
+    let (reservation, image) = match gw.billing.defer_call(snap, fwd.tenant, fi, fwd.reservation, now, image) {
+        Ok(settled) => return Ok(settled),
         Err(back) => back,
     };
-    let settled = gw.billing.settle_call_with(&snap, tenant, fi, reservation, now, image).await?;
-    Ok(Some(settled))
+    gw.billing.settle_call_with(snap, tenant, fi, reservation, now, image).await
 }
 
-/// Forwards an admitted request and settles it; returns the response and its outcome. A gRPC
-/// call (`grpc`) is charged only when its status is OK: a trailers-only answer is judged by its
-/// headers here; a streamed one returns the [`TrailerGate`] that charges it when its trailers
-/// say OK.
+/// The forward and settle phases of an admitted request: sends it upstream, settles a success
+/// and counts the outcome. A gRPC call (`grpc`) is charged only when its status is OK: a
+/// trailers-only answer is judged by its headers here; a streamed one gets a [`TrailerGate`]
+/// that charges it when its trailers say OK.
 async fn forward(
-    gw: &Arc<Gateway>,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
-    remote: SocketAddr,
     fwd: Forward,
     grpc: bool,
-) -> (Response<ProxyBody>, Outcome, Option<TrailerGate>) {
-    let (rate, shadow) = (fwd.rate_headers.clone(), fwd.shadow);
+    start: Instant,
+) -> Response<TenantBody> {
+    let gw = &conn.gw;
+    let (pair, tenant, feature, shadow) = (fwd.pair, fwd.tenant, fwd.feature, fwd.shadow);
     let reserved_payer = fwd.reservation.header();
+    let rate = fwd.rate;
     let mut gate = None;
-    let (mut resp, payer, outcome) = match forward_inner(gw, req, remote, &fwd).await {
+    let (mut resp, payer, outcome) = match send(&conn, req, &fwd).await {
         Err(e) => {
             let outcome = e.outcome();
             // A shadowed call holds no token (none taken, or given back at the decision).
             if matches!(e, ApiError::BodyTooLarge { .. }) && shadow.is_none() {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
-                let key = BucketKey { tenant: fwd.tenant, bucket: fwd.feature, local: fwd.pair };
+                let key = BucketKey { tenant, bucket: feature, local: pair };
                 // Boxed, like the settlement: a rare path should not size every request's future.
                 let _ = Box::pin(gw.billing.refund(key, fwd.quota)).await;
             }
@@ -708,14 +827,23 @@ async fn forward(
             (refuse(&e, &[], grpc), reserved_payer, outcome)
         }
         Ok(resp) if resp.status().is_success() => match grpc.then(|| crate::grpc::status_in(resp.headers())) {
-            // Plain HTTP, or a trailers-only gRPC OK: charged now.
-            // The settlement's future is boxed: inline it would be most of this future's 10 KB,
-            // copied into `FinishOnDrop`'s box on every request.
-            None | Some(Some(Some(crate::grpc::code::OK))) => match Box::pin(settle(gw, fwd, resp.headers())).await {
-                Ok(payer) => (resp, payer.unwrap_or(reserved_payer), Outcome::Admitted),
-                // Strict ledger failing: the upstream's answer is dropped and the call not charged.
-                Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
-            },
+            // Plain HTTP, or a trailers-only gRPC OK: charged now. In place when the settlement
+            // completes without suspending (local store, batched ledger), else boxed: either way
+            // its future is not kept in this one, which is moved into place on every request.
+            None | Some(Some(Some(crate::grpc::code::OK))) => {
+                let settled = if gw.billing.settles_at_once() {
+                    crate::store::ready(settle(gw, fwd, resp.headers())).unwrap_or_else(|| {
+                        Err(ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() })
+                    })
+                } else {
+                    Box::pin(settle(gw, fwd, resp.headers())).await
+                };
+                match settled {
+                    Ok(payer) => (resp, payer, Outcome::Admitted),
+                    // Strict ledger failing: the upstream's answer is dropped and the call not charged.
+                    Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
+                }
+            }
             // A trailers-only gRPC error: not charged (dropping `fwd`).
             Some(Some(_)) => (resp, reserved_payer, Outcome::Admitted),
             // A streamed gRPC answer: charged when its trailers say OK.
@@ -736,31 +864,68 @@ async fn forward(
     };
     let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
     let h = resp.headers_mut();
-    for (n, v) in rate {
+    for (n, v) in rate.headers() {
         h.insert(n, v);
     }
     h.insert(X_TURNSTILE_PAYER.clone(), payer);
-    (resp, outcome, gate)
+    gw.metrics.request_pair(pair, tenant, feature, outcome);
+    gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+    resp.map(|b| TenantBody::gated(b, gate))
 }
 
-async fn forward_inner(
-    gw: &Gateway,
+/// Sends an admitted request upstream, within `upstream_timeout_ms` for the response head.
+async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<Response<ProxyBody>, ApiError> {
+    let gw = &conn.gw;
+    let s = &fwd.snap.settings;
+    let (upstream_req, cut_off) = upstream_request(conn, req, fwd)?;
+    let sent = Instant::now();
+    let result = tokio::time::timeout(s.upstream_timeout, gw.upstream.send(upstream_req)).await;
+    gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
+    let resp = match result {
+        Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: s.upstream_timeout.as_millis() as u64 }),
+        Ok(Err(e)) => {
+            match crate::body::upload_error(&e).or_else(|| cut_off.as_ref().and_then(|s| s.get())) {
+                Some(UploadError::TooLarge(_)) => {
+                    return Err(ApiError::BodyTooLarge { limit: s.max_request_body_bytes })
+                }
+                Some(UploadError::Stalled(_)) => {
+                    return Err(ApiError::BodyTimeout { timeout_ms: s.body_read_timeout.as_millis() as u64 })
+                }
+                None => {}
+            }
+            tracing::debug!(error = %e, "upstream request failed");
+            return Err(ApiError::UpstreamUnavailable);
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Either::Right(body)))
+}
+
+/// The request as it goes upstream (SPEC §4): the normalized path under the upstream's base,
+/// hop-by-hop headers and the API key dropped, `x-turnstile-*` set by the gateway alone,
+/// `X-Forwarded-For` appended, the body cut off at the limits. With HTTP/2 upstream, also the
+/// slot where a cut-off upload notes why.
+#[allow(clippy::type_complexity)]
+fn upstream_request(
+    conn: &Conn,
     req: Request<Incoming>,
-    remote: SocketAddr,
     fwd: &Forward,
-) -> Result<Response<ProxyBody>, ApiError> {
+) -> Result<(Request<Upload>, Option<std::sync::Arc<std::sync::OnceLock<UploadError>>>), ApiError> {
+    let s = &fwd.snap.settings;
+    let protocol = conn.gw.upstream.protocol;
     let (mut parts, body) = req.into_parts();
     let expect_continue = parts.headers.contains_key(header::EXPECT);
-    let body = Upload::new(body, fwd.body_limit, fwd.body_read_timeout, expect_continue);
-    let (body, cut_off) = match gw.upstream_protocol {
+    let body = Upload::new(body, s.max_request_body_bytes, s.body_read_timeout, expect_continue);
+    let (body, cut_off) = match protocol {
         UpstreamProtocol::Http1 => (body, None),
         UpstreamProtocol::H2c => {
             let (body, slot) = body.noting_failure();
             (body, Some(slot))
         }
     };
-    let uri =
-        upstream_uri(&fwd.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
+    let uri = upstream_uri(&s.upstream, &parts.uri, fwd.path.as_deref()).map_err(|_| ApiError::UpstreamUnavailable)?;
     let h = &mut parts.headers;
     // `TE: trailers` is the one TE value that goes on (gRPC requires it; RFC 9113 §8.2.2
     // allows it in HTTP/2), as Envoy does.
@@ -778,51 +943,29 @@ async fn forward_inner(
     if !body.is_end_stream() && body.size_hint().exact().is_none() {
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     }
-    h.remove(&fwd.api_key_header);
+    h.remove(&s.api_key_header);
     if fwd.key_in_authorization {
         h.remove(header::AUTHORIZATION);
     }
     remove_where(h, |n| n.as_str().starts_with("x-turnstile-"));
     h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
     h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
-    // The peer address (at most 45 bytes: IPv6), appended to what the client sent.
-    let mut ip = [0u8; 48];
-    let ip = write_into(&mut ip, format_args!("{}", remote.ip()));
+    // The peer address, appended to what the client sent.
     let xff = match h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
-        prior if prior.is_empty() => HeaderValue::from_bytes(ip),
-        prior => HeaderValue::try_from(format!("{}, {}", prior.join(", "), String::from_utf8_lossy(ip))),
+        prior if prior.is_empty() => Ok(conn.peer_ip.clone()),
+        prior => {
+            HeaderValue::try_from(format!("{}, {}", prior.join(", "), String::from_utf8_lossy(conn.peer_ip.as_bytes())))
+        }
     };
     if let Ok(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     parts.uri = uri;
-    parts.version = match gw.upstream_protocol {
+    parts.version = match protocol {
         UpstreamProtocol::Http1 => http::Version::HTTP_11,
         UpstreamProtocol::H2c => http::Version::HTTP_2,
     };
-    let upstream_req = Request::from_parts(parts, body);
-
-    let sent = Instant::now();
-    let result = tokio::time::timeout(fwd.timeout, gw.upstream_request(upstream_req)).await;
-    gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
-    let resp = match result {
-        Err(_) => return Err(ApiError::UpstreamTimeout { timeout_ms: fwd.timeout.as_millis() as u64 }),
-        Ok(Err(e)) => {
-            match crate::body::upload_error(&e).or_else(|| cut_off.as_ref().and_then(|s| s.get())) {
-                Some(UploadError::TooLarge(_)) => return Err(ApiError::BodyTooLarge { limit: fwd.body_limit }),
-                Some(UploadError::Stalled(_)) => {
-                    return Err(ApiError::BodyTimeout { timeout_ms: fwd.body_read_timeout.as_millis() as u64 })
-                }
-                None => {}
-            }
-            tracing::debug!(error = %e, "upstream request failed");
-            return Err(ApiError::UpstreamUnavailable);
-        }
-        Ok(Ok(r)) => r,
-    };
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Either::Right(body)))
+    Ok((Request::from_parts(parts, body), cut_off))
 }
 
 #[cfg(test)]

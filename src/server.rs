@@ -8,14 +8,11 @@ use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
-use std::future::Future as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-pub use crate::gateway::{build, load, worker_count, Gateway};
-use crate::gateway::{upstream_client, WORKER_CLIENT};
+pub use crate::gateway::{build, load, worker_count, Conn, Gateway};
 use crate::proxy;
 use crate::snapshot::Snapshot;
 
@@ -94,7 +91,7 @@ async fn accept_loop<F, Fut, B>(
     accept_first: bool,
     handler: F,
 ) where
-    F: Fn(Arc<Gateway>, http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Arc<Conn>, http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -128,42 +125,58 @@ async fn accept_loop<F, Fut, B>(
         }
         let _ = stream.set_nodelay(true);
         let header_timeout = gw.snapshot.load().settings.header_read_timeout;
-        let gw2 = gw.clone();
+        let conn = Arc::new(Conn::new(gw.clone(), remote));
         let h = handler.clone();
         let close_when_draining = graceful.is_some();
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             // HTTP/2 has no `Connection` header: a draining HTTP/2 connection gets GOAWAY instead.
             let h1 = req.version() < http::Version::HTTP_2;
-            // Boxed: the request future is large, and hyper moves it into place; a pointer moves cheaply.
-            let fut = Box::pin(h(gw2.clone(), req, remote));
-            let gw3 = gw2.clone();
+            let conn = conn.clone();
+            let fut = h(conn.clone(), req);
+            // Not boxed: hyper keeps one slot per connection for the request future.
             async move {
                 let mut resp = fut.await;
-                if h1 && close_when_draining && !gw3.ready.load(Ordering::Relaxed) {
+                if h1 && close_when_draining && !conn.gw.ready.load(Ordering::Relaxed) {
                     resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(resp)
             }
         });
-        // HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on one port: the auto builder tells
-        // them apart by the HTTP/2 connection preface. Each HTTP/2 stream runs as a task on this
-        // runtime (the executor spawns on the current runtime: a per-core worker keeps its streams).
-        let mut builder = AutoBuilder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let io = TokioIo::new(FirstBytesDeadline::new(stream, header_timeout));
-        let conn = builder.serve_connection(io, svc).into_owned();
-        let conn: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>> = match graceful {
-            Some(g) => Box::pin(g.watch(conn)),
-            None => Box::pin(conn),
-        };
+        let watcher = graceful.map(GracefulShutdown::watcher);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on one port, told apart by HTTP/2's
+            // connection preface; its first bytes must come within `header_read_timeout_ms` (a
+            // connection that sends nothing is closed). After them, hyper's HTTP/1 header
+            // timeout, or HTTP/2's keep-alive, takes over.
+            let result = match tokio::time::timeout(header_timeout, opens_with_h2_preface(&stream)).await {
+                Err(_) => Err("no request within server.header_read_timeout_ms".into()),
+                Ok(Err(e)) => Err(e.into()),
+                Ok(Ok(false)) => {
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+                    let c = b.serve_connection(TokioIo::new(stream), svc);
+                    match watcher {
+                        Some(w) => w.watch(c).await,
+                        None => c.await,
+                    }
+                    .map_err(BoxError::from)
+                }
+                Ok(Ok(true)) => {
+                    // Each stream runs as a task on this runtime (a per-core worker keeps its streams).
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    b.timer(TokioTimer::new())
+                        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                        .keep_alive_interval(Some(Duration::from_secs(30)))
+                        .keep_alive_timeout(Duration::from_secs(10));
+                    let c = b.serve_connection(TokioIo::new(stream), svc);
+                    match watcher {
+                        Some(w) => w.watch(c).await,
+                        None => c.await,
+                    }
+                    .map_err(BoxError::from)
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             // The connection's slot is free once hyper is done with it (a refused body's
@@ -179,87 +192,25 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// 250; hyper's own is 200). [`Semaphore`] `max_connections` counts connections, not streams.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
 
-/// The first bytes of a connection, the ones the auto builder reads to tell HTTP/2's preface
-/// from an HTTP/1.1 request line, must arrive within `[server].header_read_timeout_ms` (the
-/// auto builder has no timeout of its own; after them, hyper's HTTP/1 header timeout, or
-/// HTTP/2's keep-alive, takes over). A connection that sends nothing is closed, not kept.
-struct FirstBytesDeadline {
-    stream: tokio::net::TcpStream,
-    /// Until the preface's 24 bytes were read; then `None` and reads cost nothing extra.
-    deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
-}
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The length of HTTP/2's connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
-const PREFACE_LEN: usize = 24;
-
-impl FirstBytesDeadline {
-    fn new(stream: tokio::net::TcpStream, within: Duration) -> Self {
-        FirstBytesDeadline { stream, deadline: Some((Box::pin(tokio::time::sleep(within)), 0)) }
-    }
-}
-
-impl tokio::io::AsyncRead for FirstBytesDeadline {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some((sleep, read)) = this.deadline.as_mut() {
-            match r {
-                Poll::Ready(Ok(())) => {
-                    *read += buf.filled().len() - before;
-                    if *read >= PREFACE_LEN || buf.filled().len() == before {
-                        this.deadline = None;
-                    }
-                }
-                Poll::Pending => {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no request within server.header_read_timeout_ms",
-                        )));
-                    }
-                }
-                Poll::Ready(Err(_)) => {}
-            }
+/// Whether the connection opens with HTTP/2's preface. Peeks (reads nothing), so hyper then
+/// reads the connection from its first byte; an end of stream or any other first bytes mean
+/// HTTP/1.1. Returns once the first bytes arrived (the caller bounds the wait).
+async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != PREFACE[..n] {
+            return Ok(false);
         }
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for FirstBytesDeadline {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // The preface's start so far: peek answers at once while bytes wait unread, so wait a
+        // moment for the rest (HTTP/2 clients send the preface in one segment).
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -383,11 +334,6 @@ pub async fn run(
                     Ok(l) => l,
                     Err(e) => return tracing::error!(error = %e, worker = i, "worker cannot use its listener"),
                 };
-                let timeout = gw.snapshot.load().settings.upstream_timeout;
-                let protocol = gw.upstream_protocol;
-                WORKER_CLIENT.with(|c| {
-                    c.get_or_init(|| upstream_client(timeout, protocol));
-                });
                 let graceful = GracefulShutdown::new();
                 accept_loop(listener, gw, stop, Some(&graceful), Some(limit), true, proxy::handle).await;
                 let drained = tokio::time::timeout(drain, graceful.shutdown()).await.is_ok();

@@ -316,8 +316,9 @@ pub trait Durable: Send + Sync {
     fn durable(&self, id: RequestId) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// The backends, dispatched statically (no boxed futures): the gateway holds one of these.
-/// The Redis backend adds its variant and one arm per method.
+/// The backends, dispatched statically: the gateway holds one of these. The Redis arm's future
+/// is boxed: inline, a Redis round trip's state (several KB) would size every request's future,
+/// which the local path moves on every call; next to a round trip, one allocation is nothing.
 #[derive(Clone)]
 pub enum Stores {
     Local(std::sync::Arc<local::LocalStore>),
@@ -333,12 +334,22 @@ macro_rules! each {
     };
 }
 
+/// [`each!`] for an `async` method: `$f` is the call without its `.await`.
+macro_rules! each_await {
+    ($self:ident, $s:ident => $f:expr) => {
+        match $self {
+            Stores::Local($s) => $f.await,
+            Stores::Redis($s) => Box::pin($f).await,
+        }
+    };
+}
+
 impl RateStore for Stores {
     async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
-        each!(self, s => s.admit(key, q).await)
+        each_await!(self, s => s.admit(key, q))
     }
     async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
-        each!(self, s => s.refund(key, q).await)
+        each_await!(self, s => s.refund(key, q))
     }
 }
 
@@ -351,13 +362,13 @@ impl BalanceStore for Stores {
         id: RequestId,
         lease: Duration,
     ) -> Result<Option<usize>, StoreError> {
-        each!(self, s => s.reserve(tenant, candidates, want, id, lease).await)
+        each_await!(self, s => s.reserve(tenant, candidates, want, id, lease))
     }
     async fn commit(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<Option<i64>, StoreError> {
-        each!(self, s => s.commit(tenant, id).await)
+        each_await!(self, s => s.commit(tenant, id))
     }
     async fn release(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
-        each!(self, s => s.release(tenant, id).await)
+        each_await!(self, s => s.release(tenant, id))
     }
     fn release_in_background(&self, tenant: TenantKey<'_>, id: RequestId) {
         each!(self, s => s.release_in_background(tenant, id))
@@ -369,16 +380,16 @@ impl BalanceStore for Stores {
         want: i64,
         id: RequestId,
     ) -> Result<Vec<Taken>, StoreError> {
-        each!(self, s => s.take_up_to(tenant, candidates, want, id).await)
+        each_await!(self, s => s.take_up_to(tenant, candidates, want, id))
     }
     async fn consumed(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<i64, StoreError> {
-        each!(self, s => s.consumed(tenant, package).await)
+        each_await!(self, s => s.consumed(tenant, package))
     }
     async fn mark_alerted(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Result<bool, StoreError> {
-        each!(self, s => s.mark_alerted(tenant, package).await)
+        each_await!(self, s => s.mark_alerted(tenant, package))
     }
     async fn sweep(&self) -> Result<u64, StoreError> {
-        each!(self, s => s.sweep().await)
+        each_await!(self, s => s.sweep())
     }
 }
 
@@ -392,10 +403,10 @@ impl UsageStore for Stores {
         cell: &str,
         id: RequestId,
     ) -> Result<i64, StoreError> {
-        each!(self, s => s.add_usage(key, month, to, units, cell, id).await)
+        each_await!(self, s => s.add_usage(key, month, to, units, cell, id))
     }
     async fn month(&self, tenant: TenantKey<'_>, month: &str) -> Result<Vec<MonthUsage>, StoreError> {
-        each!(self, s => s.month(tenant, month).await)
+        each_await!(self, s => s.month(tenant, month))
     }
 }
 
@@ -406,7 +417,7 @@ impl ImageStore for Stores {
         capacity: u64,
         id: RequestId,
     ) -> Result<bool, StoreError> {
-        each!(self, s => s.reserve_image_slot(tenant, capacity, id).await)
+        each_await!(self, s => s.reserve_image_slot(tenant, capacity, id))
     }
     async fn settle_images(
         &self,
@@ -415,31 +426,31 @@ impl ImageStore for Stores {
         id: RequestId,
         reported: Option<u64>,
     ) -> Result<u64, StoreError> {
-        each!(self, s => s.settle_images(tenant, op, id, reported).await)
+        each_await!(self, s => s.settle_images(tenant, op, id, reported))
     }
     async fn release_image_slot(&self, tenant: TenantKey<'_>, id: RequestId) -> Result<(), StoreError> {
-        each!(self, s => s.release_image_slot(tenant, id).await)
+        each_await!(self, s => s.release_image_slot(tenant, id))
     }
     fn release_image_slot_in_background(&self, tenant: TenantKey<'_>, id: RequestId) {
         each!(self, s => s.release_image_slot_in_background(tenant, id))
     }
     async fn image_count(&self, tenant: TenantKey<'_>) -> Result<u64, StoreError> {
-        each!(self, s => s.image_count(tenant).await)
+        each_await!(self, s => s.image_count(tenant))
     }
 }
 
 impl OverrideStore for Stores {
     async fn put_override(&self, tenant: &str, feature: &str, ov: Override) -> Result<(), StoreError> {
-        each!(self, s => s.put_override(tenant, feature, ov).await)
+        each_await!(self, s => s.put_override(tenant, feature, ov))
     }
     async fn overrides(&self) -> Result<Vec<(String, String, Override)>, StoreError> {
-        each!(self, s => s.overrides().await)
+        each_await!(self, s => s.overrides())
     }
 }
 
 impl Durable for Stores {
     async fn durable(&self, id: RequestId) -> Result<(), StoreError> {
-        each!(self, s => s.durable(id).await)
+        each_await!(self, s => s.durable(id))
     }
 }
 
