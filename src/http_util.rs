@@ -35,7 +35,11 @@ pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Resp
 
 /// The token of `Authorization: Bearer <token>`; `None` when absent, another scheme, or empty.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
+    bearer(headers.get(header::AUTHORIZATION)?.as_bytes())
+}
+
+/// The token of an `Authorization` value `Bearer <token>`; `None` for another scheme or empty.
+pub fn bearer(auth: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = auth.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;

@@ -17,6 +17,7 @@ pub mod diag;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod h1;
 pub mod http_util;
 pub mod intern;
 pub mod ledger;

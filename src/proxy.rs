@@ -29,8 +29,8 @@ use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
 use crate::store::{BucketKey, Quota};
 
+use crate::http_util::error_response;
 pub use crate::http_util::ProxyBody;
-use crate::http_util::{bearer_token, error_response};
 pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
@@ -82,6 +82,38 @@ pub struct Forward {
     /// Shadow mode (SPEC §5.5): the outcome counted instead of `admitted` when the upstream
     /// answers (`shadow_throttled`, `shadow_payment_required`); `None` for an admitted call.
     shadow: Option<Outcome>,
+}
+
+impl Forward {
+    pub(crate) fn snap(&self) -> &Snapshot {
+        &self.snap
+    }
+    pub(crate) fn pair(&self) -> u64 {
+        self.pair
+    }
+    pub(crate) fn tenant(&self) -> &'static str {
+        self.tenant
+    }
+    pub(crate) fn feature(&self) -> &'static str {
+        self.feature
+    }
+    pub(crate) fn key_in_authorization(&self) -> bool {
+        self.key_in_authorization
+    }
+    /// The normalized path when it differs from the request's.
+    pub(crate) fn normalized_path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+    pub(crate) fn shadow(&self) -> Option<Outcome> {
+        self.shadow
+    }
+    pub(crate) fn rate_headers(&self) -> [(HeaderName, HeaderValue); 2] {
+        self.rate.headers()
+    }
+    /// The payer named at admission (`x-turnstile-payer` of an answer that is not charged).
+    pub(crate) fn reserved_payer(&self) -> HeaderValue {
+        self.reservation.header()
+    }
 }
 
 /// The bucket's state as the rate-limit fields show it: limit, remaining, seconds to full.
@@ -162,15 +194,28 @@ impl Digits {
     }
 }
 
+/// The request head as the decision reads it: the first value of a header, by its lowercase
+/// name. hyper's `HeaderMap` is one; the HTTP/1.1 fast path's parsed head ([`crate::h1`]) is
+/// the other, so both paths decide with the same code.
+pub trait HeadView {
+    fn header(&self, name: &str) -> Option<&[u8]>;
+}
+
+impl HeadView for HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
 /// Returns the API key and whether it came from `Authorization: Bearer`.
-fn api_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<(&'a [u8], bool)> {
-    if let Some(v) = headers.get(name) {
-        let k = v.as_bytes().trim_ascii();
+fn api_key<'a, H: HeadView + ?Sized>(headers: &'a H, name: &HeaderName) -> Option<(&'a [u8], bool)> {
+    if let Some(v) = headers.header(name.as_str()) {
+        let k = v.trim_ascii();
         if !k.is_empty() {
             return Some((k, false));
         }
     }
-    bearer_token(headers).map(|k| (k, true))
+    headers.header("authorization").and_then(crate::http_util::bearer).map(|k| (k, true))
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
@@ -196,7 +241,7 @@ pub enum Decision {
 type Refused = (ApiError, Who, Vec<(HeaderName, HeaderValue)>);
 
 /// Phase 1, identify: the API key → the tenant's index, and whether the key came as a bearer.
-fn identify(snap: &Snapshot, headers: &HeaderMap) -> Result<(usize, bool), Refused> {
+fn identify<H: HeadView + ?Sized>(snap: &Snapshot, headers: &H) -> Result<(usize, bool), Refused> {
     let s = &snap.settings;
     let Some((key, key_in_authorization)) = api_key(headers, &s.api_key_header) else {
         return Err((ApiError::MissingApiKey { header: s.api_key_header.to_string() }, Who::Nobody, Vec::new()));
@@ -218,10 +263,10 @@ struct Routed<'a> {
 /// Phase 2, route: the normalized path → the feature and its limit; then the checks that need
 /// no state (service activated, Image Search instance not expired, declared body length). Every
 /// refusal here leaves the quota whole.
-fn route<'a>(
+fn route<'a, H: HeadView + ?Sized>(
     snap: &'a Snapshot,
     tenant: &'a Tenant,
-    headers: &HeaderMap,
+    headers: &H,
     path: &'a str,
     now: i64,
 ) -> Result<Routed<'a>, Refused> {
@@ -265,7 +310,7 @@ fn route<'a>(
         }
     }
     let declared_len =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        headers.header("content-length").and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
         return refuse(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
     }
@@ -364,7 +409,7 @@ async fn pay(
 /// ([`crate::path::origin_path`]); routing and the upstream see its normal form. Only an
 /// admitted request takes a token: every check that needs no state comes first, and a request
 /// refused after admission (402, 409) gives its token back.
-pub async fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+pub async fn decide<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
     match decide_phases(gw, headers, path).await {
         Ok(f) => Decision::Forward(f),
         Err((e, who, headers)) => Decision::Reject(e, who, headers),
@@ -375,7 +420,7 @@ pub async fn decide(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
 /// local store answers without suspending, so it is always ready then; a backend that would have
 /// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
 /// dropped before it reached the store).
-pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
+pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
     crate::store::ready(decide(gw, headers, path)).unwrap_or_else(|| {
         Decision::Reject(
             ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
@@ -385,7 +430,7 @@ pub fn decide_now(gw: &Gateway, headers: &HeaderMap, path: &str) -> Decision {
     })
 }
 
-async fn decide_phases(gw: &Gateway, headers: &HeaderMap, path: &str) -> Result<Forward, Refused> {
+async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Result<Forward, Refused> {
     let snap = gw.snapshot.load_full();
     let s = &snap.settings;
     let (ti, key_in_authorization) = identify(&snap, headers)?;
@@ -563,6 +608,13 @@ fn refused(
     grpc: bool,
     start: Instant,
 ) -> Response<TenantBody> {
+    count_refusal(gw, &e, who, start);
+    let (resp, body) = (refuse(&e, headers, grpc), req.into_body());
+    resp.map(|r| TenantBody::refusal(r, body))
+}
+
+/// Counts a refusal of the decision in `turnstile_requests_total` and the duration histogram.
+pub(crate) fn count_refusal(gw: &Gateway, e: &ApiError, who: Who, start: Instant) {
     let outcome = e.outcome();
     match who {
         Who::Pair(pair, t, f) => gw.metrics.request_pair(pair, t, f, outcome),
@@ -570,8 +622,6 @@ fn refused(
         Who::Nobody => gw.metrics.request("", "", outcome),
     }
     gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-    let (resp, body) = (refuse(&e, headers, grpc), req.into_body());
-    resp.map(|r| TenantBody::refusal(r, body))
 }
 
 /// Forward and settle in this connection's task (no task hop per request), but hyper drops the
@@ -739,9 +789,9 @@ fn upstream_uri(base: &Uri, original: &Uri, normalized: Option<&str>) -> Result<
 }
 
 /// Reads the video usage report of SPEC §4; `None` when missing or malformed.
-fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
-    fn num<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
-        h.get(name)?.to_str().ok()?.trim().parse().ok()
+fn video_usage<H: HeadView + ?Sized>(h: &H) -> Option<VideoUsage> {
+    fn num<T: std::str::FromStr, H: HeadView + ?Sized>(h: &H, name: &str) -> Option<T> {
+        std::str::from_utf8(h.header(name)?).ok()?.trim().parse().ok()
     }
     Some(VideoUsage {
         ms: num(h, "x-usage-video-ms")?,
@@ -753,7 +803,11 @@ fn video_usage(h: &HeaderMap) -> Option<VideoUsage> {
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
 /// charge is on disk, at most `[ledger].strict_timeout_ms`: past it the charge is reverted and
 /// the call answered 503 `ledger_unavailable` (SPEC §7).
-async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+pub(crate) async fn settle<H: HeadView + ?Sized>(
+    gw: &Gateway,
+    fwd: Forward,
+    upstream_headers: &H,
+) -> Result<HeaderValue, ApiError> {
     let settled = settle_now(gw, fwd, upstream_headers)
         .await
         .map_err(|e| ApiError::StoreUnavailable { reason: e.to_string() })?;
@@ -762,10 +816,10 @@ async fn settle(gw: &Gateway, fwd: Forward, upstream_headers: &HeaderMap) -> Res
 
 /// Settles a 2xx in the store: charge the payer, update image counts, under the configuration
 /// the call was admitted with.
-pub async fn settle_now(
+pub async fn settle_now<H: HeadView + ?Sized>(
     gw: &Gateway,
     fwd: Forward,
-    upstream_headers: &HeaderMap,
+    upstream_headers: &H,
 ) -> Result<crate::billing::Settled, crate::store::StoreError> {
     let snap = &fwd.snap;
     let (tenant, fi) = (&snap.tenants[fwd.ti], fwd.fi);
@@ -784,8 +838,8 @@ pub async fn settle_now(
     }
     let image = fwd.image.map(|(op, slot)| {
         let reported = upstream_headers
-            .get("x-usage-image-count")
-            .and_then(|v| v.to_str().ok())
+            .header("x-usage-image-count")
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         ImageSettle { op, slot, reported }
     });

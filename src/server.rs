@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -76,17 +75,56 @@ async fn slot(
     }
 }
 
+/// Connection draining at shutdown (hyper-util's `GracefulShutdown`, for the fast path's
+/// connections and hyper's alike): every connection holds a watcher; [`Drain::shutdown`] tells
+/// them all and waits until the last one is gone. A connection finishes the request in progress
+/// and closes (HTTP/1.1), or sends GOAWAY and finishes its streams (HTTP/2).
+pub struct Drain {
+    tx: watch::Sender<()>,
+}
+
+impl Drain {
+    pub fn new() -> Drain {
+        Drain { tx: watch::channel(()).0 }
+    }
+
+    fn watcher(&self) -> watch::Receiver<()> {
+        self.tx.subscribe()
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
+/// Which listener a loop serves: the tenant one starts each connection on the HTTP/1.1 fast
+/// path ([`crate::h1`]); the admin one is hyper's alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Tenant,
+    Admin,
+}
+
 /// Accepts and serves connections until `stop` changes. With `limit`, at most that many
 /// connections are open at once: beyond it the loop stops accepting, and new connections wait in
 /// the kernel's listen backlog until one closes (nginx `worker_connections` behaviour). With
-/// `graceful`, connections are drained by it at shutdown, and responses sent while the gateway is
+/// `drain`, connections are drained by it at shutdown, and responses sent while the gateway is
 /// not ready (the shutdown grace) carry `Connection: close`, so keep-alive clients reconnect and
 /// reach another replica once the endpoints are updated.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, Fut, B>(
     listener: TcpListener,
+    kind: Listener,
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
-    graceful: Option<&GracefulShutdown>,
+    drain: Option<&Drain>,
     limit: Option<Arc<Semaphore>>,
     accept_first: bool,
     handler: F,
@@ -124,66 +162,99 @@ async fn accept_loop<F, Fut, B>(
             }
         }
         let _ = stream.set_nodelay(true);
-        let header_timeout = gw.snapshot.load().settings.header_read_timeout;
         let conn = Arc::new(Conn::new(gw.clone(), remote));
+        let watcher = drain.map(Drain::watcher);
         let h = handler.clone();
-        let close_when_draining = graceful.is_some();
-        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            // HTTP/2 has no `Connection` header: a draining HTTP/2 connection gets GOAWAY instead.
-            let h1 = req.version() < http::Version::HTTP_2;
-            let conn = conn.clone();
-            let fut = h(conn.clone(), req);
-            // Not boxed: hyper keeps one slot per connection for the request future.
-            async move {
-                let mut resp = fut.await;
-                if h1 && close_when_draining && !conn.gw.ready.load(Ordering::Relaxed) {
-                    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let watcher = graceful.map(GracefulShutdown::watcher);
         tokio::spawn(async move {
-            // HTTP/1.1 and cleartext HTTP/2 (prior knowledge) on one port, told apart by HTTP/2's
-            // connection preface; its first bytes must come within `header_read_timeout_ms` (a
-            // connection that sends nothing is closed). After them, hyper's HTTP/1 header
-            // timeout, or HTTP/2's keep-alive, takes over.
-            let result = match tokio::time::timeout(header_timeout, opens_with_h2_preface(&stream)).await {
-                Err(_) => Err("no request within server.header_read_timeout_ms".into()),
-                Ok(Err(e)) => Err(e.into()),
-                Ok(Ok(false)) => {
-                    let mut b = hyper::server::conn::http1::Builder::new();
-                    b.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
-                    let c = b.serve_connection(TokioIo::new(stream), svc);
-                    match watcher {
-                        Some(w) => w.watch(c).await,
-                        None => c.await,
-                    }
-                    .map_err(BoxError::from)
-                }
-                Ok(Ok(true)) => {
-                    // Each stream runs as a task on this runtime (a per-core worker keeps its streams).
-                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                    b.timer(TokioTimer::new())
-                        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-                        .keep_alive_interval(Some(Duration::from_secs(30)))
-                        .keep_alive_timeout(Duration::from_secs(10));
-                    let c = b.serve_connection(TokioIo::new(stream), svc);
-                    match watcher {
-                        Some(w) => w.watch(c).await,
-                        None => c.await,
-                    }
-                    .map_err(BoxError::from)
-                }
-            };
+            let result = serve_connection(kind, conn, stream, watcher, h).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            // The connection's slot is free once hyper is done with it (a refused body's
-            // drain included: hyper reads it on this connection).
+            // The connection's slot is free once it is served (a refused body's drain
+            // included: hyper reads it on this connection).
             drop(permit);
         });
     }
+}
+
+/// Serves one connection: the tenant listener's on the HTTP/1.1 fast path until it hands the
+/// connection to hyper (HTTP/2, or a request it does not serve); the admin listener's on hyper.
+async fn serve_connection<F, Fut, B>(
+    kind: Listener,
+    conn: Arc<Conn>,
+    mut stream: tokio::net::TcpStream,
+    watcher: Option<watch::Receiver<()>>,
+    handler: F,
+) -> Result<(), BoxError>
+where
+    F: Fn(Arc<Conn>, http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let header_timeout = conn.gw.snapshot.load().settings.header_read_timeout;
+    // A drain that never comes, for the admin listener.
+    let (_never, idle) = watch::channel(());
+    let mut stop = watcher.unwrap_or(idle);
+    let (h2, read) = match kind {
+        Listener::Tenant => match crate::h1::serve(&conn, &mut stream, &mut stop).await? {
+            crate::h1::Served::Closed => return Ok(()),
+            crate::h1::Served::HandOff { h2, read } => (h2, read),
+        },
+        // The first bytes of a connection must come within `header_read_timeout_ms` (a
+        // connection that sends nothing is closed). After them, hyper's HTTP/1 header timeout,
+        // or HTTP/2's keep-alive, takes over.
+        Listener::Admin => match tokio::time::timeout(header_timeout, opens_with_h2_preface(&stream)).await {
+            Err(_) => return Err("no request within server.header_read_timeout_ms".into()),
+            Ok(r) => (r?, Vec::new()),
+        },
+    };
+    let close_when_draining = kind == Listener::Tenant;
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        // HTTP/2 has no `Connection` header: a draining HTTP/2 connection gets GOAWAY instead.
+        let h1 = req.version() < http::Version::HTTP_2;
+        let conn = conn.clone();
+        let fut = handler(conn.clone(), req);
+        // Not boxed: hyper keeps one slot per connection for the request future.
+        async move {
+            let mut resp = fut.await;
+            if h1 && close_when_draining && !conn.gw.ready.load(Ordering::Relaxed) {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let io = TokioIo::new(Prefixed { stream, read, at: 0 });
+    if h2 {
+        // Each stream runs as a task on this runtime (a per-core worker keeps its streams).
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let c = b.serve_connection(io, svc);
+        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await?)
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+        let c = b.serve_connection(io, svc);
+        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await?)
+    }
+}
+
+/// Runs a hyper connection; once `stop` says so, shuts it down gracefully and runs it to its end.
+async fn until_drained<C: std::future::Future>(
+    conn: C,
+    mut stop: watch::Receiver<()>,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.changed() => {}
+    }
+    shutdown(conn.as_mut());
+    conn.await
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -192,25 +263,84 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// 250; hyper's own is 200). [`Semaphore`] `max_connections` counts connections, not streams.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
 
-/// HTTP/2's connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// Whether the connection opens with HTTP/2's preface. Peeks (reads nothing), so hyper then
 /// reads the connection from its first byte; an end of stream or any other first bytes mean
 /// HTTP/1.1. Returns once the first bytes arrived (the caller bounds the wait).
 async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; PREFACE.len()];
+    let preface = crate::h1::PREFACE;
+    let mut buf = [0u8; 24];
     loop {
         let n = stream.peek(&mut buf).await?;
-        if n == 0 || buf[..n] != PREFACE[..n] {
+        if n == 0 || buf[..n] != preface[..n] {
             return Ok(false);
         }
-        if n == PREFACE.len() {
+        if n == preface.len() {
             return Ok(true);
         }
         // The preface's start so far: peek answers at once while bytes wait unread, so wait a
         // moment for the rest (HTTP/2 clients send the preface in one segment).
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A connection whose first bytes were already read (by the fast path): they are read again
+/// first, then the socket.
+struct Prefixed {
+    stream: tokio::net::TcpStream,
+    read: Vec<u8>,
+    at: usize,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.read.len() {
+            let n = (this.read.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                this.read = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -240,7 +370,7 @@ pub async fn run(
     drain: Duration,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = GracefulShutdown::new();
+    let drain_all = Drain::new();
     // Read at start: a reload that changes it warns that it takes effect at the next restart.
     let max_connections = Arc::new(Semaphore::new(gw.snapshot.load().settings.max_connections));
     // The admin listener is not counted (/metrics and /healthz stay reachable under a flood) and
@@ -248,7 +378,7 @@ pub async fn run(
     let admin_gw = gw.clone();
     tokio::spawn(async move {
         let (_never, stop) = watch::channel(false);
-        accept_loop(listeners.admin, admin_gw, stop, None, None, false, crate::admin::handle).await;
+        accept_loop(listeners.admin, Listener::Admin, admin_gw, stop, None, None, false, crate::admin::handle).await;
     });
     let workers = worker_count();
     // One listener per worker: the bound one, then more on the same address (SO_REUSEPORT).
@@ -291,16 +421,17 @@ pub async fn run(
         tokio::join!(
             accept_loop(
                 listeners.tenant,
+                Listener::Tenant,
                 gw.clone(),
                 stop_rx,
-                Some(&graceful),
+                Some(&drain_all),
                 Some(max_connections),
                 false,
                 proxy::handle
             ),
             stopper
         );
-        match tokio::time::timeout(drain, graceful.shutdown()).await {
+        match tokio::time::timeout(drain, drain_all.shutdown()).await {
             Ok(()) => tracing::info!("all connections drained"),
             Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
         }
@@ -334,9 +465,10 @@ pub async fn run(
                     Ok(l) => l,
                     Err(e) => return tracing::error!(error = %e, worker = i, "worker cannot use its listener"),
                 };
-                let graceful = GracefulShutdown::new();
-                accept_loop(listener, gw, stop, Some(&graceful), Some(limit), true, proxy::handle).await;
-                let drained = tokio::time::timeout(drain, graceful.shutdown()).await.is_ok();
+                let drain_all = Drain::new();
+                accept_loop(listener, Listener::Tenant, gw, stop, Some(&drain_all), Some(limit), true, proxy::handle)
+                    .await;
+                let drained = tokio::time::timeout(drain, drain_all.shutdown()).await.is_ok();
                 let _ = tx.send(drained);
             });
         });

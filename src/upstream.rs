@@ -215,7 +215,7 @@ impl Upstream {
         Ok(resp.map(|body| Body { body, back: None }))
     }
 
-    async fn tcp(&self, authority: &Authority) -> Result<TokioIo<tokio::net::TcpStream>, UpstreamError> {
+    async fn tcp(&self, authority: &Authority) -> Result<tokio::net::TcpStream, UpstreamError> {
         let host = authority.host();
         // `Authority::host` keeps an IPv6 literal's brackets.
         let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -227,11 +227,11 @@ impl Upstream {
             .map_err(|source| UpstreamError::Connect { authority: named(), source })?;
         // Requests are small and answered one at a time: no Nagle delay.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     async fn connect_h1(&self, authority: &Authority) -> Result<http1::SendRequest<Upload>, UpstreamError> {
-        let io = self.tcp(authority).await?;
+        let io = TokioIo::new(self.tcp(authority).await?);
         let (tx, conn) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -242,7 +242,7 @@ impl Upstream {
     }
 
     async fn connect_h2(&self, authority: &Authority) -> Result<http2::SendRequest<Upload>, UpstreamError> {
-        let io = self.tcp(authority).await?;
+        let io = TokioIo::new(self.tcp(authority).await?);
         // Keep-alive pings find a dead connection before a call does (Envoy's
         // `connection_keepalive`); the timer drives them.
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -355,5 +355,89 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// An HTTP/1.1 connection to the upstream for the tenant listener's own HTTP/1.1 path
+/// ([`crate::h1`]): the socket and what was read from it beyond the last response.
+pub struct RawConn {
+    pub stream: tokio::net::TcpStream,
+    /// Bytes read from the upstream not yet consumed (`buf[..len]`).
+    pub buf: Vec<u8>,
+    pub len: usize,
+    /// Whether it came from the pool (it may have been closed by the upstream while idle).
+    pub reused: bool,
+}
+
+/// Idle [`RawConn`]s of one thread, the most recently used on top.
+#[derive(Default)]
+struct RawPool {
+    authority: Option<Authority>,
+    idle: Vec<(RawConn, Instant)>,
+}
+
+thread_local! {
+    static RAW: RefCell<RawPool> = RefCell::new(RawPool::default());
+}
+
+/// The initial read buffer of a [`RawConn`] (it grows for longer response heads).
+const RAW_BUF: usize = 4096;
+
+impl Upstream {
+    /// An idle connection to `authority` from this thread's pool. A pooled connection the
+    /// upstream closed while it was idle is skipped: its socket polled readable (the end of
+    /// stream, or bytes nobody asked for), which costs no system call when it did not.
+    pub fn take_raw(&self, authority: &Authority) -> Option<RawConn> {
+        RAW.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.authority.as_ref() != Some(authority) {
+                p.idle.clear();
+                p.authority = Some(authority.clone());
+            }
+            let now = Instant::now();
+            let stale = p.idle.iter().take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT).count();
+            p.idle.drain(..stale);
+            while let Some((mut c, _)) = p.idle.pop() {
+                if c.still_open() {
+                    c.reused = true;
+                    return Some(c);
+                }
+            }
+            None
+        })
+    }
+
+    /// A new connection to `authority` (within the connect timeout).
+    pub async fn connect_raw(&self, authority: &Authority) -> Result<RawConn, UpstreamError> {
+        let stream = self.tcp(authority).await?;
+        Ok(RawConn { stream, buf: vec![0; RAW_BUF], len: 0, reused: false })
+    }
+
+    /// Puts a connection whose last response was read to its end back in this thread's pool.
+    pub fn put_raw(&self, authority: &Authority, mut c: RawConn) {
+        RAW.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.authority.as_ref() == Some(authority) && p.idle.len() < MAX_IDLE && c.len == 0 {
+                c.buf.truncate(RAW_BUF.max(c.buf.len().min(64 * 1024)));
+                p.idle.push((c, Instant::now()));
+            }
+        });
+    }
+}
+
+impl RawConn {
+    /// False when the upstream closed the connection (or sent something unasked) while idle.
+    fn still_open(&mut self) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        match self.stream.poll_read_ready(&mut cx) {
+            // Not known readable: nothing arrived (no system call was made).
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
     }
 }

@@ -72,21 +72,26 @@ impl Redis {
         }
     }
 
-    /// `redis-cli -c` on the first node that is up (follows MOVED to the key's node).
+    /// `redis-cli -c` on the first node that is up (follows MOVED to the key's node). A node
+    /// that was stopped (SIGSTOP) longer than `cluster-node-timeout` is marked failing by the
+    /// others, which then answer CLUSTERDOWN until they see it back (up to twice the node
+    /// timeout after SIGCONT): the command is asked again then, for at most 10 s.
     fn cli(&mut self, args: &[&str]) -> String {
-        for n in self.nodes() {
-            if !n.is_up() {
-                continue;
-            }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let Some(n) = self.nodes().into_iter().find(|n| n.is_up()) else { panic!("no Redis node is up") };
             let out = Command::new("redis-cli")
                 .args(["-c", "-h", "127.0.0.1", "-p", &n.port.to_string()])
                 .args(args)
                 .stdin(Stdio::null())
                 .output()
                 .expect("run redis-cli");
-            return String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !answer.starts_with("CLUSTERDOWN") || Instant::now() >= deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("no Redis node is up");
     }
 
     fn hget(&mut self, key: &str, field: &str) -> i64 {

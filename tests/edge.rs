@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::wire::{read_reply, RawReply};
 use common::*;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,78 +20,6 @@ async fn gateway(server_extra: &str) -> (Upstream, ConfigDir, Gateway) {
     let cfg = ConfigDir::new(&main_toml(&up.url(), server_extra, ""), SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);
     (up, cfg, gw)
-}
-
-/// One HTTP/1.1 response read off a raw socket.
-#[derive(Debug)]
-struct RawReply {
-    /// Everything before the final response's head: interim (1xx) responses, if any.
-    interim: String,
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl RawReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-    fn error_code(&self) -> String {
-        assert_eq!(self.header("content-type"), Some("application/json"), "{}", self.head);
-        let v = self.json();
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error message: {v}");
-        v["error"]["code"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-/// Reads one complete response (head and a `Content-Length` body; interim 1xx heads are kept
-/// apart) within `limit`; an error says what went wrong (reset, EOF, timeout).
-async fn read_reply(s: &mut TcpStream, limit: Duration) -> Result<RawReply, String> {
-    let deadline = Instant::now() + limit;
-    let mut buf = Vec::new();
-    let mut interim = String::new();
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let status: u16 = head
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("no status line in {head:?}"))?;
-            if (100..200).contains(&status) {
-                interim.push_str(&head);
-                interim.push_str("\r\n\r\n");
-                buf.drain(..end + 4);
-                continue;
-            }
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("no content-length in {head:?}"))?;
-            if buf.len() >= end + 4 + len {
-                let body = buf[end + 4..end + 4 + len].to_vec();
-                return Ok(RawReply { interim, status, head, body });
-            }
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s.read(&mut chunk)).await {
-            Err(_) => {
-                return Err(format!("no complete response within {limit:?}; got {:?}", String::from_utf8_lossy(&buf)))
-            }
-            Ok(Err(e)) => return Err(format!("read failed: {e}; got {:?}", String::from_utf8_lossy(&buf))),
-            Ok(Ok(0)) => return Err(format!("EOF; got {:?}", String::from_utf8_lossy(&buf))),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 /// Writes the whole request (head, then body) before reading anything, like a simple client,

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod redis;
+pub mod wire;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,1211 @@
+//! The tenant listener's own HTTP/1.1 path (issue 14), in the manner of pingora's HTTP/1
+//! implementation: requests are parsed with `httparse` straight from the connection's buffer,
+//! forwarded over a pooled upstream socket ([`crate::upstream::RawConn`]) in one write, and the
+//! answer relayed in one write, all on the connection's own task. hyper's server and client
+//! cost ~20k instructions a call (header maps, a task and two channels per upstream exchange);
+//! this path costs a quarter of that, which is what lets a metered call cost no more CPU than
+//! nginx's `limit_req` proxying it.
+//!
+//! It serves the common request only, and hands the connection to hyper, for the rest of its
+//! life, on the first request it does not serve ([`Served::HandOff`], with the bytes read so
+//! far), so every rare or tricky case keeps hyper's behaviour:
+//! - HTTP/2 (the connection preface) and any HTTP version but 1.1;
+//! - a head hyper would refuse or that this path does not parse (`httparse` errors, over
+//!   [`MAX_HEAD`] bytes or [`MAX_HEADERS`] fields, a target not in origin form or with bytes
+//!   outside [`target_byte`]);
+//! - `Transfer-Encoding`, `Expect`, `Upgrade`, `TE`, `Trailer`, a `Connection` that names
+//!   other fields, two `Content-Length`s, a gRPC `content-type`, `CONNECT`;
+//! - a body not entirely read with its head, or over [`MAX_BODY`] bytes.
+//!
+//! What it does is what the hyper path does (SPEC §4): the same decision ([`proxy::decide`]),
+//! settlement and refusal table, the same headers dropped and added on the way up and down,
+//! `header_read_timeout_ms` while waiting for a head (keep-alive idle included) and
+//! `upstream_timeout_ms` for the upstream's response head. Header names keep the client's and
+//! upstream's spelling (hyper lowercases them). A response without `Date` gets one.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::ApiError;
+use crate::gateway::{Conn, Gateway};
+use crate::metrics::Outcome;
+use crate::proxy::{self, Decision, Forward, HeadView};
+use crate::upstream::{RawConn, UpstreamError};
+
+static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
+
+/// The longest request head this path serves (hyper's limit is larger: longer heads go there).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// The longest request body this path forwards (read with its head, sent in the same write).
+pub const MAX_BODY: usize = 64 * 1024;
+/// The most header fields a request or an upstream response may have here.
+pub const MAX_HEADERS: usize = 64;
+/// The longest upstream response head read (a longer one is a 502, as with hyper's client).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The client buffer's first size; it grows to hold a head and its body.
+const CLIENT_BUF: usize = 4096;
+
+/// How [`serve`] let go of the connection.
+pub enum Served {
+    /// Closed, or to be closed: the client left, asked to close, or the gateway is draining.
+    Closed,
+    /// To be served by hyper from here on: HTTP/2 (`h2`) or HTTP/1.1, starting with `read`.
+    HandOff { h2: bool, read: Vec<u8> },
+}
+
+/// A byte range of a buffer.
+type Span = (u32, u32);
+
+fn slice(buf: &[u8], (a, b): Span) -> &[u8] {
+    &buf[a as usize..b as usize]
+}
+
+/// A request head this path serves, as ranges of the connection's buffer.
+struct Head {
+    method: Span,
+    /// The request target; `path_end` is where its path ends (its `?`, or its end).
+    target: Span,
+    path_end: u32,
+    fields: [(Span, Span); MAX_HEADERS],
+    count: usize,
+    head_len: usize,
+    body_len: usize,
+    /// `Connection: close`.
+    close: bool,
+    has_host: bool,
+}
+
+/// A parsed head over its buffer: what the decision reads ([`HeadView`]).
+struct Req<'a> {
+    buf: &'a [u8],
+    head: &'a Head,
+}
+
+impl Req<'_> {
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.head.fields[..self.head.count].iter().map(|(n, v)| (slice(self.buf, *n), slice(self.buf, *v)))
+    }
+    fn method(&self) -> &[u8] {
+        slice(self.buf, self.head.method)
+    }
+    fn path(&self) -> &str {
+        // Checked to be ASCII by `target_byte`.
+        std::str::from_utf8(slice(self.buf, (self.head.target.0, self.head.path_end))).unwrap_or("")
+    }
+    fn query(&self) -> Option<&[u8]> {
+        (self.head.path_end < self.head.target.1).then(|| slice(self.buf, (self.head.path_end, self.head.target.1)))
+    }
+}
+
+impl HeadView for Req<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
+    }
+}
+
+enum Parsed {
+    Complete(Box<Head>),
+    Partial,
+    HandOff,
+}
+
+/// Bytes of a request target this path accepts: RFC 3986's unreserved, sub-delims, `:`, `@`,
+/// `/`, `?` and `%` (a subset of what hyper accepts; a target with any other byte, `#`
+/// included, goes to hyper).
+fn target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+fn offset(buf: &[u8], part: &[u8]) -> u32 {
+    (part.as_ptr() as usize - buf.as_ptr() as usize) as u32
+}
+
+fn span(buf: &[u8], part: &[u8]) -> Span {
+    let a = offset(buf, part);
+    (a, a + part.len() as u32)
+}
+
+/// Parses a request head at the start of `buf`; see the module docs for what is handed off.
+fn parse_request(buf: &[u8]) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::HandOff,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::HandOff;
+    };
+    if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(target_byte) {
+        return Parsed::HandOff;
+    }
+    let target_span = span(buf, target.as_bytes());
+    let path_end = target_span.0 + target.find('?').unwrap_or(target.len()) as u32;
+    let mut head = Box::new(Head {
+        method: span(buf, method.as_bytes()),
+        target: target_span,
+        path_end,
+        fields: [((0, 0), (0, 0)); MAX_HEADERS],
+        count: 0,
+        head_len,
+        body_len: 0,
+        close: false,
+        has_host: false,
+    });
+    let mut length = None;
+    for (i, f) in req.headers.iter().enumerate() {
+        let (name, value) = (f.name.as_bytes(), f.value);
+        head.fields[i] = (span(buf, name), span(buf, value));
+        head.count = i + 1;
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("content-length") {
+            let digits = value.trim_ascii();
+            if length.is_some() || digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+                return Parsed::HandOff;
+            }
+            length = std::str::from_utf8(digits).ok().and_then(|d| d.parse::<usize>().ok());
+        } else if is("transfer-encoding") || is("expect") || is("upgrade") || is("te") || is("trailer") {
+            return Parsed::HandOff;
+        } else if is("connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Parsed::HandOff;
+                }
+            }
+        } else if is("content-type") {
+            if value.len() >= 16 && value[..16].eq_ignore_ascii_case(b"application/grpc") {
+                return Parsed::HandOff;
+            }
+        } else if is("host") {
+            head.has_host = true;
+        }
+    }
+    head.body_len = match length {
+        Some(n) if n <= MAX_BODY => n,
+        Some(_) => return Parsed::HandOff,
+        None => 0,
+    };
+    Parsed::Complete(head)
+}
+
+/// A deadline on one `Sleep` per connection, moved lazily: setting a later deadline costs a
+/// field write, and the timer, when it fires early, is re-armed to the deadline then (a
+/// connection's timer fires at most once per timeout, not once per request).
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    at: Instant,
+}
+
+impl Deadline {
+    fn new(at: Instant) -> Deadline {
+        Deadline { sleep: Box::pin(tokio::time::sleep_until(at)), at }
+    }
+
+    fn set(&mut self, at: Instant) {
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
+        }
+        self.at = at;
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if Instant::now() >= self.at {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(self.at);
+        }
+    }
+}
+
+use std::future::Future as _;
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what.to_string())
+}
+
+/// Reads into `buf[*len..]` (growing it to at least `want` bytes first).
+fn poll_read_into(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    len: &mut usize,
+    want: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    let mut rb = ReadBuf::new(&mut buf[*len..]);
+    std::task::ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    *len += n;
+    Poll::Ready(Ok(n))
+}
+
+/// Reads what has already arrived, without waiting, so that `buf` may hold `want` bytes; true
+/// when something was read. Costs no system call when the socket is not known readable.
+fn read_now(stream: &TcpStream, buf: &mut Vec<u8>, len: &mut usize, want: usize) -> io::Result<bool> {
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    match stream.try_read(&mut buf[*len..]) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            *len += n;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes all of `data`.
+async fn write_all(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    std::future::poll_fn(|cx| {
+        while done < data.len() {
+            let n = std::task::ready!(Pin::new(&mut *stream).poll_write(cx, &data[done..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
+}
+
+/// Serves HTTP/1.1 requests on a tenant connection until it closes, the gateway drains it
+/// (`stop` resolves: the request in progress is finished, then the connection closed), or a
+/// request goes to hyper ([`Served::HandOff`]).
+pub async fn serve(
+    conn: &Arc<Conn>,
+    stream: &mut TcpStream,
+    stop: &mut tokio::sync::watch::Receiver<()>,
+) -> io::Result<Served> {
+    let gw = &conn.gw;
+    let mut buf = vec![0u8; CLIENT_BUF];
+    let mut len = 0usize;
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let header_timeout = gw.snapshot.load().settings.header_read_timeout;
+    let mut deadline = Deadline::new(Instant::now() + header_timeout);
+    let mut stop = std::pin::pin!(stop.changed());
+    let mut draining = false;
+    let mut first = true;
+    loop {
+        // Phase 0: a request head and its body, whole, in `buf`.
+        deadline.set(Instant::now() + header_timeout);
+        let head = loop {
+            if first && len > 0 && PREFACE.starts_with(&buf[..len.min(PREFACE.len())]) {
+                if len >= PREFACE.len() {
+                    buf.truncate(len);
+                    return Ok(Served::HandOff { h2: true, read: buf });
+                }
+            } else if len > 0 {
+                match parse_request(&buf[..len]) {
+                    Parsed::Complete(head) if head.head_len + head.body_len <= len => break head,
+                    // The rest of the body, if it is here already (sent with the head, beyond
+                    // what the first read took); otherwise it is still coming: hyper streams it.
+                    Parsed::Complete(head) if read_now(stream, &mut buf, &mut len, head.head_len + head.body_len)? => {
+                        continue;
+                    }
+                    Parsed::Complete(_) | Parsed::HandOff => {
+                        buf.truncate(len);
+                        return Ok(Served::HandOff { h2: false, read: buf });
+                    }
+                    Parsed::Partial if len >= MAX_HEAD => {
+                        buf.truncate(len);
+                        return Ok(Served::HandOff { h2: false, read: buf });
+                    }
+                    Parsed::Partial => {}
+                }
+            }
+            if draining && len == 0 {
+                return Ok(Served::Closed);
+            }
+            let want = if len == buf.len() { (buf.len() * 2).min(MAX_HEAD) } else { buf.len() };
+            let read = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = poll_read_into(stream, &mut buf, &mut len, want, cx) {
+                    return Poll::Ready(r.map(Some));
+                }
+                if !draining && stop.as_mut().poll(cx).is_ready() {
+                    draining = true;
+                    return Poll::Ready(Ok(None));
+                }
+                if deadline.poll(cx).is_ready() {
+                    return Poll::Ready(Err(timed_out("no request within server.header_read_timeout_ms")));
+                }
+                Poll::Pending
+            })
+            .await?;
+            if read == Some(0) {
+                // The end of the stream (a request cut short included: hyper closes likewise).
+                return Ok(Served::Closed);
+            }
+        };
+        first = false;
+        let total = head.head_len + head.body_len;
+        let keep = handle(conn, stream, &buf[..total], &head, &mut out, &mut deadline).await?;
+        // Phase 4: the next request, if any, starts where this one ended.
+        buf.copy_within(total..len, 0);
+        len -= total;
+        if !keep || draining || !gw.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Served::Closed);
+        }
+    }
+}
+
+/// The answer of one request, from the decision to its last byte. Returns whether the
+/// connection may serve another.
+async fn handle(
+    conn: &Arc<Conn>,
+    stream: &mut TcpStream,
+    buf: &[u8],
+    head: &Head,
+    out: &mut Vec<u8>,
+    deadline: &mut Deadline,
+) -> io::Result<bool> {
+    let gw = &conn.gw;
+    let start = std::time::Instant::now();
+    let req = Req { buf, head };
+    let decision = if gw.billing.decides_at_once() {
+        proxy::decide_now(gw, &req, req.path())
+    } else {
+        Box::pin(proxy::decide(gw, &req, req.path())).await
+    };
+    let fwd = match decision {
+        Decision::Reject(e, who, headers) => {
+            proxy::count_refusal(gw, &e, who, start);
+            return refuse(gw, stream, &req, &e, &headers, out).await;
+        }
+        Decision::Forward(fwd) => fwd,
+    };
+    forward(conn, stream, &req, fwd, out, deadline, start).await
+}
+
+/// Writes a refusal in the one JSON error shape ([`crate::http_util::error_response`]).
+async fn refuse(
+    gw: &Gateway,
+    stream: &mut TcpStream,
+    req: &Req<'_>,
+    e: &ApiError,
+    extra: &[(HeaderName, HeaderValue)],
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let resp = crate::http_util::error_response(e, extra);
+    let body = e.body();
+    let close = req.head.close
+        || resp.headers().contains_key(http::header::CONNECTION)
+        || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
+    out.clear();
+    status_line(out, resp.status().as_u16(), resp.status().canonical_reason().unwrap_or(""));
+    for (n, v) in resp.headers() {
+        if n != http::header::CONNECTION {
+            field(out, n.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    content_length(out, body.len() as u64);
+    date(out);
+    out.extend_from_slice(b"\r\n");
+    if req.method() != b"HEAD" {
+        out.extend_from_slice(&body);
+    }
+    write_all(stream, out).await?;
+    Ok(!close)
+}
+
+fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    num(out, u64::from(code));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    num(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn num(out: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// `date: <IMF-fixdate>`, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == 29 {
+                d.1.copy_from_slice(s.as_bytes());
+                d.0 = secs;
+            }
+        }
+        field(out, b"date", &d.1);
+    });
+}
+
+/// Is `name` hop-by-hop (RFC 9110 §7.6.1 plus the legacy ones), dropped on the way through?
+fn hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// The request as it goes upstream (SPEC §4), into `out`: the normalized path under the
+/// upstream's base, hop-by-hop fields and the API key dropped, `x-turnstile-*` set by the
+/// gateway alone, `X-Forwarded-For` appended, then the body.
+fn upstream_request(conn: &Conn, req: &Req<'_>, fwd: &Forward, out: &mut Vec<u8>) {
+    let s = &fwd.snap().settings;
+    let base = s.upstream.path().trim_end_matches('/');
+    out.clear();
+    out.extend_from_slice(req.method());
+    out.push(b' ');
+    out.extend_from_slice(base.as_bytes());
+    out.extend_from_slice(fwd.normalized_path().unwrap_or(req.path()).as_bytes());
+    if let Some(q) = req.query() {
+        out.extend_from_slice(q);
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let api_key = s.api_key_header.as_str().as_bytes();
+    let mut xff: Option<usize> = None;
+    for (name, value) in req.fields() {
+        if hop_by_hop(name)
+            || name.eq_ignore_ascii_case(api_key)
+            || (fwd.key_in_authorization() && name.eq_ignore_ascii_case(b"authorization"))
+            || (name.len() >= 12 && name[..12].eq_ignore_ascii_case(b"x-turnstile-"))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            // Folded into one field below, with the peer's address last.
+            xff.get_or_insert(0);
+            continue;
+        }
+        field(out, name, value);
+    }
+    if !req.head.has_host {
+        field(out, b"host", s.upstream.authority().map_or("", Authority::as_str).as_bytes());
+    }
+    field(out, b"x-turnstile-tenant", fwd.tenant().as_bytes());
+    field(out, b"x-turnstile-feature", fwd.feature().as_bytes());
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if xff.is_some() {
+        for (name, value) in req.fields() {
+            if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+                out.extend_from_slice(value);
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    out.extend_from_slice(conn.peer_ip.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(&req.buf[req.head.head_len..req.head.head_len + req.head.body_len]);
+}
+
+/// How an upstream response's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (a response to HEAD, 1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Read until the upstream closes.
+    Close,
+}
+
+/// An upstream response head, as ranges of the upstream connection's buffer.
+struct RespHead {
+    code: u16,
+    reason: Span,
+    fields: [(Span, Span); MAX_HEADERS],
+    count: usize,
+    head_len: usize,
+    framing: Framing,
+    /// The upstream keeps the connection open (HTTP/1.1 without `Connection: close`).
+    keep_alive: bool,
+    /// It has a `Transfer-Encoding`.
+    coded: bool,
+}
+
+enum RespParsed {
+    Complete(Box<RespHead>),
+    /// An interim (1xx) response of this many bytes: skipped.
+    Interim(usize),
+    Partial,
+}
+
+fn parse_response(buf: &[u8], head_request: bool) -> Result<RespParsed, ApiError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(RespParsed::Partial),
+        Err(_) => return Err(ApiError::UpstreamUnavailable),
+    };
+    let code = resp.code.unwrap_or(0);
+    if (100..200).contains(&code) {
+        // 101 would switch protocols, which was not asked for.
+        return if code == 101 { Err(ApiError::UpstreamUnavailable) } else { Ok(RespParsed::Interim(head_len)) };
+    }
+    let mut head = Box::new(RespHead {
+        code,
+        reason: span(buf, resp.reason.unwrap_or("").as_bytes()),
+        fields: [((0, 0), (0, 0)); MAX_HEADERS],
+        count: 0,
+        head_len,
+        framing: Framing::Close,
+        keep_alive: resp.version == Some(1),
+        coded: false,
+    });
+    let (mut length, mut chunked, mut coded) = (None, false, false);
+    for (i, f) in resp.headers.iter().enumerate() {
+        let (name, value) = (f.name.as_bytes(), f.value);
+        head.fields[i] = (span(buf, name), span(buf, value));
+        head.count = i + 1;
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
+            match (length, n) {
+                (None, Some(n)) => length = Some(n),
+                (Some(a), Some(b)) if a == b => {}
+                _ => return Err(ApiError::UpstreamUnavailable),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            coded = true;
+            // Only the last field counts when there are several (their list, joined, ends there).
+            chunked = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty())
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection")
+            && value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        {
+            head.keep_alive = false;
+        }
+    }
+    head.coded = coded;
+    head.framing = if head_request || code == 204 || code == 304 {
+        Framing::Empty
+    } else if coded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if head.framing == Framing::Close {
+        head.keep_alive = false;
+    }
+    Ok(RespParsed::Complete(head))
+}
+
+/// Where a chunked body's end is, read by passing its bytes through (RFC 9112 §7.1): the
+/// bytes go to the client as they are; this only finds where the last chunk and the trailer
+/// section end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunks {
+    /// In a chunk-size line (hex digits, then extensions); `digits` seen so far.
+    Size {
+        size: u64,
+        digits: u8,
+        ext: bool,
+    },
+    /// The `\n` ending a size line.
+    SizeLf {
+        size: u64,
+    },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// The trailer section: at a line start, or in a line.
+    TrailerLineStart,
+    TrailerLine,
+    TrailerLf {
+        empty: bool,
+    },
+    Done,
+}
+
+impl Chunks {
+    const START: Chunks = Chunks::Size { size: 0, digits: 0, ext: false };
+
+    /// Advances over `data`; returns how many bytes belong to the body (all of them unless its
+    /// end is in `data`), or an error for a malformed body.
+    fn advance(&mut self, data: &[u8]) -> Result<usize, ()> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            *self = match *self {
+                Chunks::Done => return Ok(i),
+                Chunks::Size { size, digits, ext } => match b {
+                    b'\r' if digits > 0 => Chunks::SizeLf { size },
+                    b'\n' if digits > 0 => Self::after_size(size),
+                    _ if ext => Chunks::Size { size, digits, ext },
+                    b';' | b' ' | b'\t' if digits > 0 => Chunks::Size { size, digits, ext: true },
+                    _ => {
+                        let d = (b as char).to_digit(16).ok_or(())?;
+                        if digits >= 15 {
+                            return Err(());
+                        }
+                        Chunks::Size { size: size * 16 + u64::from(d), digits: digits + 1, ext }
+                    }
+                },
+                Chunks::SizeLf { size } if b == b'\n' => Self::after_size(size),
+                Chunks::SizeLf { .. } => return Err(()),
+                Chunks::Data(n) => {
+                    let take = (n as usize).min(data.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    *self = if left == 0 { Chunks::DataCr } else { Chunks::Data(left) };
+                    continue;
+                }
+                Chunks::DataCr if b == b'\r' => Chunks::DataLf,
+                Chunks::DataCr | Chunks::DataLf if b == b'\n' => Self::START,
+                Chunks::DataCr | Chunks::DataLf => return Err(()),
+                Chunks::TrailerLineStart => match b {
+                    b'\r' => Chunks::TrailerLf { empty: true },
+                    b'\n' => Chunks::Done,
+                    _ => Chunks::TrailerLine,
+                },
+                Chunks::TrailerLine => match b {
+                    b'\r' => Chunks::TrailerLf { empty: false },
+                    b'\n' => Chunks::TrailerLineStart,
+                    _ => Chunks::TrailerLine,
+                },
+                Chunks::TrailerLf { empty } if b == b'\n' => {
+                    if empty {
+                        Chunks::Done
+                    } else {
+                        Chunks::TrailerLineStart
+                    }
+                }
+                Chunks::TrailerLf { .. } => return Err(()),
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn after_size(size: u64) -> Chunks {
+        if size == 0 {
+            Chunks::TrailerLineStart
+        } else {
+            Chunks::Data(size)
+        }
+    }
+}
+
+/// The forward and settle phases on this path: one write of the request to a pooled upstream
+/// connection, the response head within `upstream_timeout_ms`, the settlement of a 2xx, then
+/// the answer relayed to the client.
+async fn forward(
+    conn: &Arc<Conn>,
+    stream: &mut TcpStream,
+    req: &Req<'_>,
+    fwd: Forward,
+    out: &mut Vec<u8>,
+    deadline: &mut Deadline,
+    start: std::time::Instant,
+) -> io::Result<bool> {
+    let gw = &conn.gw;
+    let (pair, tenant, feature, shadow) = (fwd.pair(), fwd.tenant(), fwd.feature(), fwd.shadow());
+    let rate = fwd.rate_headers();
+    let reserved_payer = fwd.reserved_payer();
+    let head_request = req.method() == b"HEAD";
+    let authority = fwd.snap().settings.upstream.authority().cloned();
+    let upstream_timeout = fwd.snap().settings.upstream_timeout;
+    upstream_request(conn, req, &fwd, out);
+    let sent = std::time::Instant::now();
+    let exchanged = match &authority {
+        Some(a) => exchange(gw, a, out, head_request, idempotent(req.method()), deadline, upstream_timeout).await,
+        None => Err(ApiError::UpstreamUnavailable),
+    };
+    gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
+    // Answers the gateway makes after the decision carry its rate-limit fields and payer too.
+    let answered = |rate: &[(HeaderName, HeaderValue); 2], payer: HeaderValue| {
+        let mut extra = rate.to_vec();
+        extra.push((X_TURNSTILE_PAYER.clone(), payer));
+        extra
+    };
+    let (mut up, resp) = match exchanged {
+        Ok(x) => x,
+        Err(e) => {
+            let outcome = e.outcome();
+            drop(fwd); // a reserved package share goes back: nothing is charged
+            let keep = refuse(gw, stream, req, &e, &answered(&rate, reserved_payer), out).await?;
+            gw.metrics.request_pair(pair, tenant, feature, outcome);
+            gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+            return Ok(keep);
+        }
+    };
+    let upstream_buf = &up.buf[..up.len];
+    let (payer, outcome) = if (200..300).contains(&resp.code) {
+        let headers = ResponseFields { buf: upstream_buf, head: &resp };
+        let settled = if gw.billing.settles_at_once() {
+            crate::store::ready(proxy::settle(gw, fwd, &headers)).unwrap_or_else(|| {
+                Err(ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() })
+            })
+        } else {
+            Box::pin(proxy::settle(gw, fwd, &headers)).await
+        };
+        match settled {
+            Ok(payer) => (payer, Outcome::Admitted),
+            Err(e) => {
+                // Strict ledger failing: the upstream's answer is dropped and the call not charged.
+                let outcome = e.outcome();
+                let keep = refuse(gw, stream, req, &e, &answered(&rate, reserved_payer), out).await?;
+                gw.metrics.request_pair(pair, tenant, feature, outcome);
+                gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+                return Ok(keep);
+            }
+        }
+    } else {
+        // Not charged: dropping `fwd` gives a reserved package share back.
+        drop(fwd);
+        (reserved_payer, Outcome::Admitted)
+    };
+    let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
+    let close =
+        req.head.close || resp.framing == Framing::Close || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
+    // The response head.
+    out.clear();
+    status_line(out, resp.code, std::str::from_utf8(slice(upstream_buf, resp.reason)).unwrap_or(""));
+    let listed = connection_listed(upstream_buf, &resp);
+    let mut has_date = false;
+    for (n, v) in resp.fields[..resp.count].iter() {
+        let (name, value) = (slice(upstream_buf, *n), slice(upstream_buf, *v));
+        if hop_by_hop(name)
+            // With Transfer-Encoding, a Content-Length is wrong (RFC 9112 §6.3): not passed on.
+            || (resp.coded && name.eq_ignore_ascii_case(b"content-length"))
+            || name.eq_ignore_ascii_case(b"ratelimit")
+            || name.eq_ignore_ascii_case(b"ratelimit-policy")
+            || name.eq_ignore_ascii_case(b"x-turnstile-payer")
+            || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+        {
+            continue;
+        }
+        has_date |= name.eq_ignore_ascii_case(b"date");
+        field(out, name, value);
+    }
+    if resp.framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    if !has_date {
+        date(out);
+    }
+    for (n, v) in &rate {
+        field(out, n.as_str().as_bytes(), v.as_bytes());
+    }
+    field(out, b"x-turnstile-payer", payer.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    gw.metrics.request_pair(pair, tenant, feature, outcome);
+    gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
+    let head_len = resp.head_len;
+    let relayed = relay(stream, &mut up, head_len, resp.framing, out).await;
+    match relayed {
+        Ok(true) if resp.keep_alive => {
+            if let Some(a) = &authority {
+                gw.upstream.put_raw(a, up);
+            }
+        }
+        _ => {}
+    }
+    relayed.map(|_| !close)
+}
+
+/// The names a response's `Connection` field lists (dropped with it).
+fn connection_listed<'a>(buf: &'a [u8], resp: &RespHead) -> Vec<&'a [u8]> {
+    let mut listed = Vec::new();
+    for (n, v) in resp.fields[..resp.count].iter() {
+        if slice(buf, *n).eq_ignore_ascii_case(b"connection") {
+            listed.extend(slice(buf, *v).split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| {
+                !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+            }));
+        }
+    }
+    listed
+}
+
+/// Methods a request may be sent again for when a reused connection fails before any answer
+/// (RFC 9110 §9.2.2; nginx's `proxy_next_upstream` does not resend the others either).
+fn idempotent(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE")
+}
+
+/// The response head's fields, for the settlement's usage reports.
+struct ResponseFields<'a> {
+    buf: &'a [u8],
+    head: &'a RespHead,
+}
+
+impl HeadView for ResponseFields<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.head.fields[..self.head.count]
+            .iter()
+            .find(|(n, _)| slice(self.buf, *n).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| slice(self.buf, *v))
+    }
+}
+
+/// Sends `request` on a pooled (or new) upstream connection and reads the response head.
+/// A reused connection that fails before any byte of an answer is replaced by a new one, once,
+/// for an idempotent request.
+async fn exchange(
+    gw: &Gateway,
+    authority: &Authority,
+    request: &[u8],
+    head_request: bool,
+    idempotent: bool,
+    deadline: &mut Deadline,
+    timeout: Duration,
+) -> Result<(RawConn, Box<RespHead>), ApiError> {
+    deadline.set(Instant::now() + timeout);
+    let mut retried = false;
+    loop {
+        let up = match gw.upstream.take_raw(authority) {
+            Some(c) => Ok(c),
+            None => {
+                let connecting = std::future::poll_fn(|cx| deadline.poll(cx));
+                tokio::select! {
+                    biased;
+                    c = gw.upstream.connect_raw(authority) => c,
+                    _ = connecting => return Err(ApiError::UpstreamTimeout { timeout_ms: timeout.as_millis() as u64 }),
+                }
+            }
+        };
+        let mut up = match up {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream connection failed");
+                return Err(match e {
+                    UpstreamError::ConnectTimeout { .. } => {
+                        ApiError::UpstreamTimeout { timeout_ms: timeout.as_millis() as u64 }
+                    }
+                    _ => ApiError::UpstreamUnavailable,
+                });
+            }
+        };
+        let reused = up.reused;
+        match send_and_read_head(&mut up, request, head_request, deadline).await {
+            Ok(head) => return Ok((up, head)),
+            Err(Failure::Timeout) => return Err(ApiError::UpstreamTimeout { timeout_ms: timeout.as_millis() as u64 }),
+            Err(Failure::Broken { answered }) if reused && !answered && idempotent && !retried => {
+                retried = true;
+                continue;
+            }
+            Err(Failure::Broken { .. }) | Err(Failure::Malformed) => return Err(ApiError::UpstreamUnavailable),
+        }
+    }
+}
+
+enum Failure {
+    Timeout,
+    /// The connection failed; `answered`: some bytes of a response had come.
+    Broken {
+        answered: bool,
+    },
+    Malformed,
+}
+
+async fn send_and_read_head(
+    up: &mut RawConn,
+    request: &[u8],
+    head_request: bool,
+    deadline: &mut Deadline,
+) -> Result<Box<RespHead>, Failure> {
+    let broken = |_| Failure::Broken { answered: false };
+    let mut done = 0;
+    std::future::poll_fn(|cx| {
+        while done < request.len() {
+            match Pin::new(&mut up.stream).poll_write(cx, &request[done..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Failure::Broken { answered: false })),
+                Poll::Ready(Ok(n)) => done += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(broken(e))),
+                Poll::Pending => {
+                    return if deadline.poll(cx).is_ready() {
+                        Poll::Ready(Err(Failure::Timeout))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
+    loop {
+        if up.len > 0 {
+            match parse_response(&up.buf[..up.len], head_request) {
+                Ok(RespParsed::Complete(head)) => return Ok(head),
+                Ok(RespParsed::Interim(n)) => {
+                    up.buf.copy_within(n..up.len, 0);
+                    up.len -= n;
+                    continue;
+                }
+                Ok(RespParsed::Partial) if up.len >= MAX_RESPONSE_HEAD => return Err(Failure::Malformed),
+                Ok(RespParsed::Partial) => {}
+                Err(_) => return Err(Failure::Malformed),
+            }
+        }
+        let answered = up.len > 0;
+        let want = if up.len == up.buf.len() { (up.buf.len() * 2).min(MAX_RESPONSE_HEAD) } else { up.buf.len() };
+        let n = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = poll_read_into(&mut up.stream, &mut up.buf, &mut up.len, want, cx) {
+                return Poll::Ready(r.map_err(|_| Failure::Broken { answered }));
+            }
+            if deadline.poll(cx).is_ready() {
+                return Poll::Ready(Err(Failure::Timeout));
+            }
+            Poll::Pending
+        })
+        .await?;
+        if n == 0 {
+            return Err(Failure::Broken { answered });
+        }
+    }
+}
+
+/// Relays the response: `out` (its head), then its body from the upstream connection's buffer
+/// and socket, as it comes. True when the body was read to its end (the upstream connection
+/// can serve another request); an error when the client could not be written to.
+async fn relay(
+    client: &mut TcpStream,
+    up: &mut RawConn,
+    head_len: usize,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    // What of the body came with the head.
+    let mut chunks = Chunks::START;
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut pos = head_len;
+    let mut finished = framing == Framing::Empty || left == 0;
+    let take = |data: &[u8], chunks: &mut Chunks, left: &mut u64| -> Result<(usize, bool), ()> {
+        match framing {
+            Framing::Empty => Ok((0, true)),
+            Framing::Length(_) => {
+                let n = (*left).min(data.len() as u64) as usize;
+                *left -= n as u64;
+                Ok((n, *left == 0))
+            }
+            Framing::Chunked => {
+                let n = chunks.advance(data)?;
+                Ok((n, *chunks == Chunks::Done))
+            }
+            Framing::Close => Ok((data.len(), false)),
+        }
+    };
+    if !finished {
+        let Ok((n, end)) = take(&up.buf[pos..up.len], &mut chunks, &mut left) else {
+            write_all(client, out).await?;
+            return Ok(false);
+        };
+        out.extend_from_slice(&up.buf[pos..pos + n]);
+        pos += n;
+        finished = end;
+    }
+    write_all(client, out).await?;
+    // Bytes past the body (an upstream must not send them before the next request): not reused.
+    let extra = pos < up.len;
+    up.buf.copy_within(pos..up.len, 0);
+    up.len -= pos;
+    while !finished {
+        up.len = 0;
+        let n = std::future::poll_fn(|cx| {
+            let cap = up.buf.len();
+            poll_read_into(&mut up.stream, &mut up.buf, &mut up.len, cap, cx)
+        })
+        .await;
+        let n = match n {
+            Ok(0) if framing == Framing::Close => return Ok(false),
+            Ok(0) | Err(_) => {
+                // The upstream broke mid-body: the client's answer is cut short too.
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the upstream closed mid-body"));
+            }
+            Ok(n) => n,
+        };
+        let Ok((used, end)) = take(&up.buf[..n], &mut chunks, &mut left) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body from the upstream"));
+        };
+        write_all(client, &up.buf[..used]).await?;
+        finished = end;
+        if used < n {
+            up.buf.copy_within(used..n, 0);
+            up.len = n - used;
+            return Ok(false);
+        }
+        up.len = 0;
+    }
+    Ok(!extra && up.len == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked_end(body: &[u8]) -> Result<Option<usize>, ()> {
+        let mut c = Chunks::START;
+        let n = c.advance(body)?;
+        Ok((c == Chunks::Done).then_some(n))
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_last_chunk_and_trailers_end() {
+        assert_eq!(chunked_end(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(chunked_end(b"3\r\nabc\r\n0\r\n\r\nNEXT"), Ok(Some(13)));
+        assert_eq!(chunked_end(b"a;ext=1\r\n0123456789\r\n0\r\nx-t: 1\r\n\r\n"), Ok(Some(34)));
+        assert_eq!(chunked_end(b"3\r\nabc\r\n"), Ok(None), "no last chunk yet");
+        assert_eq!(chunked_end(b"3\nabc\n0\n\n"), Ok(Some(9)), "bare LF line ends");
+        assert!(chunked_end(b"x\r\n").is_err());
+        assert!(chunked_end(b"3\r\nabcX").is_err(), "data not followed by CRLF");
+        assert!(chunked_end(b"ffffffffffffffff0\r\n").is_err(), "size overflow");
+        // Fed a byte at a time, the same end is found.
+        let body = b"5\r\nhello\r\n0\r\nt: v\r\n\r\n";
+        let mut c = Chunks::START;
+        for (i, b) in body.iter().enumerate() {
+            assert_eq!(c.advance(std::slice::from_ref(b)), Ok(1), "byte {i}");
+        }
+        assert_eq!(c, Chunks::Done);
+    }
+
+    fn parsed(raw: &[u8]) -> Option<Box<Head>> {
+        match parse_request(raw) {
+            Parsed::Complete(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_fast_path_takes_plain_requests_and_hands_off_the_rest() {
+        let h = parsed(b"GET /v1/infer?x=1 HTTP/1.1\r\nHost: a\r\nx-api-key: k\r\n\r\n").expect("plain GET");
+        let raw: &[u8] = b"GET /v1/infer?x=1 HTTP/1.1\r\nHost: a\r\nx-api-key: k\r\n\r\n";
+        let req = Req { buf: raw, head: &h };
+        assert_eq!(req.path(), "/v1/infer");
+        assert_eq!(req.query(), Some(&b"?x=1"[..]));
+        assert_eq!(req.header("x-api-key"), Some(&b"k"[..]));
+        assert!(h.has_host && !h.close);
+        let post =
+            parsed(b"POST /p HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").expect("small POST");
+        assert_eq!((post.body_len, post.close), (3, true));
+        for handed_off in [
+            &b"GET /p HTTP/1.0\r\n\r\n"[..],
+            b"GET http://a/p HTTP/1.1\r\n\r\n",
+            b"GET /p#f HTTP/1.1\r\n\r\n",
+            b"GET /a\"b HTTP/1.1\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na",
+            b"POST /p HTTP/1.1\r\nContent-Length: +1\r\n\r\na",
+            b"POST /p HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"GET /p HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n",
+            b"GET /p HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
+            b"POST /p HTTP/1.1\r\ncontent-type: application/grpc\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 70000\r\n\r\n",
+            b"GET /p HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_request(handed_off), Parsed::HandOff),
+                "{:?} is handed to hyper",
+                String::from_utf8_lossy(handed_off)
+            );
+        }
+        assert!(matches!(parse_request(b"GET /p HTTP/1.1\r\nHost"), Parsed::Partial));
+    }
+
+    #[test]
+    fn upstream_framing_follows_rfc_9112() {
+        let framing = |raw: &[u8], head: bool| match parse_response(raw, head) {
+            Ok(RespParsed::Complete(h)) => Some((h.framing, h.keep_alive)),
+            _ => None,
+        };
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false),
+            Some((Framing::Length(3), true))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            Some((Framing::Chunked, true))
+        );
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false),
+            Some((Framing::Close, false))
+        );
+        assert_eq!(framing(b"HTTP/1.1 200 OK\r\n\r\n", false), Some((Framing::Close, false)));
+        assert_eq!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true), Some((Framing::Empty, true)));
+        assert_eq!(framing(b"HTTP/1.1 204 No Content\r\n\r\n", false), Some((Framing::Empty, true)));
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false),
+            Some((Framing::Length(0), false))
+        );
+        assert_eq!(framing(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false), Some((Framing::Length(0), false)));
+        assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_none());
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n", false),
+            Ok(RespParsed::Interim(37))
+        ));
+    }
+}

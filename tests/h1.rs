@@ -1,0 +1,323 @@
+//! Black-box tests of the tenant listener's own HTTP/1.1 path (`src/h1.rs`): pipelined
+//! requests, every framing an upstream may answer with, pooled upstream connections the
+//! upstream closed, what goes up and comes down, and the hand-off to hyper of what the path
+//! does not serve. Raw sockets on both sides: a programmable upstream in this process.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::wire::Wire;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(5);
+
+/// An upstream on raw sockets. It reads each request (head, then a `Content-Length` body),
+/// records it, and answers by the path's last segment:
+/// - `chunked`: a chunked body with a trailer; `close`: a body that ends with the connection;
+/// - `both`: `Content-Length` and `Transfer-Encoding: chunked` at once;
+/// - `interim`: a 103 before the 200; `once`: answers, then closes without saying so;
+/// - `big`: 1 MiB; `hop`: hop-by-hop and gateway fields the gateway must drop or replace;
+/// - anything else: the request head back as the body.
+struct RawUpstream {
+    addr: SocketAddr,
+    /// Request heads received, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted.
+    accepted: Arc<AtomicUsize>,
+}
+
+const BIG: usize = 1 << 20;
+
+impl RawUpstream {
+    async fn start() -> RawUpstream {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (seen2, accepted2) = (seen.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                accepted2.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(s, seen2.clone()));
+            }
+        });
+        RawUpstream { addr, seen, accepted }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn last(&self) -> String {
+        self.seen.lock().expect("lock").last().cloned().unwrap_or_default()
+    }
+}
+
+async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + 4 + len {
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + 4 + len);
+        seen.lock().expect("lock").push(head.clone());
+        let target = head.split(' ').nth(1).unwrap_or("").to_string();
+        let last = target.split('?').next().unwrap_or("").rsplit('/').next().unwrap_or("").to_string();
+        let head_request = head.starts_with("HEAD ");
+        let reply: Vec<u8> = match last.as_str() {
+            "chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+            "close" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the close").await;
+                return;
+            }
+            "both" => b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
+            "interim" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "once" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce").await;
+                return;
+            }
+            "big" => {
+                let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+                r.extend((0..BIG).map(|i| (i % 251) as u8));
+                r
+            }
+            "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
+            _ => {
+                let body = head.as_bytes();
+                let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                if !head_request {
+                    r.extend_from_slice(body);
+                }
+                r
+            }
+        };
+        if s.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The test configuration in front of `upstream`, where every path under `/v1/raw/` is the
+/// pay-as-you-go license-plate feature, which tenant globex (key `key-globex`) may call at
+/// 1000 QPS.
+fn config(upstream: &str, server_extra: &str) -> ConfigDir {
+    let main = main_toml(upstream, server_extra, "[admission]\ndefault_qps = 1000\n").replace(
+        "[[routes]]\npath = \"/v1/face/compare\"",
+        "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"license-plate-recognition\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
+    );
+    ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None))
+}
+
+fn gateway(up: &RawUpstream) -> (ConfigDir, Gateway) {
+    let cfg = config(&up.url(), "");
+    let gw = Gateway::start(&cfg);
+    (cfg, gw)
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: tenant.example\r\nx-api-key: key-globex\r\n\r\n")
+}
+
+async fn billed(gw: &Gateway) -> f64 {
+    let m = gw.metrics(&client()).await;
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("license-plate-recognition"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn addr(gw: &Gateway) -> SocketAddr {
+    gw.url("").trim_start_matches("http://").trim_end_matches('/').parse().expect("gateway address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_and_each_charged_once() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    let three = format!("{}{}{}", get("/v1/raw/a?n=1"), get("/v1/raw/b?n=2"), get("/v1/raw/c?n=3"));
+    w.s.write_all(three.as_bytes()).await.expect("write");
+    for n in 1..=3 {
+        let r = w.reply(T).await.expect("reply");
+        assert_eq!(r.status, 200, "{}", r.head);
+        let echoed = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(echoed.contains(&format!("?n={n} HTTP/1.1")), "answer {n} in order: {echoed}");
+    }
+    // The connection goes on.
+    w.s.write_all(get("/v1/raw/d").as_bytes()).await.expect("write");
+    assert_eq!(w.reply(T).await.expect("reply").status, 200);
+    assert_eq!(billed(&gw).await, 4.0, "each call charged exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_upstream_framing_reaches_the_client_whole() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+
+    w.s.write_all(get("/v1/raw/chunked").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("chunked");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello world"[..]), "{}", r.head);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+
+    w.s.write_all(get("/v1/raw/both").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("both");
+    assert_eq!(r.body, b"ok");
+    assert_eq!(r.header("content-length"), None, "never both framings: {}", r.head);
+
+    w.s.write_all(get("/v1/raw/interim").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("interim");
+    assert_eq!((r.status, r.body.as_slice(), r.interim.as_str()), (200, &b"ok"[..], ""), "103 not relayed");
+
+    w.s.write_all(get("/v1/raw/big").as_bytes()).await.expect("write");
+    let r = w.reply(Duration::from_secs(20)).await.expect("big");
+    assert_eq!(r.body.len(), BIG);
+    assert!(r.body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "1 MiB intact");
+
+    let head = "HEAD /v1/raw/x HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\n\r\n";
+    w.s.write_all(head.as_bytes()).await.expect("write");
+    let r = w.reply_to(true, T).await.expect("head");
+    assert!(r.header("content-length").is_some_and(|n| n != "0"), "HEAD keeps the length: {}", r.head);
+    w.s.write_all(get("/v1/raw/after-head").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("after HEAD");
+    assert!(String::from_utf8_lossy(&r.body).starts_with("GET /v1/raw/after-head"), "no stray body after HEAD");
+
+    // A body that ends with the upstream's close: the client's connection closes with it.
+    w.s.write_all(get("/v1/raw/close").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("close-delimited");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"until the close"[..]));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(billed(&gw).await, 7.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    for method in ["GET", "POST", "GET", "POST"] {
+        let req = format!(
+            "{method} /v1/raw/once HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\nContent-Length: 2\r\n\r\nhi"
+        );
+        w.s.write_all(req.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"once"[..]), "{method}: {}", r.head);
+        // The upstream's close reaches the gateway before the next call.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 4, "one upstream connection per call");
+    assert_eq!(billed(&gw).await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_on_the_way_up_and_down() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    let req = "GET /v1/raw/./x/../echo?q=%2F HTTP/1.1\r\nHost: tenant.example\r\nX-Api-Key: key-globex\r\n\
+               X-Turnstile-Tenant: spoofed\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: x\r\n\
+               X-Forwarded-For: 10.0.0.1\r\nX-Custom: kept\r\n\r\n";
+    w.s.write_all(req.as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("reply");
+    assert_eq!(r.status, 200, "{}", r.head);
+    // Served by the fast path: field names keep the client's spelling (hyper lowercases them).
+    assert!(up.last().contains("\r\nX-Custom: kept\r\n"), "{}", up.last());
+    let seen = up.last().to_ascii_lowercase();
+    assert!(seen.starts_with("get /v1/raw/echo?q=%2f http/1.1\r\n"), "normalized path, query as sent: {seen}");
+    for gone in ["x-api-key", "spoofed", "keep-alive", "proxy-authorization"] {
+        assert!(!seen.contains(gone), "{gone} not forwarded: {seen}");
+    }
+    for kept in [
+        "host: tenant.example",
+        "x-custom: kept",
+        "x-turnstile-tenant: globex",
+        "x-turnstile-feature: license-plate-recognition",
+        "x-forwarded-for: 10.0.0.1, 127.0.0.1",
+    ] {
+        assert!(seen.contains(kept), "{kept}: {seen}");
+    }
+    w.s.write_all(get("/v1/raw/hop").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("reply");
+    assert_eq!(r.header("x-kept"), Some("yes"));
+    for gone in ["keep-alive", "x-private"] {
+        assert!(r.header(gone).is_none(), "{gone} dropped: {}", r.head);
+    }
+    assert_eq!(r.header("x-turnstile-payer"), Some("payg"), "the gateway's, not the upstream's");
+    assert!(r.header("ratelimit").is_some_and(|v| v.starts_with("\"qps\";r=")), "{}", r.head);
+    assert!(r.header("date").is_some(), "a date is added: {}", r.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_fast_path_does_not_serve_goes_to_hyper_on_the_same_connection() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    // A body that comes after its head: hyper streams it.
+    let head = "POST /v1/raw/late HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\nContent-Length: 5\r\n\r\n";
+    w.s.write_all(head.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.s.write_all(b"hello").await.expect("write body");
+    let r = w.reply(T).await.expect("reply");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).to_ascii_lowercase().starts_with("post /v1/raw/late http/1.1"));
+    // The connection goes on (hyper's now), pipelined requests included.
+    let two = format!("{}{}", get("/v1/raw/one"), get("/v1/raw/two"));
+    w.s.write_all(two.as_bytes()).await.expect("write");
+    for path in ["/v1/raw/one", "/v1/raw/two"] {
+        let r = w.reply(T).await.expect("reply");
+        assert!(String::from_utf8_lossy(&r.body).contains(path), "{path}");
+    }
+    // A request HTTP/1.0 client.
+    let mut w10 = Wire::connect(addr(&gw)).await;
+    w10.s.write_all(b"GET /v1/raw/old HTTP/1.0\r\nx-api-key: key-globex\r\n\r\n").await.expect("write");
+    let r = w10.reply(T).await.expect("HTTP/1.0");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(billed(&gw).await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_with_the_rate_fields() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    w.s.write_all(b"GET /v1/raw/x HTTP/1.1\r\nHost: h\r\nx-api-key: wrong\r\n\r\n").await.expect("write");
+    let r = w.reply(T).await.expect("401");
+    assert_eq!((r.status, r.error_code().as_str()), (401, "invalid_api_key"));
+    w.s.write_all(get("/v1/raw/x").as_bytes()).await.expect("write");
+    assert_eq!(w.reply(T).await.expect("200").status, 200, "the same connection serves on");
+
+    let cfg = config(&format!("http://{}", dead_addr()), "upstream_timeout_ms = 2000");
+    let gw2 = Gateway::start(&cfg);
+    let mut w = Wire::connect(addr(&gw2)).await;
+    w.s.write_all(get("/v1/raw/x").as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("502");
+    assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"));
+    assert!(r.header("ratelimit").is_some() && r.header("x-turnstile-payer").is_some(), "{}", r.head);
+    assert_eq!(billed(&gw2).await, 0.0, "not charged");
+}
