@@ -87,6 +87,59 @@ impl<'de> Deserialize<'de> for Dec {
 
 impl serde::Serialize for Dec {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0.normalize().to_string())
+        let d = self.0.normalize();
+        // Whole numbers (the ledger's call counts and ms) without Decimal's formatter and its
+        // String: the same text, digits on the stack.
+        if d.scale() == 0 {
+            if let Ok(n) = i64::try_from(d.mantissa()) {
+                let mut buf = [0u8; 20];
+                let mut i = buf.len();
+                let mut m = n.unsigned_abs();
+                loop {
+                    i -= 1;
+                    buf[i] = b'0' + (m % 10) as u8;
+                    m /= 10;
+                    if m == 0 {
+                        break;
+                    }
+                }
+                let mut text = [0u8; 21];
+                let sign = usize::from(n < 0);
+                text[0] = b'-';
+                text[sign..sign + buf.len() - i].copy_from_slice(&buf[i..]);
+                if let Ok(t) = std::str::from_utf8(&text[..sign + buf.len() - i]) {
+                    return s.serialize_str(t);
+                }
+            }
+        }
+        s.serialize_str(&d.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_serialize_as_their_normal_text() {
+        for text in [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "42",
+            "1000",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "1.50",
+            "0.001",
+            "12.3000",
+            "-7.25",
+            "79228162514264337593543950335",
+        ] {
+            let d: Decimal = text.parse().expect("decimal");
+            let json = serde_json::to_string(&Dec(d)).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", d.normalize()), "{text}");
+        }
     }
 }

@@ -130,9 +130,21 @@ impl ApiError {
 }
 
 /// Serializes the error shape; used for codes outside [`ApiError`] too (admin 409/422).
+/// Straight from borrowed strings (no `serde_json::Value` tree): a 429 flood answers with it.
 pub fn error_body(code: &str, message: &str) -> Bytes {
-    let v = serde_json::json!({ "error": { "code": code, "message": message } });
-    Bytes::from(v.to_string())
+    #[derive(serde::Serialize)]
+    struct Shape<'a> {
+        error: Inner<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Inner<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    let mut out = Vec::with_capacity(40 + code.len() + message.len());
+    // Writing two strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &Shape { error: Inner { code, message } });
+    Bytes::from(out)
 }
 
 pub static JSON: HeaderValue = HeaderValue::from_static("application/json");

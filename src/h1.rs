@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
+use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -409,8 +410,9 @@ async fn refuse(
     extra: &[(HeaderName, HeaderValue)],
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let resp = crate::http_util::error_response(e, extra);
-    let body = e.body();
+    let (parts, body) = crate::http_util::error_response(e, extra).into_parts();
+    let resp = http::Response::from_parts(parts, ());
+    let body = full_bytes(body);
     let close = req.head.close
         || resp.headers().contains_key(http::header::CONNECTION)
         || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
@@ -432,6 +434,16 @@ async fn refuse(
     }
     write_all(stream, out).await?;
     Ok(!close)
+}
+
+/// The bytes of a body the gateway made (one frame, ready at once).
+fn full_bytes(body: crate::http_util::ProxyBody) -> bytes::Bytes {
+    let http_body_util::Either::Left(mut full) = body else { return bytes::Bytes::new() };
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => bytes::Bytes::new(),
+    }
 }
 
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
@@ -567,55 +579,64 @@ enum Framing {
     Close,
 }
 
-/// An upstream response head, as ranges of the upstream connection's buffer.
+/// The usage reports of SPEC §4 an upstream answer may carry, which the settlement reads.
+const USAGE_FIELDS: [&str; 4] = ["x-usage-video-ms", "x-usage-video-fps", "x-usage-video-lines", "x-usage-image-count"];
+
+/// An upstream response head. Its fields that go on to the client are written out as it is
+/// parsed; what the gateway still needs of it is kept here (the usage reports as ranges of the
+/// upstream connection's buffer).
 struct RespHead {
     code: u16,
-    reason: Span,
-    fields: [(Span, Span); MAX_HEADERS],
-    count: usize,
     head_len: usize,
     framing: Framing,
     /// The upstream keeps the connection open (HTTP/1.1 without `Connection: close`).
     keep_alive: bool,
-    /// It has a `Transfer-Encoding`.
-    coded: bool,
+    has_date: bool,
+    usage: [Option<Span>; USAGE_FIELDS.len()],
 }
 
 enum RespParsed {
-    Complete(Box<RespHead>),
+    Complete(RespHead),
     /// An interim (1xx) response of this many bytes: skipped.
     Interim(usize),
     Partial,
 }
 
-fn parse_response(buf: &[u8], head_request: bool) -> Result<RespParsed, ApiError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(RespParsed::Partial),
-        Err(_) => return Err(ApiError::UpstreamUnavailable),
-    };
+/// At most this many field names a response's `Connection` may list (they are dropped with it);
+/// more make the answer a 502.
+const MAX_LISTED: usize = 8;
+
+/// Parses an upstream response head at the start of `buf`. When it is complete (and final),
+/// `out` receives the client's status line and the fields that go on: all but the hop-by-hop
+/// ones, those its `Connection` lists, a `Content-Length` beside a `Transfer-Encoding` (RFC 9112
+/// §6.3), and the fields the gateway sets itself (the rate-limit fields, `x-turnstile-payer`).
+fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<RespParsed, ApiError> {
+    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let head_len =
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(RespParsed::Partial),
+            Err(_) => return Err(ApiError::UpstreamUnavailable),
+        };
     let code = resp.code.unwrap_or(0);
     if (100..200).contains(&code) {
         // 101 would switch protocols, which was not asked for.
         return if code == 101 { Err(ApiError::UpstreamUnavailable) } else { Ok(RespParsed::Interim(head_len)) };
     }
-    let mut head = Box::new(RespHead {
+    let mut head = RespHead {
         code,
-        reason: span(buf, resp.reason.unwrap_or("").as_bytes()),
-        fields: [((0, 0), (0, 0)); MAX_HEADERS],
-        count: 0,
         head_len,
         framing: Framing::Close,
         keep_alive: resp.version == Some(1),
-        coded: false,
-    });
+        has_date: false,
+        usage: [None; USAGE_FIELDS.len()],
+    };
     let (mut length, mut chunked, mut coded) = (None, false, false);
-    for (i, f) in resp.headers.iter().enumerate() {
+    let mut listed: [&[u8]; MAX_LISTED] = [b""; MAX_LISTED];
+    let mut n_listed = 0;
+    for f in resp.headers.iter() {
         let (name, value) = (f.name.as_bytes(), f.value);
-        head.fields[i] = (span(buf, name), span(buf, value));
-        head.count = i + 1;
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(value.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
             match (length, n) {
@@ -631,13 +652,21 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<RespParsed, ApiError
                 .map(<[u8]>::trim_ascii)
                 .rfind(|t| !t.is_empty())
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection")
-            && value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        {
-            head.keep_alive = false;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    head.keep_alive = false;
+                } else if !t.eq_ignore_ascii_case(b"keep-alive") {
+                    *listed.get_mut(n_listed).ok_or(ApiError::UpstreamUnavailable)? = t;
+                    n_listed += 1;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"date") {
+            head.has_date = true;
+        } else if let Some(i) = USAGE_FIELDS.iter().position(|u| name.eq_ignore_ascii_case(u.as_bytes())) {
+            head.usage[i] = Some(span(buf, value));
         }
     }
-    head.coded = coded;
     head.framing = if head_request || code == 204 || code == 304 {
         Framing::Empty
     } else if coded {
@@ -654,6 +683,22 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<RespParsed, ApiError
     };
     if head.framing == Framing::Close {
         head.keep_alive = false;
+    }
+    out.clear();
+    status_line(out, code, resp.reason.unwrap_or(""));
+    let listed = &listed[..n_listed];
+    for f in resp.headers.iter() {
+        let name = f.name.as_bytes();
+        if hop_by_hop(name)
+            || (coded && name.eq_ignore_ascii_case(b"content-length"))
+            || name.eq_ignore_ascii_case(b"ratelimit")
+            || name.eq_ignore_ascii_case(b"ratelimit-policy")
+            || name.eq_ignore_ascii_case(b"x-turnstile-payer")
+            || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+        {
+            continue;
+        }
+        field(out, name, f.value);
     }
     Ok(RespParsed::Complete(head))
 }
@@ -797,9 +842,8 @@ async fn forward(
             return Ok(keep);
         }
     };
-    let upstream_buf = &up.buf[..up.len];
     let (payer, outcome) = if (200..300).contains(&resp.code) {
-        let headers = ResponseFields { buf: upstream_buf, head: &resp };
+        let headers = UsageReports { buf: &up.buf[..up.len], head: &resp };
         let settled = if gw.billing.settles_at_once() {
             crate::store::ready(proxy::settle(gw, fwd, &headers)).unwrap_or_else(|| {
                 Err(ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() })
@@ -826,33 +870,14 @@ async fn forward(
     let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
     let close =
         req.head.close || resp.framing == Framing::Close || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
-    // The response head.
-    out.clear();
-    status_line(out, resp.code, std::str::from_utf8(slice(upstream_buf, resp.reason)).unwrap_or(""));
-    let listed = connection_listed(upstream_buf, &resp);
-    let mut has_date = false;
-    for (n, v) in resp.fields[..resp.count].iter() {
-        let (name, value) = (slice(upstream_buf, *n), slice(upstream_buf, *v));
-        if hop_by_hop(name)
-            // With Transfer-Encoding, a Content-Length is wrong (RFC 9112 §6.3): not passed on.
-            || (resp.coded && name.eq_ignore_ascii_case(b"content-length"))
-            || name.eq_ignore_ascii_case(b"ratelimit")
-            || name.eq_ignore_ascii_case(b"ratelimit-policy")
-            || name.eq_ignore_ascii_case(b"x-turnstile-payer")
-            || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
-        {
-            continue;
-        }
-        has_date |= name.eq_ignore_ascii_case(b"date");
-        field(out, name, value);
-    }
+    // The rest of the response head (its status line and the upstream's fields are in `out`).
     if resp.framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    if !has_date {
+    if !resp.has_date {
         date(out);
     }
     for (n, v) in &rate {
@@ -875,52 +900,38 @@ async fn forward(
     relayed.map(|_| !close)
 }
 
-/// The names a response's `Connection` field lists (dropped with it).
-fn connection_listed<'a>(buf: &'a [u8], resp: &RespHead) -> Vec<&'a [u8]> {
-    let mut listed = Vec::new();
-    for (n, v) in resp.fields[..resp.count].iter() {
-        if slice(buf, *n).eq_ignore_ascii_case(b"connection") {
-            listed.extend(slice(buf, *v).split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| {
-                !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
-            }));
-        }
-    }
-    listed
-}
-
 /// Methods a request may be sent again for when a reused connection fails before any answer
 /// (RFC 9110 §9.2.2; nginx's `proxy_next_upstream` does not resend the others either).
 fn idempotent(method: &[u8]) -> bool {
     matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE")
 }
 
-/// The response head's fields, for the settlement's usage reports.
-struct ResponseFields<'a> {
+/// The usage reports of an upstream answer, for the settlement.
+struct UsageReports<'a> {
     buf: &'a [u8],
     head: &'a RespHead,
 }
 
-impl HeadView for ResponseFields<'_> {
+impl HeadView for UsageReports<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
-        self.head.fields[..self.head.count]
-            .iter()
-            .find(|(n, _)| slice(self.buf, *n).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| slice(self.buf, *v))
+        let i = USAGE_FIELDS.iter().position(|u| *u == name)?;
+        self.head.usage[i].map(|s| slice(self.buf, s))
     }
 }
 
-/// Sends `request` on a pooled (or new) upstream connection and reads the response head.
+/// Sends the request in `out` on a pooled (or new) upstream connection and reads the response
+/// head (its client-bound part then in `out`).
 /// A reused connection that fails before any byte of an answer is replaced by a new one, once,
 /// for an idempotent request.
 async fn exchange(
     gw: &Gateway,
     authority: &Authority,
-    request: &[u8],
+    out: &mut Vec<u8>,
     head_request: bool,
     idempotent: bool,
     deadline: &mut Deadline,
     timeout: Duration,
-) -> Result<(RawConn, Box<RespHead>), ApiError> {
+) -> Result<(RawConn, RespHead), ApiError> {
     deadline.set(Instant::now() + timeout);
     let mut retried = false;
     loop {
@@ -948,7 +959,7 @@ async fn exchange(
             }
         };
         let reused = up.reused;
-        match send_and_read_head(&mut up, request, head_request, deadline).await {
+        match send_and_read_head(&mut up, out, head_request, deadline).await {
             Ok(head) => return Ok((up, head)),
             Err(Failure::Timeout) => return Err(ApiError::UpstreamTimeout { timeout_ms: timeout.as_millis() as u64 }),
             Err(Failure::Broken { answered }) if reused && !answered && idempotent && !retried => {
@@ -969,14 +980,17 @@ enum Failure {
     Malformed,
 }
 
+/// Sends the request in `out` and reads the response head, whose client-bound part then
+/// replaces the request in `out` ([`parse_response`]).
 async fn send_and_read_head(
     up: &mut RawConn,
-    request: &[u8],
+    out: &mut Vec<u8>,
     head_request: bool,
     deadline: &mut Deadline,
-) -> Result<Box<RespHead>, Failure> {
+) -> Result<RespHead, Failure> {
     let broken = |_| Failure::Broken { answered: false };
     let mut done = 0;
+    let request = &out[..];
     std::future::poll_fn(|cx| {
         while done < request.len() {
             match Pin::new(&mut up.stream).poll_write(cx, &request[done..]) {
@@ -997,7 +1011,7 @@ async fn send_and_read_head(
     .await?;
     loop {
         if up.len > 0 {
-            match parse_response(&up.buf[..up.len], head_request) {
+            match parse_response(&up.buf[..up.len], head_request, out) {
                 Ok(RespParsed::Complete(head)) => return Ok(head),
                 Ok(RespParsed::Interim(n)) => {
                     up.buf.copy_within(n..up.len, 0);
@@ -1178,7 +1192,7 @@ mod tests {
 
     #[test]
     fn upstream_framing_follows_rfc_9112() {
-        let framing = |raw: &[u8], head: bool| match parse_response(raw, head) {
+        let framing = |raw: &[u8], head: bool| match parse_response(raw, head, &mut Vec::new()) {
             Ok(RespParsed::Complete(h)) => Some((h.framing, h.keep_alive)),
             _ => None,
         };
@@ -1204,8 +1218,28 @@ mod tests {
         assert_eq!(framing(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false), Some((Framing::Length(0), false)));
         assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_none());
         assert!(matches!(
-            parse_response(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n", false),
+            parse_response(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n", false, &mut Vec::new()),
             Ok(RespParsed::Interim(37))
         ));
+    }
+
+    #[test]
+    fn the_client_gets_the_upstream_fields_that_are_not_hop_by_hop() {
+        let raw = b"HTTP/1.1 201 Made\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\nKeep-Alive: 5\r\n\
+            Connection: x-private, keep-alive\r\nX-Private: 1\r\nRatelimit: fake\r\nX-Usage-Video-Ms: 1500\r\n\
+            X-Kept: yes\r\n\r\n";
+        let mut out = Vec::new();
+        let Ok(RespParsed::Complete(head)) = parse_response(raw, false, &mut out) else { panic!("complete") };
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 201 Made\r\nX-Usage-Video-Ms: 1500\r\nX-Kept: yes\r\n",
+            "no length beside the coding, no hop-by-hop or listed field, no gateway field"
+        );
+        assert_eq!((head.framing, head.keep_alive, head.has_date), (Framing::Chunked, true, false));
+        let reports = UsageReports { buf: raw, head: &head };
+        assert_eq!(reports.header("x-usage-video-ms"), Some(&b"1500"[..]));
+        assert_eq!(reports.header("x-usage-image-count"), None);
+        let many = b"HTTP/1.1 200 OK\r\nConnection: a, b, c, d, e, f, g, h, i\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_response(many, false, &mut out).is_err(), "over MAX_LISTED listed fields: a 502");
     }
 }

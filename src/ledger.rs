@@ -84,12 +84,16 @@ pub enum Record {
 }
 
 impl Record {
+    /// Its key: the JSON array of its names (`["acme","od-1"]`). Serialized from a tuple, not
+    /// a `serde_json::Value`: the same text without the tree.
     fn key(&self) -> String {
-        match self {
-            Record::Package(p) => serde_json::json!([p.tenant, p.id]).to_string(),
-            Record::Month(m) => serde_json::json!([m.tenant, m.feature, m.month]).to_string(),
-            Record::ImageCount(i) => serde_json::json!([i.tenant]).to_string(),
-        }
+        let key = match self {
+            Record::Package(p) => serde_json::to_string(&(&p.tenant, &p.id)),
+            Record::Month(m) => serde_json::to_string(&(&m.tenant, &m.feature, &m.month)),
+            Record::ImageCount(i) => serde_json::to_string(&(&i.tenant,)),
+        };
+        // Strings only: serializing them cannot fail.
+        key.unwrap_or_default()
     }
 }
 
@@ -140,15 +144,28 @@ impl RedbLedger {
             let mut packages = txn.open_table(PACKAGES).map_err(|e| self.write_err(e))?;
             let mut months = txn.open_table(MONTHS).map_err(|e| self.write_err(e))?;
             let mut images = txn.open_table(IMAGES).map_err(|e| self.write_err(e))?;
-            for r in records {
-                let key = r.key();
-                let value = match r {
+            // In key order: consecutive inserts land in the same B-tree pages, which this
+            // transaction then copies once.
+            let mut keyed: Vec<(u8, String, &Record)> = records
+                .iter()
+                .map(|r| {
+                    let table = match r {
+                        Record::Package(_) => 0,
+                        Record::Month(_) => 1,
+                        Record::ImageCount(_) => 2,
+                    };
+                    (table, r.key(), r)
+                })
+                .collect();
+            keyed.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            for (_, key, r) in &keyed {
+                let value = match *r {
                     Record::Package(p) => serde_json::to_vec(p),
                     Record::Month(m) => serde_json::to_vec(m),
                     Record::ImageCount(i) => serde_json::to_vec(i),
                 }
                 .map_err(|e| self.write_err(e))?;
-                let table = match r {
+                let table = match *r {
                     Record::Package(_) => &mut packages,
                     Record::Month(_) => &mut months,
                     Record::ImageCount(_) => &mut images,
@@ -224,6 +241,22 @@ pub fn zero_units() -> [Dec; 5] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_keys_are_the_json_arrays_of_their_names() {
+        // The text earlier ledgers were written with (a `serde_json::Value` array), quotes and all.
+        let m = month("a\"b", 1);
+        let Record::Month(mr) = &m else { unreachable!() };
+        assert_eq!(m.key(), serde_json::json!([mr.tenant, mr.feature, mr.month]).to_string());
+        let p = Record::Package(PackageRecord {
+            tenant: "t".into(),
+            id: "ü".into(),
+            consumed: Dec(Decimal::ONE),
+            alerted: false,
+        });
+        assert_eq!(p.key(), r#"["t","ü"]"#);
+        assert_eq!(Record::ImageCount(ImageCountRecord { tenant: "t".into(), count: 1 }).key(), r#"["t"]"#);
+    }
 
     fn month(tenant: &str, units: u32) -> Record {
         let mut u = zero_units();
