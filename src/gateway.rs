@@ -222,6 +222,49 @@ impl Conn {
     }
 }
 
+/// The snapshot a request was decided on, held through a handle of its thread's: requests
+/// clone the handle's `Arc`, whose count lives in an allocation of that thread, not the
+/// snapshot's own, which every core would otherwise write twice per request.
+pub struct SnapshotHandle(Arc<Snapshot>);
+
+impl std::ops::Deref for SnapshotHandle {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.0
+    }
+}
+
+impl SnapshotHandle {
+    /// The snapshot itself (for work that outlives the request on another task).
+    pub fn shared(&self) -> &Arc<Snapshot> {
+        &self.0
+    }
+}
+
+thread_local! {
+    /// This thread's handle to the snapshot it served last. An idle thread keeps an older
+    /// snapshot alive until its next request.
+    static SNAPSHOT: std::cell::RefCell<Option<Arc<SnapshotHandle>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Gateway {
+    /// The snapshot being served, for one request (the one `ArcSwap` load of the request).
+    pub fn request_snapshot(&self) -> Arc<SnapshotHandle> {
+        let current = self.snapshot.load();
+        SNAPSHOT.with(|h| {
+            let mut h = h.borrow_mut();
+            match &*h {
+                Some(handle) if Arc::ptr_eq(&handle.0, &current) => handle.clone(),
+                _ => {
+                    let handle = Arc::new(SnapshotHandle(arc_swap::Guard::into_inner(current)));
+                    *h = Some(handle.clone());
+                    handle
+                }
+            }
+        })
+    }
+}
+
 /// How many per-core workers serve the tenant listener: one per CPU this process may run on
 /// (its affinity, e.g. `taskset`). With one, the tenant listener is served on the main runtime.
 pub fn worker_count() -> usize {

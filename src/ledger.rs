@@ -144,28 +144,15 @@ impl RedbLedger {
             let mut packages = txn.open_table(PACKAGES).map_err(|e| self.write_err(e))?;
             let mut months = txn.open_table(MONTHS).map_err(|e| self.write_err(e))?;
             let mut images = txn.open_table(IMAGES).map_err(|e| self.write_err(e))?;
-            // In key order: consecutive inserts land in the same B-tree pages, which this
-            // transaction then copies once.
-            let mut keyed: Vec<(u8, String, &Record)> = records
-                .iter()
-                .map(|r| {
-                    let table = match r {
-                        Record::Package(_) => 0,
-                        Record::Month(_) => 1,
-                        Record::ImageCount(_) => 2,
-                    };
-                    (table, r.key(), r)
-                })
-                .collect();
-            keyed.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-            for (_, key, r) in &keyed {
-                let value = match *r {
+            for r in records {
+                let key = r.key();
+                let value = match r {
                     Record::Package(p) => serde_json::to_vec(p),
                     Record::Month(m) => serde_json::to_vec(m),
                     Record::ImageCount(i) => serde_json::to_vec(i),
                 }
                 .map_err(|e| self.write_err(e))?;
-                let table = match *r {
+                let table = match r {
                     Record::Package(_) => &mut packages,
                     Record::Month(_) => &mut months,
                     Record::ImageCount(_) => &mut images,

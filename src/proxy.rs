@@ -61,7 +61,7 @@ fn is_hop_by_hop(n: &HeaderName) -> bool {
 /// and never look the tenant or feature up again; a reload meanwhile publishes a new snapshot
 /// for the calls that come next and waits for nobody.
 pub struct Forward {
-    snap: Arc<Snapshot>,
+    snap: Arc<crate::gateway::SnapshotHandle>,
     /// Indexes of the tenant and feature in `snap`.
     ti: usize,
     fi: usize,
@@ -431,7 +431,7 @@ pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -
 }
 
 async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Result<Forward, Refused> {
-    let snap = gw.snapshot.load_full();
+    let snap = gw.request_snapshot();
     let s = &snap.settings;
     let (ti, key_in_authorization) = identify(&snap, headers)?;
     let tenant = &snap.tenants[ti];
@@ -844,7 +844,7 @@ pub async fn settle_now<H: HeadView + ?Sized>(
         ImageSettle { op, slot, reported }
     });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
-    let (reservation, image) = match gw.billing.defer_call(snap, fwd.tenant, fi, fwd.reservation, now, image) {
+    let (reservation, image) = match gw.billing.defer_call(snap.shared(), fwd.tenant, fi, fwd.reservation, now, image) {
         Ok(settled) => return Ok(settled),
         Err(back) => back,
     };

@@ -68,10 +68,28 @@ impl RequestIds {
         RequestIds { nonce: h.finish(), next: std::sync::atomic::AtomicU64::new(1) }
     }
 
+    /// The next id. Each thread takes its counters from the shared one in blocks of
+    /// [`RequestIds::BLOCK`], so the per-core workers do not all write one cache line per request
+    /// (ids stay unique; their order across threads is not the order of the calls).
     pub fn next(&self) -> RequestId {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        thread_local! {
+            /// (the generator's nonce, next counter, end of the block)
+            static BLOCK: std::cell::Cell<(u64, u64, u64)> = const { std::cell::Cell::new((0, 0, 0)) };
+        }
+        let n = BLOCK.with(|b| {
+            let (nonce, mut next, mut end) = b.get();
+            if nonce != self.nonce || next == end {
+                next = self.next.fetch_add(Self::BLOCK, std::sync::atomic::Ordering::Relaxed);
+                end = next + Self::BLOCK;
+            }
+            b.set((self.nonce, next + 1, end));
+            next
+        });
         RequestId((u128::from(self.nonce) << 64) | u128::from(n))
     }
+
+    /// Ids a thread takes from the shared counter at once.
+    pub const BLOCK: u64 = 256;
 }
 
 impl Default for RequestIds {

@@ -45,6 +45,17 @@ fn request_ids_are_unique_and_share_the_process_nonce() {
     assert_eq!(a.0 >> 64, b.0 >> 64);
     assert_ne!(RequestIds::new().next().0 >> 64, a.0 >> 64, "another process (or generator) draws another nonce");
     assert_eq!(format!("{a}").len(), 32);
+    // Threads draw from blocks of the same counter: no two ids alike, across threads and
+    // generators (two generators interleaved on one thread each keep their own block).
+    let other = RequestIds::new();
+    let all: Vec<RequestId> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| (0..1000).flat_map(|_| [ids.next(), other.next()]).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("thread")).collect()
+    });
+    let unique: std::collections::HashSet<RequestId> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "every id drawn once");
 }
 
 const LEASE: Duration = Duration::from_secs(60);
