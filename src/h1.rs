@@ -364,9 +364,14 @@ pub async fn serve(
         first = false;
         let total = head.head_len + head.body_len;
         let keep = handle(conn, stream, &buf[..total], &head, &mut out, &mut deadline).await?;
-        // Phase 4: the next request, if any, starts where this one ended.
+        // Phase 4: the next request, if any, starts where this one ended; a buffer grown for
+        // a body goes back to its first size.
         buf.copy_within(total..len, 0);
         len -= total;
+        if buf.len() > 4 * CLIENT_BUF && len <= CLIENT_BUF {
+            buf.truncate(CLIENT_BUF);
+            buf.shrink_to_fit();
+        }
         if !keep || draining || !gw.ready.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(Served::Closed);
         }
@@ -816,11 +821,14 @@ async fn forward(
     let rate = fwd.rate_headers();
     let reserved_payer = fwd.reserved_payer();
     let head_request = req.method() == b"HEAD";
-    let authority = fwd.snap().settings.upstream.authority().cloned();
+    // The snapshot through this thread's handle: the upstream's authority is borrowed from it
+    // (a clone of its `Bytes` would write a reference count every core writes).
+    let snap = fwd.snapshot_handle().clone();
+    let authority = snap.settings.upstream.authority();
     let upstream_timeout = fwd.snap().settings.upstream_timeout;
     upstream_request(conn, req, &fwd, out);
     let sent = std::time::Instant::now();
-    let exchanged = match &authority {
+    let exchanged = match authority {
         Some(a) => exchange(gw, a, out, head_request, idempotent(req.method()), deadline, upstream_timeout).await,
         None => Err(ApiError::UpstreamUnavailable),
     };
@@ -891,7 +899,7 @@ async fn forward(
     let relayed = relay(stream, &mut up, head_len, resp.framing, out).await;
     match relayed {
         Ok(true) if resp.keep_alive => {
-            if let Some(a) = &authority {
+            if let Some(a) = authority {
                 gw.upstream.put_raw(a, up);
             }
         }

@@ -88,6 +88,9 @@ impl Forward {
     pub(crate) fn snap(&self) -> &Snapshot {
         &self.snap
     }
+    pub(crate) fn snapshot_handle(&self) -> &Arc<crate::gateway::SnapshotHandle> {
+        &self.snap
+    }
     pub(crate) fn pair(&self) -> u64 {
         self.pair
     }
