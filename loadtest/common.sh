@@ -5,7 +5,7 @@
 #                   (bucket depth: $PAYG_QPS x $BURST_SECONDS, at least 1)
 #   /v1/face/compare face-comparison-1-1 with a QPS plan of $PLAN_QPS (cap 50)
 # With TENANTS=N (N > 1), N more tenants t1..tN (keys tenant-1..tenant-N) call /v1/infer the
-# same way, and $WORK/tenants.lua makes wrk rotate their keys (wrk -s).
+# same way (wrk -s loadtest/tenants.lua rotates their keys; export TENANTS for it).
 # GATEWAY_WRAP (e.g. a valgrind command line) is put before the gateway's command.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,16 +60,6 @@ if n > 1:
         tenants[f"t{i}"] = {"api_keys": [hashlib.sha256(f"tenant-{i}".encode()).hexdigest()], "services": ["text_recognition"]}
 print(json.dumps({"tenants": tenants}))
 PY
-  cat > "$WORK/tenants.lua" <<LUA
-local reqs, n, i = {}, $TENANTS, 0
-function init(args)
-  for k = 1, n do reqs[k] = wrk.format("GET", "/v1/infer", { ["x-api-key"] = "tenant-" .. k }) end
-end
-function request()
-  i = i % n + 1
-  return reqs[i]
-end
-LUA
   ${PIN_SERVER:+taskset -c $PIN_SERVER} "$BIN" stand-in --listen "127.0.0.1:$UP_PORT" > "$WORK/upstream.log" 2>&1 &
   PIDS+=($!)
   ${PIN_SERVER:+taskset -c $PIN_SERVER} ${GATEWAY_WRAP:-} "$BIN" serve --config "$WORK/turnstile.toml" > "$WORK/gateway.log" 2>&1 &

@@ -23,7 +23,7 @@
 #   hot      one tenant/feature, every call admitted and metered pay-as-you-go (nginx: limit_req
 #            rate=1000000r/s burst=100000 nodelay, never triggering). Checks: zero non-2xx, billed units
 #            == requests the turnstile upstream served.
-#   tenants  10,000 tenants spread evenly: wrk rotates 10,000 API keys (loadtest/tenants.lua); nginx's
+#   tenants  $TENANTS (10,000) tenants spread evenly: wrk rotates their API keys (loadtest/tenants.lua); nginx's
 #            limit_req is keyed on the key as in hot; each tenant pay-as-you-go.
 #   flood    a 50 QPS limit with depth 1 flooded: nearly every answer the proxy's own 429 (nginx:
 #            limit_req rate=50r/s, burst 0, limit_req_status 429).
@@ -40,7 +40,7 @@ ROOT=$PWD
 export NO_PROXY='*' no_proxy='*'
 
 DURATION=${DURATION:-10}; CONNS=${CONNS:-64}; ROUNDS=${ROUNDS:-3}; WARMUP=${WARMUP:-2}
-TOOLS=${TOOLS:-wrk}; API_KEY=${API_KEY:-tenant-a}; TENANTS=${TENANTS:-10000}
+TOOLS=${TOOLS:-wrk}; API_KEY=${API_KEY:-tenant-a}; export TENANTS=${TENANTS:-10000}   # read by loadtest/tenants.lua too
 LAYOUT=${LAYOUT:-own-core}; WORKLOAD=${WORKLOAD:-hot}
 case $LAYOUT in
   own-core) d_load=0; d_up=0; d_proxy=1 ;;
@@ -132,22 +132,11 @@ for l in open('/proc/stat'):
 print(*t)"
 }
 
-# wrk's Lua script for the tenants workload: one pre-formatted request per key, taken in turn.
-cat > "$RUN/tenants.lua" <<LUA
-local reqs, n, i = {}, $TENANTS, 0
-function init(args)
-  for k = 1, n do reqs[k] = wrk.format("GET", "/v1/infer", { ["x-api-key"] = "tenant-" .. k }) end
-end
-function request()
-  i = i % n + 1
-  return reqs[i]
-end
-LUA
 
 load() { # workload tool port seconds outfile
   local w=$1 tool=$2 port=$3 secs=$4 out=$5 url="http://127.0.0.1:$3/v1/infer"
   local keyarg=(-H "x-api-key: $API_KEY")
-  [ "$w" = tenants ] && keyarg=(-s "$RUN/tenants.lua")
+  [ "$w" = tenants ] && keyarg=(-s "$ROOT/loadtest/tenants.lua")
   case $tool in
     wrk) timeout -k 5 $((secs + 30)) taskset -c "$LOADGEN_CPU" wrk -t1 -c "$CONNS" -d "${secs}s" --latency "${keyarg[@]}" "$url" > "$out" ;;
     oha)

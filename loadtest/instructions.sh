@@ -32,7 +32,7 @@ WAIT_TRIES=400 start_gateway
 gw=${PIDS[1]}
 url="http://127.0.0.1:$GW_PORT/v1/infer"
 load=(-H "x-api-key: $API_KEY")
-[ "$WORKLOAD" = tenants ] && load=(-s "$WORK/tenants.lua")
+[ "$WORKLOAD" = tenants ] && load=(-s "$ROOT/loadtest/tenants.lua")
 taskset -c "$PIN_LOADGEN" timeout $((WARMUP + 30)) wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${load[@]}" "$url" > /dev/null
 sleep 0.5
 callgrind_control -z "$gw" > /dev/null

@@ -92,24 +92,7 @@ impl serde::Serialize for Dec {
         // String: the same text, digits on the stack.
         if d.scale() == 0 {
             if let Ok(n) = i64::try_from(d.mantissa()) {
-                let mut buf = [0u8; 20];
-                let mut i = buf.len();
-                let mut m = n.unsigned_abs();
-                loop {
-                    i -= 1;
-                    buf[i] = b'0' + (m % 10) as u8;
-                    m /= 10;
-                    if m == 0 {
-                        break;
-                    }
-                }
-                let mut text = [0u8; 21];
-                let sign = usize::from(n < 0);
-                text[0] = b'-';
-                text[sign..sign + buf.len() - i].copy_from_slice(&buf[i..]);
-                if let Ok(t) = std::str::from_utf8(&text[..sign + buf.len() - i]) {
-                    return s.serialize_str(t);
-                }
+                return s.serialize_str(itoa::Buffer::new().format(n));
             }
         }
         s.serialize_str(&d.to_string())
