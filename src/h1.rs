@@ -341,7 +341,8 @@ pub async fn serve(
             if draining && len == 0 {
                 return Ok(Served::Closed);
             }
-            let want = if len == buf.len() { (buf.len() * 2).min(MAX_HEAD) } else { buf.len() };
+            // A full buffer doubles (a head over MAX_HEAD was handed off above).
+            let want = if len == buf.len() { buf.len() * 2 } else { buf.len() };
             let read = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = poll_read_into(stream, &mut buf, &mut len, want, cx) {
                     return Poll::Ready(r.map(Some));
@@ -1022,7 +1023,8 @@ async fn send_and_read_head(
             }
         }
         let answered = up.len > 0;
-        let want = if up.len == up.buf.len() { (up.buf.len() * 2).min(MAX_RESPONSE_HEAD) } else { up.buf.len() };
+        // A full buffer doubles (a head over MAX_RESPONSE_HEAD was refused above).
+        let want = if up.len == up.buf.len() { up.buf.len() * 2 } else { up.buf.len() };
         let n = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = poll_read_into(&mut up.stream, &mut up.buf, &mut up.len, want, cx) {
                 return Poll::Ready(r.map_err(|_| Failure::Broken { answered }));

@@ -79,12 +79,12 @@ async fn slot(
 /// connections and hyper's alike): every connection holds a watcher; [`Drain::shutdown`] tells
 /// them all and waits until the last one is gone. A connection finishes the request in progress
 /// and closes (HTTP/1.1), or sends GOAWAY and finishes its streams (HTTP/2).
-pub struct Drain {
+struct Drain {
     tx: watch::Sender<()>,
 }
 
 impl Drain {
-    pub fn new() -> Drain {
+    fn new() -> Drain {
         Drain { tx: watch::channel(()).0 }
     }
 
@@ -92,15 +92,9 @@ impl Drain {
         self.tx.subscribe()
     }
 
-    pub async fn shutdown(self) {
+    async fn shutdown(self) {
         let _ = self.tx.send(());
         self.tx.closed().await;
-    }
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Drain::new()
     }
 }
 
