@@ -1242,4 +1242,47 @@ mod tests {
         let many = b"HTTP/1.1 200 OK\r\nConnection: a, b, c, d, e, f, g, h, i\r\nContent-Length: 0\r\n\r\n";
         assert!(parse_response(many, false, &mut out).is_err(), "over MAX_LISTED listed fields: a 502");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Any bytes, or a valid request with bytes changed: the parsers never panic, and what
+        /// they accept stays inside the buffer and is what hyper's path would route on.
+        #[test]
+        fn parsers_take_any_bytes(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            flips in proptest::collection::vec((0usize..120, proptest::prelude::any::<u8>()), 0..4),
+        ) {
+            let mut req = b"POST /v1/raw/a/../b?q=1 HTTP/1.1\r\nHost: h\r\nx-api-key: k\r\nContent-Length: 3\r\n\r\nabc".to_vec();
+            for (at, b) in flips {
+                if at < req.len() {
+                    req[at] = b;
+                }
+            }
+            for buf in [&raw[..], &req[..]] {
+                if let Parsed::Complete(head) = parse_request(buf) {
+                    proptest::prop_assert!(head.head_len <= buf.len() && head.body_len <= MAX_BODY);
+                    let view = Req { buf, head: &head };
+                    proptest::prop_assert!(view.path().starts_with('/'));
+                    proptest::prop_assert!(!view.path().contains('?'));
+                    let target = std::str::from_utf8(slice(buf, head.target)).expect("ASCII target");
+                    let uri: http::Uri = target.parse().expect("hyper accepts what the fast path takes");
+                    proptest::prop_assert_eq!(uri.path(), view.path());
+                    proptest::prop_assert_eq!(uri.query().map(|q| format!("?{q}")), view.query().map(|q| String::from_utf8_lossy(q).into_owned()));
+                    for (n, v) in view.fields() {
+                        proptest::prop_assert!(!n.is_empty() && !v.contains(&b'\n'));
+                    }
+                }
+                let mut out = Vec::new();
+                if let Ok(RespParsed::Complete(head)) = parse_response(buf, false, &mut out) {
+                    proptest::prop_assert!(head.head_len <= buf.len());
+                    proptest::prop_assert!(out.starts_with(b"HTTP/1.1 "));
+                }
+                let mut c = Chunks::START;
+                if let Ok(n) = c.advance(buf) {
+                    proptest::prop_assert!(n <= buf.len());
+                }
+            }
+        }
+    }
 }
