@@ -11,6 +11,7 @@
 #   WORKLOAD=flood loadtest/instructions.sh          # a 50 QPS limit flooded: nearly every answer a 429
 #   WORKLOAD=tenants loadtest/instructions.sh        # 10,000 tenants (a warm-up long enough to touch them all)
 #   TURNSTILE_BIN=/tmp/before/turnstile loadtest/instructions.sh   # another build
+#   KEEP=/tmp/cg loadtest/instructions.sh            # also keeps the callgrind files (callgrind_annotate)
 #
 # Needs valgrind (callgrind_control and callgrind_annotate come with it) and wrk. Prints one line:
 #   requests=N  main=I  ledger-writer=I  total=I   (instructions per request)
@@ -49,8 +50,9 @@ for f in "$WORK"/cg."$gw".1-*; do
   [ "$per" -lt 50 ] && continue   # threads that did next to nothing (signals, the admin listener)
   name=$(grep -m1 -oP '(?<=^thread: )\d+' "$f" || true)
   case $name in 1) name=main ;; *) name="thread$name" ;; esac
-  # The ledger writer is the thread that runs the redb commits.
-  grep -q 'RedbLedger' "$f" && name=ledger-writer
+  # The ledger writer runs the commits (the log appends); the fold thread, redb's transactions.
+  if grep -q 'fold_loop' "$f"; then name=ledger-fold; elif grep -q 'RedbLedger' "$f"; then name=ledger-writer; fi
   line="$line  $name=$per"
 done
 echo "$line  total=$((total / requests))  (user-space instructions per request)"
+[ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$KEEP"/ && echo "callgrind files in $KEEP"

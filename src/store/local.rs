@@ -775,7 +775,7 @@ fn writer(
     rx: mpsc::Receiver<Msg>,
     interval: Duration,
 ) {
-    let mut keys: HashSet<DirtyKey> = HashSet::new();
+    let mut keys: HashSet<DirtyKey, FxBuildHasher> = HashSet::default();
     let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
     let mut stop = false;
     let mut failures: u64 = 0;
@@ -796,8 +796,10 @@ fn writer(
             }
         };
         let Some(b) = store.upgrade() else { return };
-        let take = |m: Msg, keys: &mut HashSet<DirtyKey>, waiters: &mut Vec<mpsc::Sender<()>>, stop: &mut bool| match m
-        {
+        let take = |m: Msg,
+                    keys: &mut HashSet<DirtyKey, FxBuildHasher>,
+                    waiters: &mut Vec<mpsc::Sender<()>>,
+                    stop: &mut bool| match m {
             Msg::Dirty(k) => {
                 keys.insert(k);
             }
@@ -840,7 +842,9 @@ fn writer(
             }
             continue;
         }
-        let records: Vec<Record> = keys.iter().filter_map(|k| b.record(k)).collect();
+        // Sized up front: collecting from `filter_map` would grow (and move) it several times.
+        let mut records: Vec<Record> = Vec::with_capacity(keys.len());
+        records.extend(keys.iter().filter_map(|k| b.record(k)));
         let started = Instant::now();
         match ledger.commit(&records) {
             Ok(()) => {

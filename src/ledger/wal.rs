@@ -1,0 +1,289 @@
+//! The ledger's write-ahead log: numbered segment files `<dir>/ledger-<seq>.wal`.
+//!
+//! A segment starts with [`MAGIC`]; each commit appends one frame and makes it durable with one
+//! `fdatasync`:
+//!
+//! ```text
+//! frame   = payload length (u32 LE) | xxh3-64 of the payload (u64 LE) | payload
+//! payload = entry*
+//! entry   = name length (u32 LE) | name | value length (u32 LE) | value
+//! name    = table (u8) | key
+//! ```
+//!
+//! A frame is all of one commit or, cut short or failing its checksum, none of it. Only the last
+//! segment can end that way (a crash mid-append): reading stops there and the tail is dropped.
+//! A segment before the last one was complete before the next was created, so a bad frame there
+//! is an error, never skipped.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const MAGIC: &[u8; 8] = b"TSWAL01\n";
+const FRAME_HEAD: usize = 12;
+
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("ledger-{seq:010}.wal"))
+}
+
+/// The segments in `dir`, oldest first.
+pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ledger-"))
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((seq, entry.path()));
+    }
+    out.sort_unstable_by_key(|(seq, _)| *seq);
+    Ok(out)
+}
+
+/// Starts a frame in `buf` (cleared): room for its head, filled by [`finish_frame`].
+pub fn start_frame(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&[0; FRAME_HEAD]);
+}
+
+/// Appends one entry to a started frame, its key and value written in place by `key` and
+/// `value`. Returns where its name (table and key) and its value lie in `buf`.
+pub fn push_entry(
+    buf: &mut Vec<u8>,
+    table: u8,
+    key: impl FnOnce(&mut Vec<u8>),
+    value: impl FnOnce(&mut Vec<u8>),
+) -> (Range<usize>, Range<usize>) {
+    let name = sized(buf, |buf| {
+        buf.push(table);
+        key(buf);
+    });
+    (name, sized(buf, value))
+}
+
+/// Writes a length-prefixed field in place.
+fn sized(buf: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    write(buf);
+    let len = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    at + 4..buf.len()
+}
+
+pub fn finish_frame(buf: &mut [u8]) {
+    let len = (buf.len() - FRAME_HEAD) as u32;
+    let hash = xxh3_64(&buf[FRAME_HEAD..]);
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..FRAME_HEAD].copy_from_slice(&hash.to_le_bytes());
+}
+
+/// One entry of a frame, borrowed from the segment's bytes.
+pub struct Entry<'a> {
+    /// Its table (the first byte) and key.
+    pub name: &'a [u8],
+    pub value: &'a [u8],
+}
+
+/// What reading a segment found.
+pub struct Read<'a> {
+    pub entries: Vec<Entry<'a>>,
+    /// Bytes after the last whole frame (a torn or corrupt tail): 0 for a clean end.
+    pub dropped: usize,
+}
+
+/// Reads the frames of a segment's bytes, in order, up to the first one cut short or failing
+/// its checksum. A frame whose checksum holds but whose entries do not parse is an error (a bug,
+/// not a crash), as is a file that is not a segment.
+pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
+    if bytes.len() < MAGIC.len() {
+        // Created but its header never reached the disk: nothing was ever committed to it.
+        return Ok(Read { entries: Vec::new(), dropped: bytes.len() });
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a turnstile ledger log (bad header)".into());
+    }
+    let mut entries = Vec::new();
+    let mut at = MAGIC.len();
+    while bytes.len() - at >= FRAME_HEAD {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let hash = u64::from_le_bytes(bytes[at + 4..at + FRAME_HEAD].try_into().unwrap_or_default());
+        let start = at + FRAME_HEAD;
+        let Some(payload) = bytes.get(start..start.saturating_add(len)) else { break };
+        if xxh3_64(payload) != hash {
+            break;
+        }
+        parse_payload(payload, &mut entries).map_err(|e| format!("frame at byte {at}: {e}"))?;
+        at = start + len;
+    }
+    Ok(Read { entries, dropped: bytes.len() - at })
+}
+
+fn parse_payload<'a>(mut p: &'a [u8], out: &mut Vec<Entry<'a>>) -> Result<(), &'static str> {
+    fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+        if p.len() < n {
+            return Err("entry cut short");
+        }
+        let (head, rest) = p.split_at(n);
+        *p = rest;
+        Ok(head)
+    }
+    fn len(p: &mut &[u8]) -> Result<usize, &'static str> {
+        Ok(u32::from_le_bytes(take(p, 4)?.try_into().map_err(|_| "entry cut short")?) as usize)
+    }
+    while !p.is_empty() {
+        let n = len(&mut p)?;
+        let name = take(&mut p, n)?;
+        if name.is_empty() {
+            return Err("entry without a table");
+        }
+        let n = len(&mut p)?;
+        let value = take(&mut p, n)?;
+        out.push(Entry { name, value });
+    }
+    Ok(())
+}
+
+/// The segment commits append to.
+pub struct Segment {
+    pub seq: u64,
+    file: File,
+    /// Bytes of whole, durable frames (and the header).
+    len: u64,
+    /// A failed append may have left bytes past `len`: cut them before the next append.
+    torn: bool,
+    pub created: Instant,
+}
+
+impl Segment {
+    /// Creates segment `seq` with its header, durable together with its folder entry. A file
+    /// of that number can only be an earlier failed attempt (numbers only grow): it is replaced,
+    /// and one this attempt leaves half-made is removed.
+    pub fn create(dir: &Path, seq: u64) -> io::Result<Segment> {
+        let path = segment_path(dir, seq);
+        let made = (|| {
+            let file = File::options().read(true).write(true).create(true).truncate(true).open(&path)?;
+            file.write_all_at(MAGIC, 0)?;
+            file.sync_data()?;
+            File::open(dir)?.sync_all()?;
+            Ok(file)
+        })();
+        match made {
+            Ok(file) => Ok(Segment { seq, file, len: MAGIC.len() as u64, torn: false, created: Instant::now() }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends one frame and makes it durable. On failure nothing of it counts: the next append
+    /// first cuts whatever part of it reached the file.
+    pub fn append(&mut self, frame: &[u8]) -> io::Result<()> {
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
+        match self.file.write_all_at(frame, self.len).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.len += frame.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.torn = true;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(entries: &[(u8, &str, &[u8])]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        start_frame(&mut buf);
+        for (t, k, v) in entries {
+            let (name, value) =
+                push_entry(&mut buf, *t, |b| b.extend_from_slice(k.as_bytes()), |b| b.extend_from_slice(v));
+            assert_eq!((buf[name.start], &buf[name.start + 1..name.end], &buf[value]), (*t, k.as_bytes(), *v));
+        }
+        finish_frame(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn a_log_cut_anywhere_reads_as_its_whole_frames() {
+        let frames = [frame(&[(1, "a", b"1"), (0, "b", b"22")]), frame(&[]), frame(&[(2, "ü", b"{}")])];
+        let mut log = MAGIC.to_vec();
+        let mut ends = vec![log.len()];
+        for f in &frames {
+            log.extend_from_slice(f);
+            ends.push(log.len());
+        }
+        for cut in 0..=log.len() {
+            let r = read(&log[..cut]).expect("a cut log is not an error");
+            let whole = ends.iter().filter(|&&e| e <= cut).count().saturating_sub(1);
+            let expected: usize = [2, 0, 1][..whole].iter().sum();
+            assert_eq!(r.entries.len(), expected, "cut at {cut}");
+            assert_eq!(r.dropped, cut - ends.iter().copied().filter(|&e| e <= cut).max().unwrap_or(0), "cut at {cut}");
+        }
+        let r = read(&log).unwrap();
+        let got: Vec<_> = r.entries.iter().map(|e| (e.name, e.value)).collect();
+        assert_eq!(got, vec![(&b"\x01a"[..], &b"1"[..]), (b"\x00b", b"22"), ("\u{2}ü".as_bytes(), b"{}")]);
+    }
+
+    #[test]
+    fn a_flipped_byte_ends_the_log_before_its_frame() {
+        let mut log = MAGIC.to_vec();
+        log.extend_from_slice(&frame(&[(1, "a", b"1")]));
+        let second = log.len();
+        log.extend_from_slice(&frame(&[(1, "a", b"2")]));
+        for i in second..log.len() {
+            let mut bad = log.clone();
+            bad[i] ^= 0x40;
+            let r = read(&bad).unwrap();
+            assert_eq!(r.entries.len(), 1, "byte {i}");
+            assert_eq!(r.entries[0].value, b"1");
+            assert_eq!(r.dropped, log.len() - second);
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_log_is_an_error() {
+        assert!(read(b"PK\x03\x04 something else").is_err());
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 7).unwrap();
+        seg.append(&frame(&[(1, "a", b"1")])).unwrap();
+        // As if a failed append had left part of a frame behind.
+        let good = seg.len();
+        seg.file.write_all_at(b"garbage", good).unwrap();
+        seg.torn = true;
+        seg.append(&frame(&[(1, "a", b"2")])).unwrap();
+        let bytes = std::fs::read(segment_path(dir.path(), 7)).unwrap();
+        let r = read(&bytes).unwrap();
+        assert_eq!(r.dropped, 0);
+        assert_eq!(r.entries.iter().map(|e| e.value).collect::<Vec<_>>(), vec![&b"1"[..], b"2"]);
+        assert_eq!(segments(dir.path()).unwrap().iter().map(|s| s.0).collect::<Vec<_>>(), vec![7]);
+    }
+}
