@@ -2,10 +2,11 @@
 # User-space instructions per request of the gateway, counted by valgrind's callgrind: the same
 # count for the same binary and traffic whatever else the machine does (CPU time on a shared VM
 # moves by 10-30 % between runs), so it shows what a change to the request path costs or saves.
-# Per thread: the runtime that serves requests (main, or a per-core worker) and the ledger
-# writer. wrk sends the calls at the rate the instrumented gateway manages (~2-4k/s: callgrind
-# runs it 20-50x slower), so the writer's per-commit work is spread over fewer calls than at
-# full speed: compare its figure between builds, not with CPU time.
+# Per thread: the runtime that serves requests (main, or a per-core worker), the ledger writer and
+# the ledger's fold thread. wrk sends the calls at the rate the instrumented gateway manages
+# (~2-4k/s: callgrind runs it 20-50x slower), so the writer's per-commit work and the fold's
+# per-fold work are spread over fewer calls than at full speed: compare their figures between
+# builds, not with CPU time.
 #
 #   loadtest/instructions.sh                         # hot: one tenant, every call metered pay-as-you-go
 #   WORKLOAD=flood loadtest/instructions.sh          # a 50 QPS limit flooded: nearly every answer a 429
@@ -14,7 +15,7 @@
 #   KEEP=/tmp/cg loadtest/instructions.sh            # also keeps the callgrind files (callgrind_annotate)
 #
 # Needs valgrind (callgrind_control and callgrind_annotate come with it) and wrk. Prints one line:
-#   requests=N  main=I  ledger-writer=I  total=I   (instructions per request)
+#   requests=N  main=I  ledger-fold=I  ledger-writer=I  total=I   (instructions per request)
 set -euo pipefail
 WORKLOAD=${WORKLOAD:-hot}
 case $WORKLOAD in
