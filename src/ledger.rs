@@ -771,6 +771,26 @@ mod tests {
     }
 
     #[test]
+    fn a_ledger_written_before_the_log_opens_with_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = month("acme", 9);
+        {
+            // What the ledger looked like before the log: redb alone, no `meta` table.
+            let db = Database::create(dir.path().join(RedbLedger::FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(MONTHS).unwrap().insert(old.key().as_str(), old.json().unwrap().as_slice()).unwrap();
+            txn.commit().unwrap();
+        }
+        {
+            let l = RedbLedger::open(dir.path()).unwrap();
+            assert_eq!(l.load().unwrap(), vec![old]);
+            l.commit(&[month("acme", 10)]).unwrap();
+        }
+        let l = RedbLedger::open(dir.path()).unwrap();
+        assert_eq!(units_of(&l, "acme"), Some(Decimal::from(10)));
+    }
+
+    #[test]
     fn unwritable_dir_and_garbage_file_are_errors_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
