@@ -7,7 +7,8 @@
 //! frame   = payload length (u32 LE) | xxh3-64 of the payload (u64 LE) | payload
 //! payload = entry*
 //! entry   = name length (u32 LE) | name | value length (u32 LE) | value
-//! name    = table (u8) | key
+//! name    = table (u8) | the record's identity (its names, `super::codec`)
+//! value   = the record (`super::codec`)
 //! ```
 //!
 //! A frame is all of one commit or, cut short or failing its checksum, none of it. Only the last
@@ -57,8 +58,8 @@ pub fn start_frame(buf: &mut Vec<u8>) {
     buf.extend_from_slice(&[0; FRAME_HEAD]);
 }
 
-/// Appends one entry to a started frame, its key and value written in place by `key` and
-/// `value`. Returns where its name (table and key) and its value lie in `buf`.
+/// Appends one entry to a started frame, its identity and value written in place by `key` and
+/// `value`. Returns where its name (table and identity) and its value lie in `buf`.
 pub fn push_entry(
     buf: &mut Vec<u8>,
     table: u8,
@@ -91,7 +92,7 @@ pub fn finish_frame(buf: &mut [u8]) {
 
 /// One entry of a frame, borrowed from the segment's bytes.
 pub struct Entry<'a> {
-    /// Its table (the first byte) and key.
+    /// Its table (the first byte) and identity.
     pub name: &'a [u8],
     pub value: &'a [u8],
 }
