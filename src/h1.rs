@@ -497,22 +497,6 @@ fn date(out: &mut Vec<u8>) {
     });
 }
 
-/// Is `name` hop-by-hop (RFC 9110 §7.6.1 plus the legacy ones), dropped on the way through?
-fn hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
-
 /// The request as it goes upstream (SPEC §4), into `out`: the normalized path under the
 /// upstream's base, hop-by-hop fields and the API key dropped, `x-turnstile-*` set by the
 /// gateway alone, `X-Forwarded-For` appended, then the body.
@@ -531,7 +515,7 @@ fn upstream_request(conn: &Conn, req: &Req<'_>, fwd: &Forward, out: &mut Vec<u8>
     let api_key = s.api_key_header.as_str().as_bytes();
     let mut xff: Option<usize> = None;
     for (name, value) in req.fields() {
-        if hop_by_hop(name)
+        if crate::http_util::hop_by_hop(name)
             || name.eq_ignore_ascii_case(api_key)
             || (fwd.key_in_authorization() && name.eq_ignore_ascii_case(b"authorization"))
             || (name.len() >= 12 && name[..12].eq_ignore_ascii_case(b"x-turnstile-"))
@@ -685,7 +669,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
     let listed = &listed[..n_listed];
     for f in resp.headers.iter() {
         let name = f.name.as_bytes();
-        if hop_by_hop(name)
+        if crate::http_util::hop_by_hop(name)
             || (coded && name.eq_ignore_ascii_case(b"content-length"))
             || name.eq_ignore_ascii_case(b"ratelimit")
             || name.eq_ignore_ascii_case(b"ratelimit-policy")

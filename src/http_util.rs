@@ -11,6 +11,24 @@ use crate::error::{ApiError, JSON};
 /// A response body: a small one the gateway made, or the upstream's streamed.
 pub type ProxyBody = Either<Full<Bytes>, crate::upstream::Body>;
 
+/// Is the field `name` hop-by-hop (RFC 9110 §7.6.1 plus the legacy ones proxies drop, and
+/// `upgrade`: protocol upgrades are not proxied)? Dropped on the way through, by the fast path
+/// and by the hyper path alike. Any letter case.
+pub fn hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
 /// The one JSON error shape, with its status and the headers that go with the refusal.
 pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Left(Full::new(e.body())));

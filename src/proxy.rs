@@ -40,22 +40,6 @@ static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy"
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy ones proxies drop), and `upgrade`:
-/// protocol upgrades are not proxied.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ]
-    .contains(n)
-        || matches!(n.as_str(), "keep-alive" | "proxy-connection")
-}
-
 /// Everything needed after the decision, owned. It holds the snapshot the call was decided on
 /// (the one load of the request), so the forward and settle phases read the same configuration
 /// and never look the tenant or feature up again; a reload meanwhile publishes a new snapshot
@@ -746,7 +730,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
-    remove_where(h, is_hop_by_hop);
+    remove_where(h, |n| crate::http_util::hop_by_hop(n.as_str().as_bytes()));
 }
 
 /// Removes every header whose name matches; allocates nothing (requests have a few headers).
