@@ -172,7 +172,8 @@ type Stored = BTreeMap<(u8, String), Record>;
 
 /// A logged record read back: the table is a name's first byte.
 fn decode_logged(name: &[u8], value: &[u8]) -> Result<Record, &'static str> {
-    codec::decode(usize::from(*name.first().ok_or("a name without a table")?), value)
+    let (table, identity) = name.split_first().ok_or("a name without a table")?;
+    codec::decode(usize::from(*table), identity, value)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -556,7 +557,7 @@ impl LedgerStore for RedbLedger {
         log.entries.clear();
         wal::start_frame(&mut log.frame);
         for r in records {
-            let entry = wal::push_entry(&mut log.frame, r.table(), |b| codec::identity(r, b), |b| codec::value(r, b));
+            let entry = wal::push_entry(&mut log.frame, r.table(), |b| codec::identity(r, b), |b| codec::fields(r, b));
             log.entries.push(entry);
         }
         wal::finish_frame(&mut log.frame);

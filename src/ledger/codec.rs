@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! name  = table (u8) | identity          (what the log coalesces on)
-//! value = identity | fields
+//! value = fields
 //! str   = length (u32 LE) | UTF-8 bytes;  dec = rust_decimal's 16-byte form;  bool = u8
 //! package:     identity = tenant str, id str;   fields = consumed dec, alerted bool
 //! month:       identity = tenant, feature, month str;  fields = 5 unit decs, payg cells
@@ -45,9 +45,8 @@ pub fn identity(r: &Record, out: &mut Vec<u8>) {
     }
 }
 
-/// Writes a record's value.
-pub fn value(r: &Record, out: &mut Vec<u8>) {
-    identity(r, out);
+/// Writes a record's value: the fields after its identity.
+pub fn fields(r: &Record, out: &mut Vec<u8>) {
     match r {
         Record::Package(p) => {
             dec(out, p.consumed);
@@ -101,13 +100,16 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads a value of `table` (0 packages, 1 months, 2 image counts) back into its record.
-pub fn decode(table: usize, bytes: &[u8]) -> Result<Record, &'static str> {
-    let mut r = Reader(bytes);
+/// Reads a record of `table` (0 packages, 1 months, 2 image counts) back from its identity and
+/// its value.
+pub fn decode(table: usize, identity: &[u8], value: &[u8]) -> Result<Record, &'static str> {
+    let (mut id, mut r) = (Reader(identity), Reader(value));
     let record = match table {
-        0 => Record::Package(PackageRecord { tenant: r.str()?, id: r.str()?, consumed: r.dec()?, alerted: r.bool()? }),
+        0 => {
+            Record::Package(PackageRecord { tenant: id.str()?, id: id.str()?, consumed: r.dec()?, alerted: r.bool()? })
+        }
         1 => {
-            let (tenant, feature, month) = (r.str()?, r.str()?, r.str()?);
+            let (tenant, feature, month) = (id.str()?, id.str()?, id.str()?);
             let mut units = [Dec(Decimal::ZERO); 5];
             for u in &mut units {
                 *u = r.dec()?;
@@ -120,10 +122,10 @@ pub fn decode(table: usize, bytes: &[u8]) -> Result<Record, &'static str> {
             }
             Record::Month(MonthRecord { tenant, feature, month, units, payg, unpaid: r.dec()?, integer: r.bool()? })
         }
-        2 => Record::ImageCount(ImageCountRecord { tenant: r.str()?, count: u64::from_le_bytes(r.take()?) }),
+        2 => Record::ImageCount(ImageCountRecord { tenant: id.str()?, count: u64::from_le_bytes(r.take()?) }),
         _ => return Err("unknown table"),
     };
-    if !r.0.is_empty() {
+    if !id.0.is_empty() || !r.0.is_empty() {
         return Err("bytes after the record");
     }
     Ok(record)
@@ -134,15 +136,22 @@ mod tests {
     use super::*;
 
     fn roundtrip(r: Record) {
-        let mut v = Vec::new();
-        value(&r, &mut v);
-        assert_eq!(decode(usize::from(r.table()), &v), Ok(r.clone()));
+        let (mut i, mut v) = (Vec::new(), Vec::new());
+        identity(&r, &mut i);
+        fields(&r, &mut v);
+        let t = usize::from(r.table());
+        assert_eq!(decode(t, &i, &v), Ok(r.clone()));
         for cut in 0..v.len() {
-            assert!(decode(usize::from(r.table()), &v[..cut]).is_err(), "cut at {cut}");
+            assert!(decode(t, &i, &v[..cut]).is_err(), "value cut at {cut}");
         }
-        let mut long = v.clone();
-        long.push(0);
-        assert!(decode(usize::from(r.table()), &long).is_err());
+        for cut in 0..i.len() {
+            assert!(decode(t, &i[..cut], &v).is_err(), "identity cut at {cut}");
+        }
+        let (mut long_i, mut long_v) = (i.clone(), v.clone());
+        long_i.push(0);
+        long_v.push(0);
+        assert!(decode(t, &long_i, &v).is_err());
+        assert!(decode(t, &i, &long_v).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! payload = entry*
 //! entry   = name length (u32 LE) | name | value length (u32 LE) | value
 //! name    = table (u8) | the record's identity (its names, `super::codec`)
-//! value   = the record (`super::codec`)
+//! value   = the record's other fields (`super::codec`)
 //! ```
 //!
 //! A frame is all of one commit or, cut short or failing its checksum, none of it. Only the last
