@@ -331,7 +331,7 @@ enum Job {
 
 /// The log segment commits append to, and what it holds that redb does not yet.
 struct Log {
-    segment: Option<wal::Segment>,
+    segment: wal::Segment,
     next_seq: u64,
     latest: Latest,
     frame: Vec<u8>,
@@ -389,7 +389,7 @@ impl RedbLedger {
         Ok(RedbLedger {
             files,
             log: Mutex::new(Log {
-                segment: Some(segment),
+                segment,
                 next_seq: last + 2,
                 latest: Latest::default(),
                 frame: Vec::new(),
@@ -408,9 +408,9 @@ impl RedbLedger {
             Ok(new) => {
                 log.next_seq += 1;
                 log.rotate_failed = false;
-                let old = log.segment.replace(new).map(|s| s.seq);
+                let upto = std::mem::replace(&mut log.segment, new).seq;
                 let latest = std::mem::take(&mut log.latest);
-                if let (Some(upto), Some((tx, _))) = (old, lock(&self.folds).as_ref()) {
+                if let Some((tx, _)) = lock(&self.folds).as_ref() {
                     let _ = tx.send(Job::Fold { upto, latest });
                 }
             }
@@ -424,16 +424,15 @@ impl RedbLedger {
     }
 
     /// Folds everything into redb and stops the folding thread; logged, not returned, when it
-    /// cannot (the log keeps it all and is replayed at the next open). Also run on drop.
-    pub fn close(&self) {
+    /// cannot (the log keeps it all and is replayed at the next open). Run on drop.
+    fn close(&self) {
         let Some((tx, folder)) = lock(&self.folds).take() else { return };
         let (reply, answer) = mpsc::channel();
         {
+            // Dropping: no commit follows, so the current segment is folded (and deleted) too.
             let mut log = lock(&self.log);
-            if let Some(segment) = log.segment.take() {
-                let latest = std::mem::take(&mut log.latest);
-                let _ = tx.send(Job::Fold { upto: segment.seq, latest });
-            }
+            let latest = std::mem::take(&mut log.latest);
+            let _ = tx.send(Job::Fold { upto: log.segment.seq, latest });
             let _ = tx.send(Job::Stop(reply));
         }
         if answer.recv() != Ok(true) {
@@ -544,12 +543,6 @@ impl LedgerStore for RedbLedger {
     fn commit(&self, records: &[Record]) -> Result<(), LedgerError> {
         let mut guard = lock(&self.log);
         let log = &mut *guard;
-        if log.segment.is_none() {
-            // Only after `close`: a late commit still goes to the log, replayed at the next start.
-            log.segment =
-                Some(wal::Segment::create(&self.files.dir, log.next_seq).map_err(|e| self.files.write_err(e))?);
-            log.next_seq += 1;
-        }
         if records.is_empty() {
             return Ok(());
         }
@@ -561,8 +554,7 @@ impl LedgerStore for RedbLedger {
             log.entries.push(entry);
         }
         wal::finish_frame(&mut log.frame);
-        let Some(segment) = log.segment.as_mut() else { return Err(self.files.write_err("no log segment")) };
-        segment.append(&log.frame).map_err(|e| self.files.write_err(e))?;
+        log.segment.append(&log.frame).map_err(|e| self.files.write_err(e))?;
         for (name, value) in &log.entries {
             let (name, value) = (&log.frame[name.clone()], &log.frame[value.clone()]);
             match log.latest.get_mut(name) {
@@ -575,7 +567,7 @@ impl LedgerStore for RedbLedger {
                 }
             }
         }
-        if segment.len() >= self.checkpoint.max_bytes || segment.created.elapsed() >= self.checkpoint.max_age {
+        if log.segment.len() >= self.checkpoint.max_bytes || log.segment.created.elapsed() >= self.checkpoint.max_age {
             self.rotate(log);
         }
         Ok(())
