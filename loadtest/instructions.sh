@@ -46,6 +46,7 @@ line="binary: $BIN; workload: $WORKLOAD; requests=$requests"
 total=0
 for f in "$WORK"/cg."$gw".1-*; do
   ir=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  ir=${ir//[^0-9]/}; ir=${ir:-0}   # a thread that ran nothing after the reset prints "."
   total=$((total + ir))
   per=$((ir / requests))
   [ "$per" -lt 50 ] && continue   # threads that did next to nothing (signals, the admin listener)

@@ -24,7 +24,7 @@ pub enum ApiError {
     #[error("image search is not activated for this account: buy an Image Search instance before calling {feature}")]
     ImageSearchNotActivated { feature: String },
     #[error("over the limit of {limit} requests per second for {feature}: retry after {retry_after} s, or buy or upgrade a QPS plan")]
-    QpsExceeded { feature: String, limit: u32, retry_after: u64 },
+    QpsExceeded { feature: &'static str, limit: u32, retry_after: u64 },
     #[error("nothing can pay for {feature}: no active QPS plan or package covers it and it is not sold pay-as-you-go; buy a package or QPS plan")]
     PaymentRequired { feature: String },
     #[error("the Image Search instance expired at {expires_at}: renew it within the {retention_days}-day retention period or it will be released")]
@@ -125,26 +125,73 @@ impl ApiError {
     }
 
     pub fn body(&self) -> Bytes {
-        error_body(self.code(), &self.to_string())
+        let mut out = Vec::with_capacity(192);
+        write_error_body(&mut out, self.code(), self);
+        Bytes::from(out)
+    }
+
+    /// The seconds of `Retry-After` that go with the refusal (a 429).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::QpsExceeded { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection closes after this refusal. Like nginx: not reused after a body
+    /// that was too large, too slow or in a coding it cannot read (the body is drained first).
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding)
     }
 }
 
-/// Serializes the error shape; used for codes outside [`ApiError`] too (admin 409/422).
-/// Straight from borrowed strings (no `serde_json::Value` tree): a 429 flood answers with it.
+/// The error shape as bytes; used for codes outside [`ApiError`] too (admin 409/422).
 pub fn error_body(code: &str, message: &str) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct Shape<'a> {
-        error: Inner<'a>,
-    }
-    #[derive(serde::Serialize)]
-    struct Inner<'a> {
-        code: &'a str,
-        message: &'a str,
-    }
     let mut out = Vec::with_capacity(40 + code.len() + message.len());
-    // Writing two strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, &Shape { error: Inner { code, message } });
+    write_error_body(&mut out, code, &message);
     Bytes::from(out)
+}
+
+/// Appends `{"error":{"code":"<code>","message":"<message>"}}` to `out`, the message written
+/// straight from its `Display` into the JSON string (no `String` in between: a 429 flood
+/// answers with it).
+pub fn write_error_body(out: &mut Vec<u8>, code: &str, message: &dyn std::fmt::Display) {
+    use std::fmt::Write;
+    out.extend_from_slice(b"{\"error\":{\"code\":\"");
+    let mut s = JsonStr(out);
+    // Writing into a Vec cannot fail.
+    let _ = s.write_str(code);
+    s.0.extend_from_slice(b"\",\"message\":\"");
+    let _ = write!(s, "{message}");
+    s.0.extend_from_slice(b"\"}}");
+}
+
+/// The inside of a JSON string (RFC 8259 §7): `"`, `\` and the control characters escaped,
+/// everything else (UTF-8 included) as it is.
+struct JsonStr<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for JsonStr<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s.as_bytes();
+        while let Some(i) = rest.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+            self.0.extend_from_slice(&rest[..i]);
+            match rest[i] {
+                b'"' => self.0.extend_from_slice(b"\\\""),
+                b'\\' => self.0.extend_from_slice(b"\\\\"),
+                b'\n' => self.0.extend_from_slice(b"\\n"),
+                b'\r' => self.0.extend_from_slice(b"\\r"),
+                b'\t' => self.0.extend_from_slice(b"\\t"),
+                c => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.0.extend_from_slice(b"\\u00");
+                    self.0.extend_from_slice(&[HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]]);
+                }
+            }
+            rest = &rest[i + 1..];
+        }
+        self.0.extend_from_slice(rest);
+        Ok(())
+    }
 }
 
 pub static JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -159,7 +206,7 @@ mod tests {
             (ApiError::InvalidApiKey, 401, "invalid_api_key", Outcome::Unauthenticated),
             (ApiError::BadPath(crate::path::BadPath::Backslash), 400, "bad_path", Outcome::UnknownRoute),
             (
-                ApiError::QpsExceeded { feature: "f".into(), limit: 1, retry_after: 1 },
+                ApiError::QpsExceeded { feature: "f", limit: 1, retry_after: 1 },
                 429,
                 "qps_exceeded",
                 Outcome::Throttled,
@@ -182,6 +229,28 @@ mod tests {
         ];
         for (e, status, code, outcome) in rows {
             assert_eq!((e.status().as_u16(), e.code(), e.outcome()), (status, code, outcome), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_error_body_is_json_with_the_code_and_message_as_given() {
+        let e = ApiError::BadPath(crate::path::BadPath::Backslash);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "bad_path");
+        assert_eq!(v["error"]["message"], e.to_string());
+        assert!(e.to_string().contains('\\'), "this message has a backslash to escape: {e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_message_reads_back_from_the_error_body(code in "[a-z_]{1,20}", message in "\\PC*|[\\x00-\\x7f]*") {
+            let body = error_body(&code, &message);
+            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                proptest::test_runner::TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&body)))
+            })?;
+            proptest::prop_assert_eq!(v["error"]["code"].as_str(), Some(code.as_str()));
+            proptest::prop_assert_eq!(v["error"]["message"].as_str(), Some(message.as_str()));
+            proptest::prop_assert_eq!(v.as_object().map(|o| o.len()), Some(1));
         }
     }
 }

@@ -94,8 +94,8 @@ pub fn refusal(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<Pr
     for (n, v) in extra {
         h.insert(n.clone(), v.clone());
     }
-    if let ApiError::QpsExceeded { retry_after, .. } = e {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn refusal_is_trailers_only_with_headers_kept() {
-        let e = ApiError::QpsExceeded { feature: "f".into(), limit: 2, retry_after: 1 };
+        let e = ApiError::QpsExceeded { feature: "f", limit: 2, retry_after: 1 };
         let extra = [(HeaderName::from_static("ratelimit"), HeaderValue::from_static("\"qps\";r=0;t=1"))];
         let r = refusal(&e, &extra);
         assert_eq!(r.status(), StatusCode::OK);

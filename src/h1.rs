@@ -29,9 +29,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::Authority;
-use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -39,10 +38,9 @@ use tokio::time::{Instant, Sleep};
 use crate::error::ApiError;
 use crate::gateway::{Conn, Gateway};
 use crate::metrics::Outcome;
-use crate::proxy::{self, Decision, Forward, HeadView};
+use crate::proxy::{self, Decision, Forward, HeadView, RateFields};
 use crate::upstream::{RawConn, UpstreamError};
 
-static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
 /// The longest request head this path serves (hyper's limit is larger: longer heads go there).
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -87,6 +85,20 @@ struct Head {
     has_host: bool,
 }
 
+impl Head {
+    const EMPTY: Head = Head {
+        method: (0, 0),
+        target: (0, 0),
+        path_end: 0,
+        fields: [((0, 0), (0, 0)); MAX_HEADERS],
+        count: 0,
+        head_len: 0,
+        body_len: 0,
+        close: false,
+        has_host: false,
+    };
+}
+
 /// A parsed head over its buffer: what the decision reads ([`HeadView`]).
 struct Req<'a> {
     buf: &'a [u8],
@@ -116,7 +128,8 @@ impl HeadView for Req<'_> {
 }
 
 enum Parsed {
-    Complete(Box<Head>),
+    /// In the `Head` given to [`parse_request`].
+    Complete,
     Partial,
     HandOff,
 }
@@ -138,7 +151,7 @@ fn span(buf: &[u8], part: &[u8]) -> Span {
 }
 
 /// Parses a request head at the start of `buf`; see the module docs for what is handed off.
-fn parse_request(buf: &[u8]) -> Parsed {
+fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let head_len = match req.parse(buf) {
@@ -154,17 +167,16 @@ fn parse_request(buf: &[u8]) -> Parsed {
     }
     let target_span = span(buf, target.as_bytes());
     let path_end = target_span.0 + target.find('?').unwrap_or(target.len()) as u32;
-    let mut head = Box::new(Head {
-        method: span(buf, method.as_bytes()),
-        target: target_span,
-        path_end,
-        fields: [((0, 0), (0, 0)); MAX_HEADERS],
-        count: 0,
-        head_len,
-        body_len: 0,
-        close: false,
-        has_host: false,
-    });
+    // Field by field: the connection's `Head` is reused, and its field array beyond `count` is
+    // never read.
+    head.method = span(buf, method.as_bytes());
+    head.target = target_span;
+    head.path_end = path_end;
+    head.count = 0;
+    head.head_len = head_len;
+    head.body_len = 0;
+    head.close = false;
+    head.has_host = false;
     let mut length = None;
     for (i, f) in req.headers.iter().enumerate() {
         let (name, value) = (f.name.as_bytes(), f.value);
@@ -200,7 +212,7 @@ fn parse_request(buf: &[u8]) -> Parsed {
         Some(_) => return Parsed::HandOff,
         None => 0,
     };
-    Parsed::Complete(head)
+    Parsed::Complete
 }
 
 /// A deadline on one `Sleep` per connection, moved lazily: setting a later deadline costs a
@@ -305,6 +317,9 @@ pub async fn serve(
     let mut buf = vec![0u8; CLIENT_BUF];
     let mut len = 0usize;
     let mut out: Vec<u8> = Vec::with_capacity(1024);
+    // One parsed head per connection, reused by each request (boxed: the fields would make
+    // the connection's future 1 KiB larger, moved on every poll that moves it).
+    let mut head = Box::new(Head::EMPTY);
     let header_timeout = gw.snapshot.load().settings.header_read_timeout;
     let mut deadline = Deadline::new(Instant::now() + header_timeout);
     let mut stop = std::pin::pin!(stop.changed());
@@ -313,21 +328,21 @@ pub async fn serve(
     loop {
         // Phase 0: a request head and its body, whole, in `buf`.
         deadline.set(Instant::now() + header_timeout);
-        let head = loop {
+        loop {
             if first && len > 0 && PREFACE.starts_with(&buf[..len.min(PREFACE.len())]) {
                 if len >= PREFACE.len() {
                     buf.truncate(len);
                     return Ok(Served::HandOff { h2: true, read: buf });
                 }
             } else if len > 0 {
-                match parse_request(&buf[..len]) {
-                    Parsed::Complete(head) if head.head_len + head.body_len <= len => break head,
+                match parse_request(&buf[..len], &mut head) {
+                    Parsed::Complete if head.head_len + head.body_len <= len => break,
                     // The rest of the body, if it is here already (sent with the head, beyond
                     // what the first read took); otherwise it is still coming: hyper streams it.
-                    Parsed::Complete(head) if read_now(stream, &mut buf, &mut len, head.head_len + head.body_len)? => {
+                    Parsed::Complete if read_now(stream, &mut buf, &mut len, head.head_len + head.body_len)? => {
                         continue;
                     }
-                    Parsed::Complete(_) | Parsed::HandOff => {
+                    Parsed::Complete | Parsed::HandOff => {
                         buf.truncate(len);
                         return Ok(Served::HandOff { h2: false, read: buf });
                     }
@@ -361,7 +376,7 @@ pub async fn serve(
                 // The end of the stream (a request cut short included: hyper closes likewise).
                 return Ok(Served::Closed);
             }
-        };
+        }
         first = false;
         let total = head.head_len + head.body_len;
         let keep = handle(conn, stream, &buf[..total], &head, &mut out, &mut deadline).await?;
@@ -398,58 +413,70 @@ async fn handle(
         Box::pin(proxy::decide(gw, &req, req.path())).await
     };
     let fwd = match decision {
-        Decision::Reject(e, who, headers) => {
+        Decision::Reject(e, who, rate) => {
             proxy::count_refusal(gw, &e, who, start);
-            return refuse(gw, stream, &req, &e, &headers, out).await;
+            return refuse(gw, stream, &req, &e, rate, None, out).await;
         }
         Decision::Forward(fwd) => fwd,
     };
     forward(conn, stream, &req, fwd, out, deadline, start).await
 }
 
-/// Writes a refusal in the one JSON error shape ([`crate::http_util::error_response`]).
+/// Writes a refusal in the one JSON error shape, with the fields
+/// [`crate::http_util::error_response`] gives it on the hyper path: `content-type`, the
+/// rate-limit fields, `x-turnstile-payer` (refusals after the decision), `retry-after` (a 429)
+/// and `connection: close` where the refusal closes the connection. Written straight into
+/// `out`: a 429 flood answers here, and nothing is allocated.
 async fn refuse(
     gw: &Gateway,
     stream: &mut TcpStream,
     req: &Req<'_>,
     e: &ApiError,
-    extra: &[(HeaderName, HeaderValue)],
+    rate: Option<RateFields>,
+    payer: Option<&HeaderValue>,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let (parts, body) = crate::http_util::error_response(e, extra).into_parts();
-    let resp = http::Response::from_parts(parts, ());
-    let body = full_bytes(body);
-    let close = req.head.close
-        || resp.headers().contains_key(http::header::CONNECTION)
-        || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
+    thread_local! {
+        static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let close = req.head.close || e.closes_connection() || !gw.ready.load(std::sync::atomic::Ordering::Relaxed);
+    let status = e.status();
     out.clear();
-    status_line(out, resp.status().as_u16(), resp.status().canonical_reason().unwrap_or(""));
-    for (n, v) in resp.headers() {
-        if n != http::header::CONNECTION {
-            field(out, n.as_str().as_bytes(), v.as_bytes());
-        }
+    status_line(out, status.as_u16(), status.canonical_reason().unwrap_or(""));
+    field(out, b"content-type", crate::error::JSON.as_bytes());
+    if let Some(rate) = rate {
+        rate_fields(out, rate);
+    }
+    if let Some(payer) = payer {
+        field(out, b"x-turnstile-payer", payer.as_bytes());
+    }
+    if let Some(secs) = e.retry_after() {
+        out.extend_from_slice(b"retry-after: ");
+        num(out, secs);
+        out.extend_from_slice(b"\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    content_length(out, body.len() as u64);
-    date(out);
-    out.extend_from_slice(b"\r\n");
-    if req.method() != b"HEAD" {
-        out.extend_from_slice(&body);
-    }
+    BODY.with(|body| {
+        let mut body = body.borrow_mut();
+        body.clear();
+        crate::error::write_error_body(&mut body, e.code(), e);
+        content_length(out, body.len() as u64);
+        date(out);
+        out.extend_from_slice(b"\r\n");
+        if req.method() != b"HEAD" {
+            out.extend_from_slice(&body);
+        }
+    });
     write_all(stream, out).await?;
     Ok(!close)
 }
 
-/// The bytes of a body the gateway made (one frame, ready at once).
-fn full_bytes(body: crate::http_util::ProxyBody) -> bytes::Bytes {
-    let http_body_util::Either::Left(mut full) = body else { return bytes::Bytes::new() };
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match Pin::new(&mut full).poll_frame(&mut cx) {
-        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-        _ => bytes::Bytes::new(),
-    }
+/// `ratelimit-policy` and `ratelimit`.
+fn rate_fields(out: &mut Vec<u8>, rate: RateFields) {
+    field(out, b"ratelimit-policy", rate.policy().as_bytes());
+    field(out, b"ratelimit", rate.state().as_bytes());
 }
 
 fn status_line(out: &mut Vec<u8>, code: u16, reason: &str) {
@@ -793,7 +820,7 @@ async fn forward(
 ) -> io::Result<bool> {
     let gw = &conn.gw;
     let (pair, tenant, feature, shadow) = (fwd.pair(), fwd.tenant(), fwd.feature(), fwd.shadow());
-    let rate = fwd.rate_headers();
+    let rate = fwd.rate();
     let reserved_payer = fwd.reserved_payer();
     let head_request = req.method() == b"HEAD";
     // The snapshot through this thread's handle: the upstream's authority is borrowed from it
@@ -809,17 +836,12 @@ async fn forward(
     };
     gw.metrics.upstream_duration.observe(sent.elapsed().as_secs_f64());
     // Answers the gateway makes after the decision carry its rate-limit fields and payer too.
-    let answered = |rate: &[(HeaderName, HeaderValue); 2], payer: HeaderValue| {
-        let mut extra = rate.to_vec();
-        extra.push((X_TURNSTILE_PAYER.clone(), payer));
-        extra
-    };
     let (mut up, resp) = match exchanged {
         Ok(x) => x,
         Err(e) => {
             let outcome = e.outcome();
             drop(fwd); // a reserved package share goes back: nothing is charged
-            let keep = refuse(gw, stream, req, &e, &answered(&rate, reserved_payer), out).await?;
+            let keep = refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await?;
             gw.metrics.request_pair(pair, tenant, feature, outcome);
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
             return Ok(keep);
@@ -839,7 +861,7 @@ async fn forward(
             Err(e) => {
                 // Strict ledger failing: the upstream's answer is dropped and the call not charged.
                 let outcome = e.outcome();
-                let keep = refuse(gw, stream, req, &e, &answered(&rate, reserved_payer), out).await?;
+                let keep = refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await?;
                 gw.metrics.request_pair(pair, tenant, feature, outcome);
                 gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
                 return Ok(keep);
@@ -863,9 +885,7 @@ async fn forward(
     if !resp.has_date {
         date(out);
     }
-    for (n, v) in &rate {
-        field(out, n.as_str().as_bytes(), v.as_bytes());
-    }
+    rate_fields(out, rate);
     field(out, b"x-turnstile-payer", payer.as_bytes());
     out.extend_from_slice(b"\r\n");
     gw.metrics.request_pair(pair, tenant, feature, outcome);
@@ -1132,8 +1152,9 @@ mod tests {
     }
 
     fn parsed(raw: &[u8]) -> Option<Box<Head>> {
-        match parse_request(raw) {
-            Parsed::Complete(h) => Some(h),
+        let mut head = Box::new(Head::EMPTY);
+        match parse_request(raw, &mut head) {
+            Parsed::Complete => Some(head),
             _ => None,
         }
     }
@@ -1166,12 +1187,18 @@ mod tests {
             b"GET /p HTTP/1.1\r\nbad header\r\n\r\n",
         ] {
             assert!(
-                matches!(parse_request(handed_off), Parsed::HandOff),
+                matches!(parse_request(handed_off, &mut Box::new(Head::EMPTY)), Parsed::HandOff),
                 "{:?} is handed to hyper",
                 String::from_utf8_lossy(handed_off)
             );
         }
-        assert!(matches!(parse_request(b"GET /p HTTP/1.1\r\nHost"), Parsed::Partial));
+        assert!(matches!(parse_request(b"GET /p HTTP/1.1\r\nHost", &mut Box::new(Head::EMPTY)), Parsed::Partial));
+        // A connection's head is reused: nothing of the request before stays in it.
+        let mut head = parsed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").unwrap();
+        let next: &[u8] = b"GET /q HTTP/1.1\r\nx: 1\r\n\r\n";
+        assert!(matches!(parse_request(next, &mut head), Parsed::Complete));
+        assert_eq!((head.count, head.body_len, head.close, head.has_host), (1, 0, false, false));
+        assert_eq!((Req { buf: next, head: &head }.path(), head.head_len), ("/q", next.len()));
     }
 
     #[test]
@@ -1243,8 +1270,10 @@ mod tests {
                     req[at] = b;
                 }
             }
+            // One head for both, as a connection reuses it: nothing of the first may remain.
+            let mut head = Box::new(Head::EMPTY);
             for buf in [&raw[..], &req[..]] {
-                if let Parsed::Complete(head) = parse_request(buf) {
+                if let Parsed::Complete = parse_request(buf, &mut head) {
                     proptest::prop_assert!(head.head_len <= buf.len() && head.body_len <= MAX_BODY);
                     let view = Req { buf, head: &head };
                     proptest::prop_assert!(view.path().starts_with('/'));

@@ -38,15 +38,11 @@ pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Resp
     for (n, v) in extra {
         h.insert(n.clone(), v.clone());
     }
-    match e {
-        ApiError::QpsExceeded { retry_after, .. } => {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
-        }
-        // Like nginx: the connection is not reused after these (the body is drained first).
-        ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding => {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        _ => {}
+    if let Some(secs) = e.retry_after() {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.closes_connection() {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }

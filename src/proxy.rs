@@ -36,8 +36,6 @@ pub type UpstreamBody = Upload;
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
 static X_TURNSTILE_FEATURE: HeaderName = HeaderName::from_static("x-turnstile-feature");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_TURNSTILE_PAYER: HeaderName = HeaderName::from_static("x-turnstile-payer");
 
 /// Everything needed after the decision, owned. It holds the snapshot the call was decided on
@@ -94,8 +92,8 @@ impl Forward {
     pub(crate) fn shadow(&self) -> Option<Outcome> {
         self.shadow
     }
-    pub(crate) fn rate_headers(&self) -> [(HeaderName, HeaderValue); 2] {
-        self.rate.headers()
+    pub(crate) fn rate(&self) -> RateFields {
+        self.rate
     }
     /// The payer named at admission (`x-turnstile-payer` of an answer that is not charged).
     pub(crate) fn reserved_payer(&self) -> HeaderValue {
@@ -103,47 +101,66 @@ impl Forward {
     }
 }
 
-/// The bucket's state as the rate-limit fields show it: limit, remaining, seconds to full.
-#[derive(Debug, Clone, Copy)]
-struct RateFields(u32, u32, u64);
-
-impl RateFields {
-    fn headers(self) -> [(HeaderName, HeaderValue); 2] {
-        rate_headers(self.0, self.1, self.2)
-    }
+/// The bucket's state as the rate-limit fields of draft-ietf-httpapi-ratelimit-headers show it
+/// (structured-field syntax): `ratelimit-policy: "qps";q=<limit>;w=1` and
+/// `ratelimit: "qps";r=<remaining>;t=<reset>`. Formatted by hand on the stack (no `fmt`
+/// machinery and nothing allocated on every answer); the fast path writes the bytes into its
+/// answer, the hyper path makes header values of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateFields {
+    limit: u32,
+    remaining: u32,
+    reset_secs: u64,
 }
 
-/// The rate-limit fields of draft-ietf-httpapi-ratelimit-headers (structured-field syntax):
-/// `ratelimit-policy: "qps";q=<limit>;w=1` and `ratelimit: "qps";r=<remaining>;t=<reset>`.
-/// Formatted by hand (no `fmt` machinery on every answer); the policy, which changes only with
-/// the limit, is kept per thread for the limit seen last.
-fn rate_headers(limit: u32, remaining: u32, reset_secs: u64) -> [(HeaderName, HeaderValue); 2] {
-    thread_local! {
-        static POLICY: std::cell::RefCell<Option<(u32, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+impl RateFields {
+    fn new(limit: u32, remaining: u32, reset_secs: u64) -> RateFields {
+        RateFields { limit, remaining, reset_secs }
     }
-    let policy = POLICY.with(|p| {
-        let mut p = p.borrow_mut();
-        match p.as_ref() {
-            Some((l, v)) if *l == limit => v.clone(),
-            _ => {
-                let mut b = Digits::new(b"\"qps\";q=");
-                b.num(u64::from(limit));
-                b.push(b";w=1");
-                let v = b.value();
-                *p = Some((limit, v.clone()));
-                v
-            }
+
+    /// The value of `ratelimit-policy`.
+    pub(crate) fn policy(self) -> Digits {
+        let mut b = Digits::new(b"\"qps\";q=");
+        b.num(u64::from(self.limit));
+        b.push(b";w=1");
+        b
+    }
+
+    /// The value of `ratelimit`.
+    pub(crate) fn state(self) -> Digits {
+        let mut b = Digits::new(b"\"qps\";r=");
+        b.num(u64::from(self.remaining));
+        b.push(b";t=");
+        b.num(self.reset_secs);
+        b
+    }
+
+    /// Both fields as header values; the policy, which changes only with the limit, is kept
+    /// per thread for the limit seen last.
+    pub(crate) fn headers(self) -> [(HeaderName, HeaderValue); 2] {
+        thread_local! {
+            static POLICY: std::cell::RefCell<Option<(u32, HeaderValue)>> = const { std::cell::RefCell::new(None) };
         }
-    });
-    let mut b = Digits::new(b"\"qps\";r=");
-    b.num(u64::from(remaining));
-    b.push(b";t=");
-    b.num(reset_secs);
-    [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), b.value())]
+        let policy = POLICY.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.as_ref() {
+                Some((l, v)) if *l == self.limit => v.clone(),
+                _ => {
+                    let v = self.policy().value();
+                    *p = Some((self.limit, v.clone()));
+                    v
+                }
+            }
+        });
+        [(RATELIMIT_POLICY.clone(), policy), (RATELIMIT.clone(), self.state().value())]
+    }
 }
 
 /// A short header value built on the stack: ASCII pieces and decimal numbers.
-struct Digits {
+pub struct Digits {
     buf: [u8; 64],
     len: usize,
 }
@@ -165,9 +182,13 @@ impl Digits {
         self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     fn value(&self) -> HeaderValue {
         // Digits and the fixed ASCII above: always a valid value.
-        HeaderValue::from_bytes(&self.buf[..self.len]).unwrap_or(HeaderValue::from_static("\"qps\""))
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or(HeaderValue::from_static("\"qps\""))
     }
 }
 
@@ -211,21 +232,21 @@ pub enum Who {
 pub enum Decision {
     /// Refused: the error (its status, code and outcome come from [`ApiError::refusal`]), who
     /// it is counted against, and the headers that go with it.
-    Reject(ApiError, Who, Vec<(HeaderName, HeaderValue)>),
+    Reject(ApiError, Who, Option<RateFields>),
     Forward(Forward),
 }
 
-type Refused = (ApiError, Who, Vec<(HeaderName, HeaderValue)>);
+type Refused = (ApiError, Who, Option<RateFields>);
 
 /// Phase 1, identify: the API key → the tenant's index, and whether the key came as a bearer.
 fn identify<H: HeadView + ?Sized>(snap: &Snapshot, headers: &H) -> Result<(usize, bool), Refused> {
     let s = &snap.settings;
     let Some((key, key_in_authorization)) = api_key(headers, &s.api_key_header) else {
-        return Err((ApiError::MissingApiKey { header: s.api_key_header.to_string() }, Who::Nobody, Vec::new()));
+        return Err((ApiError::MissingApiKey { header: s.api_key_header.to_string() }, Who::Nobody, None));
     };
     match snap.identify(key) {
         Some(ti) => Ok((ti, key_in_authorization)),
-        None => Err((ApiError::InvalidApiKey, Who::Nobody, Vec::new())),
+        None => Err((ApiError::InvalidApiKey, Who::Nobody, None)),
     }
 }
 
@@ -250,9 +271,9 @@ fn route<'a, H: HeadView + ?Sized>(
     let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
     let path =
-        crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), Vec::new()))?;
+        crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), None))?;
     let Some(route) = snap.router.find(&path) else {
-        return Err((ApiError::UnknownRoute { path: path.into_owned() }, Who::Tenant(tenant.label), Vec::new()));
+        return Err((ApiError::UnknownRoute { path: path.into_owned() }, Who::Tenant(tenant.label), None));
     };
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
@@ -263,7 +284,7 @@ fn route<'a, H: HeadView + ?Sized>(
     let quota = Quota { limit: limit.qps, depth: admission::depth(limit.qps, s.burst_seconds) };
     // Nothing was taken from the bucket: the whole quota remains.
     let refuse = |e: ApiError| {
-        Err((e, Who::Pair(pair, tenant.label, feature.label), rate_headers(quota.limit, quota.depth, 0).into()))
+        Err((e, Who::Pair(pair, tenant.label, feature.label), Some(RateFields::new(quota.limit, quota.depth, 0))))
     };
     if !tenant.activated(feature.family) {
         return refuse(match feature.family {
@@ -322,9 +343,9 @@ async fn admit(
                 return Ok((0, secs, None, true));
             }
             Err((
-                ApiError::QpsExceeded { feature: feature.id.clone(), limit: r.quota.limit, retry_after: secs },
+                ApiError::QpsExceeded { feature: feature.label, limit: r.quota.limit, retry_after: secs },
                 who(),
-                rate_headers(r.quota.limit, 0, secs).into(),
+                Some(RateFields::new(r.quota.limit, 0, secs)),
             ))
         }
         Ok(Admission::Allowed { remaining, reset_secs, paid, quota }) => {
@@ -332,7 +353,7 @@ async fn admit(
             r.quota = quota;
             Ok((remaining, reset_secs, paid, false))
         }
-        Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), Vec::new())),
+        Err(e) => Err((ApiError::StoreUnavailable { reason: e.to_string() }, who(), None)),
     }
 }
 
@@ -402,7 +423,7 @@ pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -
         Decision::Reject(
             ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
             Who::Nobody,
-            Vec::new(),
+            None,
         )
     })
 }
@@ -440,7 +461,7 @@ async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &s
             return Err((
                 e,
                 Who::Pair(routed.pair, tenant.label, feature.label),
-                rate_headers(limit, remaining, reset).into(),
+                Some(RateFields::new(limit, remaining, reset)),
             ));
         }
     };
@@ -473,7 +494,7 @@ async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &s
         feature,
         key_in_authorization,
         path,
-        rate: RateFields(quota.limit, remaining, reset_secs),
+        rate: RateFields::new(quota.limit, remaining, reset_secs),
         quota,
         reservation,
         image,
@@ -558,8 +579,8 @@ pub fn handle(
     }
     let decision = decide_now(&conn.gw, req.headers(), crate::path::origin_path(req.uri(), req.version()));
     match decision {
-        Decision::Reject(e, who, headers) => {
-            Handling::Done(Some(refused(&conn.gw, req, e, who, &headers, grpc, start)))
+        Decision::Reject(e, who, rate) => {
+            Handling::Done(Some(refused(&conn.gw, req, e, who, rate, grpc, start)))
         }
         Decision::Forward(fwd) => Handling::Forwarding(forwarding(conn, req, fwd, grpc, start)),
     }
@@ -569,7 +590,7 @@ pub fn handle(
 async fn handle_async(conn: Arc<Conn>, req: Request<Incoming>, start: Instant, grpc: bool) -> Response<TenantBody> {
     let path = crate::path::origin_path(req.uri(), req.version());
     match decide(&conn.gw, req.headers(), path).await {
-        Decision::Reject(e, who, headers) => refused(&conn.gw, req, e, who, &headers, grpc, start),
+        Decision::Reject(e, who, rate) => refused(&conn.gw, req, e, who, rate, grpc, start),
         Decision::Forward(fwd) => forwarding(conn, req, fwd, grpc, start).await,
     }
 }
@@ -581,12 +602,13 @@ fn refused(
     req: Request<Incoming>,
     e: ApiError,
     who: Who,
-    headers: &[(HeaderName, HeaderValue)],
+    rate: Option<RateFields>,
     grpc: bool,
     start: Instant,
 ) -> Response<TenantBody> {
     count_refusal(gw, &e, who, start);
-    let (resp, body) = (refuse(&e, headers, grpc), req.into_body());
+    let extra = rate.map(RateFields::headers);
+    let (resp, body) = (refuse(&e, extra.as_ref().map_or(&[], |h| &h[..]), grpc), req.into_body());
     resp.map(|r| TenantBody::refusal(r, body))
 }
 
@@ -1074,7 +1096,9 @@ mod tests {
 
     #[test]
     fn rate_headers_use_structured_field_syntax() {
-        let [(p, pv), (r, rv)] = rate_headers(40, 39, 1);
+        let rate = RateFields::new(40, 39, 1);
+        assert_eq!((rate.policy().as_bytes(), rate.state().as_bytes()), (&b"\"qps\";q=40;w=1"[..], &b"\"qps\";r=39;t=1"[..]));
+        let [(p, pv), (r, rv)] = rate.headers();
         assert_eq!((p.as_str(), pv.to_str().unwrap()), ("ratelimit-policy", "\"qps\";q=40;w=1"));
         assert_eq!((r.as_str(), rv.to_str().unwrap()), ("ratelimit", "\"qps\";r=39;t=1"));
     }

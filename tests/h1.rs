@@ -321,3 +321,62 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
     assert!(r.header("ratelimit").is_some() && r.header("x-turnstile-payer").is_some(), "{}", r.head);
     assert_eq!(billed(&gw2).await, 0.0, "not charged");
 }
+
+/// Every refusal of the decision reads the same from the fast path (`src/h1.rs` writes it) as
+/// from hyper's (`error_response`): status, fields and JSON body. A `TE` field sends the same
+/// request to hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
+    let up = RawUpstream::start().await;
+    let main = main_toml(&up.url(), "", "[admission]\ndefault_qps = 1\nburst_seconds = 1.0\n").replace(
+        "[[routes]]\npath = \"/v1/face/compare\"",
+        "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"license-plate-recognition\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
+    );
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let gw = Gateway::start(&cfg);
+    let mut w = Wire::connect(addr(&gw)).await;
+    w.s.write_all(get("/v1/raw/x").as_bytes()).await.expect("write");
+    assert_eq!(w.reply(T).await.expect("200").status, 200, "the one token of the second");
+    let key = "x-api-key: key-globex\r\n";
+    let cases = [
+        ("GET", "/v1/raw/x", "", 401, "missing_api_key"),
+        ("GET", "/v1/raw/x", "x-api-key: wrong\r\n", 401, "invalid_api_key"),
+        ("GET", "/v1/none", key, 404, "unknown_route"),
+        ("GET", "/v1/raw/a%2Fb", key, 400, "bad_path"),
+        ("POST", "/v1/face/compare", key, 403, "service_not_activated"),
+        ("GET", "/v1/raw/x", key, 429, "qps_exceeded"),
+        ("HEAD", "/v1/raw/x", key, 429, "qps_exceeded"),
+    ];
+    for (method, path, fields, status, code) in cases {
+        let mut replies = Vec::new();
+        for te in ["", "te: trailers\r\n"] {
+            let mut w = Wire::connect(addr(&gw)).await;
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: h\r\n{fields}{te}Content-Length: 0\r\n\r\n");
+            w.s.write_all(req.as_bytes()).await.expect("write");
+            let r = w.reply_to(method == "HEAD", T).await.expect("reply");
+            assert_eq!(r.status, status, "{method} {path} {te}: {}", r.head);
+            if method != "HEAD" {
+                assert_eq!(r.error_code(), code);
+            }
+            // The fields but `date`; the bucket's seconds to refill may tick between the two.
+            let mut fields: Vec<(String, String)> = r
+                .head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .filter(|(n, _)| n != "date")
+                .map(|(n, v)| if n == "retry-after" || n == "ratelimit" { (n, String::new()) } else { (n, v) })
+                .collect();
+            fields.sort();
+            replies.push((r.head.lines().next().map(str::to_string), fields, r.body));
+        }
+        assert_eq!(replies[0], replies[1], "{method} {path}: fast path, then hyper");
+        if status == 429 {
+            assert!(replies[0].1.iter().any(|(n, _)| n == "retry-after"), "{:?}", replies[0].1);
+        }
+        if status == 403 || status == 429 {
+            assert!(replies[0].1.iter().any(|(n, v)| n == "ratelimit-policy" && v == "\"qps\";q=1;w=1"), "{:?}", replies[0].1);
+        }
+    }
+}
