@@ -167,6 +167,15 @@ fn get_or_insert<K: std::hash::Hash + Eq, V>(
 
 /// `YYYY-MM` as a month index (`year × 12 + month0`).
 pub fn month_index_of(s: &str) -> Option<u32> {
+    // The form the gateway writes, without the general parse (settlements pass it per call).
+    if let &[y0, y1, y2, y3, b'-', m0, m1] = s.as_bytes() {
+        let digits = [y0, y1, y2, y3, m0, m1];
+        if digits.iter().all(u8::is_ascii_digit) {
+            let n = |d: &[u8]| d.iter().fold(0u32, |n, &b| n * 10 + u32::from(b - b'0'));
+            let (y, m) = (n(&digits[..4]), n(&digits[4..]));
+            return (1..=12).contains(&m).then_some(y * 12 + m - 1);
+        }
+    }
     let (y, m) = s.split_once('-')?;
     let (y, m): (u32, u32) = (y.parse().ok()?, m.parse().ok()?);
     (1..=12).contains(&m).then_some(y * 12 + m - 1)
@@ -275,11 +284,13 @@ impl LocalStore {
         }
     }
 
-    /// Strict mode: remembers a delta of `id` until [`Durable::durable`] settles it.
-    fn remember(&self, id: RequestId, d: Delta) {
+    /// Strict mode: remembers a delta of `id` until [`Durable::durable`] settles it (made only
+    /// then: batched mode allocates nothing for it).
+    fn remember(&self, id: RequestId, d: impl FnOnce() -> Delta) {
         if !self.strict {
             return;
         }
+        let d = d();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let mut e = self.pending.entry(id).or_insert_with(|| Pending { seq, deltas: Vec::new() });
         e.seq = e.seq.max(seq);
@@ -375,7 +386,7 @@ impl LocalStore {
         self.mark(&mut g.dirty, DirtyKey::Package(h.pkg.key));
         drop(g);
         self.bump();
-        self.remember(id, Delta::Consumed(h.pkg, h.points));
+        self.remember(id, || Delta::Consumed(h.pkg, h.points));
         Some(consumed)
     }
 
@@ -410,7 +421,7 @@ impl LocalStore {
             let consumed = g.consumed;
             drop(g);
             if taken > 0 {
-                self.remember(id, Delta::Consumed(pkg, taken));
+                self.remember(id, || Delta::Consumed(pkg, taken));
             }
             out.push(Taken { taken, consumed });
         }
@@ -496,7 +507,13 @@ impl LocalStore {
                 UsageTo::Unpaid => g.unpaid += n,
             }
             if to == UsageTo::Payer(crate::payer::PayerKind::Payg) {
-                *g.payg.entry(cell.to_string()).or_default() += n;
+                // The cell's name is allocated once, when the month first uses it.
+                match g.payg.get_mut(cell) {
+                    Some(units) => *units += n,
+                    None => {
+                        g.payg.insert(cell.to_string(), n);
+                    }
+                }
             }
             self.mark(&mut g.dirty, DirtyKey::Month(key.local, mi));
         }
@@ -508,8 +525,10 @@ impl LocalStore {
         drop(g);
         if fresh && n != 0 {
             self.bump();
-            let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
-            self.remember(id, Delta::Usage { month: st, key: (key.local, mi), to, cell, units: n, slot });
+            self.remember(id, || {
+                let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
+                Delta::Usage { month: st, key: (key.local, mi), to, cell, units: n, slot }
+            });
         }
         total
     }
@@ -1012,6 +1031,16 @@ impl Durable for LocalStore {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+
+    #[test]
+    fn month_indexes_read_the_written_form_and_the_general_one() {
+        assert_eq!(month_index_of("2026-02"), Some(2026 * 12 + 1));
+        assert_eq!(month_index_of("0000-12"), Some(11));
+        assert_eq!(month_index_of("2026-2"), Some(2026 * 12 + 1));
+        for bad in ["2026-13", "2026-00", "2026x02", "20a6-02", "", "2026-"] {
+            assert_eq!(month_index_of(bad), None, "{bad}");
+        }
+    }
 
     fn open(clock: SharedClock) -> (Arc<LocalStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
