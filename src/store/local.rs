@@ -134,8 +134,8 @@ pub struct LocalStore {
     months: DashMap<(u64, u32), Arc<Month>, FxBuildHasher>,
     images: DashMap<u32, Arc<Img>, FxBuildHasher>,
     slots: DashMap<RequestId, (Arc<Img>, i64), FxBuildHasher>,
-    /// (request, usage slot) already added, with the time the marker expires.
-    usage_done: DashMap<(RequestId, u8), i64, FxBuildHasher>,
+    /// (request, usage slot) already added.
+    usage_done: UsageDone,
     takes: DashMap<RequestId, (Vec<Taken>, i64), FxBuildHasher>,
     images_done: DashMap<RequestId, (u64, i64), FxBuildHasher>,
     overrides: Mutex<Vec<(String, String, Override)>>,
@@ -188,6 +188,50 @@ fn usage_slot(to: UsageTo) -> u8 {
     }
 }
 
+/// The markers of the usage a request added, one bit per (request, usage slot), each kept at
+/// least [`DONE_TTL`] after it was set. One entry holds the bits of 8 consecutive request ids:
+/// ids come from per-thread blocks ([`crate::store::RequestIds`]), so a thread's calls share an
+/// entry, most often still in the cache from its call before. One entry per request made every
+/// settlement a cache miss into a table of ~30 s of traffic (a million entries at 35k calls/s).
+#[derive(Default)]
+struct UsageDone(DashMap<u128, (u64, i64), FxBuildHasher>);
+
+impl UsageDone {
+    fn at(id: RequestId, slot: u8) -> (u128, u64) {
+        (id.0 >> 3, 1 << ((id.0 & 7) as u32 * 8 + u32::from(slot)))
+    }
+
+    /// Marks (request, slot), to expire at `expires` at the earliest; false when it already was.
+    fn mark(&self, id: RequestId, slot: u8, expires: i64) -> bool {
+        let (key, bit) = Self::at(id, slot);
+        let mut e = self.0.entry(key).or_insert((0, expires));
+        if e.0 & bit != 0 {
+            return false;
+        }
+        e.0 |= bit;
+        e.1 = e.1.max(expires);
+        true
+    }
+
+    /// Takes a marker back (a reverted delta may be applied again).
+    fn unmark(&self, id: RequestId, slot: u8) {
+        let (key, bit) = Self::at(id, slot);
+        if let Some(mut e) = self.0.get_mut(&key) {
+            e.0 &= !bit;
+        }
+        self.0.remove_if(&key, |_, e| e.0 == 0);
+    }
+
+    fn sweep(&self, now: i64) {
+        self.0.retain(|_, e| e.1 > now);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.iter().map(|e| e.0.count_ones() as usize).sum()
+    }
+}
+
 fn dec_i64(d: Dec) -> i64 {
     i64::try_from(d.0.round()).unwrap_or(0)
 }
@@ -213,7 +257,7 @@ impl LocalStore {
             months: DashMap::with_hasher(FxBuildHasher),
             images: DashMap::with_hasher(FxBuildHasher),
             slots: DashMap::with_hasher(FxBuildHasher),
-            usage_done: DashMap::with_hasher(FxBuildHasher),
+            usage_done: UsageDone::default(),
             takes: DashMap::with_hasher(FxBuildHasher),
             images_done: DashMap::with_hasher(FxBuildHasher),
             overrides: Mutex::new(Vec::new()),
@@ -470,7 +514,7 @@ impl LocalStore {
                 n += 1;
             }
         }
-        self.usage_done.retain(|_, exp| *exp > now);
+        self.usage_done.sweep(now);
         self.takes.retain(|_, (_, exp)| *exp > now);
         self.images_done.retain(|_, (_, exp)| *exp > now);
         n
@@ -490,16 +534,7 @@ impl LocalStore {
         let mi = month_index_of(month).unwrap_or(0);
         let st = self.month_state(key, mi, month);
         let slot = usage_slot(to);
-        let fresh = {
-            use dashmap::mapref::entry::Entry;
-            match self.usage_done.entry((id, slot)) {
-                Entry::Occupied(_) => false,
-                Entry::Vacant(v) => {
-                    v.insert(self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS));
-                    true
-                }
-            }
-        };
+        let fresh = self.usage_done.mark(id, slot, self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS));
         let mut g = lock(&st.inner);
         if fresh && n != 0 {
             match to {
@@ -652,7 +687,7 @@ impl LocalStore {
                     }
                     self.mark(&mut g.dirty, DirtyKey::Month(key.0, key.1));
                     drop(g);
-                    self.usage_done.remove(&(id, slot));
+                    self.usage_done.unmark(id, slot);
                 }
             }
         }
@@ -1031,6 +1066,35 @@ impl Durable for LocalStore {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+
+    #[test]
+    fn usage_markers_are_per_request_and_slot_and_outlive_their_latest_mark() {
+        let d = UsageDone::default();
+        let base = (7u128 << 64) | 40;
+        // Ids 38..=49 straddle two entries (40..=47 share one); every slot of each id is its own.
+        for n in 38..50u128 {
+            for slot in 0..=5 {
+                assert!(d.mark(RequestId(base - 40 + n), slot, 100), "{n}/{slot} first");
+            }
+        }
+        for n in 38..50u128 {
+            for slot in 0..=5 {
+                assert!(!d.mark(RequestId(base - 40 + n), slot, 100), "{n}/{slot} again: a no-op");
+            }
+        }
+        assert_eq!(d.len(), 12 * 6);
+        d.unmark(RequestId(base), 3);
+        assert!(d.mark(RequestId(base), 3, 100), "taken back, it may be added again");
+        // An entry lives until its latest mark expires.
+        assert!(d.mark(RequestId(base + 16), 0, 150));
+        assert!(d.mark(RequestId(base + 17), 1, 300), "same entry, later expiry");
+        d.sweep(200);
+        assert_eq!(d.len(), 2, "only the entry marked until 300 is left");
+        assert!(!d.mark(RequestId(base + 16), 0, 300), "its entry is kept until its latest mark expires");
+        assert!(d.mark(RequestId(base), 0, 300), "its entry expired at 100");
+        d.sweep(400);
+        assert_eq!(d.len(), 0);
+    }
 
     #[test]
     fn month_indexes_read_the_written_form_and_the_general_one() {
