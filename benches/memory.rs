@@ -7,6 +7,10 @@
 use turnstile::admission::{Admit, BucketStore, LocalBuckets};
 use turnstile::clock::SystemClock;
 
+// The binary's allocator (src/main.rs), so the figure is the gateway's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

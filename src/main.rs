@@ -84,6 +84,9 @@ fn runtime(one_thread: bool) -> Option<tokio::runtime::Runtime> {
     built.map_err(|e| eprintln!("turnstile: cannot start the runtime: {e}")).ok()
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
