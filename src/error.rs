@@ -141,7 +141,10 @@ impl ApiError {
     /// Whether the connection closes after this refusal. Like nginx: not reused after a body
     /// that was too large, too slow or in a coding it cannot read (the body is drained first).
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding)
+        matches!(
+            self,
+            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout { .. } | ApiError::UnsupportedTransferEncoding
+        )
     }
 }
 
@@ -205,12 +208,7 @@ mod tests {
         let rows: [(ApiError, u16, &str, Outcome); 8] = [
             (ApiError::InvalidApiKey, 401, "invalid_api_key", Outcome::Unauthenticated),
             (ApiError::BadPath(crate::path::BadPath::Backslash), 400, "bad_path", Outcome::UnknownRoute),
-            (
-                ApiError::QpsExceeded { feature: "f", limit: 1, retry_after: 1 },
-                429,
-                "qps_exceeded",
-                Outcome::Throttled,
-            ),
+            (ApiError::QpsExceeded { feature: "f", limit: 1, retry_after: 1 }, 429, "qps_exceeded", Outcome::Throttled),
             (
                 ApiError::InstanceExpired { expires_at: "x".into(), retention_days: 7 },
                 402,

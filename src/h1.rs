@@ -41,7 +41,6 @@ use crate::metrics::Outcome;
 use crate::proxy::{self, Decision, Forward, HeadView, RateFields};
 use crate::upstream::{RawConn, UpstreamError};
 
-
 /// The longest request head this path serves (hyper's limit is larger: longer heads go there).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// The longest request body this path forwards (read with its head, sent in the same write).
@@ -1194,7 +1193,8 @@ mod tests {
         }
         assert!(matches!(parse_request(b"GET /p HTTP/1.1\r\nHost", &mut Box::new(Head::EMPTY)), Parsed::Partial));
         // A connection's head is reused: nothing of the request before stays in it.
-        let mut head = parsed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").unwrap();
+        let mut head =
+            parsed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc").unwrap();
         let next: &[u8] = b"GET /q HTTP/1.1\r\nx: 1\r\n\r\n";
         assert!(matches!(parse_request(next, &mut head), Parsed::Complete));
         assert_eq!((head.count, head.body_len, head.close, head.has_host), (1, 0, false, false));

@@ -113,8 +113,8 @@ pub struct RateFields {
     reset_secs: u64,
 }
 
-pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 impl RateFields {
     fn new(limit: u32, remaining: u32, reset_secs: u64) -> RateFields {
@@ -270,8 +270,7 @@ fn route<'a, H: HeadView + ?Sized>(
 ) -> Result<Routed<'a>, Refused> {
     let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
-    let path =
-        crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), None))?;
+    let path = crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), None))?;
     let Some(route) = snap.router.find(&path) else {
         return Err((ApiError::UnknownRoute { path: path.into_owned() }, Who::Tenant(tenant.label), None));
     };
@@ -579,9 +578,7 @@ pub fn handle(
     }
     let decision = decide_now(&conn.gw, req.headers(), crate::path::origin_path(req.uri(), req.version()));
     match decision {
-        Decision::Reject(e, who, rate) => {
-            Handling::Done(Some(refused(&conn.gw, req, e, who, rate, grpc, start)))
-        }
+        Decision::Reject(e, who, rate) => Handling::Done(Some(refused(&conn.gw, req, e, who, rate, grpc, start))),
         Decision::Forward(fwd) => Handling::Forwarding(forwarding(conn, req, fwd, grpc, start)),
     }
 }
@@ -1097,7 +1094,10 @@ mod tests {
     #[test]
     fn rate_headers_use_structured_field_syntax() {
         let rate = RateFields::new(40, 39, 1);
-        assert_eq!((rate.policy().as_bytes(), rate.state().as_bytes()), (&b"\"qps\";q=40;w=1"[..], &b"\"qps\";r=39;t=1"[..]));
+        assert_eq!(
+            (rate.policy().as_bytes(), rate.state().as_bytes()),
+            (&b"\"qps\";q=40;w=1"[..], &b"\"qps\";r=39;t=1"[..])
+        );
         let [(p, pv), (r, rv)] = rate.headers();
         assert_eq!((p.as_str(), pv.to_str().unwrap()), ("ratelimit-policy", "\"qps\";q=40;w=1"));
         assert_eq!((r.as_str(), rv.to_str().unwrap()), ("ratelimit", "\"qps\";r=39;t=1"));

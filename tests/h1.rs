@@ -376,7 +376,11 @@ async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
             assert!(replies[0].1.iter().any(|(n, _)| n == "retry-after"), "{:?}", replies[0].1);
         }
         if status == 403 || status == 429 {
-            assert!(replies[0].1.iter().any(|(n, v)| n == "ratelimit-policy" && v == "\"qps\";q=1;w=1"), "{:?}", replies[0].1);
+            assert!(
+                replies[0].1.iter().any(|(n, v)| n == "ratelimit-policy" && v == "\"qps\";q=1;w=1"),
+                "{:?}",
+                replies[0].1
+            );
         }
     }
 }
