@@ -238,29 +238,6 @@ pub struct Billing {
     headers: DashMap<(u64, bool), HeaderValue, FxBuildHasher>,
 }
 
-/// `YYYY-MM` of `unix_nanos` in `offset`, on the stack (settlements format it per call). Worked
-/// out once a second per thread: a fixed offset is whole seconds, so a month starts on a whole
-/// second.
-fn month_of(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
-    use chrono::{Datelike, TimeZone};
-    thread_local! {
-        static LAST: std::cell::Cell<(i64, i32, [u8; 7])> = const { std::cell::Cell::new((i64::MIN, 0, [0; 7])) };
-    }
-    let (secs, off) = (unix_nanos.div_euclid(crate::time::NANOS_PER_SEC), offset.local_minus_utc());
-    LAST.with(|last| {
-        let (s, o, month) = last.get();
-        if (s, o) == (secs, off) {
-            return month;
-        }
-        let t = offset.timestamp_nanos(unix_nanos);
-        let (y, m) = (t.year().clamp(0, 9999) as u32, t.month());
-        let d = |n: u32| b'0' + (n % 10) as u8;
-        let month = [d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)];
-        last.set((secs, off, month));
-        month
-    })
-}
-
 /// A metric's value (Prometheus values are floats): nothing allocated on the settle path.
 fn to_f64(d: Decimal) -> f64 {
     use rust_decimal::prelude::ToPrimitive;
@@ -804,7 +781,7 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = month_of(now, snap.settings.timezone);
+        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
         let month = std::str::from_utf8(&month).unwrap_or("0000-00");
         let mut fallback = r.fallback;
         let stores = if fallback { &self.local } else { &self.stores };
@@ -1008,7 +985,7 @@ impl Billing {
         image: Option<&ImageSettle>,
     ) -> Vec<crate::cluster::Replay> {
         let f = &snap.catalog.features[feature_idx];
-        let month = month_of(now, snap.settings.timezone);
+        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
         let month = std::str::from_utf8(&month).unwrap_or("0000-00").to_string();
         let (field, also, _) = Self::call_parts(r, snap.settings.low_balance_ratio);
         let mut out = vec![crate::cluster::Replay::Settle {
@@ -1047,7 +1024,7 @@ impl Billing {
         use crate::store::redis::{HoldAction, Settle};
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
-        let month = month_of(now, snap.settings.timezone);
+        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
         let month = std::str::from_utf8(&month).unwrap_or("0000-00");
         let ratio = snap.settings.low_balance_ratio;
         let (field, also, alert_at) = Self::call_parts(&r, ratio);
@@ -1139,7 +1116,7 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = month_of(now, snap.settings.timezone);
+        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
         let month = std::str::from_utf8(&month).unwrap_or("0000-00");
         let mut units = [Decimal::ZERO; 5];
         units[r.payer as usize] = Decimal::ONE;
@@ -1224,7 +1201,7 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = month_of(now, snap.settings.timezone);
+        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
         let month = std::str::from_utf8(&month).unwrap_or("0000-00");
         let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
         let mut first: Option<HeaderValue> = None;
@@ -1442,30 +1419,6 @@ mod tests {
     use std::time::Instant;
 
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
-
-    #[test]
-    fn the_month_of_a_settlement_turns_on_its_first_nanosecond_in_each_offset() {
-        let east = chrono::FixedOffset::east_opt(8 * 3600).unwrap();
-        let odd = chrono::FixedOffset::east_opt(5 * 3600 + 1).unwrap();
-        // 2026-02-01T00:00:00+08:00
-        let t = 1_769_875_200 * crate::time::NANOS_PER_SEC;
-        // In turn, within the same second and across it, in two offsets: the per-second
-        // memo never answers for another second or offset.
-        for (at, offset, month) in [
-            (t - 1, east, "2026-01"),
-            (t, east, "2026-02"),
-            (t, odd, "2026-01"),
-            (t + 999_999_999, east, "2026-02"),
-            (t - 1, east, "2026-01"),
-            // 2026-02-01T00:00:00+05:00:01 is 10,799 s after `t`.
-            (t + 10_799 * crate::time::NANOS_PER_SEC - 1, odd, "2026-01"),
-            (t + 10_799 * crate::time::NANOS_PER_SEC, odd, "2026-02"),
-            (t + 10_799 * crate::time::NANOS_PER_SEC, east, "2026-02"),
-        ] {
-            assert_eq!(std::str::from_utf8(&month_of(at, offset)).unwrap(), month, "{at} in {offset}");
-            assert_eq!(crate::ledger::month_of(at, offset), month);
-        }
-    }
 
     fn snapshot(catalog: &str, ents: &str) -> Snapshot {
         let texts = crate::config::Texts::in_memory(MAIN, catalog, ents);

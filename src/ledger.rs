@@ -578,11 +578,33 @@ impl LedgerStore for RedbLedger {
     }
 }
 
-/// Formats a Unix time as the `YYYY-MM` month in `offset`.
+/// The `YYYY-MM` month of a Unix time in `offset`, as text.
 pub fn month_of(unix_nanos: i64, offset: chrono::FixedOffset) -> String {
+    String::from_utf8_lossy(&month_bytes(unix_nanos, offset)).into_owned()
+}
+
+/// The `YYYY-MM` month of a Unix time in `offset`, on the stack (settlements take it per call).
+/// Worked out once a second per thread: a fixed offset is whole seconds, so a month starts on a
+/// whole second.
+pub fn month_bytes(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
     use chrono::{Datelike, TimeZone};
-    let t = offset.timestamp_nanos(unix_nanos);
-    format!("{:04}-{:02}", t.year(), t.month())
+    thread_local! {
+        static LAST: std::cell::Cell<(i64, i32, [u8; 7])> = const { std::cell::Cell::new((i64::MIN, 0, [0; 7])) };
+    }
+    let (secs, off) = (unix_nanos.div_euclid(crate::time::NANOS_PER_SEC), offset.local_minus_utc());
+    LAST.with(|last| {
+        let (s, o, month) = last.get();
+        if (s, o) == (secs, off) {
+            return month;
+        }
+        // i64 nanoseconds reach the years 1677-2262: four digits.
+        let t = offset.timestamp_nanos(unix_nanos);
+        let (y, m) = (t.year().clamp(0, 9999) as u32, t.month());
+        let d = |n: u32| b'0' + (n % 10) as u8;
+        let month = [d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)];
+        last.set((secs, off, month));
+        month
+    })
 }
 
 pub fn zero_units() -> [Dec; 5] {
@@ -796,6 +818,30 @@ mod tests {
         std::fs::write(bad.join(RedbLedger::FILE), vec![0xAB; 8192]).unwrap();
         let e = RedbLedger::open(&bad).err().expect("garbage must be refused").to_string();
         assert!(e.contains("ledger.redb"), "{e}");
+    }
+
+    #[test]
+    fn the_month_of_a_settlement_turns_on_its_first_nanosecond_in_each_offset() {
+        let east = chrono::FixedOffset::east_opt(8 * 3600).unwrap();
+        let odd = chrono::FixedOffset::east_opt(5 * 3600 + 1).unwrap();
+        // 2026-02-01T00:00:00+08:00
+        let t = 1_769_875_200 * crate::time::NANOS_PER_SEC;
+        // In turn, within the same second and across it, in two offsets: the per-second
+        // memo never answers for another second or offset.
+        for (at, offset, month) in [
+            (t - 1, east, "2026-01"),
+            (t, east, "2026-02"),
+            (t, odd, "2026-01"),
+            (t + 999_999_999, east, "2026-02"),
+            (t - 1, east, "2026-01"),
+            // 2026-02-01T00:00:00+05:00:01 is 10,799 s after `t`.
+            (t + 10_799 * crate::time::NANOS_PER_SEC - 1, odd, "2026-01"),
+            (t + 10_799 * crate::time::NANOS_PER_SEC, odd, "2026-02"),
+            (t + 10_799 * crate::time::NANOS_PER_SEC, east, "2026-02"),
+        ] {
+            assert_eq!(std::str::from_utf8(&month_bytes(at, offset)).unwrap(), month, "{at} in {offset}");
+            assert_eq!(month_of(at, offset), month);
+        }
     }
 
     #[test]

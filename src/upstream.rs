@@ -84,7 +84,7 @@ struct Pool {
 impl Pool {
     /// Forgets the connections of another upstream than `authority`.
     fn for_authority(&mut self, authority: &Authority) {
-        if self.authority.as_ref() != Some(authority) {
+        if !same(self.authority.as_ref(), authority) {
             self.idle.clear();
             self.h2 = None;
             self.authority = Some(authority.clone());
@@ -114,7 +114,7 @@ impl Pool {
     }
 
     fn put(&mut self, authority: &Authority, tx: http1::SendRequest<Upload>) {
-        if self.authority.as_ref() == Some(authority) && self.idle.len() < MAX_IDLE && !tx.is_closed() {
+        if same(self.authority.as_ref(), authority) && self.idle.len() < MAX_IDLE && !tx.is_closed() {
             let now = Instant::now();
             self.expire(now);
             self.idle.push((tx, now));
@@ -203,7 +203,7 @@ impl Upstream {
                 let tx = self.connect_h2(&authority).await?;
                 POOL.with(|p| {
                     let mut p = p.borrow_mut();
-                    if p.authority.as_ref() == Some(&authority) {
+                    if same(p.authority.as_ref(), &authority) {
                         p.h2 = Some(tx.clone());
                     }
                 });
@@ -425,8 +425,9 @@ impl Upstream {
     }
 }
 
-/// Whether the pool is `authority`'s: compared byte for byte (http's `==` ignores letter case,
-/// at twice a request's cost); the same authority in another case only starts a new pool.
+/// Whether a pool (the hyper one or the raw one) is `authority`'s: compared byte for byte
+/// (http's `==` ignores letter case, at twice a request's cost); the same authority in another
+/// case only starts a new pool.
 fn same(pool: Option<&Authority>, authority: &Authority) -> bool {
     pool.is_some_and(|p| p.as_str() == authority.as_str())
 }

@@ -216,10 +216,10 @@ impl UsageDone {
     /// Takes a marker back (a reverted delta may be applied again).
     fn unmark(&self, id: RequestId, slot: u8) {
         let (key, bit) = Self::at(id, slot);
-        if let Some(mut e) = self.0.get_mut(&key) {
+        self.0.remove_if_mut(&key, |_, e| {
             e.0 &= !bit;
-        }
-        self.0.remove_if(&key, |_, e| e.0 == 0);
+            e.0 == 0
+        });
     }
 
     fn sweep(&self, now: i64) {
