@@ -342,6 +342,42 @@ pub async fn concurrent_takes_never_overdraw<S: Store + 'static>(s: Arc<S>) {
     assert_eq!(consumed, 20 * 150_000, "demand exceeds supply: every package is spent");
 }
 
+/// Money invariant: each request's usage counts once however many times, from however many
+/// tasks, its settlement is replayed, while other requests settle beside it. Consecutive ids
+/// (which the local store keeps 8 to a marker entry) are settled by different tasks at once.
+pub async fn concurrent_usage_counts_each_request_once<S: Store + 'static>(s: Arc<S>) {
+    const IDS: usize = 256;
+    const TASKS: usize = 8;
+    let t = fresh_tenant("usage-race");
+    let f = bucket(t, "license-plate-recognition");
+    let ids = RequestIds::new();
+    let all: Arc<Vec<RequestId>> = Arc::new((0..IDS).map(|_| ids.next()).collect());
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|k| {
+            let (s, all) = (s.clone(), all.clone());
+            tokio::spawn(async move {
+                // Each task settles every TASKS-th id twice, and replays its neighbour's.
+                for (i, id) in all.iter().enumerate() {
+                    if i % TASKS == k || i % TASKS == (k + 1) % TASKS {
+                        for _ in 0..2 {
+                            let to = UsageTo::Payer(PayerKind::Payg);
+                            s.add_usage(f, "2026-03", to, 1, CALL_CELL, *id).await.unwrap();
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let got = s.month(t, "2026-03").await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].units[PayerKind::Payg as usize], IDS as i64, "each of {IDS} requests once");
+    assert_eq!(got[0].payg.get(CALL_CELL), Some(&(IDS as i64)));
+}
+
 /// Instantiates every behaviour for one backend: `store_suite!(name, fixture_expr)`, where the
 /// expression (evaluated inside the test's runtime) yields `(Arc<S>, guard)`.
 #[macro_export]
@@ -362,6 +398,7 @@ macro_rules! store_suite {
                 overrides_are_kept_once_and_sorted,
                 concurrent_reservations_never_overspend,
                 concurrent_takes_never_overdraw,
+                concurrent_usage_counts_each_request_once,
             );
         }
     };
