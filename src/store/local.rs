@@ -11,7 +11,7 @@
 //! unhealthy (`/readyz` 503) and is retried (SPEC §7). Every operation answers without
 //! suspending (the async trait methods only wrap the synchronous ones).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -58,7 +58,6 @@ struct PkgInner {
 struct Pkg {
     tenant: String,
     id: String,
-    key: u64,
     inner: Mutex<PkgInner>,
 }
 
@@ -91,19 +90,30 @@ struct ImgInner {
 
 struct Img {
     tenant: String,
-    key: u32,
     inner: Mutex<ImgInner>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum DirtyKey {
-    Package(u64),
-    Month(u64, u32),
-    Image(u32),
+/// A record changed since the writer last committed it: its state itself, so that the writer
+/// reads it without a map lookup (states are never removed from their maps).
+enum Dirty {
+    Package(Arc<Pkg>),
+    Month(Arc<Month>),
+    Image(Arc<Img>),
+}
+
+impl Dirty {
+    /// The state's address: what the writer's set of dirty records is keyed on.
+    fn addr(&self) -> usize {
+        match self {
+            Dirty::Package(p) => Arc::as_ptr(p) as usize,
+            Dirty::Month(m) => Arc::as_ptr(m) as usize,
+            Dirty::Image(i) => Arc::as_ptr(i) as usize,
+        }
+    }
 }
 
 enum Msg {
-    Dirty(DirtyKey),
+    Dirty(Dirty),
     Flush(mpsc::Sender<()>),
     Stop,
 }
@@ -111,7 +121,7 @@ enum Msg {
 /// One delta a request applied (strict mode keeps them until durable, to revert exactly).
 enum Delta {
     Consumed(Arc<Pkg>, i64),
-    Usage { month: Arc<Month>, key: (u64, u32), to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
+    Usage { month: Arc<Month>, to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
 }
 
 struct Pending {
@@ -321,10 +331,12 @@ impl LocalStore {
         let _ = self.tx.send(msg);
     }
 
-    fn mark(&self, dirty: &mut bool, key: DirtyKey) {
+    /// Queues a record for the writer when it was clean (once per commit, however often it
+    /// changes meanwhile).
+    fn mark(&self, dirty: &mut bool, record: impl FnOnce() -> Dirty) {
         if !*dirty {
             *dirty = true;
-            self.send(Msg::Dirty(key));
+            self.send(Msg::Dirty(record()));
         }
     }
 
@@ -352,7 +364,6 @@ impl LocalStore {
         get_or_insert(&self.packages, key, || Pkg {
             tenant: tenant.name.to_string(),
             id: id.to_string(),
-            key,
             inner: Mutex::new(PkgInner { consumed: 0, held: 0, alerted: false, dirty: false }),
         })
     }
@@ -369,7 +380,6 @@ impl LocalStore {
     fn img(&self, tenant: TenantKey<'_>) -> Arc<Img> {
         get_or_insert(&self.images, tenant.local, || Img {
             tenant: tenant.name.to_string(),
-            key: tenant.local,
             inner: Mutex::new(ImgInner { count: 0, held: 0, dirty: false }),
         })
     }
@@ -427,7 +437,7 @@ impl LocalStore {
         g.held -= h.points;
         g.consumed += h.points;
         let consumed = g.consumed;
-        self.mark(&mut g.dirty, DirtyKey::Package(h.pkg.key));
+        self.mark(&mut g.dirty, || Dirty::Package(h.pkg.clone()));
         drop(g);
         self.bump();
         self.remember(id, || Delta::Consumed(h.pkg, h.points));
@@ -460,7 +470,7 @@ impl LocalStore {
             if taken > 0 {
                 g.consumed += taken;
                 left -= taken;
-                self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+                self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
             }
             let consumed = g.consumed;
             drop(g);
@@ -489,7 +499,7 @@ impl LocalStore {
             return false;
         }
         g.alerted = true;
-        self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+        self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
         true
     }
 
@@ -550,7 +560,7 @@ impl LocalStore {
                     }
                 }
             }
-            self.mark(&mut g.dirty, DirtyKey::Month(key.local, mi));
+            self.mark(&mut g.dirty, || Dirty::Month(st.clone()));
         }
         let total = match to {
             UsageTo::Payer(crate::payer::PayerKind::Payg) => g.payg.get(cell).copied().unwrap_or(0),
@@ -562,7 +572,7 @@ impl LocalStore {
             self.bump();
             self.remember(id, || {
                 let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
-                Delta::Usage { month: st, key: (key.local, mi), to, cell, units: n, slot }
+                Delta::Usage { month: st, to, cell, units: n, slot }
             });
         }
         total
@@ -625,7 +635,7 @@ impl LocalStore {
             g.count = n;
         }
         if g.count != before {
-            self.mark(&mut g.dirty, DirtyKey::Image(img.key));
+            self.mark(&mut g.dirty, || Dirty::Image(img.clone()));
         }
         let count = g.count;
         drop(g);
@@ -669,9 +679,9 @@ impl LocalStore {
                 Delta::Consumed(pkg, n) => {
                     let mut g = lock(&pkg.inner);
                     g.consumed -= n;
-                    self.mark(&mut g.dirty, DirtyKey::Package(pkg.key));
+                    self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
                 }
-                Delta::Usage { month, key, to, cell, units: n, slot } => {
+                Delta::Usage { month, to, cell, units: n, slot } => {
                     let mut g = lock(&month.inner);
                     match to {
                         UsageTo::Payer(k) => g.units[k as usize] -= n,
@@ -685,7 +695,7 @@ impl LocalStore {
                             }
                         }
                     }
-                    self.mark(&mut g.dirty, DirtyKey::Month(key.0, key.1));
+                    self.mark(&mut g.dirty, || Dirty::Month(month.clone()));
                     drop(g);
                     self.usage_done.unmark(id, slot);
                 }
@@ -760,32 +770,32 @@ impl LocalStore {
             + self.months.iter().filter(|e| lock(&e.value().inner).dirty).count()
             + self.images.iter().filter(|e| lock(&e.value().inner).dirty).count()
     }
+}
 
-    fn record(&self, key: &DirtyKey) -> Option<Record> {
-        match key {
-            DirtyKey::Package(k) => {
-                let st = self.packages.get(k)?.clone();
+impl Dirty {
+    /// The record as it is now, marked clean: a change after this queues it again.
+    fn record(&self) -> Record {
+        match self {
+            Dirty::Package(st) => {
                 let mut g = lock(&st.inner);
                 g.dirty = false;
-                Some(Record::Package(PackageRecord {
+                Record::Package(PackageRecord {
                     tenant: st.tenant.clone(),
                     id: st.id.clone(),
                     consumed: Dec(units::from_micro(g.consumed)),
                     alerted: g.alerted,
-                }))
+                })
             }
-            DirtyKey::Image(k) => {
-                let st = self.images.get(k)?.clone();
+            Dirty::Image(st) => {
                 let mut g = lock(&st.inner);
                 g.dirty = false;
-                Some(Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.clone(), count: g.count }))
+                Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.clone(), count: g.count })
             }
-            DirtyKey::Month(pair, m) => {
-                let st = self.months.get(&(*pair, *m))?.clone();
+            Dirty::Month(st) => {
                 let mut g = lock(&st.inner);
                 g.dirty = false;
                 let d = |v: i64| Dec(rust_decimal::Decimal::from(v));
-                Some(Record::Month(MonthRecord {
+                Record::Month(MonthRecord {
                     tenant: st.tenant.clone(),
                     feature: st.feature.clone(),
                     month: st.month.clone(),
@@ -793,29 +803,17 @@ impl LocalStore {
                     payg: g.payg.iter().map(|(k, v)| (k.clone(), d(*v))).collect(),
                     unpaid: d(g.unpaid),
                     integer: true,
-                }))
+                })
             }
         }
     }
 
-    /// Marks a record dirty again after a failed commit (the writer keeps its key).
-    fn redirty(&self, key: &DirtyKey) {
-        match key {
-            DirtyKey::Package(k) => {
-                if let Some(st) = self.packages.get(k) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
-            DirtyKey::Month(p, m) => {
-                if let Some(st) = self.months.get(&(*p, *m)) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
-            DirtyKey::Image(k) => {
-                if let Some(st) = self.images.get(k) {
-                    lock(&st.inner).dirty = true;
-                }
-            }
+    /// Marks the record dirty again after a failed commit (the writer keeps it).
+    fn redirty(&self) {
+        match self {
+            Dirty::Package(st) => lock(&st.inner).dirty = true,
+            Dirty::Month(st) => lock(&st.inner).dirty = true,
+            Dirty::Image(st) => lock(&st.inner).dirty = true,
         }
     }
 }
@@ -829,7 +827,8 @@ fn writer(
     rx: mpsc::Receiver<Msg>,
     interval: Duration,
 ) {
-    let mut keys: HashSet<DirtyKey, FxBuildHasher> = HashSet::default();
+    // The records to commit, each once: by their state's address (the `Arc` keeps it theirs).
+    let mut keys: HashMap<usize, Dirty, FxBuildHasher> = HashMap::default();
     let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
     let mut stop = false;
     let mut failures: u64 = 0;
@@ -851,11 +850,11 @@ fn writer(
         };
         let Some(b) = store.upgrade() else { return };
         let take = |m: Msg,
-                    keys: &mut HashSet<DirtyKey, FxBuildHasher>,
+                    keys: &mut HashMap<usize, Dirty, FxBuildHasher>,
                     waiters: &mut Vec<mpsc::Sender<()>>,
                     stop: &mut bool| match m {
             Msg::Dirty(k) => {
-                keys.insert(k);
+                keys.entry(k.addr()).or_insert(k);
             }
             Msg::Flush(w) => waiters.push(w),
             Msg::Stop => *stop = true,
@@ -898,7 +897,7 @@ fn writer(
         }
         // Sized up front: collecting from `filter_map` would grow (and move) it several times.
         let mut records: Vec<Record> = Vec::with_capacity(keys.len());
-        records.extend(keys.iter().filter_map(|k| b.record(k)));
+        records.extend(keys.values().map(Dirty::record));
         let started = Instant::now();
         match ledger.commit(&records) {
             Ok(()) => {
@@ -930,8 +929,8 @@ fn writer(
                     );
                 }
                 failures += 1;
-                for k in &keys {
-                    b.redirty(k);
+                for k in keys.values() {
+                    k.redirty();
                 }
             }
         }
