@@ -301,14 +301,15 @@ impl Files {
                     return Err(log_err(
                         &path,
                         format!(
-                            "{} bytes at its end do not read as a whole frame, and it is not the last segment",
-                            read.dropped
+                            "{} bytes at its end, from byte {}, do not read as a whole frame, and it is not the last segment",
+                            read.dropped, read.end
                         ),
                     ));
                 }
                 tracing::warn!(
                     log = %path.display(),
                     bytes = read.dropped,
+                    from_byte = read.end,
                     "dropped the torn tail of the ledger log (a commit cut short by a crash, never acknowledged)"
                 );
             }
@@ -682,6 +683,11 @@ mod tests {
         Checkpoint { max_bytes: 1, max_age: Duration::from_secs(3600) }
     }
 
+    /// Where a segment's last whole frame ends (zeros follow it).
+    fn frames_end(segment: &Path) -> usize {
+        wal::read(&std::fs::read(segment).unwrap()).unwrap().end
+    }
+
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
         wal::segments(dir).unwrap().into_iter().map(|(_, p)| p).collect()
     }
@@ -710,8 +716,9 @@ mod tests {
         }
         // The last commit cut short by the crash: it was never acknowledged, and is dropped.
         let last = segment_files(dir.path()).pop().unwrap();
-        let len = std::fs::metadata(&last).unwrap().len();
-        std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 3).unwrap();
+        let end = frames_end(&last) as u64;
+        assert!(std::fs::metadata(&last).unwrap().len() > end, "the file is written ahead of its frames");
+        std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(end - 3).unwrap();
         let l = RedbLedger::open(dir.path()).unwrap();
         assert_eq!(units_of(&l, "acme"), Some(Decimal::from(3)));
         assert_eq!(units_of(&l, "beta"), Some(Decimal::from(1)));
@@ -768,18 +775,19 @@ mod tests {
         }
         let files = segment_files(dir.path());
         assert_eq!(files.len(), 4, "{files:?}"); // three commits, and the segment started after the last
-        let flip = |path: &Path| {
-            let mut bytes = std::fs::read(path).unwrap();
-            let at = bytes.len() - 2;
-            bytes[at] ^= 1;
-            std::fs::write(path, bytes).unwrap();
+        // A byte of the last frame (the zeros after it are no frame).
+        let ats: Vec<usize> = files.iter().map(|f| frames_end(f).saturating_sub(2)).collect();
+        let flip = |i: usize| {
+            let mut bytes = std::fs::read(&files[i]).unwrap();
+            bytes[ats[i]] ^= 1;
+            std::fs::write(&files[i], bytes).unwrap();
         };
-        flip(&files[1]);
+        flip(1);
         let e = RedbLedger::open(dir.path()).err().expect("a damaged middle segment must be refused").to_string();
         assert!(e.contains(files[1].file_name().unwrap().to_str().unwrap()), "{e}");
-        flip(&files[1]);
+        flip(1);
         // The same damage in the last segment holding a commit is a torn tail: dropped.
-        flip(&files[2]);
+        flip(2);
         std::fs::remove_file(&files[3]).unwrap();
         let l = RedbLedger::open(dir.path()).unwrap();
         assert_eq!(units_of(&l, "acme"), Some(Decimal::from(2)));
