@@ -1,13 +1,17 @@
 //! Prometheus metrics of SPEC §10, served on the admin listener.
 
-use std::collections::HashSet;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use dashmap::DashMap;
 use prometheus::core::Collector;
+use prometheus::core::Desc;
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use rustc_hash::FxBuildHasher;
 
@@ -62,12 +66,251 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Cached handles of one (tenant, feature) pair.
+/// Adds `v` to an `f64` kept as its bits.
+fn add_f64(a: &AtomicU64, v: f64) {
+    let _ = a.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+/// What one (tenant, feature) pair counts, in one block of its own: a call adds to it with
+/// plain atomic adds, no map of label strings, and an admitted, metered call touches its first
+/// 64 bytes only (its units, its amount, its outcome). Summed into the families of
+/// `turnstile_requests_total`, `turnstile_billed_units_total` and `turnstile_payg_amount_total`
+/// when scraped ([`PairFamilies`]). Made once per pair and kept for the process's life (a
+/// counter never goes back, and a pair a reload brings back counts on).
+#[repr(C, align(64))]
+struct PairCounts {
+    /// Units by payer, `f64` bits (video minutes are fractions).
+    billed: [AtomicU64; 5],
+    /// Pay-as-you-go amount, `f64` bits.
+    payg_amount: AtomicU64,
+    /// Requests by outcome ([`Outcome`] as index): admitted and throttled share the first line.
+    requests: [AtomicU64; Outcome::ALL.len()],
+    tenant: &'static str,
+    feature: &'static str,
+    /// The currency of its first pay-as-you-go amount (the catalog's).
+    currency: OnceLock<Box<str>>,
+}
+
+impl PairCounts {
+    fn new(tenant: &'static str, feature: &'static str) -> Self {
+        PairCounts {
+            billed: Default::default(),
+            payg_amount: AtomicU64::new(0f64.to_bits()),
+            requests: Default::default(),
+            tenant,
+            feature,
+            currency: OnceLock::new(),
+        }
+    }
+}
+
+/// The pairs' counts, for the scrape.
+type Pairs = DashMap<u64, &'static PairCounts, FxBuildHasher>;
+
+/// The three per-pair families: the series a [`CounterVec`] holds (requests without a pair:
+/// unauthenticated, unknown route, whose feature label is empty) and those of the pairs, summed
+/// by their labels (without the tenant label, a feature's pairs add up into one series).
+struct PairFamilies {
+    requests: IntCounterVec,
+    billed: CounterVec,
+    payg: CounterVec,
+    pairs: Arc<Pairs>,
+    tenant_label: bool,
+}
+
+impl PairFamilies {
+    /// `family` with the pairs' series added, `labels` and `value` giving each pair's (a value
+    /// of 0 is no series: one that was never counted).
+    fn add<'p>(
+        &self,
+        family: &mut MetricFamily,
+        pairs: &[&'p PairCounts],
+        series: impl Fn(&'p PairCounts, &mut dyn FnMut(&[(&'static str, &'p str)], f64)),
+    ) {
+        let mut sums: BTreeMap<Vec<(&'static str, &'p str)>, f64> = BTreeMap::new();
+        for p in pairs {
+            series(p, &mut |labels, v| {
+                if v != 0.0 {
+                    let mut key: Vec<(&'static str, &'p str)> = labels.to_vec();
+                    if self.tenant_label {
+                        key.push(("tenant", p.tenant));
+                    }
+                    key.sort_unstable();
+                    *sums.entry(key).or_insert(0.0) += v;
+                }
+            });
+        }
+        for (labels, v) in sums {
+            let mut m = proto::Metric::from_label(labels.iter().map(|(n, v)| label(n, v)).collect());
+            let mut c = proto::Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+            family.mut_metric().push(m);
+        }
+    }
+}
+
+impl Collector for PairFamilies {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.requests.desc();
+        d.extend(self.billed.desc());
+        d.extend(self.payg.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let pairs: Vec<&PairCounts> = self.pairs.iter().map(|e| *e.value()).collect();
+        let mut out = Vec::with_capacity(3);
+        for (mut families, which) in
+            [(self.requests.collect(), 0), (self.billed.collect(), 1), (self.payg.collect(), 2)]
+        {
+            let Some(family) = families.first_mut() else { continue };
+            match which {
+                0 => self.add(family, &pairs, |p, emit| {
+                    for o in Outcome::ALL {
+                        let n = p.requests[o as usize].load(Relaxed);
+                        emit(&[("feature", p.feature), ("outcome", o.as_str())], n as f64);
+                    }
+                }),
+                1 => self.add(family, &pairs, |p, emit| {
+                    for (i, payer) in crate::ledger::PAYERS.iter().enumerate() {
+                        emit(&[("feature", p.feature), ("payer", payer)], f64::from_bits(p.billed[i].load(Relaxed)));
+                    }
+                }),
+                _ => self.add(family, &pairs, |p, emit| {
+                    if let Some(currency) = p.currency.get() {
+                        emit(
+                            &[("currency", currency), ("feature", p.feature)],
+                            f64::from_bits(p.payg_amount.load(Relaxed)),
+                        );
+                    }
+                }),
+            }
+            out.append(&mut families);
+        }
+        out
+    }
+}
+
+/// How many shards a [`ShardedHistogram`] has: threads take them in turn (more threads than
+/// shards share one, still exactly).
+const SHARDS: usize = 32;
+const BUCKETS: usize = LATENCY_BUCKETS.len();
+
+/// The calling thread's shard, taken in turn at its first observation.
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Relaxed) % SHARDS);
+        }
+        s.get()
+    })
+}
+
+/// One thread's observations: counts per bucket (the last past every bound), and their sum.
+#[repr(align(128))]
 #[derive(Default)]
-struct PairHandles {
-    requests: [OnceLock<IntCounter>; Outcome::ALL.len()],
-    billed: [OnceLock<Counter>; 5],
-    payg_amount: OnceLock<Counter>,
+struct HistogramShard {
+    counts: [AtomicU64; BUCKETS + 1],
+    /// `f64` bits.
+    sum: AtomicU64,
+}
+
+/// A histogram over [`LATENCY_BUCKETS`] that each thread observes into a shard of its own (its
+/// own cache lines: a prometheus `Histogram` is one set of atomics that every core's every call
+/// writes), summed when scraped. The count is the sum of the buckets, so buckets and count always
+/// agree; the sum can miss an observation in flight.
+pub struct ShardedHistogram {
+    shards: Box<[HistogramShard]>,
+}
+
+impl Default for ShardedHistogram {
+    fn default() -> Self {
+        ShardedHistogram { shards: (0..SHARDS).map(|_| HistogramShard::default()).collect() }
+    }
+}
+
+impl ShardedHistogram {
+    pub fn observe(&self, v: f64) {
+        let s = &self.shards[shard_index()];
+        let i = LATENCY_BUCKETS.iter().position(|&b| v <= b).unwrap_or(BUCKETS);
+        s.counts[i].fetch_add(1, Relaxed);
+        add_f64(&s.sum, v);
+    }
+
+    fn proto(&self) -> proto::Histogram {
+        let mut counts = [0u64; BUCKETS + 1];
+        let mut sum = 0.0;
+        for s in self.shards.iter() {
+            for (c, n) in counts.iter_mut().zip(&s.counts) {
+                *c += n.load(Relaxed);
+            }
+            sum += f64::from_bits(s.sum.load(Relaxed));
+        }
+        let mut h = proto::Histogram::default();
+        let mut cumulative = 0;
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .zip(counts)
+            .map(|(bound, n)| {
+                cumulative += n;
+                let mut b = proto::Bucket::default();
+                b.set_cumulative_count(cumulative);
+                b.set_upper_bound(*bound);
+                b
+            })
+            .collect();
+        h.set_bucket(buckets);
+        h.set_sample_count(cumulative + counts[BUCKETS]);
+        h.set_sample_sum(sum);
+        h
+    }
+}
+
+/// One histogram family of [`ShardedHistogram`]s: one per value of its label, or one alone.
+struct HistogramFamily {
+    desc: Desc,
+    label: Option<&'static str>,
+    /// Each histogram with its value of the label (unused without one).
+    series: Vec<(&'static str, Arc<ShardedHistogram>)>,
+}
+
+impl HistogramFamily {
+    fn new(name: &str, help: &str, label: Option<&'static str>) -> Self {
+        let labels = label.map(|l| vec![l.to_string()]).unwrap_or_default();
+        let desc = def(Desc::new(name.into(), help.into(), labels, Default::default()));
+        HistogramFamily { desc, label, series: Vec::new() }
+    }
+}
+
+impl Collector for HistogramFamily {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut f = MetricFamily::default();
+        f.set_name(self.desc.fq_name.clone());
+        f.set_help(self.desc.help.clone());
+        f.set_field_type(MetricType::HISTOGRAM);
+        for (value, h) in &self.series {
+            let mut m = proto::Metric::from_label(self.label.iter().map(|n| label(n, value)).collect());
+            m.set_histogram(h.proto());
+            f.mut_metric().push(m);
+        }
+        vec![f]
+    }
 }
 
 /// `turnstile_package_remaining_points`, showing the packages of the configuration being served
@@ -110,13 +353,12 @@ pub struct Metrics {
     pub registry: Registry,
     pub tenant_label: bool,
     requests: IntCounterVec,
-    billed_units: CounterVec,
-    payg_amount: CounterVec,
     package_remaining: GaugeVec,
     packages_shown: Arc<RwLock<HashSet<String>>>,
     low_balance_alerts: IntCounterVec,
-    durations_by_outcome: Vec<Histogram>,
-    pub upstream_duration: Histogram,
+    /// `turnstile_request_duration_seconds` by outcome ([`Outcome`] as index).
+    durations_by_outcome: Vec<Arc<ShardedHistogram>>,
+    pub upstream_duration: Arc<ShardedHistogram>,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub ledger_flush_duration: Histogram,
@@ -125,9 +367,10 @@ pub struct Metrics {
     pub ledger_errors: IntCounter,
     unpaid_units: CounterVec,
     image_count: IntGaugeVec,
-    /// Handles per (tenant, feature) pair, so the request path does one map lookup and atomic
-    /// adds instead of hashing label strings.
-    pairs: DashMap<u64, PairHandles, FxBuildHasher>,
+    /// The counts of each (tenant, feature) pair, by its key.
+    pairs: Arc<Pairs>,
+    /// Tells this instance's pairs from another's in a thread's memo ([`Metrics::pair`]).
+    id: u64,
 }
 
 impl Metrics {
@@ -161,21 +404,22 @@ impl Metrics {
             Opts::new("turnstile_package_low_balance_alerts_total", "Low-balance alerts fired"),
             &with_tenant(&["package"]),
         ));
-        let request_duration = def(HistogramVec::new(
-            HistogramOpts::new(
-                "turnstile_request_duration_seconds",
-                "Time from request head to response head, by outcome",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["outcome"],
-        ));
-        let upstream_duration = def(Histogram::with_opts(
-            HistogramOpts::new(
-                "turnstile_upstream_duration_seconds",
-                "Time the upstream took to answer with a response head",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        ));
+        let mut request_duration = HistogramFamily::new(
+            "turnstile_request_duration_seconds",
+            "Time from request head to response head, by outcome",
+            Some("outcome"),
+        );
+        let durations_by_outcome: Vec<Arc<ShardedHistogram>> =
+            Outcome::ALL.iter().map(|_| Arc::new(ShardedHistogram::default())).collect();
+        request_duration.series =
+            Outcome::ALL.iter().map(|o| o.as_str()).zip(durations_by_outcome.iter().cloned()).collect();
+        let mut upstream = HistogramFamily::new(
+            "turnstile_upstream_duration_seconds",
+            "Time the upstream took to answer with a response head",
+            None,
+        );
+        let upstream_duration = Arc::new(ShardedHistogram::default());
+        upstream.series.push(("", upstream_duration.clone()));
         let config_reloads = def(IntCounterVec::new(
             Opts::new("turnstile_config_reloads_total", "Configuration reloads by result"),
             &["result"],
@@ -204,15 +448,20 @@ impl Metrics {
             &with_tenant(&[]),
         ));
         let packages_shown = Arc::new(RwLock::new(HashSet::new()));
+        let pairs: Arc<Pairs> = Arc::new(DashMap::with_hasher(FxBuildHasher));
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(image_count.clone()),
-            Box::new(requests.clone()),
-            Box::new(billed_units.clone()),
-            Box::new(payg_amount.clone()),
+            Box::new(PairFamilies {
+                requests: requests.clone(),
+                billed: billed_units,
+                payg: payg_amount,
+                pairs: pairs.clone(),
+                tenant_label,
+            }),
             Box::new(PackageGauges { vec: package_remaining.clone(), shown: packages_shown.clone() }),
             Box::new(low_balance_alerts.clone()),
-            Box::new(request_duration.clone()),
-            Box::new(upstream_duration.clone()),
+            Box::new(request_duration),
+            Box::new(upstream),
             Box::new(config_reloads.clone()),
             Box::new(config_generation.clone()),
             Box::new(ledger_flush_duration.clone()),
@@ -223,8 +472,6 @@ impl Metrics {
         for c in collectors {
             def(registry.register(c));
         }
-        let durations_by_outcome =
-            Outcome::ALL.iter().map(|o| request_duration.with_label_values(&[o.as_str()])).collect();
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
         }
@@ -232,8 +479,6 @@ impl Metrics {
             registry,
             tenant_label,
             requests,
-            billed_units,
-            payg_amount,
             package_remaining,
             packages_shown,
             low_balance_alerts,
@@ -246,7 +491,11 @@ impl Metrics {
             ledger_errors,
             unpaid_units,
             image_count,
-            pairs: DashMap::with_hasher(FxBuildHasher),
+            pairs,
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Relaxed)
+            },
         }
     }
 
@@ -259,20 +508,31 @@ impl Metrics {
         v
     }
 
-    fn with_pair<R>(&self, key: u64, f: impl FnOnce(&PairHandles) -> R) -> R {
-        if let Some(h) = self.pairs.get(&key) {
-            return f(&h);
+    /// The counts of a pair: the thread's last pair again without a map lookup (a call counts
+    /// its request, units and amount one after another), made at its first call.
+    fn pair(&self, key: u64, tenant: &'static str, feature: &'static str) -> &'static PairCounts {
+        thread_local! {
+            static LAST: Cell<Option<(u64, u64, &'static PairCounts)>> = const { Cell::new(None) };
         }
-        f(&self.pairs.entry(key).or_default())
+        LAST.with(|last| {
+            if let Some((id, k, p)) = last.get() {
+                if (id, k) == (self.id, key) {
+                    return p;
+                }
+            }
+            let p = match self.pairs.get(&key) {
+                Some(p) => *p,
+                // Leaked: kept for the process's life like the series it is.
+                None => *self.pairs.entry(key).or_insert_with(|| Box::leak(Box::new(PairCounts::new(tenant, feature)))),
+            };
+            last.set(Some((self.id, key, p)));
+            p
+        })
     }
 
-    /// Counts a request of an identified tenant and feature (cached handles).
-    pub fn request_pair(&self, key: u64, tenant: &str, feature: &str, outcome: Outcome) {
-        self.with_pair(key, |h| {
-            h.requests[outcome as usize]
-                .get_or_init(|| self.requests.with_label_values(&self.labels(tenant, &[feature, outcome.as_str()])))
-                .inc()
-        });
+    /// Counts a request of an identified tenant and feature.
+    pub fn request_pair(&self, key: u64, tenant: &'static str, feature: &'static str, outcome: Outcome) {
+        self.pair(key, tenant, feature).requests[outcome as usize].fetch_add(1, Relaxed);
     }
 
     /// Counts a request without a known (tenant, feature) pair (unauthenticated, unknown route).
@@ -281,22 +541,14 @@ impl Metrics {
     }
 
     /// Units settled for a pair, by payer (index into [`crate::ledger::PAYERS`]).
-    pub fn billed(&self, key: u64, tenant: &str, feature: &str, payer: usize, units: f64) {
-        self.with_pair(key, |h| {
-            h.billed[payer]
-                .get_or_init(|| {
-                    self.billed_units.with_label_values(&self.labels(tenant, &[feature, crate::ledger::PAYERS[payer]]))
-                })
-                .inc_by(units)
-        });
+    pub fn billed(&self, key: u64, tenant: &'static str, feature: &'static str, payer: usize, units: f64) {
+        add_f64(&self.pair(key, tenant, feature).billed[payer], units);
     }
 
-    pub fn payg_amount(&self, key: u64, tenant: &str, feature: &str, currency: &str, amount: f64) {
-        self.with_pair(key, |h| {
-            h.payg_amount
-                .get_or_init(|| self.payg_amount.with_label_values(&self.labels(tenant, &[feature, currency])))
-                .inc_by(amount)
-        });
+    pub fn payg_amount(&self, key: u64, tenant: &'static str, feature: &'static str, currency: &str, amount: f64) {
+        let p = self.pair(key, tenant, feature);
+        p.currency.get_or_init(|| currency.into());
+        add_f64(&p.payg_amount, amount);
     }
 
     pub fn package_gauge(&self, tenant: &str, package: &str) -> Gauge {
@@ -323,11 +575,6 @@ impl Metrics {
         self.durations_by_outcome[outcome as usize].observe(seconds);
     }
 
-    /// Drops the cached handles of a pair a reload removed (one key at a time: requests use the map).
-    pub fn remove_pair(&self, key: u64) {
-        self.pairs.remove(&key);
-    }
-
     /// The packages whose `turnstile_package_remaining_points` series are shown: those of the
     /// configuration being served (a reload's removed packages disappear from the scrape).
     pub fn show_packages<'a>(&self, packages: impl Iterator<Item = (&'a str, &'a str)>) {
@@ -343,5 +590,160 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines of `name`'s family in the rendered text.
+    fn lines(text: &str, name: &str) -> Vec<String> {
+        text.lines().filter(|l| l.starts_with(name)).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn pair_counts_render_as_the_counter_vecs_would() {
+        for tenant_label in [true, false] {
+            let m = Metrics::new(tenant_label);
+            let reference = Registry::new();
+            let with = |rest: &[&'static str]| {
+                let mut v = if tenant_label { vec!["tenant"] } else { vec![] };
+                v.extend_from_slice(rest);
+                v
+            };
+            let requests =
+                IntCounterVec::new(Opts::new("turnstile_requests_total", "x"), &with(&["feature", "outcome"])).unwrap();
+            let billed =
+                CounterVec::new(Opts::new("turnstile_billed_units_total", "x"), &with(&["feature", "payer"])).unwrap();
+            let payg = CounterVec::new(Opts::new("turnstile_payg_amount_total", "x"), &with(&["feature", "currency"]))
+                .unwrap();
+            for c in
+                [Box::new(requests.clone()) as Box<dyn Collector>, Box::new(billed.clone()), Box::new(payg.clone())]
+            {
+                reference.register(c).unwrap();
+            }
+            let labels = |t: &'static str, rest: &[&'static str]| -> Vec<&'static str> {
+                let mut v = if tenant_label { vec![t] } else { vec![] };
+                v.extend_from_slice(rest);
+                v
+            };
+            // Two tenants of one feature (one series each, or one summed without the tenant label),
+            // a second feature, a request without a pair, fractional units.
+            for (pair, t, f) in [(1, "acme", "ocr"), (2, "beta", "ocr"), (3, "acme", "face")] {
+                for n in 0..pair {
+                    m.request_pair(pair, t, f, Outcome::Admitted);
+                    requests.with_label_values(&labels(t, &[f, "admitted"])).inc();
+                    m.billed(pair, t, f, 3, 1.0);
+                    billed.with_label_values(&labels(t, &[f, "payg"])).inc_by(1.0);
+                    m.payg_amount(pair, t, f, "CNY", 0.0025);
+                    payg.with_label_values(&labels(t, &[f, "CNY"])).inc_by(0.0025);
+                    if n == 0 {
+                        m.request_pair(pair, t, f, Outcome::Throttled);
+                        requests.with_label_values(&labels(t, &[f, "throttled"])).inc();
+                        m.billed(pair, t, f, 1, 0.25);
+                        billed.with_label_values(&labels(t, &[f, "single_package"])).inc_by(0.25);
+                    }
+                }
+            }
+            m.request("", "", Outcome::Unauthenticated);
+            requests.with_label_values(&labels("", &["", "unauthenticated"])).inc();
+            let mut want = Vec::new();
+            TextEncoder::new().encode(&reference.gather(), &mut want).unwrap();
+            let (want, got) = (String::from_utf8(want).unwrap(), m.render());
+            for name in ["turnstile_requests_total", "turnstile_billed_units_total", "turnstile_payg_amount_total"] {
+                assert_eq!(lines(&got, name), lines(&want, name), "{name}, tenant label {tenant_label}");
+                assert!(!lines(&got, name).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn a_pair_counted_from_many_threads_counts_every_call_and_instances_stay_apart() {
+        let (a, b) = (Arc::new(Metrics::new(true)), Metrics::new(true));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        a.request_pair(7, "acme", "ocr", Outcome::Admitted);
+                        a.billed(7, "acme", "ocr", 3, 1.0);
+                    }
+                })
+            })
+            .collect();
+        // The same key in another instance, on this thread between its calls: its own counts.
+        for _ in 0..3 {
+            b.request_pair(7, "acme", "ocr", Outcome::Admitted);
+            a.request_pair(7, "acme", "ocr", Outcome::Admitted);
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        let got = |m: &Metrics, series: &str| lines(&m.render(), series);
+        assert_eq!(
+            got(&a, "turnstile_requests_total{"),
+            ["turnstile_requests_total{feature=\"ocr\",outcome=\"admitted\",tenant=\"acme\"} 80003"]
+        );
+        assert_eq!(
+            got(&a, "turnstile_billed_units_total{"),
+            ["turnstile_billed_units_total{feature=\"ocr\",payer=\"payg\",tenant=\"acme\"} 80000"]
+        );
+        assert_eq!(
+            got(&b, "turnstile_requests_total{"),
+            ["turnstile_requests_total{feature=\"ocr\",outcome=\"admitted\",tenant=\"acme\"} 3"]
+        );
+    }
+
+    #[test]
+    fn sharded_histograms_render_as_a_prometheus_histogram_of_the_same_observations() {
+        let m = Arc::new(Metrics::new(true));
+        let reference = Histogram::with_opts(
+            HistogramOpts::new(
+                "turnstile_upstream_duration_seconds",
+                "Time the upstream took to answer with a response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap();
+        let values: Vec<f64> = (0..2_000).map(|i| f64::from(i % 97) * 0.000_37 + f64::from(i % 5) * 0.9).collect();
+        // From more threads than there are shards: some share one.
+        let threads: Vec<_> = (0..SHARDS + 3)
+            .map(|t| {
+                let (m, reference, values) = (m.clone(), reference.clone(), values.clone());
+                std::thread::spawn(move || {
+                    for v in values.iter().skip(t % 7) {
+                        m.upstream_duration.observe(*v);
+                        m.observe_duration(Outcome::Throttled, *v);
+                        reference.observe(*v);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let registry = Registry::new();
+        registry.register(Box::new(reference.clone())).unwrap();
+        let mut want = Vec::new();
+        TextEncoder::new().encode(&registry.gather(), &mut want).unwrap();
+        let want = String::from_utf8(want).unwrap();
+        let got = m.render();
+        let name = "turnstile_upstream_duration_seconds";
+        // The sums were added in another order: equal to within rounding.
+        let (sum, rest): (Vec<String>, Vec<String>) = lines(&got, name).into_iter().partition(|l| l.contains("_sum"));
+        let (want_sum, want_rest): (Vec<String>, Vec<String>) =
+            lines(&want, name).into_iter().partition(|l| l.contains("_sum"));
+        assert_eq!(rest, want_rest);
+        let value = |l: &[String]| l[0].rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        assert!((value(&sum) - value(&want_sum)).abs() < 1e-6, "{sum:?} {want_sum:?}");
+        assert!(got.contains("# TYPE turnstile_upstream_duration_seconds histogram"));
+        // The outcome's histogram: the same buckets, under its label; the others are empty.
+        let count = reference.get_sample_count();
+        assert!(
+            got.contains(&format!("turnstile_request_duration_seconds_count{{outcome=\"throttled\"}} {count}")),
+            "{got}"
+        );
+        assert!(got.contains("turnstile_request_duration_seconds_count{outcome=\"admitted\"} 0"), "{got}");
     }
 }

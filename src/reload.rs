@@ -127,13 +127,13 @@ impl Gateway {
         ctl.texts = texts;
         tracing::info!(why, generation, "configuration reloaded");
         // Off the async workers, under the control lock (so a later reload that brings a pair
-        // back cannot be undone by this one): drop the state of the removed pairs, one key at a
-        // time (memory stays bounded by the configured pairs), and show the packages now loaded.
+        // back cannot be undone by this one): drop the buckets of the removed pairs, one key at a
+        // time (memory stays bounded by the configured pairs; their metric counts stay, as
+        // counters that never go back), and show the packages now loaded.
         let (store, metrics, billing) = (self.billing.store().clone(), self.metrics.clone(), self.billing.clone());
         let cleanup = tokio::task::spawn_blocking(move || {
             for key in removed_keys(&old, &new) {
                 store.remove_bucket(key);
-                metrics.remove_pair(key);
             }
             billing.show_packages(&metrics, &new);
             old
