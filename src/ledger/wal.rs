@@ -222,7 +222,11 @@ impl Segment {
             (self.written, self.torn) = (self.len, false);
         }
         let end = self.len + frame.len() as u64;
-        match self.write_ahead(end).and_then(|()| self.file.write_all_at(frame, self.len)).and_then(|()| self.file.sync_data()) {
+        match self
+            .write_ahead(end)
+            .and_then(|()| self.file.write_all_at(frame, self.len))
+            .and_then(|()| self.file.sync_data())
+        {
             Ok(()) => {
                 self.len += frame.len() as u64;
                 Ok(())
