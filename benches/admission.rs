@@ -105,14 +105,40 @@ fn bench(c: &mut Criterion) {
         })
     });
     let ok = HeaderMap::new();
-    g.bench_function("decide_and_settle_payg", |b| {
-        b.iter(|| match decide(&gw, &headers, "/v1/infer") {
-            Decision::Forward(f) => turnstile::store::ready(settle_now(&gw, f, &ok)).expect("ready").expect("store"),
-            Decision::Reject(..) => panic!("refused"),
-        })
-    });
+    g.bench_function("decide_and_settle_payg", |b| b.iter(|| decide_and_settle(&gw, &headers, &ok)));
+    // With a second thread deciding and settling meanwhile, for the same tenant (the hot pair on
+    // two cores: its bucket, usage and metrics are shared by nature) and for another tenant
+    // (nothing but what every call shares: whatever costs more here than on one thread is a
+    // cache line all cores write, the thing that keeps per-core throughput from scaling).
+    for (name, other_key) in [("same_tenant", "key-0"), ("other_tenant", "key-1")] {
+        g.bench_function(BenchmarkId::new("decide_and_settle_payg_two_threads", name), |b| {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let other = {
+                let (gw, stop) = (gw.clone(), stop.clone());
+                let mut h = HeaderMap::new();
+                h.insert("x-api-key", HeaderValue::from_static(other_key));
+                std::thread::spawn(move || {
+                    let ok = HeaderMap::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        decide_and_settle(&gw, &h, &ok);
+                    }
+                })
+            };
+            b.iter(|| decide_and_settle(&gw, &headers, &ok));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = other.join();
+        });
+    }
     g.finish();
     let _ = gw.billing.close(Duration::from_secs(5));
+}
+
+/// One call's decision and, as for a 2xx, its settlement.
+fn decide_and_settle(gw: &Gateway, headers: &HeaderMap, ok: &HeaderMap) -> HeaderValue {
+    match decide(gw, headers, "/v1/infer") {
+        Decision::Forward(f) => turnstile::store::ready(settle_now(gw, f, ok)).expect("ready").expect("store").payer,
+        Decision::Reject(..) => panic!("refused"),
+    }
 }
 
 criterion_group!(benches, bench);

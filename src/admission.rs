@@ -4,8 +4,10 @@
 //! plan expiry and temporary upgrades take effect (and revert) by themselves, with no reload.
 //! [`BucketStore`] is the narrow interface a shared (e.g. Redis-backed) store can implement.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,8 +175,10 @@ type Limiter = RateLimiter<(u64, u64), SharedStore, GovernorClock, StateInformat
 pub struct LocalBuckets {
     store: SharedStore,
     /// One governor limiter per distinct (limit, depth); few, and kept for the process's life
-    /// (a bucket's state is relative to its limiter's start).
-    limiters: DashMap<u64, Arc<Limiter>, FxBuildHasher>,
+    /// (a bucket's state is relative to its limiter's start). Read through an `ArcSwap` load,
+    /// not a lock: every call of every core reads the same few limiters (the tenants of a
+    /// default limit share one), and a `DashMap` read lock is a write to that key's shard.
+    limiters: ArcSwap<HashMap<u64, Arc<Limiter>, FxBuildHasher>>,
     clock: GovernorClock,
 }
 
@@ -182,24 +186,24 @@ impl LocalBuckets {
     pub fn new(clock: SharedClock) -> Self {
         LocalBuckets {
             store: SharedStore(Arc::new(DashMap::with_hasher(FxBuildHasher))),
-            limiters: DashMap::with_hasher(FxBuildHasher),
+            limiters: ArcSwap::default(),
             clock: GovernorClock(clock),
         }
     }
 
+    /// The limiter of a shape met for the first time: added to a copy of the map (racing
+    /// callers agree on one: the first to swap it in).
     fn limiter(&self, shape: u64, limit: u32, depth: u32) -> Arc<Limiter> {
-        if let Some(l) = self.limiters.get(&shape) {
-            return l.clone();
-        }
-        self.limiters
-            .entry(shape)
-            .or_insert_with(|| {
-                let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
-                let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
-                let quota = Quota::per_second(l).allow_burst(d);
-                Arc::new(Limiter::new(quota, self.store.clone(), self.clock.clone()))
-            })
-            .clone()
+        let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
+        let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
+        let made = Arc::new(Limiter::new(Quota::per_second(l).allow_burst(d), self.store.clone(), self.clock.clone()));
+        self.limiters.rcu(|all| {
+            let mut all = HashMap::clone(all);
+            all.entry(shape).or_insert_with(|| made.clone());
+            all
+        });
+        // Limiters are never removed: the one in place now stays.
+        self.limiters.load().get(&shape).cloned().unwrap_or(made)
     }
 }
 
@@ -207,7 +211,7 @@ impl BucketStore for LocalBuckets {
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
         use governor::clock::Clock as _;
         let shape = shape(limit, depth);
-        let checked = match self.limiters.get(&shape) {
+        let checked = match self.limiters.load().get(&shape) {
             Some(l) => l.check_key(&(key, shape)),
             None => self.limiter(shape, limit, depth).check_key(&(key, shape)),
         };

@@ -203,8 +203,15 @@ fn usage_slot(to: UsageTo) -> u8 {
 /// ids come from per-thread blocks ([`crate::store::RequestIds`]), so a thread's calls share an
 /// entry, most often still in the cache from its call before. One entry per request made every
 /// settlement a cache miss into a table of ~30 s of traffic (a million entries at 35k calls/s).
-#[derive(Default)]
 struct UsageDone(DashMap<u128, (u64, i64), FxBuildHasher>);
+
+impl Default for UsageDone {
+    /// Every settlement writes here (a shard's write lock and its table), from every core: 256
+    /// shards, so two cores' settlements rarely meet in one (the default is 4 per CPU).
+    fn default() -> Self {
+        UsageDone(DashMap::with_hasher_and_shard_amount(FxBuildHasher, 256))
+    }
+}
 
 impl UsageDone {
     fn at(id: RequestId, slot: u8) -> (u128, u64) {
@@ -353,13 +360,6 @@ impl LocalStore {
         e.deltas.push(d);
     }
 
-    /// Batched mode still numbers changes, so that a flush knows what it covers.
-    fn bump(&self) {
-        if !self.strict {
-            self.seq.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     fn pkg(&self, tenant: TenantKey<'_>, key: u64, id: &str) -> Arc<Pkg> {
         get_or_insert(&self.packages, key, || Pkg {
             tenant: tenant.name.to_string(),
@@ -439,7 +439,6 @@ impl LocalStore {
         let consumed = g.consumed;
         self.mark(&mut g.dirty, || Dirty::Package(h.pkg.clone()));
         drop(g);
-        self.bump();
         self.remember(id, || Delta::Consumed(h.pkg, h.points));
         Some(consumed)
     }
@@ -479,7 +478,6 @@ impl LocalStore {
             }
             out.push(Taken { taken, consumed });
         }
-        self.bump();
         self.takes.insert(id, (out.clone(), self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS)));
         out
     }
@@ -569,7 +567,6 @@ impl LocalStore {
         };
         drop(g);
         if fresh && n != 0 {
-            self.bump();
             self.remember(id, || {
                 let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
                 Delta::Usage { month: st, to, cell, units: n, slot }
