@@ -774,8 +774,9 @@ mod tests {
             }
         }
         let files = segment_files(dir.path());
-        assert_eq!(files.len(), 4, "{files:?}"); // three commits, and the segment started after the last
-                                                 // A byte of the last frame (the zeros after it are no frame).
+        // Three commits, and the segment started after the last.
+        assert_eq!(files.len(), 4, "{files:?}");
+        // A byte of each segment's last frame (the zeros after it are no frame).
         let ats: Vec<usize> = files.iter().map(|f| frames_end(f).saturating_sub(2)).collect();
         let flip = |i: usize| {
             let mut bytes = std::fs::read(&files[i]).unwrap();

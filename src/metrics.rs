@@ -126,25 +126,24 @@ struct PairFamilies {
 }
 
 impl PairFamilies {
-    /// `family` with the pairs' series added, `labels` and `value` giving each pair's (a value
-    /// of 0 is no series: one that was never counted).
+    /// `family` (if the vec gave one) with the pairs' series added: `series` gives each pair's
+    /// labels and value, for the series it has (one that was never counted has none).
     fn add<'p>(
         &self,
-        family: &mut MetricFamily,
+        family: Option<&mut MetricFamily>,
         pairs: &[&'p PairCounts],
         series: impl Fn(&'p PairCounts, &mut dyn FnMut(&[(&'static str, &'p str)], f64)),
     ) {
+        let Some(family) = family else { return };
         let mut sums: BTreeMap<Vec<(&'static str, &'p str)>, f64> = BTreeMap::new();
         for p in pairs {
             series(p, &mut |labels, v| {
-                if v != 0.0 {
-                    let mut key: Vec<(&'static str, &'p str)> = labels.to_vec();
-                    if self.tenant_label {
-                        key.push(("tenant", p.tenant));
-                    }
-                    key.sort_unstable();
-                    *sums.entry(key).or_insert(0.0) += v;
+                let mut key: Vec<(&'static str, &'p str)> = labels.to_vec();
+                if self.tenant_label {
+                    key.push(("tenant", p.tenant));
                 }
+                key.sort_unstable();
+                *sums.entry(key).or_insert(0.0) += v;
             });
         }
         for (labels, v) in sums {
@@ -167,35 +166,31 @@ impl Collector for PairFamilies {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let pairs: Vec<&PairCounts> = self.pairs.iter().map(|e| *e.value()).collect();
-        let mut out = Vec::with_capacity(3);
-        for (mut families, which) in
-            [(self.requests.collect(), 0), (self.billed.collect(), 1), (self.payg.collect(), 2)]
-        {
-            let Some(family) = families.first_mut() else { continue };
-            match which {
-                0 => self.add(family, &pairs, |p, emit| {
-                    for o in Outcome::ALL {
-                        let n = p.requests[o as usize].load(Relaxed);
-                        emit(&[("feature", p.feature), ("outcome", o.as_str())], n as f64);
-                    }
-                }),
-                1 => self.add(family, &pairs, |p, emit| {
-                    for (i, payer) in crate::ledger::PAYERS.iter().enumerate() {
-                        emit(&[("feature", p.feature), ("payer", payer)], f64::from_bits(p.billed[i].load(Relaxed)));
-                    }
-                }),
-                _ => self.add(family, &pairs, |p, emit| {
-                    if let Some(currency) = p.currency.get() {
-                        emit(
-                            &[("currency", currency), ("feature", p.feature)],
-                            f64::from_bits(p.payg_amount.load(Relaxed)),
-                        );
-                    }
-                }),
+        let (mut requests, mut billed, mut payg) =
+            (self.requests.collect(), self.billed.collect(), self.payg.collect());
+        self.add(requests.first_mut(), &pairs, |p, emit| {
+            for o in Outcome::ALL {
+                let n = p.requests[o as usize].load(Relaxed);
+                if n > 0 {
+                    emit(&[("feature", p.feature), ("outcome", o.as_str())], n as f64);
+                }
             }
-            out.append(&mut families);
-        }
-        out
+        });
+        self.add(billed.first_mut(), &pairs, |p, emit| {
+            for (i, payer) in crate::ledger::PAYERS.iter().enumerate() {
+                let units = f64::from_bits(p.billed[i].load(Relaxed));
+                if units != 0.0 {
+                    emit(&[("feature", p.feature), ("payer", payer)], units);
+                }
+            }
+        });
+        // Shown from its first amount on, 0 included (a free first tier).
+        self.add(payg.first_mut(), &pairs, |p, emit| {
+            if let Some(currency) = p.currency.get() {
+                emit(&[("currency", currency), ("feature", p.feature)], f64::from_bits(p.payg_amount.load(Relaxed)));
+            }
+        });
+        requests.into_iter().chain(billed).chain(payg).collect()
     }
 }
 
@@ -648,6 +643,9 @@ mod tests {
             }
             m.request("", "", Outcome::Unauthenticated);
             requests.with_label_values(&labels("", &["", "unauthenticated"])).inc();
+            // A free first tier: an amount of 0 is a series all the same.
+            m.payg_amount(4, "gamma", "ocr", "CNY", 0.0);
+            payg.with_label_values(&labels("gamma", &["ocr", "CNY"])).inc_by(0.0);
             let mut want = Vec::new();
             TextEncoder::new().encode(&reference.gather(), &mut want).unwrap();
             let (want, got) = (String::from_utf8(want).unwrap(), m.render());

@@ -214,8 +214,8 @@ impl Segment {
     /// A frame that would grow the file first writes zeros ahead of it (as much again as the
     /// segment holds, within [`AHEAD_MIN`]..[`AHEAD_MAX`]), durable with it: the appends
     /// after it then overwrite blocks the file already has, and their `fdatasync` writes their
-    /// data alone, not the file's size and block map too (ext4: ~30 instead of ~80 µs of kernel
-    /// time for a 25 KB commit, and half the wait).
+    /// data alone, not the file's size and block map too (ext4: 30-35 instead of 60-65 µs of
+    /// kernel time for a 25 KB commit, and half the wait: `loadtest/fdatasync.py`).
     pub fn append(&mut self, frame: &[u8]) -> io::Result<()> {
         if self.torn {
             self.file.set_len(self.len)?;

@@ -153,6 +153,8 @@ pub struct LocalStore {
     pending: DashMap<RequestId, Pending, FxBuildHasher>,
     clock: SharedClock,
     tx: mpsc::Sender<Msg>,
+    /// Strict mode: the number of the latest change remembered; `durable` says how far the
+    /// commits reached (batched mode numbers nothing: no settlement waits for a commit).
     seq: AtomicU64,
     durable: watch::Sender<u64>,
     strict: bool,
