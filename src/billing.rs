@@ -798,8 +798,8 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
-        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let month = crate::ledger::month_text(now, snap.settings.timezone);
+        let month = month.as_str();
         let mut fallback = r.fallback;
         let stores = if fallback { &self.local } else { &self.stores };
         if let Err(e) = stores.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await {
@@ -1002,8 +1002,7 @@ impl Billing {
         image: Option<&ImageSettle>,
     ) -> Vec<crate::cluster::Replay> {
         let f = &snap.catalog.features[feature_idx];
-        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
-        let month = std::str::from_utf8(&month).unwrap_or("0000-00").to_string();
+        let month = crate::ledger::month_of(now, snap.settings.timezone);
         let (field, also, _) = Self::call_parts(r, snap.settings.low_balance_ratio);
         let mut out = vec![crate::cluster::Replay::Settle {
             tenant: tenant.name.clone(),
@@ -1041,8 +1040,8 @@ impl Billing {
         use crate::store::redis::{HoldAction, Settle};
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
-        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
-        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let month = crate::ledger::month_text(now, snap.settings.timezone);
+        let month = month.as_str();
         let ratio = snap.settings.low_balance_ratio;
         let (field, also, alert_at) = Self::call_parts(&r, ratio);
         // The hold is settled here (committed, or replayed), never released by the guard.
@@ -1133,8 +1132,8 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
-        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let month = crate::ledger::month_text(now, snap.settings.timezone);
+        let month = month.as_str();
         let mut units = [Decimal::ZERO; 5];
         units[r.payer as usize] = Decimal::ONE;
         let strict = self.store.is_strict();
@@ -1218,8 +1217,8 @@ impl Billing {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let key = BucketKey { tenant: tenant.label, bucket: f.label, local: pair };
-        let month = crate::ledger::month_bytes(now, snap.settings.timezone);
-        let month = std::str::from_utf8(&month).unwrap_or("0000-00");
+        let month = crate::ledger::month_text(now, snap.settings.timezone);
+        let month = month.as_str();
         let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
         let mut first: Option<HeaderValue> = None;
         let mut charge = Charge {

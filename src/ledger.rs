@@ -581,16 +581,27 @@ impl LedgerStore for RedbLedger {
 
 /// The `YYYY-MM` month of a Unix time in `offset`, as text.
 pub fn month_of(unix_nanos: i64, offset: chrono::FixedOffset) -> String {
-    String::from_utf8_lossy(&month_bytes(unix_nanos, offset)).into_owned()
+    month_text(unix_nanos, offset).as_str().to_string()
+}
+
+/// A `YYYY-MM` month on the stack: four digits, `-`, two digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MonthText([u8; 7]);
+
+impl MonthText {
+    pub fn as_str(&self) -> &str {
+        // ASCII digits and `-` only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or("0000-00")
+    }
 }
 
 /// The `YYYY-MM` month of a Unix time in `offset`, on the stack (settlements take it per call).
 /// Worked out once a second per thread: a fixed offset is whole seconds, so a month starts on a
 /// whole second.
-pub fn month_bytes(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
+pub fn month_text(unix_nanos: i64, offset: chrono::FixedOffset) -> MonthText {
     use chrono::{Datelike, TimeZone};
     thread_local! {
-        static LAST: std::cell::Cell<(i64, i32, [u8; 7])> = const { std::cell::Cell::new((i64::MIN, 0, [0; 7])) };
+        static LAST: std::cell::Cell<(i64, i32, MonthText)> = const { std::cell::Cell::new((i64::MIN, 0, MonthText([0; 7]))) };
     }
     let (secs, off) = (unix_nanos.div_euclid(crate::time::NANOS_PER_SEC), offset.local_minus_utc());
     LAST.with(|last| {
@@ -602,7 +613,7 @@ pub fn month_bytes(unix_nanos: i64, offset: chrono::FixedOffset) -> [u8; 7] {
         let t = offset.timestamp_nanos(unix_nanos);
         let (y, m) = (t.year().clamp(0, 9999) as u32, t.month());
         let d = |n: u32| b'0' + (n % 10) as u8;
-        let month = [d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)];
+        let month = MonthText([d(y / 1000), d(y / 100), d(y / 10), d(y), b'-', d(m / 10), d(m)]);
         last.set((secs, off, month));
         month
     })
@@ -848,7 +859,7 @@ mod tests {
             (t + 10_799 * crate::time::NANOS_PER_SEC, odd, "2026-02"),
             (t + 10_799 * crate::time::NANOS_PER_SEC, east, "2026-02"),
         ] {
-            assert_eq!(std::str::from_utf8(&month_bytes(at, offset)).unwrap(), month, "{at} in {offset}");
+            assert_eq!(month_text(at, offset).as_str(), month, "{at} in {offset}");
             assert_eq!(month_of(at, offset), month);
         }
     }

@@ -231,7 +231,8 @@ pub enum Who {
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
     /// Refused: the error (its status, code and outcome come from [`ApiError::refusal`]), who
-    /// it is counted against, and the headers that go with it.
+    /// it is counted against, and the rate-limit fields that go with it (none before a bucket
+    /// is known).
     Reject(ApiError, Who, Option<RateFields>),
     Forward(Forward),
 }
