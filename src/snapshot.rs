@@ -1,8 +1,9 @@
 //! One immutable, validated view of all configuration: routes, catalog and entitlements. The
 //! gateway holds it in a single `ArcSwap`; a request reads everything it needs through one load.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
@@ -73,6 +74,8 @@ pub struct Snapshot {
     /// it starts empty with every snapshot, so a key removed by a reload stops working at once.
     verified: DashMap<Box<[u8]>, usize, FxBuildHasher>,
     verified_len: AtomicUsize,
+    /// Tells this snapshot from any other in a thread's memo of its last key ([`Snapshot::identify`]).
+    id: u64,
 }
 
 /// How many verified keys a snapshot remembers; beyond that, keys are hashed on every request.
@@ -98,11 +101,39 @@ impl Snapshot {
             tenant_index,
             verified: DashMap::with_hasher(FxBuildHasher),
             verified_len: AtomicUsize::new(0),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         }
     }
 
     /// The tenant an API key belongs to (SPEC §3.3: entitlements store the key's SHA-256).
+    ///
+    /// The thread's last verified key (of this snapshot) answers without the map: a `DashMap`
+    /// read takes its shard's lock, a write to a cache line that every core serving the same
+    /// key writes too.
     pub fn identify(&self, key: &[u8]) -> Option<usize> {
+        thread_local! {
+            /// (snapshot id, key, tenant index) of the thread's last verified key.
+            static LAST: RefCell<(u64, Vec<u8>, usize)> = const { RefCell::new((u64::MAX, Vec::new(), 0)) };
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.0 == self.id && last.1 == key {
+                return Some(last.2);
+            }
+            let i = self.verify(key)?;
+            last.0 = self.id;
+            last.1.clear();
+            last.1.extend_from_slice(key);
+            last.2 = i;
+            Some(i)
+        })
+    }
+
+    /// A key's tenant through the verified keys, else its SHA-256 (then remembered).
+    fn verify(&self, key: &[u8]) -> Option<usize> {
         if let Some(i) = self.verified.get(key) {
             return Some(*i);
         }
@@ -166,6 +197,47 @@ mod tests {
 
     fn route(path: &str, prefix: bool, feature: usize) -> Route {
         Route { path: path.into(), prefix, feature, op: None }
+    }
+
+    /// A snapshot whose tenants each have one API key: (tenant, key).
+    fn with_keys(keys: &[(&str, &str)]) -> Snapshot {
+        let tenants: Vec<String> = keys
+            .iter()
+            .map(|(t, k)| {
+                format!(r#""{t}": {{"api_keys": ["{}"], "services": ["text_recognition"]}}"#, crate::hash_key(k))
+            })
+            .collect();
+        let texts = crate::config::Texts::in_memory(
+            "[server]\nupstream = \"http://127.0.0.1:1\"\n",
+            include_str!("../config/catalog.toml"),
+            format!(r#"{{"tenants": {{{}}}}}"#, tenants.join(",")),
+        );
+        build(&texts, 1).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_threads_last_key_answers_only_for_its_own_snapshot() {
+        let a = with_keys(&[("alpha", "k1"), ("beta", "k2")]);
+        // A reload gave k1 to another tenant, then removed it.
+        let b = with_keys(&[("gamma", "k9"), ("beta", "k1")]);
+        let c = with_keys(&[("alpha", "k2")]);
+        let name = |s: &Snapshot, key: &str| s.identify(key.as_bytes()).map(|i| s.tenants[i].name.clone());
+        for _ in 0..3 {
+            assert_eq!(name(&a, "k1").as_deref(), Some("alpha"));
+            assert_eq!(name(&a, "k1").as_deref(), Some("alpha"), "the thread's last key, again");
+            assert_eq!(name(&b, "k1").as_deref(), Some("beta"), "the same key in another snapshot");
+            assert_eq!(name(&c, "k1"), None, "a key the snapshot does not have");
+            assert_eq!(name(&c, "k2").as_deref(), Some("alpha"));
+            assert_eq!(name(&a, "k2").as_deref(), Some("beta"));
+            for near in ["k", "k12", "K1", ""] {
+                assert_eq!(name(&a, near), None, "{near:?} is not k1");
+            }
+        }
+        // Another thread has its own last key.
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(name(&b, "k1").as_deref(), Some("beta")));
+        });
+        assert_eq!(name(&a, "k1").as_deref(), Some("alpha"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! unhealthy (`/readyz` 503) and is retried (SPEC §7). Every operation answers without
 //! suspending (the async trait methods only wrap the synchronous ones).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -164,6 +165,8 @@ pub struct LocalStore {
     ledger_name: String,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
+    /// Tells this store from another in a thread's memo of its last month ([`LocalStore::with_month`]).
+    id: u64,
 }
 
 fn get_or_insert<K: std::hash::Hash + Eq, V>(
@@ -292,6 +295,10 @@ impl LocalStore {
             ledger_name: store.describe(),
             writer: Mutex::new(None),
             closed: AtomicBool::new(false),
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         });
         for r in records {
             match r {
@@ -367,6 +374,28 @@ impl LocalStore {
             tenant: tenant.name.to_string(),
             id: id.to_string(),
             inner: Mutex::new(PkgInner { consumed: 0, held: 0, alerted: false, dirty: false }),
+        })
+    }
+
+    /// Calls `f` with the state of `key`'s month `mi`: the thread's last one again without the
+    /// map (a `DashMap` read takes its shard's lock and the `Arc`'s count, writes to cache lines
+    /// that every core settling the same pair writes too). Months are never removed from the
+    /// map, so the one remembered is the map's as long as the store lives.
+    fn with_month<R>(&self, key: BucketKey<'_>, mi: u32, month: &str, f: impl FnOnce(&Arc<Month>) -> R) -> R {
+        type Last = Option<(u64, (u64, u32), Arc<Month>)>;
+        thread_local! {
+            static LAST: Cell<Last> = const { Cell::new(None) };
+        }
+        let want = (key.local, mi);
+        LAST.with(|last| {
+            // Taken out while `f` runs (and put back after), so `f` may use months itself.
+            let st = match last.take() {
+                Some((id, k, st)) if id == self.id && k == want => st,
+                _ => self.month_state(key, mi, month),
+            };
+            let r = f(&st);
+            last.set(Some((self.id, want, st)));
+            r
         })
     }
 
@@ -542,7 +571,10 @@ impl LocalStore {
         id: RequestId,
     ) -> i64 {
         let mi = month_index_of(month).unwrap_or(0);
-        let st = self.month_state(key, mi, month);
+        self.with_month(key, mi, month, |st| self.add_usage_to(st, to, n, cell, id))
+    }
+
+    fn add_usage_to(&self, st: &Arc<Month>, to: UsageTo, n: i64, cell: &str, id: RequestId) -> i64 {
         let slot = usage_slot(to);
         let fresh = self.usage_done.mark(id, slot, self.clock.unix_nanos().saturating_add(DONE_TTL_NANOS));
         let mut g = lock(&st.inner);
@@ -571,7 +603,7 @@ impl LocalStore {
         if fresh && n != 0 {
             self.remember(id, || {
                 let cell = (to == UsageTo::Payer(crate::payer::PayerKind::Payg)).then(|| cell.to_string());
-                Delta::Usage { month: st, to, cell, units: n, slot }
+                Delta::Usage { month: st.clone(), to, cell, units: n, slot }
             });
         }
         total
@@ -1118,6 +1150,45 @@ mod tests {
         )
         .unwrap();
         (s, dir)
+    }
+
+    #[test]
+    fn a_threads_last_month_serves_only_its_own_store_pair_and_month() {
+        let clock = ManualClock::at("2026-03-01T00:00:00Z");
+        let (a, _da) = open(clock.clone());
+        let (b, _db) = open(clock.clone());
+        let f = BucketKey { tenant: "acme", bucket: "f", local: 9 };
+        let g = BucketKey { tenant: "acme", bucket: "g", local: 10 };
+        let payg = UsageTo::Payer(crate::payer::PayerKind::Payg);
+        let ids = crate::store::RequestIds::new();
+        // Each call's running total of its store, pair and month.
+        let calls = [
+            (&a, f, "2026-03", 1),
+            (&a, f, "2026-03", 2),
+            (&b, f, "2026-03", 1),
+            (&a, f, "2026-03", 3),
+            (&a, g, "2026-03", 1),
+            (&a, f, "2026-04", 1),
+            (&a, f, "2026-03", 4),
+            (&b, f, "2026-03", 2),
+        ];
+        for (i, (s, key, month, total)) in calls.into_iter().enumerate() {
+            assert_eq!(s.add_usage_now(key, month, payg, 1, "", ids.next()), total, "call {i}");
+        }
+        let units = |s: &LocalStore, month: &str| -> Vec<(String, i64)> {
+            s.month_now("acme", month)
+                .into_iter()
+                .map(|m| (m.feature, m.units[crate::payer::PayerKind::Payg as usize]))
+                .collect()
+        };
+        assert_eq!(units(&a, "2026-03"), [("f".to_string(), 4), ("g".to_string(), 1)]);
+        assert_eq!(units(&a, "2026-04"), [("f".to_string(), 1)]);
+        assert_eq!(units(&b, "2026-03"), [("f".to_string(), 2)]);
+        // Another thread settling the same month adds to the same state.
+        std::thread::scope(|sc| {
+            sc.spawn(|| assert_eq!(a.add_usage_now(f, "2026-03", payg, 1, "", ids.next()), 5));
+        });
+        assert_eq!(a.add_usage_now(f, "2026-03", payg, 1, "", ids.next()), 6);
     }
 
     #[test]
