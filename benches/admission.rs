@@ -10,35 +10,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use turnstile::admission::{self, Admit, BucketStore, LocalBuckets};
 use turnstile::clock::{SharedClock, SystemClock};
-use turnstile::config::{ConfigSource, Texts};
-use turnstile::proxy::{decide_now as decide, settle_now, Decision};
+use turnstile::config::ConfigSource;
+use turnstile::proxy::{decide_now as decide, Decision};
 use turnstile::server::Gateway;
 use turnstile::snapshot::build;
 use turnstile::snapshot::Snapshot;
 
-const KEYS: usize = 100_000;
+mod common;
+use common::{decide_and_settle, head, texts};
 
-fn texts(tenants: usize, ledger: &std::path::Path) -> Texts {
-    let mut ents = String::from("{\"tenants\": {");
-    for i in 0..tenants {
-        if i > 0 {
-            ents.push(',');
-        }
-        let key = turnstile::hash_key(&format!("key-{i}"));
-        ents.push_str(&format!(r#""t{i}": {{"api_keys": ["{key}"], "services": ["text_recognition"]}}"#));
-    }
-    ents.push_str("}}");
-    let main = format!(
-        "[server]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [admission]\ndefault_qps = 1000000000\n[ledger]\ndir = \"{}\"\n\
-         [[routes]]\npath = \"/v1/infer\"\nfeature = \"license-plate-recognition\"\n",
-        ledger.display()
-    );
-    Texts::in_memory(main, include_str!("../config/catalog.toml"), ents)
-}
+const KEYS: usize = 100_000;
 
 /// Identify (verified-key lookup), route, limit, GCRA: the admission decision.
 fn admit(snap: &ArcSwap<Snapshot>, buckets: &LocalBuckets, clock: &SharedClock, key: &[u8]) -> Admit {
@@ -93,8 +77,7 @@ fn bench(c: &mut Criterion) {
         let s = build(&t, 1).unwrap_or_else(|e| panic!("{e}"));
         Gateway::new(t.clone(), s, ConfigSource::Embedded, None, clock.clone()).expect("gateway")
     });
-    let mut headers = HeaderMap::new();
-    headers.insert("x-api-key", HeaderValue::from_static("key-0"));
+    let headers = head("key-0");
     let mut g = c.benchmark_group("request");
     g.throughput(Throughput::Elements(1)).measurement_time(Duration::from_secs(5));
     g.bench_function("decide_payg", |b| {
@@ -115,8 +98,7 @@ fn bench(c: &mut Criterion) {
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let other = {
                 let (gw, stop) = (gw.clone(), stop.clone());
-                let mut h = HeaderMap::new();
-                h.insert("x-api-key", HeaderValue::from_static(other_key));
+                let h = head(other_key);
                 std::thread::spawn(move || {
                     let ok = HeaderMap::new();
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -131,14 +113,6 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
     let _ = gw.billing.close(Duration::from_secs(5));
-}
-
-/// One call's decision and, as for a 2xx, its settlement.
-fn decide_and_settle(gw: &Gateway, headers: &HeaderMap, ok: &HeaderMap) -> HeaderValue {
-    match decide(gw, headers, "/v1/infer") {
-        Decision::Forward(f) => turnstile::store::ready(settle_now(gw, f, ok)).expect("ready").expect("store").payer,
-        Decision::Reject(..) => panic!("refused"),
-    }
 }
 
 criterion_group!(benches, bench);
