@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::catalog::Catalog;
 use crate::config::entitlements::Tenant;
@@ -120,7 +121,9 @@ impl Snapshot {
         }
         LAST.with(|last| {
             let mut last = last.borrow_mut();
-            if last.0 == self.id && last.1 == key {
+            // Compared in constant time: the last key may be another tenant's, and a comparison
+            // that stops at the first differing byte would tell a caller how much of it they guessed.
+            if last.0 == self.id && bool::from(last.1.as_slice().ct_eq(key)) {
                 return Some(last.2);
             }
             let i = self.verify(key)?;
