@@ -347,6 +347,12 @@ impl Billing {
         self.remote.is_none() && !self.store.is_strict()
     }
 
+    /// Whether [`Billing::defer_call`] may spawn a settlement: on Redis in batched mode (it still
+    /// hands a call back while the fallback serves or its bound is reached).
+    pub fn may_defer(&self) -> bool {
+        self.remote.is_some() && !self.store.is_strict()
+    }
+
     /// True while cluster mode serves on the local fallback.
     pub fn in_fallback(&self) -> bool {
         self.remote.as_ref().is_some_and(|r| r.in_fallback())
@@ -923,7 +929,7 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
-        r: Reservation,
+        mut r: Reservation,
         now: i64,
         image: Option<ImageSettle>,
     ) -> Result<Settled, StoreError> {
@@ -937,13 +943,13 @@ impl Billing {
             }
             Some(remote) => {
                 let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());
-                let settled = self.settle_call_in(&self.local, snap, tenant, feature_idx, r, now, image).await?;
+                let settled = self.settle_call_in(&self.local, snap, tenant, feature_idx, &mut r, now, image).await?;
                 for j in journal {
                     remote.journal(j);
                 }
                 Ok(settled)
             }
-            None => self.settle_call_in(&self.stores, snap, tenant, feature_idx, r, now, image).await,
+            None => self.settle_call_in(&self.stores, snap, tenant, feature_idx, &mut r, now, image).await,
         }
     }
 
@@ -963,7 +969,7 @@ impl Billing {
         now: i64,
         image: Option<ImageSettle>,
     ) -> Result<Settled, (Reservation, Option<ImageSettle>)> {
-        let Some(remote) = self.remote.as_ref().filter(|_| !r.fallback && !self.store.is_strict()) else {
+        let Some(remote) = self.remote.as_ref().filter(|_| !r.fallback && self.may_defer()) else {
             return Err((r, image));
         };
         let Ok(permit) = remote.deferred.clone().try_acquire_owned() else { return Err((r, image)) };
@@ -1125,7 +1131,8 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
-        mut r: Reservation,
+        // Borrowed, not moved: the caller's state keeps the one copy of it (dropped there).
+        r: &mut Reservation,
         now: i64,
         image: Option<ImageSettle>,
     ) -> Result<Settled, StoreError> {

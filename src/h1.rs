@@ -849,9 +849,7 @@ async fn forward(
     let (payer, outcome) = if (200..300).contains(&resp.code) {
         let headers = UsageReports { buf: &up.buf[..up.len], head: &resp };
         let settled = if gw.billing.settles_at_once() {
-            crate::store::ready(proxy::settle(gw, fwd, &headers)).unwrap_or_else(|| {
-                Err(ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() })
-            })
+            proxy::settle_at_once(gw, fwd, &headers)
         } else {
             Box::pin(proxy::settle(gw, fwd, &headers)).await
         };

@@ -419,13 +419,16 @@ pub async fn decide<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str)
 /// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
 /// dropped before it reached the store).
 pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
-    crate::store::ready(decide(gw, headers, path)).unwrap_or_else(|| {
-        Decision::Reject(
+    // The phases' future polled here, not inside `decide`'s: one future fewer to copy per call.
+    match crate::store::ready(decide_phases(gw, headers, path)) {
+        Some(Ok(f)) => Decision::Forward(f),
+        Some(Err((e, who, rate))) => Decision::Reject(e, who, rate),
+        None => Decision::Reject(
             ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
             Who::Nobody,
             None,
-        )
-    })
+        ),
+    }
 }
 
 async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Result<Forward, Refused> {
@@ -805,10 +808,30 @@ pub(crate) async fn settle<H: HeadView + ?Sized>(
     fwd: Forward,
     upstream_headers: &H,
 ) -> Result<HeaderValue, ApiError> {
-    let settled = settle_now(gw, fwd, upstream_headers)
-        .await
-        .map_err(|e| ApiError::StoreUnavailable { reason: e.to_string() })?;
-    gw.billing.durable(settled).await.map_err(|e| ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms })
+    let settled = settle_now(gw, fwd, upstream_headers).await.map_err(store_unavailable)?;
+    gw.billing.durable(settled).await.map_err(ledger_unavailable)
+}
+
+/// [`settle`] where the billing settles at once ([`crate::billing::Billing::settles_at_once`]:
+/// the local store, batched): each of its two steps polled once here, in place, rather than one
+/// more future around both, which each call would copy.
+pub(crate) fn settle_at_once<H: HeadView + ?Sized>(
+    gw: &Gateway,
+    fwd: Forward,
+    upstream_headers: &H,
+) -> Result<HeaderValue, ApiError> {
+    let waits = || ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() };
+    let settled = crate::store::ready(settle_now(gw, fwd, upstream_headers)).ok_or_else(waits)?;
+    let durable = crate::store::ready(gw.billing.durable(settled.map_err(store_unavailable)?)).ok_or_else(waits)?;
+    durable.map_err(ledger_unavailable)
+}
+
+fn store_unavailable(e: crate::store::StoreError) -> ApiError {
+    ApiError::StoreUnavailable { reason: e.to_string() }
+}
+
+fn ledger_unavailable(e: crate::billing::NotDurable) -> ApiError {
+    ApiError::LedgerUnavailable { timeout_ms: e.timeout_ms }
 }
 
 /// Settles a 2xx in the store: charge the payer, update image counts, under the configuration
@@ -841,6 +864,10 @@ pub async fn settle_now<H: HeadView + ?Sized>(
         ImageSettle { op, slot, reported }
     });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
+    // (Asked first: handing a reservation to `defer_call` and back copies it twice.)
+    if !gw.billing.may_defer() {
+        return gw.billing.settle_call_with(snap, tenant, fi, fwd.reservation, now, image).await;
+    }
     let (reservation, image) = match gw.billing.defer_call(snap.shared(), fwd.tenant, fi, fwd.reservation, now, image) {
         Ok(settled) => return Ok(settled),
         Err(back) => back,
@@ -883,9 +910,7 @@ async fn forward(
             // its future is not kept in this one, which is moved into place on every request.
             None | Some(Some(Some(crate::grpc::code::OK))) => {
                 let settled = if gw.billing.settles_at_once() {
-                    crate::store::ready(settle(gw, fwd, resp.headers())).unwrap_or_else(|| {
-                        Err(ApiError::StoreUnavailable { reason: "the local store did not settle at once".into() })
-                    })
+                    settle_at_once(gw, fwd, resp.headers())
                 } else {
                     Box::pin(settle(gw, fwd, resp.headers())).await
                 };
