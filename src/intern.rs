@@ -3,6 +3,7 @@
 //! Ids are never reused; each distinct name is stored once for the life of the process.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 
 #[derive(Default)]
@@ -38,6 +39,13 @@ pub fn feature(name: &str) -> (u32, &'static str) {
 /// A package id (ids are unique per tenant; the returned id is shared by all tenants using it).
 pub fn package(id: &str) -> (u32, &'static str) {
     PACKAGES.lock().unwrap_or_else(PoisonError::into_inner).get(id)
+}
+
+/// An id no other call in this process gets: what tells one instance (a snapshot, a store, a
+/// metrics registry) from another in a thread's memo of its last answer.
+pub fn instance_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The key of a (tenant, feature) or (tenant, package) pair: its two ids, mixed (murmur3's

@@ -487,10 +487,7 @@ impl Metrics {
             unpaid_units,
             image_count,
             pairs,
-            id: {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                NEXT.fetch_add(1, Relaxed)
-            },
+            id: crate::intern::instance_id(),
         }
     }
 

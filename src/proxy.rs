@@ -408,21 +408,27 @@ async fn pay(
 /// admitted request takes a token: every check that needs no state comes first, and a request
 /// refused after admission (402, 409) gives its token back.
 pub async fn decide<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
-    match decide_phases(gw, headers, path).await {
-        Ok(f) => Decision::Forward(f),
-        Err((e, who, headers)) => Decision::Reject(e, who, headers),
+    decide_phases(gw, headers, path).await.into()
+}
+
+impl From<Result<Forward, Refused>> for Decision {
+    fn from(phases: Result<Forward, Refused>) -> Decision {
+        match phases {
+            Ok(f) => Decision::Forward(f),
+            Err((e, who, rate)) => Decision::Reject(e, who, rate),
+        }
     }
 }
 
-/// [`decide`] for callers without a runtime (tests, benches): polls it once. Every phase of the
+/// [`decide`] for callers that need not suspend (the HTTP/1.1 path on a store that decides at
+/// once, tests, benches): polls it once. Every phase of the
 /// local store answers without suspending, so it is always ready then; a backend that would have
 /// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
 /// dropped before it reached the store).
 pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
     // The phases' future polled here, not inside `decide`'s: one future fewer to copy per call.
     match crate::store::ready(decide_phases(gw, headers, path)) {
-        Some(Ok(f)) => Decision::Forward(f),
-        Some(Err((e, who, rate))) => Decision::Reject(e, who, rate),
+        Some(phases) => phases.into(),
         None => Decision::Reject(
             ApiError::StoreUnavailable { reason: "the store did not answer at once".into() },
             Who::Nobody,
@@ -864,7 +870,8 @@ pub async fn settle_now<H: HeadView + ?Sized>(
         ImageSettle { op, slot, reported }
     });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
-    // (Asked first: handing a reservation to `defer_call` and back copies it twice.)
+    // (Asked first: handing a reservation to `defer_call` and back copies it twice; a tuple of
+    // it, to share the one call below, cost ~60 instructions per call: `loadtest/instructions.sh`.)
     if !gw.billing.may_defer() {
         return gw.billing.settle_call_with(snap, tenant, fi, fwd.reservation, now, image).await;
     }

@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
@@ -102,10 +102,7 @@ impl Snapshot {
             tenant_index,
             verified: DashMap::with_hasher(FxBuildHasher),
             verified_len: AtomicUsize::new(0),
-            id: {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            },
+            id: crate::intern::instance_id(),
         }
     }
 

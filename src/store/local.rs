@@ -295,10 +295,7 @@ impl LocalStore {
             ledger_name: store.describe(),
             writer: Mutex::new(None),
             closed: AtomicBool::new(false),
-            id: {
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            },
+            id: crate::intern::instance_id(),
         });
         for r in records {
             match r {
