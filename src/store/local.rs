@@ -114,9 +114,53 @@ impl Dirty {
 }
 
 enum Msg {
-    Dirty(Dirty),
+    /// A record was queued while the writer waited for work ([`Queues::idle`]).
+    Wake,
     Flush(mpsc::Sender<()>),
     Stop,
+}
+
+/// One thread's records marked dirty since the writer last took them.
+type List = Arc<Mutex<Vec<Dirty>>>;
+
+/// The records each thread marked dirty, in a list per thread, which the writer takes at each
+/// commit ("per-core settlement accumulators feeding one ledger writer", issue 14). With many
+/// tenants nearly every settlement queues a record; through one channel, every settlement of
+/// every core wrote the channel's tail, one cache line passed from core to core per call. A
+/// thread's list is written by that thread, and by the writer once per commit.
+#[derive(Default)]
+struct Queues {
+    lists: Mutex<Vec<(std::thread::ThreadId, List)>>,
+    /// True while the writer waits for work: the thread that queues a record then wakes it
+    /// (once: the first to swap it back to false).
+    idle: AtomicBool,
+}
+
+impl Queues {
+    /// The calling thread's list, made on its first record.
+    fn this_threads(&self) -> List {
+        let me = std::thread::current().id();
+        let mut lists = lock(&self.lists);
+        if let Some((_, l)) = lists.iter().find(|(t, _)| *t == me) {
+            return l.clone();
+        }
+        let l = List::default();
+        lists.push((me, l.clone()));
+        l
+    }
+
+    /// Moves every queued record into `keys` (each once, by its state's address). A list no
+    /// thread holds any more (its thread ended) is dropped once taken.
+    fn take_all(&self, keys: &mut HashMap<usize, Dirty, FxBuildHasher>, spare: &mut Vec<Dirty>) {
+        lock(&self.lists).retain(|(_, l)| {
+            std::mem::swap(&mut *lock(l), spare);
+            for d in spare.drain(..) {
+                keys.entry(d.addr()).or_insert(d);
+            }
+            // Counted under `lists`' lock, where a thread gets its list: 1 is ours alone.
+            Arc::strong_count(l) > 1
+        });
+    }
 }
 
 /// One delta a request applied (strict mode keeps them until durable, to revert exactly).
@@ -154,6 +198,7 @@ pub struct LocalStore {
     pending: DashMap<RequestId, Pending, FxBuildHasher>,
     clock: SharedClock,
     tx: mpsc::Sender<Msg>,
+    queues: Arc<Queues>,
     /// Strict mode: the number of the latest change remembered; `durable` says how far the
     /// commits reached (batched mode numbers nothing: no settlement waits for a commit).
     seq: AtomicU64,
@@ -286,6 +331,7 @@ impl LocalStore {
             pending: DashMap::with_hasher(FxBuildHasher),
             clock,
             tx,
+            queues: Arc::default(),
             seq: AtomicU64::new(0),
             durable: watch::Sender::new(0),
             strict: durability == Durability::Strict,
@@ -333,7 +379,10 @@ impl LocalStore {
         let weak = Arc::downgrade(&s);
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer(weak, store, rx, flush_interval))
+            .spawn({
+                let queues = s.queues.clone();
+                move || writer(weak, &queues, store, rx, flush_interval)
+            })
             .map_err(|e| LedgerError::Write { path: "ledger-writer".into(), reason: e.to_string() })?;
         *lock(&s.writer) = Some(handle);
         Ok(s)
@@ -345,11 +394,28 @@ impl LocalStore {
     }
 
     /// Queues a record for the writer when it was clean (once per commit, however often it
-    /// changes meanwhile).
+    /// changes meanwhile), in this thread's list ([`Queues`]).
     fn mark(&self, dirty: &mut bool, record: impl FnOnce() -> Dirty) {
-        if !*dirty {
-            *dirty = true;
-            self.send(Msg::Dirty(record()));
+        if *dirty {
+            return;
+        }
+        *dirty = true;
+        type Mine = Option<(u64, List)>;
+        thread_local! {
+            // The thread's list in the store it queued into last (told apart by the store's id).
+            static MINE: Cell<Mine> = const { Cell::new(None) };
+        }
+        MINE.with(|mine| {
+            let list = match mine.take() {
+                Some((id, l)) if id == self.id => l,
+                _ => self.queues.this_threads(),
+            };
+            lock(&list).push(record());
+            mine.set(Some((self.id, list)));
+        });
+        // After the push: a writer that saw no record before it began to wait reads true here.
+        if self.queues.idle.load(Ordering::SeqCst) && self.queues.idle.swap(false, Ordering::SeqCst) {
+            self.send(Msg::Wake);
         }
     }
 
@@ -851,20 +917,33 @@ impl Dirty {
 /// as an error and makes the store unhealthy (`/readyz` 503) until a commit succeeds again.
 fn writer(
     store: std::sync::Weak<LocalStore>,
+    queues: &Queues,
     ledger: Box<dyn LedgerStore>,
     rx: mpsc::Receiver<Msg>,
     interval: Duration,
 ) {
     // The records to commit, each once: by their state's address (the `Arc` keeps it theirs).
     let mut keys: HashMap<usize, Dirty, FxBuildHasher> = HashMap::default();
+    let mut spare: Vec<Dirty> = Vec::new();
     let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
     let mut stop = false;
     let mut failures: u64 = 0;
+    let take = |m: Msg, waiters: &mut Vec<mpsc::Sender<()>>, stop: &mut bool| match m {
+        Msg::Wake => {}
+        Msg::Flush(w) => waiters.push(w),
+        Msg::Stop => *stop = true,
+    };
     loop {
         let Some(strict) = store.upgrade().map(|b| b.strict) else { return };
-        // Strict mode also wakes every 2 ms: a settlement whose record was committed before its
-        // sequence number was taken still needs `durable` advanced past that number.
-        let first = if strict || failures > 0 {
+        // Waits only when no thread has queued a record: idle first, then a last look, so a
+        // record queued after the look finds the writer idle and wakes it.
+        queues.idle.store(true, Ordering::SeqCst);
+        queues.take_all(&mut keys, &mut spare);
+        let first = if !keys.is_empty() {
+            None
+        } else if strict || failures > 0 {
+            // Strict mode also wakes every 2 ms: a settlement whose record was committed before
+            // its sequence number was taken still needs `durable` advanced past that number.
             match rx.recv_timeout(Duration::from_millis(2)) {
                 Ok(m) => Some(m),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -876,41 +955,34 @@ fn writer(
                 Err(_) => return,
             }
         };
+        queues.idle.store(false, Ordering::SeqCst);
         let Some(b) = store.upgrade() else { return };
-        let take = |m: Msg,
-                    keys: &mut HashMap<usize, Dirty, FxBuildHasher>,
-                    waiters: &mut Vec<mpsc::Sender<()>>,
-                    stop: &mut bool| match m {
-            Msg::Dirty(k) => {
-                keys.entry(k.addr()).or_insert(k);
-            }
-            Msg::Flush(w) => waiters.push(w),
-            Msg::Stop => *stop = true,
-        };
         match first {
-            Some(m) => take(m, &mut keys, &mut waiters, &mut stop),
+            Some(m) => take(m, &mut waiters, &mut stop),
             None if !keys.is_empty() || b.seq.load(Ordering::SeqCst) > *b.durable.borrow() => {}
             None => continue,
         }
         if !b.strict && waiters.is_empty() && !stop && failures == 0 {
-            // Batched: gather for one interval, parked instead of waking for each message (with
-            // many tenants nearly every settlement queues a key, and a wake-up each cost a context
+            // Batched: gather for one interval, parked instead of waking for each record (with
+            // many tenants nearly every settlement queues one, and a wake-up each cost a context
             // switch per request); `flush_within` and `close` unpark it.
             let deadline = Instant::now() + interval;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 std::thread::park_timeout(left);
                 while let Ok(m) = rx.try_recv() {
-                    take(m, &mut keys, &mut waiters, &mut stop);
+                    take(m, &mut waiters, &mut stop);
                 }
                 if !waiters.is_empty() || stop {
                     break;
                 }
             }
         }
+        // Every change numbered up to `target` queued its record before taking its number.
         let target = b.seq.load(Ordering::SeqCst);
         while let Ok(m) = rx.try_recv() {
-            take(m, &mut keys, &mut waiters, &mut stop);
+            take(m, &mut waiters, &mut stop);
         }
+        queues.take_all(&mut keys, &mut spare);
         if keys.is_empty() {
             // Every change numbered up to `target` is already committed (its record would
             // otherwise be dirty and queued).
@@ -1093,6 +1165,7 @@ impl Durable for LocalStore {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use rust_decimal::Decimal;
 
     #[test]
     fn usage_markers_are_per_request_and_slot_and_outlive_their_latest_mark() {
@@ -1147,6 +1220,72 @@ mod tests {
         )
         .unwrap();
         (s, dir)
+    }
+
+    /// The writer's per-thread lists (`Queues`): records queued by many threads at once, each
+    /// thread moving between two stores, are each committed to their own store's ledger; the
+    /// list of a thread that ended is dropped once the writer took it.
+    #[test]
+    fn records_queued_on_many_threads_are_each_committed_and_an_ended_threads_list_dropped() {
+        const THREADS: u64 = 6;
+        const PAIRS: u64 = 40;
+        let clock = ManualClock::at("2026-03-01T00:00:00Z");
+        let (a, da) = open(clock.clone());
+        let (b, db) = open(clock.clone());
+        let ids = Arc::new(crate::store::RequestIds::new());
+        let payg = UsageTo::Payer(crate::payer::PayerKind::Payg);
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (a, b, ids) = (a.clone(), b.clone(), ids.clone());
+                std::thread::spawn(move || {
+                    for p in 0..PAIRS {
+                        // Its own pair in `a`, then the pair all threads share, in `b`.
+                        let own = format!("t{t}-p{p}");
+                        a.add_usage_now(
+                            BucketKey { tenant: &own, bucket: "f", local: 1000 + t * PAIRS + p },
+                            "2026-03",
+                            payg,
+                            1,
+                            "",
+                            ids.next(),
+                        );
+                        b.add_usage_now(
+                            BucketKey { tenant: "shared", bucket: "f", local: 1 },
+                            "2026-03",
+                            payg,
+                            1,
+                            "",
+                            ids.next(),
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(a.flush_within(Duration::from_secs(5)) && b.flush_within(Duration::from_secs(5)));
+        assert_eq!(lock(&a.queues.lists).len(), 0, "the ended threads' lists are dropped");
+        assert_eq!(lock(&b.queues.lists).len(), 0);
+        a.close(Duration::from_secs(5)).unwrap();
+        b.close(Duration::from_secs(5)).unwrap();
+        drop((a, b));
+        let units = |dir: &tempfile::TempDir| -> BTreeMap<String, Decimal> {
+            crate::ledger::RedbLedger::open(dir.path())
+                .unwrap()
+                .load()
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Month(m) => Some((m.tenant, m.units[crate::payer::PayerKind::Payg as usize].0)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let a = units(&da);
+        assert_eq!(a.len() as u64, THREADS * PAIRS);
+        assert!(a.values().all(|u| *u == Decimal::ONE), "{a:?}");
+        assert_eq!(units(&db), BTreeMap::from([("shared".to_string(), Decimal::from(THREADS * PAIRS))]));
     }
 
     #[test]
