@@ -156,45 +156,62 @@ pub fn error_body(code: &str, message: &str) -> Bytes {
 }
 
 /// Appends `{"error":{"code":"<code>","message":"<message>"}}` to `out`, the message written
-/// straight from its `Display` into the JSON string (no `String` in between: a 429 flood
-/// answers with it).
+/// straight from its `Display` into `out` (no `String` in between: a 429 flood answers with it)
+/// and escaped there, in one pass over it, only from its first byte that needs it.
 pub fn write_error_body(out: &mut Vec<u8>, code: &str, message: &dyn std::fmt::Display) {
-    use std::fmt::Write;
+    use std::io::Write;
     out.extend_from_slice(b"{\"error\":{\"code\":\"");
-    let mut s = JsonStr(out);
+    escape_into(out, code.as_bytes());
+    out.extend_from_slice(b"\",\"message\":\"");
+    let start = out.len();
     // Writing into a Vec cannot fail.
-    let _ = s.write_str(code);
-    s.0.extend_from_slice(b"\",\"message\":\"");
-    let _ = write!(s, "{message}");
-    s.0.extend_from_slice(b"\"}}");
+    let _ = write!(out, "{message}");
+    if let Some(i) = first_to_escape(&out[start..]) {
+        let raw = out.split_off(start + i);
+        escape_into(out, &raw);
+    }
+    out.extend_from_slice(b"\"}}");
 }
 
-/// The inside of a JSON string (RFC 8259 §7): `"`, `\` and the control characters escaped,
-/// everything else (UTF-8 included) as it is.
-struct JsonStr<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for JsonStr<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let mut rest = s.as_bytes();
-        while let Some(i) = rest.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\') {
-            self.0.extend_from_slice(&rest[..i]);
-            match rest[i] {
-                b'"' => self.0.extend_from_slice(b"\\\""),
-                b'\\' => self.0.extend_from_slice(b"\\\\"),
-                b'\n' => self.0.extend_from_slice(b"\\n"),
-                b'\r' => self.0.extend_from_slice(b"\\r"),
-                b'\t' => self.0.extend_from_slice(b"\\t"),
-                c => {
-                    const HEX: &[u8; 16] = b"0123456789abcdef";
-                    self.0.extend_from_slice(b"\\u00");
-                    self.0.extend_from_slice(&[HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]]);
-                }
+/// Appends `rest` as the inside of a JSON string (RFC 8259 §7): `"`, `\` and the control
+/// characters escaped, everything else (UTF-8 included) as it is.
+fn escape_into(out: &mut Vec<u8>, mut rest: &[u8]) {
+    while let Some(i) = first_to_escape(rest) {
+        out.extend_from_slice(&rest[..i]);
+        match rest[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            c => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&[HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]]);
             }
-            rest = &rest[i + 1..];
         }
-        self.0.extend_from_slice(rest);
-        Ok(())
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
+}
+
+/// Where the first byte JSON escapes (`"`, `\`, below 0x20) is: eight bytes at a time while
+/// none is there (a word holds one iff one of three SWAR tests is non-zero), then byte by byte.
+/// A byte-by-byte scan alone was ~15 instructions per byte, a fifth of a 429's cost.
+fn first_to_escape(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // Non-zero iff some byte of `v` is below `n` (n <= 0x80).
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
+    let mut clean = 0;
+    for chunk in b.chunks_exact(8) {
+        let Ok(w) = <[u8; 8]>::try_from(chunk).map(u64::from_le_bytes) else { break };
+        if below(w, 0x20) | below(w ^ (ONES * u64::from(b'"')), 1) | below(w ^ (ONES * u64::from(b'\\')), 1) != 0 {
+            break;
+        }
+        clean += 8;
+    }
+    b[clean..].iter().position(|&c| c < 0x20 || c == b'"' || c == b'\\').map(|i| clean + i)
 }
 
 pub static JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -237,6 +254,29 @@ mod tests {
         assert_eq!(v["error"]["code"], "bad_path");
         assert_eq!(v["error"]["message"], e.to_string());
         assert!(e.to_string().contains('\\'), "this message has a backslash to escape: {e}");
+    }
+
+    /// `first_to_escape` looks at eight bytes at a time: each byte JSON escapes, and its nearest
+    /// neighbours that it does not, at every offset of strings across several words.
+    #[test]
+    fn each_byte_to_escape_is_found_at_every_offset_and_no_other() {
+        for len in 1..=26 {
+            for at in 0..len {
+                for c in [0x00u8, 0x01, 0x09, 0x0a, 0x1f, b'"', b'\\', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0xc3] {
+                    let mut s = vec![b'a'; len];
+                    s[at] = c;
+                    let escaped = c < 0x20 || c == b'"' || c == b'\\';
+                    assert_eq!(first_to_escape(&s), escaped.then_some(at), "{c:#04x} at {at} of {len}");
+                    // And the message reads back (0xc3: as the first byte of an "é").
+                    let message = match c {
+                        0xc3 => format!("{}é{}", "a".repeat(at), "a".repeat(len - at - 1)),
+                        _ => String::from_utf8(s).unwrap(),
+                    };
+                    let v: serde_json::Value = serde_json::from_slice(&error_body("c", &message)).unwrap();
+                    assert_eq!(v["error"]["message"].as_str(), Some(message.as_str()));
+                }
+            }
+        }
     }
 
     proptest::proptest! {
