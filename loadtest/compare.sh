@@ -27,6 +27,10 @@
 #            limit_req is keyed on the key as in hot; each tenant pay-as-you-go.
 #   flood    a 50 QPS limit with depth 1 flooded: nearly every answer the proxy's own 429 (nginx:
 #            limit_req rate=50r/s, burst 0, limit_req_status 429).
+#   paced    hot's tenant and limits over many lightly used connections: $PACED_CONNS (512) connections,
+#            each waiting $PACE_MS (20) ms before each request (loadtest/paced.lua), about 25,000
+#            requests/s offered to both proxies alike: CPU µs/request when each readiness event carries
+#            one request (the issue's k6 observation), not a saturated loop. Checks as in hot.
 # CPU µs/request = user+system time (/proc/PID/stat, every thread / worker of the proxy) during a run,
 # over the requests wrk completed. "other on proxy cores" = busy time of the proxy's cores (/proc/stat)
 # not spent by the proxy, in cores: above ~0.05 something else (a compile) shared the proxy's core
@@ -41,6 +45,7 @@ export NO_PROXY='*' no_proxy='*'
 
 DURATION=${DURATION:-10}; CONNS=${CONNS:-64}; ROUNDS=${ROUNDS:-3}; WARMUP=${WARMUP:-2}
 TOOLS=${TOOLS:-wrk}; API_KEY=${API_KEY:-tenant-a}; export TENANTS=${TENANTS:-10000}   # read by loadtest/tenants.lua too
+PACED_CONNS=${PACED_CONNS:-512}; export PACE_MS=${PACE_MS:-20}                        # read by loadtest/paced.lua
 LAYOUT=${LAYOUT:-own-core}; WORKLOAD=${WORKLOAD:-hot}
 case $LAYOUT in
   own-core) d_load=0; d_up=0; d_proxy=1 ;;
@@ -51,7 +56,7 @@ esac
 LOADGEN_CPU=${LOADGEN_CPU:-$d_load}; UPSTREAM_CPU=${UPSTREAM_CPU:-$d_up}; PROXY_CPU=${PROXY_CPU:-$d_proxy}
 PROXY_CORES=$(taskset -c "$PROXY_CPU" nproc)
 for w in $WORKLOAD; do
-  case $w in hot | tenants | flood) ;; *) echo "WORKLOAD must be among: hot tenants flood"; exit 1 ;; esac
+  case $w in hot | tenants | flood | paced) ;; *) echo "WORKLOAD must be among: hot tenants flood paced"; exit 1 ;; esac
 done
 UP_NGX=18180; UP_TS=18183; NGINX_PORT=18181; TS_PORT=18182; TS_ADMIN=18192
 RUN=${RUN_DIR:-/tmp/turnstile-compare/run-$(date +%Y%m%d-%H%M%S)}
@@ -135,12 +140,13 @@ print(*t)"
 
 load() { # workload tool port seconds outfile
   local w=$1 tool=$2 port=$3 secs=$4 out=$5 url="http://127.0.0.1:$3/v1/infer"
-  local keyarg=(-H "x-api-key: $API_KEY")
+  local keyarg=(-H "x-api-key: $API_KEY") conns=$CONNS
   [ "$w" = tenants ] && keyarg=(-s "$ROOT/loadtest/tenants.lua")
+  [ "$w" = paced ] && keyarg+=(-s "$ROOT/loadtest/paced.lua") && conns=$PACED_CONNS
   case $tool in
-    wrk) timeout -k 5 $((secs + 30)) taskset -c "$LOADGEN_CPU" wrk -t1 -c "$CONNS" -d "${secs}s" --latency "${keyarg[@]}" "$url" > "$out" ;;
+    wrk) timeout -k 5 $((secs + 30)) taskset -c "$LOADGEN_CPU" wrk -t1 -c "$conns" -d "${secs}s" --latency "${keyarg[@]}" "$url" > "$out" ;;
     oha)
-      [ "$w" = tenants ] && { echo "oha cannot rotate keys: tenants runs with wrk only" > "$out"; return 0; }
+      case $w in tenants | paced) echo "oha cannot rotate keys or pace connections: $w runs with wrk only" > "$out"; return 0 ;; esac
       timeout -k 5 $((secs + 30)) taskset -c "$LOADGEN_CPU" oha --no-tui --output-format json -z "${secs}s" -c "$CONNS" "${keyarg[@]}" "$url" > "$out" ;;
   esac
 }
@@ -200,7 +206,7 @@ echo "$DURATION" > "$RUN/duration"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); kernel $(uname -r)"
   echo "nginx $(nginx -v 2>&1 | cut -d/ -f2); wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'); turnstile $("$BIN" --version | cut -d' ' -f2) ($BIN)"
   echo "layout $LAYOUT: proxy on cpu $PROXY_CPU ($PROXY_CORES core(s)), upstream on $UPSTREAM_CPU, load generator on $LOADGEN_CPU;" \
-    "workloads: $WORKLOAD; tools: $TOOLS; $ROUNDS rounds x ${DURATION}s, $CONNS connections; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    "workloads: $WORKLOAD; tools: $TOOLS; $ROUNDS rounds x ${DURATION}s, $CONNS connections (paced: $PACED_CONNS, ${PACE_MS} ms apart); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$RUN/header.txt"
 
 for w in $WORKLOAD; do

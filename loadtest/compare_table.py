@@ -218,9 +218,9 @@ def table(run):
     for w in sorted({w for w, _, _ in med}):
         ts = [r for (ww, _, p), rs in rows.items() if ww == w and p.startswith("turnstile") for r in rs]
         ng = [r for (ww, _, p), rs in rows.items() if ww == w and p == "nginx" for r in rs]
-        if w == "hot":
+        if w in ("hot", "paced"):
             bad = sum(r["non2xx"] for r in ts + ng)
-            print(f"hot: non-2xx {'0: ok' if bad == 0 else f'{bad}: NOT ZERO'}")
+            print(f"{w}: non-2xx {'0: ok' if bad == 0 else f'{bad}: NOT ZERO'}")
         if w == "flood":
             share = [r["non2xx"] / max(r["n"], 1) for r in ts + ng]
             print(f"flood: refused share per run {min(share):.4f}-{max(share):.4f}"
