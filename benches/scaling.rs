@@ -13,8 +13,9 @@
 //! where this needs all threads' calls over the same seconds.
 //!
 //! Run: `cargo bench --bench scaling` (`SCALING_THREADS="1 2 4"`, default 1 up to the cores;
-//! `SCALING_SECS=2`, seconds per measurement; `SCALING_ROUNDS=5`; `SCALING_WORKLOADS=hot`). Threads are pinned one per
-//! core, and the rounds alternate the thread counts so that a noisy moment hits all of them.
+//! `SCALING_SECS=2`, seconds per measurement; `SCALING_ROUNDS=5`; `SCALING_WORKLOADS=hot`).
+//! Threads are pinned one per core, and the rounds alternate the thread counts so that a noisy
+//! moment hits all of them.
 
 mod common;
 

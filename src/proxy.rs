@@ -421,10 +421,10 @@ impl From<Result<Forward, Refused>> for Decision {
 }
 
 /// [`decide`] for callers that need not suspend (the HTTP/1.1 path on a store that decides at
-/// once, tests, benches): polls it once. Every phase of the
-/// local store answers without suspending, so it is always ready then; a backend that would have
-/// to wait is answered 503 `store_unavailable` instead (nothing was taken: the future is
-/// dropped before it reached the store).
+/// once, tests, benches): polls it once. Every phase of the local store answers without
+/// suspending, so it is always ready then; a backend that would have to wait is answered 503
+/// `store_unavailable` instead (nothing was taken: the future is dropped before it reached the
+/// store).
 pub fn decide_now<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &str) -> Decision {
     // The phases' future polled here, not inside `decide`'s: one future fewer to copy per call.
     match crate::store::ready(decide_phases(gw, headers, path)) {
