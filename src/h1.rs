@@ -217,32 +217,44 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
 /// A deadline on one `Sleep` per connection, moved lazily: setting a later deadline costs a
 /// field write, and the timer, when it fires early, is re-armed to the deadline then (a
 /// connection's timer fires at most once per timeout, not once per request).
+///
+/// Polled by one task only (its connection's), so once the timer has been polled since it was
+/// last armed, it holds that task's waker until it fires: until then, a poll only looks
+/// whether it has fired.
 struct Deadline {
     sleep: Pin<Box<Sleep>>,
     at: Instant,
+    /// The timer was polled (so holds the task's waker) since it was last armed.
+    polled: bool,
 }
 
 impl Deadline {
     fn new(at: Instant) -> Deadline {
-        Deadline { sleep: Box::pin(tokio::time::sleep_until(at)), at }
+        Deadline { sleep: Box::pin(tokio::time::sleep_until(at)), at, polled: false }
     }
 
     fn set(&mut self, at: Instant) {
         if at < self.sleep.deadline() {
             self.sleep.as_mut().reset(at);
+            self.polled = false;
         }
         self.at = at;
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
+            if self.polled && !self.sleep.is_elapsed() {
+                return Poll::Pending;
+            }
             if self.sleep.as_mut().poll(cx).is_pending() {
+                self.polled = true;
                 return Poll::Pending;
             }
             if Instant::now() >= self.at {
                 return Poll::Ready(());
             }
             self.sleep.as_mut().reset(self.at);
+            self.polled = false;
         }
     }
 }
@@ -288,9 +300,27 @@ fn read_now(stream: &TcpStream, buf: &mut Vec<u8>, len: &mut usize, want: usize)
     }
 }
 
-/// Writes all of `data`.
+/// Writes what the socket takes of `data[*done..]` now, without waiting (nor, when the socket
+/// is known writable, the readiness bookkeeping of a poll): true when all of it is written.
+fn write_now(stream: &TcpStream, data: &[u8], done: &mut usize) -> io::Result<bool> {
+    while *done < data.len() {
+        match stream.try_write(&data[*done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => *done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes all of `data`: at once when the socket takes it (as it nearly always does), waiting
+/// for room otherwise.
 async fn write_all(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
     let mut done = 0;
+    if write_now(stream, data, &mut done)? {
+        return Ok(());
+    }
     std::future::poll_fn(|cx| {
         while done < data.len() {
             let n = std::task::ready!(Pin::new(&mut *stream).poll_write(cx, &data[done..]))?;
@@ -321,7 +351,12 @@ pub async fn serve(
     let mut head = Box::new(Head::EMPTY);
     let header_timeout = gw.snapshot.load().settings.header_read_timeout;
     let mut deadline = Deadline::new(Instant::now() + header_timeout);
+    // The drain: `changed` is polled once, which leaves this task's waker with the channel
+    // until a drain (or the sender's end) wakes it; after that, a clone of the receiver tells
+    // whether it came, with one load instead of a poll of the channel's waiter list.
+    let probe = stop.clone();
     let mut stop = std::pin::pin!(stop.changed());
+    let mut stop_polled = false;
     let mut draining = false;
     let mut first = true;
     loop {
@@ -361,9 +396,17 @@ pub async fn serve(
                 if let Poll::Ready(r) = poll_read_into(stream, &mut buf, &mut len, want, cx) {
                     return Poll::Ready(r.map(Some));
                 }
-                if !draining && stop.as_mut().poll(cx).is_ready() {
-                    draining = true;
-                    return Poll::Ready(Ok(None));
+                if !draining {
+                    let drained = if stop_polled {
+                        probe.has_changed().unwrap_or(true)
+                    } else {
+                        stop_polled = true;
+                        stop.as_mut().poll(cx).is_ready()
+                    };
+                    if drained {
+                        draining = true;
+                        return Poll::Ready(Ok(None));
+                    }
                 }
                 if deadline.poll(cx).is_ready() {
                     return Poll::Ready(Err(timed_out("no request within server.header_read_timeout_ms")));
@@ -991,6 +1034,8 @@ async fn send_and_read_head(
     let broken = |_| Failure::Broken { answered: false };
     let mut done = 0;
     let request = &out[..];
+    // Nearly always all of it at once; the rest, if any, as the socket makes room.
+    write_now(&up.stream, request, &mut done).map_err(broken)?;
     std::future::poll_fn(|cx| {
         while done < request.len() {
             match Pin::new(&mut up.stream).poll_write(cx, &request[done..]) {

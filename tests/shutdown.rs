@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 
 const ACME: (&str, &str) = ("x-api-key", "key-acme");
 
@@ -144,4 +145,31 @@ async fn after_the_grace_the_tenant_listener_is_closed_while_the_admin_listener_
     assert_eq!(inflight.await.expect("join"), StatusCode::OK, "the in-flight request completed");
     let (status, gw) = exit_status(gw, Duration::from_secs(5)).await;
     assert!(status.is_some_and(|s| s.success()), "exit status {status:?}:\n{}", gw.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_closes_idle_keep_alive_connections_at_once() {
+    // One idle connection that has served a request (its wait for the next one looks for the
+    // drain without polling the channel again) and one that never sent a byte (its first wait).
+    let (_up, _cfg, gw) = start("shutdown_grace_ms = 0").await;
+    let mut served = common::wire::Wire::connect(gw.addr).await;
+    served
+        .s
+        .write_all(b"GET /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\n\r\n")
+        .await
+        .expect("write");
+    let r = served.reply(Duration::from_secs(5)).await.expect("served");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), None, "kept alive: {}", r.head);
+    let mut silent = common::wire::Wire::connect(gw.addr).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = Instant::now();
+    kill(&gw, "TERM");
+    // Without the drain noticed, both would hold the exit until the drain timeout
+    // (upstream_timeout_ms + 1 s = 31 s).
+    assert!(served.closed_within(Duration::from_secs(2)).await, "the served connection was closed:\n{}", gw.logs());
+    assert!(silent.closed_within(Duration::from_secs(2)).await, "the silent connection was closed:\n{}", gw.logs());
+    let (status, gw) = exit_status(gw, Duration::from_secs(3)).await;
+    assert!(status.is_some_and(|s| s.success()), "exit status {status:?}:\n{}", gw.logs());
+    assert!(signalled.elapsed() < Duration::from_secs(4), "exited promptly");
 }
