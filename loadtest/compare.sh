@@ -10,6 +10,7 @@
 #   WORKLOAD="hot tenants flood" ROUNDS=5 loadtest/compare.sh
 #   LAYOUT=shared loadtest/compare.sh                     # the 2026-11-23 layout
 #   PROFILE=1 loadtest/compare.sh                         # then one more wrk run per proxy under perf
+#   SYSCALLS=1 loadtest/compare.sh                        # then one more wrk run per proxy: system calls per request
 #   TURNSTILE_BIN_B=/tmp/new/turnstile loadtest/compare.sh  # adds peer turnstile-b: before/after in the same rounds
 #
 # LAYOUT (issue 14):
@@ -37,7 +38,8 @@
 # and requests/s of that run is noisy; CPU µs/request is much less affected.
 #
 # Needs: nginx (with stub_status), wrk (Debian packages), taskset; optionally oha (TOOLS="wrk oha");
-# for PROFILE: perf (apt-get install linux-perf); inferno (cargo install inferno) only for flamegraph SVGs.
+# for PROFILE and SYSCALLS: perf (apt-get install linux-perf; run as root); inferno (cargo install inferno)
+# only for flamegraph SVGs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,11 +69,9 @@ for p in $UP_NGX $UP_TS $NGINX_PORT $TS_PORT $TS_ADMIN $((TS_PORT + 2)) $((TS_AD
   if (echo > /dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is busy"; exit 1; fi
 done
 
-PROFILE=${PROFILE:-}; BUILD=release
-if [ -n "$PROFILE" ]; then
-  BUILD=profiling   # release code with debug symbols, for perf's DWARF call graphs
-  command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)"; exit 1; }
-fi
+PROFILE=${PROFILE:-}; SYSCALLS=${SYSCALLS:-}; BUILD=release
+[ -z "$PROFILE$SYSCALLS" ] || command -v perf >/dev/null || { echo "missing perf (apt-get install linux-perf)"; exit 1; }
+[ -z "$PROFILE" ] || BUILD=profiling   # release code with debug symbols, for perf's DWARF call graphs
 BIN=${TURNSTILE_BIN:-$ROOT/target/$BUILD/turnstile}
 [ -x "$BIN" ] && [ -z "${REBUILD:-}" ] || cargo build --profile "$BUILD" --locked --bin turnstile
 BIN=$(readlink -f "$BIN")
@@ -268,6 +268,22 @@ for w in $WORKLOAD; do
       fi
       [ -n "${KEEP_PERF_DATA:-}" ] || rm -f "$RUN/$w.$peer.perf.data"   # 20-60 MB each; the folded stacks stay
       echo "  profiled $peer: $RUN/$w.$peer.folded"
+    done
+  fi
+  if [ -n "$SYSCALLS" ]; then
+    # One more wrk run per proxy (7 s), its system calls and context switches counted by perf on
+    # tracepoints (every thread / worker) for 5 s from a second into it, over its requests/s.
+    for peer in "${PEERS[@]}"; do
+      load "$w" wrk "${PORT_OF[$peer]}" 7 "$RUN/$w.$peer-syscalls-wrk.txt" &
+      lp=$!
+      sleep 1
+      perf stat -x, -o "$RUN/$w.$peer.syscalls" -p "$(echo ${PIDS_OF[$peer]} | tr ' ' ',')" -e \
+        'syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_fdatasync,sched:sched_switch' \
+        -- sleep 5 2>/dev/null || true
+      wait $lp
+      awk -F, -v rps="$(awk '/Requests\/sec/ {print $2}' "$RUN/$w.$peer-syscalls-wrk.txt")" -v head="$w $peer" '
+        $3 ~ /:/ { n = $3; sub(/.*(sys_enter_|:)/, "", n); line = line sprintf(" %s %.3f", n, $1 / (rps * 5)) }
+        END { printf "%s: per request%s (at %s requests/s)\n", head, line, rps }' "$RUN/$w.$peer.syscalls" | tee -a "$RUN/syscalls.txt"
     done
   fi
   sleep 1   # let in-flight settlements land before counting
