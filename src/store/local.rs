@@ -867,6 +867,50 @@ impl LocalStore {
 }
 
 impl Dirty {
+    /// Writes the record as it is now into `into`, and marks it clean: a change after this
+    /// queues it again. `into` is a record of an earlier commit, reused: its names are
+    /// overwritten in place (`clone_from` keeps their buffers) and its price cells too when
+    /// they are the same cells, so a commit allocates nothing per record once its records have
+    /// been seen (with 10,000 tenants each commit writes ~100 distinct records; built anew,
+    /// each cost four allocations and their frees).
+    fn record_into(&self, into: &mut Record) {
+        match (self, into) {
+            (Dirty::Package(st), Record::Package(r)) => {
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                r.tenant.clone_from(&st.tenant);
+                r.id.clone_from(&st.id);
+                r.consumed = Dec(units::from_micro(g.consumed));
+                r.alerted = g.alerted;
+            }
+            (Dirty::Image(st), Record::ImageCount(r)) => {
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                r.tenant.clone_from(&st.tenant);
+                r.count = g.count;
+            }
+            (Dirty::Month(st), Record::Month(r)) => {
+                let mut g = lock(&st.inner);
+                g.dirty = false;
+                let d = |v: i64| Dec(rust_decimal::Decimal::from(v));
+                r.tenant.clone_from(&st.tenant);
+                r.feature.clone_from(&st.feature);
+                r.month.clone_from(&st.month);
+                r.units = g.units.map(d);
+                if r.payg.keys().eq(g.payg.keys()) {
+                    for (to, from) in r.payg.values_mut().zip(g.payg.values()) {
+                        *to = d(*from);
+                    }
+                } else {
+                    r.payg = g.payg.iter().map(|(k, v)| (k.clone(), d(*v))).collect();
+                }
+                r.unpaid = d(g.unpaid);
+                r.integer = true;
+            }
+            (_, into) => *into = self.record(),
+        }
+    }
+
     /// The record as it is now, marked clean: a change after this queues it again.
     fn record(&self) -> Record {
         match self {
@@ -925,6 +969,9 @@ fn writer(
     // The records to commit, each once: by their state's address (the `Arc` keeps it theirs).
     let mut keys: HashMap<usize, Dirty, FxBuildHasher> = HashMap::default();
     let mut spare: Vec<Dirty> = Vec::new();
+    // The records of the commits so far, rewritten in place by the next ([`Dirty::record_into`]):
+    // as many as the largest commit had, each a copy of a record the store holds anyway.
+    let mut records: Vec<Record> = Vec::new();
     let mut waiters: Vec<mpsc::Sender<()>> = Vec::new();
     let mut stop = false;
     let mut failures: u64 = 0;
@@ -995,11 +1042,15 @@ fn writer(
             }
             continue;
         }
-        // Sized up front: collecting from `filter_map` would grow (and move) it several times.
-        let mut records: Vec<Record> = Vec::with_capacity(keys.len());
-        records.extend(keys.values().map(Dirty::record));
+        for (i, d) in keys.values().enumerate() {
+            match records.get_mut(i) {
+                Some(r) => d.record_into(r),
+                None => records.push(d.record()),
+            }
+        }
+        let records = &records[..keys.len()];
         let started = Instant::now();
-        match ledger.commit(&records) {
+        match ledger.commit(records) {
             Ok(()) => {
                 b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
                 if failures > 0 {
@@ -1194,6 +1245,63 @@ mod tests {
         assert!(d.mark(RequestId(base), 0, 300), "its entry expired at 100");
         d.sweep(400);
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn a_reused_record_is_rewritten_to_what_a_new_one_would_be() {
+        let month = |tenant: &str, feature: &str, cells: &[(&str, i64)], unpaid: i64| {
+            Dirty::Month(Arc::new(Month {
+                tenant: tenant.into(),
+                feature: feature.into(),
+                month: "2026-12".into(),
+                inner: Mutex::new(MonthInner {
+                    units: [1, 2, 3, 4, unpaid + 5],
+                    payg: cells.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+                    unpaid,
+                    dirty: true,
+                }),
+            }))
+        };
+        let package = |tenant: &str, id: &str, consumed: i64, alerted: bool| {
+            Dirty::Package(Arc::new(Pkg {
+                tenant: tenant.into(),
+                id: id.into(),
+                inner: Mutex::new(PkgInner { consumed, held: 7, alerted, dirty: true }),
+            }))
+        };
+        let image = |tenant: &str, count: u64| {
+            Dirty::Image(Arc::new(Img {
+                tenant: tenant.into(),
+                inner: Mutex::new(ImgInner { count, held: 1, dirty: true }),
+            }))
+        };
+        let states = [
+            month("acme", "face-comparison-1-1", &[("", 40)], 0),
+            month("a-much-longer-tenant-name", "ocr", &[("", 41)], 2),
+            month("b", "video", &[("fps<=30,lines<=720", 9), ("fps<=60,lines<=1440", 3)], 1),
+            month("b", "video", &[("fps<=60,lines<=1440", 4)], 0),
+            month("c", "ocr", &[], 0),
+            package("acme", "od-small", 1_500_000, false),
+            package("a-much-longer-tenant-name", "img-1", 3, true),
+            image("acme", 12),
+            image("b", 0),
+        ];
+        // Every state written over every earlier record (another kind, longer or shorter
+        // names, other cells) reads exactly as the record made anew, and is marked clean.
+        for from in &states {
+            for to in &states {
+                let mut reused = from.record();
+                to.redirty();
+                to.record_into(&mut reused);
+                let clean = match to {
+                    Dirty::Package(st) => !lock(&st.inner).dirty,
+                    Dirty::Month(st) => !lock(&st.inner).dirty,
+                    Dirty::Image(st) => !lock(&st.inner).dirty,
+                };
+                assert!(clean, "written, the state is clean until it changes again");
+                assert_eq!(reused, to.record(), "{:?} over {:?}", to.record(), from.record());
+            }
+        }
     }
 
     #[test]
