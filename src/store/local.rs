@@ -12,7 +12,7 @@
 //! suspending (the async trait methods only wrap the synchronous ones).
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
+use smallvec::SmallVec;
 use tokio::sync::watch;
 
 use super::{
@@ -69,9 +70,57 @@ struct Hold {
     expires: i64,
 }
 
+/// A month's pay-as-you-go units per price cell, sorted by cell. A month nearly always has one
+/// cell (the empty name of a per-call feature), which is held in place: in a `BTreeMap` its node
+/// was one more line to fetch per settlement, a cold one when many tenants take turns (two more
+/// misses of a 1 MiB L2 per call with 10,000 tenants under callgrind's cache model).
+#[derive(Default)]
+struct Cells(SmallVec<[(String, i64); 1]>);
+
+impl Cells {
+    fn find(&self, cell: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(c, _)| c.as_str().cmp(cell))
+    }
+
+    fn get(&self, cell: &str) -> Option<i64> {
+        self.find(cell).ok().map(|i| self.0[i].1)
+    }
+
+    /// Adds `n` units to `cell`; its name is allocated once, when the month first uses it.
+    fn add(&mut self, cell: &str, n: i64) {
+        match self.find(cell) {
+            Ok(i) => self.0[i].1 += n,
+            Err(i) => self.0.insert(i, (cell.to_string(), n)),
+        }
+    }
+
+    /// Takes `n` units of `cell` back; a cell left at zero goes.
+    fn take_back(&mut self, cell: &str, n: i64) {
+        if let Ok(i) = self.find(cell) {
+            self.0[i].1 -= n;
+            if self.0[i].1 == 0 {
+                self.0.remove(i);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, i64)> {
+        self.0.iter().map(|(c, n)| (c, *n))
+    }
+}
+
+impl FromIterator<(String, i64)> for Cells {
+    /// From a map's cells (each once).
+    fn from_iter<I: IntoIterator<Item = (String, i64)>>(cells: I) -> Self {
+        let mut v: SmallVec<[(String, i64); 1]> = cells.into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Cells(v)
+    }
+}
+
 struct MonthInner {
     units: [i64; 5],
-    payg: BTreeMap<String, i64>,
+    payg: Cells,
     unpaid: i64,
     dirty: bool,
 }
@@ -467,7 +516,7 @@ impl LocalStore {
             tenant: key.tenant.to_string(),
             feature: key.bucket.to_string(),
             month: month.to_string(),
-            inner: Mutex::new(MonthInner { units: [0; 5], payg: BTreeMap::new(), unpaid: 0, dirty: false }),
+            inner: Mutex::new(MonthInner { units: [0; 5], payg: Cells::default(), unpaid: 0, dirty: false }),
         })
     }
 
@@ -647,18 +696,12 @@ impl LocalStore {
                 UsageTo::Unpaid => g.unpaid += n,
             }
             if to == UsageTo::Payer(crate::payer::PayerKind::Payg) {
-                // The cell's name is allocated once, when the month first uses it.
-                match g.payg.get_mut(cell) {
-                    Some(units) => *units += n,
-                    None => {
-                        g.payg.insert(cell.to_string(), n);
-                    }
-                }
+                g.payg.add(cell, n);
             }
             self.mark(&mut g.dirty, || Dirty::Month(st.clone()));
         }
         let total = match to {
-            UsageTo::Payer(crate::payer::PayerKind::Payg) => g.payg.get(cell).copied().unwrap_or(0),
+            UsageTo::Payer(crate::payer::PayerKind::Payg) => g.payg.get(cell).unwrap_or(0),
             UsageTo::Payer(k) => g.units[k as usize],
             UsageTo::Unpaid => g.unpaid,
         };
@@ -683,7 +726,7 @@ impl LocalStore {
                 MonthUsage {
                     feature: e.value().feature.clone(),
                     units: g.units,
-                    payg: g.payg.clone(),
+                    payg: g.payg.iter().map(|(c, n)| (c.clone(), n)).collect(),
                     unpaid: g.unpaid,
                 }
             })
@@ -782,12 +825,7 @@ impl LocalStore {
                         UsageTo::Unpaid => g.unpaid -= n,
                     }
                     if let Some(cell) = cell {
-                        if let Some(v) = g.payg.get_mut(&cell) {
-                            *v -= n;
-                            if *v == 0 {
-                                g.payg.remove(&cell);
-                            }
-                        }
+                        g.payg.take_back(&cell, n);
                     }
                     self.mark(&mut g.dirty, || Dirty::Month(month.clone()));
                     drop(g);
@@ -897,12 +935,12 @@ impl Dirty {
                 r.feature.clone_from(&st.feature);
                 r.month.clone_from(&st.month);
                 r.units = g.units.map(d);
-                if r.payg.keys().eq(g.payg.keys()) {
-                    for (to, from) in r.payg.values_mut().zip(g.payg.values()) {
-                        *to = d(*from);
+                if r.payg.keys().eq(g.payg.iter().map(|(c, _)| c)) {
+                    for (to, (_, from)) in r.payg.values_mut().zip(g.payg.iter()) {
+                        *to = d(from);
                     }
                 } else {
-                    r.payg = g.payg.iter().map(|(k, v)| (k.clone(), d(*v))).collect();
+                    r.payg = g.payg.iter().map(|(c, n)| (c.clone(), d(n))).collect();
                 }
                 r.unpaid = d(g.unpaid);
                 r.integer = true;
@@ -938,7 +976,7 @@ impl Dirty {
                     feature: st.feature.clone(),
                     month: st.month.clone(),
                     units: g.units.map(d),
-                    payg: g.payg.iter().map(|(k, v)| (k.clone(), d(*v))).collect(),
+                    payg: g.payg.iter().map(|(c, n)| (c.clone(), d(n))).collect(),
                     unpaid: d(g.unpaid),
                     integer: true,
                 })
@@ -1217,6 +1255,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use rust_decimal::Decimal;
+    use std::collections::BTreeMap;
 
     #[test]
     fn usage_markers_are_per_request_and_slot_and_outlive_their_latest_mark() {
@@ -1245,6 +1284,29 @@ mod tests {
         assert!(d.mark(RequestId(base), 0, 300), "its entry expired at 100");
         d.sweep(400);
         assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn price_cells_stay_sorted_add_up_and_go_at_zero() {
+        let cells = |c: &Cells| c.iter().map(|(k, n)| (k.clone(), n)).collect::<Vec<_>>();
+        let want = |v: &[(&str, i64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect::<Vec<_>>();
+        let mut c = Cells::default();
+        c.add("fps<=60,lines<=1440", 3);
+        c.add("", 2);
+        c.add("fps<=30,lines<=720", 1);
+        c.add("", 5);
+        assert_eq!(cells(&c), want(&[("", 7), ("fps<=30,lines<=720", 1), ("fps<=60,lines<=1440", 3)]));
+        assert_eq!((c.get(""), c.get("fps<=30,lines<=720"), c.get("unpriced")), (Some(7), Some(1), None));
+        c.take_back("fps<=30,lines<=720", 1);
+        c.take_back("", 2);
+        c.take_back("unpriced", 4);
+        assert_eq!(
+            cells(&c),
+            want(&[("", 5), ("fps<=60,lines<=1440", 3)]),
+            "a cell at zero goes, an absent one stays absent"
+        );
+        let loaded: Cells = [("z".to_string(), 1), ("a".to_string(), 2), ("".to_string(), 3)].into_iter().collect();
+        assert_eq!(cells(&loaded), want(&[("", 3), ("a", 2), ("z", 1)]), "loaded cells are sorted");
     }
 
     #[test]
