@@ -951,37 +951,24 @@ impl Dirty {
 
     /// The record as it is now, marked clean: a change after this queues it again.
     fn record(&self) -> Record {
-        match self {
-            Dirty::Package(st) => {
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                Record::Package(PackageRecord {
-                    tenant: st.tenant.clone(),
-                    id: st.id.clone(),
-                    consumed: Dec(units::from_micro(g.consumed)),
-                    alerted: g.alerted,
-                })
+        let (name, zero) = (String::new, Dec(rust_decimal::Decimal::ZERO));
+        let mut r = match self {
+            Dirty::Package(_) => {
+                Record::Package(PackageRecord { tenant: name(), id: name(), consumed: zero, alerted: false })
             }
-            Dirty::Image(st) => {
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                Record::ImageCount(ledger::ImageCountRecord { tenant: st.tenant.clone(), count: g.count })
-            }
-            Dirty::Month(st) => {
-                let mut g = lock(&st.inner);
-                g.dirty = false;
-                let d = |v: i64| Dec(rust_decimal::Decimal::from(v));
-                Record::Month(MonthRecord {
-                    tenant: st.tenant.clone(),
-                    feature: st.feature.clone(),
-                    month: st.month.clone(),
-                    units: g.units.map(d),
-                    payg: g.payg.iter().map(|(c, n)| (c.clone(), d(n))).collect(),
-                    unpaid: d(g.unpaid),
-                    integer: true,
-                })
-            }
-        }
+            Dirty::Image(_) => Record::ImageCount(ledger::ImageCountRecord { tenant: name(), count: 0 }),
+            Dirty::Month(_) => Record::Month(MonthRecord {
+                tenant: name(),
+                feature: name(),
+                month: name(),
+                units: [zero; 5],
+                payg: Default::default(),
+                unpaid: zero,
+                integer: true,
+            }),
+        };
+        self.record_into(&mut r);
+        r
     }
 
     /// Marks the record dirty again after a failed commit (the writer keeps it).
@@ -1348,8 +1335,28 @@ mod tests {
             image("acme", 12),
             image("b", 0),
         ];
+        let d = |v: i64| Dec(Decimal::from(v));
+        assert_eq!(
+            states[2].record(),
+            Record::Month(MonthRecord {
+                tenant: "b".into(),
+                feature: "video".into(),
+                month: "2026-12".into(),
+                units: [1, 2, 3, 4, 6].map(d),
+                payg: BTreeMap::from([("fps<=30,lines<=720".into(), d(9)), ("fps<=60,lines<=1440".into(), d(3))]),
+                unpaid: d(1),
+                integer: true,
+            })
+        );
+        let consumed = Dec(units::from_micro(1_500_000));
+        let want = PackageRecord { tenant: "acme".into(), id: "od-small".into(), consumed, alerted: false };
+        assert_eq!(states[5].record(), Record::Package(want));
+        assert_eq!(
+            states[7].record(),
+            Record::ImageCount(ledger::ImageCountRecord { tenant: "acme".into(), count: 12 })
+        );
         // Every state written over every earlier record (another kind, longer or shorter
-        // names, other cells) reads exactly as the record made anew, and is marked clean.
+        // names, other cells) reads exactly as one written over an empty record, and is marked clean.
         for from in &states {
             for to in &states {
                 let mut reused = from.record();
