@@ -4,6 +4,7 @@
 //! plan expiry and temporary upgrades take effect (and revert) by themselves, with no reload.
 //! [`BucketStore`] is the narrow interface a shared (e.g. Redis-backed) store can implement.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 
@@ -169,25 +170,43 @@ impl StateStore for SharedStore {
 
 type Limiter = RateLimiter<(u64, u64), SharedStore, GovernorClock, StateInformationMiddleware>;
 
+/// One governor limiter per distinct (limit, depth).
+type Limiters = HashMap<u64, Arc<Limiter>, FxBuildHasher>;
+/// A thread's cache of one instance's limiters.
+type LimitersCache = arc_swap::Cache<Arc<ArcSwap<Limiters>>, Arc<Limiters>>;
+
+thread_local! {
+    /// The thread's view of one [`LocalBuckets`]'s limiters (its id beside): an
+    /// `arc_swap::Cache` reads one pointer to see that the map is unchanged, where an `ArcSwap`
+    /// load writes a debt slot and takes it back (two atomic read-modify-writes, ~56
+    /// instructions). The map changes only when a shape is met for the first time. It keeps the
+    /// last instance's limiters (and so its buckets) alive until the thread uses another or
+    /// ends: a server has one.
+    static LIMITERS: RefCell<Option<(u64, LimitersCache)>> = const { RefCell::new(None) };
+}
+
 /// In-process buckets: a sharded map of GCRA states keyed by (tenant, feature), checked by
 /// governor. A request takes a shard's read lock only; the write lock is taken when a pair
 /// first appears or its limit changes.
 pub struct LocalBuckets {
     store: SharedStore,
-    /// One governor limiter per distinct (limit, depth); few, and kept for the process's life
-    /// (a bucket's state is relative to its limiter's start). Read through an `ArcSwap` load,
-    /// not a lock: every call of every core reads the same few limiters (the tenants of a
-    /// default limit share one), and a `DashMap` read lock is a write to that key's shard.
-    limiters: ArcSwap<HashMap<u64, Arc<Limiter>, FxBuildHasher>>,
+    /// The limiters, kept for the process's life (a bucket's state is relative to its
+    /// limiter's start); few. Read through each thread's cache of this `ArcSwap`, not a lock:
+    /// every call of every core reads the same few limiters (the tenants of a default limit
+    /// share one), and a `DashMap` read lock is a write to that key's shard.
+    limiters: Arc<ArcSwap<Limiters>>,
     clock: GovernorClock,
+    /// Tells this instance from another in a thread's [`LIMITERS`].
+    id: u64,
 }
 
 impl LocalBuckets {
     pub fn new(clock: SharedClock) -> Self {
         LocalBuckets {
             store: SharedStore(Arc::new(DashMap::with_hasher(FxBuildHasher))),
-            limiters: ArcSwap::default(),
+            limiters: Arc::default(),
             clock: GovernorClock(clock),
+            id: crate::intern::instance_id(),
         }
     }
 
@@ -205,14 +224,31 @@ impl LocalBuckets {
         // Limiters are never removed: the one in place now stays.
         self.limiters.load().get(&shape).cloned().unwrap_or(made)
     }
+
+    /// Checks one token of `key`'s bucket with the limiter of `shape`, through the thread's cache
+    /// of the limiters.
+    fn check(
+        &self,
+        key: u64,
+        shape: u64,
+    ) -> Option<Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>> {
+        LIMITERS.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            let (_, limiters) = match &mut *cached {
+                Some(c) if c.0 == self.id => c,
+                other => other.insert((self.id, arc_swap::Cache::new(Arc::clone(&self.limiters)))),
+            };
+            limiters.load().get(&shape).map(|l| l.check_key(&(key, shape)))
+        })
+    }
 }
 
 impl BucketStore for LocalBuckets {
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
         use governor::clock::Clock as _;
         let shape = shape(limit, depth);
-        let checked = match self.limiters.load().get(&shape) {
-            Some(l) => l.check_key(&(key, shape)),
+        let checked = match self.check(key, shape) {
+            Some(checked) => checked,
             None => self.limiter(shape, limit, depth).check_key(&(key, shape)),
         };
         match checked {
@@ -443,6 +479,30 @@ families = ["face_body"]
         buckets.refund(key, 4, 4);
         let admitted = (0..10).filter(|_| matches!(buckets.admit(key, 4, 4), Admit::Allowed { .. })).count();
         assert_eq!(admitted, 4);
+    }
+
+    /// The thread's cache of limiters belongs to one instance: another instance on the same
+    /// thread, with the same shapes, checks its own buckets (with its own clock); and a shape
+    /// another thread met first is used here as it is.
+    #[test]
+    fn each_instance_checks_its_own_buckets_through_the_threads_cache() {
+        let clock = ManualClock::at("2026-11-01T00:00:00Z");
+        let (a, b) = (LocalBuckets::new(clock.clone()), LocalBuckets::new(clock.clone()));
+        let key = crate::intern::pair(4, 4);
+        assert!(matches!(a.admit(key, 1, 1), Admit::Allowed { .. }));
+        assert!(matches!(a.admit(key, 1, 1), Admit::Throttled { .. }));
+        assert!(matches!(b.admit(key, 1, 1), Admit::Allowed { .. }), "b's bucket is not a's");
+        assert!(matches!(a.admit(key, 1, 1), Admit::Throttled { .. }), "and a's is still empty");
+        assert!(matches!(b.admit(key, 1, 1), Admit::Throttled { .. }));
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(a.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 }));
+        });
+        assert_eq!(a.admit(key, 3, 3), Admit::Allowed { remaining: 1, reset_secs: 1 });
+        assert_eq!(b.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 });
+        let other = LocalBuckets::new(ManualClock::at("2026-11-01T00:00:00Z"));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(other.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 });
+        assert_eq!(a.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 }, "a's clock moved 1 s");
     }
 
     #[test]
