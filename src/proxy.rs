@@ -5,9 +5,9 @@
 //! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
 //! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
 
+use quanta::Instant;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};

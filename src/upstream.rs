@@ -373,7 +373,7 @@ pub struct RawConn {
 #[derive(Default)]
 struct RawPool {
     authority: Option<Authority>,
-    idle: Vec<(RawConn, Instant)>,
+    idle: Vec<(RawConn, quanta::Instant)>,
 }
 
 thread_local! {
@@ -394,7 +394,7 @@ impl Upstream {
                 p.idle.clear();
                 p.authority = Some(authority.clone());
             }
-            let now = Instant::now();
+            let now = quanta::Instant::now();
             let stale = p.idle.iter().take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT).count();
             p.idle.drain(..stale);
             while let Some((mut c, _)) = p.idle.pop() {
@@ -419,7 +419,7 @@ impl Upstream {
             let mut p = p.borrow_mut();
             if same(p.authority.as_ref(), authority) && p.idle.len() < MAX_IDLE && c.len == 0 {
                 c.buf.truncate(RAW_BUF.max(c.buf.len().min(64 * 1024)));
-                p.idle.push((c, Instant::now()));
+                p.idle.push((c, quanta::Instant::now()));
             }
         });
     }
