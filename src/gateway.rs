@@ -45,7 +45,9 @@ impl Control {
 
 /// Everything the listeners share.
 pub struct Gateway {
-    pub snapshot: ArcSwap<Snapshot>,
+    /// In an `Arc` so that each thread's [`arc_swap::Cache`] of it can hold it (see
+    /// [`Gateway::request_snapshot`]).
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub billing: Arc<Billing>,
     /// The store backend the request path awaits (the billing engine's local store).
@@ -146,7 +148,7 @@ impl Gateway {
         };
         let gw = Arc::new(Gateway {
             generation: AtomicU64::new(snapshot.generation),
-            snapshot: ArcSwap::from_pointee(snapshot),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             metrics,
             stores: billing.stores().clone(),
             billing,
@@ -241,23 +243,36 @@ impl SnapshotHandle {
     }
 }
 
+/// A thread's cache of one gateway's snapshot.
+type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
+
 thread_local! {
-    /// This thread's handle to the snapshot it served last. An idle thread keeps an older
-    /// snapshot alive until its next request.
-    static SNAPSHOT: std::cell::RefCell<Option<Arc<SnapshotHandle>>> = const { std::cell::RefCell::new(None) };
+    /// This thread's cache of the gateway's `ArcSwap` and its handle to the snapshot it served
+    /// last. An idle thread keeps an older snapshot alive until its next request.
+    static SNAPSHOT: std::cell::RefCell<Option<(SnapshotCache, Arc<SnapshotHandle>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl Gateway {
-    /// The snapshot being served, for one request (the one `ArcSwap` load of the request).
+    /// The snapshot being served, for one request (the one `ArcSwap` load of the request),
+    /// through the thread's `arc_swap::Cache`: it reads one pointer to see that no reload
+    /// came, where a plain load writes a debt slot and takes it back (two atomic
+    /// read-modify-writes).
     pub fn request_snapshot(&self) -> Arc<SnapshotHandle> {
-        let current = self.snapshot.load();
         SNAPSHOT.with(|h| {
             let mut h = h.borrow_mut();
-            match &*h {
-                Some(handle) if Arc::ptr_eq(&handle.0, &current) => handle.clone(),
-                _ => {
-                    let handle = Arc::new(SnapshotHandle(arc_swap::Guard::into_inner(current)));
-                    *h = Some(handle.clone());
+            match &mut *h {
+                Some((cache, handle)) if std::ptr::eq(cache.arc_swap(), &*self.snapshot) => {
+                    let current = cache.load();
+                    if !Arc::ptr_eq(&handle.0, current) {
+                        *handle = Arc::new(SnapshotHandle(Arc::clone(current)));
+                    }
+                    handle.clone()
+                }
+                other => {
+                    let mut cache = arc_swap::Cache::new(Arc::clone(&self.snapshot));
+                    let handle = Arc::new(SnapshotHandle(Arc::clone(cache.load())));
+                    *other = Some((cache, handle.clone()));
                     handle
                 }
             }

@@ -589,6 +589,41 @@ mod tests {
         let _ = gw.billing.close(std::time::Duration::from_secs(5));
     }
 
+    /// Each thread caches the snapshot it served last: two gateways served by one thread each
+    /// answer from their own snapshot, and a reload reaches the next call.
+    #[tokio::test(flavor = "current_thread")]
+    async fn two_gateways_on_one_thread_answer_from_their_own_snapshots() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let gateway = |name: &str, ents: String| {
+            let texts = Texts::in_memory(main_toml(&dir.path().join(name)), EMBEDDED_CATALOG, ents);
+            let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+            Gateway::new(texts, snap, ConfigSource::Embedded, None, ManualClock::at("2026-11-10T00:00:00Z"))
+                .expect("gateway")
+        };
+        let a = gateway("a", ents(&[tenant("acme", "")]));
+        let b = gateway("b", ents(&[tenant("globex", "")]));
+        for _ in 0..2 {
+            assert_eq!(call(&a, "acme", "/v1/ocr/license-plate"), None);
+            assert_eq!(call(&b, "acme", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+            assert_eq!(call(&b, "globex", "/v1/ocr/license-plate"), None);
+            assert_eq!(call(&a, "globex", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+        }
+        let both = Texts::in_memory(
+            main_toml(&dir.path().join("a")),
+            EMBEDDED_CATALOG,
+            ents(&[tenant("acme", ""), tenant("globex", "")]),
+        );
+        {
+            let mut ctl = a.control.lock().await;
+            a.publish(&mut ctl, both, "test").await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(call(&a, "globex", "/v1/ocr/license-plate"), None, "the reload, at the next call");
+        assert_eq!(call(&b, "acme", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+        for gw in [a, b] {
+            let _ = gw.billing.close(std::time::Duration::from_secs(5));
+        }
+    }
+
     const MAIN: &str = "[server]\nupstream = \"http://127.0.0.1:1\"\n";
     const SMALL_CATALOG: &str = r#"
 currency = "CNY"
