@@ -2,8 +2,9 @@
 //! settle. Refusals are [`ApiError`]s; their status, code and outcome come from one table
 //! ([`ApiError::refusal`]).
 //!
-//! The decision runs synchronously under one `ArcSwap` guard and yields a small owned
-//! [`Forward`]; the guard is dropped before any await, so a reload never waits on a request.
+//! The decision reads the snapshot once ([`crate::gateway::Gateway::request_snapshot`]: the
+//! thread's handle, no lock) and yields a small owned [`Forward`] that keeps that handle; a reload
+//! swaps the snapshot in and never waits on a request.
 
 use quanta::Instant;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

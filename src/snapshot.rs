@@ -151,8 +151,9 @@ impl Snapshot {
 /// Whether two API keys are equal, in a time that depends on their lengths only: the thread's
 /// last key may be another tenant's, and a comparison that stops at the first differing byte
 /// would tell a caller how much of it they guessed. A length is no secret (a key's length says
-/// nothing of its bytes). Eight bytes at a time (the last 0-7 one by one), each step's difference through `black_box` so
-/// that the compiler cannot stop early; the verdict through `subtle`, as the admin token's.
+/// nothing of its bytes). Eight bytes at a time (the last 0-7 one by one), each step's
+/// difference through `black_box` so that the compiler cannot stop early; the verdict through
+/// `subtle`, as the admin token's.
 /// (`subtle`'s own slice comparison takes ~15 instructions a byte: ~600 for a 40-byte key.)
 fn same_key(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -263,7 +264,12 @@ mod tests {
         /// `same_key` is `==`: for keys of 0-80 bytes, equal ones, ones that differ in one
         /// byte (anywhere, a word's last byte included), and ones of another length.
         #[test]
-        fn same_key_is_equality(a in proptest::collection::vec(proptest::num::u8::ANY, 0..80), at in 0usize..80, flip in 1u8..=255, other in proptest::collection::vec(proptest::num::u8::ANY, 0..80)) {
+        fn same_key_is_equality(
+            a in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            at in 0usize..80,
+            flip in 1u8..=255,
+            other in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+        ) {
             proptest::prop_assert!(same_key(&a, &a.clone()));
             if !a.is_empty() {
                 let mut b = a.clone();
