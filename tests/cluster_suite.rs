@@ -849,8 +849,9 @@ async fn deny(mut redis: Redis) {
     }
     // Down: connections refused.
     let before = consumed(&mut redis);
-    let owner_port = redis.owner(&owner_key).port;
-    redis.owner(&owner_key).kill9();
+    let owner = redis.owner(&owner_key);
+    let owner_port = owner.port;
+    owner.kill9();
     check_down("killed").await;
     let errors = metric_sum(&c, &reps, "turnstile_store_errors_total", &[]).await;
     assert!(errors >= 12.0, "store errors counted: {errors}");
@@ -913,8 +914,9 @@ async fn local_fallback(mut redis: Redis) {
     }
     settles_to(&mut redis, 6 * MICRO).await;
 
-    let owner_port = redis.owner(&owner_key).port;
-    redis.owner(&owner_key).kill9();
+    let owner = redis.owner(&owner_key);
+    let owner_port = owner.port;
+    owner.kill9();
     // Fallback: every replica serves and charges locally.
     let mut fallback_paid = 0;
     for g in reps.live() {
@@ -1017,8 +1019,8 @@ async fn owner_is_the_node_that_serves_the_slot_while_the_others_say_clusterdown
         return;
     };
     let key = format!("{PREFIX}:{{acme}}:p:{PKG}");
-    let owner_port = redis.owner(&key).port;
-    let pid = redis.owner(&key).pid().expect("running");
+    let owner = redis.owner(&key);
+    let (owner_port, pid) = (owner.port, owner.pid().expect("running"));
     signal(pid, "STOP");
     // Until another node has marked the owner failing (node timeout 2 s).
     let deadline = Instant::now() + Duration::from_secs(10);
