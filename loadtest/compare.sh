@@ -12,6 +12,8 @@
 #   PROFILE=1 loadtest/compare.sh                         # then one more wrk run per proxy under perf
 #   SYSCALLS=1 loadtest/compare.sh                        # then one more wrk run per proxy: system calls per request
 #   TURNSTILE_BIN_B=/tmp/new/turnstile loadtest/compare.sh  # adds peer turnstile-b: before/after in the same rounds
+#   LEDGER_B='flush_interval_ms = 20' loadtest/compare.sh   # turnstile-b: the same build with these [ledger] lines
+#                                                           # (`dir = "/dev/shm/x"`: its ledger on tmpfs; use a new folder)
 #
 # LAYOUT (issue 14):
 #   own-core    (default) the proxy under test ALONE on core 1; load generator and upstream on core 0.
@@ -76,6 +78,7 @@ BIN=${TURNSTILE_BIN:-$ROOT/target/$BUILD/turnstile}
 [ -x "$BIN" ] && [ -z "${REBUILD:-}" ] || cargo build --profile "$BUILD" --locked --bin turnstile
 BIN=$(readlink -f "$BIN")
 BIN_B=${TURNSTILE_BIN_B:+$(readlink -f "$TURNSTILE_BIN_B")}   # optional second build, measured in the same rounds
+LEDGER_B=${LEDGER_B:-}; [ -n "$LEDGER_B$BIN_B" ] && BIN_B=${BIN_B:-$BIN}   # or the same build with other ledger settings
 
 PIDS=()
 stop() { # pid...: TERM, then KILL after 5 s, then reap
@@ -223,6 +226,22 @@ for w in $WORKLOAD; do
     [ "$peer" = turnstile-b ] && bin=$BIN_B && port=$((TS_PORT + 2)) && admin=$((TS_ADMIN + 2))
     mkdir -p "$d/$peer"
     sed -e "s/:$TS_PORT\"/:$port\"/" -e "s/:$TS_ADMIN\"/:$admin\"/" "$d/tmpl/turnstile.toml" > "$d/$peer/turnstile.toml"
+    # A key given twice is a TOML error: LEDGER_B's lines replace the template's lines of the same keys.
+    [ "$peer" = turnstile-b ] && [ -n "$LEDGER_B" ] && python3 - "$d/$peer/turnstile.toml" "$LEDGER_B" <<'PY'
+import re, sys
+path, extra = sys.argv[1], sys.argv[2]
+keys = {l.split("=")[0].strip() for l in extra.splitlines() if "=" in l}
+out, section = [], None
+for line in open(path).read().splitlines():
+    m = re.match(r"\[(\w+)\]", line)
+    section = m.group(1) if m else section
+    if section == "ledger" and "=" in line and line.split("=")[0].strip() in keys:
+        continue
+    out.append(line)
+    if line == "[ledger]":
+        out.extend(extra.splitlines())
+open(path, "w").write("\n".join(out) + "\n")
+PY
     cp "$d/tmpl/catalog.toml" "$d/tmpl/entitlements.json" "$d/$peer/"
     (cd "$d/$peer" && exec taskset -c "$PROXY_CPU" env -u TURNSTILE_ADMIN_TOKEN "$bin" serve --config turnstile.toml) > "$d/$peer.out" 2>&1 &
     PIDS+=($!); TS_PIDS+=($!); PIDS_OF[$peer]=$!; PORT_OF[$peer]=$port; ADMIN_OF[$peer]=$admin
