@@ -1,6 +1,6 @@
 //! The admission decision (issue 7): one snapshot load, the key lookup, the route, the limit and
-//! one GCRA check, on one thread, on two threads contending for one key, and spread over 100,000
-//! keys; plus the request path without its sockets: the whole decision (`proxy::decide`: also the
+//! one GCRA check, on one thread (with a short and a 40-byte key), on two threads contending for
+//! one key, and spread over 100,000 keys; plus the request path without its sockets: the whole decision (`proxy::decide`: also the
 //! payer) and the decision followed by the settlement of a 2xx (`proxy::settle_now`).
 //!
 //! Run: `cargo bench --bench admission`.
@@ -51,6 +51,16 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let mut cache = SnapCache::new(snap.clone());
     g.bench_function("one_key_one_thread", |b| b.iter(|| admit(&mut cache, &buckets, &clock, &keys[0])));
+    // The same with a 40-byte key, as issued API keys are (the bench's other keys are 5-9 bytes):
+    // the thread's last key is compared with the call's in constant time, eight bytes a step.
+    let long_key = |i: usize| format!("tsk_live_{i:031}");
+    let long = Arc::new(ArcSwap::from_pointee(
+        build(&common::texts_keyed(1, dir.path(), long_key), 1).unwrap_or_else(|e| panic!("{e}")),
+    ));
+    let (mut long_cache, long_buckets, key) =
+        (SnapCache::new(long), LocalBuckets::new(clock.clone()), long_key(0).into_bytes());
+    assert_eq!(key.len(), 40);
+    g.bench_function("one_40_byte_key_one_thread", |b| b.iter(|| admit(&mut long_cache, &long_buckets, &clock, &key)));
     let mut i = 0usize;
     g.bench_function("100k_keys_one_thread", |b| {
         b.iter(|| {

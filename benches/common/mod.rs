@@ -10,12 +10,17 @@ use turnstile::server::Gateway;
 /// `/v1/infer`, license plates, is paid pay-as-you-go); a default limit no benchmark reaches; the
 /// ledger in `ledger`.
 pub fn texts(tenants: usize, ledger: &std::path::Path) -> Texts {
+    texts_keyed(tenants, ledger, |i| format!("key-{i}"))
+}
+
+/// [`texts`], tenant `t<i>`'s API key being `key(i)`.
+pub fn texts_keyed(tenants: usize, ledger: &std::path::Path, key: impl Fn(usize) -> String) -> Texts {
     let mut ents = String::from("{\"tenants\": {");
     for i in 0..tenants {
         if i > 0 {
             ents.push(',');
         }
-        let key = turnstile::hash_key(&format!("key-{i}"));
+        let key = turnstile::hash_key(&key(i));
         ents.push_str(&format!(r#""t{i}": {{"api_keys": ["{key}"], "services": ["text_recognition"]}}"#));
     }
     ents.push_str("}}");
