@@ -1,7 +1,8 @@
 //! The admission decision (issue 7): one snapshot load, the key lookup, the route, the limit and
 //! one GCRA check, on one thread (with a short and a 40-byte key), on two threads contending for
-//! one key, and spread over 100,000 keys; plus the request path without its sockets: the whole decision (`proxy::decide`: also the
-//! payer) and the decision followed by the settlement of a 2xx (`proxy::settle_now`).
+//! one key, and spread over 100,000 keys; plus the request path without its sockets: the whole
+//! decision (`proxy::decide`: also the payer) and the decision followed by the settlement of a
+//! 2xx (`proxy::settle_now`).
 //!
 //! Run: `cargo bench --bench admission`.
 
