@@ -183,11 +183,11 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
         head.count = i + 1;
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         if is("content-length") {
-            let digits = value.trim_ascii();
-            if length.is_some() || digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
-                return Parsed::HandOff;
+            // Not a length this path frames (several, malformed, past `usize`): hyper's to refuse.
+            match (length, crate::http_util::content_length(value).and_then(|n| usize::try_from(n).ok())) {
+                (None, Some(n)) => length = Some(n),
+                _ => return Parsed::HandOff,
             }
-            length = std::str::from_utf8(digits).ok().and_then(|d| d.parse::<usize>().ok());
         } else if is("transfer-encoding") || is("expect") || is("upgrade") || is("te") || is("trailer") {
             return Parsed::HandOff;
         } else if is("connection") {
@@ -688,8 +688,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
     for f in resp.headers.iter() {
         let (name, value) = (f.name.as_bytes(), f.value);
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
-            match (length, n) {
+            match (length, crate::http_util::content_length(value)) {
                 (None, Some(n)) => length = Some(n),
                 (Some(a), Some(b)) if a == b => {}
                 _ => return Err(ApiError::UpstreamUnavailable),
@@ -1272,6 +1271,15 @@ mod tests {
         );
         assert_eq!(framing(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false), Some((Framing::Length(0), false)));
         assert!(framing(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_none());
+        // RFC 9110 §8.6: `Content-Length = 1*DIGIT`; Rust's `u64::from_str` also takes a `+`.
+        for bad in ["+2", "-0", "0x2", "2 2", "", "18446744073709551616"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\nok");
+            assert!(framing(raw.as_bytes(), false).is_none(), "Content-Length: {bad:?}");
+        }
+        assert_eq!(
+            framing(b"HTTP/1.1 200 OK\r\nContent-Length:  007 \r\n\r\n", false),
+            Some((Framing::Length(7), true))
+        );
         assert!(matches!(
             parse_response(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n", false, &mut Vec::new()),
             Ok(RespParsed::Interim(37))

@@ -29,6 +29,22 @@ pub fn hop_by_hop(name: &[u8]) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// A `Content-Length` value: `1*DIGIT` (RFC 9110 §8.6) within optional whitespace, and within
+/// `u64`. Not `u64::from_str`, which also takes a leading `+` that a client or another proxy
+/// would read differently.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
 /// The one JSON error shape, with its status and the headers that go with the refusal.
 pub fn error_response(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<ProxyBody> {
     let mut resp = Response::new(Either::Left(Full::new(e.body())));
@@ -71,4 +87,49 @@ pub fn write_into<'a>(buf: &'a mut [u8], args: std::fmt::Arguments<'_>) -> &'a [
     let _ = rest.write_fmt(args);
     let written = len - rest.len();
     &buf[..written]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_length;
+
+    #[test]
+    fn a_content_length_is_digits_only() {
+        assert_eq!(content_length(b"0"), Some(0));
+        assert_eq!(content_length(b" \t007 "), Some(7));
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b" ",
+            b"+1",
+            b"-1",
+            b"1 1",
+            b"1,1",
+            b"0x1",
+            b"1e3",
+            b"18446744073709551616",
+            "\u{663}".as_bytes(),
+        ] {
+            assert_eq!(content_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes: a number exactly when they are digits (after trimming) that fit.
+        #[test]
+        fn content_length_is_the_digits_value(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)) {
+            let trimmed = value.trim_ascii();
+            let expected = if !trimmed.is_empty() && trimmed.iter().all(u8::is_ascii_digit) {
+                std::str::from_utf8(trimmed).ok().and_then(|t| t.parse::<u64>().ok())
+            } else {
+                None
+            };
+            proptest::prop_assert_eq!(content_length(&value), expected);
+        }
+
+        #[test]
+        fn every_u64_reads_back(n in proptest::prelude::any::<u64>()) {
+            proptest::prop_assert_eq!(content_length(n.to_string().as_bytes()), Some(n));
+        }
+    }
 }

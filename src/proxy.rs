@@ -308,8 +308,7 @@ fn route<'a, H: HeadView + ?Sized>(
             });
         }
     }
-    let declared_len =
-        headers.header("content-length").and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared_len = headers.header("content-length").and_then(crate::http_util::content_length);
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
         return refuse(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
     }

@@ -107,6 +107,7 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 r.extend((0..BIG).map(|i| (i % 251) as u8));
                 r
             }
+            "signed" => b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -320,6 +321,25 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
     assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"));
     assert!(r.header("ratelimit").is_some() && r.header("x-turnstile-payer").is_some(), "{}", r.head);
     assert_eq!(billed(&gw2).await, 0.0, "not charged");
+}
+
+/// A length the upstream signs (`+2`: `u64::from_str` takes it, RFC 9110's `1*DIGIT` does not)
+/// is a broken answer, on either path: 502, not charged, and never relayed for the client to
+/// frame some other way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_upstream_content_length_reads_502_and_is_not_charged() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in [
+        ("fast path", get("/v1/raw/signed")),
+        ("hyper", "GET /v1/raw/signed HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"), "{path}: {}", r.head);
+    }
+    assert_eq!(billed(&gw).await, 0.0, "not charged");
 }
 
 /// Every refusal of the decision reads the same from the fast path (`src/h1.rs` writes it) as
