@@ -18,15 +18,13 @@ use turnstile::config::ConfigSource;
 use turnstile::proxy::{decide_now as decide, Decision};
 use turnstile::server::Gateway;
 use turnstile::snapshot::build;
-use turnstile::snapshot::Snapshot;
+// A thread's cache of the snapshot's `ArcSwap`, as `Gateway::request_snapshot` keeps one.
+use turnstile::gateway::SnapshotCache as SnapCache;
 
 mod common;
 use common::{decide_and_settle, head, texts};
 
 const KEYS: usize = 100_000;
-
-/// A thread's cache of the snapshot's `ArcSwap`, as `Gateway::request_snapshot` keeps one.
-type SnapCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
 
 /// Snapshot load (through the thread's cache), identify (verified-key lookup), route, limit,
 /// GCRA: the admission decision.

@@ -243,8 +243,8 @@ impl SnapshotHandle {
     }
 }
 
-/// A thread's cache of one gateway's snapshot.
-type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
+/// A thread's cache of one gateway's snapshot (the admission bench reads through one too).
+pub type SnapshotCache = arc_swap::Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>;
 
 thread_local! {
     /// This thread's cache of the gateway's `ArcSwap` and its handle to the snapshot it served
