@@ -6,7 +6,8 @@
 //! trailing `/` (also one left by a final `.` or `..`) is kept, since `/a/` and `/a` may be
 //! different resources. It refuses, as [`BadPath`], what no spelling of a plain path needs: an
 //! encoded `/` or `\`, a bare `\`, a byte outside RFC 3986's `pchar` set, a `%` not followed by two
-//! hex digits, and anything that does not start with `/`.
+//! hex digits, a dot-segment with `;` parameters (`..;`, `.;`: see [`BadPath::DotSegmentParams`]),
+//! and anything that does not start with `/`.
 //!
 //! The output is a fixed point: normalizing it again returns it unchanged, and borrowed. Already
 //! normal paths (nearly every request) are checked in one pass over their bytes and returned as
@@ -29,6 +30,16 @@ pub enum BadPath {
     InvalidByte,
     #[error("it has a % that is not followed by two hex digits")]
     InvalidEscape,
+    #[error("it has a dot-segment with parameters (`.;` or `..;`), which servers that strip `;` parameters read as `.` or `..`")]
+    DotSegmentParams,
+}
+
+/// `.;…` or `..;…`: a segment that RFC 3986 keeps as a name, but that servers which strip `;`
+/// parameters from each segment before resolving dot-segments (Tomcat, Spring) read as `.` or
+/// `..`. `/v1/detect/..;/face/compare` would be routed and billed as object detection and served
+/// as face comparison by such an upstream, so it is refused instead.
+fn dot_segment_with_params(seg: &[u8]) -> bool {
+    seg.starts_with(b".;") || seg.starts_with(b"..;")
 }
 
 /// RFC 3986 `unreserved`: decoded wherever it appears as an escape.
@@ -91,7 +102,7 @@ fn is_normal(p: &[u8]) -> bool {
         if i == p.len() || p[i] == b'/' {
             let seg = &p[seg_start..i];
             // An empty segment is normal only as the last one (a trailing `/`).
-            if (seg.is_empty() && i < p.len()) || seg == b"." || seg == b".." {
+            if (seg.is_empty() && i < p.len()) || seg == b"." || seg == b".." || dot_segment_with_params(seg) {
                 return false;
             }
             seg_start = i + 1;
@@ -162,6 +173,7 @@ fn normalize_slow(p: &[u8]) -> Result<String, BadPath> {
                 }
                 trailing = true;
             }
+            s if dot_segment_with_params(s.as_bytes()) => return Err(BadPath::DotSegmentParams),
             s => {
                 out.push('/');
                 out.push_str(s);
@@ -188,7 +200,18 @@ mod tests {
 
     #[test]
     fn normal_paths_are_borrowed() {
-        for p in ["/", "/v1/face/compare", "/v1/detect/", "/a%20b/%3A", "/a/.../b", "/a/.b/c..", "/~user/x-y_z"] {
+        for p in [
+            "/",
+            "/v1/face/compare",
+            "/v1/detect/",
+            "/a%20b/%3A",
+            "/a/.../b",
+            "/a/.b/c..",
+            "/~user/x-y_z",
+            "/a;b/c",
+            "/a/...;x",
+            "/a/x..;/b",
+        ] {
             assert!(matches!(normalize(p), Ok(Cow::Borrowed(q)) if q == p), "{p}");
         }
     }
@@ -257,6 +280,11 @@ mod tests {
             ("/a?b", InvalidByte),
             ("/a#b", InvalidByte),
             ("/é", InvalidByte),
+            ("/v1/detect/..;/face/compare", DotSegmentParams),
+            ("/v1/detect/..;x=1/face/compare", DotSegmentParams),
+            ("/v1/detect/%2e%2E;/face/compare", DotSegmentParams),
+            ("/a/.;/b", DotSegmentParams),
+            ("/a/..;", DotSegmentParams),
         ] {
             assert_eq!(n(p), Err(why), "{p:?}");
         }
@@ -276,7 +304,7 @@ mod tests {
 
     /// Any string of path-ish bytes, valid or not.
     fn any_path() -> impl Strategy<Value = String> {
-        proptest::string::string_regex(r"/?([a-zA-Z0-9./%\\_~:@!-]|%[0-9a-fA-F]{2}|\.\.|//){0,24}").unwrap()
+        proptest::string::string_regex(r"/?([a-zA-Z0-9./%\\_~:@!;-]|%[0-9a-fA-F]{2}|\.\.|//){0,24}").unwrap()
     }
 
     /// A path in normal form: segments of plain characters and reserved escapes, maybe a

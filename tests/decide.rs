@@ -165,6 +165,12 @@ async fn encoded_separators_and_non_origin_form_targets_get_400_bad_path() {
         b"/v1/detect/%4",
         b"/v1/detect/%",
         b"/v1/detect/%%32%65",
+        // Dot-segments with `;` parameters, which Tomcat-like upstreams read as `..`: routed as
+        // object detection, they would be served as face comparison.
+        b"/v1/detect/..;/face/compare",
+        b"/v1/detect/..;a=b/face/compare",
+        b"/v1/detect/%2e%2e;/face/compare",
+        b"/v1/detect/.;/x",
         // Bytes outside RFC 3986 that hyper passes on (valid UTF-8, and a few ASCII ones).
         b"/v1/detect/\xc3\xa9",
         b"/v1/detect/a\"b",
