@@ -165,8 +165,8 @@ pub enum UploadError {
 }
 
 /// A request body on its way upstream: at most `limit` bytes, and never more than `idle` waiting
-/// for the client's next bytes. The time the upstream takes to accept bytes does not count:
-/// the clock runs only while this body waits on the client.
+/// for the client's next bytes; its trailers, if any, are not passed on. The time the upstream
+/// takes to accept bytes does not count: the clock runs only while this body waits on the client.
 pub struct Upload {
     body: Option<Incoming>,
     limit: u64,
@@ -237,6 +237,13 @@ impl Body for Upload {
         let Some(body) = this.body.as_mut() else { return Poll::Ready(None) };
         this.polled = true;
         match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                // Request trailers end the upload here: they could carry what the gateway
+                // removes from the head (the API key, `x-turnstile-*`: SPEC §4), and an HTTP/1.1
+                // upstream never gets them either.
+                this.body = None;
+                Poll::Ready(None)
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 this.waiting = false;
                 this.read += frame.data_ref().map_or(0, |d| d.len() as u64);

@@ -288,3 +288,60 @@ async fn http1_and_http2_share_the_tenant_port() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
+
+/// An HTTP/2 upstream that answers each request with the names of the request trailers it
+/// received, comma-separated, as its body.
+async fn trailer_reporting_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async {
+                    let collected = req.into_body().collect().await.map_err(std::io::Error::other)?;
+                    let mut names: Vec<String> =
+                        collected.trailers().map_or(Vec::new(), |t| t.keys().map(|k| k.to_string()).collect());
+                    names.sort();
+                    Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from(names.join(",")))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client's request trailers do not reach an HTTP/2 upstream, as they never reach an
+/// HTTP/1.1 one: they could carry what the gateway removes from the head (SPEC §4: the API key,
+/// `x-turnstile-*`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_do_not_reach_an_h2c_upstream() {
+    type Frames = std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::io::Error>>;
+    type Streamed = http_body_util::StreamBody<tokio_stream::Iter<Frames>>;
+    let up = trailer_reporting_upstream().await;
+    let cfg = ConfigDir::new(
+        &main_toml(&format!("http://{up}"), "upstream_protocol = \"h2c\"\n", "[admission]\ndefault_qps = 100\n"),
+        &catalog(),
+        &tenants(),
+    );
+    let gw = Gateway::start(&cfg);
+    let h2: hyper_util::client::legacy::Client<_, Streamed> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-turnstile-tenant", http::HeaderValue::from_static("globex"));
+    trailers.insert("x-api-key", http::HeaderValue::from_static("key-acme"));
+    trailers.insert("x-note", http::HeaderValue::from_static("kept?"));
+    let frames = vec![Ok(http_body::Frame::data(Bytes::from_static(b"{}"))), Ok(http_body::Frame::trailers(trailers))];
+    let req = http::Request::post(gw.url("/v1/ocr/license-plate"))
+        .header("x-api-key", "key-acme")
+        .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+        .expect("request");
+    let resp = h2.request(req).await.expect("HTTP/2 response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(String::from_utf8_lossy(&body), "", "request trailers reached the upstream");
+}
