@@ -45,8 +45,11 @@ use crate::upstream::{RawConn, UpstreamError};
 pub const MAX_HEAD: usize = 16 * 1024;
 /// The longest request body this path forwards (read with its head, sent in the same write).
 pub const MAX_BODY: usize = 64 * 1024;
-/// The most header fields a request or an upstream response may have here.
+/// The most header fields a request may have here.
 pub const MAX_HEADERS: usize = 64;
+/// The most header fields an upstream response may have (hyper's client's limit: the same
+/// answer reads the same on both paths).
+const MAX_RESPONSE_HEADERS: usize = 100;
 /// The longest upstream response head read (a longer one is a 502, as with hyper's client).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// HTTP/2's connection preface (RFC 9113 §3.4).
@@ -203,6 +206,10 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
                 return Parsed::HandOff;
             }
         } else if is("host") {
+            if head.has_host {
+                // RFC 9112 §3.2: a 400, which hyper's path answers.
+                return Parsed::HandOff;
+            }
             head.has_host = true;
         }
     }
@@ -661,7 +668,7 @@ const MAX_LISTED: usize = 8;
 /// ones, those its `Connection` lists, a `Content-Length` beside a `Transfer-Encoding` (RFC 9112
 /// §6.3), and the fields the gateway sets itself (the rate-limit fields, `x-turnstile-payer`).
 fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<RespParsed, ApiError> {
-    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let head_len =
         match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
@@ -670,6 +677,10 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
             Err(_) => return Err(ApiError::UpstreamUnavailable),
         };
     let code = resp.code.unwrap_or(0);
+    if code < 100 {
+        // Not a status code (RFC 9110 §15: 100 to 599; hyper's client refuses under 100).
+        return Err(ApiError::UpstreamUnavailable);
+    }
     if (100..200).contains(&code) {
         // 101 would switch protocols, which was not asked for.
         return if code == 101 { Err(ApiError::UpstreamUnavailable) } else { Ok(RespParsed::Interim(head_len)) };
@@ -682,7 +693,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
         has_date: false,
         usage: [None; USAGE_FIELDS.len()],
     };
-    let (mut length, mut chunked, mut coded) = (None, false, false);
+    let (mut length, mut chunked, mut coded, mut other_coding) = (None, false, false, false);
     let mut listed: [&[u8]; MAX_LISTED] = [b""; MAX_LISTED];
     let mut n_listed = 0;
     for f in resp.headers.iter() {
@@ -695,6 +706,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             coded = true;
+            other_coding |= crate::http_util::other_transfer_coding(value);
             // Only the last field counts when there are several (their list, joined, ends there).
             chunked = value
                 .split(|&b| b == b',')
@@ -713,11 +725,20 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
         } else if name.eq_ignore_ascii_case(b"date") {
             head.has_date = true;
         } else if let Some(i) = USAGE_FIELDS.iter().position(|u| name.eq_ignore_ascii_case(u.as_bytes())) {
-            head.usage[i] = Some(span(buf, value));
+            // The first, as the hyper path reads it (`HeaderMap::get`).
+            head.usage[i].get_or_insert(span(buf, value));
         }
     }
     head.framing = if head_request || code == 204 || code == 304 {
         Framing::Empty
+    } else if coded && resp.version == Some(0) {
+        // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (hyper's
+        // client refuses it too).
+        return Err(ApiError::UpstreamUnavailable);
+    } else if coded && other_coding {
+        // A coding the gateway does not undo: relayed without its (hop-by-hop) field, the
+        // client would read the coded bytes as the content.
+        return Err(ApiError::UpstreamUnavailable);
     } else if coded {
         if chunked {
             Framing::Chunked
@@ -1258,8 +1279,10 @@ mod tests {
             framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
             Some((Framing::Chunked, true))
         );
+        assert_eq!(framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false), None);
+        assert_eq!(framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false), None);
         assert_eq!(
-            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false),
+            framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n", false),
             Some((Framing::Close, false))
         );
         assert_eq!(framing(b"HTTP/1.1 200 OK\r\n\r\n", false), Some((Framing::Close, false)));
@@ -1304,6 +1327,45 @@ mod tests {
         assert_eq!(reports.header("x-usage-image-count"), None);
         let many = b"HTTP/1.1 200 OK\r\nConnection: a, b, c, d, e, f, g, h, i\r\nContent-Length: 0\r\n\r\n";
         assert!(parse_response(many, false, &mut out).is_err(), "over MAX_LISTED listed fields: a 502");
+    }
+
+    /// A status code is three digits, 100 to 599 (RFC 9110 §15; hyper's client refuses under
+    /// 100): an upstream's `000` or `099` must be a 502, not relayed as `HTTP/1.1 0`.
+    #[test]
+    fn a_status_under_100_is_not_relayed() {
+        for raw in
+            [&b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n"[..], b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n"]
+        {
+            let mut out = Vec::new();
+            let r = parse_response(raw, false, &mut out);
+            assert!(r.is_err(), "{:?} relayed as {:?}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&out));
+        }
+    }
+
+    /// The settlement reads the same usage report from an upstream answer on both paths: the
+    /// hyper path reads a `HeaderMap` (`HeadView::header`: the first of repeated fields).
+    #[test]
+    fn repeated_usage_reports_read_as_on_the_hyper_path() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-usage-video-ms: 1000\r\n\
+            x-usage-video-ms: 3600000\r\nx-usage-image-count: 5\r\nx-usage-image-count: 999999\r\n\r\n";
+        let Ok(RespParsed::Complete(head)) = parse_response(raw, false, &mut Vec::new()) else { panic!("complete") };
+        let fast = UsageReports { buf: raw, head: &head };
+        let mut map = http::HeaderMap::new();
+        for (n, v) in [
+            ("x-usage-video-ms", "1000"),
+            ("x-usage-video-ms", "3600000"),
+            ("x-usage-image-count", "5"),
+            ("x-usage-image-count", "999999"),
+        ] {
+            map.append(n, http::HeaderValue::from_static(v));
+        }
+        for name in ["x-usage-video-ms", "x-usage-image-count"] {
+            assert_eq!(
+                fast.header(name).map(<[u8]>::to_vec),
+                HeadView::header(&map, name).map(<[u8]>::to_vec),
+                "{name}: the fast path settles on another value than hyper's"
+            );
+        }
     }
 
     proptest::proptest! {

@@ -29,6 +29,17 @@ pub fn hop_by_hop(name: &[u8]) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Whether a `Transfer-Encoding` value lists a coding other than `chunked` (`identity`, a no-op,
+/// aside): one the gateway would lose by dropping the hop-by-hop field while relaying the bytes
+/// still coded (RFC 9112 §6.1).
+pub fn other_transfer_coding(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .any(|t| !t.eq_ignore_ascii_case(b"chunked") && !t.eq_ignore_ascii_case(b"identity"))
+}
+
 /// A `Content-Length` value: `1*DIGIT` (RFC 9110 §8.6) within optional whitespace, and within
 /// `u64`. Not `u64::from_str`, which also takes a leading `+` that a client or another proxy
 /// would read differently.

@@ -206,15 +206,17 @@ impl HeadView for HeaderMap {
     }
 }
 
-/// Returns the API key and whether it came from `Authorization: Bearer`.
+/// Returns the API key and whether `Authorization: Bearer` carries it (then that header is
+/// removed upstream too: SPEC §4), also when the key header carries the same key.
 fn api_key<'a, H: HeadView + ?Sized>(headers: &'a H, name: &HeaderName) -> Option<(&'a [u8], bool)> {
+    let bearer = headers.header("authorization").and_then(crate::http_util::bearer);
     if let Some(v) = headers.header(name.as_str()) {
         let k = v.trim_ascii();
         if !k.is_empty() {
-            return Some((k, false));
+            return Some((k, bearer == Some(k)));
         }
     }
-    headers.header("authorization").and_then(crate::http_util::bearer).map(|k| (k, true))
+    bearer.map(|k| (k, true))
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
@@ -578,6 +580,12 @@ pub fn handle(
 ) -> Handling<impl std::future::Future<Output = Response<TenantBody>> + Send + 'static> {
     let start = Instant::now();
     let grpc = crate::grpc::is_grpc(req.headers());
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        // RFC 9112 §3.2: more than one Host is a 400 (forwarded, the upstream may take either).
+        let e = ApiError::BadRequest("the request has more than one Host field: send exactly one".into());
+        let (resp, body) = (refuse(&e, &[], grpc), req.into_body());
+        return Handling::Done(Some(resp.map(|r| TenantBody::refusal(r, body))));
+    }
     if !transfer_coding_is_chunked_only(req.headers()) {
         // Not counted in turnstile_requests_total, like the 400s hyper answers itself.
         let (resp, body) = (refuse(&ApiError::UnsupportedTransferEncoding, &[], grpc), req.into_body());
@@ -960,6 +968,7 @@ async fn forward(
 async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<Response<ProxyBody>, ApiError> {
     let gw = &conn.gw;
     let s = &fwd.snap.settings;
+    let head_request = req.method() == http::Method::HEAD;
     let (upstream_req, cut_off) = upstream_request(conn, req, fwd)?;
     let sent = Instant::now();
     let result = tokio::time::timeout(s.upstream_timeout, gw.upstream.send(upstream_req)).await;
@@ -982,6 +991,23 @@ async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<Resp
         Ok(Ok(r)) => r,
     };
     let (mut parts, body) = resp.into_parts();
+    let bodiless = head_request || matches!(parts.status.as_u16(), 204 | 304);
+    if !bodiless
+        && parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| crate::http_util::other_transfer_coding(v.as_bytes()))
+    {
+        // A coding not undone here (hyper undoes `chunked` alone): relayed without its
+        // hop-by-hop field, the client would read the coded bytes as the content.
+        return Err(ApiError::UpstreamUnavailable);
+    }
+    // RFC 9112 §6.3: the coding framed the body, not the length (hyper's client keeps the field,
+    // and hyper's server would frame the relayed body by it).
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Either::Right(body)))
 }
@@ -1067,6 +1093,12 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bear"));
         assert!(api_key(&h, &name).is_none());
         h.insert(name.clone(), HeaderValue::from_static("k2"));
+        assert_eq!(api_key(&h, &name), Some((&b"k2"[..], false)));
+        // The key in both headers: `Authorization` carries it too, so it is removed upstream.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k2"));
+        assert_eq!(api_key(&h, &name), Some((&b"k2"[..], true)));
+        // Another token beside the key header is not the key: it stays the upstream's.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer upstream-token"));
         assert_eq!(api_key(&h, &name), Some((&b"k2"[..], false)));
     }
 

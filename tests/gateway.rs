@@ -368,3 +368,34 @@ async fn a_served_call_is_charged_when_its_client_left_before_the_answer() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(billed(&gw.metrics(&c).await), 3.0);
 }
+
+/// SPEC §4 "Forwarded requests: the API key (header or `Authorization`) is removed": also when
+/// the client sends it both ways at once (`x-api-key` and `Authorization: Bearer`), on the
+/// fast path and on hyper's (`te: trailers` makes the fast path hand the request to hyper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_sent_both_ways_reaches_the_upstream_in_neither() {
+    let (_up, _cfg, gw) = gateway(40, None, "").await;
+    for extra in ["", "te: trailers\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+        let req = format!(
+            "POST /v1/face/compare HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\n\
+             authorization: Bearer key-acme\r\n{extra}content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("answer within 5 s")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 200"), "{extra:?}: {text}");
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let echo: serde_json::Value = serde_json::from_str(body).expect("the upstream's echo");
+        assert_eq!(echo["headers"]["x-turnstile-tenant"], "acme");
+        assert!(
+            !echo["headers"].to_string().contains("key-acme"),
+            "{extra:?}: the API key reached the upstream: {}",
+            echo["headers"]
+        );
+    }
+}

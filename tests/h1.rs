@@ -108,6 +108,23 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 r
             }
             "signed" => b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok".to_vec(),
+            // HTTP/1.0 has no transfer codings (RFC 9112 §6.1): faulty framing.
+            "http10-chunked" => {
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n").await;
+                return;
+            }
+            // 80 fields: under hyper's client's limit (100), over the fast path's (64).
+            "many" => {
+                let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+                for i in 0..80 {
+                    r.extend_from_slice(format!("X-H-{i}: {i}\r\n").as_bytes());
+                }
+                r.extend_from_slice(b"\r\nok");
+                r
+            }
+            "status000" => b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            // A coding the gateway does not undo, under chunked.
+            "gzip-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -403,4 +420,126 @@ async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
             );
         }
     }
+}
+
+/// RFC 9112 §6.1: "A server or client that receives an HTTP/1.0 message containing a
+/// Transfer-Encoding header field MUST treat the message as if the framing is faulty". hyper's
+/// client does (a 502, not charged); the fast path must answer the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_upstream_answer_with_transfer_encoding_is_faulty_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut seen = Vec::new();
+    for (path, request) in [
+        ("fast path", get("/v1/raw/http10-chunked")),
+        (
+            "hyper",
+            "GET /v1/raw/http10-chunked HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into(),
+        ),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        seen.push((path, r.status));
+    }
+    assert_eq!(seen, [("fast path", 502), ("hyper", 502)], "the two paths answer the same");
+    assert_eq!(billed(&gw).await, 0.0, "not charged");
+}
+
+/// RFC 9112 §6.3 (3): an intermediary that forwards a message with both Transfer-Encoding and
+/// Content-Length "MUST first remove the received Content-Length field". The fast path does
+/// (`every_upstream_framing_reaches_the_client_whole`); the hyper path must too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hyper_path_drops_an_upstream_content_length_beside_chunked() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut w = Wire::connect(addr(&gw)).await;
+    let req = "GET /v1/raw/both HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n";
+    w.s.write_all(req.as_bytes()).await.expect("write");
+    let r = w.reply(T).await.expect("a whole answer (hyper path)");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{}", r.head);
+    assert_eq!(r.header("content-length"), None, "never the upstream's stale length: {}", r.head);
+}
+
+/// A transfer coding other than chunked (`gzip, chunked`) is a property of the message
+/// (RFC 9112 §6.1) and `Transfer-Encoding` is hop-by-hop: relayed with the field dropped, the
+/// client reads gzip bytes as the content. Neither path may relay (and charge) it as a plain 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_transfer_coding_other_than_chunked_is_not_silently_dropped() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut relayed = Vec::new();
+    for (path, request) in [
+        ("fast path", get("/v1/raw/gzip-chunked")),
+        (
+            "hyper",
+            "GET /v1/raw/gzip-chunked HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into(),
+        ),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        let coding_kept = r.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("gzip"));
+        if !(r.status == 502 || coding_kept) {
+            relayed.push(format!("{path}: gzip-coded bytes relayed as plain content: {} body {:?}", r.head, r.body));
+        }
+    }
+    assert!(relayed.is_empty(), "{relayed:#?}");
+    assert_eq!(billed(&gw).await, 0.0, "not charged");
+}
+
+/// A status code is three digits from 100 (RFC 9110 §15); hyper's client refuses `000` (a
+/// 502). The fast path must not relay it as `HTTP/1.1 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_status_under_100_reads_502_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut seen = Vec::new();
+    for (path, request) in [
+        ("fast path", get("/v1/raw/status000")),
+        ("hyper", "GET /v1/raw/status000 HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await;
+        seen.push((path, r.map(|r| r.status).map_err(|e| e.chars().take(80).collect::<String>())));
+    }
+    assert_eq!(seen, [("fast path", Ok(502)), ("hyper", Ok(502))]);
+}
+
+/// RFC 9112 §3.2: a server MUST answer 400 to a request "that contains more than one Host
+/// header field line"; a gateway that forwards both lets the upstream pick another host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_fields_are_refused_not_forwarded() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, te) in [("fast path", ""), ("hyper", "TE: trailers\r\n")] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        let req = format!(
+            "GET /v1/raw/echo HTTP/1.1\r\nHost: tenant.example\r\nHost: internal.example\r\n{te}x-api-key: key-globex\r\n\r\n"
+        );
+        w.s.write_all(req.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        assert_eq!(r.status, 400, "{path}: upstream saw {:?}", up.last());
+    }
+}
+
+/// The same upstream answer reads the same on both paths: 80 response fields are within
+/// hyper's client's limit (100), so the hyper path relays and charges the 200; the fast path
+/// must not turn it into a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answer_with_80_fields_reads_the_same_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut seen = Vec::new();
+    for (path, request) in [
+        ("fast path", get("/v1/raw/many")),
+        ("hyper", "GET /v1/raw/many HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        seen.push((path, r.status, billed(&gw).await));
+    }
+    assert_eq!(seen, [("fast path", 200, 1.0), ("hyper", 200, 2.0)]);
 }
