@@ -863,6 +863,10 @@ impl Billing {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
         if crate::alerts::crossed(points, remaining, ratio) && stores.mark_alerted(t, c).await? {
+            if let (Some(r), Stores::Local(_)) = (&self.remote, stores) {
+                // Fired on the fallback: Redis must learn it, or a replica fires it again.
+                r.journal(crate::cluster::Replay::Alert { tenant: t.name.to_string(), package: c.id.to_string() });
+            }
             self.alert_fired(t, c, consumed, ratio, now);
         }
         Ok(())

@@ -58,6 +58,9 @@ pub enum Replay {
     Usage { tenant: String, feature: String, month: String, to: UsageTo, units: i64, cell: String, id: RequestId },
     /// An image count change made locally.
     Images { tenant: String, op: ImageOp, id: RequestId, reported: Option<u64> },
+    /// A low-balance alert fired on the fallback: marked in Redis so that no replica fires it
+    /// again (SPEC §6, §11.3: once in the whole cluster).
+    Alert { tenant: String, package: String },
 }
 
 /// The Redis side of the billing engine.
@@ -189,6 +192,7 @@ impl Remote {
                 let t = TenantKey { name: tenant, local: 0 };
                 self.redis.settle_images(t, *op, *id, *reported).await.map(|_| ())
             }
+            Replay::Alert { tenant, package } => self.redis.alert_once(tenant, package).await.map(|_| ()),
         }
     }
 
@@ -228,6 +232,22 @@ impl Remote {
             tracing::info!(replayed = done, "store reachable again: local charges replayed; back on Redis");
         }
         done
+    }
+}
+
+impl Remote {
+    /// At shutdown: replays what the journal holds if Redis answers now, trying until `wait`
+    /// has passed. Returns the entries still not replayed: charges made on the fallback that
+    /// are in this replica's local ledger only, as the journal is not kept across restarts.
+    pub async fn replay_before_exit(&self, wait: Duration) -> usize {
+        let until = tokio::time::Instant::now() + wait;
+        while self.journal_len() > 0 && tokio::time::Instant::now() < until {
+            let _ = tokio::time::timeout_at(until, self.probe()).await;
+            if self.journal_len() > 0 {
+                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + PROBE_EVERY)).await;
+            }
+        }
+        self.journal_len()
     }
 }
 

@@ -250,6 +250,19 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
             "settlements not acknowledged by Redis at shutdown; those calls are not charged"
         );
     }
+    // Cluster `local` fallback: the charges made on it reach Redis now if it answers again; the
+    // journal is in memory only, so what is left is reported (SPEC §7: log, exit status 1).
+    let unreplayed = match gw.billing.remote() {
+        Some(r) => r.replay_before_exit(CLOSE_WAIT).await,
+        None => 0,
+    };
+    if unreplayed > 0 {
+        tracing::error!(
+            entries = unreplayed,
+            ledger = gw.billing.ledger_name(),
+            "charges made on the local fallback were not replayed to Redis (unreachable); they are in this replica's local ledger only"
+        );
+    }
     // Bounded: a failing disk must not keep SIGTERM from finishing.
     let flushed = gw.billing.close(CLOSE_WAIT);
     match &flushed {
@@ -264,7 +277,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         let _ = stop.send(true);
     }
     tracing::info!("stopped");
-    if flushed.is_ok() {
+    if flushed.is_ok() && unreplayed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

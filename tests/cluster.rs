@@ -352,3 +352,84 @@ fn a_replica_without_redis_at_start_exits_1() {
     assert!(err.contains("cluster.redis") && err.contains("not starting"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
+
+/// Waits (≤ 5 s) for the replica to leave the fallback.
+async fn back_on_redis(c: &TestClient, gw: &Gateway) {
+    let back = Instant::now();
+    while metric(&gw.metrics(c).await, "turnstile_store_fallback") != Some(0.0) {
+        assert!(back.elapsed() < Duration::from_secs(5), "still on the fallback 5 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SPEC §7 ("SIGTERM reports (log, exit status 1) charges it could not flush") for the `local`
+/// fallback of §11.6: the journal of charges to replay to Redis lives in memory, so a replica
+/// stopped while Redis is still down says how many it leaves in its local ledger only, and
+/// exits 1; one stopped after the replay exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
+    let Some(mut redis) = RedisServer::start("fallback_stop", Opts { aof_always: true, cluster: false }) else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    let mut set = Replicas::start(2, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let c = client();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for gw in &set.gw {
+        for _ in 0..4 {
+            let r = post(&c, &gw.url(OCR), &key(), b"{}").await;
+            assert_eq!(r.status, StatusCode::OK, "served on the fallback: {}", String::from_utf8_lossy(&r.body));
+        }
+    }
+    // Stopped while Redis is down: 4 charges not replayed.
+    let status = set.gw[0].signal_and_wait("TERM").expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", set.gw[0].logs());
+    let logs = set.gw[0].logs();
+    assert!(logs.contains("entries=4") && logs.contains("not replayed to Redis"), "{logs}");
+    // Stopped after Redis came back: replayed, nothing lost, exit 0.
+    redis.restart();
+    back_on_redis(&c, &set.gw[1]).await;
+    let status = set.gw[1].signal_and_wait("TERM").expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", set.gw[1].logs());
+}
+
+/// SPEC §6 / §11.3: a package's low-balance alert fires exactly once in the whole cluster. An
+/// alert fired on the `local` fallback must not fire again once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
+    let Some(mut redis) = RedisServer::start("alert_fallback", Opts { aof_always: true, cluster: false }) else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    // od-1: 10 points, 1 a call; default ratio 0.2: the alert fires at the 8th call.
+    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let c = client();
+    let gw = &set.gw[0];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for _ in 0..8 {
+        let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let alerts = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total{") && l.contains("od-1"))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+    };
+    assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "fired on the fallback at remaining 2");
+    redis.restart();
+    back_on_redis(&c, gw).await;
+    let u = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json();
+    eprintln!("after the replay: {}", u["packages"]);
+    let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
+    assert_eq!(r.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let u = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(u["packages"][0]["remaining"], "1", "{u}");
+    assert_eq!(u["packages"][0]["low_balance_alerted"], true, "the alert fired: {u}");
+    assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "the alert fired a second time once Redis was back");
+}

@@ -107,3 +107,25 @@ fn check_reports_a_redis_without_appendfsync_always() {
     assert!(!ok);
     assert!(err.contains(&format!("redis://127.0.0.1:{port}")), "{err}");
 }
+
+/// SPEC §11.5: `turnstile check` reports a Redis without `appendonly yes` + `appendfsync always`
+/// as an error in strict mode. In a Redis Cluster the client reaches every master (the URLs are
+/// only seeds), so a master not listed must be checked too.
+#[test]
+fn check_reports_an_unlisted_cluster_master_without_appendfsync_always() {
+    let Some(cluster) = common::redis::RedisCluster::start_with("check_unlisted_master", true) else {
+        return;
+    };
+    // The third master writes its AOF once a second: a crash may lose an acknowledged charge.
+    assert_eq!(cluster.nodes[2].cli(&["CONFIG", "SET", "appendfsync", "everysec"]), "OK");
+    let urls = cluster.urls();
+    let listed = format!("store = \"redis\"\nredis = [\"{}\", \"{}\"]\n", urls[0], urls[1]);
+    let cfg = config(&listed, "[ledger]\ndurability = \"strict\"\n");
+    let (ok, out, err) = check(&cfg);
+    assert!(
+        !ok,
+        "strict mode on a cluster whose master {} runs appendfsync everysec passed check:\n{out}{err}",
+        urls[2]
+    );
+    assert!(err.contains(&urls[2]) && err.contains("everysec"), "the unlisted master is named: {err}");
+}

@@ -938,14 +938,32 @@ impl RedisStore {
     }
 }
 
-/// For `turnstile check` (SPEC §11.5): each listed node's `appendonly` and `appendfsync`,
-/// asked directly (one connection per URL, each bounded by `timeout`).
+/// For `turnstile check` (SPEC §11.5): each node's `appendonly` and `appendfsync`, asked
+/// directly (one connection per node, each bounded by `timeout`). With several URLs (a Redis
+/// Cluster) the listed ones are only seeds: the client writes to every master the cluster names,
+/// so every node `CLUSTER NODES` lists is asked too, reached like the first seed (its user,
+/// password, TLS), and reported as `redis://host:port`.
 pub async fn aof_policies(urls: &[String], timeout: Duration) -> Vec<(String, Result<(String, String), StoreError>)> {
-    let mut out = Vec::with_capacity(urls.len());
-    for url in urls {
+    let op = "sync";
+    let mut nodes: Vec<(String, redis::RedisResult<redis::ConnectionInfo>)> =
+        urls.iter().map(|u| (u.clone(), redis::IntoConnectionInfo::into_connection_info(u.as_str()))).collect();
+    if urls.len() > 1 {
+        let listed: Vec<(String, u16)> = nodes.iter().filter_map(|(_, i)| i.as_ref().ok().and_then(tcp_addr)).collect();
+        for (host, port) in cluster_nodes(urls, timeout).await {
+            if listed.iter().any(|(h, p)| *h == host && *p == port) {
+                continue;
+            }
+            let Some(info) = nodes.iter().find_map(|(_, i)| i.as_ref().ok()).and_then(|i| at_addr(i, &host, port))
+            else {
+                continue;
+            };
+            nodes.push((format!("redis://{host}:{port}"), Ok(info)));
+        }
+    }
+    let mut out = Vec::with_capacity(nodes.len());
+    for (label, info) in nodes {
         let r = async {
-            let op = "sync";
-            let client = redis::Client::open(url.as_str()).map_err(|e| redis_err(op, e))?;
+            let client = redis::Client::open(info.map_err(|e| redis_err(op, e))?).map_err(|e| redis_err(op, e))?;
             let mut conn = bounded(op, timeout, client.get_multiplexed_async_connection()).await?;
             let v: Vec<String> =
                 bounded(op, timeout, redis::cmd("CONFIG").arg("GET").arg("append*").query_async(&mut conn)).await?;
@@ -954,9 +972,61 @@ pub async fn aof_policies(urls: &[String], timeout: Duration) -> Vec<(String, Re
             Ok((get("appendonly"), get("appendfsync")))
         }
         .await;
-        out.push((url.clone(), r));
+        out.push((label, r));
     }
     out
+}
+
+/// The host and port of a TCP (or TLS) connection.
+fn tcp_addr(info: &redis::ConnectionInfo) -> Option<(String, u16)> {
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+            Some((h.clone(), *p))
+        }
+        _ => None,
+    }
+}
+
+/// `info` (a seed's: user, password, TLS) pointed at another node.
+fn at_addr(info: &redis::ConnectionInfo, host: &str, port: u16) -> Option<redis::ConnectionInfo> {
+    let addr = match info.addr().clone() {
+        redis::ConnectionAddr::Tcp(..) => redis::ConnectionAddr::Tcp(host.to_string(), port),
+        redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+            redis::ConnectionAddr::TcpTls { host: host.to_string(), port, insecure, tls_params }
+        }
+        _ => return None,
+    };
+    Some(info.clone().set_addr(addr))
+}
+
+/// The host and port of every node `CLUSTER NODES` lists that is not marked failing or without
+/// an address, asked of the first seed that answers; none when no seed answers (each listed
+/// URL is then reported on its own).
+async fn cluster_nodes(seeds: &[String], timeout: Duration) -> Vec<(String, u16)> {
+    for url in seeds {
+        let Ok(client) = redis::Client::open(url.as_str()) else { continue };
+        let Ok(mut conn) = bounded("sync", timeout, client.get_multiplexed_async_connection()).await else { continue };
+        let Ok(text) =
+            bounded::<String>("sync", timeout, redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn)).await
+        else {
+            continue;
+        };
+        // `<id> <ip:port@cport[,hostname]> <flags> ...`
+        return text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let addr = f.nth(1)?;
+                let flags = f.next()?;
+                if flags.split(',').any(|x| matches!(x, "fail" | "fail?" | "noaddr" | "handshake")) {
+                    return None;
+                }
+                let (host, port) = addr.split(['@', ',']).next()?.rsplit_once(':')?;
+                Some((host.to_string(), port.parse().ok()?)).filter(|(h, _)| !h.is_empty())
+            })
+            .collect();
+    }
+    Vec::new()
 }
 
 async fn bounded<T>(
