@@ -33,9 +33,12 @@ pub use crate::alerts::Alert;
 pub use crate::payer::PayerKind;
 pub use crate::store::local::Unflushed;
 
-/// How long a hold lives before the sweep gives it back (local: only a leaked guard, so longer
-/// than any request can be in flight).
-const HOLD_LEASE: Duration = Duration::from_secs(600);
+/// How long a hold lives before the sweep gives it back. Local: never. A local hold is given
+/// back by its guard's drop, synchronously, and a call may stay in flight for any time (any
+/// `upstream_timeout_ms` is accepted in local mode, and a streamed gRPC answer is settled at its
+/// trailers); a lease that ran out under a live call let its settlement find no hold and record
+/// a package-paid call the package never paid for, while the points paid another call.
+const HOLD_LEASE: Duration = Duration::MAX;
 
 fn tenant_key(t: &Tenant) -> TenantKey<'static> {
     TenantKey { name: t.label, local: t.intern }
@@ -158,7 +161,14 @@ struct Charge {
     currency: String,
     /// Packages that paid: their gauges are set again after a revert.
     packages: Vec<(TenantKey<'static>, Candidate<'static>)>,
+    /// Strict mode: low-balance alerts this charge marked, fired once it is durable (a reverted
+    /// charge was never made: the store takes its mark back and nothing is fired).
+    alerts: Vec<PendingAlert>,
 }
+
+/// A low-balance alert waiting for its charge to be durable: (tenant, package, consumed,
+/// ratio, time).
+type PendingAlert = (TenantKey<'static>, Candidate<'static>, i64, Decimal, i64);
 
 /// What a settlement did: who paid first (for `x-turnstile-payer`), the request id whose deltas
 /// [`Billing::durable`] waits for in strict mode, and (strict only) the charge's metrics.
@@ -632,7 +642,7 @@ impl Billing {
                     let (tk, c) = (tenant_key(t), candidate(t, p));
                     match remote.stores.consumed(tk, c).await {
                         Ok(consumed) => {
-                            remote.note_consumed(c.local, consumed);
+                            b.note_consumed(&remote, tk, c, consumed);
                             b.set_gauge(tk, c, consumed);
                         }
                         Err(e) => {
@@ -686,6 +696,22 @@ impl Billing {
                 self.reserve_in(&self.local, true, snap, tenant, feature_idx, now).await
             }
             r => r,
+        }
+    }
+
+    /// Cluster mode: notes what Redis says a package consumed, less what the local ledger had
+    /// charged it by then (earlier fallback spells, all replayed into that count before the
+    /// replica left the fallback): the local ledger, which keeps those charges, then subtracts
+    /// only what a fallback charges after this note. Not noted while in the fallback.
+    fn note_consumed(
+        &self,
+        remote: &crate::cluster::Remote,
+        t: TenantKey<'static>,
+        c: Candidate<'static>,
+        consumed: i64,
+    ) {
+        if !remote.in_fallback() {
+            remote.note_consumed(c.local, consumed - self.store.consumed_now(t, c));
         }
     }
 
@@ -838,6 +864,7 @@ impl Billing {
             unpaid: if f.unit == Unit::VideoMinute { units::ms_to_minutes(n) } else { Decimal::from(n) },
             currency: String::new(),
             packages: Vec::new(),
+            alerts: Vec::new(),
         };
         let payer = r.header();
         if self.remote.is_some() && !fallback {
@@ -849,7 +876,9 @@ impl Billing {
     }
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
-    /// balance falls to the ratio (once: the store remembers it).
+    /// balance falls to the ratio (once: the store remembers it). `defer` (a strict charge of the
+    /// local store, not yet durable): the mark is one of the request's deltas, reverted with it,
+    /// and the alert is fired by [`Billing::durable`] once the charge is on disk.
     #[allow(clippy::too_many_arguments)]
     async fn paid(
         &self,
@@ -859,17 +888,35 @@ impl Billing {
         consumed: i64,
         ratio: Decimal,
         now: i64,
+        defer: Option<(RequestId, &mut Vec<PendingAlert>)>,
     ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        if crate::alerts::crossed(points, remaining, ratio) && stores.mark_alerted(t, c).await? {
-            if let (Some(r), Stores::Local(_)) = (&self.remote, stores) {
-                // Fired on the fallback: Redis must learn it, or a replica fires it again.
-                r.journal(crate::cluster::Replay::Alert { tenant: t.name.to_string(), package: c.id.to_string() });
+        if !crate::alerts::crossed(points, remaining, ratio) {
+            return Ok(());
+        }
+        match defer {
+            Some((id, pending)) => {
+                if self.store.mark_alerted_for(t, c, id) {
+                    pending.push((t, c, consumed, ratio, now));
+                }
             }
-            self.alert_fired(t, c, consumed, ratio, now);
+            None => {
+                if stores.mark_alerted(t, c).await? {
+                    self.journal_alert(stores, t, c);
+                    self.alert_fired(t, c, consumed, ratio, now);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// An alert marked on the local store in cluster mode (the fallback): Redis must learn it
+    /// when it is back, or a replica fires it again (SPEC §11.3).
+    fn journal_alert(&self, stores: &Stores, t: TenantKey<'static>, c: Candidate<'static>) {
+        if let (Some(r), Stores::Local(_)) = (&self.remote, stores) {
+            r.journal(crate::cluster::Replay::Alert { tenant: t.name.to_string(), package: c.id.to_string() });
+        }
     }
 
     /// The low-balance alert fired (the store said it was the first time): log, metric, webhook.
@@ -1105,6 +1152,7 @@ impl Billing {
             unpaid: Decimal::ZERO,
             currency: snap.catalog.currency.clone(),
             packages: Vec::new(),
+            alerts: Vec::new(),
         };
         if r.payer == PayerKind::Payg {
             if let Some(total) = out.cell_total {
@@ -1112,7 +1160,7 @@ impl Billing {
             }
         }
         if let (Some((t, c)), Some(consumed)) = (r.package, out.consumed) {
-            remote.note_consumed(c.local, consumed);
+            self.note_consumed(remote, t, c, consumed);
             self.set_gauge(t, c, consumed);
             if out.alert_fired {
                 self.alert_fired(t, c, consumed, ratio, now);
@@ -1157,6 +1205,7 @@ impl Billing {
             unpaid: Decimal::ZERO,
             currency: if strict { snap.catalog.currency.clone() } else { String::new() },
             packages: Vec::new(),
+            alerts: Vec::new(),
         };
         let total = stores.add_usage(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id).await?;
         if r.payer == PayerKind::Payg {
@@ -1164,7 +1213,8 @@ impl Billing {
         }
         if let (Some(_), Some((t, c))) = (r.held.take(), r.package) {
             if let Some(consumed) = stores.commit(t, r.id).await? {
-                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now).await?;
+                let defer = strict.then_some((r.id, &mut charge.alerts));
+                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now, defer).await?;
                 if strict {
                     charge.packages.push((t, c));
                 }
@@ -1241,6 +1291,7 @@ impl Billing {
             unpaid: Decimal::ZERO,
             currency: snap.catalog.currency.clone(),
             packages: Vec::new(),
+            alerts: Vec::new(),
         };
         let mut by_kind = [0i64; 5];
         let mut left = ms;
@@ -1293,9 +1344,12 @@ impl Billing {
                     first.get_or_insert_with(|| self.header(tenant, p, *kind));
                     by_kind[*kind as usize] += parts[i];
                     if let (Some(remote), false) = (&self.remote, r.fallback) {
-                        remote.note_consumed(cands[i].local, x.consumed);
+                        self.note_consumed(remote, t, cands[i], x.consumed);
                     }
-                    self.paid(stores, t, cands[i], x.consumed, snap.settings.low_balance_ratio, now).await?;
+                    // Strict on the local store (Redis's acknowledgement is durable already).
+                    let defer = (self.store.is_strict() && (self.remote.is_none() || r.fallback))
+                        .then_some((r.id, &mut charge.alerts));
+                    self.paid(stores, t, cands[i], x.consumed, snap.settings.low_balance_ratio, now, defer).await?;
                     charge.packages.push((t, cands[i]));
                 }
                 left = rest;
@@ -1369,6 +1423,10 @@ impl Billing {
         match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
+                for &(t, c, consumed, ratio, now) in &charge.alerts {
+                    self.journal_alert(&self.local, t, c);
+                    self.alert_fired(t, c, consumed, ratio, now);
+                }
                 Ok(payer)
             }
             Err(e) => {
@@ -2080,5 +2138,97 @@ mod tests {
         assert_eq!(feb[0].units[PayerKind::Payg as usize], Decimal::ONE);
         // The package is spent: the next object-detection call falls through to payg.
         assert_eq!(reserve(&b, &s, &s.tenants[0], od, t("2026-02-02T00:00:00Z")).unwrap().payer, PayerKind::Payg);
+    }
+
+    /// A call may be in flight longer than any fixed local hold lease: the config accepts any
+    /// `upstream_timeout_ms` in local mode (only cluster mode checks its lease against it), and
+    /// a streamed gRPC answer is settled at its trailers, however late. Its hold must still be
+    /// there then (it was swept after 600 s: the package paid another call with the points).
+    #[test]
+    fn a_call_in_flight_past_the_local_hold_lease_is_still_charged_to_its_package() {
+        let dir = tempfile::tempdir().unwrap();
+        // 0.2 points: exactly one object-detection call.
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "0.2", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
+        let f = feature(&s, "object-detection");
+        let clock = crate::clock::ManualClock::at("2026-03-01T00:00:00Z");
+        let b = Billing::open_with(
+            Box::new(RedbLedger::open(dir.path()).unwrap()),
+            Durability::Batched,
+            Duration::from_millis(5),
+            Duration::from_secs(2),
+            Arc::new(Metrics::new(true)),
+            clock.clone(),
+            &|_| false,
+        )
+        .unwrap()
+        .0;
+        let tenant = &s.tenants[0];
+        let now = t("2026-03-01T00:00:00Z");
+        let r = reserve(&b, &s, tenant, f, now).unwrap();
+        assert_eq!(r.payer, PayerKind::SinglePackage);
+        // The upstream answers after 11 minutes; the gateway's sweeper ran meanwhile.
+        clock.advance(Duration::from_secs(11 * 60));
+        b.store().sweep_now();
+        let later = now + 11 * 60 * 1_000_000_000;
+        // Another call meanwhile: the package must not pay it, its only call is still in flight.
+        let r2 = reserve(&b, &s, tenant, f, later).unwrap();
+        let r2_payer = r2.payer;
+        settle_call(&b, &s, tenant, f, r, later);
+        settle_call(&b, &s, tenant, f, r2, later);
+        let u = b.usage(&s, "acme", "2026-03");
+        let consumed = b.package(tenant, &tenant.packages[0]).consumed();
+        assert_eq!(
+            (u[0].units[PayerKind::SinglePackage as usize] * Decimal::new(2, 1), consumed, r2_payer),
+            (Decimal::new(2, 1), Decimal::new(2, 1), PayerKind::Payg),
+            "calls the package is said to have paid x 0.2 == points it gave; the second call is payg"
+        );
+    }
+
+    /// SPEC §7: a strict charge not durable in time "is not charged"; SPEC §6: the
+    /// low-balance alert fires once, "when remaining first drops to low_balance_ratio". A
+    /// reverted charge must not leave the package marked alerted (nor count an alert), or the
+    /// real crossing later never alerts.
+    #[test]
+    fn a_reverted_strict_charge_does_not_fire_or_use_up_the_low_balance_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
+        let od = feature(&s, "object-detection");
+        let now = t("2026-03-01T00:00:00Z");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let tenant = &s.tenants[0];
+        let alerts = |b: &Billing| {
+            b.metrics
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
+        for _ in 0..3 {
+            let r = reserve(&b, &s, tenant, od, now).unwrap();
+            assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+        }
+        assert!(!b.package(tenant, &tenant.packages[0]).alerted());
+        // The 4th would leave 0.2 (20%), but the ledger fails: reverted, not charged.
+        fail.store(true, Ordering::SeqCst);
+        let r = reserve(&b, &s, tenant, od, now).unwrap();
+        assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_err());
+        let st = b.package(tenant, &tenant.packages[0]);
+        let after_revert = (st.consumed(), st.alerted(), alerts(&b));
+        // The ledger works again; the 4th call really leaves 0.2: now the alert fires.
+        fail.store(false, Ordering::SeqCst);
+        let r = reserve(&b, &s, tenant, od, now).unwrap();
+        assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+        let st = b.package(tenant, &tenant.packages[0]);
+        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        assert_eq!(
+            (after_revert, (st.consumed(), st.alerted(), alerts(&b))),
+            ((Decimal::new(6, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
+            "(consumed, alerted, alert metric) after the revert, then after the real crossing"
+        );
     }
 }

@@ -433,3 +433,55 @@ async fn an_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
     assert_eq!(u["packages"][0]["low_balance_alerted"], true, "the alert fired: {u}");
     assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "the alert fired a second time once Redis was back");
 }
+
+/// A second fallback spell offers a package what it still holds. The local ledger keeps
+/// counting what the first spell charged (replayed into Redis's count since, which the replica
+/// then learns): that part was subtracted twice, and a package with 1 point left answered 402.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_fallback_spell_does_not_count_the_first_spells_charges_twice() {
+    let Some(mut redis) = RedisServer::start("second_fallback_spell", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    // od-1: 4 points, 1 point a call, single-category only (no payg: 402 once it is spent).
+    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 4), &[]);
+    let c = client();
+    let gw = &set.gw[0];
+    let detect = |want: &'static str| {
+        let (c, url) = (c.clone(), gw.url(DETECT));
+        async move {
+            let r = post(&c, &url, &key(), b"{}").await;
+            assert_eq!(
+                (r.status, r.header("x-turnstile-payer")),
+                (StatusCode::OK, Some("single_package:od-1")),
+                "{want}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    };
+    let wait_fallback = |v: f64| {
+        let c = c.clone();
+        async move {
+            let since = Instant::now();
+            while metric(&gw.metrics(&c).await, "turnstile_store_fallback") != Some(v) {
+                assert!(since.elapsed() < Duration::from_secs(5), "fallback gauge never {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    detect("1st point, on Redis").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    detect("2nd point, first fallback spell").await;
+    wait_fallback(1.0).await;
+    redis.restart();
+    wait_fallback(0.0).await;
+    detect("3rd point, on Redis again").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["packages"][0]["remaining"], "1", "one point left: {v}");
+    redis.kill9();
+    detect("4th point, second fallback spell: the package still holds it").await;
+}

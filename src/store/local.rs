@@ -215,7 +215,15 @@ impl Queues {
 /// One delta a request applied (strict mode keeps them until durable, to revert exactly).
 enum Delta {
     Consumed(Arc<Pkg>, i64),
-    Usage { month: Arc<Month>, to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
+    /// The request marked the package's low-balance alert fired.
+    Alerted(Arc<Pkg>),
+    Usage {
+        month: Arc<Month>,
+        to: UsageTo,
+        cell: Option<String>,
+        units: i64,
+        slot: u8,
+    },
 }
 
 struct Pending {
@@ -644,6 +652,21 @@ impl LocalStore {
         true
     }
 
+    /// [`LocalStore::mark_alerted_now`] as a delta of request `id` (strict mode: reverted with
+    /// its charge when that is not durable in time).
+    pub fn mark_alerted_for(&self, tenant: TenantKey<'_>, package: Candidate<'_>, id: RequestId) -> bool {
+        let pkg = self.pkg(tenant, package.local, package.id);
+        let mut g = lock(&pkg.inner);
+        if g.alerted {
+            return false;
+        }
+        g.alerted = true;
+        self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
+        drop(g);
+        self.remember(id, || Delta::Alerted(pkg));
+        true
+    }
+
     /// Gives back expired holds and image slots, and forgets expired idempotency markers.
     pub fn sweep_now(&self) -> u64 {
         let now = self.clock.unix_nanos();
@@ -816,6 +839,11 @@ impl LocalStore {
                 Delta::Consumed(pkg, n) => {
                     let mut g = lock(&pkg.inner);
                     g.consumed -= n;
+                    self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
+                }
+                Delta::Alerted(pkg) => {
+                    let mut g = lock(&pkg.inner);
+                    g.alerted = false;
                     self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
                 }
                 Delta::Usage { month, to, cell, units: n, slot } => {
