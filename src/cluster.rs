@@ -10,6 +10,7 @@
 //! only when the journal is empty does the replica go back to Redis and set
 //! `turnstile_store_fallback` to 0.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -72,7 +73,10 @@ pub struct Remote {
     pub expected_replicas: u32,
     fallback: AtomicBool,
     gauge: IntGauge,
-    journal: Mutex<Vec<Replay>>,
+    /// Charges made on the fallback, oldest first; an entry leaves it only once Redis has it.
+    journal: Mutex<VecDeque<Replay>>,
+    /// A replay is running (one at a time: each removes the entries it replayed).
+    replaying: AtomicBool,
     /// Batched mode: permits for settlements spawned after the answer went out.
     pub deferred: std::sync::Arc<tokio::sync::Semaphore>,
     /// The last consumption Redis reported per (tenant, package) ([`crate::intern::pair`]): in
@@ -90,7 +94,8 @@ impl Remote {
             expected_replicas: c.expected_replicas.max(1),
             fallback: AtomicBool::new(false),
             gauge,
-            journal: Mutex::new(Vec::new()),
+            journal: Mutex::new(VecDeque::new()),
+            replaying: AtomicBool::new(false),
             deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
             known: DashMap::with_hasher(FxBuildHasher),
         }
@@ -140,7 +145,7 @@ impl Remote {
 
     pub fn journal(&self, r: Replay) {
         if let Ok(mut j) = self.journal.lock() {
-            j.push(r);
+            j.push_back(r);
         }
     }
 
@@ -148,8 +153,8 @@ impl Remote {
         self.journal.lock().map_or(0, |j| j.len())
     }
 
-    /// Applies one journal entry to Redis (idempotent on its request id).
-    async fn replay(&self, r: &Replay) -> Result<(), StoreError> {
+    /// Applies one journal entry to Redis through `redis` (idempotent on its request id).
+    async fn replay(redis: &RedisStore, r: &Replay) -> Result<(), StoreError> {
         match r {
             Replay::Settle { tenant, id, hold, alert_at, usage, also, image, take } => {
                 let s = Settle {
@@ -160,11 +165,11 @@ impl Remote {
                     also,
                     part: SETTLE_PART,
                 };
-                let out = self.redis.settle(tenant, *id, s).await?;
+                let out = redis.settle(tenant, *id, s).await?;
                 if let (Some((pkg, points, want)), false) = (take, out.hold) {
                     let t = TenantKey { name: tenant, local: 0 };
                     let c = [Candidate { id: pkg, points: *points, local: 0 }];
-                    self.redis.take_up_to(t, &c, *want, RequestId(*id)).await?;
+                    redis.take_up_to(t, &c, *want, RequestId(*id)).await?;
                 }
                 Ok(())
             }
@@ -172,7 +177,7 @@ impl Remote {
                 let c: Vec<Candidate<'_>> =
                     candidates.iter().map(|(p, pts)| Candidate { id: p, points: *pts, local: 0 }).collect();
                 let t = TenantKey { name: tenant, local: 0 };
-                let taken = self.redis.take_up_to(t, &c, *want, *id).await?;
+                let taken = redis.take_up_to(t, &c, *want, *id).await?;
                 let got: i64 = taken.iter().map(|x| x.taken).sum();
                 if got < *want {
                     tracing::warn!(
@@ -186,13 +191,13 @@ impl Remote {
             }
             Replay::Usage { tenant, feature, month, to, units, cell, id } => {
                 let key = BucketKey { tenant, bucket: feature, local: 0 };
-                self.redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| ())
+                redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| ())
             }
             Replay::Images { tenant, op, id, reported } => {
                 let t = TenantKey { name: tenant, local: 0 };
-                self.redis.settle_images(t, *op, *id, *reported).await.map(|_| ())
+                redis.settle_images(t, *op, *id, *reported).await.map(|_| ())
             }
-            Replay::Alert { tenant, package } => self.redis.alert_once(tenant, package).await.map(|_| ()),
+            Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| ()),
         }
     }
 
@@ -205,44 +210,52 @@ impl Remote {
         if self.redis.override_version().await.is_err() {
             return 0;
         }
-        let mut done = 0;
-        loop {
-            let batch: Vec<Replay> = match self.journal.lock() {
-                Ok(mut j) => std::mem::take(&mut *j),
-                Err(_) => return done,
-            };
-            if batch.is_empty() {
-                break;
-            }
-            for (i, r) in batch.iter().enumerate() {
-                if let Err(e) = self.replay(r).await {
-                    tracing::warn!(error = %e, left = batch.len() - i, "replay to Redis interrupted; retrying");
-                    if let Ok(mut j) = self.journal.lock() {
-                        let later = std::mem::take(&mut *j);
-                        j.extend(batch[i..].iter().cloned());
-                        j.extend(later);
-                    }
-                    return done;
-                }
-                done += 1;
-            }
-        }
-        if self.fallback.swap(false, Ordering::SeqCst) {
+        let Some(done) = self.replay_journal(&self.redis).await else { return 0 };
+        if self.journal_len() == 0 && self.fallback.swap(false, Ordering::SeqCst) {
             self.gauge.set(0);
             tracing::info!(replayed = done, "store reachable again: local charges replayed; back on Redis");
         }
         done
     }
-}
 
-impl Remote {
-    /// At shutdown: replays what the journal holds if Redis answers now, trying until `wait`
-    /// has passed. Returns the entries still not replayed: charges made on the fallback that
-    /// are in this replica's local ledger only, as the journal is not kept across restarts.
-    pub async fn replay_before_exit(&self, wait: Duration) -> usize {
+    /// Replays the journal in order through `redis`, removing each entry once Redis has it (an
+    /// interrupted replay, even one whose task ends in a panic, leaves the rest in place).
+    /// `None` when another replay is running or the first entry fails.
+    async fn replay_journal(&self, redis: &RedisStore) -> Option<usize> {
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        if self.replaying.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let _running = Running(&self.replaying);
+        let mut done = 0;
+        loop {
+            let Some(r) = self.journal.lock().ok().and_then(|j| j.front().cloned()) else { return Some(done) };
+            if let Err(e) = Self::replay(redis, &r).await {
+                tracing::warn!(error = %e, left = self.journal_len(), "replay to Redis interrupted; retrying");
+                return (done > 0).then_some(done);
+            }
+            if let Ok(mut j) = self.journal.lock() {
+                j.pop_front();
+            }
+            done += 1;
+        }
+    }
+
+    /// At shutdown: replays what the journal holds if Redis answers now (beside the probe
+    /// loop, one replay at a time), trying until `wait` has passed. Returns the entries still
+    /// not replayed: charges made on the fallback that are in this replica's local ledger only,
+    /// as the journal is not kept across restarts.
+    pub async fn replay_at_exit(&self, wait: Duration) -> usize {
         let until = tokio::time::Instant::now() + wait;
         while self.journal_len() > 0 && tokio::time::Instant::now() < until {
-            let _ = tokio::time::timeout_at(until, self.probe()).await;
+            if tokio::time::timeout_at(until, self.replay_journal(&self.redis)).await.is_err() {
+                break;
+            }
             if self.journal_len() > 0 {
                 tokio::time::sleep_until(until.min(tokio::time::Instant::now() + PROBE_EVERY)).await;
             }

@@ -241,7 +241,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         None
     };
     tokio::spawn(reload_on_sighup(gw.clone()));
-    server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
+    let workers = server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
     // Cluster batched mode: the settlements spawned after their answers reach Redis first.
     let unsettled = gw.billing.drain_deferred(CLOSE_WAIT).await;
     if unsettled > 0 {
@@ -253,7 +253,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     // Cluster `local` fallback: the charges made on it reach Redis now if it answers again; the
     // journal is in memory only, so what is left is reported (SPEC §7: log, exit status 1).
     let unreplayed = match gw.billing.remote() {
-        Some(r) => r.replay_before_exit(CLOSE_WAIT).await,
+        Some(r) => r.replay_at_exit(CLOSE_WAIT).await,
         None => 0,
     };
     if unreplayed > 0 {
@@ -277,6 +277,8 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         let _ = stop.send(true);
     }
     tracing::info!("stopped");
+    // The workers' runtimes end last: a Redis reconnect started on one runs on its timers.
+    drop(workers);
     if flushed.is_ok() && unreplayed == 0 {
         ExitCode::SUCCESS
     } else {

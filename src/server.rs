@@ -362,8 +362,9 @@ pub async fn run(
     listeners: Listeners,
     mut signals: tokio::sync::mpsc::UnboundedReceiver<StopSignal>,
     drain: Duration,
-) {
+) -> Workers {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (workers_live, live) = watch::channel(());
     let drain_all = Drain::new();
     // Read at start: a reload that changes it warns that it takes effect at the next restart.
     let max_connections = Arc::new(Semaphore::new(gw.snapshot.load().settings.max_connections));
@@ -429,7 +430,7 @@ pub async fn run(
             Ok(()) => tracing::info!("all connections drained"),
             Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
         }
-        return;
+        return Workers(workers_live);
     }
     // Per-core workers, nginx's model: each thread runs a current-thread runtime with its own
     // listener and upstream pool, so a request stays on one core from accept to answer (no
@@ -441,14 +442,14 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot hand the tenant listener to the workers");
-                return;
+                return Workers(workers_live);
             }
         },
     );
     let mut done = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-        let (gw, stop, limit) = (gw.clone(), stop_rx.clone(), max_connections.clone());
+        let (gw, stop, limit, mut live) = (gw.clone(), stop_rx.clone(), max_connections.clone(), live.clone());
         let spawned = std::thread::Builder::new().name(format!("turnstile-worker-{i}")).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -464,6 +465,8 @@ pub async fn run(
                     .await;
                 let drained = tokio::time::timeout(drain, drain_all.shutdown()).await.is_ok();
                 let _ = tx.send(drained);
+                // The runtime lives on (its timers too) until the returned `Workers` is dropped.
+                let _ = live.changed().await;
             });
         });
         match spawned {
@@ -482,7 +485,14 @@ pub async fn run(
     } else {
         tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections");
     }
+    Workers(workers_live)
 }
+
+/// Keeps the per-core workers' runtimes alive after [`run`] has drained them, until dropped. A
+/// Redis connection's reconnect started on a worker runs on that worker's timers: another
+/// runtime that awaits it after the worker's runtime ended would panic. So hold this until the
+/// last call to Redis (the shutdown's replay of the fallback's journal).
+pub struct Workers(#[allow(dead_code)] watch::Sender<()>);
 
 /// Forwards every SIGTERM and SIGINT to the returned channel (for [`run`]). The handlers are
 /// installed before this returns, so no signal from then on is missed.

@@ -388,11 +388,13 @@ async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
     assert_eq!(status.code(), Some(1), "{}", set.gw[0].logs());
     let logs = set.gw[0].logs();
     assert!(logs.contains("entries=4") && logs.contains("not replayed to Redis"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
     // Stopped after Redis came back: replayed, nothing lost, exit 0.
     redis.restart();
     back_on_redis(&c, &set.gw[1]).await;
     let status = set.gw[1].signal_and_wait("TERM").expect("exits");
     assert_eq!(status.code(), Some(0), "{}", set.gw[1].logs());
+    assert!(!set.gw[1].logs().contains("panicked"), "{}", set.gw[1].logs());
 }
 
 /// SPEC §6 / §11.3: a package's low-balance alert fires exactly once in the whole cluster. An
@@ -439,8 +441,7 @@ async fn an_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
 /// then learns): that part was subtracted twice, and a package with 1 point left answered 402.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_fallback_spell_does_not_count_the_first_spells_charges_twice() {
-    let Some(mut redis) = RedisServer::start("second_fallback_spell", Opts { aof_always: true, cluster: false })
-    else {
+    let Some(mut redis) = RedisServer::start("second_fallback_spell", Opts { aof_always: true, cluster: false }) else {
         return;
     };
     let up = Upstream::start().await;
