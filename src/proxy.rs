@@ -802,16 +802,41 @@ fn upstream_uri(base: &Uri, original: &Uri, normalized: Option<&str>) -> Result<
     Ok(Uri::from_parts(parts)?)
 }
 
-/// Reads the video usage report of SPEC §4; `None` when missing or malformed.
+/// Reads the video usage report of SPEC §4; `None` when missing or malformed. Each number is
+/// digits alone, as a `Content-Length` is (no sign: `+5` is malformed); the frame rate may have
+/// a fraction (29.97, 59.94), rounded up to a whole frame rate so that it falls in the price
+/// cell it fits (29.97 in "≤ 30").
 fn video_usage<H: HeadView + ?Sized>(h: &H) -> Option<VideoUsage> {
-    fn num<T: std::str::FromStr, H: HeadView + ?Sized>(h: &H, name: &str) -> Option<T> {
-        std::str::from_utf8(h.header(name)?).ok()?.trim().parse().ok()
-    }
+    let num = |name: &str| h.header(name).and_then(crate::http_util::content_length);
     Some(VideoUsage {
-        ms: num(h, "x-usage-video-ms")?,
-        fps: num(h, "x-usage-video-fps")?,
-        lines: num(h, "x-usage-video-lines")?,
+        ms: num("x-usage-video-ms")?,
+        fps: frame_rate(h.header("x-usage-video-fps")?)?,
+        lines: u32::try_from(num("x-usage-video-lines")?).ok()?,
     })
+}
+
+/// `1*DIGIT [ "." 1*DIGIT ]`, rounded up to a whole number.
+fn frame_rate(v: &[u8]) -> Option<u32> {
+    let v = v.trim_ascii();
+    let (whole, frac) = match v.iter().position(|&b| b == b'.') {
+        Some(i) => (&v[..i], Some(&v[i + 1..])),
+        None => (v, None),
+    };
+    if !whole.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = u32::try_from(crate::http_util::content_length(whole)?).ok()?;
+    match frac {
+        None => Some(n),
+        Some(f) if !f.is_empty() && f.iter().all(u8::is_ascii_digit) => {
+            if f.iter().any(|&d| d != b'0') {
+                n.checked_add(1)
+            } else {
+                Some(n)
+            }
+        }
+        Some(_) => None,
+    }
 }
 
 /// Charges a 2xx call (SPEC §6) and returns the payer header; in strict mode, waits until the
@@ -871,10 +896,7 @@ pub async fn settle_now<H: HeadView + ?Sized>(
         return gw.billing.settle_video(snap, tenant, fi, fwd.reservation, usage, now).await;
     }
     let image = fwd.image.map(|(op, slot)| {
-        let reported = upstream_headers
-            .header("x-usage-image-count")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let reported = upstream_headers.header("x-usage-image-count").and_then(crate::http_util::content_length);
         ImageSettle { op, slot, reported }
     });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
@@ -1100,6 +1122,39 @@ mod tests {
         // Another token beside the key header is not the key: it stays the upstream's.
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer upstream-token"));
         assert_eq!(api_key(&h, &name), Some((&b"k2"[..], false)));
+    }
+
+    /// The usage report's numbers are digits alone; the frame rate may have a fraction,
+    /// rounded up (29.97 fps is priced in the "≤ 30" cell, not billed as a malformed report).
+    #[test]
+    fn video_usage_reads_digits_and_fractional_frame_rates() {
+        let report = |ms: &'static str, fps: &'static str, lines: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-usage-video-ms", HeaderValue::from_static(ms));
+            h.insert("x-usage-video-fps", HeaderValue::from_static(fps));
+            h.insert("x-usage-video-lines", HeaderValue::from_static(lines));
+            video_usage(&h).map(|u| (u.ms, u.fps, u.lines))
+        };
+        assert_eq!(report("140000", "60", "1080"), Some((140_000, 60, 1080)));
+        assert_eq!(report(" 140000 ", "29.97", "1080"), Some((140_000, 30, 1080)));
+        assert_eq!(report("1", "59.94", "720"), Some((1, 60, 720)));
+        assert_eq!(report("1", "30.000", "720"), Some((1, 30, 720)));
+        assert_eq!(report("1", "30.001", "720"), Some((1, 31, 720)));
+        for (ms, fps, lines) in [
+            ("+140000", "60", "1080"),
+            ("140000", "+60", "1080"),
+            ("140000", "60", "+1080"),
+            ("140000", "60.", "1080"),
+            ("140000", ".5", "1080"),
+            ("140000", "6e1", "1080"),
+            ("140000", "60 .5", "1080"),
+            ("140000", "-60", "1080"),
+            ("140000", "60", "4294967296"),
+            ("140000", "4294967295.5", "1080"),
+            ("1.5", "60", "1080"),
+        ] {
+            assert_eq!(report(ms, fps, lines), None, "{ms} {fps} {lines}");
+        }
     }
 
     #[test]
