@@ -805,6 +805,35 @@ mod tests {
         assert_eq!(units_of(&l, "acme"), Some(Decimal::from(2)));
     }
 
+    /// A crash tears only the frame being appended, the last one. A damaged frame in
+    /// the last segment that whole, acknowledged frames follow is not a torn tail: dropping it
+    /// with them silently loses durable charges (SPEC §7: "never silently misread").
+    #[test]
+    fn a_damaged_frame_followed_by_whole_frames_in_the_last_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = RedbLedger::open(dir.path()).unwrap();
+            l.stop_folding();
+            for n in 1..=5 {
+                l.commit(&[month("acme", n)]).unwrap();
+            }
+        }
+        let last = segment_files(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&last).unwrap();
+        // A byte inside the second frame's payload (frames are equal-sized here).
+        let frame_len = (frames_end(&last) - wal::MAGIC.len()) / 5;
+        let at = wal::MAGIC.len() + frame_len + frame_len - 3;
+        bytes[at] ^= 1;
+        std::fs::write(&last, bytes).unwrap();
+        match RedbLedger::open(dir.path()) {
+            Err(e) => assert!(e.to_string().contains(last.file_name().unwrap().to_str().unwrap()), "{e}"),
+            Ok(l) => panic!(
+                "opened with acme = {:?}: commits 2..=5 were acknowledged and are silently gone",
+                units_of(&l, "acme")
+            ),
+        }
+    }
+
     #[test]
     fn a_ledger_written_before_the_log_opens_with_every_record() {
         let dir = tempfile::tempdir().unwrap();

@@ -142,7 +142,30 @@ pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
         at = start + len;
     }
     let tail = &bytes[at..];
+    if let Some(next) = whole_frame_after(bytes, at) {
+        // A crash tears only the frame being appended, the last: whole frames after a damaged
+        // one were acknowledged, and dropping them with it would lose them silently.
+        return Err(format!("the frame at byte {at} is damaged and a whole frame follows it at byte {next}"));
+    }
     Ok(Read { entries, end: at, dropped: if tail.iter().all(|&b| b == 0) { 0 } else { tail.len() } })
+}
+
+/// Where a whole frame starts after the frame at `at` that did not read (following the length
+/// fields from it while they stay inside `bytes`), if one does.
+fn whole_frame_after(bytes: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let head = bytes.get(at..at.checked_add(FRAME_HEAD)?)?;
+        let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+        at = at.checked_add(FRAME_HEAD)?.checked_add(len)?;
+        let head = bytes.get(at..at.checked_add(FRAME_HEAD)?)?;
+        let (len, hash) =
+            (u32::from_le_bytes(head[..4].try_into().ok()?) as usize, u64::from_le_bytes(head[4..].try_into().ok()?));
+        if let Some(payload) = bytes.get(at + FRAME_HEAD..(at + FRAME_HEAD).checked_add(len)?) {
+            if xxh3_64(payload) == hash {
+                return Some(at);
+            }
+        }
+    }
 }
 
 fn parse_payload<'a>(mut p: &'a [u8], out: &mut Vec<Entry<'a>>) -> Result<(), &'static str> {

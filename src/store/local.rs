@@ -266,6 +266,9 @@ pub struct LocalStore {
     metrics: Arc<Metrics>,
     ledger_name: String,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Records of the commit the writer is making (marked clean, not yet on disk): unflushed
+    /// for `close` if the writer is still in it at its deadline.
+    committing: std::sync::atomic::AtomicUsize,
     closed: AtomicBool,
     /// Tells this store from another in a thread's memo of its last month ([`LocalStore::with_month`]).
     id: u64,
@@ -397,6 +400,7 @@ impl LocalStore {
             metrics,
             ledger_name: store.describe(),
             writer: Mutex::new(None),
+            committing: std::sync::atomic::AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             id: crate::intern::instance_id(),
         });
@@ -926,7 +930,8 @@ impl LocalStore {
     }
 
     fn unflushed(&self) -> usize {
-        self.packages.iter().filter(|e| lock(&e.value().inner).dirty).count()
+        self.committing.load(Ordering::SeqCst)
+            + self.packages.iter().filter(|e| lock(&e.value().inner).dirty).count()
             + self.months.iter().filter(|e| lock(&e.value().inner).dirty).count()
             + self.images.iter().filter(|e| lock(&e.value().inner).dirty).count()
     }
@@ -1103,7 +1108,15 @@ fn writer(
         }
         let records = &records[..keys.len()];
         let started = Instant::now();
-        match ledger.commit(records) {
+        b.committing.store(records.len(), Ordering::SeqCst);
+        let committed = ledger.commit(records);
+        if committed.is_err() {
+            for k in keys.values() {
+                k.redirty();
+            }
+        }
+        b.committing.store(0, Ordering::SeqCst);
+        match committed {
             Ok(()) => {
                 b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
                 if failures > 0 {
@@ -1133,9 +1146,6 @@ fn writer(
                     );
                 }
                 failures += 1;
-                for k in keys.values() {
-                    k.redirty();
-                }
             }
         }
         drop(b);
@@ -1425,6 +1435,67 @@ mod tests {
         )
         .unwrap();
         (s, dir)
+    }
+
+    /// A ledger whose commits hang (a stuck disk, NFS) until `release` is set.
+    struct HangingStore {
+        inner: crate::ledger::RedbLedger,
+        entered: Arc<AtomicBool>,
+        release: Arc<AtomicBool>,
+    }
+
+    impl LedgerStore for HangingStore {
+        fn load(&self) -> Result<Vec<Record>, LedgerError> {
+            self.inner.load()
+        }
+        fn commit(&self, records: &[Record]) -> Result<(), LedgerError> {
+            self.entered.store(true, Ordering::SeqCst);
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.inner.commit(records)
+        }
+        fn describe(&self) -> String {
+            "hanging".into()
+        }
+    }
+
+    /// SPEC §7 (SIGTERM reports, log and exit status 1, the charges it could not
+    /// flush): a commit that does not finish within the close's wait leaves its records
+    /// unwritten, yet they were marked clean when the writer took them, so `close` says Ok.
+    #[test]
+    fn close_with_a_commit_still_hanging_reports_its_records_unflushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (entered, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let ledger = HangingStore {
+            inner: crate::ledger::RedbLedger::open(dir.path()).unwrap(),
+            entered: entered.clone(),
+            release: release.clone(),
+        };
+        let clock = ManualClock::at("2026-03-01T00:00:00Z");
+        let s = LocalStore::open(
+            Box::new(ledger),
+            Durability::Batched,
+            Duration::from_millis(5),
+            Duration::from_secs(2),
+            Arc::new(Metrics::new(true)),
+            clock,
+            &|_| false,
+        )
+        .unwrap();
+        let ids = crate::store::RequestIds::new();
+        let (t, tl) = crate::intern::tenant("acme");
+        let (f, fl) = crate::intern::feature("ocr");
+        let key = BucketKey { tenant: tl, bucket: fl, local: crate::intern::pair(t, f) };
+        s.add_usage_now(key, "2026-03", UsageTo::Payer(crate::payer::PayerKind::Payg), 1, "", ids.next());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !entered.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the writer never committed");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let closed = s.close(Duration::from_millis(200));
+        release.store(true, Ordering::SeqCst);
+        assert!(closed.is_err(), "close said everything was flushed while the commit still hung");
     }
 
     /// The writer's per-thread lists (`Queues`): records queued by many threads at once, each
