@@ -38,8 +38,10 @@ fn error(e: &ApiError) -> Response<ProxyBody> {
 /// Checks the bearer token against the environment. Both sides are hashed first, so the
 /// comparison takes the same time whatever the lengths.
 fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
+    // Trimmed like the caller's token (a Secret file's trailing newline is no part of it); a
+    // blank token is no token.
     let expected = match std::env::var(TOKEN_ENV) {
-        Ok(t) if !t.is_empty() => t,
+        Ok(t) if !t.trim_ascii().is_empty() => t.trim_ascii().to_string(),
         _ => return Err(ApiError::AdminDisabled),
     };
     let given = bearer_token(req.headers()).unwrap_or(b"");

@@ -71,11 +71,18 @@ impl WriteError {
 /// Writes `text` to `path` atomically: a temporary file in the same folder, fsync, rename, fsync
 /// of the folder. Readers see the old file or the new one, never a mix.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    // A link (to the billing system's export) stays a link: the file it names is replaced.
+    let resolved = std::fs::canonicalize(path).ok();
+    let path = resolved.as_deref().unwrap_or(path);
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entitlements.json");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
+        // The new file keeps the old one's permissions (not the umask's default).
+        if let Ok(meta) = std::fs::metadata(path) {
+            f.set_permissions(meta.permissions())?;
+        }
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         drop(f);
@@ -449,8 +456,12 @@ fn warn_restart_only(old: &Snapshot, new: &Snapshot) {
         ("server.upstream_protocol", a.upstream_protocol != b.upstream_protocol),
         (
             "ledger",
-            a.ledger_dir != b.ledger_dir || a.durability != b.durability || a.flush_interval != b.flush_interval,
+            a.ledger_dir != b.ledger_dir
+                || a.durability != b.durability
+                || a.flush_interval != b.flush_interval
+                || a.strict_timeout != b.strict_timeout,
         ),
+        ("cluster", a.cluster != b.cluster),
         ("metrics.tenant_label", a.tenant_label != b.tenant_label),
         ("files.watch", a.watch != b.watch),
     ] {

@@ -25,7 +25,8 @@ pub fn parse_offset(s: &str) -> Result<FixedOffset, String> {
     }
     let bad = || format!("{s:?} is not a fixed offset like \"+08:00\"");
     let b = s.as_bytes();
-    if b.len() != 6 || b[3] != b':' || !(b[0] == b'+' || b[0] == b'-') {
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    if b.len() != 6 || b[3] != b':' || !(b[0] == b'+' || b[0] == b'-') || !digits(1..3) || !digits(4..6) {
         return Err(bad());
     }
     let h: i32 = s[1..3].parse().map_err(|_| bad())?;

@@ -195,3 +195,70 @@ fn admission_mode_is_enforce_or_shadow_and_a_tenant_flag_is_a_boolean() {
     let expected = format!("{}/entitlements.json: tenants.globex.shadow: invalid type", cfg.path().display());
     assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
 }
+
+/// A tenant id given twice in entitlements.json is refused: JSON parsers keep the last of two
+/// equal keys, so the first tenant would vanish silently (SPEC §3).
+#[test]
+fn duplicate_tenant_in_entitlements_is_an_error() {
+    // The same tenant id twice in `tenants`: JSON allows it syntactically, but one definition
+    // would silently replace the other (its keys, plans and packages vanish).
+    let ents = format!(
+        r#"{{"tenants": {{
+  "acme": {{"api_keys": ["{a}"], "services": ["face_body"],
+    "qps_plans": [{{"feature": "face-comparison-1-1", "qps": 40, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}}]}},
+  "acme": {{"api_keys": ["{b}"], "services": ["text_recognition"]}}
+}}}}"#,
+        a = key_hash("key-a"),
+        b = key_hash("key-b"),
+    );
+    let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:1", "", ""), SHIPPED_CATALOG, &ents);
+    let (ok, stdout, stderr) = check(&cfg);
+    assert!(!ok, "a duplicate tenant was accepted: {stdout}");
+    assert!(stderr.contains("entitlements.json") && stderr.contains("acme"), "{stderr}");
+}
+
+/// `+-8:00` and the like: `i32::from_str` takes a sign, so a typo moved the month boundaries.
+#[test]
+fn timezone_with_two_signs_is_refused() {
+    for tz in ["+-8:00", "++8:00", "-+5:30", "+08:-1"] {
+        let main = main_toml("http://127.0.0.1:1", "", &format!("[billing]\ntimezone = \"{tz}\"\n"));
+        let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+        let (ok, stdout, stderr) = check(&cfg);
+        assert!(!ok, "timezone {tz:?} was accepted: {stdout}");
+        assert!(stderr.contains("billing.timezone"), "{stderr}");
+    }
+}
+
+/// `check` and `serve` agree: a wildcard listener covers a specific one on the same port.
+#[test]
+fn check_refuses_listeners_that_serve_cannot_bind_together() {
+    // The same port on the wildcard address and on loopback: serve cannot bind both.
+    let port = dead_addr().port();
+    let main = main_toml("http://127.0.0.1:1", "", "")
+        .replace("listen = \"127.0.0.1:0\"\nadmin_listen", &format!("listen = \"0.0.0.0:{port}\"\nadmin_listen"))
+        .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{port}\""));
+    assert!(main.contains(&format!("0.0.0.0:{port}")) && main.contains(&format!("127.0.0.1:{port}")), "{main}");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg.main())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut serve_failed = None;
+    for _ in 0..100 {
+        if let Ok(Some(s)) = serve.try_wait() {
+            serve_failed = Some(!s.success());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let out = serve.wait_with_output().expect("wait");
+    let serve_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(serve_failed, Some(true), "serve started; this test assumes it cannot: {serve_err}");
+    let (ok, stdout, stderr) = check(&cfg);
+    assert!(!ok, "check accepted what serve refuses ({serve_err}): {stdout}");
+    assert!(stderr.contains("server.admin_listen"), "{stderr}");
+}

@@ -373,3 +373,72 @@ async fn write_back_over_an_invalid_file_is_refused_and_writes_nothing() {
     assert_eq!(std::fs::read_to_string(&ents).expect("read"), broken);
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1", "the served configuration is unchanged");
 }
+
+/// The token from the environment is trimmed like the caller's (a Secret file ends in `\n`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_from_a_secret_file_with_a_trailing_newline_still_works() {
+    // A token read from a file (Kubernetes Secret, `--env-file`) often ends in a newline; the
+    // caller's `Bearer` token is trimmed, so without trimming the expected side no call can pass.
+    let up = Upstream::start().await;
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", "reload-token\n")]);
+    let c = client();
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// The write-back replaces the file a link names, not the link (the billing export keeps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_keeps_a_symlinked_entitlements_file_a_symlink() {
+    // entitlements.json is a link to the billing system's export; an upgrade must change the
+    // export, not replace the link with a copy that later exports never reach.
+    let up = Upstream::start().await;
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let export_dir = cfg.path().join("export");
+    std::fs::create_dir(&export_dir).expect("mkdir");
+    let export = export_dir.join("tenants.json");
+    let link = cfg.path().join("entitlements.json");
+    std::fs::rename(&link, &export).expect("move");
+    std::os::unix::fs::symlink(&export, &link).expect("symlink");
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        std::fs::symlink_metadata(&link).expect("stat").file_type().is_symlink(),
+        "the link was replaced by a file"
+    );
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&export).expect("read")).expect("json");
+    assert_eq!(exported["tenants"]["acme"]["qps_plans"][0]["qps"], 45, "the upgrade reached the export");
+}
+
+/// The write-back keeps the file's permissions, not the umask's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_keeps_the_file_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_up, cfg, gw) = start(false, "").await;
+    let ents = cfg.path().join("entitlements.json");
+    std::fs::set_permissions(&ents, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let c = client();
+    let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let mode = std::fs::metadata(&ents).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the write-back changed the file's mode to {mode:o}");
+}
+
+/// `[ledger].strict_timeout_ms` and `[cluster]` are read at start: a reload says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changing_strict_timeout_warns_that_it_needs_a_restart() {
+    // README §Live changes: `[ledger]` takes effect at the next restart, and a reload that
+    // changes it logs a warning. strict_timeout_ms is read once, when the ledger opens.
+    let (_up, cfg, gw) = start(false, "[ledger]\nstrict_timeout_ms = 2000\n").await;
+    let c = client();
+    let main = std::fs::read_to_string(cfg.main()).expect("read");
+    replace_file(&cfg.main(), &main.replace("strict_timeout_ms = 2000", "strict_timeout_ms = 250"));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = gw.logs();
+    assert!(logs.contains("takes effect at the next restart"), "no restart warning:\n{logs}");
+}

@@ -12,7 +12,34 @@ use crate::time::parse_rfc3339;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RawEntitlements {
+    #[serde(deserialize_with = "unique_tenants")]
     pub tenants: BTreeMap<String, RawTenant>,
+}
+
+/// `tenants`, refusing an id given twice: JSON parsers keep the last of two equal keys, so the
+/// earlier tenant (its keys, plans and packages) would silently vanish.
+fn unique_tenants<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, RawTenant>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = BTreeMap<String, RawTenant>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of tenants by id")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(id) = m.next_key::<String>()? {
+                if out.contains_key(&id) {
+                    return Err(serde::de::Error::custom(format!(
+                        "duplicate tenant {id:?}: a tenant id may appear once"
+                    )));
+                }
+                let t = m.next_value::<RawTenant>()?;
+                out.insert(id, t);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

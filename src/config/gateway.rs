@@ -489,8 +489,12 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
     let s = &raw.server;
     let listen = parse_addr(errs, "server.listen", &s.listen);
     let admin_listen = parse_addr(errs, "server.admin_listen", &s.admin_listen);
-    if listen == admin_listen && listen.port() != 0 {
-        errs.push("server.admin_listen", "must differ from server.listen");
+    // The same port on the same address, or on a wildcard address that covers the other (a
+    // `[::]` wildcard covers IPv4 too): the second listener cannot bind.
+    let covers = |w: std::net::IpAddr, o: std::net::IpAddr| w.is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    let (a, b) = (listen.ip(), admin_listen.ip());
+    if listen.port() == admin_listen.port() && listen.port() != 0 && (a == b || covers(a, b) || covers(b, a)) {
+        errs.push("server.admin_listen", "must differ from server.listen (same port on an overlapping address)");
     }
     let upstream = parse_http_uri(errs, "server.upstream", &s.upstream);
     let upstream_timeout = positive_ms(errs, "server.upstream_timeout_ms", s.upstream_timeout_ms);
