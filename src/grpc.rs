@@ -100,9 +100,18 @@ pub fn refusal(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<Pr
     resp
 }
 
-/// The `grpc-status` in `h`, if there is one (`Some(None)`: there, but not a number).
+/// The `grpc-status` in `h`, if there is one (`Some(None)`: there, but not a number). The
+/// value is `1*DIGIT` alone (gRPC's HTTP/2 protocol): no sign, no whitespace (RFC 9113 §8.2.1
+/// makes a value that ends in one malformed), as the clients read it (tonic, grpc-go and
+/// grpc-java all take `"0 "` and `"+0"` for an error, so the gateway must not charge them).
 pub fn status_in(h: &HeaderMap) -> Option<Option<u32>> {
-    h.get(&GRPC_STATUS).map(|v| v.to_str().ok().and_then(|s| s.trim().parse().ok()))
+    h.get(&GRPC_STATUS).map(|v| {
+        let b = v.as_bytes();
+        if b.is_empty() || b.len() > 9 || !b.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(b.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')))
+    })
 }
 
 /// Runs the charge of an OK call, given its trailers; the error (strict ledger failing, store

@@ -10,6 +10,7 @@
 //! life, on the first request it does not serve ([`Served::HandOff`], with the bytes read so
 //! far), so every rare or tricky case keeps hyper's behaviour:
 //! - HTTP/2 (the connection preface) and any HTTP version but 1.1;
+//! - every request when the upstream speaks HTTP/2 (`upstream_protocol = "h2c"`);
 //! - a head hyper would refuse or that this path does not parse (`httparse` errors, over
 //!   [`MAX_HEAD`] bytes or [`MAX_HEADERS`] fields, a target not in origin form or with bytes
 //!   outside [`target_byte`]);
@@ -35,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::config::gateway::UpstreamProtocol;
 use crate::error::ApiError;
 use crate::gateway::{Conn, Gateway};
 use crate::metrics::Outcome;
@@ -375,6 +377,11 @@ pub async fn serve(
                     buf.truncate(len);
                     return Ok(Served::HandOff { h2: true, read: buf });
                 }
+            } else if len > 0 && gw.upstream.protocol == UpstreamProtocol::H2c {
+                // This path speaks HTTP/1.1 to the upstream; an h2c one gets every request
+                // through hyper's HTTP/2 client (SPEC §3.1, `upstream_protocol`).
+                buf.truncate(len);
+                return Ok(Served::HandOff { h2: false, read: buf });
             } else if len > 0 {
                 match parse_request(&buf[..len], &mut head) {
                     Parsed::Complete if head.head_len + head.body_len <= len => break,

@@ -941,7 +941,12 @@ async fn forward(
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (refuse(&e, &[], grpc), reserved_payer, outcome)
         }
-        Ok(resp) if resp.status().is_success() => match grpc.then(|| crate::grpc::status_in(resp.headers())) {
+        Ok(resp) if resp.status().is_success() => match grpc.then(|| match crate::grpc::status_in(resp.headers()) {
+            // An OK in a head that a body and trailers follow (not trailers-only) is not the
+            // call's status: its trailers are (SPEC §4), so the gate judges them.
+            Some(Some(crate::grpc::code::OK)) if !resp.body().is_end_stream() => None,
+            status => status,
+        }) {
             // Plain HTTP, or a trailers-only gRPC OK: charged now. In place when the settlement
             // completes without suspending (local store, batched ledger), else boxed: either way
             // its future is not kept in this one, which is moved into place on every request.
@@ -1090,6 +1095,16 @@ fn upstream_request(
     };
     if let Ok(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    // HTTP/2 carries the authority the client addressed as `:authority`: it goes on as `Host`,
+    // as an HTTP/1.1 client's `Host` does, replacing any `host` field (RFC 9113 §8.3.1).
+    if parts.version == http::Version::HTTP_2 {
+        if let Some(a) = parts.uri.authority() {
+            let host = a.as_str().rsplit('@').next().unwrap_or_default();
+            if let Ok(v) = HeaderValue::from_str(host) {
+                h.insert(header::HOST, v);
+            }
+        }
     }
     parts.uri = uri;
     parts.version = match protocol {

@@ -13,8 +13,8 @@
 //!   keep-alive pings; a new one is opened when it closes.
 //!
 //! Each connection is driven by a task of its own on the thread that opened it. `Host` is the
-//! client's (HTTP/1.1), or the upstream's authority when the client sent none (HTTP/2 clients
-//! send `:authority` instead).
+//! client's (its `Host`, or its `:authority` over HTTP/2), or the upstream's authority when the
+//! client sent none; to an h2c upstream it goes as `:authority`.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -140,6 +140,17 @@ impl Upstream {
             }
         }
         if self.protocol == UpstreamProtocol::H2c {
+            // The request's authority goes as `:authority`, and no `host` field beside it that
+            // could differ (RFC 9113 §8.3.1); the connection is still the upstream's.
+            if let Some(host) = req.headers_mut().remove(http::header::HOST) {
+                if let Ok(a) = Authority::try_from(host.as_bytes()) {
+                    let mut parts = req.uri().clone().into_parts();
+                    parts.authority = Some(a);
+                    if let Ok(uri) = Uri::from_parts(parts) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+            }
             return Sending::Slow { fut: Box::pin(self.send_h2(authority, req)) };
         }
         // HTTP/1.1 sends the request target in origin form.

@@ -345,3 +345,222 @@ async fn request_trailers_do_not_reach_an_h2c_upstream() {
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(String::from_utf8_lossy(&body), "", "request trailers reached the upstream");
 }
+
+// ---------------------------------------------------------------------------------------------
+// How a gRPC answer is judged.
+
+/// An HTTP/2 upstream answering every gRPC call by its method name (the last path segment):
+/// - `HeadOkTrailerInternal`: `grpc-status: 0` in the response head (not a trailers-only
+///   answer: a message and trailers follow), then trailers `grpc-status: 13`;
+/// - `TrailerZeroSpace`: one message, then trailers `grpc-status: "0 "` (malformed: RFC 9113
+///   §8.2.1; tonic, grpc-go and grpc-java all read it as not OK);
+/// - `TrailerPlusZero`: one message, then trailers `grpc-status: "+0"`;
+/// - `TrailerOk`: one message, then trailers `grpc-status: 0` (the control: charged).
+async fn judging_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+                    let _ = req.into_body().collect().await;
+                    let trailer = |v: &'static str| {
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", http::HeaderValue::from_static(v));
+                        t
+                    };
+                    let mut head = http::Response::builder().header("content-type", "application/grpc");
+                    let status = match method.as_str() {
+                        "HeadOkTrailerInternal" => {
+                            head = head.header("grpc-status", "0");
+                            "13"
+                        }
+                        "TrailerZeroSpace" => "0 ",
+                        "TrailerPlusZero" => "+0",
+                        _ => "0",
+                    };
+                    // One empty message (an empty InferReply), then the trailers.
+                    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
+                        Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                        Ok(http_body::Frame::trailers(trailer(status))),
+                    ];
+                    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+                    Ok::<_, std::convert::Infallible>(head.body(body).expect("response"))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// SPEC §4: "A gRPC call is charged only when its trailers carry `grpc-status: 0`." A
+/// `grpc-status: 0` in a response head that is not trailers-only (a body and trailers follow)
+/// is not the call's status (gRPC's HTTP/2 protocol: Response-Headers carry no status): its
+/// trailers say INTERNAL. Nor is a malformed `"0 "` or `"+0"` in the trailers an OK: tonic
+/// (this client) reads both as UNKNOWN, grpc-java both as UNKNOWN, grpc-go `"0 "` as malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_charged_only_when_the_trailers_say_ok() {
+    let up = judging_upstream().await;
+    let cfg = config(&format!("http://{up}"), "");
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let mut g = Client::connect(gw.addr, Some("key-acme")).await;
+    let at = |m: &str| format!("/{}/{m}", grpc_support::SERVICE).parse().unwrap();
+
+    // The control: OK trailers, charged.
+    g.unary_at(at("TrailerOk"), infer("x")).await.expect("OK");
+    assert_eq!(billed(&gw.metrics(&c).await), 1);
+
+    let mut wrongly_charged = Vec::new();
+    for method in ["HeadOkTrailerInternal", "TrailerZeroSpace", "TrailerPlusZero"] {
+        let before = billed(&gw.metrics(&c).await);
+        let r = g.unary_at(at(method), infer("x")).await;
+        // (tonic reads a `grpc-status` in the head as final and ignores the trailers; grpc-go
+        // and the gRPC protocol take the trailers' INTERNAL.)
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        if billed(&gw.metrics(&c).await) != before {
+            wrongly_charged.push(format!("{method} (client saw {code:?})"));
+        }
+    }
+    assert!(wrongly_charged.is_empty(), "charged though the trailers do not say OK: {wrongly_charged:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1 clients and an h2c upstream; the request's authority across protocols.
+
+/// An HTTP/2-only (prior knowledge) upstream that answers every request 200 with JSON saying
+/// what it received: its `:authority`, every `host` field, and the header names.
+async fn h2_reporting_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let authority = req.uri().authority().map(|a| a.to_string());
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    let names: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+                    let _ = req.into_body().collect().await;
+                    let v = serde_json::json!({"authority": authority, "host": hosts, "names": names});
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(v.to_string()))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn h2c_config(up: std::net::SocketAddr) -> ConfigDir {
+    ConfigDir::new(
+        &main_toml(&format!("http://{up}"), "upstream_protocol = \"h2c\"\n", "[admission]\ndefault_qps = 100\n"),
+        &catalog(),
+        &tenants(),
+    )
+}
+
+/// SPEC §3.1/§4: `upstream_protocol = "h2c"` is how the gateway talks to the upstream, whatever
+/// the client speaks. A plain HTTP/1.1 request (a small body with its head: the HTTP/1.1 fast
+/// path's kind) must reach an HTTP/2-only upstream like the same request with `TE: trailers`
+/// (which the fast path hands to hyper) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_reaches_an_h2c_upstream() {
+    let up = h2_reporting_upstream().await;
+    let cfg = h2c_config(up);
+    let gw = Gateway::start(&cfg);
+    let url = gw.url("/v1/ocr/license-plate");
+    // Handed to hyper (a `TE` field): forwarded over HTTP/2.
+    let r = post(&client(), &url, &[("x-api-key", "key-acme"), ("te", "trailers")], b"{}").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    // The plain request, on a connection of its own (a connection handed to hyper stays there).
+    let r = post(&client(), &url, &[("x-api-key", "key-acme")], b"{}").await;
+    assert_eq!(r.status, StatusCode::OK, "plain HTTP/1.1 request: {}", String::from_utf8_lossy(&r.body));
+}
+
+/// RFC 9113 §8.3.1: a client MUST NOT send an HTTP/2 request whose `Host` differs from its
+/// `:authority`; an intermediary forwarding over HTTP/2 builds `:authority` from the original
+/// request's authority. An HTTP/1.1 client's `Host: tenant.example` goes to an h2c upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_authority_agree_towards_an_h2c_upstream() {
+    let up = h2_reporting_upstream().await;
+    let cfg = h2c_config(up);
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    // `TE: trailers` so the request takes the hyper path (see the test above).
+    let r = post(
+        &c,
+        &gw.url("/v1/ocr/license-plate"),
+        &[("x-api-key", "key-acme"), ("host", "tenant.example"), ("te", "trailers")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let seen = r.json();
+    let authority = seen["authority"].as_str().unwrap_or_default().to_string();
+    for host in seen["host"].as_array().expect("hosts") {
+        assert_eq!(host.as_str(), Some(authority.as_str()), "host differs from :authority: {seen}");
+    }
+}
+
+/// The same request judged and forwarded the same over HTTP/1.1 and HTTP/2 (SPEC §4; RFC 9113
+/// §8.3.1: an intermediary that builds `Host` for HTTP/1.1 takes it from `:authority`): the
+/// authority the client addressed reaches an HTTP/1.1 upstream as `Host` in both cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_authority_reaches_an_http1_upstream_as_host() {
+    let up = Upstream::start().await;
+    let rest = "[admission]\ndefault_qps = 100\n";
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", rest), &catalog(), &tenants());
+    let gw = Gateway::start(&cfg);
+    // HTTP/1.1, Host: tenant.example.
+    let r = post(
+        &client(),
+        &gw.url("/v1/ocr/license-plate"),
+        &[("x-api-key", "key-acme"), ("host", "tenant.example")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["headers"]["host"], "tenant.example", "HTTP/1.1: the client's Host");
+    // HTTP/2, :authority tenant.example (on a connection to the gateway's address).
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post("http://tenant.example/v1/ocr/license-plate")
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("HTTP/2 response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(seen["headers"]["host"], "tenant.example", "HTTP/2: the client's :authority: {seen}");
+    // A `host` field beside `:authority` does not override it (RFC 9113 §8.3.1: the Host built
+    // from `:authority` replaces any existing one).
+    let req = http::Request::post("http://tenant.example/v1/ocr/license-plate")
+        .header("x-api-key", "key-acme")
+        .header("host", "other.example")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = tx.send_request(req).await.expect("HTTP/2 response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(seen["headers"]["host"], "tenant.example", "HTTP/2 with a differing host field: {seen}");
+}
