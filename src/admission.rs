@@ -88,7 +88,12 @@ pub fn limit_at(
 
 /// Bucket depth per SPEC §3.1: `max(1, floor(limit × burst_seconds))`.
 pub fn depth(limit: u32, burst_seconds: f64) -> u32 {
-    let d = (f64::from(limit) * burst_seconds).floor();
+    let p = f64::from(limit) * burst_seconds;
+    // `burst_seconds` is the decimal of turnstile.toml read into the nearest f64, so a product
+    // that is whole in decimal may land a few ulps below it (45 × 1.4 = 62.99999999999999):
+    // such a product is the whole number it stands for, not the one below.
+    let r = p.round();
+    let d = if (p - r).abs() <= r.abs() * 1e-14 { r } else { p.floor() };
     if d.is_finite() && d >= 1.0 {
         d.min(f64::from(u32::MAX)) as u32
     } else {
@@ -432,6 +437,28 @@ families = ["face_body"]
         assert_eq!(depth(1, 0.5), 1);
         assert_eq!(depth(20, 0.25), 5);
         assert_eq!(depth(3, 2.5), 7);
+    }
+
+    /// The product of a limit and a decimal `burst_seconds` that is whole in decimal is that
+    /// whole number, though the f64 product lands a few ulps below it (45 × 1.4 =
+    /// 62.99999999999999 floored to 62: a depth one short of SPEC §3.1's).
+    #[test]
+    fn depth_is_the_decimal_product_floored() {
+        assert_eq!(depth(45, 1.4), 63);
+        assert_eq!(depth(90, 0.7), 63);
+        assert_eq!(depth(25, 1.16), 29);
+        assert_eq!(depth(10, 0.35), 3, "a product that is not whole still floors");
+        assert_eq!(depth(7, 0.999), 6);
+        assert_eq!(depth(u32::MAX, 3600.0), u32::MAX);
+        // Every limit 1..=200 with burst_seconds of two decimals 0.01..=10.00, against the exact
+        // integer arithmetic (limit × hundredths / 100).
+        for limit in 1..=200u32 {
+            for cents in 1..=1000u32 {
+                let exact = (u64::from(limit) * u64::from(cents) / 100).max(1);
+                let b: f64 = format!("{}.{:02}", cents / 100, cents % 100).parse().unwrap();
+                assert_eq!(u64::from(depth(limit, b)), exact, "{limit} × {b}");
+            }
+        }
     }
 
     #[test]
