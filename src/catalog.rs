@@ -375,8 +375,8 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
             }
         };
         if let Some(q) = f.default_qps {
-            if q == 0 {
-                errs.push(format!("{p}.default_qps"), "must be at least 1");
+            if let Some(e) = crate::units::qps_out_of_range(q) {
+                errs.push(format!("{p}.default_qps"), e);
             }
             if let Some(c) = cap.filter(|&c| q > c) {
                 errs.push(format!("{p}.default_qps"), format!("{q} exceeds the {} cap of {c}", f.family));
@@ -477,8 +477,8 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
         },
         Some(is) => {
             let delete_qps = is.delete_qps.unwrap_or(20);
-            if delete_qps == 0 {
-                errs.push("image_search.delete_qps", "must be at least 1");
+            if let Some(e) = crate::units::qps_out_of_range(delete_qps) {
+                errs.push("image_search.delete_qps", e);
             }
             let mut packages: Vec<ImagePackage> = Vec::new();
             for (i, pk) in is.packages.iter().enumerate() {

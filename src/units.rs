@@ -44,6 +44,21 @@ pub fn minutes_to_ms(minutes: Decimal) -> i64 {
     i64::try_from(ms).unwrap_or(if ms.is_sign_negative() { i64::MIN } else { i64::MAX })
 }
 
+/// The highest QPS any limit may be set to (plans, upgrades, `default_qps`, image search): a
+/// cluster-mode bucket's emission interval is whole microseconds (Redis's clock), which a higher
+/// limit would round to 0, an unlimited bucket. Here, a leaf module, so that the catalog and the
+/// entitlements check it alike.
+pub const MAX_QPS: u32 = 1_000_000;
+
+/// The error for a QPS limit of 0 or above [`MAX_QPS`], if it is one.
+pub fn qps_out_of_range(q: u32) -> Option<String> {
+    match q {
+        0 => Some("must be at least 1".into()),
+        q if q > MAX_QPS => Some(format!("{q} is above the most a limit may be, {MAX_QPS} QPS")),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

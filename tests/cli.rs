@@ -262,3 +262,24 @@ fn check_refuses_listeners_that_serve_cannot_bind_together() {
     assert!(!ok, "check accepted what serve refuses ({serve_err}): {stdout}");
     assert!(stderr.contains("server.admin_listen"), "{stderr}");
 }
+
+/// No limit may be above 1,000,000 QPS: a cluster-mode bucket counts whole microseconds, and a
+/// higher limit would make an unlimited one. 1,000,000 itself is valid.
+#[test]
+fn a_limit_above_a_million_qps_is_refused() {
+    let at = |qps: u32| {
+        ConfigDir::new(
+            &main_toml("http://127.0.0.1:1", "", &format!("[admission]\ndefault_qps = {qps}\n")),
+            SHIPPED_CATALOG,
+            &entitlements(40, None),
+        )
+    };
+    let (ok, stdout, stderr) = check(&at(1_000_000));
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, _, stderr) = check(&at(1_000_001));
+    assert!(!ok);
+    assert!(
+        stderr.contains("admission.default_qps: 1000001 is above the most a limit may be, 1000000 QPS"),
+        "{stderr}"
+    );
+}

@@ -26,7 +26,7 @@ pub fn texts_keyed(tenants: usize, ledger: &std::path::Path, key: impl Fn(usize)
     ents.push_str("}}");
     let main = format!(
         "[server]\nupstream = \"http://127.0.0.1:1\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [admission]\ndefault_qps = 1000000000\n[ledger]\ndir = \"{}\"\n\
+         [admission]\ndefault_qps = 1000000\nburst_seconds = 3600.0\n[ledger]\ndir = \"{}\"\n\
          [[routes]]\npath = \"/v1/infer\"\nfeature = \"license-plate-recognition\"\n",
         ledger.display()
     );

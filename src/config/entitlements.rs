@@ -261,8 +261,8 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
             let cap = catalog.family_cap(f);
             let fam = catalog.family_id(f);
             let check_qps = |errs: &mut Errs<'_>, path: String, q: u32| {
-                if q == 0 {
-                    errs.push(path, "must be at least 1");
+                if let Some(e) = crate::units::qps_out_of_range(q) {
+                    errs.push(path, e);
                 } else if let Some(c) = cap.filter(|&c| q > c) {
                     errs.push(path, format!("{q} exceeds the {fam} cap of {c}"));
                 }
@@ -379,8 +379,8 @@ pub fn compile(raw: RawEntitlements, catalog: &Catalog, errs: &mut Errs<'_>) -> 
             if is.capacity == 0 {
                 errs.push(format!("{ip}.capacity"), "must be at least 1");
             }
-            if is.qps == 0 {
-                errs.push(format!("{ip}.qps"), "must be at least 1");
+            if let Some(e) = crate::units::qps_out_of_range(is.qps) {
+                errs.push(format!("{ip}.qps"), e);
             }
             ImageInstance {
                 capacity: is.capacity,

@@ -529,8 +529,8 @@ pub fn compile(raw: RawGateway, catalog: &Catalog, errs: &mut Errs<'_>) -> Optio
         errs.push("identity.api_key_header", "must not be Authorization (always accepted) or an x-turnstile-* header");
     }
     let a = &raw.admission;
-    if a.default_qps == 0 {
-        errs.push("admission.default_qps", "must be at least 1");
+    if let Some(e) = crate::units::qps_out_of_range(a.default_qps) {
+        errs.push("admission.default_qps", e);
     }
     if !(a.burst_seconds.is_finite() && a.burst_seconds > 0.0 && a.burst_seconds <= 3600.0) {
         errs.push("admission.burst_seconds", format!("{} must be above 0 and at most 3600", a.burst_seconds));
