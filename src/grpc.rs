@@ -104,8 +104,14 @@ pub fn refusal(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<Pr
 /// value is `1*DIGIT` alone (gRPC's HTTP/2 protocol): no sign, no whitespace (RFC 9113 §8.2.1
 /// makes a value that ends in one malformed), as the clients read it (tonic, grpc-go and
 /// grpc-java all take `"0 "` and `"+0"` for an error, so the gateway must not charge them).
+/// Given twice it is no status either: clients differ on which one counts (grpc-go the last).
 pub fn status_in(h: &HeaderMap) -> Option<Option<u32>> {
-    h.get(&GRPC_STATUS).map(|v| {
+    let mut all = h.get_all(&GRPC_STATUS).iter();
+    let first = all.next();
+    if first.is_some() && all.next().is_some() {
+        return Some(None);
+    }
+    first.map(|v| {
         let b = v.as_bytes();
         if b.is_empty() || b.len() > 9 || !b.iter().all(u8::is_ascii_digit) {
             return None;
@@ -142,6 +148,13 @@ impl TrailerGate {
             self.settling = Some((handle, trailers));
             None
         } else {
+            let mut trailers = trailers;
+            if trailers.get_all(&GRPC_STATUS).iter().nth(1).is_some() {
+                // Given twice: not charged, and one error status, so that no client reads the
+                // first (tonic) as an OK that was not charged.
+                trailers.insert(GRPC_STATUS.clone(), HeaderValue::from(code::INTERNAL));
+                trailers.insert(GRPC_MESSAGE.clone(), encode_message("the upstream sent grpc-status more than once"));
+            }
             Some(trailers)
         }
     }

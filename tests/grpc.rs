@@ -366,9 +366,12 @@ async fn judging_upstream() -> std::net::SocketAddr {
                 let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                     let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
                     let _ = req.into_body().collect().await;
+                    // `a|b`: the field twice.
                     let trailer = |v: &'static str| {
                         let mut t = http::HeaderMap::new();
-                        t.insert("grpc-status", http::HeaderValue::from_static(v));
+                        for one in v.split('|') {
+                            t.append("grpc-status", http::HeaderValue::from_static(one));
+                        }
                         t
                     };
                     let mut head = http::Response::builder().header("content-type", "application/grpc");
@@ -379,6 +382,7 @@ async fn judging_upstream() -> std::net::SocketAddr {
                         }
                         "TrailerZeroSpace" => "0 ",
                         "TrailerPlusZero" => "+0",
+                        "TrailerZeroThenInternal" => "0|13",
                         _ => "0",
                     };
                     // One empty message (an empty InferReply), then the trailers.
@@ -417,7 +421,7 @@ async fn grpc_charged_only_when_the_trailers_say_ok() {
     assert_eq!(billed(&gw.metrics(&c).await), 1);
 
     let mut wrongly_charged = Vec::new();
-    for method in ["HeadOkTrailerInternal", "TrailerZeroSpace", "TrailerPlusZero"] {
+    for method in ["HeadOkTrailerInternal", "TrailerZeroSpace", "TrailerPlusZero", "TrailerZeroThenInternal"] {
         let before = billed(&gw.metrics(&c).await);
         let r = g.unary_at(at(method), infer("x")).await;
         // (tonic reads a `grpc-status` in the head as final and ignores the trailers; grpc-go
@@ -425,6 +429,9 @@ async fn grpc_charged_only_when_the_trailers_say_ok() {
         let code = r.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
         if billed(&gw.metrics(&c).await) != before {
             wrongly_charged.push(format!("{method} (client saw {code:?})"));
+        }
+        if method == "TrailerZeroThenInternal" {
+            assert_eq!(code, Code::Internal, "grpc-status twice: one error status reaches the client");
         }
     }
     assert!(wrongly_charged.is_empty(), "charged though the trailers do not say OK: {wrongly_charged:?}");
