@@ -188,28 +188,23 @@ async fn every_refusal_of_a_grpc_call_is_a_trailers_only_grpc_status() {
     assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::Unavailable, Some("upstream_unavailable")));
 }
 
-/// An HTTP/2 upstream that answers a gRPC call with headers and one message, then resets the
-/// stream (no trailers): the call broke, and is not charged.
-async fn breaking_upstream() -> std::net::SocketAddr {
+/// An HTTP/2 (prior knowledge) upstream on a free loopback port that answers every request
+/// with `answer`.
+async fn h2_upstream<F, Fut, B>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
+            let svc = hyper::service::service_fn(answer.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    // One length-prefixed (empty) message, then an error: hyper resets the stream.
-                    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
-                        Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
-                        Err(std::io::Error::other("the model crashed")),
-                    ];
-                    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-                    let resp = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(body)
-                        .expect("response");
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
                 let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -217,6 +212,22 @@ async fn breaking_upstream() -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// An HTTP/2 upstream that answers a gRPC call with headers and one message, then resets the
+/// stream (no trailers): the call broke, and is not charged.
+async fn breaking_upstream() -> std::net::SocketAddr {
+    h2_upstream(|_req: http::Request<hyper::body::Incoming>| async {
+        // One length-prefixed (empty) message, then an error: hyper resets the stream.
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+            Err(std::io::Error::other("the model crashed")),
+        ];
+        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+        let resp = http::Response::builder().header("content-type", "application/grpc").body(body).expect("response");
+        Ok::<_, std::convert::Infallible>(resp)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,26 +303,13 @@ async fn http1_and_http2_share_the_tenant_port() {
 /// An HTTP/2 upstream that answers each request with the names of the request trailers it
 /// received, comma-separated, as its body.
 async fn trailer_reporting_upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async {
-                    let collected = req.into_body().collect().await.map_err(std::io::Error::other)?;
-                    let mut names: Vec<String> =
-                        collected.trailers().map_or(Vec::new(), |t| t.keys().map(|k| k.to_string()).collect());
-                    names.sort();
-                    Ok::<_, std::io::Error>(http::Response::new(Full::new(Bytes::from(names.join(",")))))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    h2_upstream(|req: http::Request<hyper::body::Incoming>| async {
+        let trailers = req.into_body().collect().await.ok().and_then(|c| c.trailers().cloned());
+        let mut names: Vec<String> = trailers.map_or(Vec::new(), |t| t.keys().map(|k| k.to_string()).collect());
+        names.sort();
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(names.join(",")))))
+    })
+    .await
 }
 
 /// A client's request trailers do not reach an HTTP/2 upstream, as they never reach an
@@ -357,49 +355,37 @@ async fn request_trailers_do_not_reach_an_h2c_upstream() {
 /// - `TrailerPlusZero`: one message, then trailers `grpc-status: "+0"`;
 /// - `TrailerOk`: one message, then trailers `grpc-status: 0` (the control: charged).
 async fn judging_upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
-                    let _ = req.into_body().collect().await;
-                    // `a|b`: the field twice.
-                    let trailer = |v: &'static str| {
-                        let mut t = http::HeaderMap::new();
-                        for one in v.split('|') {
-                            t.append("grpc-status", http::HeaderValue::from_static(one));
-                        }
-                        t
-                    };
-                    let mut head = http::Response::builder().header("content-type", "application/grpc");
-                    let status = match method.as_str() {
-                        "HeadOkTrailerInternal" => {
-                            head = head.header("grpc-status", "0");
-                            "13"
-                        }
-                        "TrailerZeroSpace" => "0 ",
-                        "TrailerPlusZero" => "+0",
-                        "TrailerZeroThenInternal" => "0|13",
-                        _ => "0",
-                    };
-                    // One empty message (an empty InferReply), then the trailers.
-                    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
-                        Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
-                        Ok(http_body::Frame::trailers(trailer(status))),
-                    ];
-                    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-                    Ok::<_, std::convert::Infallible>(head.body(body).expect("response"))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    h2_upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let _ = req.into_body().collect().await;
+        // `a|b`: the field twice.
+        let trailer = |v: &'static str| {
+            let mut t = http::HeaderMap::new();
+            for one in v.split('|') {
+                t.append("grpc-status", http::HeaderValue::from_static(one));
+            }
+            t
+        };
+        let mut head = http::Response::builder().header("content-type", "application/grpc");
+        let status = match method.as_str() {
+            "HeadOkTrailerInternal" => {
+                head = head.header("grpc-status", "0");
+                "13"
+            }
+            "TrailerZeroSpace" => "0 ",
+            "TrailerPlusZero" => "+0",
+            "TrailerZeroThenInternal" => "0|13",
+            _ => "0",
+        };
+        // One empty message (an empty InferReply), then the trailers.
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+            Ok(http_body::Frame::trailers(trailer(status))),
+        ];
+        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+        Ok::<_, std::convert::Infallible>(head.body(body).expect("response"))
+    })
+    .await
 }
 
 /// SPEC §4: "A gRPC call is charged only when its trailers carry `grpc-status: 0`." A
@@ -443,32 +429,16 @@ async fn grpc_charged_only_when_the_trailers_say_ok() {
 /// An HTTP/2-only (prior knowledge) upstream that answers every request 200 with JSON saying
 /// what it received: its `:authority`, every `host` field, and the header names.
 async fn h2_reporting_upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let authority = req.uri().authority().map(|a| a.to_string());
-                    let hosts: Vec<String> = req
-                        .headers()
-                        .get_all("host")
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect();
-                    let names: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
-                    let _ = req.into_body().collect().await;
-                    let v = serde_json::json!({"authority": authority, "host": hosts, "names": names});
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(v.to_string()))))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    h2_upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        let authority = req.uri().authority().map(|a| a.to_string());
+        let hosts: Vec<String> =
+            req.headers().get_all("host").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+        let names: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+        let _ = req.into_body().collect().await;
+        let v = serde_json::json!({"authority": authority, "host": hosts, "names": names});
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(v.to_string()))))
+    })
+    .await
 }
 
 fn h2c_config(up: std::net::SocketAddr) -> ConfigDir {

@@ -1424,8 +1424,13 @@ mod tests {
     fn open(clock: SharedClock) -> (Arc<LocalStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let ledger = crate::ledger::RedbLedger::open(dir.path()).unwrap();
-        let s = LocalStore::open(
-            Box::new(ledger),
+        (open_on(Box::new(ledger), clock), dir)
+    }
+
+    /// A batched store on `ledger`, committing every 5 ms.
+    fn open_on(ledger: Box<dyn LedgerStore>, clock: SharedClock) -> Arc<LocalStore> {
+        LocalStore::open(
+            ledger,
             Durability::Batched,
             Duration::from_millis(5),
             Duration::from_secs(2),
@@ -1433,8 +1438,7 @@ mod tests {
             clock,
             &|_| false,
         )
-        .unwrap();
-        (s, dir)
+        .unwrap()
     }
 
     /// A ledger whose commits hang (a stuck disk, NFS) until `release` is set.
@@ -1472,17 +1476,7 @@ mod tests {
             entered: entered.clone(),
             release: release.clone(),
         };
-        let clock = ManualClock::at("2026-03-01T00:00:00Z");
-        let s = LocalStore::open(
-            Box::new(ledger),
-            Durability::Batched,
-            Duration::from_millis(5),
-            Duration::from_secs(2),
-            Arc::new(Metrics::new(true)),
-            clock,
-            &|_| false,
-        )
-        .unwrap();
+        let s = open_on(Box::new(ledger), ManualClock::at("2026-03-01T00:00:00Z"));
         let ids = crate::store::RequestIds::new();
         let (t, tl) = crate::intern::tenant("acme");
         let (f, fl) = crate::intern::feature("ocr");
