@@ -646,29 +646,28 @@ impl LocalStore {
     }
 
     pub fn mark_alerted_now(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> bool {
-        let pkg = self.pkg(tenant, package.local, package.id);
-        let mut g = lock(&pkg.inner);
-        if g.alerted {
-            return false;
-        }
-        g.alerted = true;
-        self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
-        true
+        self.mark_alerted(tenant, package).is_some()
     }
 
     /// [`LocalStore::mark_alerted_now`] as a delta of request `id` (strict mode: reverted with
     /// its charge when that is not durable in time).
     pub fn mark_alerted_for(&self, tenant: TenantKey<'_>, package: Candidate<'_>, id: RequestId) -> bool {
+        let Some(pkg) = self.mark_alerted(tenant, package) else { return false };
+        self.remember(id, || Delta::Alerted(pkg));
+        true
+    }
+
+    /// Marks the package's alert fired; the package when this was the first time.
+    fn mark_alerted(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Option<Arc<Pkg>> {
         let pkg = self.pkg(tenant, package.local, package.id);
         let mut g = lock(&pkg.inner);
         if g.alerted {
-            return false;
+            return None;
         }
         g.alerted = true;
         self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
         drop(g);
-        self.remember(id, || Delta::Alerted(pkg));
-        true
+        Some(pkg)
     }
 
     /// Gives back expired holds and image slots, and forgets expired idempotency markers.
