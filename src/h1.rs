@@ -41,7 +41,7 @@ use crate::error::ApiError;
 use crate::gateway::{Conn, Gateway};
 use crate::metrics::Outcome;
 use crate::proxy::{self, Decision, Forward, HeadView, RateFields};
-use crate::upstream::{RawConn, UpstreamError};
+use crate::upstream::{RawConn, UpstreamError, MAX_RESPONSE_HEAD};
 
 /// The longest request head this path serves (hyper's limit is larger: longer heads go there).
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -52,8 +52,6 @@ pub const MAX_HEADERS: usize = 64;
 /// The most header fields an upstream response may have (hyper's client's limit: the same
 /// answer reads the same on both paths).
 const MAX_RESPONSE_HEADERS: usize = 100;
-/// The longest upstream response head read (a longer one is a 502, as with hyper's client).
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// HTTP/2's connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The client buffer's first size; it grows to hold a head and its body.
@@ -1085,6 +1083,7 @@ async fn send_and_read_head(
     loop {
         if up.len > 0 {
             match parse_response(&up.buf[..up.len], head_request, out) {
+                Ok(RespParsed::Complete(head)) if head.head_len > MAX_RESPONSE_HEAD => return Err(Failure::Malformed),
                 Ok(RespParsed::Complete(head)) => return Ok(head),
                 Ok(RespParsed::Interim(n)) => {
                     up.buf.copy_within(n..up.len, 0);

@@ -33,6 +33,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::body::Upload;
 use crate::config::gateway::UpstreamProtocol;
 
+/// The longest upstream answer head read, on both HTTP/1.1 paths (the fast path's, and hyper's
+/// client's `max_header_size`, which is otherwise its ~400 KiB buffer): a longer one is a 502.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
 /// How long an idle HTTP/1.1 connection is kept (hyper-util's and Envoy's default is 90 s / 1 h;
 /// nginx `keepalive_timeout` for upstreams: 60 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -243,7 +247,7 @@ impl Upstream {
 
     async fn connect_h1(&self, authority: &Authority) -> Result<http1::SendRequest<Upload>, UpstreamError> {
         let io = TokioIo::new(self.tcp(authority).await?);
-        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        let (tx, conn) = http1::Builder::new().max_header_size(MAX_RESPONSE_HEAD).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

@@ -123,6 +123,13 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
                 r
             }
             "status000" => b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            // A 100 KiB head: over both paths' 64 KiB.
+            "bighead" => {
+                let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Big: ".to_vec();
+                r.extend(std::iter::repeat_n(b'a', 100 * 1024));
+                r.extend_from_slice(b"\r\n\r\nok");
+                r
+            }
             // A coding the gateway does not undo, under chunked.
             "gzip-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
@@ -542,4 +549,25 @@ async fn an_upstream_answer_with_80_fields_reads_the_same_on_both_paths() {
         seen.push((path, r.status, billed(&gw).await));
     }
     assert_eq!(seen, [("fast path", 200, 1.0), ("hyper", 200, 2.0)]);
+}
+
+/// An upstream head over 64 KiB reads the same on both paths: a 502, not charged (the fast
+/// path and hyper's client, `max_header_size`, have the same bound; hyper's default, ~400
+/// KiB, relayed and charged what the fast path refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_head_over_64_kib_reads_502_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let mut seen = Vec::new();
+    for (path, request) in [
+        ("fast path", get("/v1/raw/bighead")),
+        ("hyper", "GET /v1/raw/bighead HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
+    ] {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        seen.push((path, r.status));
+    }
+    assert_eq!(seen, [("fast path", 502), ("hyper", 502)]);
+    assert_eq!(billed(&gw).await, 0.0, "not charged");
 }
