@@ -101,22 +101,18 @@ pub fn refusal(e: &ApiError, extra: &[(HeaderName, HeaderValue)]) -> Response<Pr
 }
 
 /// The `grpc-status` in `h`, if there is one (`Some(None)`: there, but not a number). The
-/// value is `1*DIGIT` alone (gRPC's HTTP/2 protocol): no sign, no whitespace (RFC 9113 §8.2.1
-/// makes a value that ends in one malformed), as the clients read it (tonic, grpc-go and
-/// grpc-java all take `"0 "` and `"+0"` for an error, so the gateway must not charge them).
+/// value is one to nine digits alone (gRPC's HTTP/2 protocol: `1*DIGIT`): no sign, no
+/// whitespace (RFC 9113 §8.2.1 makes a value that ends in one malformed), as the clients read
+/// it (tonic, grpc-go and grpc-java all take `"0 "` and `"+0"` for an error, so the gateway must
+/// not charge them).
 /// Given twice it is no status either: clients differ on which one counts (grpc-go the last).
 pub fn status_in(h: &HeaderMap) -> Option<Option<u32>> {
-    let mut all = h.get_all(&GRPC_STATUS).iter();
-    let first = all.next();
-    if first.is_some() && all.next().is_some() {
+    if crate::http_util::repeated(h, &GRPC_STATUS) {
         return Some(None);
     }
-    first.map(|v| {
-        let b = v.as_bytes();
-        if b.is_empty() || b.len() > 9 || !b.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        Some(b.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')))
+    h.get(&GRPC_STATUS).map(|v| {
+        let b = Some(v.as_bytes()).filter(|b| b.len() <= 9)?;
+        crate::http_util::digits(b).and_then(|n| u32::try_from(n).ok())
     })
 }
 
@@ -149,7 +145,7 @@ impl TrailerGate {
             None
         } else {
             let mut trailers = trailers;
-            if trailers.get_all(&GRPC_STATUS).iter().nth(1).is_some() {
+            if crate::http_util::repeated(&trailers, &GRPC_STATUS) {
                 // Given twice: not charged, and one error status, so that no client reads the
                 // first (tonic) as an OK that was not charged.
                 trailers.insert(GRPC_STATUS.clone(), HeaderValue::from(code::INTERNAL));

@@ -44,16 +44,25 @@ pub fn other_transfer_coding(value: &[u8]) -> bool {
 /// `u64`. Not `u64::from_str`, which also takes a leading `+` that a client or another proxy
 /// would read differently.
 pub fn content_length(value: &[u8]) -> Option<u64> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() {
+    digits(value.trim_ascii())
+}
+
+/// `1*DIGIT` exactly (no sign, no whitespace), within `u64`.
+pub fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, &d| {
+    value.iter().try_fold(0u64, |n, &d| {
         if !d.is_ascii_digit() {
             return None;
         }
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
+}
+
+/// Whether `name` appears more than once in `h`.
+pub fn repeated(h: &HeaderMap, name: &HeaderName) -> bool {
+    h.get_all(name).iter().nth(1).is_some()
 }
 
 /// The one JSON error shape, with its status and the headers that go with the refusal.

@@ -580,7 +580,7 @@ pub fn handle(
 ) -> Handling<impl std::future::Future<Output = Response<TenantBody>> + Send + 'static> {
     let start = Instant::now();
     let grpc = crate::grpc::is_grpc(req.headers());
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+    if crate::http_util::repeated(req.headers(), &header::HOST) {
         // RFC 9112 §3.2: more than one Host is a 400 (forwarded, the upstream may take either).
         let e = ApiError::BadRequest("the request has more than one Host field: send exactly one".into());
         let (resp, body) = (refuse(&e, &[], grpc), req.into_body());
@@ -822,10 +822,7 @@ fn frame_rate(v: &[u8]) -> Option<u32> {
         Some(i) => (&v[..i], Some(&v[i + 1..])),
         None => (v, None),
     };
-    if !whole.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = u32::try_from(crate::http_util::content_length(whole)?).ok()?;
+    let n = u32::try_from(crate::http_util::digits(whole)?).ok()?;
     match frac {
         None => Some(n),
         Some(f) if !f.is_empty() && f.iter().all(u8::is_ascii_digit) => {
