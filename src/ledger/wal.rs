@@ -130,16 +130,9 @@ pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
     }
     let mut entries = Vec::new();
     let mut at = MAGIC.len();
-    while bytes.len() - at >= FRAME_HEAD {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
-        let hash = u64::from_le_bytes(bytes[at + 4..at + FRAME_HEAD].try_into().unwrap_or_default());
-        let start = at + FRAME_HEAD;
-        let Some(payload) = bytes.get(start..start.saturating_add(len)) else { break };
-        if xxh3_64(payload) != hash {
-            break;
-        }
+    while let Some((len, Some(payload))) = frame_at(bytes, at) {
         parse_payload(payload, &mut entries).map_err(|e| format!("frame at byte {at}: {e}"))?;
-        at = start + len;
+        at += FRAME_HEAD + len;
     }
     let tail = &bytes[at..];
     if let Some(next) = whole_frame_after(bytes, at) {
@@ -150,20 +143,26 @@ pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
     Ok(Read { entries, end: at, dropped: if tail.iter().all(|&b| b == 0) { 0 } else { tail.len() } })
 }
 
+/// The frame whose head starts at `at`: its payload's length, and its payload when all of it
+/// is there and its checksum holds. `None` when no whole head is left there.
+fn frame_at(bytes: &[u8], at: usize) -> Option<(usize, Option<&[u8]>)> {
+    let head = bytes.get(at..at.checked_add(FRAME_HEAD)?)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let hash = u64::from_le_bytes(head[4..].try_into().ok()?);
+    let start = at + FRAME_HEAD;
+    let payload = bytes.get(start..start.checked_add(len)?).filter(|p| xxh3_64(p) == hash);
+    Some((len, payload))
+}
+
 /// Where a whole frame starts after the frame at `at` that did not read (following the length
 /// fields from it while they stay inside `bytes`), if one does.
 fn whole_frame_after(bytes: &[u8], mut at: usize) -> Option<usize> {
+    let (mut len, _) = frame_at(bytes, at)?;
     loop {
-        let head = bytes.get(at..at.checked_add(FRAME_HEAD)?)?;
-        let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
         at = at.checked_add(FRAME_HEAD)?.checked_add(len)?;
-        let head = bytes.get(at..at.checked_add(FRAME_HEAD)?)?;
-        let (len, hash) =
-            (u32::from_le_bytes(head[..4].try_into().ok()?) as usize, u64::from_le_bytes(head[4..].try_into().ok()?));
-        if let Some(payload) = bytes.get(at + FRAME_HEAD..(at + FRAME_HEAD).checked_add(len)?) {
-            if xxh3_64(payload) == hash {
-                return Some(at);
-            }
+        match frame_at(bytes, at)? {
+            (_, Some(_)) => return Some(at),
+            (next, None) => len = next,
         }
     }
 }
