@@ -876,9 +876,9 @@ impl Billing {
     }
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
-    /// balance falls to the ratio (once: the store remembers it). `defer` (a strict charge of the
-    /// local store, not yet durable): the mark is one of the request's deltas, reverted with it,
-    /// and the alert is fired by [`Billing::durable`] once the charge is on disk.
+    /// balance falls to the ratio (once: the store remembers it). A strict charge of the local
+    /// store (not yet durable) marks it as one of request `id`'s deltas, reverted with it, and
+    /// leaves the alert in `pending` for [`Billing::durable`] to fire once the charge is on disk.
     #[allow(clippy::too_many_arguments)]
     async fn paid(
         &self,
@@ -888,25 +888,21 @@ impl Billing {
         consumed: i64,
         ratio: Decimal,
         now: i64,
-        defer: Option<(RequestId, &mut Vec<PendingAlert>)>,
+        id: RequestId,
+        pending: &mut Vec<PendingAlert>,
     ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
         if !crate::alerts::crossed(points, remaining, ratio) {
             return Ok(());
         }
-        match defer {
-            Some((id, pending)) => {
-                if self.store.mark_alerted_for(t, c, id) {
-                    pending.push((t, c, consumed, ratio, now));
-                }
+        if matches!(stores, Stores::Local(_)) && self.store.is_strict() {
+            if self.store.mark_alerted_for(t, c, id) {
+                pending.push((t, c, consumed, ratio, now));
             }
-            None => {
-                if stores.mark_alerted(t, c).await? {
-                    self.journal_alert(stores, t, c);
-                    self.alert_fired(t, c, consumed, ratio, now);
-                }
-            }
+        } else if stores.mark_alerted(t, c).await? {
+            self.journal_alert(stores, t, c);
+            self.alert_fired(t, c, consumed, ratio, now);
         }
         Ok(())
     }
@@ -1213,8 +1209,8 @@ impl Billing {
         }
         if let (Some(_), Some((t, c))) = (r.held.take(), r.package) {
             if let Some(consumed) = stores.commit(t, r.id).await? {
-                let defer = strict.then_some((r.id, &mut charge.alerts));
-                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now, defer).await?;
+                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now, r.id, &mut charge.alerts)
+                    .await?;
                 if strict {
                     charge.packages.push((t, c));
                 }
@@ -1346,10 +1342,8 @@ impl Billing {
                     if let (Some(remote), false) = (&self.remote, r.fallback) {
                         self.note_consumed(remote, t, cands[i], x.consumed);
                     }
-                    // Strict on the local store (Redis's acknowledgement is durable already).
-                    let defer = (self.store.is_strict() && (self.remote.is_none() || r.fallback))
-                        .then_some((r.id, &mut charge.alerts));
-                    self.paid(stores, t, cands[i], x.consumed, snap.settings.low_balance_ratio, now, defer).await?;
+                    let ratio = snap.settings.low_balance_ratio;
+                    self.paid(stores, t, cands[i], x.consumed, ratio, now, r.id, &mut charge.alerts).await?;
                     charge.packages.push((t, cands[i]));
                 }
                 left = rest;
@@ -1557,13 +1551,20 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, d: Durability) -> Arc<Billing> {
+        open_at(dir, d, crate::clock::SystemClock::shared())
+    }
+
+    /// [`open`] on `clock`.
+    fn open_at(dir: &std::path::Path, d: Durability, clock: crate::clock::SharedClock) -> Arc<Billing> {
         let store = RedbLedger::open(dir).unwrap();
-        Billing::open(
+        Billing::open_with(
             Box::new(store),
             d,
             Duration::from_millis(5),
             Duration::from_secs(2),
             Arc::new(Metrics::new(true)),
+            clock,
+            &|_| false,
         )
         .unwrap()
         .0
@@ -2152,17 +2153,7 @@ mod tests {
         let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
         let f = feature(&s, "object-detection");
         let clock = crate::clock::ManualClock::at("2026-03-01T00:00:00Z");
-        let b = Billing::open_with(
-            Box::new(RedbLedger::open(dir.path()).unwrap()),
-            Durability::Batched,
-            Duration::from_millis(5),
-            Duration::from_secs(2),
-            Arc::new(Metrics::new(true)),
-            clock.clone(),
-            &|_| false,
-        )
-        .unwrap()
-        .0;
+        let b = open_at(dir.path(), Durability::Batched, clock.clone());
         let tenant = &s.tenants[0];
         let now = t("2026-03-01T00:00:00Z");
         let r = reserve(&b, &s, tenant, f, now).unwrap();
