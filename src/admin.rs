@@ -40,9 +40,9 @@ fn error(e: &ApiError) -> Response<ProxyBody> {
 fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
     // Trimmed like the caller's token (a Secret file's trailing newline is no part of it); a
     // blank token is no token.
-    let expected = match std::env::var(TOKEN_ENV) {
-        Ok(t) if !t.trim_ascii().is_empty() => t.trim_ascii().to_string(),
-        _ => return Err(ApiError::AdminDisabled),
+    let Some(expected) = std::env::var(TOKEN_ENV).ok().map(|t| t.trim_ascii().to_string()).filter(|t| !t.is_empty())
+    else {
+        return Err(ApiError::AdminDisabled);
     };
     let given = bearer_token(req.headers()).unwrap_or(b"");
     let a: [u8; 32] = Sha256::digest(expected.as_bytes()).into();
