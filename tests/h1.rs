@@ -169,6 +169,23 @@ fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: tenant.example\r\nx-api-key: key-globex\r\n\r\n")
 }
 
+/// The same call through hyper's path: a `TE` field makes the fast path hand it over.
+fn hyper_get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n")
+}
+
+/// `GET path` for each path, labelled: the fast path's, then hyper's.
+fn both_paths(path: &str) -> [(&'static str, String); 2] {
+    [("fast path", get(path)), ("hyper", hyper_get(path))]
+}
+
+/// `request` on a connection of its own, and the gateway's reply.
+async fn ask(gw: &Gateway, request: &str) -> Result<common::wire::RawReply, String> {
+    let mut w = Wire::connect(addr(gw)).await;
+    w.s.write_all(request.as_bytes()).await.expect("write");
+    w.reply(T).await
+}
+
 async fn billed(gw: &Gateway) -> f64 {
     let m = gw.metrics(&client()).await;
     m.lines()
@@ -354,13 +371,8 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
 async fn a_signed_upstream_content_length_reads_502_and_is_not_charged() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    for (path, request) in [
-        ("fast path", get("/v1/raw/signed")),
-        ("hyper", "GET /v1/raw/signed HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await.expect("reply");
+    for (path, request) in both_paths("/v1/raw/signed") {
+        let r = ask(&gw, &request).await.expect("reply");
         assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"), "{path}: {}", r.head);
     }
     assert_eq!(billed(&gw).await, 0.0, "not charged");
@@ -437,16 +449,8 @@ async fn an_http10_upstream_answer_with_transfer_encoding_is_faulty_on_both_path
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     let mut seen = Vec::new();
-    for (path, request) in [
-        ("fast path", get("/v1/raw/http10-chunked")),
-        (
-            "hyper",
-            "GET /v1/raw/http10-chunked HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into(),
-        ),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await.expect("reply");
+    for (path, request) in both_paths("/v1/raw/http10-chunked") {
+        let r = ask(&gw, &request).await.expect("reply");
         seen.push((path, r.status));
     }
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)], "the two paths answer the same");
@@ -460,10 +464,7 @@ async fn an_http10_upstream_answer_with_transfer_encoding_is_faulty_on_both_path
 async fn the_hyper_path_drops_an_upstream_content_length_beside_chunked() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
-    let req = "GET /v1/raw/both HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n";
-    w.s.write_all(req.as_bytes()).await.expect("write");
-    let r = w.reply(T).await.expect("a whole answer (hyper path)");
+    let r = ask(&gw, &hyper_get("/v1/raw/both")).await.expect("a whole answer (hyper path)");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{}", r.head);
     assert_eq!(r.header("content-length"), None, "never the upstream's stale length: {}", r.head);
 }
@@ -476,16 +477,8 @@ async fn an_upstream_transfer_coding_other_than_chunked_is_not_silently_dropped(
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     let mut relayed = Vec::new();
-    for (path, request) in [
-        ("fast path", get("/v1/raw/gzip-chunked")),
-        (
-            "hyper",
-            "GET /v1/raw/gzip-chunked HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into(),
-        ),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await.expect("reply");
+    for (path, request) in both_paths("/v1/raw/gzip-chunked") {
+        let r = ask(&gw, &request).await.expect("reply");
         let coding_kept = r.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("gzip"));
         if !(r.status == 502 || coding_kept) {
             relayed.push(format!("{path}: gzip-coded bytes relayed as plain content: {} body {:?}", r.head, r.body));
@@ -502,13 +495,8 @@ async fn an_upstream_status_under_100_reads_502_on_both_paths() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     let mut seen = Vec::new();
-    for (path, request) in [
-        ("fast path", get("/v1/raw/status000")),
-        ("hyper", "GET /v1/raw/status000 HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await;
+    for (path, request) in both_paths("/v1/raw/status000") {
+        let r = ask(&gw, &request).await;
         seen.push((path, r.map(|r| r.status).map_err(|e| e.chars().take(80).collect::<String>())));
     }
     assert_eq!(seen, [("fast path", Ok(502)), ("hyper", Ok(502))]);
@@ -539,13 +527,8 @@ async fn an_upstream_answer_with_80_fields_reads_the_same_on_both_paths() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     let mut seen = Vec::new();
-    for (path, request) in [
-        ("fast path", get("/v1/raw/many")),
-        ("hyper", "GET /v1/raw/many HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await.expect("reply");
+    for (path, request) in both_paths("/v1/raw/many") {
+        let r = ask(&gw, &request).await.expect("reply");
         seen.push((path, r.status, billed(&gw).await));
     }
     assert_eq!(seen, [("fast path", 200, 1.0), ("hyper", 200, 2.0)]);
@@ -559,13 +542,8 @@ async fn an_upstream_head_over_64_kib_reads_502_on_both_paths() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     let mut seen = Vec::new();
-    for (path, request) in [
-        ("fast path", get("/v1/raw/bighead")),
-        ("hyper", "GET /v1/raw/bighead HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n".into()),
-    ] {
-        let mut w = Wire::connect(addr(&gw)).await;
-        w.s.write_all(request.as_bytes()).await.expect("write");
-        let r = w.reply(T).await.expect("reply");
+    for (path, request) in both_paths("/v1/raw/bighead") {
+        let r = ask(&gw, &request).await.expect("reply");
         seen.push((path, r.status));
     }
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)]);
