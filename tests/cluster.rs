@@ -286,11 +286,7 @@ async fn local_fallback_serves_and_replays_its_charges_exactly_once() {
     assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=20;w=1"), "limit / expected_replicas");
     assert_eq!(metric(&gw.metrics(&c).await, "turnstile_store_fallback"), Some(1.0));
     redis.restart();
-    let back = Instant::now();
-    while metric(&gw.metrics(&c).await, "turnstile_store_fallback") != Some(0.0) {
-        assert!(back.elapsed() < Duration::from_secs(5), "still on the fallback 5 s after Redis came back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fallback_becomes(&c, gw, 0.0).await;
     let check = |v: serde_json::Value| {
         assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "7", "3 + 4 payg calls: {v}");
         assert_eq!(v["features"]["object-detection"]["units"]["single_package"], "3", "1 + 2 package calls: {v}");
@@ -353,11 +349,11 @@ fn a_replica_without_redis_at_start_exits_1() {
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
 
-/// Waits (≤ 5 s) for the replica to leave the fallback.
-async fn back_on_redis(c: &TestClient, gw: &Gateway) {
-    let back = Instant::now();
-    while metric(&gw.metrics(c).await, "turnstile_store_fallback") != Some(0.0) {
-        assert!(back.elapsed() < Duration::from_secs(5), "still on the fallback 5 s after Redis came back");
+/// Waits (≤ 5 s) for the replica's `turnstile_store_fallback` to read `v` (0: back on Redis).
+async fn fallback_becomes(c: &TestClient, gw: &Gateway, v: f64) {
+    let since = Instant::now();
+    while metric(&gw.metrics(c).await, "turnstile_store_fallback") != Some(v) {
+        assert!(since.elapsed() < Duration::from_secs(5), "turnstile_store_fallback not {v} within 5 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -391,7 +387,7 @@ async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
     assert!(!logs.contains("panicked"), "{logs}");
     // Stopped after Redis came back: replayed, nothing lost, exit 0.
     redis.restart();
-    back_on_redis(&c, &set.gw[1]).await;
+    fallback_becomes(&c, &set.gw[1], 0.0).await;
     let status = set.gw[1].signal_and_wait("TERM").expect("exits");
     assert_eq!(status.code(), Some(0), "{}", set.gw[1].logs());
     assert!(!set.gw[1].logs().contains("panicked"), "{}", set.gw[1].logs());
@@ -424,7 +420,7 @@ async fn an_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
     };
     assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "fired on the fallback at remaining 2");
     redis.restart();
-    back_on_redis(&c, gw).await;
+    fallback_becomes(&c, gw, 0.0).await;
     let u = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json();
     eprintln!("after the replay: {}", u["packages"]);
     let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
@@ -462,23 +458,13 @@ async fn a_second_fallback_spell_does_not_count_the_first_spells_charges_twice()
             );
         }
     };
-    let wait_fallback = |v: f64| {
-        let c = c.clone();
-        async move {
-            let since = Instant::now();
-            while metric(&gw.metrics(&c).await, "turnstile_store_fallback") != Some(v) {
-                assert!(since.elapsed() < Duration::from_secs(5), "fallback gauge never {v}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
     detect("1st point, on Redis").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.kill9();
     detect("2nd point, first fallback spell").await;
-    wait_fallback(1.0).await;
+    fallback_becomes(&c, gw, 1.0).await;
     redis.restart();
-    wait_fallback(0.0).await;
+    fallback_becomes(&c, gw, 0.0).await;
     detect("3rd point, on Redis again").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let v = admin_get(&c, gw, "/admin/v1/tenants/acme/usage").await.json();
