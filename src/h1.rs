@@ -39,6 +39,7 @@ use tokio::time::{Instant, Sleep};
 use crate::config::gateway::UpstreamProtocol;
 use crate::error::ApiError;
 use crate::gateway::{Conn, Gateway};
+use crate::http_util::USAGE_FIELDS;
 use crate::metrics::Outcome;
 use crate::proxy::{self, Decision, Forward, HeadView, RateFields};
 use crate::upstream::{RawConn, UpstreamError, MAX_RESPONSE_HEAD};
@@ -640,9 +641,6 @@ enum Framing {
     /// Read until the upstream closes.
     Close,
 }
-
-/// The usage reports of SPEC §4 an upstream answer may carry, which the settlement reads.
-const USAGE_FIELDS: [&str; 4] = ["x-usage-video-ms", "x-usage-video-fps", "x-usage-video-lines", "x-usage-image-count"];
 
 /// An upstream response head. Its fields that go on to the client are written out as it is
 /// parsed; what the gateway still needs of it is kept here (the usage reports as ranges of the

@@ -11,6 +11,10 @@ use crate::error::{ApiError, JSON};
 /// A response body: a small one the gateway made, or the upstream's streamed.
 pub type ProxyBody = Either<Full<Bytes>, crate::upstream::Body>;
 
+/// The usage reports of SPEC §4 an upstream answer may carry, which the settlement reads.
+pub const USAGE_FIELDS: [&str; 4] =
+    ["x-usage-video-ms", "x-usage-video-fps", "x-usage-video-lines", "x-usage-image-count"];
+
 /// Is the field `name` hop-by-hop (RFC 9110 §7.6.1 plus the legacy ones proxies drop, and
 /// `upgrade`: protocol upgrades are not proxied)? Dropped on the way through, by the fast path
 /// and by the hyper path alike. Any letter case.

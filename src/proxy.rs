@@ -938,44 +938,48 @@ async fn forward(
             // Dropping `fwd` gives a reserved package share back: nothing is charged.
             (refuse(&e, &[], grpc), reserved_payer, outcome)
         }
-        Ok(resp) if resp.status().is_success() => match grpc.then(|| match crate::grpc::status_in(resp.headers()) {
-            // An OK in a head that a body and trailers follow (not trailers-only) is not the
-            // call's status: its trailers are (SPEC §4), so the gate judges them.
-            Some(Some(crate::grpc::code::OK)) if !resp.body().is_end_stream() => None,
-            status => status,
-        }) {
-            // Plain HTTP, or a trailers-only gRPC OK: charged now. In place when the settlement
-            // completes without suspending (local store, batched ledger), else boxed: either way
-            // its future is not kept in this one, which is moved into place on every request.
-            None | Some(Some(Some(crate::grpc::code::OK))) => {
-                let settled = if gw.billing.settles_at_once() {
-                    settle_at_once(gw, fwd, resp.headers())
-                } else {
-                    Box::pin(settle(gw, fwd, resp.headers())).await
-                };
-                match settled {
-                    Ok(payer) => (resp, payer, Outcome::Admitted),
-                    // Strict ledger failing: the upstream's answer is dropped and the call not charged.
-                    Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
+        Ok((resp, listed)) if resp.status().is_success() => {
+            match grpc.then(|| match crate::grpc::status_in(resp.headers()) {
+                // An OK in a head that a body and trailers follow (not trailers-only) is not the
+                // call's status: its trailers are (SPEC §4), so the gate judges them.
+                Some(Some(crate::grpc::code::OK)) if !resp.body().is_end_stream() => None,
+                status => status,
+            }) {
+                // Plain HTTP, or a trailers-only gRPC OK: charged now. In place when the settlement
+                // completes without suspending (local store, batched ledger), else boxed: either way
+                // its future is not kept in this one, which is moved into place on every request.
+                None | Some(Some(Some(crate::grpc::code::OK))) => {
+                    let reported = Reported { head: resp.headers(), listed: listed.as_ref() };
+                    let settled = if gw.billing.settles_at_once() {
+                        settle_at_once(gw, fwd, &reported)
+                    } else {
+                        Box::pin(settle(gw, fwd, &reported)).await
+                    };
+                    match settled {
+                        Ok(payer) => (resp, payer, Outcome::Admitted),
+                        // Strict ledger failing: the upstream's answer is dropped and the call not charged.
+                        Err(e) => (refuse(&e, &[], grpc), reserved_payer, e.outcome()),
+                    }
+                }
+                // A trailers-only gRPC error: not charged (dropping `fwd`).
+                Some(Some(_)) => (resp, reserved_payer, Outcome::Admitted),
+                // A streamed gRPC answer: charged when its trailers say OK.
+                Some(None) => {
+                    let (gw, head) = (gw.clone(), resp.headers().clone());
+                    gate = Some(TrailerGate::new(Box::new(move |trailers| {
+                        tokio::spawn(async move {
+                            // Usage reports may come in the headers or the trailers.
+                            let mut reported = head;
+                            reported.extend(listed.into_iter().flatten());
+                            reported.extend(trailers);
+                            settle(&gw, fwd, &reported).await.map(drop)
+                        })
+                    })));
+                    (resp, reserved_payer, Outcome::Admitted)
                 }
             }
-            // A trailers-only gRPC error: not charged (dropping `fwd`).
-            Some(Some(_)) => (resp, reserved_payer, Outcome::Admitted),
-            // A streamed gRPC answer: charged when its trailers say OK.
-            Some(None) => {
-                let (gw, head) = (gw.clone(), resp.headers().clone());
-                gate = Some(TrailerGate::new(Box::new(move |trailers| {
-                    tokio::spawn(async move {
-                        // Usage reports may come in the headers or the trailers.
-                        let mut reported = head;
-                        reported.extend(trailers);
-                        settle(&gw, fwd, &reported).await.map(drop)
-                    })
-                })));
-                (resp, reserved_payer, Outcome::Admitted)
-            }
-        },
-        Ok(resp) => (resp, reserved_payer, Outcome::Admitted),
+        }
+        Ok((resp, _)) => (resp, reserved_payer, Outcome::Admitted),
     };
     let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
     let h = resp.headers_mut();
@@ -989,7 +993,7 @@ async fn forward(
 }
 
 /// Sends an admitted request upstream, within `upstream_timeout_ms` for the response head.
-async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<Response<ProxyBody>, ApiError> {
+async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<(Response<ProxyBody>, Listed), ApiError> {
     let gw = &conn.gw;
     let s = &fwd.snap.settings;
     let head_request = req.method() == http::Method::HEAD;
@@ -1032,8 +1036,44 @@ async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<Resp
     if parts.headers.contains_key(header::TRANSFER_ENCODING) {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    let listed = listed_usage(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Either::Right(body)))
+    Ok((Response::from_parts(parts, Either::Right(body)), listed))
+}
+
+/// Usage reports the upstream listed in its `Connection` field: addressed to the gateway (RFC
+/// 9110 §7.6.1), so the settlement reads them while the client does not get them (as on the
+/// fast path, which reads the head's usage fields before it drops the listed ones). `None`
+/// (nothing allocated) unless some are listed.
+type Listed = Option<HeaderMap>;
+
+fn listed_usage(h: &HeaderMap) -> Listed {
+    let mut listed: Listed = None;
+    for token in h.get_all(header::CONNECTION).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+        let token = token.trim_ascii();
+        let Some(name) = crate::http_util::USAGE_FIELDS.iter().find(|u| token.eq_ignore_ascii_case(u.as_bytes()))
+        else {
+            continue;
+        };
+        // The first value, as the settlement reads an unlisted one.
+        if let Some(v) = h.get(*name) {
+            listed.get_or_insert_with(HeaderMap::new).insert(*name, v.clone());
+        }
+    }
+    listed
+}
+
+/// What the settlement reads of an upstream answer: its head, then the usage reports it
+/// listed in `Connection` (dropped from the head).
+struct Reported<'a> {
+    head: &'a HeaderMap,
+    listed: Option<&'a HeaderMap>,
+}
+
+impl HeadView for Reported<'_> {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.head.header(name).or_else(|| self.listed?.header(name))
+    }
 }
 
 /// The request as it goes upstream (SPEC §4): the normalized path under the upstream's base,

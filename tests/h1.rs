@@ -132,6 +132,8 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             }
             // A coding the gateway does not undo, under chunked.
             "gzip-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n".to_vec(),
+            // Usage reports the upstream addresses to the gateway alone (listed in `Connection`).
+            "usage-listed" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-usage-video-ms, x-usage-video-fps, x-usage-video-lines\r\nx-usage-video-ms: 60000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\n\r\nok".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -367,6 +369,35 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
 /// A length the upstream signs (`+2`: `u64::from_str` takes it, RFC 9110's `1*DIGIT` does not)
 /// is a broken answer, on either path: 502, not charged, and never relayed for the client to
 /// frame some other way.
+/// Usage reports listed in the upstream's `Connection` are addressed to the gateway (RFC 9110
+/// §7.6.1): both paths bill them, and neither passes them on to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_listed_in_connection_are_billed_and_not_relayed_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let main = main_toml(&up.url(), "", "[admission]\ndefault_qps = 1000\n").replace(
+        "[[routes]]\npath = \"/v1/face/compare\"",
+        "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"comprehensive-video-enhancement\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
+    );
+    let ents = entitlements(40, None).replace(r#"["text_recognition"]"#, r#"["text_recognition", "video_production"]"#);
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &ents);
+    let gw = Gateway::start(&cfg);
+    for (path, request) in both_paths("/v1/raw/usage-listed") {
+        let r = ask(&gw, &request).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        for gone in ["x-usage-video-ms", "x-usage-video-fps", "x-usage-video-lines"] {
+            assert!(r.header(gone).is_none(), "{path}: {gone} is hop-by-hop: {}", r.head);
+        }
+    }
+    let m = gw.metrics(&client()).await;
+    let minutes: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("comprehensive-video-enhancement"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(minutes, 2.0, "one minute through each path: {m}");
+    assert!(!m.contains("turnstile_usage_report_errors_total{"), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_upstream_content_length_reads_502_and_is_not_charged() {
     let up = RawUpstream::start().await;
