@@ -539,11 +539,7 @@ impl Metrics {
 
     pub fn payg_amount(&self, key: u64, tenant: &'static str, feature: &'static str, currency: &str, amount: f64) {
         let p = self.pair(key, tenant, feature);
-        // An amount already added means the currency was set before it: the pair's first line
-        // answers, and the currency's (a cold line with many tenants) is read only until then.
-        if p.payg_amount.load(Relaxed) == 0f64.to_bits() {
-            p.currency.get_or_init(|| currency.into());
-        }
+        p.currency.get_or_init(|| currency.into());
         add_f64(&p.payg_amount, amount);
     }
 

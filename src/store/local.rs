@@ -118,23 +118,18 @@ impl FromIterator<(String, i64)> for Cells {
     }
 }
 
-/// Laid out in declaration order (`repr(C)`), as is [`Month`]: what a settlement touches (the
-/// `Arc`'s counts, the lock, the units, the cells, the dirty flag) lies in the allocation's
-/// first ~120 bytes, the names (read by the writer only) after it.
-#[repr(C)]
 struct MonthInner {
     units: [i64; 5],
     payg: Cells,
-    dirty: bool,
     unpaid: i64,
+    dirty: bool,
 }
 
-#[repr(C)]
 struct Month {
-    inner: Mutex<MonthInner>,
     tenant: String,
     feature: String,
     month: String,
+    inner: Mutex<MonthInner>,
 }
 
 struct ImgInner {
