@@ -311,10 +311,16 @@ impl Collector for HistogramFamily {
 /// `turnstile_package_remaining_points`, showing the packages of the configuration being served
 /// only. A package a reload removed is hidden, not deleted from the vec: billing caches each
 /// package's gauge handle, and if a later reload brings the package back, that same handle must
-/// be the one shown.
+/// be the one shown. Each tenant's package has its own gauge in the vec; without the tenant
+/// label, the packages of one id (of several tenants) add up into one series (SPEC §10), as the
+/// counters do.
 struct PackageGauges {
+    /// Labelled `tenant`, `package`, whatever the tenant label.
     vec: GaugeVec,
-    /// `tenant\0package` (tenant empty without the tenant label) of every configured package.
+    /// The family as scraped: `tenant` and `package`, or `package` alone.
+    desc: Desc,
+    tenant_label: bool,
+    /// `tenant\0package` of every configured package.
     shown: Arc<RwLock<HashSet<String>>>,
 }
 
@@ -322,19 +328,39 @@ fn package_key(tenant: &str, package: &str) -> String {
     format!("{tenant}\0{package}")
 }
 
+/// The value of `m`'s label `name` ("" when it has none).
+fn label_of<'m>(m: &'m proto::Metric, name: &str) -> &'m str {
+    m.get_label().iter().find(|l| l.name() == name).map_or("", |l| l.value())
+}
+
 impl Collector for PackageGauges {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.vec.desc()
+        vec![&self.desc]
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         let mut families = self.vec.collect();
         let shown = self.shown.read().unwrap_or_else(PoisonError::into_inner);
         for f in &mut families {
-            f.mut_metric().retain(|m| {
-                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map_or("", |l| l.value());
-                shown.contains(&package_key(label("tenant"), label("package")))
-            });
+            f.mut_metric().retain(|m| shown.contains(&package_key(label_of(m, "tenant"), label_of(m, "package"))));
+            if self.tenant_label {
+                continue;
+            }
+            let mut sums: BTreeMap<&str, f64> = BTreeMap::new();
+            for m in f.get_metric() {
+                *sums.entry(label_of(m, "package")).or_insert(0.0) += m.get_gauge().get_value();
+            }
+            let summed = sums
+                .into_iter()
+                .map(|(package, v)| {
+                    let mut m = proto::Metric::from_label(vec![label("package", package)]);
+                    let mut g = proto::Gauge::default();
+                    g.set_value(v);
+                    m.set_gauge(g);
+                    m
+                })
+                .collect();
+            f.set_metric(summed);
         }
         families
     }
@@ -391,9 +417,13 @@ impl Metrics {
             ),
             &with_tenant(&["feature", "currency"]),
         ));
-        let package_remaining = def(GaugeVec::new(
-            Opts::new("turnstile_package_remaining_points", "Points left in a package"),
-            &with_tenant(&["package"]),
+        let package_opts = Opts::new("turnstile_package_remaining_points", "Points left in a package");
+        let package_remaining = def(GaugeVec::new(package_opts.clone(), &["tenant", "package"]));
+        let package_desc = def(Desc::new(
+            package_opts.name,
+            package_opts.help,
+            with_tenant(&["package"]).into_iter().map(String::from).collect(),
+            Default::default(),
         ));
         let low_balance_alerts = def(IntCounterVec::new(
             Opts::new("turnstile_package_low_balance_alerts_total", "Low-balance alerts fired"),
@@ -453,7 +483,12 @@ impl Metrics {
                 pairs: pairs.clone(),
                 tenant_label,
             }),
-            Box::new(PackageGauges { vec: package_remaining.clone(), shown: packages_shown.clone() }),
+            Box::new(PackageGauges {
+                vec: package_remaining.clone(),
+                desc: package_desc,
+                tenant_label,
+                shown: packages_shown.clone(),
+            }),
             Box::new(low_balance_alerts.clone()),
             Box::new(request_duration),
             Box::new(upstream),
@@ -543,8 +578,10 @@ impl Metrics {
         add_f64(&p.payg_amount, amount);
     }
 
+    /// The gauge of `tenant`'s `package` (its own, also without the tenant label: the scrape
+    /// sums the tenants' gauges of one package id then).
     pub fn package_gauge(&self, tenant: &str, package: &str) -> Gauge {
-        self.package_remaining.with_label_values(&self.labels(tenant, &[package]))
+        self.package_remaining.with_label_values(&[tenant, package])
     }
 
     pub fn image_gauge(&self, tenant: &str) -> IntGauge {
@@ -570,8 +607,7 @@ impl Metrics {
     /// The packages whose `turnstile_package_remaining_points` series are shown: those of the
     /// configuration being served (a reload's removed packages disappear from the scrape).
     pub fn show_packages<'a>(&self, packages: impl Iterator<Item = (&'a str, &'a str)>) {
-        let shown: HashSet<String> =
-            packages.map(|(t, p)| package_key(if self.tenant_label { t } else { "" }, p)).collect();
+        let shown: HashSet<String> = packages.map(|(t, p)| package_key(t, p)).collect();
         *self.packages_shown.write().unwrap_or_else(PoisonError::into_inner) = shown;
     }
 
@@ -650,6 +686,49 @@ mod tests {
                 assert_eq!(lines(&got, name), lines(&want, name), "{name}, tenant label {tenant_label}");
                 assert!(!lines(&got, name).is_empty());
             }
+        }
+    }
+
+    /// SPEC §10: without the tenant label every package still has its
+    /// `turnstile_package_remaining_points` series; two tenants' packages of one id share it, and
+    /// it shows their sum (as the counters add up), over the configured packages only.
+    #[test]
+    fn without_the_tenant_label_one_package_id_of_two_tenants_shows_their_sum() {
+        for tenant_label in [true, false] {
+            let m = Metrics::new(tenant_label);
+            m.show_packages([("acme", "od"), ("beta", "od"), ("beta", "ocr")].into_iter());
+            m.package_gauge("acme", "od").set(3.0);
+            m.package_gauge("beta", "od").set(4.5);
+            m.package_gauge("beta", "ocr").set(2.0);
+            let got = lines(&m.render(), "turnstile_package_remaining_points{");
+            let want: &[&str] = if tenant_label {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr",tenant="beta"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="acme"} 3"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="beta"} 4.5"#,
+                ]
+            } else {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od"} 7.5"#,
+                ]
+            };
+            assert_eq!(got, want, "tenant label {tenant_label}");
+            // A reload removed beta's od: the sum is acme's alone.
+            m.show_packages([("acme", "od"), ("beta", "ocr")].into_iter());
+            let got = lines(&m.render(), "turnstile_package_remaining_points{");
+            let want: &[&str] = if tenant_label {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr",tenant="beta"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="acme"} 3"#,
+                ]
+            } else {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od"} 3"#,
+                ]
+            };
+            assert_eq!(got, want, "after the reload, tenant label {tenant_label}");
         }
     }
 
