@@ -161,14 +161,20 @@ struct Charge {
     currency: String,
     /// Packages that paid: their gauges are set again after a revert.
     packages: Vec<(TenantKey<'static>, Candidate<'static>)>,
-    /// Strict mode: low-balance alerts this charge marked, fired once it is durable (a reverted
-    /// charge was never made: the store takes its mark back and nothing is fired).
+    /// Strict mode: packages this charge left at or below the low-balance ratio (not yet
+    /// alerted), checked again, marked and fired once the charge is durable (a reverted charge
+    /// was never made: it marks and fires nothing).
     alerts: Vec<PendingAlert>,
 }
 
-/// A low-balance alert waiting for its charge to be durable: (tenant, package, consumed,
+/// A package whose low-balance alert waits for its charge to be durable: (tenant, package,
 /// ratio, time).
-type PendingAlert = (TenantKey<'static>, Candidate<'static>, i64, Decimal, i64);
+type PendingAlert = (TenantKey<'static>, Candidate<'static>, Decimal, i64);
+
+/// Whether package `c` is low (SPEC §6) with `consumed` micro-points of it used.
+fn is_low(c: Candidate<'_>, consumed: i64, ratio: Decimal) -> bool {
+    crate::alerts::crossed(units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)), ratio)
+}
 
 /// What a settlement did: who paid first (for `x-turnstile-payer`), the request id whose deltas
 /// [`Billing::durable`] waits for in strict mode, and (strict only) the charge's metrics.
@@ -877,8 +883,9 @@ impl Billing {
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
     /// balance falls to the ratio (once: the store remembers it). A strict charge of the local
-    /// store (not yet durable) marks it as one of request `id`'s deltas, reverted with it, and
-    /// leaves the alert in `pending` for [`Billing::durable`] to fire once the charge is on disk.
+    /// store (not yet durable) marks nothing: it leaves the package in `pending`, and
+    /// [`Billing::durable`] marks and fires the alert once the charge is on disk, if the balance
+    /// is still low then (a concurrent charge that crossed first may have been reverted).
     #[allow(clippy::too_many_arguments)]
     async fn paid(
         &self,
@@ -888,17 +895,15 @@ impl Billing {
         consumed: i64,
         ratio: Decimal,
         now: i64,
-        id: RequestId,
         pending: &mut Vec<PendingAlert>,
     ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
-        let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        if !crate::alerts::crossed(points, remaining, ratio) {
+        if !is_low(c, consumed, ratio) {
             return Ok(());
         }
         if matches!(stores, Stores::Local(_)) && self.store.is_strict() {
-            if self.store.mark_alerted_for(t, c, id) {
-                pending.push((t, c, consumed, ratio, now));
+            if !self.store.alerted_now(t, c) {
+                pending.push((t, c, ratio, now));
             }
         } else if stores.mark_alerted(t, c).await? {
             self.journal_alert(stores, t, c);
@@ -1209,8 +1214,7 @@ impl Billing {
         }
         if let (Some(_), Some((t, c))) = (r.held.take(), r.package) {
             if let Some(consumed) = stores.commit(t, r.id).await? {
-                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now, r.id, &mut charge.alerts)
-                    .await?;
+                self.paid(stores, t, c, consumed, snap.settings.low_balance_ratio, now, &mut charge.alerts).await?;
                 if strict {
                     charge.packages.push((t, c));
                 }
@@ -1343,7 +1347,7 @@ impl Billing {
                         self.note_consumed(remote, t, cands[i], x.consumed);
                     }
                     let ratio = snap.settings.low_balance_ratio;
-                    self.paid(stores, t, cands[i], x.consumed, ratio, now, r.id, &mut charge.alerts).await?;
+                    self.paid(stores, t, cands[i], x.consumed, ratio, now, &mut charge.alerts).await?;
                     charge.packages.push((t, cands[i]));
                 }
                 left = rest;
@@ -1410,16 +1414,20 @@ impl Billing {
 
     /// Waits until a settlement is durable and returns its payer header. Batched mode returns at
     /// once. Strict mode waits at most `[ledger].strict_timeout_ms`; past it the charge is
-    /// reverted (the call is not charged) and the error says so (SPEC §7).
+    /// reverted (the call is not charged) and the error says so (SPEC §7). A durable strict
+    /// charge that left a package low marks its low-balance alert and fires it, the first time,
+    /// if the balance is still low now (charges reverted meanwhile no longer count in it).
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
         let Settled { payer, id, pending } = settled;
         let Some(charge) = pending else { return Ok(payer) };
         match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
-                for &(t, c, consumed, ratio, now) in &charge.alerts {
-                    self.journal_alert(&self.local, t, c);
-                    self.alert_fired(t, c, consumed, ratio, now);
+                for &(t, c, ratio, now) in &charge.alerts {
+                    if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n, ratio)) {
+                        self.journal_alert(&self.local, t, c);
+                        self.alert_fired(t, c, consumed, ratio, now);
+                    }
                 }
                 Ok(payer)
             }
@@ -2117,15 +2125,18 @@ mod tests {
         let lp = feature(&s, "license-plate-recognition");
         {
             let b = open(dir.path(), Durability::Strict);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            // Strict: each charge counts (and the alert is marked) once durable, as serving does.
+            let charge = |f: usize, at: &str| {
+                let r = reserve(&b, &s, &s.tenants[0], f, t(at)).unwrap();
+                assert!(rt.block_on(b.durable(settle_call(&b, &s, &s.tenants[0], f, r, t(at)))).is_ok());
+            };
             for _ in 0..5 {
-                let r = reserve(&b, &s, &s.tenants[0], od, t("2026-01-31T15:59:59Z")).unwrap();
-                settle_call(&b, &s, &s.tenants[0], od, r, t("2026-01-31T15:59:59Z"));
+                charge(od, "2026-01-31T15:59:59Z");
             }
-            let r = reserve(&b, &s, &s.tenants[0], lp, t("2026-01-31T15:59:59Z")).unwrap();
-            settle_call(&b, &s, &s.tenants[0], lp, r, t("2026-01-31T15:59:59Z"));
+            charge(lp, "2026-01-31T15:59:59Z");
             // 16:00Z is midnight in +08:00: February.
-            let r = reserve(&b, &s, &s.tenants[0], lp, t("2026-01-31T16:00:00Z")).unwrap();
-            settle_call(&b, &s, &s.tenants[0], lp, r, t("2026-01-31T16:00:00Z"));
+            charge(lp, "2026-01-31T16:00:00Z");
             b.close(Duration::from_secs(5)).unwrap();
         }
         let b = open(dir.path(), Durability::Batched);
@@ -2190,14 +2201,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
         let tenant = &s.tenants[0];
-        let alerts = |b: &Billing| {
-            b.metrics
-                .render()
-                .lines()
-                .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        };
+        let alerts = alert_series;
         // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
         for _ in 0..3 {
             let r = reserve(&b, &s, tenant, od, now).unwrap();
@@ -2220,6 +2224,107 @@ mod tests {
             (after_revert, (st.consumed(), st.alerted(), alerts(&b))),
             ((Decimal::new(6, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
             "(consumed, alerted, alert metric) after the revert, then after the real crossing"
+        );
+    }
+
+    /// The `turnstile_package_low_balance_alerts_total` lines of `b`'s metrics.
+    fn alert_series(b: &Billing) -> Vec<String> {
+        b.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// SPEC §6/§7, two strict charges in flight together: A crosses the ratio, B follows the
+    /// crossing; A is not durable in time (reverted), B is. What stays on disk is a balance at
+    /// the ratio, so the alert fires (exactly once, at B's durability, never before), and it is
+    /// not fired again after a restart.
+    #[test]
+    fn the_alert_fires_once_for_a_durable_charge_after_the_crossing_one_was_reverted() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
+        let od = feature(&s, "object-detection");
+        let now = t("2026-03-01T00:00:00Z");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tenant = &s.tenants[0];
+        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        {
+            let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+            // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
+            for _ in 0..3 {
+                let r = reserve(&b, &s, tenant, od, now).unwrap();
+                assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+            }
+            fail.store(true, Ordering::SeqCst);
+            // A leaves 0.2 (20%: crosses), B then 0 (follows the crossing); neither durable yet.
+            let a = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+            let b2 = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+            assert_eq!(alert_series(&b), Vec::<String>::new(), "no alert before durability");
+            // A is not durable in time: reverted, not charged.
+            assert!(rt.block_on(b.durable(a)).is_err());
+            assert_eq!(alert_series(&b), Vec::<String>::new(), "a reverted charge fires nothing");
+            // The ledger works again: B is on disk, and with it a balance of 0.2 (20%).
+            fail.store(false, Ordering::SeqCst);
+            assert!(b.flush());
+            assert!(rt.block_on(b.durable(b2)).is_ok());
+            let st = b.package(tenant, &tenant.packages[0]);
+            assert_eq!(
+                (st.consumed(), st.alerted(), alert_series(&b)),
+                (Decimal::new(8, 1), true, one.clone()),
+                "(consumed, alerted, alert metric) once B is durable"
+            );
+            assert!(b.close(Duration::from_secs(5)).is_ok());
+        }
+        // Restarted: the alert is remembered; the next charge (0 left) does not fire it again.
+        let (b, _fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        assert!(b.package(tenant, &tenant.packages[0]).alerted(), "the fired alert survives the restart");
+        let r = reserve(&b, &s, tenant, od, now).unwrap();
+        assert_eq!(r.payer, PayerKind::SinglePackage);
+        assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+        assert_eq!(alert_series(&b), Vec::<String>::new(), "not fired again after the restart");
+    }
+
+    /// The other side of the crossing: A crosses the ratio, B's settlement saw a balance past it
+    /// only because A's charge was still in memory. A is reverted, so what is durable (B alone)
+    /// is above the ratio: B's durability must not fire the alert; the real crossing later does.
+    #[test]
+    fn a_charge_that_crossed_only_with_a_reverted_one_does_not_fire_the_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "vid", "scope": "video-duration", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"video_production\""));
+        let vid = feature(&s, "comprehensive-video-enhancement");
+        let now = t("2026-03-01T00:00:00Z");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let tenant = &s.tenants[0];
+        // A video point is a minute (60,000 ms).
+        let video = |ms: u64| {
+            let r = reserve(&b, &s, tenant, vid, now).unwrap();
+            settle_video(&b, &s, tenant, vid, r, Some(VideoUsage { ms, fps: 60, lines: 1080 }), now)
+        };
+        // 0.4 used: 0.6 left.
+        assert!(rt.block_on(b.durable(video(24_000))).is_ok());
+        fail.store(true, Ordering::SeqCst);
+        // A: 0.45 (0.15 left: crossed); B: 0.1 (0.05 left with A, 0.5 without it).
+        let a = video(27_000);
+        let b2 = video(6_000);
+        assert!(rt.block_on(b.durable(a)).is_err());
+        fail.store(false, Ordering::SeqCst);
+        assert!(b.flush());
+        assert!(rt.block_on(b.durable(b2)).is_ok());
+        let st = b.package(tenant, &tenant.packages[0]);
+        let after_b = (st.consumed(), st.alerted(), alert_series(&b));
+        // 0.3 more: 0.2 left (20%), the real crossing.
+        assert!(rt.block_on(b.durable(video(18_000))).is_ok());
+        let st = b.package(tenant, &tenant.packages[0]);
+        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="vid",tenant="acme"} 1"#.to_string()];
+        assert_eq!(
+            (after_b, (st.consumed(), st.alerted(), alert_series(&b))),
+            ((Decimal::new(5, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
+            "(consumed, alerted, alert metric) after B, then after the real crossing"
         );
     }
 }

@@ -308,33 +308,79 @@ impl Collector for HistogramFamily {
     }
 }
 
-/// `turnstile_package_remaining_points`, showing the packages of the configuration being served
-/// only. A package a reload removed is hidden, not deleted from the vec: billing caches each
-/// package's gauge handle, and if a later reload brings the package back, that same handle must
-/// be the one shown.
-struct PackageGauges {
-    vec: GaugeVec,
-    /// `tenant\0package` (tenant empty without the tenant label) of every configured package.
-    shown: Arc<RwLock<HashSet<String>>>,
+/// A gauge family kept per tenant: each tenant's series its own gauge in `vec` (labelled
+/// `tenant` first, whatever the tenant label), scraped as it is with the tenant label or, without
+/// it, the series that differ only by tenant added up into one (SPEC §10: the tenant label is
+/// left out everywhere; the counters add up the same way).
+///
+/// `turnstile_package_remaining_points` also shows the packages of the configuration being
+/// served only (`shown`). A package a reload removed is hidden, not deleted from the vec: billing
+/// caches each package's gauge handle, and if a later reload brings the package back, that same
+/// handle must be the one shown. A package id several tenants have is the sum of theirs.
+struct TenantGauges<V> {
+    vec: V,
+    /// The family as scraped: the vec's labels, less `tenant` without the tenant label.
+    desc: Desc,
+    tenant_label: bool,
+    /// `tenant\0package` of every configured package (packages only).
+    shown: Option<Arc<RwLock<HashSet<String>>>>,
+}
+
+impl<V> TenantGauges<V> {
+    /// `vec`, with `opts` and `rest` (its labels after `tenant`) for the family as scraped.
+    fn new(vec: V, opts: &Opts, rest: &[&str], tenant_label: bool) -> Self {
+        let labels = tenant_label.then_some("tenant").into_iter().chain(rest.iter().copied());
+        let desc = def(Desc::new(
+            opts.name.clone(),
+            opts.help.clone(),
+            labels.map(String::from).collect(),
+            Default::default(),
+        ));
+        TenantGauges { vec, desc, tenant_label, shown: None }
+    }
 }
 
 fn package_key(tenant: &str, package: &str) -> String {
     format!("{tenant}\0{package}")
 }
 
-impl Collector for PackageGauges {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.vec.desc()
+/// The value of `m`'s label `name` ("" when it has none).
+fn label_of<'m>(m: &'m proto::Metric, name: &str) -> &'m str {
+    m.get_label().iter().find(|l| l.name() == name).map_or("", |l| l.value())
+}
+
+impl<V: Collector> Collector for TenantGauges<V> {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
     }
 
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+    fn collect(&self) -> Vec<MetricFamily> {
         let mut families = self.vec.collect();
-        let shown = self.shown.read().unwrap_or_else(PoisonError::into_inner);
         for f in &mut families {
-            f.mut_metric().retain(|m| {
-                let label = |name: &str| m.get_label().iter().find(|l| l.name() == name).map_or("", |l| l.value());
-                shown.contains(&package_key(label("tenant"), label("package")))
-            });
+            if let Some(shown) = &self.shown {
+                let shown = shown.read().unwrap_or_else(PoisonError::into_inner);
+                f.mut_metric().retain(|m| shown.contains(&package_key(label_of(m, "tenant"), label_of(m, "package"))));
+            }
+            if self.tenant_label {
+                continue;
+            }
+            let mut sums: BTreeMap<Vec<(&str, &str)>, f64> = BTreeMap::new();
+            for m in f.get_metric() {
+                let key =
+                    m.get_label().iter().filter(|l| l.name() != "tenant").map(|l| (l.name(), l.value())).collect();
+                *sums.entry(key).or_insert(0.0) += m.get_gauge().get_value();
+            }
+            let summed = sums
+                .into_iter()
+                .map(|(labels, v)| {
+                    let mut m = proto::Metric::from_label(labels.iter().map(|(n, v)| label(n, v)).collect());
+                    let mut g = proto::Gauge::default();
+                    g.set_value(v);
+                    m.set_gauge(g);
+                    m
+                })
+                .collect();
+            f.set_metric(summed);
         }
         families
     }
@@ -391,10 +437,8 @@ impl Metrics {
             ),
             &with_tenant(&["feature", "currency"]),
         ));
-        let package_remaining = def(GaugeVec::new(
-            Opts::new("turnstile_package_remaining_points", "Points left in a package"),
-            &with_tenant(&["package"]),
-        ));
+        let package_opts = Opts::new("turnstile_package_remaining_points", "Points left in a package");
+        let package_remaining = def(GaugeVec::new(package_opts.clone(), &["tenant", "package"]));
         let low_balance_alerts = def(IntCounterVec::new(
             Opts::new("turnstile_package_low_balance_alerts_total", "Low-balance alerts fired"),
             &with_tenant(&["package"]),
@@ -438,14 +482,12 @@ impl Metrics {
             ),
             &with_tenant(&["feature"]),
         ));
-        let image_count = def(IntGaugeVec::new(
-            Opts::new("turnstile_image_search_images", "Images in a tenant's Image Search instance"),
-            &with_tenant(&[]),
-        ));
+        let image_opts = Opts::new("turnstile_image_search_images", "Images in a tenant's Image Search instance");
+        let image_count = def(IntGaugeVec::new(image_opts.clone(), &["tenant"]));
         let packages_shown = Arc::new(RwLock::new(HashSet::new()));
         let pairs: Arc<Pairs> = Arc::new(DashMap::with_hasher(FxBuildHasher));
         let collectors: Vec<Box<dyn Collector>> = vec![
-            Box::new(image_count.clone()),
+            Box::new(TenantGauges::new(image_count.clone(), &image_opts, &[], tenant_label)),
             Box::new(PairFamilies {
                 requests: requests.clone(),
                 billed: billed_units,
@@ -453,7 +495,10 @@ impl Metrics {
                 pairs: pairs.clone(),
                 tenant_label,
             }),
-            Box::new(PackageGauges { vec: package_remaining.clone(), shown: packages_shown.clone() }),
+            Box::new(TenantGauges {
+                shown: Some(packages_shown.clone()),
+                ..TenantGauges::new(package_remaining.clone(), &package_opts, &["package"], tenant_label)
+            }),
             Box::new(low_balance_alerts.clone()),
             Box::new(request_duration),
             Box::new(upstream),
@@ -543,12 +588,16 @@ impl Metrics {
         add_f64(&p.payg_amount, amount);
     }
 
+    /// The gauge of `tenant`'s `package` (its own, also without the tenant label: the scrape
+    /// sums the tenants' gauges of one package id then).
     pub fn package_gauge(&self, tenant: &str, package: &str) -> Gauge {
-        self.package_remaining.with_label_values(&self.labels(tenant, &[package]))
+        self.package_remaining.with_label_values(&[tenant, package])
     }
 
+    /// The gauge of `tenant`'s image count (its own, also without the tenant label: the scrape
+    /// sums the tenants' gauges then).
     pub fn image_gauge(&self, tenant: &str) -> IntGauge {
-        self.image_count.with_label_values(&self.labels(tenant, &[]))
+        self.image_count.with_label_values(&[tenant])
     }
 
     pub fn low_balance_alert(&self, tenant: &str, package: &str) {
@@ -570,8 +619,7 @@ impl Metrics {
     /// The packages whose `turnstile_package_remaining_points` series are shown: those of the
     /// configuration being served (a reload's removed packages disappear from the scrape).
     pub fn show_packages<'a>(&self, packages: impl Iterator<Item = (&'a str, &'a str)>) {
-        let shown: HashSet<String> =
-            packages.map(|(t, p)| package_key(if self.tenant_label { t } else { "" }, p)).collect();
+        let shown: HashSet<String> = packages.map(|(t, p)| package_key(t, p)).collect();
         *self.packages_shown.write().unwrap_or_else(PoisonError::into_inner) = shown;
     }
 
@@ -650,6 +698,71 @@ mod tests {
                 assert_eq!(lines(&got, name), lines(&want, name), "{name}, tenant label {tenant_label}");
                 assert!(!lines(&got, name).is_empty());
             }
+        }
+    }
+
+    /// SPEC §10: without the tenant label every package still has its
+    /// `turnstile_package_remaining_points` series; two tenants' packages of one id share it, and
+    /// it shows their sum (as the counters add up), over the configured packages only.
+    #[test]
+    fn without_the_tenant_label_one_package_id_of_two_tenants_shows_their_sum() {
+        for tenant_label in [true, false] {
+            let m = Metrics::new(tenant_label);
+            m.show_packages([("acme", "od"), ("beta", "od"), ("beta", "ocr")].into_iter());
+            m.package_gauge("acme", "od").set(3.0);
+            m.package_gauge("beta", "od").set(4.5);
+            m.package_gauge("beta", "ocr").set(2.0);
+            let got = lines(&m.render(), "turnstile_package_remaining_points{");
+            let want: &[&str] = if tenant_label {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr",tenant="beta"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="acme"} 3"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="beta"} 4.5"#,
+                ]
+            } else {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od"} 7.5"#,
+                ]
+            };
+            assert_eq!(got, want, "tenant label {tenant_label}");
+            // A reload removed beta's od: the sum is acme's alone.
+            m.show_packages([("acme", "od"), ("beta", "ocr")].into_iter());
+            let got = lines(&m.render(), "turnstile_package_remaining_points{");
+            let want: &[&str] = if tenant_label {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr",tenant="beta"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od",tenant="acme"} 3"#,
+                ]
+            } else {
+                &[
+                    r#"turnstile_package_remaining_points{package="ocr"} 2"#,
+                    r#"turnstile_package_remaining_points{package="od"} 3"#,
+                ]
+            };
+            assert_eq!(got, want, "after the reload, tenant label {tenant_label}");
+        }
+    }
+
+    /// `turnstile_image_search_images` without the tenant label: one series, every tenant's
+    /// count added (not the count of whichever tenant's instance changed last).
+    #[test]
+    fn without_the_tenant_label_the_image_count_is_the_sum_over_tenants() {
+        for tenant_label in [true, false] {
+            let m = Metrics::new(tenant_label);
+            m.image_gauge("acme").set(3);
+            m.image_gauge("beta").set(4);
+            m.image_gauge("acme").set(5);
+            let got = lines(&m.render(), "turnstile_image_search_images");
+            let want: &[&str] = if tenant_label {
+                &[
+                    r#"turnstile_image_search_images{tenant="acme"} 5"#,
+                    r#"turnstile_image_search_images{tenant="beta"} 4"#,
+                ]
+            } else {
+                &["turnstile_image_search_images 9"]
+            };
+            assert_eq!(got, want, "tenant label {tenant_label}");
         }
     }
 

@@ -397,13 +397,25 @@ async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
 /// alert fired on the `local` fallback must not fire again once Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
-    let Some(mut redis) = RedisServer::start("alert_fallback", Opts { aof_always: true, cluster: false }) else {
+    alert_fired_on_the_fallback_fires_once("alert_fallback", "batched").await;
+}
+
+/// [`an_alert_fired_on_the_fallback_does_not_fire_again_on_redis`] with a strict ledger: the
+/// fallback marks and fires the alert when the crossing charge is durable, and journals it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_strict_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
+    alert_fired_on_the_fallback_fires_once("alert_fallback_strict", "strict").await;
+}
+
+async fn alert_fired_on_the_fallback_fires_once(name: &str, durability: &str) {
+    let Some(mut redis) = RedisServer::start(name, Opts { aof_always: true, cluster: false }) else {
         return;
     };
     let up = Upstream::start().await;
     let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"{durability}\"\n");
     // od-1: 10 points, 1 a call; default ratio 0.2: the alert fires at the 8th call.
-    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let set = Replicas::start(1, &up.url(), &cluster, &rest, &catalog(), &ents(40, 10), &[]);
     let c = client();
     let gw = &set.gw[0];
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -215,15 +215,7 @@ impl Queues {
 /// One delta a request applied (strict mode keeps them until durable, to revert exactly).
 enum Delta {
     Consumed(Arc<Pkg>, i64),
-    /// The request marked the package's low-balance alert fired.
-    Alerted(Arc<Pkg>),
-    Usage {
-        month: Arc<Month>,
-        to: UsageTo,
-        cell: Option<String>,
-        units: i64,
-        slot: u8,
-    },
+    Usage { month: Arc<Month>, to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
 }
 
 struct Pending {
@@ -645,29 +637,29 @@ impl LocalStore {
         lock(&self.pkg(tenant, package.local, package.id).inner).alerted
     }
 
+    /// Marks the package's low-balance alert fired; true only the first time.
     pub fn mark_alerted_now(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> bool {
-        self.mark_alerted(tenant, package).is_some()
+        self.mark_alerted_if_low_now(tenant, package, |_| true).is_some()
     }
 
-    /// [`LocalStore::mark_alerted_now`] as a delta of request `id` (strict mode: reverted with
-    /// its charge when that is not durable in time).
-    pub fn mark_alerted_for(&self, tenant: TenantKey<'_>, package: Candidate<'_>, id: RequestId) -> bool {
-        let Some(pkg) = self.mark_alerted(tenant, package) else { return false };
-        self.remember(id, || Delta::Alerted(pkg));
-        true
-    }
-
-    /// Marks the package's alert fired; the package when this was the first time.
-    fn mark_alerted(&self, tenant: TenantKey<'_>, package: Candidate<'_>) -> Option<Arc<Pkg>> {
+    /// Marks the package's low-balance alert fired if it was not yet and `low` holds for its
+    /// consumption now (read and marked under the package's lock); returns that consumption
+    /// when it marked it. Strict mode calls it once a charge is durable: a reverted charge's
+    /// points are no longer in the consumption then, and the mark is never a charge's delta.
+    pub fn mark_alerted_if_low_now(
+        &self,
+        tenant: TenantKey<'_>,
+        package: Candidate<'_>,
+        low: impl FnOnce(i64) -> bool,
+    ) -> Option<i64> {
         let pkg = self.pkg(tenant, package.local, package.id);
         let mut g = lock(&pkg.inner);
-        if g.alerted {
+        if g.alerted || !low(g.consumed) {
             return None;
         }
         g.alerted = true;
         self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
-        drop(g);
-        Some(pkg)
+        Some(g.consumed)
     }
 
     /// Gives back expired holds and image slots, and forgets expired idempotency markers.
@@ -835,18 +827,14 @@ impl LocalStore {
     // ---- durability ----
 
     /// Takes every delta of `id` back out of memory, exactly; the records are marked dirty, so
-    /// the reverted state is what the writer commits next. An alert already fired stays fired.
+    /// the reverted state is what the writer commits next. (Low-balance alerts are not deltas:
+    /// strict mode marks them only once a charge is durable.)
     fn revert(&self, deltas: Vec<Delta>, id: RequestId) {
         for d in deltas {
             match d {
                 Delta::Consumed(pkg, n) => {
                     let mut g = lock(&pkg.inner);
                     g.consumed -= n;
-                    self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
-                }
-                Delta::Alerted(pkg) => {
-                    let mut g = lock(&pkg.inner);
-                    g.alerted = false;
                     self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
                 }
                 Delta::Usage { month, to, cell, units: n, slot } => {
