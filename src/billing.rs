@@ -486,9 +486,10 @@ impl Billing {
     }
 
     /// Gives back the token of an admitted call refused afterwards (402, 409, 413), in the
-    /// store serving now; `q` is the shape [`Billing::admit`] enforced.
+    /// store serving now; `q` is the shape [`Billing::admit`] enforced. The refund has an id of
+    /// its own: the store applies it once even when the command is sent again.
     pub async fn refund(&self, key: BucketKey<'static>, q: Quota) -> Result<(), StoreError> {
-        self.current().0.refund(key, q).await
+        self.current().0.refund(key, q, self.ids.next()).await
     }
 
     /// False while ledger commits fail; true again once one succeeds.

@@ -12,7 +12,8 @@
 //! - `Pp:<package>` hash `consumed`, `held` (micro-points).
 //! - `Ph:<id>` hash `pkg` (package key), `pid`, `pts`, `idx`: a hold; `Pholds` zset id → lease end.
 //! - `Pm:<YYYY-MM>:<feature>` hash field → units; `Pmi:<YYYY-MM>` set of features of the month.
-//! - `Pdone:<id>[:<part>]` the first answer of a settlement, with a TTL (idempotency marker).
+//! - `Pdone:<id>[:<part>]` the first answer of a settlement, with a TTL (idempotency marker);
+//!   `Pdone:<id>:refund` marks a token refund applied.
 //! - `Palerted` hash package → 1 (HSETNX: an alert fires once in the cluster).
 //! - `Pimg` hash `count`, `held`; `Pimgslots` zset id → lease end.
 //! - `Pov` hash feature → JSON list of overrides; `{prefix}:ov:tenants` set (global) and
@@ -40,6 +41,11 @@ use super::StoreError;
 
 /// `backend` of every [`StoreError`] of this module.
 const BACKEND: &str = "redis";
+
+/// How long a refund's marker is kept (ms). A refund is never journaled or replayed later: the
+/// only repeat is the client sending the same command again within one call, which
+/// `op_timeout` bounds, so a minute is ample and keeps the markers of a burst of refunds few.
+const REFUND_MARKER_TTL_MS: u64 = 60_000;
 
 /// Holds and slots swept per script call: bounded work, repeated while there is more.
 const SWEEP_BATCH: usize = 256;
@@ -547,13 +553,22 @@ impl RedisStore {
         Ok(self.admit_and_hold(tenant, Some((bucket, limit, depth)), None).await?.admit)
     }
 
-    /// Gives back one token of the same shape.
-    pub async fn gcra_refund(&self, tenant: &str, bucket: &str, limit: u32, depth: u32) -> Result<(), StoreError> {
+    /// Gives back one token of the same shape, once per `id`: a command the client sends again
+    /// (its answer was lost) gives nothing more back.
+    pub async fn gcra_refund(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        limit: u32,
+        depth: u32,
+        id: u128,
+    ) -> Result<(), StoreError> {
         let op = "admit";
         self.throttled.remove(&throttle_key(tenant, bucket, limit, depth));
         let t = 1_000_000 / u64::from(limit.max(1));
         let mut inv = self.scripts.refund.prepare_invoke();
-        inv.key(self.key(tenant, &format!("b:{bucket}"))).arg(t).arg(format!("{}:{}", limit.max(1), depth.max(1)));
+        inv.key(self.key(tenant, &format!("b:{bucket}"))).key(self.key(tenant, &format!("done:{id:032x}:refund")));
+        inv.arg(t).arg(format!("{}:{}", limit.max(1), depth.max(1))).arg(REFUND_MARKER_TTL_MS);
         let mut conn = self.conn.clone();
         let _: i64 = self.timed(op, inv.invoke_async(&mut conn)).await?;
         Ok(())
@@ -1066,8 +1081,8 @@ impl RateStore for RedisStore {
         })
     }
 
-    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
-        self.gcra_refund(key.tenant, key.bucket, q.limit, q.depth).await
+    async fn refund(&self, key: BucketKey<'_>, q: Quota, id: RequestId) -> Result<(), StoreError> {
+        self.gcra_refund(key.tenant, key.bucket, q.limit, q.depth, id.0).await
     }
 }
 

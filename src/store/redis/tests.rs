@@ -79,6 +79,7 @@ on_both!(
     the_store_interfaces_on_redis,
     one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back,
     the_sweeper_task_gives_back_a_dead_replicas_holds,
+    a_retried_refund_gives_back_one_token,
 );
 
 /// A flood of 2 s from 16 tasks: admitted within [limit × T, limit × T + depth] (3% timing
@@ -118,20 +119,50 @@ async fn gcra_burst_remaining_reset_and_refund(store: RedisStore) {
     let retry = store.gcra("acme", "seg", 4, 4).await.unwrap().expect_err("the fifth is throttled");
     assert!(retry > Duration::from_millis(150) && retry <= Duration::from_millis(250), "retry {retry:?}");
     // A refund gives exactly one token back.
-    store.gcra_refund("acme", "seg", 4, 4).await.unwrap();
+    store.gcra_refund("acme", "seg", 4, 4, 1).await.unwrap();
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_ok(), "one token back");
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
     // A refund of another shape is ignored; a new shape is a fresh (full) bucket.
-    store.gcra_refund("acme", "seg", 8, 8).await.unwrap();
+    store.gcra_refund("acme", "seg", 8, 8, 2).await.unwrap();
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
     assert_eq!(store.gcra("acme", "seg", 10, 10).await.unwrap(), Ok((9, 1)));
     // Another tenant's bucket is its own.
     assert_eq!(store.gcra("globex", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
     // A refund on a full bucket keeps it full, never fuller than its depth.
-    store.gcra_refund("initech", "seg", 2, 2).await.unwrap();
+    store.gcra_refund("initech", "seg", 2, 2, 3).await.unwrap();
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_err());
+}
+
+/// The client retries a command whose answer was lost: the refund it carries must not give a
+/// second token back. Sent twice (the same command, as a retry sends it), one token comes back;
+/// another refund (another id) gives its own token back.
+async fn a_retried_refund_gives_back_one_token(store: RedisStore) {
+    // One token per second, three at once: nothing refills while the test runs.
+    for _ in 0..3 {
+        assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok());
+    }
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "the bucket is empty");
+    store.gcra_refund("acme", "ocr", 1, 3, 7).await.unwrap();
+    store.gcra_refund("acme", "ocr", 1, 3, 7).await.unwrap();
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "the refunded token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "and only that one: the retry gave nothing back");
+    store.gcra_refund("acme", "ocr", 1, 3, 8).await.unwrap();
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "another refund's token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err());
+    // Concurrent copies of one refund (a retry racing the original): still one token.
+    let copies: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.gcra_refund("acme", "ocr", 1, 3, 9).await })
+        })
+        .collect();
+    for c in copies {
+        c.await.unwrap().unwrap();
+    }
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "one refunded token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "of eight copies of one refund");
 }
 
 /// 64 tasks × 4 calls on one package that pays 10: every hold is committed or released once;
@@ -459,7 +490,7 @@ async fn the_store_interfaces_on_redis(store: RedisStore) {
     assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 1, reset_secs: 1 });
     assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 0, reset_secs: 1 });
     assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Throttled { .. }));
-    store.refund(key, q).await.unwrap();
+    store.refund(key, q, RequestId(1)).await.unwrap();
     assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Allowed { .. }));
 
     let t = TenantKey { name: "acme", local: 0 };
@@ -559,7 +590,7 @@ async fn a_cached_429_needs_no_store_call_until_its_retry_time() {
     let first = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled");
     assert!(first > Duration::from_millis(800), "{first:?}");
     // A refund drops the cache entry: the next answer comes from Redis again (admitted).
-    store.gcra_refund("acme", "face", 1, 1).await.unwrap();
+    store.gcra_refund("acme", "face", 1, 1, 1).await.unwrap();
     assert!(store.gcra("acme", "face", 1, 1).await.unwrap().is_ok(), "the refunded token");
     let retry = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled again");
     s.kill9();
