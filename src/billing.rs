@@ -492,9 +492,10 @@ impl Billing {
     }
 
     /// Gives back the token of an admitted call refused afterwards (402, 409, 413), in the
-    /// store serving now; `q` is the shape [`Billing::admit`] enforced.
+    /// store serving now; `q` is the shape [`Billing::admit`] enforced. The refund has an id of
+    /// its own: the store applies it once even when the command is sent again.
     pub async fn refund(&self, key: BucketKey<'static>, q: Quota) -> Result<(), StoreError> {
-        self.current().0.refund(key, q).await
+        self.current().0.refund(key, q, self.ids.next()).await
     }
 
     /// False while ledger commits fail; true again once one succeeds.
@@ -1039,14 +1040,51 @@ impl Billing {
 
     /// The settlement script's parts for a per-call charge: (usage field, cell field, alert at).
     fn call_parts(r: &Reservation, ratio: Decimal) -> (String, String, Option<i64>) {
-        use crate::store::redis::{CELL_FIELD, PAYER_FIELD};
-        let field = format!("{PAYER_FIELD}{}", r.payer.as_str());
-        let also = if r.payer == PayerKind::Payg { format!("{CELL_FIELD}{CALL_CELL}") } else { String::new() };
-        let alert_at = r.package.map(|(_, c)| {
-            let keep = (ratio * Decimal::from(c.points)).floor();
-            c.points - i64::try_from(keep).unwrap_or(0).clamp(0, c.points)
-        });
-        (field, also, alert_at)
+        let (field, also) = Self::payer_fields(Some(r.payer));
+        (field, also, r.package.map(|(_, c)| Self::alert_at(c.points, ratio)))
+    }
+
+    /// The month fields one call's unit goes to on Redis: its payer's, and for pay-as-you-go
+    /// the call cell too; `None`: nobody could pay (`unpaid`).
+    fn payer_fields(payer: Option<PayerKind>) -> (String, String) {
+        use crate::store::redis::{CELL_FIELD, PAYER_FIELD, UNPAID_FIELD};
+        match payer {
+            Some(PayerKind::Payg) => (format!("{PAYER_FIELD}payg"), format!("{CELL_FIELD}{CALL_CELL}")),
+            Some(k) => (format!("{PAYER_FIELD}{}", k.as_str()), String::new()),
+            None => (UNPAID_FIELD.to_string(), String::new()),
+        }
+    }
+
+    /// The consumption (micro-points) at which a package of `points` has `ratio` of them left.
+    fn alert_at(points: i64, ratio: Decimal) -> i64 {
+        let keep = (ratio * Decimal::from(points)).floor();
+        points - i64::try_from(keep).unwrap_or(0).clamp(0, points)
+    }
+
+    /// How a per-call commit pays when its hold is gone: its lease ran out under a call still in
+    /// flight (a long gRPC stream, a long upstream timeout) and the sweep gave the points back.
+    /// The call was served, so it is paid as SPEC §6 pays a call now: by the tenant's packages
+    /// for the feature in order (the first holding the whole factor), else by pay-as-you-go or
+    /// `free_default` as the feature's billing says, else its unit is recorded unpaid (never
+    /// silently free). `chosen`: the candidate packages, in that order.
+    fn pay_instead(
+        f: &crate::catalog::Feature,
+        chosen: &[(&Package, PayerKind)],
+        ratio: Decimal,
+    ) -> crate::cluster::PayInstead {
+        let (field, also) = Self::payer_fields(crate::payer::call_fallback(f));
+        crate::cluster::PayInstead {
+            want: f.factor_micro,
+            candidates: chosen
+                .iter()
+                .map(|(p, k)| {
+                    let points = p.points_micro;
+                    (p.label.to_string(), points, Some(Self::alert_at(points, ratio)), Self::payer_fields(Some(*k)).0)
+                })
+                .collect(),
+            field,
+            also,
+        }
     }
 
     /// What a call settled on the fallback replays to Redis: its units and image change in one
@@ -1070,7 +1108,7 @@ impl Billing {
             usage: Some((f.id.clone(), month, field, 1)),
             also,
             image: image.map_or(crate::store::redis::ImagePart::None, image_part),
-            take: None,
+            instead: None,
         }];
         if let (Some(_), Some((_, c))) = (&r.held, r.package) {
             let points = tenant.packages.iter().find(|p| p.label == c.id).map_or(c.points, |p| p.points_micro);
@@ -1095,7 +1133,7 @@ impl Billing {
         now: i64,
         image: Option<ImageSettle>,
     ) -> Result<Settled, StoreError> {
-        use crate::store::redis::{HoldAction, Settle};
+        use crate::store::redis::{HoldAction, PaidInstead, Settle};
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
         let month = crate::ledger::month_text(now, snap.settings.timezone);
@@ -1104,6 +1142,14 @@ impl Billing {
         let (field, also, alert_at) = Self::call_parts(&r, ratio);
         // The hold is settled here (committed, or replayed), never released by the guard.
         let hold = if r.held.take().is_some() { HoldAction::Commit } else { HoldAction::None };
+        // A commit that finds its hold swept pays as SPEC §6 pays the call now (in the script).
+        let chosen: Vec<(&Package, PayerKind)> = if hold == HoldAction::Commit {
+            crate::payer::candidates(&snap.catalog, tenant, feature_idx, now).collect()
+        } else {
+            Vec::new()
+        };
+        let instead = (hold == HoldAction::Commit).then(|| Self::pay_instead(f, &chosen, ratio));
+        let froms = instead.as_ref().map(crate::cluster::PayInstead::froms).unwrap_or_default();
         let img = image.as_ref().map_or(crate::store::redis::ImagePart::None, image_part);
         // The slot is held under the call's own id: the script turns it into an image (or
         // the replay does), so the guard must not give it back.
@@ -1117,6 +1163,7 @@ impl Billing {
             image: img,
             also: &also,
             part: crate::cluster::SETTLE_PART,
+            instead: instead.as_ref().map(|i| i.part(&froms)),
         };
         let out = match remote.redis.settle(tenant.label, r.id.0, s).await {
             Ok(out) => out,
@@ -1124,10 +1171,6 @@ impl Billing {
                 self.failover(e)?;
                 // The settlement may or may not have reached Redis: the identical call (same
                 // id and part) is replayed, so it applies exactly once.
-                let take = r
-                    .package
-                    .filter(|_| hold == HoldAction::Commit)
-                    .map(|(_, c)| (c.id.to_string(), c.points, f.factor_micro));
                 remote.journal(crate::cluster::Replay::Settle {
                     tenant: tenant.name.clone(),
                     id: r.id.0,
@@ -1136,31 +1179,60 @@ impl Billing {
                     usage: Some((f.id.clone(), month.to_string(), field.clone(), 1)),
                     also: also.clone(),
                     image: img,
-                    take,
+                    instead: instead.clone(),
                 });
                 let payer = r.header();
                 return Ok(Settled { payer, id: r.id, pending: None });
             }
         };
+        // Who paid: the hold's package as reserved, or (its hold swept) who paid instead.
+        let t = tenant_key(tenant);
+        let (payer, package, header) = match out.instead {
+            None => (Some(r.payer), r.package, r.header()),
+            Some(PaidInstead::Package(i)) => match chosen.get(i) {
+                Some(&(p, k)) => (Some(k), Some((t, candidate(tenant, p))), self.header(tenant, p, k)),
+                None => {
+                    // The script answers an index into the candidates this call sent.
+                    tracing::error!(tenant = tenant.label, index = i, "settlement named an unknown candidate");
+                    (Some(r.payer), r.package, r.header())
+                }
+            },
+            Some(PaidInstead::Fallback) => match crate::payer::call_fallback(f) {
+                Some(k) => (Some(k), None, HeaderValue::from_static(k.as_str())),
+                None => (None, None, HeaderValue::from_static(UNPAID_HEADER)),
+            },
+        };
+        if out.instead.is_some() {
+            tracing::warn!(
+                tenant = tenant.label,
+                feature = f.label,
+                payer = header.to_str().unwrap_or(""),
+                "a call outlived its package hold's lease (cluster.hold_lease_ms); it was paid at its settlement"
+            );
+        }
         let mut units = [Decimal::ZERO; 5];
-        units[r.payer as usize] = Decimal::ONE;
+        let mut unpaid = Decimal::ZERO;
+        match payer {
+            Some(k) => units[k as usize] = Decimal::ONE,
+            None => unpaid = Decimal::ONE,
+        }
         let mut charge = Charge {
             pair,
             tenant: tenant.label,
             feature: f.label,
             units,
             payg_amount: None,
-            unpaid: Decimal::ZERO,
+            unpaid,
             currency: snap.catalog.currency.clone(),
             packages: Vec::new(),
             alerts: Vec::new(),
         };
-        if r.payer == PayerKind::Payg {
+        if payer == Some(PayerKind::Payg) {
             if let Some(total) = out.cell_total {
                 charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
             }
         }
-        if let (Some((t, c)), Some(consumed)) = (r.package, out.consumed) {
+        if let (Some((t, c)), Some(consumed)) = (package, out.consumed) {
             self.note_consumed(remote, t, c, consumed);
             self.set_gauge(t, c, consumed);
             if out.alert_fired {
@@ -1173,8 +1245,7 @@ impl Billing {
         // Redis acknowledged the script: in strict mode its AOF policy (checked by `turnstile
         // check`) made it durable before the answer (SPEC §11.5).
         self.count(&charge);
-        let payer = r.header();
-        Ok(Settled { payer, id: r.id, pending: None })
+        Ok(Settled { payer: header, id: r.id, pending: None })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2326,5 +2397,197 @@ mod tests {
             ((Decimal::new(5, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
             "(consumed, alerted, alert metric) after B, then after the real crossing"
         );
+    }
+
+    /// Cluster mode (SPEC §11) on a real Redis: a call that outlives its hold's lease.
+    mod on_redis {
+        use super::*;
+        use crate::config::gateway::{ClusterSettings, OnStoreError, StoreKind};
+        use crate::store::redis::{harness, RedisOpts, RedisStore};
+
+        const OD: &str = r#"{"id": "od", "feature": "object-detection", "points": "POINTS", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        /// object-detection's factor: 0.2 points.
+        const FACTOR: i64 = 200_000;
+        const LEASE: Duration = Duration::from_millis(200);
+
+        struct Fixture {
+            _redis: harness::RedisServer,
+            _dir: tempfile::TempDir,
+            b: Arc<Billing>,
+            s: Arc<Snapshot>,
+            f: usize,
+            now: i64,
+        }
+
+        /// A billing engine on a fresh Redis whose holds live `LEASE`, and `acme` with one
+        /// object-detection package of `points` (billing: package, then payg).
+        async fn fixture(test: &str, points: &str) -> Option<Fixture> {
+            let redis = harness::RedisServer::start(test, harness::Opts::default())?;
+            let opts = RedisOpts {
+                key_prefix: "tb".into(),
+                op_timeout: Duration::from_secs(2),
+                done_ttl: Duration::from_secs(60),
+                hold_lease: LEASE,
+            };
+            let store = RedisStore::connect(&[redis.url()], opts).await.expect("connect");
+            let settings = ClusterSettings {
+                store: StoreKind::Redis,
+                redis: vec![redis.url()],
+                key_prefix: "tb".into(),
+                hold_lease: LEASE,
+                on_store_error: OnStoreError::Deny,
+                expected_replicas: 1,
+            };
+            let gauge = prometheus::IntGauge::new("turnstile_store_fallback", "test").expect("gauge");
+            let remote = crate::cluster::Remote::new(store, &settings, gauge);
+            let dir = tempfile::tempdir().unwrap();
+            let b = Billing::open_cluster(
+                Box::new(RedbLedger::open(dir.path()).unwrap()),
+                Durability::Batched,
+                Duration::from_millis(5),
+                Duration::from_secs(2),
+                Arc::new(Metrics::new(true)),
+                crate::clock::SystemClock::shared(),
+                &|_| false,
+                Some(remote),
+            )
+            .unwrap()
+            .0;
+            let s = snapshot(SHIPPED, &ents(&OD.replace("POINTS", points), "\"object_detection\""));
+            let f = feature(&s, "object-detection");
+            Some(Fixture { _redis: redis, _dir: dir, b, s: Arc::new(s), f, now: t("2026-03-01T00:00:00Z") })
+        }
+
+        impl Fixture {
+            /// Admits one call as the proxy does on Redis: the bucket and the package hold in
+            /// one round trip; the reservation names the payer.
+            async fn admit(&self) -> Reservation {
+                let tenant = &self.s.tenants[0];
+                let fe = &self.s.catalog.features[self.f];
+                let key = BucketKey {
+                    tenant: tenant.label,
+                    bucket: fe.label,
+                    local: crate::intern::pair(tenant.intern, fe.intern),
+                };
+                let q = Quota { limit: 100_000, depth: 100_000 };
+                match self.b.admit(&self.s, tenant, self.f, key, q, self.now).await.expect("admit") {
+                    Admission::Allowed { paid: Some(Some(r)), .. } => r,
+                    Admission::Allowed { paid, .. } => panic!("admitted without a payer: {:?}", paid.is_some()),
+                    Admission::Throttled { .. } => panic!("throttled"),
+                }
+            }
+
+            async fn settle(&self, r: Reservation) -> Settled {
+                self.b.settle_call(&self.s, &self.s.tenants[0], self.f, r, self.now).await.expect("settle")
+            }
+
+            /// Lets every hold in flight outlive its lease, and the sweep give it back.
+            async fn sweep_after_the_lease(&self, holds: u64) {
+                tokio::time::sleep(LEASE * 2).await;
+                let swept = self.b.remote().unwrap().redis.sweep_all().await.expect("sweep");
+                assert_eq!(swept, holds, "holds given back by the sweep");
+            }
+
+            async fn consumed(&self) -> i64 {
+                self.b.remote().unwrap().redis.package_consumed("acme", "od").await.expect("consumed")
+            }
+
+            async fn held(&self) -> i64 {
+                self.b.remote().unwrap().redis.package_held("acme", "od").await.expect("held")
+            }
+
+            /// (single_package units, payg units, payg units of the call cell, unpaid) of March.
+            async fn units(&self) -> (i64, i64, i64, i64) {
+                let t = tenant_key(&self.s.tenants[0]);
+                let month = self.b.remote().unwrap().stores.month(t, "2026-03").await.expect("month");
+                let u = month.iter().find(|u| u.feature == "object-detection").cloned().unwrap_or_default();
+                (
+                    u.units[PayerKind::SinglePackage as usize],
+                    u.units[PayerKind::Payg as usize],
+                    u.payg.get(CALL_CELL).copied().unwrap_or(0),
+                    u.unpaid,
+                )
+            }
+        }
+
+        /// A call settled after its hold was swept (a long stream, a long upstream timeout) is
+        /// still paid by its package: the points are debited once, and the unit says so.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_commit_after_the_lease_sweep_still_debits_the_package() {
+            let Some(x) = fixture("a_commit_after_the_lease_sweep_still_debits_the_package", "1").await else {
+                return;
+            };
+            let r = x.admit().await;
+            assert_eq!(r.payer, PayerKind::SinglePackage);
+            assert_eq!(x.held().await, FACTOR);
+            x.sweep_after_the_lease(1).await;
+            assert_eq!(x.held().await, 0);
+            let settled = x.settle(r).await;
+            assert_eq!(settled.payer, "single_package:od");
+            assert_eq!((x.consumed().await, x.held().await), (FACTOR, 0), "(consumed, held) after the late commit");
+            assert_eq!(x.units().await, (1, 0, 0, 0), "(package, payg, payg cell, unpaid) units");
+        }
+
+        /// The swept hold's points paid another call meanwhile: the late call cannot be paid by
+        /// the package (it holds no second factor), so it falls to pay-as-you-go (SPEC §6.3),
+        /// and the record says so: units == upstream successes, each paid by who really paid.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_late_commit_whose_points_paid_another_call_falls_to_payg() {
+            let Some(x) = fixture("a_late_commit_whose_points_paid_another_call_falls_to_payg", "0.2").await else {
+                return;
+            };
+            let late = x.admit().await;
+            assert_eq!(late.payer, PayerKind::SinglePackage);
+            x.sweep_after_the_lease(1).await;
+            let other = x.admit().await;
+            assert_eq!(other.payer, PayerKind::SinglePackage, "the swept points are free again");
+            assert_eq!(x.settle(other).await.payer, "single_package:od");
+            let settled = x.settle(late).await;
+            assert_eq!(settled.payer, "payg", "the package holds nothing more");
+            assert_eq!(x.consumed().await, FACTOR, "the package paid one call, never two");
+            assert_eq!(x.units().await, (1, 1, 1, 0), "(package, payg, payg cell, unpaid) units");
+        }
+
+        /// Late commits race new calls on one package: it never pays more than it holds,
+        /// every package unit is one factor debited, and every settled call is one unit.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn late_commits_racing_new_calls_never_overdraw_and_count_each_call_once() {
+            let Some(x) = fixture("late_commits_racing_new_calls_never_overdraw", "2").await else { return };
+            let x = Arc::new(x);
+            let (late_n, new_n) = (8usize, 16usize);
+            let mut late = Vec::new();
+            for _ in 0..late_n {
+                late.push(x.admit().await);
+            }
+            x.sweep_after_the_lease(late_n as u64).await;
+            let mut tasks = Vec::new();
+            for r in late {
+                let x = x.clone();
+                tasks.push(tokio::spawn(async move { x.settle(r).await.payer }));
+            }
+            for _ in 0..new_n {
+                let x = x.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = x.admit().await;
+                    x.settle(r).await.payer
+                }));
+            }
+            let mut by_header = (0i64, 0i64);
+            for task in tasks {
+                match task.await.unwrap().to_str().unwrap() {
+                    "single_package:od" => by_header.0 += 1,
+                    "payg" => by_header.1 += 1,
+                    other => panic!("payer {other}"),
+                }
+            }
+            let (package, payg, cell, unpaid) = x.units().await;
+            let consumed = x.consumed().await;
+            assert!(consumed <= 10 * FACTOR, "the package paid {consumed} µpoints, it holds {}", 10 * FACTOR);
+            assert_eq!(consumed, package * FACTOR, "every package unit is one factor debited");
+            assert_eq!(package + payg, (late_n + new_n) as i64, "one unit per upstream success");
+            assert_eq!((payg, unpaid), (cell, 0));
+            assert_eq!(by_header, (package, payg), "each call's payer header names who paid it");
+            assert_eq!(x.held().await, 0);
+        }
     }
 }

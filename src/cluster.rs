@@ -20,7 +20,7 @@ use prometheus::IntGauge;
 use rustc_hash::FxBuildHasher;
 
 use crate::config::gateway::{ClusterSettings, ImageOp, OnStoreError};
-use crate::store::redis::{HoldAction, ImagePart, RedisStore, Settle};
+use crate::store::redis::{HoldAction, ImagePart, Instead, InsteadFrom, RedisStore, Settle};
 use crate::store::{
     BalanceStore, BucketKey, Candidate, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore,
     UsageTo,
@@ -49,9 +49,9 @@ pub enum Replay {
         usage: Option<(String, String, String, i64)>,
         also: String,
         image: ImagePart,
-        /// When the hold is gone by the time of the replay (swept after its lease): take the
-        /// package's share instead (package, points, micro-points).
-        take: Option<(String, i64, i64)>,
+        /// How the commit pays when the hold is gone by then (swept after its lease): the same
+        /// as the live settlement would have (see [`Instead`]).
+        instead: Option<PayInstead>,
     },
     /// Micro-points taken from packages in candidate order (a package charge made locally).
     Take { tenant: String, candidates: Vec<(String, i64)>, want: i64, id: RequestId },
@@ -62,6 +62,33 @@ pub enum Replay {
     /// A low-balance alert fired on the fallback: marked in Redis so that no replica fires it
     /// again (SPEC §6, §11.3: once in the whole cluster).
     Alert { tenant: String, package: String },
+}
+
+/// An owned [`Instead`]: how a commit pays when its hold is gone, kept to be journaled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayInstead {
+    /// Micro-points of the whole factor.
+    pub want: i64,
+    /// (package, points, alert at, usage field), in SPEC §6 order.
+    pub candidates: Vec<(String, i64, Option<i64>, String)>,
+    /// The usage fields when no candidate can pay.
+    pub field: String,
+    pub also: String,
+}
+
+impl PayInstead {
+    /// The candidates as the settlement takes them (borrowed from `self`).
+    pub fn froms(&self) -> Vec<InsteadFrom<'_>> {
+        self.candidates
+            .iter()
+            .map(|(p, points, alert_at, field)| InsteadFrom { package: p, points: *points, alert_at: *alert_at, field })
+            .collect()
+    }
+
+    /// The settlement's part, over `froms` (from [`PayInstead::froms`]).
+    pub fn part<'a>(&'a self, froms: &'a [InsteadFrom<'a>]) -> Instead<'a> {
+        Instead { want: self.want, candidates: froms, field: &self.field, also: &self.also }
+    }
 }
 
 /// The Redis side of the billing engine.
@@ -156,7 +183,8 @@ impl Remote {
     /// Applies one journal entry to Redis through `redis` (idempotent on its request id).
     async fn replay(redis: &RedisStore, r: &Replay) -> Result<(), StoreError> {
         match r {
-            Replay::Settle { tenant, id, hold, alert_at, usage, also, image, take } => {
+            Replay::Settle { tenant, id, hold, alert_at, usage, also, image, instead } => {
+                let froms = instead.as_ref().map(PayInstead::froms).unwrap_or_default();
                 let s = Settle {
                     hold: *hold,
                     alert_at: *alert_at,
@@ -164,14 +192,9 @@ impl Remote {
                     image: *image,
                     also,
                     part: SETTLE_PART,
+                    instead: instead.as_ref().map(|i| i.part(&froms)),
                 };
-                let out = redis.settle(tenant, *id, s).await?;
-                if let (Some((pkg, points, want)), false) = (take, out.hold) {
-                    let t = TenantKey { name: tenant, local: 0 };
-                    let c = [Candidate { id: pkg, points: *points, local: 0 }];
-                    redis.take_up_to(t, &c, *want, RequestId(*id)).await?;
-                }
-                Ok(())
+                redis.settle(tenant, *id, s).await.map(|_| ())
             }
             Replay::Take { tenant, candidates, want, id } => {
                 let c: Vec<Candidate<'_>> =
@@ -396,5 +419,69 @@ billing = ["prepaid_qps"]
         assert_eq!(plans[0].upgrades[1].qps, 40);
         assert_eq!(plans[1].qps, 10, "a plan not active at the override's from is left alone");
         assert!(plans[1].upgrades.is_empty());
+    }
+
+    /// A settlement journaled while Redis was unreachable, replayed after its hold was swept
+    /// (its lease ran out meanwhile): the package pays only if it holds the whole factor (SPEC
+    /// §6) — here it does not (another call holds most of it) — so the call falls to
+    /// pay-as-you-go, and its unit says so; nothing is taken from the package.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replayed_commit_whose_hold_was_swept_pays_whole_or_falls_through() {
+        use crate::config::gateway::{ClusterSettings, StoreKind};
+        use crate::store::redis::{harness, RedisOpts};
+        let Some(server) =
+            harness::RedisServer::start("a_replayed_commit_whose_hold_was_swept", harness::Opts::default())
+        else {
+            return;
+        };
+        let lease = Duration::from_millis(200);
+        let opts = RedisOpts {
+            key_prefix: "tc".into(),
+            op_timeout: Duration::from_secs(2),
+            done_ttl: Duration::from_secs(60),
+            hold_lease: lease,
+        };
+        let redis = RedisStore::connect(&[server.url()], opts).await.expect("connect");
+        let settings = ClusterSettings {
+            store: StoreKind::Redis,
+            redis: vec![server.url()],
+            key_prefix: "tc".into(),
+            hold_lease: lease,
+            on_store_error: OnStoreError::Local,
+            expected_replicas: 1,
+        };
+        let remote = Remote::new(redis.clone(), &settings, IntGauge::new("fallback", "test").expect("gauge"));
+        let (points, want) = (3_000_000i64, 2_000_000i64);
+        // Call 1 holds on p; Redis becomes unreachable for its settlement (journaled); its lease
+        // runs out and the sweep gives the points back; call 2 holds them.
+        assert_eq!(redis.hold("acme", &[("p", points)], want, 1, lease).await.expect("hold"), Some(0));
+        remote.journal(Replay::Settle {
+            tenant: "acme".into(),
+            id: 1,
+            hold: HoldAction::Commit,
+            alert_at: None,
+            usage: Some(("od".into(), "2026-11".into(), "payer:single_package".into(), 1)),
+            also: String::new(),
+            image: ImagePart::None,
+            instead: Some(PayInstead {
+                want,
+                candidates: vec![("p".into(), points, None, "payer:single_package".into())],
+                field: "payer:payg".into(),
+                also: "cell:".into(),
+            }),
+        });
+        tokio::time::sleep(lease * 2).await;
+        assert_eq!(redis.sweep_tenant("acme").await.expect("sweep"), (1, 0));
+        assert_eq!(
+            redis.hold("acme", &[("p", points)], want, 2, Duration::from_secs(30)).await.expect("hold"),
+            Some(0)
+        );
+        assert_eq!(remote.probe().await, 1, "the settlement replayed");
+        assert_eq!(remote.probe().await, 0, "once");
+        assert_eq!(redis.package_consumed("acme", "p").await.expect("consumed"), 0, "p never paid call 1");
+        assert_eq!(redis.package_held("acme", "p").await.expect("held"), want, "call 2's hold is untouched");
+        let month = redis.month_cells("acme", "2026-11").await.expect("month");
+        let fields = vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)];
+        assert_eq!(month, vec![("od".to_string(), fields)], "call 1 under pay-as-you-go, once");
     }
 }

@@ -600,6 +600,82 @@ mod tests {
         let _ = gw.billing.close(std::time::Duration::from_secs(5));
     }
 
+    /// Two replicas on one Redis (SPEC §11.4). Upgrades posted concurrently to replica A change
+    /// the file one at a time (the control lock) but store their shared override after the
+    /// lock, so Redis may receive them in another order than the file; and an older override
+    /// stored last (the slow one of a race) must not roll any replica back. It cannot: Redis
+    /// keeps every override (a set) and a permanent one only ever raises a plan (the maximum
+    /// wins), so the order in which they land does not matter.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_upgrades_leave_every_replica_at_the_newest_qps() {
+        use crate::store::redis::{harness, RedisStore};
+        use crate::store::{Override, OverrideStore};
+        let Some(redis) = harness::RedisServer::start("concurrent_upgrades", harness::Opts::default()) else { return };
+        let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
+        let acme =
+            format!(r#""acme": {{"api_keys": ["{}"], "services": ["face_body"]{plan}}}"#, crate::hash_key("acme"));
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let (dirs, mut gws) = (tempfile::tempdir().expect("tmp"), Vec::new());
+        for i in 0..2 {
+            let main = format!(
+                "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
+                main_toml(&dirs.path().join(format!("ledger-{i}"))),
+                redis.url()
+            );
+            let texts = Texts::in_memory(main, EMBEDDED_CATALOG, ents(std::slice::from_ref(&acme)));
+            let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+            let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
+            let gw = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock.clone(), Some(store))
+                .expect("gateway");
+            gws.push(gw);
+        }
+        let qps = |gw: &Gateway| gw.snapshot.load().tenants[0].plans[0].qps;
+        // 20 upgrades at once on replica A: the lock orders them; a lower one than the file's
+        // by then is refused (never a downgrade); 40 always gets through.
+        let tasks: Vec<_> = (21..=40u32)
+            .map(|q| {
+                let gw = gws[0].clone();
+                tokio::spawn(async move { gw.upgrade("acme", "face-comparison-1-1", q).await.ok().map(|_| q) })
+            })
+            .collect();
+        let mut accepted = Vec::new();
+        for t in tasks {
+            accepted.extend(t.await.expect("join"));
+        }
+        assert_eq!(accepted.iter().max(), Some(&40), "{accepted:?}");
+        assert_eq!(qps(&gws[0]), 40, "replica A serves the newest");
+        gws[1].sync_overrides().await.expect("sync");
+        assert_eq!(qps(&gws[1]), 40, "replica B serves the newest");
+        // The slow upgrade of a race lands in Redis last, after a newer one: nothing goes back.
+        let remote = gws[0].billing.remote().expect("cluster mode").clone();
+        let older =
+            Override { qps: 21, from: crate::time::parse_rfc3339("2026-11-09T23:59:59Z").expect("time"), until: None };
+        remote.stores.put_override("acme", "face-comparison-1-1", older).await.expect("override");
+        for gw in &gws {
+            gw.sync_overrides().await.expect("sync");
+            assert_eq!(qps(gw), 40, "an older override stored last rolls nothing back");
+        }
+        // A replica started afterwards (its files without any upgrade) starts at the newest too.
+        let texts = Texts::in_memory(
+            format!(
+                "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
+                main_toml(&dirs.path().join("ledger-2")),
+                redis.url()
+            ),
+            EMBEDDED_CATALOG,
+            ents(std::slice::from_ref(&acme)),
+        );
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
+        let late = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock.clone(), Some(store))
+            .expect("gateway");
+        late.sync_overrides().await.expect("sync");
+        assert_eq!(qps(&late), 40);
+        for gw in gws.iter().chain([&late]) {
+            let _ = gw.billing.close(std::time::Duration::from_secs(5));
+        }
+    }
+
     /// Each thread caches the snapshot it served last: two gateways served by one thread each
     /// answer from their own snapshot, and a reload reaches the next call.
     #[tokio::test(flavor = "current_thread")]

@@ -1152,7 +1152,9 @@ impl RateStore for LocalStore {
     async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
         Ok(self.admit_now(key, q))
     }
-    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
+    /// In process a refund is applied by the one call that makes it (nothing sends it again),
+    /// so `id` has nothing to guard against here.
+    async fn refund(&self, key: BucketKey<'_>, q: Quota, _id: RequestId) -> Result<(), StoreError> {
         self.refund_now(key, q);
         Ok(())
     }

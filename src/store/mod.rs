@@ -200,8 +200,14 @@ pub trait RateStore: Send + Sync {
     fn admit(&self, key: BucketKey<'_>, q: Quota) -> impl Future<Output = Result<Admit, StoreError>> + Send;
     /// Gives back the token an [`Admit::Allowed`] of the same shape took (402, 409, 413): moves
     /// the theoretical arrival time back one emission interval, never past a full bucket; a
-    /// bucket re-shaped since is left alone.
-    fn refund(&self, key: BucketKey<'_>, q: Quota) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// bucket re-shaped since is left alone. Once per `id` (a refund sent again after its answer
+    /// was lost gives nothing more back).
+    fn refund(
+        &self,
+        key: BucketKey<'_>,
+        q: Quota,
+        id: RequestId,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Package balances: holds with a lease, committed or released exactly once per request id.
@@ -366,8 +372,8 @@ impl RateStore for Stores {
     async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
         each_await!(self, s => s.admit(key, q))
     }
-    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
-        each_await!(self, s => s.refund(key, q))
+    async fn refund(&self, key: BucketKey<'_>, q: Quota, id: RequestId) -> Result<(), StoreError> {
+        each_await!(self, s => s.refund(key, q, id))
     }
 }
 

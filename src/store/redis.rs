@@ -12,7 +12,8 @@
 //! - `Pp:<package>` hash `consumed`, `held` (micro-points).
 //! - `Ph:<id>` hash `pkg` (package key), `pid`, `pts`, `idx`: a hold; `Pholds` zset id → lease end.
 //! - `Pm:<YYYY-MM>:<feature>` hash field → units; `Pmi:<YYYY-MM>` set of features of the month.
-//! - `Pdone:<id>[:<part>]` the first answer of a settlement, with a TTL (idempotency marker).
+//! - `Pdone:<id>[:<part>]` the first answer of a settlement, with a TTL (idempotency marker);
+//!   `Pdone:<id>:refund` marks a token refund applied.
 //! - `Palerted` hash package → 1 (HSETNX: an alert fires once in the cluster).
 //! - `Pimg` hash `count`, `held`; `Pimgslots` zset id → lease end.
 //! - `Pov` hash feature → JSON list of overrides; `{prefix}:ov:tenants` set (global) and
@@ -40,6 +41,11 @@ use super::StoreError;
 
 /// `backend` of every [`StoreError`] of this module.
 const BACKEND: &str = "redis";
+
+/// How long a refund's marker is kept (ms). A refund is never journaled or replayed later: the
+/// only repeat is the client sending the same command again within one call, which
+/// `op_timeout` bounds, so a minute is ample and keeps the markers of a burst of refunds few.
+const REFUND_MARKER_TTL_MS: u64 = 60_000;
 
 /// Holds and slots swept per script call: bounded work, repeated while there is more.
 const SWEEP_BATCH: usize = 256;
@@ -177,6 +183,46 @@ pub struct Settled {
     pub alert_fired: bool,
     /// The image count after the image part.
     pub images: Option<u64>,
+    /// A commit that found no hold and was paid as [`Instead`] says (`None`: it was not).
+    pub instead: Option<PaidInstead>,
+}
+
+/// Who paid a commit that found its hold gone (see [`Instead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaidInstead {
+    /// The candidate of this index: it held the whole factor.
+    Package(usize),
+    /// None could: the units went to the fallback's fields.
+    Fallback,
+}
+
+/// How a commit pays when its hold is gone: its lease ran out under a call still in flight (a
+/// long gRPC stream, a long upstream timeout) and the sweep gave the points back. The call was
+/// served, so it is paid as SPEC §6 pays a call now, in the same script: by the first candidate
+/// that holds the whole `want` beyond the holds in flight, else by the fallback payer, and its
+/// units go to whoever paid.
+#[derive(Debug, Clone, Copy)]
+pub struct Instead<'a> {
+    /// Micro-points of the whole factor.
+    pub want: i64,
+    /// In SPEC §6 order.
+    pub candidates: &'a [InsteadFrom<'a>],
+    /// The usage field, and a second one that gets the same units (`""`: none), when no
+    /// candidate can pay (`payer:payg` and its cell, `payer:free_default`, or `unpaid`).
+    pub field: &'a str,
+    pub also: &'a str,
+}
+
+/// One candidate of an [`Instead`].
+#[derive(Debug, Clone, Copy)]
+pub struct InsteadFrom<'a> {
+    pub package: &'a str,
+    /// Its points, in micro-points.
+    pub points: i64,
+    /// Fire its alert when its consumption reaches this (micro-points).
+    pub alert_at: Option<i64>,
+    /// The usage field its units go to (`payer:single_package` or `payer:general_package`).
+    pub field: &'a str,
 }
 
 /// Hold action of a settlement.
@@ -215,6 +261,8 @@ pub struct Settle<'a> {
     pub also: &'a str,
     /// Distinguishes several settlements of one request id (the marker is per part).
     pub part: &'a str,
+    /// A commit that finds no hold pays this way; `None`: it commits nothing.
+    pub instead: Option<Instead<'a>>,
 }
 
 /// One candidate of a take (video minutes).
@@ -547,13 +595,22 @@ impl RedisStore {
         Ok(self.admit_and_hold(tenant, Some((bucket, limit, depth)), None).await?.admit)
     }
 
-    /// Gives back one token of the same shape.
-    pub async fn gcra_refund(&self, tenant: &str, bucket: &str, limit: u32, depth: u32) -> Result<(), StoreError> {
+    /// Gives back one token of the same shape, once per `id`: a command the client sends again
+    /// (its answer was lost) gives nothing more back.
+    pub async fn gcra_refund(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        limit: u32,
+        depth: u32,
+        id: u128,
+    ) -> Result<(), StoreError> {
         let op = "admit";
         self.throttled.remove(&throttle_key(tenant, bucket, limit, depth));
         let t = 1_000_000 / u64::from(limit.max(1));
         let mut inv = self.scripts.refund.prepare_invoke();
-        inv.key(self.key(tenant, &format!("b:{bucket}"))).arg(t).arg(format!("{}:{}", limit.max(1), depth.max(1)));
+        inv.key(self.key(tenant, &format!("b:{bucket}"))).key(self.key(tenant, &format!("done:{id:032x}:refund")));
+        inv.arg(t).arg(format!("{}:{}", limit.max(1), depth.max(1))).arg(REFUND_MARKER_TTL_MS);
         let mut conn = self.conn.clone();
         let _: i64 = self.timed(op, inv.invoke_async(&mut conn)).await?;
         Ok(())
@@ -605,16 +662,35 @@ impl RedisStore {
             ImagePart::Release => ("release", 0),
         };
         inv.arg(img_op).arg(reported).arg(if s.usage.is_some() { s.also } else { "" });
+        match s.instead.filter(|_| s.hold == HoldAction::Commit) {
+            Some(i) => {
+                inv.arg(i.want.max(0)).arg(i.field).arg(i.also);
+                for c in i.candidates {
+                    inv.key(self.key(tenant, &format!("p:{}", c.package)));
+                    inv.arg(c.points).arg(c.package).arg(c.alert_at.unwrap_or(-1)).arg(c.field);
+                }
+            }
+            None => {
+                inv.arg(0).arg("").arg("");
+            }
+        }
         let mut conn = self.conn.clone();
         let v: Value = self.timed(op, inv.invoke_async(&mut conn)).await?;
         let r = ints(op, v, 6)?;
+        // A marker written before the seventh value existed answers without it: no instead.
+        let instead = match r.get(6).copied().unwrap_or(-1) {
+            -2 => Some(PaidInstead::Fallback),
+            i => usize::try_from(i).ok().map(PaidInstead::Package),
+        };
+        let paid_now = r[1] == 1 || matches!(instead, Some(PaidInstead::Package(_)));
         Ok(Settled {
             replay: r[0] == 1,
             hold: r[1] == 1,
-            consumed: (r[2] >= 0 && s.hold == HoldAction::Commit && r[1] == 1).then_some(r[2]),
+            consumed: (r[2] >= 0 && s.hold == HoldAction::Commit && paid_now).then_some(r[2]),
             cell_total: (r[3] >= 0 && s.usage.is_some()).then_some(r[3]),
             alert_fired: r[4] == 1,
             images: u64::try_from(r[5]).ok().filter(|_| s.image != ImagePart::None),
+            instead,
         })
     }
 
@@ -627,6 +703,7 @@ impl RedisStore {
             image: ImagePart::None,
             also: "",
             part: "c",
+            instead: None,
         };
         Ok(self.settle(tenant, id, s).await?.consumed)
     }
@@ -640,6 +717,7 @@ impl RedisStore {
             image: ImagePart::None,
             also: "",
             part: "c",
+            instead: None,
         };
         self.settle(tenant, id, s).await.map(|_| ())
     }
@@ -667,8 +745,15 @@ impl RedisStore {
         id: u128,
         part: &str,
     ) -> Result<i64, StoreError> {
-        let s =
-            Settle { hold: HoldAction::None, alert_at: None, usage: Some(usage), image: ImagePart::None, also, part };
+        let s = Settle {
+            hold: HoldAction::None,
+            alert_at: None,
+            usage: Some(usage),
+            image: ImagePart::None,
+            also,
+            part,
+            instead: None,
+        };
         let r = self.settle(tenant, id, s).await?;
         r.cell_total.ok_or(StoreError::Corrupt {
             backend: BACKEND.into(),
@@ -819,7 +904,8 @@ impl RedisStore {
 
     /// The image part of a settlement alone. Returns the count after.
     pub async fn settle_image(&self, tenant: &str, id: u128, image: ImagePart) -> Result<u64, StoreError> {
-        let s = Settle { hold: HoldAction::None, alert_at: None, usage: None, image, also: "", part: "img" };
+        let s =
+            Settle { hold: HoldAction::None, alert_at: None, usage: None, image, also: "", part: "img", instead: None };
         Ok(self.settle(tenant, id, s).await?.images.unwrap_or(0))
     }
 
@@ -1066,8 +1152,8 @@ impl RateStore for RedisStore {
         })
     }
 
-    async fn refund(&self, key: BucketKey<'_>, q: Quota) -> Result<(), StoreError> {
-        self.gcra_refund(key.tenant, key.bucket, q.limit, q.depth).await
+    async fn refund(&self, key: BucketKey<'_>, q: Quota, id: RequestId) -> Result<(), StoreError> {
+        self.gcra_refund(key.tenant, key.bucket, q.limit, q.depth, id.0).await
     }
 }
 
@@ -1092,6 +1178,7 @@ impl BalanceStore for RedisStore {
             image: ImagePart::None,
             also: "",
             part: "c",
+            instead: None,
         };
         let r = self.settle(tenant.name, id.0, s).await?;
         // A replay committed nothing now: the interface answers None (a no-op).

@@ -75,11 +75,12 @@ pub async fn admit_takes_depth_then_throttles_and_refund_gives_back_one_token<S:
         Admit::Throttled { retry_after } => assert!(retry_after <= Duration::from_secs(1), "{retry_after:?}"),
         other => panic!("expected throttled, got {other:?}"),
     }
-    s.refund(key, q).await.unwrap();
+    let ids = RequestIds::new();
+    s.refund(key, q, ids.next()).await.unwrap();
     assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 0, .. }), "one token back");
     assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Throttled { .. }), "and only one");
     // Another shape's refund leaves this bucket alone.
-    s.refund(key, Quota { limit: 2, depth: 6 }).await.unwrap();
+    s.refund(key, Quota { limit: 2, depth: 6 }, ids.next()).await.unwrap();
     assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Throttled { .. }));
     // A new shape is a fresh, full bucket.
     let q2 = Quota { limit: 1, depth: 5 };
@@ -92,8 +93,9 @@ pub async fn admit_takes_depth_then_throttles_and_refund_gives_back_one_token<S:
 pub async fn refund_on_a_full_bucket_keeps_it_at_depth<S: Store + 'static>(s: Arc<S>) {
     let key = bucket(fresh_tenant("rate"), "f");
     let q = Quota { limit: 1, depth: 2 };
-    s.refund(key, q).await.unwrap();
-    s.refund(key, q).await.unwrap();
+    let ids = RequestIds::new();
+    s.refund(key, q, ids.next()).await.unwrap();
+    s.refund(key, q, ids.next()).await.unwrap();
     let mut admitted = 0;
     for _ in 0..5 {
         if matches!(s.admit(key, q).await.unwrap(), Admit::Allowed { .. }) {

@@ -11,15 +11,48 @@
 -- ARGV[7] alert at: fire when the held package's consumed reaches it (-1 = never)
 -- ARGV[8] image op: '' | 'add' | 'delete' | 'set' | 'release'   ARGV[9] reported count (set)
 -- ARGV[10] a second usage field that gets the same units ('' = none; its total is returned)
+-- When a commit finds no hold (its lease ran out under a call still in flight, and the sweep gave
+-- it back), the call is paid as SPEC §6 pays it now: by the first candidate package that holds
+-- the whole factor beyond the holds in flight, else by the fallback payer. Its units then go to
+-- the payer that really paid:
+-- ARGV[11] factor (micro-points; 0 = no candidates: a missing hold commits nothing)
+-- ARGV[12], ARGV[13] the usage field and second field when no candidate can pay
+-- KEYS[9..] candidate packages (hash: consumed, held), in SPEC §6 order
+-- ARGV[14..] per candidate: points, package id, alert at (-1 = never), usage field
 -- Returns { replay (1/0), hold (1 done now, 0 none: released or swept), package consumed after
---           (-1 none), usage cell total (-1 none), alert fired (1/0), image count (-1 none) }.
+--           (-1 none), usage cell total (-1 none), alert fired (1/0), image count (-1 none),
+--           paid instead (-1 no: the hold or nothing; i >= 0 candidate i; -2 the fallback) }.
 -- (replay.lua, prepended when the script is built, answers a replay and defines encode.)
 
-local hold_done, consumed, cell, fired, images = 0, -1, -1, 0, -1
+local hold_done, consumed, cell, fired, images, instead = 0, -1, -1, 0, -1, -1
+local field, also = ARGV[4], ARGV[10]
 
 if ARGV[1] ~= '' then
   local h = redis.call('HMGET', KEYS[2], 'pkg', 'pid', 'pts')
-  if h[1] then
+  local want = tonumber(ARGV[11]) or 0
+  if not h[1] and ARGV[1] == 'commit' and want > 0 then
+    instead = -2
+    for i = 1, #KEYS - 8 do
+      local pkey = KEYS[8 + i]
+      local base = 14 + (i - 1) * 4
+      local v = redis.call('HMGET', pkey, 'consumed', 'held')
+      local c = tonumber(v[1]) or 0
+      local held = tonumber(v[2]) or 0
+      if c + held + want <= tonumber(ARGV[base]) then
+        consumed = redis.call('HINCRBY', pkey, 'consumed', ARGV[11])
+        local at = tonumber(ARGV[base + 2])
+        if at >= 0 and consumed >= at then
+          fired = redis.call('HSETNX', KEYS[6], ARGV[base + 1], '1')
+        end
+        field, also = ARGV[base + 3], ''
+        instead = i - 1
+        break
+      end
+    end
+    if instead == -2 then
+      field, also = ARGV[12], ARGV[13]
+    end
+  elseif h[1] then
     local pts = tonumber(h[3])
     redis.call('HINCRBY', h[1], 'held', -pts)
     if ARGV[1] == 'commit' then
@@ -35,10 +68,10 @@ if ARGV[1] ~= '' then
   end
 end
 
-if ARGV[4] ~= '' then
-  cell = redis.call('HINCRBY', KEYS[4], ARGV[4], ARGV[5])
-  if ARGV[10] ~= '' then
-    cell = redis.call('HINCRBY', KEYS[4], ARGV[10], ARGV[5])
+if ARGV[4] ~= '' and field ~= '' then
+  cell = redis.call('HINCRBY', KEYS[4], field, ARGV[5])
+  if also ~= '' then
+    cell = redis.call('HINCRBY', KEYS[4], also, ARGV[5])
   end
   redis.call('SADD', KEYS[5], ARGV[6])
 end
@@ -61,6 +94,6 @@ if op ~= '' then
   end
 end
 
-local r = { 0, hold_done, consumed, cell, fired, images }
+local r = { 0, hold_done, consumed, cell, fired, images, instead }
 redis.call('SET', KEYS[1], encode(r), 'PX', ARGV[2])
 return r

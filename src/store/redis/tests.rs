@@ -79,6 +79,8 @@ on_both!(
     the_store_interfaces_on_redis,
     one_round_trip_admits_and_holds_and_a_refused_hold_gives_the_token_back,
     the_sweeper_task_gives_back_a_dead_replicas_holds,
+    a_retried_refund_gives_back_one_token,
+    a_commit_whose_hold_was_swept_pays_as_spec_6_says,
 );
 
 /// A flood of 2 s from 16 tasks: admitted within [limit × T, limit × T + depth] (3% timing
@@ -118,20 +120,50 @@ async fn gcra_burst_remaining_reset_and_refund(store: RedisStore) {
     let retry = store.gcra("acme", "seg", 4, 4).await.unwrap().expect_err("the fifth is throttled");
     assert!(retry > Duration::from_millis(150) && retry <= Duration::from_millis(250), "retry {retry:?}");
     // A refund gives exactly one token back.
-    store.gcra_refund("acme", "seg", 4, 4).await.unwrap();
+    store.gcra_refund("acme", "seg", 4, 4, 1).await.unwrap();
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_ok(), "one token back");
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
     // A refund of another shape is ignored; a new shape is a fresh (full) bucket.
-    store.gcra_refund("acme", "seg", 8, 8).await.unwrap();
+    store.gcra_refund("acme", "seg", 8, 8, 2).await.unwrap();
     assert!(store.gcra("acme", "seg", 4, 4).await.unwrap().is_err());
     assert_eq!(store.gcra("acme", "seg", 10, 10).await.unwrap(), Ok((9, 1)));
     // Another tenant's bucket is its own.
     assert_eq!(store.gcra("globex", "seg", 4, 4).await.unwrap(), Ok((3, 1)));
     // A refund on a full bucket keeps it full, never fuller than its depth.
-    store.gcra_refund("initech", "seg", 2, 2).await.unwrap();
+    store.gcra_refund("initech", "seg", 2, 2, 3).await.unwrap();
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_ok());
     assert!(store.gcra("initech", "seg", 2, 2).await.unwrap().is_err());
+}
+
+/// The client retries a command whose answer was lost: the refund it carries must not give a
+/// second token back. Sent twice (the same command, as a retry sends it), one token comes back;
+/// another refund (another id) gives its own token back.
+async fn a_retried_refund_gives_back_one_token(store: RedisStore) {
+    // One token per second, three at once: nothing refills while the test runs.
+    for _ in 0..3 {
+        assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok());
+    }
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "the bucket is empty");
+    store.gcra_refund("acme", "ocr", 1, 3, 7).await.unwrap();
+    store.gcra_refund("acme", "ocr", 1, 3, 7).await.unwrap();
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "the refunded token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "and only that one: the retry gave nothing back");
+    store.gcra_refund("acme", "ocr", 1, 3, 8).await.unwrap();
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "another refund's token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err());
+    // Concurrent copies of one refund (a retry racing the original): still one token.
+    let copies: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.gcra_refund("acme", "ocr", 1, 3, 9).await })
+        })
+        .collect();
+    for c in copies {
+        c.await.unwrap().unwrap();
+    }
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_ok(), "one refunded token");
+    assert!(store.gcra("acme", "ocr", 1, 3).await.unwrap().is_err(), "of eight copies of one refund");
 }
 
 /// 64 tasks × 4 calls on one package that pays 10: every hold is committed or released once;
@@ -242,6 +274,7 @@ async fn settlement_replay_is_idempotent(store: RedisStore) {
         image: ImagePart::None,
         also: "",
         part: "s",
+        instead: None,
     };
     let first = store.settle("acme", 7, s).await.unwrap();
     assert_eq!(
@@ -252,7 +285,8 @@ async fn settlement_replay_is_idempotent(store: RedisStore) {
             consumed: Some(4_000_000),
             cell_total: Some(1),
             alert_fired: true,
-            images: None
+            images: None,
+            instead: None,
         }
     );
     let again = store.settle("acme", 7, s).await.unwrap();
@@ -281,6 +315,7 @@ async fn low_balance_alert_fires_once_under_concurrency(store: RedisStore) {
                     image: ImagePart::None,
                     also: "",
                     part: "s",
+                    instead: None,
                 };
                 if store.settle("acme", id, s).await.unwrap().alert_fired {
                     fired.fetch_add(1, Ordering::Relaxed);
@@ -314,6 +349,81 @@ async fn sweep_gives_back_holds_and_image_slots_after_their_lease(store: RedisSt
     assert_eq!(store.hold("acme", &[("p", pts)], 2_000_000, 5, lease).await.unwrap(), Some(0), "the points are back");
     assert!(store.hold_image_slot("acme", 1, 6, lease).await.unwrap(), "the slot is back");
     assert_eq!(store.sweep_tenant("acme").await.unwrap(), (0, 0));
+}
+
+/// A commit whose hold the sweep gave back (the call outlived its lease): the first candidate
+/// holding the whole factor beyond the holds in flight pays it, in the settlement script, and the
+/// units go to that payer's field; when none can, to the fallback's fields. Once per id.
+async fn a_commit_whose_hold_was_swept_pays_as_spec_6_says(store: RedisStore) {
+    let (want, lease) = (2_000_000i64, Duration::from_millis(200));
+    let cands = [
+        InsteadFrom { package: "a", points: 3_000_000, alert_at: None, field: "payer:single_package" },
+        InsteadFrom { package: "b", points: 4_000_000, alert_at: Some(want), field: "payer:general_package" },
+    ];
+    let settle = |id: u128| {
+        let s = Settle {
+            hold: HoldAction::Commit,
+            alert_at: None,
+            usage: Some(("od", "2026-11", "payer:single_package", 1)),
+            image: ImagePart::None,
+            also: "",
+            part: "s",
+            instead: Some(Instead { want, candidates: &cands, field: "payer:payg", also: "cell:" }),
+        };
+        let store = store.clone();
+        async move { store.settle("acme", id, s).await.unwrap() }
+    };
+    // Call 1 holds on a; its lease runs out and the sweep gives the points back.
+    assert_eq!(store.hold("acme", &[("a", 3_000_000)], want, 1, lease).await.unwrap(), Some(0));
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(store.sweep_tenant("acme").await.unwrap(), (1, 0));
+    // Call 2 holds a's points meanwhile (1 left: less than a factor).
+    assert_eq!(store.hold("acme", &[("a", 3_000_000)], want, 2, Duration::from_secs(30)).await.unwrap(), Some(0));
+    // Call 1's commit: a cannot pay it whole, b can.
+    let late = settle(1).await;
+    assert_eq!((late.hold, late.instead, late.consumed), (false, Some(PaidInstead::Package(1)), Some(want)));
+    assert!(late.alert_fired, "b's alert, at its consumption of one factor");
+    assert_eq!(settle(1).await, Settled { replay: true, ..late }, "a replay answers the same, applies nothing");
+    // Call 2 commits its own hold, as always.
+    let two = settle(2).await;
+    assert_eq!((two.hold, two.instead, two.consumed), (true, None, Some(want)));
+    // Call 3 outlives its lease on b; then nothing can pay it whole (a: 1, b: 2 - 2 held by call 4).
+    assert_eq!(store.hold("acme", &[("b", 4_000_000)], want, 3, lease).await.unwrap(), Some(0));
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(store.sweep_tenant("acme").await.unwrap(), (1, 0));
+    assert_eq!(store.hold("acme", &[("b", 4_000_000)], want, 4, Duration::from_secs(30)).await.unwrap(), Some(0));
+    let unpaid = settle(3).await;
+    assert_eq!(
+        (unpaid.hold, unpaid.instead, unpaid.consumed, unpaid.cell_total),
+        (false, Some(PaidInstead::Fallback), None, Some(1))
+    );
+    // Call 4 commits its hold on b's last factor.
+    let four = settle(4).await;
+    assert_eq!((four.hold, four.consumed), (true, Some(4_000_000)));
+    assert_eq!(store.package_consumed("acme", "a").await.unwrap(), want, "a paid call 2 only");
+    assert_eq!(store.package_consumed("acme", "b").await.unwrap(), 2 * want, "b paid calls 1 and 4");
+    assert_eq!(store.package_held("acme", "a").await.unwrap() + store.package_held("acme", "b").await.unwrap(), 0);
+    let month = store.month_cells("acme", "2026-11").await.unwrap();
+    let fields = vec![
+        ("cell:".to_string(), 1),
+        ("payer:general_package".to_string(), 1),
+        ("payer:payg".to_string(), 1),
+        ("payer:single_package".to_string(), 2),
+    ];
+    // Calls 2 and 4 under the field their settlement named, 1 under b's, 3 under payg's.
+    assert_eq!(month, vec![("od".to_string(), fields)], "four calls, each counted once");
+    // Without candidates a missing hold commits nothing, as before (a release never pays).
+    let s = Settle {
+        hold: HoldAction::Commit,
+        alert_at: None,
+        usage: None,
+        image: ImagePart::None,
+        also: "",
+        part: "t",
+        instead: None,
+    };
+    let none = store.settle("acme", 1, s).await.unwrap();
+    assert_eq!((none.hold, none.instead, none.consumed), (false, None, None));
 }
 
 async fn image_slots_respect_capacity_and_settle_once(store: RedisStore) {
@@ -459,7 +569,7 @@ async fn the_store_interfaces_on_redis(store: RedisStore) {
     assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 1, reset_secs: 1 });
     assert_eq!(store.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 0, reset_secs: 1 });
     assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Throttled { .. }));
-    store.refund(key, q).await.unwrap();
+    store.refund(key, q, RequestId(1)).await.unwrap();
     assert!(matches!(store.admit(key, q).await.unwrap(), Admit::Allowed { .. }));
 
     let t = TenantKey { name: "acme", local: 0 };
@@ -559,7 +669,7 @@ async fn a_cached_429_needs_no_store_call_until_its_retry_time() {
     let first = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled");
     assert!(first > Duration::from_millis(800), "{first:?}");
     // A refund drops the cache entry: the next answer comes from Redis again (admitted).
-    store.gcra_refund("acme", "face", 1, 1).await.unwrap();
+    store.gcra_refund("acme", "face", 1, 1, 1).await.unwrap();
     assert!(store.gcra("acme", "face", 1, 1).await.unwrap().is_ok(), "the refunded token");
     let retry = store.gcra("acme", "face", 1, 1).await.unwrap().expect_err("throttled again");
     s.kill9();
