@@ -101,7 +101,7 @@ pub fn depth(limit: u32, burst_seconds: f64) -> u32 {
     }
 }
 
-pub use crate::store::Admit;
+pub use crate::store::{Admit, RateState};
 
 /// Token-bucket state per (tenant, feature) pair, keyed by [`crate::intern::pair`].
 pub trait BucketStore: Send + Sync {
@@ -110,6 +110,10 @@ pub trait BucketStore: Send + Sync {
     /// Gives back the token an [`Admit::Allowed`] of the same shape took, for a request refused
     /// after admission (402, 409): only admitted requests use the quota (SPEC §4).
     fn refund(&self, key: u64, limit: u32, depth: u32);
+    /// The pair's bucket as it is now, without taking a token or writing anything (the
+    /// rate-limit fields of a refusal decided before admission, SPEC §4). No bucket, or one of
+    /// another shape, reads full: the next admission starts it afresh.
+    fn peek(&self, key: u64, limit: u32, depth: u32) -> RateState;
     /// Drops one pair's bucket (its tenant or feature was removed by a reload). One key at a
     /// time, so no lock is held across the map while requests use it.
     fn remove(&self, key: u64);
@@ -136,6 +140,17 @@ struct BucketState {
 #[derive(Clone)]
 struct SharedStore(Arc<DashMap<u64, BucketState, FxBuildHasher>>);
 
+/// What a limiter checks: the pair, the bucket's shape (the limiter of a shape only ever sees
+/// buckets of that shape), and whether the check is a peek: governor's verdict on the stored
+/// state, which the store never writes back (so a peek reads the bucket with governor's own
+/// maths and the limiter's own start, and takes nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Checked {
+    pair: u64,
+    shape: u64,
+    peek: bool,
+}
+
 fn measure_and_replace_one<T, F, E>(a: &AtomicU64, f: F) -> Result<T, E>
 where
     F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
@@ -151,14 +166,21 @@ where
 }
 
 impl StateStore for SharedStore {
-    /// (pair, shape): the limiter of a shape only ever sees buckets of that shape.
-    type Key = (u64, u64);
+    type Key = Checked;
 
     fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let (pair, shape) = *key;
+        let Checked { pair, shape, peek } = *key;
+        if peek {
+            // Read only: no bucket of this shape is a fresh (full) one, and none is made.
+            let tat = match self.0.get(&pair) {
+                Some(b) if b.shape == shape => b.tat.load(Ordering::Acquire),
+                _ => 0,
+            };
+            return f(NonZeroU64::new(tat).map(|n| Nanos::from(n.get()))).map(|(ret, _)| ret);
+        }
         if let Some(b) = self.0.get(&pair) {
             if b.shape == shape {
                 return measure_and_replace_one(&b.tat, f);
@@ -173,7 +195,7 @@ impl StateStore for SharedStore {
     }
 }
 
-type Limiter = RateLimiter<(u64, u64), SharedStore, GovernorClock, StateInformationMiddleware>;
+type Limiter = RateLimiter<Checked, SharedStore, GovernorClock, StateInformationMiddleware>;
 
 /// One governor limiter per distinct (limit, depth).
 type Limiters = HashMap<u64, Arc<Limiter>, FxBuildHasher>;
@@ -230,20 +252,16 @@ impl LocalBuckets {
         self.limiters.load().get(&shape).cloned().unwrap_or(made)
     }
 
-    /// Checks one token of `key`'s bucket with the limiter of `shape`, through the thread's cache
-    /// of the limiters.
-    fn check(
-        &self,
-        key: u64,
-        shape: u64,
-    ) -> Option<Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>> {
+    /// Checks one token of `key.pair`'s bucket with the limiter of `key.shape`, through the
+    /// thread's cache of the limiters; `None` when no limiter of that shape exists yet.
+    fn check(&self, key: &Checked) -> Option<Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>> {
         LIMITERS.with(|cached| {
             let mut cached = cached.borrow_mut();
             let (_, limiters) = match &mut *cached {
                 Some(c) if c.0 == self.id => c,
                 other => other.insert((self.id, arc_swap::Cache::new(Arc::clone(&self.limiters)))),
             };
-            limiters.load().get(&shape).map(|l| l.check_key(&(key, shape)))
+            limiters.load().get(&key.shape).map(|l| l.check_key(key))
         })
     }
 }
@@ -252,9 +270,10 @@ impl BucketStore for LocalBuckets {
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
         use governor::clock::Clock as _;
         let shape = shape(limit, depth);
-        let checked = match self.check(key, shape) {
+        let key = Checked { pair: key, shape, peek: false };
+        let checked = match self.check(&key) {
             Some(checked) => checked,
-            None => self.limiter(shape, limit, depth).check_key(&(key, shape)),
+            None => self.limiter(shape, limit, depth).check_key(&key),
         };
         match checked {
             Ok(state) => {
@@ -278,6 +297,19 @@ impl BucketStore for LocalBuckets {
         let t = 1_000_000_000 / u64::from(limit.max(1));
         let _ =
             b.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| (tat != 0).then(|| tat.saturating_sub(t)));
+    }
+
+    fn peek(&self, key: u64, limit: u32, depth: u32) -> RateState {
+        let q = crate::store::Quota { limit, depth };
+        let remaining = match self.check(&Checked { pair: key, shape: shape(limit, depth), peek: true }) {
+            // governor's answer is what would remain after one more admission: the one it
+            // would take is there now.
+            Some(Ok(state)) => state.remaining_burst_capacity().saturating_add(1),
+            Some(Err(_)) => 0,
+            // No limiter of this shape yet, so no bucket of it either: a full one.
+            None => depth,
+        };
+        RateState::of(q, remaining)
     }
 
     fn remove(&self, key: u64) {
@@ -530,6 +562,48 @@ families = ["face_body"]
         clock.advance(Duration::from_secs(1));
         assert_eq!(other.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 });
         assert_eq!(a.admit(key, 3, 3), Admit::Allowed { remaining: 2, reset_secs: 1 }, "a's clock moved 1 s");
+    }
+
+    /// A peek reads the bucket with governor's maths and takes nothing: it agrees with the
+    /// admission that follows it (one more than what that admission leaves, or 0 before a 429),
+    /// makes no bucket, and leaves a bucket of another shape as it is.
+    #[test]
+    fn peek_reads_the_bucket_without_taking_a_token() {
+        let clock = ManualClock::at("2026-11-01T00:00:00Z");
+        let buckets = LocalBuckets::new(clock.clone());
+        let key = crate::intern::pair(5, 5);
+        assert_eq!(buckets.peek(key, 4, 4), RateState { remaining: 4, reset_secs: 0 }, "no bucket: full");
+        assert!(buckets.is_empty(), "a peek makes no bucket");
+        for _ in 0..3 {
+            assert!(matches!(buckets.admit(key, 4, 4), Admit::Allowed { .. }));
+        }
+        for _ in 0..10 {
+            assert_eq!(buckets.peek(key, 4, 4), RateState { remaining: 1, reset_secs: 1 }, "peeks take nothing");
+        }
+        assert_eq!(buckets.peek(key, 8, 8), RateState { remaining: 8, reset_secs: 0 }, "another shape reads full");
+        assert_eq!(buckets.admit(key, 4, 4), Admit::Allowed { remaining: 0, reset_secs: 1 }, "and reshapes nothing");
+        assert_eq!(buckets.peek(key, 4, 4), RateState { remaining: 0, reset_secs: 1 });
+        assert!(matches!(buckets.admit(key, 4, 4), Admit::Throttled { .. }));
+        clock.advance(Duration::from_millis(250));
+        assert_eq!(buckets.peek(key, 4, 4), RateState { remaining: 1, reset_secs: 1 }, "a token back after 1/4 s");
+        clock.advance(Duration::from_millis(750));
+        assert_eq!(buckets.peek(key, 4, 4), RateState { remaining: 4, reset_secs: 0 }, "full after 1 s");
+        // Against the admissions of an irregular flood: 7 QPS, depth 5, steps of 0..=99 ms.
+        let (mut x, mut checked) = (12345u64, 0);
+        for _ in 0..2000 {
+            let peeked = buckets.peek(key, 7, 5);
+            match buckets.admit(key, 7, 5) {
+                Admit::Allowed { remaining, reset_secs } => {
+                    assert_eq!(peeked.remaining, remaining + 1, "the token the admission took was there");
+                    assert!(peeked.reset_secs <= reset_secs);
+                    checked += 1;
+                }
+                Admit::Throttled { .. } => assert_eq!(peeked.remaining, 0),
+            }
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            clock.advance(Duration::from_millis((x >> 33) % 100));
+        }
+        assert!(checked > 100, "{checked} admissions");
     }
 
     #[test]

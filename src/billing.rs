@@ -24,7 +24,7 @@ use crate::pricing;
 use crate::snapshot::Snapshot;
 use crate::store::local::LocalStore;
 use crate::store::{
-    Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, Quota, RateStore, RequestId, RequestIds,
+    Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, Quota, RateState, RateStore, RequestId, RequestIds,
     StoreError, Stores, TenantKey, UsageStore, UsageTo, CALL_CELL, UNPRICED,
 };
 use crate::units;
@@ -496,6 +496,21 @@ impl Billing {
     /// its own: the store applies it once even when the command is sent again.
     pub async fn refund(&self, key: BucketKey<'static>, q: Quota) -> Result<(), StoreError> {
         self.current().0.refund(key, q, self.ids.next()).await
+    }
+
+    /// The bucket of `key` as it is, for a refusal decided before admission (SPEC §4): nothing
+    /// taken, nothing written. Read where an admission made now would take its token (Redis, or
+    /// the local buckets on the fallback at the replica's share, which it returns as the shape
+    /// the fields show). On Redis one read-only call (none while this replica holds a 429 of
+    /// the bucket); a store error is the caller's to handle (a refusal is still a refusal) and
+    /// switches nothing to the fallback: the next admission does that.
+    pub async fn peek(&self, key: BucketKey<'static>, q: Quota) -> Result<(Quota, RateState), StoreError> {
+        let (stores, fallback) = self.current();
+        let q = match (&self.remote, fallback) {
+            (Some(r), true) => r.local_quota(q),
+            _ => q,
+        };
+        Ok((q, stores.peek(key, q).await?))
     }
 
     /// False while ledger commits fail; true again once one succeeds.

@@ -122,6 +122,11 @@ impl RateFields {
         RateFields { limit, remaining, reset_secs }
     }
 
+    /// `(q, r, t)`: the limit, the tokens that remain, the whole seconds until the bucket is full.
+    pub fn values(self) -> (u32, u32, u64) {
+        (self.limit, self.remaining, self.reset_secs)
+    }
+
     /// The value of `ratelimit-policy`.
     pub(crate) fn policy(self) -> Digits {
         let mut b = Digits::new(b"\"qps\";q=");
@@ -262,16 +267,9 @@ struct Routed<'a> {
     quota: Quota,
 }
 
-/// Phase 2, route: the normalized path → the feature and its limit; then the checks that need
-/// no state (service activated, Image Search instance not expired, declared body length). Every
-/// refusal here leaves the quota whole.
-fn route<'a, H: HeadView + ?Sized>(
-    snap: &'a Snapshot,
-    tenant: &'a Tenant,
-    headers: &H,
-    path: &'a str,
-    now: i64,
-) -> Result<Routed<'a>, Refused> {
+/// Phase 2, route: the normalized path → the feature and its limit now. A refusal here (400,
+/// 404) names no feature, so it carries no rate-limit fields.
+fn route<'a>(snap: &'a Snapshot, tenant: &'a Tenant, path: &'a str, now: i64) -> Result<Routed<'a>, Refused> {
     let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
     let path = crate::path::normalize(path).map_err(|why| (ApiError::BadPath(why), Who::Tenant(tenant.label), None))?;
@@ -285,12 +283,22 @@ fn route<'a, H: HeadView + ?Sized>(
     let pair = crate::intern::pair(tenant.intern, bucket_feature);
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
     let quota = Quota { limit: limit.qps, depth: admission::depth(limit.qps, s.burst_seconds) };
-    // Nothing was taken from the bucket: the whole quota remains.
-    let refuse = |e: ApiError| {
-        Err((e, Who::Pair(pair, tenant.label, feature.label), Some(RateFields::new(quota.limit, quota.depth, 0))))
-    };
+    Ok(Routed { route, path, pair, quota })
+}
+
+/// The checks of a routed request that need no state: service activated, Image Search instance
+/// not expired, declared body length. A refusal here is decided before admission and takes no
+/// token (SPEC §4).
+fn check_before_admission<H: HeadView + ?Sized>(
+    snap: &Snapshot,
+    tenant: &Tenant,
+    feature: &Feature,
+    headers: &H,
+    now: i64,
+) -> Result<(), ApiError> {
+    let (s, catalog) = (&snap.settings, &snap.catalog);
     if !tenant.activated(feature.family) {
-        return refuse(match feature.family {
+        return Err(match feature.family {
             Some(m) => {
                 ApiError::ServiceNotActivated { family: catalog.families[m].name.clone(), feature: feature.id.clone() }
             }
@@ -303,7 +311,7 @@ fn route<'a, H: HeadView + ?Sized>(
             let released_at =
                 inst.expires_at.saturating_add(i64::from(retention_days) * 86_400 * crate::time::NANOS_PER_SEC);
             let expires_at = crate::time::format_rfc3339(inst.expires_at, s.timezone);
-            return refuse(if now < released_at {
+            return Err(if now < released_at {
                 ApiError::InstanceExpired { expires_at, retention_days }
             } else {
                 ApiError::InstanceReleased { expires_at, retention_days }
@@ -312,9 +320,9 @@ fn route<'a, H: HeadView + ?Sized>(
     }
     let declared_len = headers.header("content-length").and_then(crate::http_util::content_length);
     if declared_len.is_some_and(|n| n > s.max_request_body_bytes) {
-        return refuse(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
+        return Err(ApiError::BodyTooLarge { limit: s.max_request_body_bytes });
     }
-    Ok(Routed { route, path, pair, quota })
+    Ok(())
 }
 
 /// Phase 3, admit: one token from the (tenant, feature) bucket in the store. A 429 holds
@@ -445,9 +453,22 @@ async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &s
     let (ti, key_in_authorization) = identify(&snap, headers)?;
     let tenant = &snap.tenants[ti];
     let now = gw.clock.unix_nanos();
-    let mut routed = route(&snap, tenant, headers, path, now)?;
+    let mut routed = route(&snap, tenant, path, now)?;
     let feature = &snap.catalog.features[routed.route.feature];
     let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
+    if let Err(e) = check_before_admission(&snap, tenant, feature, headers, now) {
+        // SPEC §4: the fields of every answer to a tenant and feature tell its bucket; this
+        // refusal took no token, so the bucket is read as it is (never claimed full). A store
+        // that cannot say leaves the fields out rather than guess.
+        let rate = match gw.billing.peek(key, routed.quota).await {
+            Ok((q, bucket)) => Some(RateFields::new(q.limit, bucket.remaining, bucket.reset_secs)),
+            Err(err) => {
+                tracing::debug!(error = %err, "rate-limit fields of a refusal: the bucket cannot be read");
+                None
+            }
+        };
+        return Err((e, Who::Pair(routed.pair, tenant.label, feature.label), rate));
+    }
     // Shadow mode (SPEC §5.5): a 429 `qps_exceeded` or 402 `payment_required` is forwarded instead.
     let shadow = s.admission_mode == AdmissionMode::Shadow || tenant.shadow;
     let (mut remaining, mut reset_secs, paid, throttled) =

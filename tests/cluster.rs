@@ -99,6 +99,45 @@ async fn two_replicas_share_one_limit() {
     );
 }
 
+/// SPEC §4 and §11.1: a refusal decided before admission (413, a declared body over the limit)
+/// takes no token, and its rate-limit fields show the one shared bucket as it is, on every
+/// replica: not a full bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_before_admission_shows_the_shared_bucket_on_every_replica() {
+    use tokio::io::AsyncWriteExt;
+    let Some(redis) = RedisServer::start("refusal_shows_the_shared_bucket", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    // A 1 QPS plan with a depth of 5: a token comes back each second.
+    let rest = "[admission]\nburst_seconds = 5.0\n";
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), rest, &catalog(), &ents(1, 1), &[]);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(post(&c, &set.gw[0].url(FACE), &key(), b"{}").await.status, StatusCode::OK);
+    }
+    let remaining = |r: &common::wire::RawReply| -> u32 {
+        let v = r.header("ratelimit").unwrap_or_else(|| panic!("a RateLimit field: {}", r.head));
+        v.split(';').find_map(|p| p.strip_prefix("r=")).and_then(|n| n.parse().ok()).expect("r=<remaining>")
+    };
+    for (i, gw) in set.gw.iter().enumerate() {
+        let mut w = common::wire::Wire::connect(gw.addr).await;
+        let head =
+            "POST /v1/face/compare HTTP/1.1\r\nHost: h\r\nx-api-key: key-acme\r\nContent-Length: 99999999999\r\n\r\n";
+        w.s.write_all(head.as_bytes()).await.expect("write");
+        let r = w.reply(Duration::from_secs(5)).await.expect("reply");
+        assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"), "replica {i}: {}", r.head);
+        assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=1;w=1"), "replica {i}");
+        assert!((2..=3).contains(&remaining(&r)), "replica {i}: 2 of 5 left (3 a second later): {}", r.head);
+    }
+    // The refusals took nothing: the two tokens left (or three) are admitted, and no more.
+    let mut admitted = 0;
+    for gw in set.gw.iter().cycle().take(6) {
+        if post(&c, &gw.url(FACE), &key(), b"{}").await.status == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert!((2..=4).contains(&admitted), "admitted {admitted}");
+}
+
 /// SPEC §11.2–3: a package drained through two replicas pays exactly the calls it holds, and
 /// both replicas' usage reports show the same figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

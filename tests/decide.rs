@@ -295,6 +295,7 @@ fn token_entitlements(package: bool, ocr: bool) -> String {
 struct Fixture {
     _dir: tempfile::TempDir,
     gw: Arc<InProcess>,
+    clock: Arc<ManualClock>,
 }
 
 impl Fixture {
@@ -302,16 +303,35 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tmp");
         let texts = Texts::in_memory(token_main(dir.path()), TOKEN_CATALOG, token_entitlements(false, false));
         let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
-        let clock: SharedClock = ManualClock::at("2026-03-01T00:00:00Z");
-        let gw = InProcess::new(texts, snap, ConfigSource::Embedded, None, clock).expect("gateway");
-        Fixture { _dir: dir, gw }
+        let clock = ManualClock::at("2026-03-01T00:00:00Z");
+        let shared: SharedClock = clock.clone();
+        let gw = InProcess::new(texts, snap, ConfigSource::Embedded, None, shared).expect("gateway");
+        Fixture { _dir: dir, gw, clock }
     }
 
     /// Swaps in entitlements (what a reload does), keeping the buckets.
     fn entitle(&self, package: bool, ocr: bool) {
-        let texts = Texts::in_memory(token_main(self._dir.path()), TOKEN_CATALOG, token_entitlements(package, ocr));
+        self.swap(&token_entitlements(package, ocr));
+    }
+
+    /// Swaps in these entitlements, keeping the buckets.
+    fn swap(&self, entitlements: &str) {
+        let texts = Texts::in_memory(token_main(self._dir.path()), TOKEN_CATALOG, entitlements);
         let snap = build(&texts, 2).unwrap_or_else(|e| panic!("{e}"));
         self.gw.snapshot.store(Arc::new(snap));
+    }
+
+    /// The status and rate-limit fields `(q, r, t)` of a call by acme that is refused.
+    fn refusal(&self, path: &str, headers: &[(&'static str, &'static str)]) -> (u16, Option<(u32, u32, u64)>) {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("key-acme"));
+        for (k, v) in headers {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        match decide(&self.gw, &h, path) {
+            Decision::Forward(_) => panic!("{path}: forwarded, not refused"),
+            Decision::Reject(e, _, rate) => (e.status().as_u16(), rate.map(|r| r.values())),
+        }
     }
 
     /// The status `decide()` answers with (200 for a forward, which is dropped at once).
@@ -511,6 +531,45 @@ async fn refusals_before_admission_leave_the_quota_intact() {
     f.assert_full_burst("/v1/detect/x");
     f.entitle(false, true);
     f.assert_full_burst("/v1/ocr/license-plate");
+}
+
+/// SPEC §4: every answer to an identified tenant and feature carries the rate-limit fields, and
+/// a refusal decided before admission takes no token; so its fields show the bucket as it is
+/// (2 QPS, depth 2 here), never a full one it does not have, and asking again changes nothing.
+#[tokio::test]
+async fn refusals_before_admission_show_the_bucket_as_it_is() {
+    let f = Fixture::new().await;
+    let too_large = [("content-length", "1001")];
+    assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 2, 0))), "an untouched bucket is full");
+    let _first = f.admitted(1, "/v1/detect/x");
+    for _ in 0..FLOOD {
+        assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 1, 1))), "one token of two left");
+    }
+    let _second = f.admitted(1, "/v1/detect/x");
+    assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 0, 1))), "empty");
+    f.clock.advance(Duration::from_millis(500));
+    assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 1, 1))), "one token back after 1/2 s");
+    f.clock.advance(Duration::from_millis(500));
+    assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 2, 0))), "full after 1 s");
+    f.assert_full_burst("/v1/detect/x");
+    assert_eq!(f.refusal("/v1/detect/x", &too_large), (413, Some((2, 0, 1))), "after the burst");
+
+    // 403: a service the tenant used, then lost in a reload.
+    f.entitle(false, true);
+    let _ocr = f.admitted(1, "/v1/ocr/license-plate");
+    f.entitle(false, false);
+    assert_eq!(f.refusal("/v1/ocr/license-plate", &[]), (403, Some((2, 1, 1))));
+
+    // 402 `instance_expired`: an Image Search instance used, then expired.
+    let _add = f.admitted(1, "/v1/image-search/add");
+    let expired = token_entitlements(false, false).replace("2027-01-01T00:00:00Z\"}}", "2026-03-01T00:00:00Z\"}}");
+    assert_ne!(expired, token_entitlements(false, false));
+    f.swap(&expired);
+    assert_eq!(f.refusal("/v1/image-search/add", &[]), (402, Some((2, 1, 1))));
+    // None of these refusals took a token: the one left is there.
+    f.entitle(false, true);
+    let got: Vec<u16> = (0..2).map(|_| f.acme("/v1/ocr/license-plate")).collect();
+    assert_eq!(got, [200, 429]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -472,6 +472,54 @@ async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
     }
 }
 
+/// `(r, t)` of a `ratelimit: "qps";r=<r>;t=<t>` field.
+fn rate_state(r: &common::wire::RawReply) -> (u32, u64) {
+    let v = r.header("ratelimit").unwrap_or_else(|| panic!("a RateLimit field: {}", r.head));
+    let num = |k: &str| v.split(';').find_map(|p| p.strip_prefix(k)).and_then(|n| n.parse::<u64>().ok());
+    match (num("r="), num("t=")) {
+        (Some(rem), Some(t)) => (u32::try_from(rem).expect("r fits"), t),
+        _ => panic!("malformed RateLimit field {v:?}"),
+    }
+}
+
+/// SPEC §4: every answer to an identified tenant and feature carries the rate-limit fields; a
+/// refusal decided before admission (here 413, a declared body over the limit) takes no token,
+/// and its fields tell the bucket as it is, not a full one. Both paths say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_before_admission_shows_the_bucket_as_it_is_on_both_paths() {
+    let up = RawUpstream::start().await;
+    // 1 QPS with a depth of 10: a token comes back each second, so a second of slack is allowed.
+    let main = main_toml(&up.url(), "max_request_body_bytes = 16", "[admission]\ndefault_qps = 1\nburst_seconds = 10.0\n")
+        .replace(
+            "[[routes]]\npath = \"/v1/face/compare\"",
+            "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"license-plate-recognition\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
+        );
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let gw = Gateway::start(&cfg);
+    let mut drained = (10, 0);
+    for _ in 0..3 {
+        let r = ask(&gw, &get("/v1/raw/x")).await.expect("admitted");
+        assert_eq!(r.status, 200, "{}", r.head);
+        drained = rate_state(&r);
+    }
+    assert_eq!(drained, (7, 3), "three of ten tokens taken");
+    for (path, te) in [("fast path", ""), ("hyper", "TE: trailers\r\n")] {
+        let req =
+            format!("POST /v1/raw/x HTTP/1.1\r\nHost: h\r\n{te}x-api-key: key-globex\r\nContent-Length: 17\r\n\r\n");
+        let r = ask(&gw, &req).await.expect("reply");
+        assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"), "{path}: {}", r.head);
+        assert_eq!(r.header("ratelimit-policy"), Some("\"qps\";q=1;w=1"), "{path}");
+        let (remaining, reset) = rate_state(&r);
+        assert!(
+            (7..=8).contains(&remaining) && reset == u64::from(10 - remaining),
+            "{path}: the 413 shows r={remaining};t={reset}, the bucket holds 7 (8 a second later) and refills in 3 s"
+        );
+    }
+    // The 413s took nothing: the next call finds the bucket as the refusals showed it.
+    let (remaining, _) = rate_state(&ask(&gw, &get("/v1/raw/x")).await.expect("admitted"));
+    assert!((6..=7).contains(&remaining), "r={remaining} after a fourth token");
+}
+
 /// RFC 9112 §6.1: "A server or client that receives an HTTP/1.0 message containing a
 /// Transfer-Encoding header field MUST treat the message as if the framing is faulty". hyper's
 /// client does (a 502, not charged); the fast path must answer the same.

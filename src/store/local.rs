@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use super::{
     Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, MonthUsage, Override, OverrideStore, Quota,
-    RateStore, RequestId, StoreError, Taken, TenantKey, UsageStore, UsageTo,
+    RateState, RateStore, RequestId, StoreError, Taken, TenantKey, UsageStore, UsageTo,
 };
 use crate::admission::{BucketStore, LocalBuckets};
 use crate::clock::SharedClock;
@@ -539,6 +539,11 @@ impl LocalStore {
 
     pub fn refund_now(&self, key: BucketKey<'_>, q: Quota) {
         self.buckets.refund(key.local, q.limit, q.depth)
+    }
+
+    /// The bucket as it is, nothing taken or written (see [`RateStore::peek`]).
+    pub fn peek_now(&self, key: BucketKey<'_>, q: Quota) -> RateState {
+        self.buckets.peek(key.local, q.limit, q.depth)
     }
 
     /// Drops one pair's bucket (a reload removed its tenant or feature).
@@ -1157,6 +1162,9 @@ impl RateStore for LocalStore {
     async fn refund(&self, key: BucketKey<'_>, q: Quota, _id: RequestId) -> Result<(), StoreError> {
         self.refund_now(key, q);
         Ok(())
+    }
+    async fn peek(&self, key: BucketKey<'_>, q: Quota) -> Result<RateState, StoreError> {
+        Ok(self.peek_now(key, q))
     }
 }
 

@@ -107,6 +107,23 @@ pub enum Admit {
     Throttled { retry_after: Duration },
 }
 
+/// A bucket as it is, read without taking a token ([`RateStore::peek`]): `remaining` tokens fit
+/// right now, and the bucket is full again in `reset_secs` (whole seconds, 0 when full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub remaining: u32,
+    pub reset_secs: u64,
+}
+
+impl RateState {
+    /// A bucket holding `remaining` of `q.depth` tokens: full again once the missing ones have
+    /// come back at `q.limit` a second (the reset the rate-limit fields of an admission show).
+    pub fn of(q: Quota, remaining: u32) -> RateState {
+        let remaining = remaining.min(q.depth);
+        RateState { remaining, reset_secs: u64::from(q.depth - remaining).div_ceil(u64::from(q.limit.max(1))) }
+    }
+}
+
 /// A (tenant, bucket) key: `bucket` is the feature id (or the image-search delete bucket).
 #[derive(Debug, Clone, Copy)]
 pub struct BucketKey<'a> {
@@ -208,6 +225,11 @@ pub trait RateStore: Send + Sync {
         q: Quota,
         id: RequestId,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The bucket as it is now, for the rate-limit fields of a refusal decided before admission
+    /// (SPEC §4: it takes no token, and its fields must not claim a full bucket): nothing is
+    /// written and no token is taken. A bucket of another shape, or none, reads full (the
+    /// admission that comes next starts it afresh). Never called on the admitted path.
+    fn peek(&self, key: BucketKey<'_>, q: Quota) -> impl Future<Output = Result<RateState, StoreError>> + Send;
 }
 
 /// Package balances: holds with a lease, committed or released exactly once per request id.
@@ -374,6 +396,9 @@ impl RateStore for Stores {
     }
     async fn refund(&self, key: BucketKey<'_>, q: Quota, id: RequestId) -> Result<(), StoreError> {
         each_await!(self, s => s.refund(key, q, id))
+    }
+    async fn peek(&self, key: BucketKey<'_>, q: Quota) -> Result<RateState, StoreError> {
+        each_await!(self, s => s.peek(key, q))
     }
 }
 

@@ -125,6 +125,7 @@ impl ConnectionLike for Conn {
 struct Scripts {
     admit: Script,
     refund: Script,
+    peek: Script,
     settle: Script,
     take: Script,
     sweep: Script,
@@ -137,6 +138,7 @@ impl Scripts {
         Scripts {
             admit: Script::new(include_str!("lua/admit.lua")),
             refund: Script::new(include_str!("lua/refund.lua")),
+            peek: Script::new(include_str!("lua/peek.lua")),
             settle: Script::new(concat!(include_str!("lua/replay.lua"), include_str!("lua/settle.lua"))),
             take: Script::new(concat!(include_str!("lua/replay.lua"), include_str!("lua/take.lua"))),
             sweep: Script::new(include_str!("lua/sweep.lua")),
@@ -309,6 +311,17 @@ struct Throttled {
 fn throttle_key(tenant: &str, bucket: &str, limit: u32, depth: u32) -> u64 {
     use std::hash::BuildHasher;
     FxBuildHasher.hash_one((tenant, bucket, limit, depth))
+}
+
+/// `(remaining, reset_secs)` of a bucket whose theoretical arrival time is `tat` at `now` (µs),
+/// with governor's `remaining_burst_capacity`: `min(now + tau + t − tat, tau + t) / t` tokens
+/// fit now (after an admission, `tat` is the one it wrote: what remains after it), and the
+/// missing ones come back at `limit` a second. A `tat` at or before `now` is a full bucket.
+fn level(tat: i64, now: i64, t: u64, tau: u64, limit: u32, depth: u32) -> (u32, u64) {
+    let whole = i64::try_from(tau + t).unwrap_or(i64::MAX);
+    let span = now.saturating_add(whole).saturating_sub(tat).clamp(0, whole) as u64;
+    let remaining = u32::try_from(span / t.max(1)).unwrap_or(u32::MAX).min(depth);
+    (remaining, u64::from(depth - remaining).div_ceil(u64::from(limit.max(1))))
 }
 
 /// The store metrics of SPEC §10 (`op`: admit, settle, sweep, sync), to register on the
@@ -548,12 +561,7 @@ impl RedisStore {
         let r = ints(op, v, 4)?;
         let admit = if r[0] == 1 {
             if bucket.is_some() {
-                // governor's remaining_burst_capacity: min(now + tau + t − tat, tau + t) / t.
-                let (tat, now) = (r[1], r[2]);
-                let span = (now + tau as i64 + t as i64 - tat).clamp(0, (tau + t) as i64) as u64;
-                let remaining = (span / t.max(1)).min(u64::from(depth)) as u32;
-                let used = u64::from(depth - remaining);
-                Ok((remaining, used.div_ceil(u64::from(limit))))
+                Ok(level(r[1], r[2], t, tau, limit, depth))
             } else {
                 Ok((0, 0))
             }
@@ -614,6 +622,33 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let _: i64 = self.timed(op, inv.invoke_async(&mut conn)).await?;
         Ok(())
+    }
+
+    /// The (tenant, bucket) GCRA bucket as it is now, as `(remaining, reset_secs)`: one read-only
+    /// script (Redis `TIME` and the bucket, nothing written, no token taken), or no call at all
+    /// while this replica holds a 429 of the bucket (it is empty). For the rate-limit fields of a
+    /// refusal decided before admission (SPEC §4); never on the admitted path.
+    pub async fn gcra_peek(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        limit: u32,
+        depth: u32,
+    ) -> Result<(u32, u64), StoreError> {
+        let op = "admit";
+        let cached = self.cached_429(throttle_key(tenant, bucket, limit, depth), tenant, bucket);
+        let (limit, depth) = (limit.max(1), depth.max(1));
+        if cached.is_some() {
+            return Ok((0, u64::from(depth).div_ceil(u64::from(limit))));
+        }
+        let t = 1_000_000 / u64::from(limit);
+        let tau = t * u64::from(depth - 1);
+        let mut inv = self.scripts.peek.prepare_invoke();
+        inv.key(self.key(tenant, &format!("b:{bucket}"))).arg(format!("{limit}:{depth}"));
+        let mut conn = self.conn.clone();
+        let v: Value = self.timed(op, inv.invoke_async(&mut conn)).await?;
+        let r = ints(op, v, 2)?;
+        Ok(level(r[0], r[1], t, tau, limit, depth))
     }
 
     /// Holds `want` micro-points on the first candidate that can pay them whole.
@@ -1134,7 +1169,7 @@ async fn bounded<T>(
 
 use super::{
     Admit, BalanceStore, BucketKey, Candidate, Durable, ImageStore, MonthUsage, Override, OverrideStore, PayerKind,
-    Quota, RateStore, RequestId, Taken, TenantKey, UsageStore, UsageTo,
+    Quota, RateState, RateStore, RequestId, Taken, TenantKey, UsageStore, UsageTo,
 };
 use crate::config::gateway::ImageOp;
 
@@ -1154,6 +1189,11 @@ impl RateStore for RedisStore {
 
     async fn refund(&self, key: BucketKey<'_>, q: Quota, id: RequestId) -> Result<(), StoreError> {
         self.gcra_refund(key.tenant, key.bucket, q.limit, q.depth, id.0).await
+    }
+
+    async fn peek(&self, key: BucketKey<'_>, q: Quota) -> Result<RateState, StoreError> {
+        let (remaining, reset_secs) = self.gcra_peek(key.tenant, key.bucket, q.limit, q.depth).await?;
+        Ok(RateState { remaining, reset_secs })
     }
 }
 

@@ -90,6 +90,25 @@ pub async fn admit_takes_depth_then_throttles_and_refund_gives_back_one_token<S:
     assert!(matches!(s.admit(other, q).await.unwrap(), Admit::Allowed { remaining: 2, .. }));
 }
 
+/// A peek reads the bucket as it is and takes nothing (SPEC §4: the fields of a refusal decided
+/// before admission); a bucket of another shape, or none, reads full.
+pub async fn peek_reads_the_bucket_and_takes_nothing<S: Store + 'static>(s: Arc<S>) {
+    let key = bucket(fresh_tenant("peek"), "object-detection");
+    // One token per second: nothing refills during the test (reset rounds the second up).
+    let q = Quota { limit: 1, depth: 3 };
+    assert_eq!(s.peek(key, q).await.unwrap(), RateState { remaining: 3, reset_secs: 0 }, "no bucket: full");
+    assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 2, .. }));
+    for _ in 0..5 {
+        assert_eq!(s.peek(key, q).await.unwrap(), RateState { remaining: 2, reset_secs: 1 });
+    }
+    assert_eq!(s.peek(key, Quota { limit: 2, depth: 6 }).await.unwrap(), RateState { remaining: 6, reset_secs: 0 });
+    assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 1, .. }), "nothing taken");
+    assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Allowed { remaining: 0, .. }));
+    assert_eq!(s.peek(key, q).await.unwrap(), RateState { remaining: 0, reset_secs: 3 });
+    assert!(matches!(s.admit(key, q).await.unwrap(), Admit::Throttled { .. }));
+    assert_eq!(s.peek(key, q).await.unwrap(), RateState { remaining: 0, reset_secs: 3 }, "after a 429 too");
+}
+
 pub async fn refund_on_a_full_bucket_keeps_it_at_depth<S: Store + 'static>(s: Arc<S>) {
     let key = bucket(fresh_tenant("rate"), "f");
     let q = Quota { limit: 1, depth: 2 };
@@ -391,6 +410,7 @@ macro_rules! store_suite {
             $crate::store_suite!(@tests $fixture;
                 admit_takes_depth_then_throttles_and_refund_gives_back_one_token,
                 refund_on_a_full_bucket_keeps_it_at_depth,
+                peek_reads_the_bucket_and_takes_nothing,
                 reserve_holds_the_whole_factor_and_commit_or_release_happen_exactly_once,
                 expired_holds_are_swept_back,
                 take_up_to_is_greedy_in_order_and_idempotent,
