@@ -460,7 +460,8 @@ async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &s
         // SPEC §4: the fields of every answer to a tenant and feature tell its bucket; this
         // refusal took no token, so the bucket is read as it is (never claimed full). A store
         // that cannot say leaves the fields out rather than guess.
-        let rate = match gw.billing.peek(key, routed.quota).await {
+        // Boxed: a rare path should not size every request's future (the Redis read is large).
+        let rate = match Box::pin(gw.billing.peek(key, routed.quota)).await {
             Ok((q, bucket)) => Some(RateFields::new(q.limit, bucket.remaining, bucket.reset_secs)),
             Err(err) => {
                 tracing::debug!(error = %err, "rate-limit fields of a refusal: the bucket cannot be read");
