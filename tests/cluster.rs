@@ -444,6 +444,73 @@ async fn alert_fired_on_the_fallback_fires_once(name: &str, durability: &str) {
     assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "the alert fired a second time once Redis was back");
 }
 
+/// The sum of `turnstile_package_low_balance_alerts_total` for `package` in a `/metrics` text.
+fn alerts_of(m: &str, package: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total{") && l.contains(package))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>()
+}
+
+/// SPEC §6 / §11.3: a crossing only Redis can see. Replica B spends 6 of od-1's 10 points on
+/// Redis (A does not learn it); Redis goes down and A spends 2 more on its fallback, where its
+/// own view (10 − 2 = 8 left) is not low. Replayed, those 2 points leave 2 of 10 in Redis (20%):
+/// the replay marks the alert there, and it must fire — log, metric, webhook — exactly once in
+/// the cluster, not be marked and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alert_that_crosses_only_when_the_fallback_charges_are_replayed_fires_once() {
+    let Some(mut redis) = RedisServer::start("alert_crossed_in_replay", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    // od-1: 10 points, 1 a call; default ratio 0.2: low at 2 left.
+    let set = Replicas::start(2, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let c = client();
+    let (a, b) = (&set.gw[0], &set.gw[1]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..6 {
+        let r = post(&c, &b.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for _ in 0..2 {
+        let r = post(&c, &a.url(DETECT), &key(), b"{}").await;
+        assert_eq!(
+            (r.status, r.header("x-turnstile-payer")),
+            (StatusCode::OK, Some("single_package:od-1")),
+            "served on A's fallback: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    fallback_becomes(&c, a, 1.0).await;
+    let both = |c: &TestClient| {
+        let c = c.clone();
+        async move { alerts_of(&a.metrics(&c).await, "od-1") + alerts_of(&b.metrics(&c).await, "od-1") }
+    };
+    assert_eq!(both(&c).await, 0.0, "8 of 10 left in A's view: not low there");
+    redis.restart();
+    fallback_becomes(&c, a, 0.0).await;
+    let v = admin_get(&c, b, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["packages"][0]["remaining"], "2", "both replicas' charges in Redis: {v}");
+    assert_eq!(v["packages"][0]["low_balance_alerted"], true, "the replay marked the alert: {v}");
+    let since = Instant::now();
+    while both(&c).await < 1.0 && since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(both(&c).await, 1.0, "the alert the replay marked fired once in the cluster");
+    assert!(a.logs().contains("package balance low"), "{}", a.logs());
+    // The next charge, on either replica, does not fire it again.
+    for gw in [a, b] {
+        let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(both(&c).await, 1.0, "fired once, whatever follows");
+}
+
 /// A second fallback spell offers a package what it still holds. The local ledger keeps
 /// counting what the first spell charged (replayed into Redis's count since, which the replica
 /// then learns): that part was subtracted twice, and a package with 1 point left answered 402.
