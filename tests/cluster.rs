@@ -211,6 +211,69 @@ async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_secon
     assert_eq!(f["plan"]["qps"], 25, "the permanent upgrade is applied at start: {f}");
 }
 
+/// SPEC §8 / §11.4: an upgrade posted while Redis is down cannot be shared, so it is refused
+/// whole — 503 `store_unavailable`, `entitlements.json` byte for byte as it was, the limit
+/// unchanged on the replica that took the call as on the other — instead of being applied on
+/// that replica alone (and kept in its file) behind an error the operator then retries, which
+/// wrote a second temporary upgrade. The retry once Redis is back applies it once, everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_redis_cannot_store_changes_nothing_and_its_retry_applies_once() {
+    let Some(mut redis) =
+        RedisServer::start("an_upgrade_redis_cannot_store", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
+    let c = client();
+    let limit_on = |i: usize| {
+        let (c, gw) = (&c, &set.gw[i]);
+        async move {
+            let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
+            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
+        }
+    };
+    let file = set.cfg[0].path().join("entitlements.json");
+    let before = std::fs::read(&file).expect("read entitlements.json");
+    let (n, v) = Replicas::admin_auth();
+    let temporary =
+        |gw: &Gateway| gw.admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade");
+    let permanent = |gw: &Gateway| gw.admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade");
+    let body = format!(r#"{{"qps": 35, "until": "{}"}}"#, at(3600));
+    redis.kill9();
+    for (url, body) in [(temporary(&set.gw[0]), body.as_bytes()), (permanent(&set.gw[0]), br#"{"qps": 25}"#.as_slice())]
+    {
+        let r = post(&c, &url, &[(n, &v)], body).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            "{url}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&std::fs::read(&file).expect("read")),
+            String::from_utf8_lossy(&before),
+            "{url}: entitlements.json is left as it was"
+        );
+    }
+    assert_eq!((limit_on(0).await, limit_on(1).await), (20, 20), "applied nowhere");
+    // The watcher sees the file it already serves: still nothing applied.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(limit_on(0).await, 20, "the file was never the upgraded one");
+    redis.restart();
+    let r = post(&c, &temporary(&set.gw[0]), &[(n, &v)], body.as_bytes()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let posted = Instant::now();
+    assert_eq!(limit_on(0).await, 35, "the retry applies at once");
+    while limit_on(1).await != 35 {
+        assert!(posted.elapsed() < Duration::from_secs(1), "replica B did not apply the retry within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = std::fs::read_to_string(&file).expect("read");
+    assert_eq!(after.matches("\"until\"").count(), 1, "one temporary upgrade in the file: {after}");
+}
+
 /// SPEC §11.6 `deny`: Redis stopped → 503 `store_unavailable` within the store timeout, nothing
 /// charged; Redis back → served again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
