@@ -252,6 +252,8 @@ pub struct Billing {
     image_gauges: DashMap<u32, IntGauge, FxBuildHasher>,
     /// `single_package:<id>` / `general_package:<id>` per (tenant, package), made once.
     headers: DashMap<(u64, bool), HeaderValue, FxBuildHasher>,
+    /// The time of alerts fired off the request path (a replay to Redis).
+    clock: crate::clock::SharedClock,
 }
 
 /// A metric's value (Prometheus values are floats): nothing allocated on the settle path, and
@@ -318,7 +320,8 @@ impl Billing {
         video: &dyn Fn(&str) -> bool,
         remote: Option<crate::cluster::Remote>,
     ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
-        let store = LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock, video)?;
+        let store =
+            LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock.clone(), video)?;
         let (alerts, alert_rx) = tokio::sync::mpsc::unbounded_channel();
         let remote = remote.map(Arc::new);
         let billing = Arc::new(Billing {
@@ -332,7 +335,16 @@ impl Billing {
             gauges: DashMap::with_hasher(FxBuildHasher),
             image_gauges: DashMap::with_hasher(FxBuildHasher),
             headers: DashMap::with_hasher(FxBuildHasher),
+            clock,
         });
+        if let Some(r) = &billing.remote {
+            let weak = Arc::downgrade(&billing);
+            r.on_replayed_alert(move |a| {
+                if let Some(b) = weak.upgrade() {
+                    b.replayed_alert(&a);
+                }
+            });
+        }
         Ok((billing, alert_rx))
     }
 
@@ -936,6 +948,21 @@ impl Billing {
         }
     }
 
+    /// Cluster mode: a replayed charge marked a package's alert in Redis, the first time in the
+    /// cluster (SPEC §6, §11.3). It fires here, through the same path as any alert, unless this
+    /// replica already fired it on its fallback: the local store's mark, set by whichever comes
+    /// first (this, or the fallback's own crossing, even one still waiting for its strict
+    /// durability), lets exactly one of them fire.
+    fn replayed_alert(&self, a: &crate::cluster::ReplayedAlert) {
+        let (ti, tenant) = crate::intern::tenant(&a.tenant);
+        let (pi, package) = crate::intern::package(&a.package);
+        let t = TenantKey { name: tenant, local: ti };
+        let c = Candidate { id: package, points: a.points, local: crate::intern::pair(ti, pi) };
+        if self.store.mark_alerted_now(t, c) {
+            self.alert_fired(t, c, a.consumed, a.ratio, self.clock.unix_nanos());
+        }
+    }
+
     /// The low-balance alert fired (the store said it was the first time): log, metric, webhook.
     fn alert_fired(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
@@ -1114,12 +1141,15 @@ impl Billing {
     ) -> Vec<crate::cluster::Replay> {
         let f = &snap.catalog.features[feature_idx];
         let month = crate::ledger::month_of(now, snap.settings.timezone);
-        let (field, also, _) = Self::call_parts(r, snap.settings.low_balance_ratio);
+        let ratio = snap.settings.low_balance_ratio;
+        let (field, also, _) = Self::call_parts(r, ratio);
         let mut out = vec![crate::cluster::Replay::Settle {
             tenant: tenant.name.clone(),
             id: r.id.0,
             hold: crate::store::redis::HoldAction::None,
+            held: None,
             alert_at: None,
+            ratio,
             usage: Some((f.id.clone(), month, field, 1)),
             also,
             image: image.map_or(crate::store::redis::ImagePart::None, image_part),
@@ -1127,11 +1157,14 @@ impl Billing {
         }];
         if let (Some(_), Some((_, c))) = (&r.held, r.package) {
             let points = tenant.packages.iter().find(|p| p.label == c.id).map_or(c.points, |p| p.points_micro);
+            // Its alert too: the crossing may show only in Redis (what other replicas charged
+            // meanwhile adds to it), and the replay fires it then.
             out.push(crate::cluster::Replay::Take {
                 tenant: tenant.name.clone(),
-                candidates: vec![(c.id.to_string(), points)],
+                candidates: vec![(c.id.to_string(), points, Some(Self::alert_at(points, ratio)))],
                 want: f.factor_micro,
                 id: r.id,
+                ratio,
             });
         }
         out
@@ -1190,7 +1223,9 @@ impl Billing {
                     tenant: tenant.name.clone(),
                     id: r.id.0,
                     hold,
+                    held: r.package.map(|(_, c)| (c.id.to_string(), c.points)),
                     alert_at: s.alert_at,
+                    ratio,
                     usage: Some((f.id.clone(), month.to_string(), field.clone(), 1)),
                     also: also.clone(),
                     image: img,
@@ -1414,11 +1449,16 @@ impl Billing {
                 let taken = stores.take_up_to(t, &cands, want, r.id).await?;
                 if fallback {
                     let got: i64 = taken.iter().map(|x| x.taken).sum();
+                    let ratio = snap.settings.low_balance_ratio;
                     take_log = Some(crate::cluster::Replay::Take {
                         tenant: tenant.name.clone(),
-                        candidates: chosen.iter().map(|(p, _)| (p.id.clone(), p.points_micro)).collect(),
+                        candidates: chosen
+                            .iter()
+                            .map(|(p, _)| (p.id.clone(), p.points_micro, Some(Self::alert_at(p.points_micro, ratio))))
+                            .collect(),
                         want: got,
                         id: r.id,
+                        ratio,
                     });
                 }
                 let amounts: Vec<i64> = taken.iter().map(|x| x.taken).collect();
@@ -2426,9 +2466,11 @@ mod tests {
         const LEASE: Duration = Duration::from_millis(200);
 
         struct Fixture {
-            _redis: harness::RedisServer,
+            redis: harness::RedisServer,
             _dir: tempfile::TempDir,
             b: Arc<Billing>,
+            /// The low-balance alerts sent to the webhook sender.
+            alerts: tokio::sync::mpsc::UnboundedReceiver<Alert>,
             s: Arc<Snapshot>,
             f: usize,
             now: i64,
@@ -2437,7 +2479,18 @@ mod tests {
         /// A billing engine on a fresh Redis whose holds live `LEASE`, and `acme` with one
         /// object-detection package of `points` (billing: package, then payg).
         async fn fixture(test: &str, points: &str) -> Option<Fixture> {
-            let redis = harness::RedisServer::start(test, harness::Opts::default())?;
+            fixture_with(test, points, OnStoreError::Deny, harness::Opts::default()).await
+        }
+
+        /// [`fixture`] with a failure policy and Redis options (`aof_always`: a restart keeps
+        /// what Redis had).
+        async fn fixture_with(
+            test: &str,
+            points: &str,
+            on_store_error: OnStoreError,
+            redis_opts: harness::Opts,
+        ) -> Option<Fixture> {
+            let redis = harness::RedisServer::start(test, redis_opts)?;
             let opts = RedisOpts {
                 key_prefix: "tb".into(),
                 op_timeout: Duration::from_secs(2),
@@ -2450,13 +2503,13 @@ mod tests {
                 redis: vec![redis.url()],
                 key_prefix: "tb".into(),
                 hold_lease: LEASE,
-                on_store_error: OnStoreError::Deny,
+                on_store_error,
                 expected_replicas: 1,
             };
             let gauge = prometheus::IntGauge::new("turnstile_store_fallback", "test").expect("gauge");
             let remote = crate::cluster::Remote::new(store, &settings, gauge);
             let dir = tempfile::tempdir().unwrap();
-            let b = Billing::open_cluster(
+            let (b, alerts) = Billing::open_cluster(
                 Box::new(RedbLedger::open(dir.path()).unwrap()),
                 Durability::Batched,
                 Duration::from_millis(5),
@@ -2466,11 +2519,10 @@ mod tests {
                 &|_| false,
                 Some(remote),
             )
-            .unwrap()
-            .0;
+            .unwrap();
             let s = snapshot(SHIPPED, &ents(&OD.replace("POINTS", points), "\"object_detection\""));
             let f = feature(&s, "object-detection");
-            Some(Fixture { _redis: redis, _dir: dir, b, s: Arc::new(s), f, now: t("2026-03-01T00:00:00Z") })
+            Some(Fixture { redis, _dir: dir, b, alerts, s: Arc::new(s), f, now: t("2026-03-01T00:00:00Z") })
         }
 
         impl Fixture {
@@ -2561,6 +2613,56 @@ mod tests {
             assert_eq!(settled.payer, "payg", "the package holds nothing more");
             assert_eq!(x.consumed().await, FACTOR, "the package paid one call, never two");
             assert_eq!(x.units().await, (1, 1, 1, 0), "(package, payg, payg cell, unpaid) units");
+        }
+
+        /// SPEC §6 / §11.3, `on_store_error = "local"`: a call held its package's points on Redis,
+        /// and Redis went down before its settlement, which is journaled (nothing is charged on
+        /// the fallback for it) and replayed once Redis is back. That replay commits the hold,
+        /// leaves the package low and marks its alert in Redis: the alert fires then — log,
+        /// metric, webhook — exactly once (a second probe, or a replay answered from the
+        /// settlement's marker, fires nothing more).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_alert_marked_by_a_replayed_settlement_fires_once() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let Some(mut x) =
+                fixture_with("an_alert_marked_by_a_replayed_settlement", "1", OnStoreError::Local, aof).await
+            else {
+                return;
+            };
+            // 0.2 a call of 1 point: three calls leave 0.4 (40%), not low.
+            for _ in 0..3 {
+                let r = x.admit().await;
+                x.settle(r).await;
+            }
+            assert_eq!(x.consumed().await, 3 * FACTOR);
+            // The 4th holds its 0.2 on Redis; Redis dies before the settlement.
+            let r = x.admit().await;
+            assert_eq!(r.payer, PayerKind::SinglePackage);
+            x.redis.kill9();
+            assert_eq!(x.settle(r).await.payer, "single_package:od", "answered on the fallback");
+            let remote = x.b.remote().unwrap().clone();
+            assert_eq!(remote.journal_len(), 1, "the settlement waits for Redis");
+            assert!(remote.in_fallback());
+            assert_eq!(alert_series(&x.b), Vec::<String>::new(), "nothing settled yet: no alert");
+            x.redis.restart();
+            assert_eq!(remote.probe().await, 1, "the settlement replayed");
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.consumed().await, 4 * FACTOR, "0.2 left (20%): low");
+            assert!(remote.redis.alerted("acme", "od").await.expect("alerted"), "marked in Redis");
+            let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+            assert_eq!(alert_series(&x.b), one, "the alert the replay marked fired, once");
+            let sent = x.alerts.try_recv().expect("the webhook got the alert");
+            assert_eq!(
+                (sent.tenant.as_str(), sent.package.as_str(), sent.points.0, sent.remaining.0),
+                ("acme", "od", Decimal::ONE, Decimal::new(2, 1)),
+                "{sent:?}"
+            );
+            assert!(x.alerts.try_recv().is_err(), "one webhook call");
+            // The 5th call (0 left) on Redis does not fire it again.
+            let r = x.admit().await;
+            x.settle(r).await;
+            assert_eq!(alert_series(&x.b), one, "fired once");
+            assert!(x.alerts.try_recv().is_err(), "one webhook call");
         }
 
         /// Late commits race new calls on one package: it never pays more than it holds,

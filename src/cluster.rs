@@ -12,19 +12,17 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use prometheus::IntGauge;
+use rust_decimal::Decimal;
 use rustc_hash::FxBuildHasher;
 
 use crate::config::gateway::{ClusterSettings, ImageOp, OnStoreError};
-use crate::store::redis::{HoldAction, ImagePart, Instead, InsteadFrom, RedisStore, Settle};
-use crate::store::{
-    BalanceStore, BucketKey, Candidate, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore,
-    UsageTo,
-};
+use crate::store::redis::{HoldAction, ImagePart, Instead, InsteadFrom, PaidInstead, RedisStore, Settle, TakeFrom};
+use crate::store::{BucketKey, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore, UsageTo};
 
 /// How often a replica in fallback (or with a journal to replay) probes Redis.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -45,7 +43,12 @@ pub enum Replay {
         tenant: String,
         id: u128,
         hold: HoldAction,
+        /// The package the hold is on (id, points in micro-points): the one whose alert
+        /// `alert_at` fires.
+        held: Option<(String, i64)>,
         alert_at: Option<i64>,
+        /// `[billing].low_balance_ratio` when the charge was made (what an alert reports).
+        ratio: Decimal,
         usage: Option<(String, String, String, i64)>,
         also: String,
         image: ImagePart,
@@ -53,8 +56,9 @@ pub enum Replay {
         /// as the live settlement would have (see [`Instead`]).
         instead: Option<PayInstead>,
     },
-    /// Micro-points taken from packages in candidate order (a package charge made locally).
-    Take { tenant: String, candidates: Vec<(String, i64)>, want: i64, id: RequestId },
+    /// Micro-points taken from packages in candidate order (a package charge made locally):
+    /// (package, points, alert at), all in micro-points; `ratio` as in [`Replay::Settle`].
+    Take { tenant: String, candidates: Vec<(String, i64, Option<i64>)>, want: i64, id: RequestId, ratio: Decimal },
     /// Units added to a month (video settlements made locally).
     Usage { tenant: String, feature: String, month: String, to: UsageTo, units: i64, cell: String, id: RequestId },
     /// An image count change made locally.
@@ -63,6 +67,22 @@ pub enum Replay {
     /// again (SPEC §6, §11.3: once in the whole cluster).
     Alert { tenant: String, package: String },
 }
+
+/// A low-balance alert that a replayed charge marked in Redis (the first mark in the cluster):
+/// nobody has fired it there, so the replica that replayed the charge fires it (unless it
+/// already did on its fallback; see [`Remote::on_replayed_alert`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayedAlert {
+    pub tenant: String,
+    pub package: String,
+    /// The package's points and its consumption after the charge, in micro-points.
+    pub points: i64,
+    pub consumed: i64,
+    pub ratio: Decimal,
+}
+
+/// Where [`Remote`] hands the alerts its replay marked (the billing engine fires them).
+type AlertSink = Box<dyn Fn(ReplayedAlert) + Send + Sync>;
 
 /// An owned [`Instead`]: how a commit pays when its hold is gone, kept to be journaled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +129,8 @@ pub struct Remote {
     /// The last consumption Redis reported per (tenant, package) ([`crate::intern::pair`]): in
     /// fallback a package offers only `points - known` to the local ledger.
     known: DashMap<u64, i64, FxBuildHasher>,
+    /// Fires the alerts a replay marked in Redis ([`Remote::on_replayed_alert`]).
+    alert_sink: OnceLock<AlertSink>,
 }
 
 impl Remote {
@@ -125,6 +147,20 @@ impl Remote {
             replaying: AtomicBool::new(false),
             deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
             known: DashMap::with_hasher(FxBuildHasher),
+            alert_sink: OnceLock::new(),
+        }
+    }
+
+    /// Sets what receives the low-balance alerts a replayed charge marked in Redis (once; the
+    /// billing engine sets it when it opens). Without one they are only logged.
+    pub fn on_replayed_alert(&self, sink: impl Fn(ReplayedAlert) + Send + Sync + 'static) {
+        let _ = self.alert_sink.set(Box::new(sink));
+    }
+
+    fn replayed_alert(&self, a: ReplayedAlert) {
+        match self.alert_sink.get() {
+            Some(sink) => sink(a),
+            None => tracing::warn!(tenant = a.tenant, package = a.package, "package balance low (marked by a replay)"),
         }
     }
 
@@ -181,9 +217,12 @@ impl Remote {
     }
 
     /// Applies one journal entry to Redis through `redis` (idempotent on its request id).
-    async fn replay(redis: &RedisStore, r: &Replay) -> Result<(), StoreError> {
+    /// Returns the low-balance alerts it marked in Redis, the first time in the cluster: those
+    /// of a settlement or a take (a replay answered from their marker, whose first answer was
+    /// lost, returns them too); never that of a [`Replay::Alert`], fired on the fallback already.
+    async fn replay(redis: &RedisStore, r: &Replay) -> Result<Vec<ReplayedAlert>, StoreError> {
         match r {
-            Replay::Settle { tenant, id, hold, alert_at, usage, also, image, instead } => {
+            Replay::Settle { tenant, id, hold, held, alert_at, ratio, usage, also, image, instead } => {
                 let froms = instead.as_ref().map(PayInstead::froms).unwrap_or_default();
                 let s = Settle {
                     hold: *hold,
@@ -194,14 +233,40 @@ impl Remote {
                     part: SETTLE_PART,
                     instead: instead.as_ref().map(|i| i.part(&froms)),
                 };
-                redis.settle(tenant, *id, s).await.map(|_| ())
+                let out = redis.settle(tenant, *id, s).await?;
+                if !out.alert_fired {
+                    return Ok(Vec::new());
+                }
+                // The package that paid: the hold's, or the candidate that paid instead.
+                let paid = match out.instead {
+                    None => held.clone(),
+                    Some(PaidInstead::Package(i)) => {
+                        instead.as_ref().and_then(|x| x.candidates.get(i)).map(|(p, points, _, _)| (p.clone(), *points))
+                    }
+                    Some(PaidInstead::Fallback) => None,
+                };
+                match (paid, out.consumed) {
+                    (Some((package, points)), Some(consumed)) => {
+                        Ok(vec![ReplayedAlert { tenant: tenant.clone(), package, points, consumed, ratio: *ratio }])
+                    }
+                    _ => {
+                        tracing::error!(tenant, "a replayed settlement fired an alert for a package it does not name");
+                        Ok(Vec::new())
+                    }
+                }
             }
-            Replay::Take { tenant, candidates, want, id } => {
-                let c: Vec<Candidate<'_>> =
-                    candidates.iter().map(|(p, pts)| Candidate { id: p, points: *pts, local: 0 }).collect();
-                let t = TenantKey { name: tenant, local: 0 };
-                let taken = redis.take_up_to(t, &c, *want, *id).await?;
-                let got: i64 = taken.iter().map(|x| x.taken).sum();
+            Replay::Take { tenant, candidates, want, id, ratio } => {
+                let from: Vec<TakeFrom<'_>> = candidates
+                    .iter()
+                    .map(|(p, points, alert_at)| TakeFrom {
+                        package: p,
+                        points: *points,
+                        cap: None,
+                        alert_at: *alert_at,
+                    })
+                    .collect();
+                let took = redis.take(tenant, &from, Some(*want), id.0).await?;
+                let got: i64 = took.iter().map(|x| x.taken).sum();
                 if got < *want {
                     tracing::warn!(
                         tenant,
@@ -210,17 +275,29 @@ impl Remote {
                         "replayed package charge: the shared balance held less than the fallback charged (overspent while Redis was unreachable)"
                     );
                 }
-                Ok(())
+                Ok(candidates
+                    .iter()
+                    .zip(&took)
+                    .filter(|(_, t)| t.alert_fired)
+                    .map(|((package, points, _), t)| ReplayedAlert {
+                        tenant: tenant.clone(),
+                        package: package.clone(),
+                        points: *points,
+                        consumed: t.consumed,
+                        ratio: *ratio,
+                    })
+                    .collect())
             }
             Replay::Usage { tenant, feature, month, to, units, cell, id } => {
                 let key = BucketKey { tenant, bucket: feature, local: 0 };
-                redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| ())
+                redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| Vec::new())
             }
             Replay::Images { tenant, op, id, reported } => {
                 let t = TenantKey { name: tenant, local: 0 };
-                redis.settle_images(t, *op, *id, *reported).await.map(|_| ())
+                redis.settle_images(t, *op, *id, *reported).await.map(|_| Vec::new())
             }
-            Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| ()),
+            // Fired on the fallback: Redis learns it, so that no replica fires it again.
+            Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| Vec::new()),
         }
     }
 
@@ -258,14 +335,23 @@ impl Remote {
         let mut done = 0;
         loop {
             let Some(r) = self.journal.lock().ok().and_then(|j| j.front().cloned()) else { return Some(done) };
-            if let Err(e) = Self::replay(redis, &r).await {
-                tracing::warn!(error = %e, left = self.journal_len(), "replay to Redis interrupted; retrying");
-                return (done > 0).then_some(done);
-            }
+            let alerts = match Self::replay(redis, &r).await {
+                Ok(alerts) => alerts,
+                Err(e) => {
+                    tracing::warn!(error = %e, left = self.journal_len(), "replay to Redis interrupted; retrying");
+                    return (done > 0).then_some(done);
+                }
+            };
             if let Ok(mut j) = self.journal.lock() {
                 j.pop_front();
             }
             done += 1;
+            // Nothing is awaited between the answer and here: an entry whose answer came back
+            // hands its alerts over exactly once (one whose answer was lost stays in the journal,
+            // and its replay answers them again from the marker).
+            for a in alerts {
+                self.replayed_alert(a);
+            }
         }
     }
 
@@ -459,7 +545,9 @@ billing = ["prepaid_qps"]
             tenant: "acme".into(),
             id: 1,
             hold: HoldAction::Commit,
+            held: Some(("p".into(), points)),
             alert_at: None,
+            ratio: Decimal::new(2, 1),
             usage: Some(("od".into(), "2026-11".into(), "payer:single_package".into(), 1)),
             also: String::new(),
             image: ImagePart::None,

@@ -19,6 +19,7 @@ use crate::catalog::IMAGE_SEARCH;
 use crate::config::{self, ConfigError, ConfigErrors, ConfigSource, Texts};
 use crate::gateway::{hash, Control, Gateway};
 use crate::snapshot::Snapshot;
+use crate::store::Override;
 
 /// Why an admin write was refused.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +39,18 @@ pub enum WriteError {
     OnDisk { code: &'static str, first: ConfigError },
     #[error("cannot write {path}: {reason}")]
     Io { path: String, reason: String },
-    /// Cluster mode: applied here, but not stored in Redis (the other replicas do not have it).
-    #[error("applied on this replica, but not shared with the others: {0}; retry the call")]
+    /// Cluster mode: Redis did not confirm the upgrade, so it is not applied: the file was put
+    /// back as it was and this replica serves what it served.
+    #[error(
+        "Redis did not confirm the upgrade ({0}): this replica does not apply it and entitlements.json is as it was; retry the call"
+    )]
     Store(String),
+    /// Cluster mode: Redis did not confirm the upgrade, and the file, already written, could not
+    /// be put back: it holds an upgrade the other replicas do not know.
+    #[error(
+        "Redis did not confirm the upgrade ({store}), and {path} could not be put back ({reason}): it holds the upgrade, which this replica applies at its next reload and no other replica knows; restore the file, then retry the call"
+    )]
+    StoreFileKept { store: String, path: String, reason: String },
 }
 
 impl WriteError {
@@ -53,7 +63,7 @@ impl WriteError {
             WriteError::Config(_) => "invalid_config",
             WriteError::OnDisk { code, .. } => code,
             WriteError::Io { .. } => "write_failed",
-            WriteError::Store(_) => "store_unavailable",
+            WriteError::Store(_) | WriteError::StoreFileKept { .. } => "store_unavailable",
         }
     }
     pub fn status(&self) -> http::StatusCode {
@@ -63,7 +73,7 @@ impl WriteError {
             WriteError::Downgrade(_) | WriteError::OnDisk { .. } => S::CONFLICT,
             WriteError::AboveCap(_) | WriteError::Invalid(_) | WriteError::Config(_) => S::UNPROCESSABLE_ENTITY,
             WriteError::Io { .. } => S::INTERNAL_SERVER_ERROR,
-            WriteError::Store(_) => S::SERVICE_UNAVAILABLE,
+            WriteError::Store(_) | WriteError::StoreFileKept { .. } => S::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -215,10 +225,17 @@ impl Gateway {
     /// upgrade inserted; every other byte stays as it was), validates the result as a whole
     /// configuration, writes it back atomically (files) and publishes it. Serialized with
     /// reloads and other writes by the control lock.
+    ///
+    /// Cluster mode (SPEC §11.4): the upgrade `change` returns (of `tenant`'s `feature`) is
+    /// stored in Redis after the file is written and before anything is published. When Redis
+    /// does not confirm it, the file is put back as it was (still under the lock, so the watcher
+    /// then finds the contents it serves) and nothing is applied: the call fails whole, and its
+    /// retry makes the upgrade once, instead of leaving it applied on this replica alone.
     async fn write_entitlements(
         &self,
         why: &str,
-        change: impl FnOnce(&Snapshot, &str) -> Result<(String, serde_json::Value), WriteError>,
+        (tenant, feature): (&str, &str),
+        change: impl FnOnce(&Snapshot, &str) -> Result<(String, serde_json::Value, Override), WriteError>,
     ) -> Result<serde_json::Value, WriteError> {
         let mut ctl = self.control.lock().await;
         let on_disk = |errors: ConfigErrors, ents: &str| {
@@ -237,23 +254,45 @@ impl Gateway {
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(|e| on_disk(e, &texts.entitlements_name))?;
-        let (text, answer) = change(&snap, &texts.entitlements)?;
-        texts.entitlements = text;
+        let (text, answer, upgrade) = change(&snap, &texts.entitlements)?;
+        let previous = std::mem::replace(&mut texts.entitlements, text);
         // Validate before touching the file.
         let check = texts.clone();
         tokio::task::spawn_blocking(move || crate::snapshot::build(&check, generation).map(|_| ()))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(WriteError::Config)?;
-        if let ConfigSource::Files { .. } = self.source {
-            let path = PathBuf::from(&texts.entitlements_name);
-            let body = texts.entitlements.clone();
-            tokio::task::spawn_blocking(move || write_atomically(&path, &body))
+        let files = matches!(self.source, ConfigSource::Files { .. });
+        if files {
+            write_entitlements_file(&texts.entitlements_name, texts.entitlements.clone())
                 .await
-                .map_err(|e| WriteError::Io { path: texts.entitlements_name.clone(), reason: e.to_string() })?
-                .map_err(|e| WriteError::Io { path: texts.entitlements_name.clone(), reason: e.to_string() })?;
+                .map_err(|reason| WriteError::Io { path: texts.entitlements_name.clone(), reason })?;
+        }
+        let remote = self.billing.remote();
+        if let Some(remote) = remote {
+            use crate::store::OverrideStore;
+            if let Err(e) = remote.stores.put_override(tenant, feature, upgrade).await {
+                let store = e.to_string();
+                tracing::warn!(tenant, feature, error = %store, "{why} not stored in Redis: refused, not applied");
+                if files {
+                    if let Err(reason) = write_entitlements_file(&texts.entitlements_name, previous).await {
+                        let path = texts.entitlements_name.clone();
+                        tracing::error!(path, reason, "{why}: cannot put the entitlements file back");
+                        return Err(WriteError::StoreFileKept { store, path, reason });
+                    }
+                }
+                return Err(WriteError::Store(store));
+            }
         }
         self.publish(&mut ctl, texts, why).await.map_err(WriteError::Config)?;
+        drop(ctl);
+        if remote.is_some() {
+            // Served here already (from the file); the override list catches up now, or at the
+            // next poll of the version.
+            if let Err(e) = self.sync_overrides().await {
+                tracing::warn!(error = %e, "{why} stored in Redis; cannot read the shared upgrades back yet (retried)");
+            }
+        }
         Ok(answer)
     }
 
@@ -270,68 +309,63 @@ impl Gateway {
         if until_ns <= now {
             return Err(WriteError::Invalid(format!("until {until} must be in the future")));
         }
-        let (tenant, feature) = (tenant.to_string(), feature.to_string());
+        let (t, f) = (tenant.to_string(), feature.to_string());
         let until = until.to_string();
-        let answer = self
-            .write_entitlements("temporary upgrade", move |snap, text| {
-                let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &tenant, &feature, now)?;
-                if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
-                    return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
-                }
-                if qps <= plan_qps {
-                    return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
-                }
-                let from = crate::time::format_rfc3339(now, tz);
-                let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
-                let text = splice::push_upgrade(text, &tenant, index, &upgrade.to_string())?;
-                Ok((
-                    text,
-                    serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "from": from, "until": until}),
-                ))
-            })
-            .await?;
-        // The `from` written to the file (whole seconds), so the overlay finds it identical.
-        let from = answer["from"].as_str().and_then(|f| crate::time::parse_rfc3339(f).ok()).unwrap_or(now);
-        self.share_override(&answer, crate::store::Override { qps, from, until: Some(until_ns) }).await?;
-        Ok(answer)
-    }
-
-    /// Cluster mode: stores an upgrade made here in Redis and publishes it (SPEC §11.4).
-    async fn share_override(&self, answer: &serde_json::Value, ov: crate::store::Override) -> Result<(), WriteError> {
-        use crate::store::OverrideStore;
-        let Some(remote) = self.billing.remote() else { return Ok(()) };
-        let (Some(tenant), Some(feature)) = (answer["tenant"].as_str(), answer["feature"].as_str()) else {
-            return Ok(());
-        };
-        remote.stores.put_override(tenant, feature, ov).await.map_err(|e| WriteError::Store(e.to_string()))?;
-        self.sync_overrides().await.map_err(|e| WriteError::Store(e.to_string()))?;
-        Ok(())
+        self.write_entitlements("temporary upgrade", (tenant, feature), move |snap, text| {
+            let ActivePlan { index, qps: plan_qps, cap, tz } = active_plan(snap, &t, &f, now)?;
+            if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
+                return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
+            }
+            if qps <= plan_qps {
+                return Err(WriteError::Invalid(format!("{qps} is not above the plan's {plan_qps} QPS")));
+            }
+            let from = crate::time::format_rfc3339(now, tz);
+            let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
+            let text = splice::push_upgrade(text, &t, index, &upgrade.to_string())?;
+            // The `from` written to the file (whole seconds), so the overlay finds it identical.
+            let from_ns = crate::time::parse_rfc3339(&from).unwrap_or(now);
+            Ok((
+                text,
+                serde_json::json!({"tenant": t, "feature": f, "qps": qps, "from": from, "until": until}),
+                Override { qps, from: from_ns, until: Some(until_ns) },
+            ))
+        })
+        .await
     }
 
     /// `POST /admin/v1/tenants/{t}/qps-plans/{f}/upgrade` `{"qps": N}`: permanent, never lower.
     pub async fn upgrade(&self, tenant: &str, feature: &str, qps: u32) -> Result<serde_json::Value, WriteError> {
         let now = self.clock.unix_nanos();
-        let (tenant, feature) = (tenant.to_string(), feature.to_string());
-        let answer = self
-            .write_entitlements("upgrade", move |snap, text| {
-                let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &tenant, &feature, now)?;
-                if qps < previous {
-                    return Err(WriteError::Downgrade(format!(
-                        "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
-                    )));
-                }
-                if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
-                    return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
-                }
-                let text = splice::set_plan_qps(text, &tenant, index, qps)?;
-                Ok((
-                    text,
-                    serde_json::json!({"tenant": tenant, "feature": feature, "qps": qps, "previous_qps": previous}),
-                ))
-            })
-            .await?;
-        self.share_override(&answer, crate::store::Override { qps, from: now, until: None }).await?;
-        Ok(answer)
+        let (t, f) = (tenant.to_string(), feature.to_string());
+        self.write_entitlements("upgrade", (tenant, feature), move |snap, text| {
+            let ActivePlan { index, qps: previous, cap, .. } = active_plan(snap, &t, &f, now)?;
+            if qps < previous {
+                return Err(WriteError::Downgrade(format!(
+                    "{qps} is below the plan's {previous} QPS: a plan can be upgraded, never downgraded"
+                )));
+            }
+            if let Some((fam, c)) = cap.filter(|(_, c)| qps > *c) {
+                return Err(WriteError::AboveCap(format!("{qps} exceeds the {fam} cap of {c}")));
+            }
+            let text = splice::set_plan_qps(text, &t, index, qps)?;
+            Ok((
+                text,
+                serde_json::json!({"tenant": t, "feature": f, "qps": qps, "previous_qps": previous}),
+                Override { qps, from: now, until: None },
+            ))
+        })
+        .await
+    }
+}
+
+/// Writes `text` to the entitlements file `name` atomically, off the async workers; the error
+/// says why not.
+async fn write_entitlements_file(name: &str, text: String) -> Result<(), String> {
+    let path = PathBuf::from(name);
+    match tokio::task::spawn_blocking(move || write_atomically(&path, &text)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -250,6 +250,69 @@ async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_secon
     assert_eq!(f["plan"]["qps"], 25, "the permanent upgrade is applied at start: {f}");
 }
 
+/// SPEC §8 / §11.4: an upgrade posted while Redis is down cannot be shared, so it is refused
+/// whole — 503 `store_unavailable`, `entitlements.json` byte for byte as it was, the limit
+/// unchanged on the replica that took the call as on the other — instead of being applied on
+/// that replica alone (and kept in its file) behind an error the operator then retries, which
+/// wrote a second temporary upgrade. The retry once Redis is back applies it once, everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_redis_cannot_store_changes_nothing_and_its_retry_applies_once() {
+    let Some(mut redis) =
+        RedisServer::start("an_upgrade_redis_cannot_store", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
+    let c = client();
+    let limit_on = |i: usize| {
+        let (c, gw) = (&c, &set.gw[i]);
+        async move {
+            let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
+            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
+        }
+    };
+    let file = set.cfg[0].path().join("entitlements.json");
+    let before = std::fs::read(&file).expect("read entitlements.json");
+    let (n, v) = Replicas::admin_auth();
+    let temporary =
+        |gw: &Gateway| gw.admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade");
+    let permanent = |gw: &Gateway| gw.admin_url("/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade");
+    let body = format!(r#"{{"qps": 35, "until": "{}"}}"#, at(3600));
+    redis.kill9();
+    for (url, body) in [(temporary(&set.gw[0]), body.as_bytes()), (permanent(&set.gw[0]), br#"{"qps": 25}"#.as_slice())]
+    {
+        let r = post(&c, &url, &[(n, &v)], body).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            "{url}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&std::fs::read(&file).expect("read")),
+            String::from_utf8_lossy(&before),
+            "{url}: entitlements.json is left as it was"
+        );
+    }
+    assert_eq!((limit_on(0).await, limit_on(1).await), (20, 20), "applied nowhere");
+    // The watcher sees the file it already serves: still nothing applied.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(limit_on(0).await, 20, "the file was never the upgraded one");
+    redis.restart();
+    let r = post(&c, &temporary(&set.gw[0]), &[(n, &v)], body.as_bytes()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let posted = Instant::now();
+    assert_eq!(limit_on(0).await, 35, "the retry applies at once");
+    while limit_on(1).await != 35 {
+        assert!(posted.elapsed() < Duration::from_secs(1), "replica B did not apply the retry within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = std::fs::read_to_string(&file).expect("read");
+    assert_eq!(after.matches("\"until\"").count(), 1, "one temporary upgrade in the file: {after}");
+}
+
 /// SPEC §11.6 `deny`: Redis stopped → 503 `store_unavailable` within the store timeout, nothing
 /// charged; Redis back → served again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -481,6 +544,73 @@ async fn alert_fired_on_the_fallback_fires_once(name: &str, durability: &str) {
     assert_eq!(u["packages"][0]["remaining"], "1", "{u}");
     assert_eq!(u["packages"][0]["low_balance_alerted"], true, "the alert fired: {u}");
     assert_eq!(alerts(&gw.metrics(&c).await), 1.0, "the alert fired a second time once Redis was back");
+}
+
+/// The sum of `turnstile_package_low_balance_alerts_total` for `package` in a `/metrics` text.
+fn alerts_of(m: &str, package: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_package_low_balance_alerts_total{") && l.contains(package))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>()
+}
+
+/// SPEC §6 / §11.3: a crossing only Redis can see. Replica B spends 6 of od-1's 10 points on
+/// Redis (A does not learn it); Redis goes down and A spends 2 more on its fallback, where its
+/// own view (10 − 2 = 8 left) is not low. Replayed, those 2 points leave 2 of 10 in Redis (20%):
+/// the replay marks the alert there, and it must fire — log, metric, webhook — exactly once in
+/// the cluster, not be marked and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alert_that_crosses_only_when_the_fallback_charges_are_replayed_fires_once() {
+    let Some(mut redis) = RedisServer::start("alert_crossed_in_replay", Opts { aof_always: true, cluster: false })
+    else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
+    // od-1: 10 points, 1 a call; default ratio 0.2: low at 2 left.
+    let set = Replicas::start(2, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
+    let c = client();
+    let (a, b) = (&set.gw[0], &set.gw[1]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..6 {
+        let r = post(&c, &b.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    for _ in 0..2 {
+        let r = post(&c, &a.url(DETECT), &key(), b"{}").await;
+        assert_eq!(
+            (r.status, r.header("x-turnstile-payer")),
+            (StatusCode::OK, Some("single_package:od-1")),
+            "served on A's fallback: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    fallback_becomes(&c, a, 1.0).await;
+    let both = |c: &TestClient| {
+        let c = c.clone();
+        async move { alerts_of(&a.metrics(&c).await, "od-1") + alerts_of(&b.metrics(&c).await, "od-1") }
+    };
+    assert_eq!(both(&c).await, 0.0, "8 of 10 left in A's view: not low there");
+    redis.restart();
+    fallback_becomes(&c, a, 0.0).await;
+    let v = admin_get(&c, b, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["packages"][0]["remaining"], "2", "both replicas' charges in Redis: {v}");
+    assert_eq!(v["packages"][0]["low_balance_alerted"], true, "the replay marked the alert: {v}");
+    let since = Instant::now();
+    while both(&c).await < 1.0 && since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(both(&c).await, 1.0, "the alert the replay marked fired once in the cluster");
+    assert!(a.logs().contains("package balance low"), "{}", a.logs());
+    // The next charge, on either replica, does not fire it again.
+    for gw in [a, b] {
+        let r = post(&c, &gw.url(DETECT), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(both(&c).await, 1.0, "fired once, whatever follows");
 }
 
 /// A second fallback spell offers a package what it still holds. The local ledger keeps
