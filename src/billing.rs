@@ -165,6 +165,9 @@ struct Charge {
     /// alerted), checked again, marked and fired once the charge is durable (a reverted charge
     /// was never made: it marks and fires nothing).
     alerts: Vec<PendingAlert>,
+    /// Strict mode on the cluster fallback: what Redis must replay of this charge, journaled
+    /// once the charge is durable (a reverted charge was never made: Redis never gets it).
+    journal: Vec<crate::cluster::Replay>,
 }
 
 /// A package whose low-balance alert waits for its charge to be durable: (tenant, package,
@@ -878,17 +881,15 @@ impl Billing {
             fallback = true;
             self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
         }
-        if let Some(remote) = self.remote.as_ref().filter(|_| fallback) {
-            remote.journal(crate::cluster::Replay::Usage {
-                tenant: tenant.name.clone(),
-                feature: f.id.clone(),
-                month: month.to_string(),
-                to: UsageTo::Unpaid,
-                units: n,
-                cell: String::new(),
-                id: r.id,
-            });
-        }
+        let journal = fallback.then(|| crate::cluster::Replay::Usage {
+            tenant: tenant.name.clone(),
+            feature: f.id.clone(),
+            month: month.to_string(),
+            to: UsageTo::Unpaid,
+            units: n,
+            cell: String::new(),
+            id: r.id,
+        });
         let charge = Charge {
             pair,
             tenant: tenant.label,
@@ -899,6 +900,7 @@ impl Billing {
             currency: String::new(),
             packages: Vec::new(),
             alerts: Vec::new(),
+            journal: Vec::new(),
         };
         let payer = r.header();
         if self.remote.is_some() && !fallback {
@@ -906,7 +908,20 @@ impl Billing {
             self.count(&charge);
             return Ok(Settled { payer, id: r.id, pending: None });
         }
-        Ok(self.finish(payer, r.id, charge))
+        let mut settled = self.finish(payer, r.id, charge);
+        self.journal_once_durable(&mut settled, journal);
+        Ok(settled)
+    }
+
+    /// Hands what Redis must replay of a settlement made on the fallback to the journal: at
+    /// once when the settlement counts at once, else (strict) once [`Billing::durable`] has it on
+    /// disk: a charge reverted for durability was never made, so Redis must never get it.
+    fn journal_once_durable(&self, settled: &mut Settled, entries: impl IntoIterator<Item = crate::cluster::Replay>) {
+        let Some(remote) = &self.remote else { return };
+        match settled.pending.as_mut() {
+            Some(charge) => charge.journal.extend(entries),
+            None => entries.into_iter().for_each(|j| remote.journal(j)),
+        }
     }
 
     /// After a package paid: sets its gauge and fires the low-balance alert the first time the
@@ -1036,12 +1051,11 @@ impl Billing {
             Some(remote) if !r.fallback => {
                 Box::pin(self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image)).await
             }
-            Some(remote) => {
+            Some(_) => {
                 let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());
-                let settled = self.settle_call_in(&self.local, snap, tenant, feature_idx, &mut r, now, image).await?;
-                for j in journal {
-                    remote.journal(j);
-                }
+                let mut settled =
+                    self.settle_call_in(&self.local, snap, tenant, feature_idx, &mut r, now, image).await?;
+                self.journal_once_durable(&mut settled, journal);
                 Ok(settled)
             }
             None => self.settle_call_in(&self.stores, snap, tenant, feature_idx, &mut r, now, image).await,
@@ -1276,6 +1290,7 @@ impl Billing {
             currency: snap.catalog.currency.clone(),
             packages: Vec::new(),
             alerts: Vec::new(),
+            journal: Vec::new(),
         };
         if payer == Some(PayerKind::Payg) {
             if let Some(total) = out.cell_total {
@@ -1328,6 +1343,7 @@ impl Billing {
             currency: if strict { snap.catalog.currency.clone() } else { String::new() },
             packages: Vec::new(),
             alerts: Vec::new(),
+            journal: Vec::new(),
         };
         let total = stores.add_usage(key, month, UsageTo::Payer(r.payer), 1, CALL_CELL, r.id).await?;
         if r.payer == PayerKind::Payg {
@@ -1413,6 +1429,7 @@ impl Billing {
             currency: snap.catalog.currency.clone(),
             packages: Vec::new(),
             alerts: Vec::new(),
+            journal: Vec::new(),
         };
         let mut by_kind = [0i64; 5];
         let mut left = ms;
@@ -1524,18 +1541,17 @@ impl Billing {
                 }
             }
         }
-        if let Some(remote) = self.remote.as_ref().filter(|_| fallback) {
-            for j in take_log.into_iter().chain(journal) {
-                remote.journal(j);
-            }
-        }
         let payer = first.unwrap_or_else(|| r.header());
         if self.remote.is_some() && !r.fallback {
             // Redis acknowledged every step before this point (SPEC §11.5).
             self.count(&charge);
             return Ok(Settled { payer, id: r.id, pending: None });
         }
-        Ok(self.finish(payer, r.id, charge))
+        let mut settled = self.finish(payer, r.id, charge);
+        if fallback {
+            self.journal_once_durable(&mut settled, take_log.into_iter().chain(journal));
+        }
+        Ok(settled)
     }
 
     /// Waits until a settlement is durable and returns its payer header. Batched mode returns at
@@ -1545,10 +1561,13 @@ impl Billing {
     /// if the balance is still low now (charges reverted meanwhile no longer count in it).
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
         let Settled { payer, id, pending } = settled;
-        let Some(charge) = pending else { return Ok(payer) };
+        let Some(mut charge) = pending else { return Ok(payer) };
         match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
+                if let Some(remote) = &self.remote {
+                    charge.journal.drain(..).for_each(|j| remote.journal(j));
+                }
                 for &(t, c, ratio, now) in &charge.alerts {
                     if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n, ratio)) {
                         self.journal_alert(&self.local, t, c);
@@ -2490,6 +2509,21 @@ mod tests {
             on_store_error: OnStoreError,
             redis_opts: harness::Opts,
         ) -> Option<Fixture> {
+            let dir = tempfile::tempdir().unwrap();
+            let ledger = Box::new(RedbLedger::open(dir.path()).unwrap());
+            fixture_on(test, points, on_store_error, redis_opts, dir, ledger, Durability::Batched).await
+        }
+
+        /// [`fixture_with`] on a given ledger (in `dir`) and durability.
+        async fn fixture_on(
+            test: &str,
+            points: &str,
+            on_store_error: OnStoreError,
+            redis_opts: harness::Opts,
+            dir: tempfile::TempDir,
+            ledger: Box<dyn LedgerStore>,
+            durability: Durability,
+        ) -> Option<Fixture> {
             let redis = harness::RedisServer::start(test, redis_opts)?;
             let opts = RedisOpts {
                 key_prefix: "tb".into(),
@@ -2508,12 +2542,11 @@ mod tests {
             };
             let gauge = prometheus::IntGauge::new("turnstile_store_fallback", "test").expect("gauge");
             let remote = crate::cluster::Remote::new(store, &settings, gauge);
-            let dir = tempfile::tempdir().unwrap();
             let (b, alerts) = Billing::open_cluster(
-                Box::new(RedbLedger::open(dir.path()).unwrap()),
-                Durability::Batched,
+                ledger,
+                durability,
                 Duration::from_millis(5),
-                Duration::from_secs(2),
+                Duration::from_millis(100),
                 Arc::new(Metrics::new(true)),
                 crate::clock::SystemClock::shared(),
                 &|_| false,
@@ -2539,6 +2572,10 @@ mod tests {
                 let q = Quota { limit: 100_000, depth: 100_000 };
                 match self.b.admit(&self.s, tenant, self.f, key, q, self.now).await.expect("admit") {
                     Admission::Allowed { paid: Some(Some(r)), .. } => r,
+                    // The fallback admits alone; the pay phase reserves (as `decide_phases` does).
+                    Admission::Allowed { paid: None, .. } => {
+                        self.b.reserve(&self.s, tenant, self.f, self.now).await.expect("reserve").expect("a payer")
+                    }
                     Admission::Allowed { paid, .. } => panic!("admitted without a payer: {:?}", paid.is_some()),
                     Admission::Throttled { .. } => panic!("throttled"),
                 }
@@ -2663,6 +2700,45 @@ mod tests {
             x.settle(r).await;
             assert_eq!(alert_series(&x.b), one, "fired once");
             assert!(x.alerts.try_recv().is_err(), "one webhook call");
+        }
+
+        /// SPEC §7 on the fallback (§11.6): a strict charge the local ledger could not make
+        /// durable in time is reverted and the client told it was not charged, so it must not
+        /// reach Redis with the journal's replay either. The next call, durable, does.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_strict_charge_reverted_on_the_fallback_is_not_replayed_to_redis() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let dir = tempfile::tempdir().unwrap();
+            let fail = Arc::new(AtomicBool::new(false));
+            let ledger = Box::new(FlakyStore { inner: RedbLedger::open(dir.path()).unwrap(), fail: fail.clone() });
+            let test = "a_strict_charge_reverted_on_the_fallback";
+            let Some(mut x) = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await
+            else {
+                return;
+            };
+            let r = x.admit().await;
+            assert!(x.b.durable(x.settle(r).await).await.is_ok());
+            assert_eq!(x.consumed().await, FACTOR, "one call on Redis");
+            x.redis.kill9();
+            let remote = x.b.remote().unwrap().clone();
+            // On the fallback, with the ledger failing: the charge is reverted, not charged.
+            fail.store(true, Ordering::SeqCst);
+            let r = x.admit().await;
+            assert!(remote.in_fallback());
+            assert!(x.b.durable(x.settle(r).await).await.is_err(), "not durable in time: reverted");
+            // The ledger works again: the next call is charged on the fallback.
+            fail.store(false, Ordering::SeqCst);
+            assert!(x.b.flush());
+            let r = x.admit().await;
+            assert!(x.b.durable(x.settle(r).await).await.is_ok());
+            x.redis.restart();
+            while remote.probe().await > 0 {}
+            assert_eq!(remote.journal_len(), 0);
+            assert_eq!(
+                (x.consumed().await, x.units().await.0),
+                (2 * FACTOR, 2),
+                "Redis has the two charged calls, not the reverted one"
+            );
         }
 
         /// Late commits race new calls on one package: it never pays more than it holds,
