@@ -170,9 +170,10 @@ struct Charge {
     journal: Vec<crate::cluster::Replay>,
 }
 
-/// A package whose low-balance alert waits for its charge to be durable: (tenant, package,
-/// ratio, time).
-type PendingAlert = (TenantKey<'static>, Candidate<'static>, Decimal, i64);
+/// A package whose low-balance alert waits for its charge to be durable: (tenant, package with
+/// its whole points, what Redis had consumed of it beyond the local ledger (cluster fallback;
+/// else 0), ratio, time).
+type PendingAlert = (TenantKey<'static>, Candidate<'static>, i64, Decimal, i64);
 
 /// Whether package `c` is low (SPEC §6) with `consumed` micro-points of it used.
 fn is_low(c: Candidate<'_>, consumed: i64, ratio: Decimal) -> bool {
@@ -941,16 +942,23 @@ impl Billing {
         pending: &mut Vec<PendingAlert>,
     ) -> Result<(), StoreError> {
         self.set_gauge(t, c, consumed);
-        if !is_low(c, consumed, ratio) {
+        // On the cluster fallback a package offers only what Redis last said it had left (its
+        // points less `known`): the ratio is of its whole points (SPEC §6), and so is the alert.
+        let known = match (&self.remote, stores) {
+            (Some(r), Stores::Local(_)) => r.known_consumed(c.local),
+            _ => 0,
+        };
+        let whole = Candidate { points: c.points + known, ..c };
+        if !is_low(whole, consumed + known, ratio) {
             return Ok(());
         }
         if matches!(stores, Stores::Local(_)) && self.store.is_strict() {
             if !self.store.alerted_now(t, c) {
-                pending.push((t, c, ratio, now));
+                pending.push((t, whole, known, ratio, now));
             }
         } else if stores.mark_alerted(t, c).await? {
             self.journal_alert(stores, t, c);
-            self.alert_fired(t, c, consumed, ratio, now);
+            self.alert_fired(t, whole, consumed + known, ratio, now);
         }
         Ok(())
     }
@@ -1568,10 +1576,10 @@ impl Billing {
                 if let Some(remote) = &self.remote {
                     charge.journal.drain(..).for_each(|j| remote.journal(j));
                 }
-                for &(t, c, ratio, now) in &charge.alerts {
-                    if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n, ratio)) {
+                for &(t, c, known, ratio, now) in &charge.alerts {
+                    if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n + known, ratio)) {
                         self.journal_alert(&self.local, t, c);
-                        self.alert_fired(t, c, consumed, ratio, now);
+                        self.alert_fired(t, c, consumed + known, ratio, now);
                     }
                 }
                 Ok(payer)
@@ -2700,6 +2708,36 @@ mod tests {
             x.settle(r).await;
             assert_eq!(alert_series(&x.b), one, "fired once");
             assert!(x.alerts.try_recv().is_err(), "one webhook call");
+        }
+
+        /// SPEC §6 on the fallback (§11.6): a package there offers only what Redis last said it
+        /// had left, but its low-balance ratio is of its whole points, and so is the alert: 10
+        /// points, 6 used on Redis, the alert fires on the fallback when 2 are left, not when
+        /// 0.8 are (a fifth of the 4 the fallback could spend).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fallback_judges_a_low_balance_against_the_whole_package() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let test = "the_fallback_judges_a_low_balance";
+            let Some(mut x) = fixture_with(test, "10", OnStoreError::Local, aof).await else { return };
+            for _ in 0..30 {
+                let r = x.admit().await;
+                x.settle(r).await;
+            }
+            assert_eq!(x.consumed().await, 30 * FACTOR, "6 of 10 points used on Redis");
+            x.redis.kill9();
+            // 0.2 a call: 9 calls leave 2.2 (22 %), the 10th 2.0 (20 %).
+            for _ in 0..9 {
+                let r = x.admit().await;
+                x.settle(r).await;
+            }
+            assert!(x.b.remote().unwrap().in_fallback());
+            assert_eq!(alert_series(&x.b), Vec::<String>::new(), "2.2 of 10 left: not low yet");
+            let r = x.admit().await;
+            x.settle(r).await;
+            let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+            assert_eq!(alert_series(&x.b), one, "2 of 10 left: low");
+            let sent = x.alerts.try_recv().expect("the webhook got the alert");
+            assert_eq!((sent.points.0, sent.remaining.0), (Decimal::from(10), Decimal::from(2)), "{sent:?}");
         }
 
         /// SPEC §7 on the fallback (§11.6): a strict charge the local ledger could not make
