@@ -237,8 +237,10 @@ pub struct Catalog {
     pub feature_index: HashMap<String, usize>,
     pub image_search: ImageSearchCatalog,
     pub image_search_feature: usize,
-    /// Image search deletions have their own limit (`delete_qps`), so their own bucket key.
+    /// Image search deletions have their own limit (`delete_qps`), so their own bucket key:
+    /// this pair id locally, and this bucket name on Redis (never the feature's own).
     pub image_delete_intern: u32,
+    pub image_delete_label: &'static str,
 }
 
 impl Catalog {
@@ -524,6 +526,7 @@ pub fn compile(raw: RawCatalog, errs: &mut Errs<'_>) -> Catalog {
 
     Catalog {
         image_delete_intern: intern::feature("image-search:delete").0,
+        image_delete_label: intern::feature("image-search:delete").1,
         currency: raw.currency,
         families,
         family_index,

@@ -264,6 +264,8 @@ struct Routed<'a> {
     route: &'a crate::config::gateway::Route,
     path: std::borrow::Cow<'a, str>,
     pair: u64,
+    /// The bucket's name in the store (Redis keys it by name, not by `pair`).
+    bucket: &'static str,
     quota: Quota,
 }
 
@@ -279,11 +281,15 @@ fn route<'a>(snap: &'a Snapshot, tenant: &'a Tenant, path: &'a str, now: i64) ->
     let catalog = &snap.catalog;
     let feature = &catalog.features[route.feature];
     // Image search deletions have their own limit, hence their own bucket.
-    let bucket_feature = if route.op == Some(ImageOp::Delete) { catalog.image_delete_intern } else { feature.intern };
+    let (bucket_feature, bucket) = if route.op == Some(ImageOp::Delete) {
+        (catalog.image_delete_intern, catalog.image_delete_label)
+    } else {
+        (feature.intern, feature.label)
+    };
     let pair = crate::intern::pair(tenant.intern, bucket_feature);
     let limit = admission::limit_at(catalog, s, tenant, route.feature, route.op, now);
     let quota = Quota { limit: limit.qps, depth: admission::depth(limit.qps, s.burst_seconds) };
-    Ok(Routed { route, path, pair, quota })
+    Ok(Routed { route, path, pair, bucket, quota })
 }
 
 /// The checks of a routed request that need no state: service activated, Image Search instance
@@ -455,7 +461,7 @@ async fn decide_phases<H: HeadView + ?Sized>(gw: &Gateway, headers: &H, path: &s
     let now = gw.clock.unix_nanos();
     let mut routed = route(&snap, tenant, path, now)?;
     let feature = &snap.catalog.features[routed.route.feature];
-    let key = BucketKey { tenant: tenant.label, bucket: feature.label, local: routed.pair };
+    let key = BucketKey { tenant: tenant.label, bucket: routed.bucket, local: routed.pair };
     if let Err(e) = check_before_admission(&snap, tenant, feature, headers, now) {
         // SPEC §4: the fields of every answer to a tenant and feature tell its bucket; this
         // refusal took no token, so the bucket is read as it is (never claimed full). A store
@@ -953,7 +959,12 @@ async fn forward(
             // A shadowed call holds no token (none taken, or given back at the decision).
             if matches!(e, ApiError::BodyTooLarge { .. }) && shadow.is_none() {
                 // Refused with 413: the quota stays as it was (SPEC §4), as for a declared length.
-                let key = BucketKey { tenant, bucket: feature, local: pair };
+                // Image Search deletions have a bucket of their own (named apart on Redis).
+                let bucket = match fwd.image {
+                    Some((ImageOp::Delete, _)) => fwd.snap.catalog.image_delete_label,
+                    _ => feature,
+                };
+                let key = BucketKey { tenant, bucket, local: pair };
                 // Boxed, like the settlement: a rare path should not size every request's future.
                 let _ = Box::pin(gw.billing.refund(key, fwd.quota)).await;
             }

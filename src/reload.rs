@@ -710,6 +710,55 @@ mod tests {
         }
     }
 
+    /// On Redis, Image Search deletions have their own bucket (SPEC §5: `delete` has its own
+    /// `delete_qps`), as they do locally: named by the feature alone, a delete re-shaped the
+    /// search bucket (another `limit:depth`: a fresh, full one), so searches alternated with
+    /// deletes were never throttled. At 1 QPS (depth 1) a second search within the second is a
+    /// 429, whatever deletions come between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_redis_a_delete_does_not_refill_the_search_bucket() {
+        use crate::store::redis::{harness, RedisStore};
+        let Some(redis) = harness::RedisServer::start("review_delete_bucket", harness::Opts::default()) else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let main = format!(
+            "{}[[routes]]\npath = \"/v1/image-search/search\"\nfeature = \"image-search\"\nop = \"search\"\n\
+             [cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
+            main_toml(&dir.path().join("ledger")),
+            redis.url()
+        );
+        let image = r#", "image_search": {"capacity": 100000, "qps": 1, "expires_at": "2036-01-01T00:00:00Z"}"#;
+        let texts = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let gw = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock, Some(store)).expect("gateway");
+        let call = |path: &'static str| {
+            let gw = gw.clone();
+            async move {
+                let mut h = HeaderMap::new();
+                h.insert("x-api-key", HeaderValue::from_static("acme"));
+                match crate::proxy::decide(&gw, &h, path).await {
+                    Decision::Forward(_) => None,
+                    Decision::Reject(e, ..) => Some(e.outcome()),
+                }
+            }
+        };
+        let mut got = Vec::new();
+        for path in ["/v1/image-search/search", "/v1/image-search/search"] {
+            got.push(call(path).await);
+        }
+        assert_eq!(got, [None, Some(Outcome::Throttled)], "two searches within one second at 1 QPS");
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        got.clear();
+        for path in ["/v1/image-search/search", "/v1/image-search/delete", "/v1/image-search/search"] {
+            got.push(call(path).await);
+        }
+        assert_eq!(got, [None, None, Some(Outcome::Throttled)], "search, delete, search within one second at 1 QPS");
+        let _ = gw.billing.close(std::time::Duration::from_secs(5));
+    }
+
     /// Each thread caches the snapshot it served last: two gateways served by one thread each
     /// answer from their own snapshot, and a reload reaches the next call.
     #[tokio::test(flavor = "current_thread")]

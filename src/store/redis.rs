@@ -9,6 +9,7 @@
 //!
 //! Keys of tenant `t` (`P` = `{prefix}:{t}:`):
 //! - `Pb:<bucket>` hash `tat` (µs, Redis `TIME`), `shape` (`limit:depth`); expires once full.
+//!   `<bucket>`: the feature id, or `image-search:delete` (deletions' own `delete_qps`).
 //! - `Pp:<package>` hash `consumed`, `held` (micro-points).
 //! - `Ph:<id>` hash `pkg` (package key), `pid`, `pts`, `idx`: a hold; `Pholds` zset id → lease end.
 //! - `Pm:<YYYY-MM>:<feature>` hash field → units; `Pmi:<YYYY-MM>` set of features of the month.
