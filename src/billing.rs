@@ -2481,6 +2481,58 @@ mod tests {
         );
     }
 
+    /// The check at durability reads what is on disk, not the consumption in memory, which may
+    /// hold a later charge not durable yet: A (durable) saw the balance low only with W, which
+    /// was reverted; C, settled after A's commit, brings it low in memory only, and is reverted
+    /// too. 0.4 left on disk is not low: nothing fires, nothing is used up, and the real
+    /// crossing later fires the alert.
+    #[test]
+    fn a_later_charge_not_yet_durable_does_not_fire_the_alert_at_an_earlier_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
+        let od = feature(&s, "object-detection");
+        let now = t("2026-03-01T00:00:00Z");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tenant = &s.tenants[0];
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        // 2 calls of 0.2: 0.6 of 1 left.
+        for _ in 0..2 {
+            let r = reserve(&b, &s, tenant, od, now).unwrap();
+            assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+        }
+        fail.store(true, Ordering::SeqCst);
+        // W: 0.4 left; A: 0.2 left with W (low), 0.4 without it.
+        let w = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        let a = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        assert!(rt.block_on(b.durable(w)).is_err(), "W is reverted");
+        // A reaches the disk (0.4 left there).
+        fail.store(false, Ordering::SeqCst);
+        assert!(b.flush());
+        // C is settled before A's waiter looks (0.2 left in memory), and never reaches the disk.
+        fail.store(true, Ordering::SeqCst);
+        let c = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        assert!(rt.block_on(b.durable(a)).is_ok(), "A is durable");
+        assert!(rt.block_on(b.durable(c)).is_err(), "C is reverted");
+        let st = b.package(tenant, &tenant.packages[0]);
+        assert_eq!(
+            (st.consumed(), st.alerted(), alert_series(&b)),
+            (Decimal::new(6, 1), false, Vec::<String>::new()),
+            "(consumed, alerted, alert metric): 0.4 left on disk is not low"
+        );
+        // The real crossing: 0.2 left, durable.
+        fail.store(false, Ordering::SeqCst);
+        let d = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        assert!(rt.block_on(b.durable(d)).is_ok());
+        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        let st = b.package(tenant, &tenant.packages[0]);
+        assert_eq!(
+            (st.consumed(), st.alerted(), alert_series(&b)),
+            (Decimal::new(8, 1), true, one),
+            "the real crossing"
+        );
+    }
+
     /// Cluster mode (SPEC §11) on a real Redis: a call that outlives its hold's lease.
     mod on_redis {
         use super::*;

@@ -51,6 +51,9 @@ const SLOT_LEASE_NANOS: i64 = 10 * 60 * 1_000_000_000;
 struct PkgInner {
     /// Committed micro-points.
     consumed: i64,
+    /// Of `consumed`, what the last successful ledger commit wrote (strict mode's low-balance
+    /// check: a charge settled but not yet durable may still be reverted).
+    on_disk: i64,
     /// Micro-points held by calls in flight.
     held: i64,
     alerted: bool,
@@ -406,6 +409,7 @@ impl LocalStore {
                     // Exact for every value written since integer units (at most 6 decimals).
                     g.consumed = i64::try_from((p.consumed.0 * rust_decimal::Decimal::from(units::MICRO)).round())
                         .unwrap_or(i64::MAX);
+                    g.on_disk = g.consumed;
                     g.alerted = p.alerted;
                 }
                 Record::Month(m) => {
@@ -489,7 +493,7 @@ impl LocalStore {
         get_or_insert(&self.packages, key, || Pkg {
             tenant: tenant.name.to_string(),
             id: id.to_string(),
-            inner: Mutex::new(PkgInner { consumed: 0, held: 0, alerted: false, dirty: false }),
+            inner: Mutex::new(PkgInner { consumed: 0, on_disk: 0, held: 0, alerted: false, dirty: false }),
         })
     }
 
@@ -648,9 +652,10 @@ impl LocalStore {
     }
 
     /// Marks the package's low-balance alert fired if it was not yet and `low` holds for its
-    /// consumption now (read and marked under the package's lock); returns that consumption
-    /// when it marked it. Strict mode calls it once a charge is durable: a reverted charge's
-    /// points are no longer in the consumption then, and the mark is never a charge's delta.
+    /// consumption on disk (what the last successful commit wrote; read and marked under the
+    /// package's lock); returns that consumption when it marked it. Strict mode calls it once a
+    /// charge is durable: neither a reverted charge nor one settled since and still waiting
+    /// (which may yet be reverted) counts, and the mark is never a charge's delta.
     pub fn mark_alerted_if_low_now(
         &self,
         tenant: TenantKey<'_>,
@@ -659,12 +664,12 @@ impl LocalStore {
     ) -> Option<i64> {
         let pkg = self.pkg(tenant, package.local, package.id);
         let mut g = lock(&pkg.inner);
-        if g.alerted || !low(g.consumed) {
+        if g.alerted || !low(g.on_disk) {
             return None;
         }
         g.alerted = true;
         self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
-        Some(g.consumed)
+        Some(g.on_disk)
     }
 
     /// Gives back expired holds and image slots, and forgets expired idempotency markers.
@@ -1110,6 +1115,13 @@ fn writer(
         b.committing.store(0, Ordering::SeqCst);
         match committed {
             Ok(()) => {
+                // What each package's record said is on disk now; before the watermark moves,
+                // so a charge found durable sees its own points there.
+                for (k, r) in keys.values().zip(records) {
+                    if let (Dirty::Package(st), Record::Package(p)) = (k, r) {
+                        lock(&st.inner).on_disk = units::to_micro(p.consumed.0).unwrap_or(i64::MAX);
+                    }
+                }
                 b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
                 if failures > 0 {
                     tracing::info!(
@@ -1350,7 +1362,7 @@ mod tests {
             Dirty::Package(Arc::new(Pkg {
                 tenant: tenant.into(),
                 id: id.into(),
-                inner: Mutex::new(PkgInner { consumed, held: 7, alerted, dirty: true }),
+                inner: Mutex::new(PkgInner { consumed, on_disk: consumed, held: 7, alerted, dirty: true }),
             }))
         };
         let image = |tenant: &str, count: u64| {
