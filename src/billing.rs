@@ -170,6 +170,22 @@ struct Charge {
     journal: Vec<crate::cluster::Replay>,
 }
 
+/// What Redis must replay of a strict charge made on the cluster fallback, journaled when
+/// dropped: once the charge is durable, or when the wait for it is dropped (the charge is then
+/// neither reverted nor lost: it reaches the disk). A reverted charge clears it first.
+struct JournalOnDrop<'a> {
+    remote: Option<&'a crate::cluster::Remote>,
+    entries: Vec<crate::cluster::Replay>,
+}
+
+impl Drop for JournalOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(remote) = self.remote {
+            self.entries.drain(..).for_each(|j| remote.journal(j));
+        }
+    }
+}
+
 /// A package whose low-balance alert waits for its charge to be durable: (tenant, package with
 /// its whole points, what Redis had consumed of it beyond the local ledger (cluster fallback;
 /// else 0), ratio, time).
@@ -1570,12 +1586,14 @@ impl Billing {
     pub async fn durable(&self, settled: Settled) -> Result<HeaderValue, NotDurable> {
         let Settled { payer, id, pending } = settled;
         let Some(mut charge) = pending else { return Ok(payer) };
+        // A wait dropped before its answer (the client reset its stream) reverts nothing: the
+        // charge stands and reaches the disk, so Redis gets it too (journaled on drop).
+        let mut journal =
+            JournalOnDrop { remote: self.remote.as_deref(), entries: std::mem::take(&mut charge.journal) };
         match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
-                if let Some(remote) = &self.remote {
-                    charge.journal.drain(..).for_each(|j| remote.journal(j));
-                }
+                drop(journal);
                 for &(t, c, known, ratio, now) in &charge.alerts {
                     if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n + known, ratio)) {
                         self.journal_alert(&self.local, t, c);
@@ -1585,6 +1603,8 @@ impl Billing {
                 Ok(payer)
             }
             Err(e) => {
+                // Reverted: never made, so Redis never gets it.
+                journal.entries.clear();
                 for (t, c) in &charge.packages {
                     self.set_gauge(*t, *c, self.store.consumed_now(*t, *c));
                 }
@@ -2790,6 +2810,47 @@ mod tests {
             assert_eq!(alert_series(&x.b), one, "2 of 10 left: low");
             let sent = x.alerts.try_recv().expect("the webhook got the alert");
             assert_eq!((sent.points.0, sent.remaining.0), (Decimal::from(10), Decimal::from(2)), "{sent:?}");
+        }
+
+        /// SPEC §11.6 on the fallback, strict: a settlement whose wait for durability is dropped
+        /// (the client reset its stream, a gRPC deadline) is neither reverted nor lost locally:
+        /// the local ledger commits it. Redis must get it too when the journal is replayed.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_strict_charge_whose_wait_is_dropped_on_the_fallback_is_still_replayed_to_redis() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let dir = tempfile::tempdir().unwrap();
+            let fail = Arc::new(AtomicBool::new(false));
+            let ledger = Box::new(FlakyStore { inner: RedbLedger::open(dir.path()).unwrap(), fail: fail.clone() });
+            let test = "a_strict_charge_whose_wait_is_dropped";
+            let Some(mut x) = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await
+            else {
+                return;
+            };
+            let r = x.admit().await;
+            assert!(x.b.durable(x.settle(r).await).await.is_ok());
+            assert_eq!(x.consumed().await, FACTOR, "one call on Redis");
+            x.redis.kill9();
+            let remote = x.b.remote().unwrap().clone();
+            // On the fallback; the ledger is slow, and the caller stops waiting (dropped).
+            fail.store(true, Ordering::SeqCst);
+            let r = x.admit().await;
+            assert!(remote.in_fallback());
+            let settled = x.settle(r).await;
+            let waited = tokio::time::timeout(Duration::from_millis(10), x.b.durable(settled)).await;
+            assert!(waited.is_err(), "the wait was dropped before the charge was durable");
+            // The ledger works again: the charge, never reverted, reaches the disk.
+            fail.store(false, Ordering::SeqCst);
+            assert!(x.b.flush());
+            let st = x.b.package(&x.s.tenants[0], &x.s.tenants[0].packages[0]);
+            assert_eq!(st.consumed(), Decimal::new(2, 1), "charged in the local ledger (0.2), never reverted");
+            x.redis.restart();
+            while remote.probe().await > 0 {}
+            assert_eq!(remote.journal_len(), 0);
+            assert_eq!(
+                (x.consumed().await, x.units().await.0),
+                (2 * FACTOR, 2),
+                "Redis has both calls the local ledger charged"
+            );
         }
 
         /// SPEC §7 on the fallback (§11.6): a strict charge the local ledger could not make
