@@ -268,10 +268,15 @@ impl Gateway {
                 .await
                 .map_err(|reason| WriteError::Io { path: texts.entitlements_name.clone(), reason })?;
         }
+        // Dropped before Redis answers (the admin client went away), the call puts the file
+        // back as it does for a refusal, still under the lock (declared after it, dropped first).
+        let mut put_back = PutBack(files.then(|| (PathBuf::from(&texts.entitlements_name), previous.clone())));
         let remote = self.billing.remote();
         if let Some(remote) = remote {
             use crate::store::OverrideStore;
-            if let Err(e) = remote.stores.put_override(tenant, feature, upgrade).await {
+            let stored = remote.stores.put_override(tenant, feature, upgrade).await;
+            put_back.0 = None;
+            if let Err(e) = stored {
                 let store = e.to_string();
                 tracing::warn!(tenant, feature, error = %store, "{why} not stored in Redis: refused, not applied");
                 if files {
@@ -355,6 +360,21 @@ impl Gateway {
             ))
         })
         .await
+    }
+}
+
+/// While armed, writes the file back with its previous text when dropped: an admin write
+/// dropped between writing the file and Redis's answer leaves the file as it was.
+struct PutBack(Option<(PathBuf, String)>);
+
+impl Drop for PutBack {
+    fn drop(&mut self) {
+        if let Some((path, text)) = self.0.take() {
+            tracing::warn!(path = %path.display(), "admin upgrade dropped before Redis answered: the file is put back");
+            if let Err(e) = write_atomically(&path, &text) {
+                tracing::error!(path = %path.display(), error = %e, "cannot put the entitlements file back");
+            }
+        }
     }
 }
 
@@ -631,6 +651,54 @@ mod tests {
             "the delete bucket kept its (empty) state across a reload that removed another tenant"
         );
         assert_eq!(call(&gw, "globex", "/v1/ocr/license-plate"), Some(Outcome::Unauthenticated));
+        let _ = gw.billing.close(std::time::Duration::from_secs(5));
+    }
+
+    /// SPEC §11.4: an upgrade whose call is dropped while Redis has not answered yet (the admin
+    /// client disconnected, or gave up before `op_timeout`) must not leave entitlements.json
+    /// holding an upgrade that was never stored in Redis nor published: the watcher would then
+    /// apply it on this replica alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgrade_dropped_while_redis_stalls_leaves_the_file_as_it_was() {
+        use crate::store::redis::{harness, RedisStore};
+        let Some(redis) = harness::RedisServer::start("upgrade_dropped", harness::Opts::default()) else { return };
+        let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
+        let acme =
+            format!(r#""acme": {{"api_keys": ["{}"], "services": ["face_body"]{plan}}}"#, crate::hash_key("acme"));
+        let dir = tempfile::tempdir().expect("tmp");
+        let main = format!(
+            "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
+            main_toml(&dir.path().join("ledger")),
+            redis.url()
+        );
+        std::fs::write(dir.path().join("turnstile.toml"), main).expect("main");
+        std::fs::write(dir.path().join("catalog.toml"), EMBEDDED_CATALOG).expect("catalog");
+        let file = dir.path().join("entitlements.json");
+        let before = ents(std::slice::from_ref(&acme));
+        std::fs::write(&file, &before).expect("entitlements");
+        let source = ConfigSource::Files { main: dir.path().join("turnstile.toml") };
+        let texts = crate::config::read_texts(&source).expect("texts");
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let gw = Gateway::with_redis(texts, snap, source, None, clock, Some(store)).expect("gateway");
+        // Redis stalls writes (as a failing master does until the op timeout).
+        redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+        let task = {
+            let gw = gw.clone();
+            tokio::spawn(async move { gw.upgrade("acme", "face-comparison-1-1", 25).await })
+        };
+        // The file is written before Redis is asked; the caller goes away meanwhile.
+        let asked = std::time::Instant::now();
+        while std::fs::read_to_string(&file).expect("read") == before {
+            assert!(asked.elapsed() < std::time::Duration::from_secs(2), "the file was never written");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        task.abort();
+        let _ = task.await;
+        gw.reload_if_changed().await;
+        assert_eq!(gw.snapshot.load().tenants[0].plans[0].qps, 20, "applied on this replica alone");
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), before, "entitlements.json is left as it was");
         let _ = gw.billing.close(std::time::Duration::from_secs(5));
     }
 
