@@ -268,12 +268,13 @@ impl Gateway {
                 .await
                 .map_err(|reason| WriteError::Io { path: texts.entitlements_name.clone(), reason })?;
         }
-        // Dropped before Redis answers (the admin client went away), the call puts the file
-        // back as it does for a refusal, still under the lock (declared after it, dropped first).
-        let mut put_back = PutBack(files.then(|| (PathBuf::from(&texts.entitlements_name), previous.clone())));
         let remote = self.billing.remote();
         if let Some(remote) = remote {
             use crate::store::OverrideStore;
+            // Dropped before Redis answers (the admin client went away), the call puts the file
+            // back as it does for a refusal, still under the lock (declared after it, dropped
+            // first).
+            let mut put_back = PutBack(files.then(|| (PathBuf::from(&texts.entitlements_name), previous.clone())));
             let stored = remote.stores.put_override(tenant, feature, upgrade).await;
             put_back.0 = None;
             if let Err(e) = stored {
