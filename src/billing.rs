@@ -2812,30 +2812,43 @@ mod tests {
             assert_eq!((sent.points.0, sent.remaining.0), (Decimal::from(10), Decimal::from(2)), "{sent:?}");
         }
 
+        /// A strict replica on a flaky local ledger: one durable call on Redis (0.2 of 10
+        /// points), then Redis killed, the ledger failing, and a second call admitted and settled
+        /// on the fallback, not yet durable.
+        async fn strict_on_the_fallback(test: &str) -> Option<(Fixture, Arc<AtomicBool>, Settled)> {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let dir = tempfile::tempdir().unwrap();
+            let fail = Arc::new(AtomicBool::new(false));
+            let ledger = Box::new(FlakyStore { inner: RedbLedger::open(dir.path()).unwrap(), fail: fail.clone() });
+            let mut x = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await?;
+            let r = x.admit().await;
+            assert!(x.b.durable(x.settle(r).await).await.is_ok());
+            assert_eq!(x.consumed().await, FACTOR, "one call on Redis");
+            x.redis.kill9();
+            fail.store(true, Ordering::SeqCst);
+            let r = x.admit().await;
+            assert!(x.b.remote().unwrap().in_fallback());
+            let settled = x.settle(r).await;
+            Some((x, fail, settled))
+        }
+
+        /// Redis back, the journal replayed: (points consumed, single-package units) there.
+        async fn replayed(x: &mut Fixture) -> (i64, i64) {
+            let remote = x.b.remote().unwrap().clone();
+            x.redis.restart();
+            while remote.probe().await > 0 {}
+            assert_eq!(remote.journal_len(), 0);
+            (x.consumed().await, x.units().await.0)
+        }
+
         /// SPEC §11.6 on the fallback, strict: a settlement whose wait for durability is dropped
         /// (the client reset its stream, a gRPC deadline) is neither reverted nor lost locally:
         /// the local ledger commits it. Redis must get it too when the journal is replayed.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_strict_charge_whose_wait_is_dropped_on_the_fallback_is_still_replayed_to_redis() {
-            let aof = harness::Opts { aof_always: true, cluster: false };
-            let dir = tempfile::tempdir().unwrap();
-            let fail = Arc::new(AtomicBool::new(false));
-            let ledger = Box::new(FlakyStore { inner: RedbLedger::open(dir.path()).unwrap(), fail: fail.clone() });
             let test = "a_strict_charge_whose_wait_is_dropped";
-            let Some(mut x) = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await
-            else {
-                return;
-            };
-            let r = x.admit().await;
-            assert!(x.b.durable(x.settle(r).await).await.is_ok());
-            assert_eq!(x.consumed().await, FACTOR, "one call on Redis");
-            x.redis.kill9();
-            let remote = x.b.remote().unwrap().clone();
-            // On the fallback; the ledger is slow, and the caller stops waiting (dropped).
-            fail.store(true, Ordering::SeqCst);
-            let r = x.admit().await;
-            assert!(remote.in_fallback());
-            let settled = x.settle(r).await;
+            let Some((mut x, fail, settled)) = strict_on_the_fallback(test).await else { return };
+            // The ledger is slow, and the caller stops waiting (dropped).
             let waited = tokio::time::timeout(Duration::from_millis(10), x.b.durable(settled)).await;
             assert!(waited.is_err(), "the wait was dropped before the charge was durable");
             // The ledger works again: the charge, never reverted, reaches the disk.
@@ -2843,14 +2856,7 @@ mod tests {
             assert!(x.b.flush());
             let st = x.b.package(&x.s.tenants[0], &x.s.tenants[0].packages[0]);
             assert_eq!(st.consumed(), Decimal::new(2, 1), "charged in the local ledger (0.2), never reverted");
-            x.redis.restart();
-            while remote.probe().await > 0 {}
-            assert_eq!(remote.journal_len(), 0);
-            assert_eq!(
-                (x.consumed().await, x.units().await.0),
-                (2 * FACTOR, 2),
-                "Redis has both calls the local ledger charged"
-            );
+            assert_eq!(replayed(&mut x).await, (2 * FACTOR, 2), "Redis has both calls the local ledger charged");
         }
 
         /// SPEC §7 on the fallback (§11.6): a strict charge the local ledger could not make
@@ -2858,35 +2864,17 @@ mod tests {
         /// reach Redis with the journal's replay either. The next call, durable, does.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_strict_charge_reverted_on_the_fallback_is_not_replayed_to_redis() {
-            let aof = harness::Opts { aof_always: true, cluster: false };
-            let dir = tempfile::tempdir().unwrap();
-            let fail = Arc::new(AtomicBool::new(false));
-            let ledger = Box::new(FlakyStore { inner: RedbLedger::open(dir.path()).unwrap(), fail: fail.clone() });
             let test = "a_strict_charge_reverted_on_the_fallback";
-            let Some(mut x) = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await
-            else {
-                return;
-            };
-            let r = x.admit().await;
-            assert!(x.b.durable(x.settle(r).await).await.is_ok());
-            assert_eq!(x.consumed().await, FACTOR, "one call on Redis");
-            x.redis.kill9();
-            let remote = x.b.remote().unwrap().clone();
-            // On the fallback, with the ledger failing: the charge is reverted, not charged.
-            fail.store(true, Ordering::SeqCst);
-            let r = x.admit().await;
-            assert!(remote.in_fallback());
-            assert!(x.b.durable(x.settle(r).await).await.is_err(), "not durable in time: reverted");
+            let Some((mut x, fail, settled)) = strict_on_the_fallback(test).await else { return };
+            // With the ledger failing, the charge is reverted, not charged.
+            assert!(x.b.durable(settled).await.is_err(), "not durable in time: reverted");
             // The ledger works again: the next call is charged on the fallback.
             fail.store(false, Ordering::SeqCst);
             assert!(x.b.flush());
             let r = x.admit().await;
             assert!(x.b.durable(x.settle(r).await).await.is_ok());
-            x.redis.restart();
-            while remote.probe().await > 0 {}
-            assert_eq!(remote.journal_len(), 0);
             assert_eq!(
-                (x.consumed().await, x.units().await.0),
+                replayed(&mut x).await,
                 (2 * FACTOR, 2),
                 "Redis has the two charged calls, not the reverted one"
             );
