@@ -2360,18 +2360,23 @@ mod tests {
         );
     }
 
+    /// The strict-alert tests' setting: package `od` of 1 point (object detection: 0.2 a call),
+    /// a ledger folder, and a runtime for `durable`: (folder, snapshot, feature, now, runtime).
+    fn one_point_od() -> (tempfile::TempDir, Snapshot, usize, i64, tokio::runtime::Runtime) {
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
+        let od = feature(&s, "object-detection");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        (tempfile::tempdir().unwrap(), s, od, t("2026-03-01T00:00:00Z"), rt)
+    }
+
     /// SPEC §7: a strict charge not durable in time "is not charged"; SPEC §6: the
     /// low-balance alert fires once, "when remaining first drops to low_balance_ratio". A
     /// reverted charge must not leave the package marked alerted (nor count an alert), or the
     /// real crossing later never alerts.
     #[test]
     fn a_reverted_strict_charge_does_not_fire_or_use_up_the_low_balance_alert() {
-        let dir = tempfile::tempdir().unwrap();
-        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
-        let od = feature(&s, "object-detection");
-        let now = t("2026-03-01T00:00:00Z");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (dir, s, od, now, rt) = one_point_od();
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
         let tenant = &s.tenants[0];
         let alerts = alert_series;
@@ -2416,12 +2421,7 @@ mod tests {
     /// not fired again after a restart.
     #[test]
     fn the_alert_fires_once_for_a_durable_charge_after_the_crossing_one_was_reverted() {
-        let dir = tempfile::tempdir().unwrap();
-        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
-        let od = feature(&s, "object-detection");
-        let now = t("2026-03-01T00:00:00Z");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (dir, s, od, now, rt) = one_point_od();
         let tenant = &s.tenants[0];
         let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
         {
@@ -2508,12 +2508,7 @@ mod tests {
     /// crossing later fires the alert.
     #[test]
     fn a_later_charge_not_yet_durable_does_not_fire_the_alert_at_an_earlier_durability() {
-        let dir = tempfile::tempdir().unwrap();
-        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
-        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
-        let od = feature(&s, "object-detection");
-        let now = t("2026-03-01T00:00:00Z");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (dir, s, od, now, rt) = one_point_od();
         let tenant = &s.tenants[0];
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
         // 2 calls of 0.2: 0.6 of 1 left.
