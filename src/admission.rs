@@ -254,6 +254,7 @@ impl LocalBuckets {
 
     /// Checks one token of `key.pair`'s bucket with the limiter of `key.shape`, through the
     /// thread's cache of the limiters; `None` when no limiter of that shape exists yet.
+    #[inline]
     fn check(&self, key: &Checked) -> Option<Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>> {
         LIMITERS.with(|cached| {
             let mut cached = cached.borrow_mut();

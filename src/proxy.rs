@@ -271,6 +271,7 @@ struct Routed<'a> {
 
 /// Phase 2, route: the normalized path → the feature and its limit now. A refusal here (400,
 /// 404) names no feature, so it carries no rate-limit fields.
+#[inline]
 fn route<'a>(snap: &'a Snapshot, tenant: &'a Tenant, path: &'a str, now: i64) -> Result<Routed<'a>, Refused> {
     let s = &snap.settings;
     // A refused path has no feature: it is counted like an unknown route.
