@@ -2551,8 +2551,8 @@ mod tests {
     /// Cluster mode (SPEC §11) on a real Redis: a call that outlives its hold's lease.
     mod on_redis {
         use super::*;
-        use crate::config::gateway::{ClusterSettings, OnStoreError, StoreKind};
-        use crate::store::redis::{harness, RedisOpts, RedisStore};
+        use crate::config::gateway::OnStoreError;
+        use crate::store::redis::harness;
 
         const OD: &str = r#"{"id": "od", "feature": "object-detection", "points": "POINTS", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
         /// object-detection's factor: 0.2 points.
@@ -2600,23 +2600,7 @@ mod tests {
             durability: Durability,
         ) -> Option<Fixture> {
             let redis = harness::RedisServer::start(test, redis_opts)?;
-            let opts = RedisOpts {
-                key_prefix: "tb".into(),
-                op_timeout: Duration::from_secs(2),
-                done_ttl: Duration::from_secs(60),
-                hold_lease: LEASE,
-            };
-            let store = RedisStore::connect(&[redis.url()], opts).await.expect("connect");
-            let settings = ClusterSettings {
-                store: StoreKind::Redis,
-                redis: vec![redis.url()],
-                key_prefix: "tb".into(),
-                hold_lease: LEASE,
-                on_store_error,
-                expected_replicas: 1,
-            };
-            let gauge = prometheus::IntGauge::new("turnstile_store_fallback", "test").expect("gauge");
-            let remote = crate::cluster::Remote::new(store, &settings, gauge);
+            let remote = crate::cluster::test_remote(redis.url(), "tb", LEASE, on_store_error).await;
             let (b, alerts) = Billing::open_cluster(
                 ledger,
                 durability,

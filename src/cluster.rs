@@ -443,6 +443,31 @@ pub async fn poll_overrides(gw: std::sync::Weak<crate::gateway::Gateway>) {
     }
 }
 
+/// A [`Remote`] on a test Redis at `url` (key prefix `prefix`, holds leased `lease`, Redis
+/// failures handled by `on_store_error`, one replica), with 2 s round trips and replay markers
+/// kept a minute: what the unit tests of the cluster and of billing on Redis run against.
+#[cfg(test)]
+pub(crate) async fn test_remote(url: String, prefix: &str, lease: Duration, on_store_error: OnStoreError) -> Remote {
+    use crate::config::gateway::StoreKind;
+    use crate::store::redis::RedisOpts;
+    let opts = RedisOpts {
+        key_prefix: prefix.into(),
+        op_timeout: Duration::from_secs(2),
+        done_ttl: Duration::from_secs(60),
+        hold_lease: lease,
+    };
+    let redis = RedisStore::connect(std::slice::from_ref(&url), opts).await.expect("connect");
+    let settings = ClusterSettings {
+        store: StoreKind::Redis,
+        redis: vec![url],
+        key_prefix: prefix.into(),
+        hold_lease: lease,
+        on_store_error,
+        expected_replicas: 1,
+    };
+    Remote::new(redis, &settings, IntGauge::new("turnstile_store_fallback", "test").expect("gauge"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,30 +538,15 @@ billing = ["prepaid_qps"]
     /// pay-as-you-go, and its unit says so; nothing is taken from the package.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replayed_commit_whose_hold_was_swept_pays_whole_or_falls_through() {
-        use crate::config::gateway::{ClusterSettings, StoreKind};
-        use crate::store::redis::{harness, RedisOpts};
+        use crate::store::redis::harness;
         let Some(server) =
             harness::RedisServer::start("a_replayed_commit_whose_hold_was_swept", harness::Opts::default())
         else {
             return;
         };
         let lease = Duration::from_millis(200);
-        let opts = RedisOpts {
-            key_prefix: "tc".into(),
-            op_timeout: Duration::from_secs(2),
-            done_ttl: Duration::from_secs(60),
-            hold_lease: lease,
-        };
-        let redis = RedisStore::connect(&[server.url()], opts).await.expect("connect");
-        let settings = ClusterSettings {
-            store: StoreKind::Redis,
-            redis: vec![server.url()],
-            key_prefix: "tc".into(),
-            hold_lease: lease,
-            on_store_error: OnStoreError::Local,
-            expected_replicas: 1,
-        };
-        let remote = Remote::new(redis.clone(), &settings, IntGauge::new("fallback", "test").expect("gauge"));
+        let remote = test_remote(server.url(), "tc", lease, OnStoreError::Local).await;
+        let redis = remote.redis.clone();
         let (points, want) = (3_000_000i64, 2_000_000i64);
         // Call 1 holds on p; Redis becomes unreachable for its settlement (journaled); its lease
         // runs out and the sweep gives the points back; call 2 holds them.
