@@ -611,6 +611,26 @@ mod tests {
         format!(r#"{{"tenants": {{{}}}}}"#, tenants.join(","))
     }
 
+    /// [`main_toml`] with its ledger in `ledger`, `extra` lines, and `[cluster]` on the Redis at
+    /// `url`.
+    fn on_redis_toml(ledger: &Path, extra: &str, url: &str) -> String {
+        format!("{}{extra}[cluster]\nstore = \"redis\"\nredis = [\"{url}\"]\n", main_toml(ledger))
+    }
+
+    /// A gateway in cluster mode on `texts` (read from `source`): its Redis store opened as
+    /// `serve` opens it, for tenant `acme`.
+    async fn on_redis(texts: Texts, source: ConfigSource, clock: crate::clock::SharedClock) -> Arc<Gateway> {
+        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+        let store = crate::store::redis::RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
+        Gateway::with_redis(texts, snap, source, None, clock, Some(store)).expect("gateway")
+    }
+
+    /// `acme` on face comparison with a plan of 20 QPS.
+    fn acme_at_20() -> String {
+        let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
+        format!(r#""acme": {{"api_keys": ["{}"], "services": ["face_body"]{plan}}}"#, crate::hash_key("acme"))
+    }
+
     fn call(gw: &Gateway, key: &str, path: &str) -> Option<Outcome> {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_str(key).expect("key"));
@@ -661,28 +681,18 @@ mod tests {
     /// apply it on this replica alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_upgrade_dropped_while_redis_stalls_leaves_the_file_as_it_was() {
-        use crate::store::redis::{harness, RedisStore};
+        use crate::store::redis::harness;
         let Some(redis) = harness::RedisServer::start("upgrade_dropped", harness::Opts::default()) else { return };
-        let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
-        let acme =
-            format!(r#""acme": {{"api_keys": ["{}"], "services": ["face_body"]{plan}}}"#, crate::hash_key("acme"));
         let dir = tempfile::tempdir().expect("tmp");
-        let main = format!(
-            "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
-            main_toml(&dir.path().join("ledger")),
-            redis.url()
-        );
+        let main = on_redis_toml(&dir.path().join("ledger"), "", &redis.url());
         std::fs::write(dir.path().join("turnstile.toml"), main).expect("main");
         std::fs::write(dir.path().join("catalog.toml"), EMBEDDED_CATALOG).expect("catalog");
         let file = dir.path().join("entitlements.json");
-        let before = ents(std::slice::from_ref(&acme));
+        let before = ents(&[acme_at_20()]);
         std::fs::write(&file, &before).expect("entitlements");
         let source = ConfigSource::Files { main: dir.path().join("turnstile.toml") };
         let texts = crate::config::read_texts(&source).expect("texts");
-        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
-        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
-        let clock = ManualClock::at("2026-11-10T00:00:00Z");
-        let gw = Gateway::with_redis(texts, snap, source, None, clock, Some(store)).expect("gateway");
+        let gw = on_redis(texts, source, ManualClock::at("2026-11-10T00:00:00Z")).await;
         // Redis stalls writes (as a failing master does until the op timeout).
         redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
         let task = {
@@ -711,27 +721,21 @@ mod tests {
     /// wins), so the order in which they land does not matter.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_upgrades_leave_every_replica_at_the_newest_qps() {
-        use crate::store::redis::{harness, RedisStore};
+        use crate::store::redis::harness;
         use crate::store::{Override, OverrideStore};
         let Some(redis) = harness::RedisServer::start("concurrent_upgrades", harness::Opts::default()) else { return };
-        let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
-        let acme =
-            format!(r#""acme": {{"api_keys": ["{}"], "services": ["face_body"]{plan}}}"#, crate::hash_key("acme"));
         let clock = ManualClock::at("2026-11-10T00:00:00Z");
-        let (dirs, mut gws) = (tempfile::tempdir().expect("tmp"), Vec::new());
-        for i in 0..2 {
-            let main = format!(
-                "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
-                main_toml(&dirs.path().join(format!("ledger-{i}"))),
-                redis.url()
-            );
-            let texts = Texts::in_memory(main, EMBEDDED_CATALOG, ents(std::slice::from_ref(&acme)));
-            let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
-            let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
-            let gw = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock.clone(), Some(store))
-                .expect("gateway");
-            gws.push(gw);
-        }
+        let dirs = tempfile::tempdir().expect("tmp");
+        // Replica `i`: its own ledger, the same files (without any upgrade), the one Redis.
+        let replica = |i: usize| {
+            let main = on_redis_toml(&dirs.path().join(format!("ledger-{i}")), "", &redis.url());
+            on_redis(
+                Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[acme_at_20()])),
+                ConfigSource::Embedded,
+                clock.clone(),
+            )
+        };
+        let gws = vec![replica(0).await, replica(1).await];
         let qps = |gw: &Gateway| gw.snapshot.load().tenants[0].plans[0].qps;
         // 20 upgrades at once on replica A: the lock orders them; a lower one than the file's
         // by then is refused (never a downgrade); 40 always gets through.
@@ -759,19 +763,7 @@ mod tests {
             assert_eq!(qps(gw), 40, "an older override stored last rolls nothing back");
         }
         // A replica started afterwards (its files without any upgrade) starts at the newest too.
-        let texts = Texts::in_memory(
-            format!(
-                "{}[cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
-                main_toml(&dirs.path().join("ledger-2")),
-                redis.url()
-            ),
-            EMBEDDED_CATALOG,
-            ents(std::slice::from_ref(&acme)),
-        );
-        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
-        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
-        let late = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock.clone(), Some(store))
-            .expect("gateway");
+        let late = replica(2).await;
         late.sync_overrides().await.expect("sync");
         assert_eq!(qps(&late), 40);
         for gw in gws.iter().chain([&late]) {
@@ -786,23 +778,16 @@ mod tests {
     /// 429, whatever deletions come between.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_redis_a_delete_does_not_refill_the_search_bucket() {
-        use crate::store::redis::{harness, RedisStore};
+        use crate::store::redis::harness;
         let Some(redis) = harness::RedisServer::start("review_delete_bucket", harness::Opts::default()) else {
             return;
         };
         let dir = tempfile::tempdir().expect("tmp");
-        let main = format!(
-            "{}[[routes]]\npath = \"/v1/image-search/search\"\nfeature = \"image-search\"\nop = \"search\"\n\
-             [cluster]\nstore = \"redis\"\nredis = [\"{}\"]\n",
-            main_toml(&dir.path().join("ledger")),
-            redis.url()
-        );
+        let search = "[[routes]]\npath = \"/v1/image-search/search\"\nfeature = \"image-search\"\nop = \"search\"\n";
+        let main = on_redis_toml(&dir.path().join("ledger"), search, &redis.url());
         let image = r#", "image_search": {"capacity": 100000, "qps": 1, "expires_at": "2036-01-01T00:00:00Z"}"#;
         let texts = Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[tenant("acme", image)]));
-        let snap = build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
-        let store = RedisStore::open(&snap.settings.cluster, None, ["acme"]).await.expect("redis");
-        let clock = ManualClock::at("2026-11-10T00:00:00Z");
-        let gw = Gateway::with_redis(texts, snap, ConfigSource::Embedded, None, clock, Some(store)).expect("gateway");
+        let gw = on_redis(texts, ConfigSource::Embedded, ManualClock::at("2026-11-10T00:00:00Z")).await;
         let call = |path: &'static str| {
             let gw = gw.clone();
             async move {
