@@ -1005,18 +1005,16 @@ impl Billing {
     /// The low-balance alert fired (the store said it was the first time): log, metric, webhook.
     fn alert_fired(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
-        {
-            tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
-            self.metrics.low_balance_alert(t.name, c.id);
-            let _ = self.alerts.send(Alert {
-                tenant: t.name.to_string(),
-                package: c.id.to_string(),
-                points: Dec(points),
-                remaining: Dec(remaining),
-                ratio: Dec(ratio),
-                at: crate::time::format_utc(now),
-            });
-        }
+        tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
+        self.metrics.low_balance_alert(t.name, c.id);
+        let _ = self.alerts.send(Alert {
+            tenant: t.name.to_string(),
+            package: c.id.to_string(),
+            points: Dec(points),
+            remaining: Dec(remaining),
+            ratio: Dec(ratio),
+            at: crate::time::format_utc(now),
+        });
     }
 
     /// Batched mode: the charge counts in the metrics at once. Strict mode: it is kept (boxed)
