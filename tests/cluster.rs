@@ -42,6 +42,31 @@ fn ents(plan_qps: u32, points: u32) -> String {
 
 const HIGH_DEFAULT: &str = "[admission]\ndefault_qps = 1000\n";
 
+/// `n` replicas on one Redis (kept on disk at every write, so a restart keeps it) with
+/// `on_store_error = "local"` and `expected_replicas`, `rest` in their turnstile.toml, and acme's
+/// od-1 of `points`; with the Redis server and the upstream to keep. `None`: no redis-server.
+async fn on_fallback_policy(
+    test: &str,
+    n: usize,
+    expected_replicas: u32,
+    rest: &str,
+    points: u32,
+) -> Option<(RedisServer, Upstream, Replicas)> {
+    let redis = RedisServer::start(test, Opts { aof_always: true, cluster: false })?;
+    let up = Upstream::start().await;
+    let policy = format!("on_store_error = \"local\"\nexpected_replicas = {expected_replicas}");
+    let set = Replicas::start(
+        n,
+        &up.url(),
+        &cluster_section(&[redis.url()], &policy),
+        rest,
+        &catalog(),
+        &ents(40, points),
+        &[],
+    );
+    Some((redis, up, set))
+}
+
 fn key() -> [(&'static str, &'static str); 1] {
     [("x-api-key", "key-acme")]
 }
@@ -358,13 +383,9 @@ async fn deny_answers_503_within_the_store_timeout_while_redis_is_down() {
 /// the gauge back to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_fallback_serves_and_replays_its_charges_exactly_once() {
-    let Some(mut redis) = RedisServer::start("local_fallback_replays", Opts { aof_always: true, cluster: false })
-    else {
+    let Some((mut redis, _up, set)) = on_fallback_policy("local_fallback_replays", 1, 2, HIGH_DEFAULT, 10).await else {
         return;
     };
-    let up = Upstream::start().await;
-    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 2");
-    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
     let c = client();
     let gw = &set.gw[0];
     for _ in 0..3 {
@@ -466,12 +487,9 @@ async fn fallback_becomes(c: &TestClient, gw: &Gateway, v: f64) {
 /// exits 1; one stopped after the replay exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
-    let Some(mut redis) = RedisServer::start("fallback_stop", Opts { aof_always: true, cluster: false }) else {
+    let Some((mut redis, _up, mut set)) = on_fallback_policy("fallback_stop", 2, 1, HIGH_DEFAULT, 10).await else {
         return;
     };
-    let up = Upstream::start().await;
-    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
-    let mut set = Replicas::start(2, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
     let c = client();
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.kill9();
@@ -510,14 +528,11 @@ async fn a_strict_alert_fired_on_the_fallback_does_not_fire_again_on_redis() {
 }
 
 async fn alert_fired_on_the_fallback_fires_once(name: &str, durability: &str) {
-    let Some(mut redis) = RedisServer::start(name, Opts { aof_always: true, cluster: false }) else {
-        return;
-    };
-    let up = Upstream::start().await;
-    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
     let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"{durability}\"\n");
     // od-1: 10 points, 1 a call; default ratio 0.2: the alert fires at the 8th call.
-    let set = Replicas::start(1, &up.url(), &cluster, &rest, &catalog(), &ents(40, 10), &[]);
+    let Some((mut redis, _up, set)) = on_fallback_policy(name, 1, 1, &rest, 10).await else {
+        return;
+    };
     let c = client();
     let gw = &set.gw[0];
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -561,14 +576,11 @@ fn alerts_of(m: &str, package: &str) -> f64 {
 /// the cluster, not be marked and lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_alert_that_crosses_only_when_the_fallback_charges_are_replayed_fires_once() {
-    let Some(mut redis) = RedisServer::start("alert_crossed_in_replay", Opts { aof_always: true, cluster: false })
+    // od-1: 10 points, 1 a call; default ratio 0.2: low at 2 left.
+    let Some((mut redis, _up, set)) = on_fallback_policy("alert_crossed_in_replay", 2, 1, HIGH_DEFAULT, 10).await
     else {
         return;
     };
-    let up = Upstream::start().await;
-    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
-    // od-1: 10 points, 1 a call; default ratio 0.2: low at 2 left.
-    let set = Replicas::start(2, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 10), &[]);
     let c = client();
     let (a, b) = (&set.gw[0], &set.gw[1]);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -618,13 +630,10 @@ async fn an_alert_that_crosses_only_when_the_fallback_charges_are_replayed_fires
 /// then learns): that part was subtracted twice, and a package with 1 point left answered 402.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_fallback_spell_does_not_count_the_first_spells_charges_twice() {
-    let Some(mut redis) = RedisServer::start("second_fallback_spell", Opts { aof_always: true, cluster: false }) else {
+    // od-1: 4 points, 1 point a call, single-category only (no payg: 402 once it is spent).
+    let Some((mut redis, _up, set)) = on_fallback_policy("second_fallback_spell", 1, 1, HIGH_DEFAULT, 4).await else {
         return;
     };
-    let up = Upstream::start().await;
-    let cluster = cluster_section(&[redis.url()], "on_store_error = \"local\"\nexpected_replicas = 1");
-    // od-1: 4 points, 1 point a call, single-category only (no payg: 402 once it is spent).
-    let set = Replicas::start(1, &up.url(), &cluster, HIGH_DEFAULT, &catalog(), &ents(40, 4), &[]);
     let c = client();
     let gw = &set.gw[0];
     let detect = |want: &'static str| {
