@@ -76,6 +76,13 @@ async fn admin_get(c: &TestClient, gw: &Gateway, path: &str) -> Reply {
     get(c, &gw.admin_url(path), &[(n, &v)]).await
 }
 
+/// acme's face-comparison limit in `gw`'s admin limits view.
+async fn face_limit(c: &TestClient, gw: &Gateway) -> u64 {
+    let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
+}
+
 /// Floods `url`s round-robin with `conns` concurrent clients for `secs`; returns the 2xx count,
 /// the 429 count and the elapsed time.
 async fn flood(urls: Vec<String>, conns: usize, secs: f64) -> (u64, u64, f64) {
@@ -228,14 +235,7 @@ async fn an_upgrade_posted_to_one_replica_is_applied_by_the_other_within_a_secon
     let up = Upstream::start().await;
     let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
     let c = client();
-    let limit_on = |i: usize| {
-        let (c, gw) = (&c, &set.gw[i]);
-        async move {
-            let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
-            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
-            r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
-        }
-    };
+    let limit_on = |i: usize| face_limit(&c, &set.gw[i]);
     assert_eq!(limit_on(1).await, 20);
     let (n, v) = Replicas::admin_auth();
     let body = format!(r#"{{"qps": 35, "until": "{}"}}"#, at(3600));
@@ -290,14 +290,7 @@ async fn an_upgrade_redis_cannot_store_changes_nothing_and_its_retry_applies_onc
     let up = Upstream::start().await;
     let set = Replicas::start(2, &up.url(), &cluster_section(&[redis.url()], ""), "", &catalog(), &ents(20, 1), &[]);
     let c = client();
-    let limit_on = |i: usize| {
-        let (c, gw) = (&c, &set.gw[i]);
-        async move {
-            let r = admin_get(c, gw, "/admin/v1/tenants/acme/limits").await;
-            assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
-            r.json()["features"]["face-comparison-1-1"]["limit"].as_u64().expect("limit")
-        }
-    };
+    let limit_on = |i: usize| face_limit(&c, &set.gw[i]);
     let file = set.cfg[0].path().join("entitlements.json");
     let before = std::fs::read(&file).expect("read entitlements.json");
     let (n, v) = Replicas::admin_auth();
