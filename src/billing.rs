@@ -2739,7 +2739,7 @@ mod tests {
             assert!(remote.in_fallback());
             assert_eq!(alert_series(&x.b), Vec::<String>::new(), "nothing settled yet: no alert");
             x.redis.restart();
-            assert_eq!(remote.probe().await, 1, "the settlement replayed");
+            assert_eq!(remote.replay_all().await, 1, "the settlement replayed");
             assert_eq!(remote.probe().await, 0, "once");
             assert_eq!(x.consumed().await, 4 * FACTOR, "0.2 left (20%): low");
             assert!(remote.redis.alerted("acme", "od").await.expect("alerted"), "marked in Redis");
@@ -2813,8 +2813,7 @@ mod tests {
         async fn replayed(x: &mut Fixture) -> (i64, i64) {
             let remote = x.b.remote().unwrap().clone();
             x.redis.restart();
-            while remote.probe().await > 0 {}
-            assert_eq!(remote.journal_len(), 0);
+            remote.replay_all().await;
             (x.consumed().await, x.units().await.0)
         }
 

@@ -469,6 +469,25 @@ pub(crate) async fn test_remote(url: String, prefix: &str, lease: Duration, on_s
 }
 
 #[cfg(test)]
+impl Remote {
+    /// Probes until the journal is replayed and Redis is back in use (at most 10 s), summing
+    /// what each probe replayed. A Redis just restarted may refuse the first probes (the old
+    /// connection is broken and is reconnected), so one probe is not enough.
+    pub(crate) async fn replay_all(&self) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut done = 0;
+        while self.in_fallback() || self.journal_len() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "journal of {} not replayed in 10 s", self.journal_len());
+            match self.probe().await {
+                0 => tokio::time::sleep(Duration::from_millis(20)).await,
+                n => done += n,
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::Override;
