@@ -1591,7 +1591,12 @@ impl Billing {
         match self.local.durable(id).await {
             Ok(()) => {
                 self.count(&charge);
+                let journaled = !journal.entries.is_empty();
                 drop(journal);
+                // What Redis must replay of it is on disk too before the 2xx (SPEC §7, §11.6).
+                if let Some(r) = self.remote.as_ref().filter(|_| journaled) {
+                    r.sync_journal_async().await;
+                }
                 for &(t, c, known, ratio, now) in &charge.alerts {
                     if let Some(consumed) = self.store.mark_alerted_if_low_now(t, c, |n| is_low(c, n + known, ratio)) {
                         self.journal_alert(&self.local, t, c);

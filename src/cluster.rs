@@ -4,15 +4,19 @@
 //!
 //! Fallback (`on_store_error = "local"`, SPEC §11.6): the first store error switches this
 //! replica to its local buckets (each at `limit / expected_replicas`, at least 1) and its local
-//! ledger; every charge made meanwhile is also written to an in-memory journal. A task probes
+//! ledger; every charge made meanwhile is also written to a journal, kept in memory and in the
+//! ledger folder ([`journal`]: a replica stopped before Redis came back replays it at its next
+//! start). A task probes
 //! Redis every [`PROBE_EVERY`]; once it answers, the journal is replayed in order through
 //! operations that are idempotent on the request id (a replay of a replay changes nothing), and
 //! only when the journal is empty does the replica go back to Redis and set
 //! `turnstile_store_fallback` to 0.
 
+pub mod journal;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -35,7 +39,7 @@ pub const MAX_DEFERRED: usize = 4096;
 pub const OVERRIDE_POLL: Duration = Duration::from_millis(200);
 
 /// One charge to apply to Redis again, with the request id it was made under.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Replay {
     /// A settlement script call (per-call features): same id and part, so a settlement that did
     /// reach Redis before its answer was lost is not applied twice.
@@ -85,7 +89,7 @@ pub struct ReplayedAlert {
 type AlertSink = Box<dyn Fn(ReplayedAlert) + Send + Sync>;
 
 /// An owned [`Instead`]: how a commit pays when its hold is gone, kept to be journaled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PayInstead {
     /// Micro-points of the whole factor.
     pub want: i64,
@@ -121,7 +125,12 @@ pub struct Remote {
     fallback: AtomicBool,
     gauge: IntGauge,
     /// Charges made on the fallback, oldest first; an entry leaves it only once Redis has it.
-    journal: Mutex<VecDeque<Replay>>,
+    journal: Mutex<Journal>,
+    /// The journal file's data written since its last `fdatasync`: a handle on the file, and
+    /// what wakes [`journal_sync_loop`].
+    unsynced: AtomicBool,
+    sync: OnceLock<std::fs::File>,
+    wrote: Arc<tokio::sync::Notify>,
     /// A replay is running (one at a time: each removes the entries it replayed).
     replaying: AtomicBool,
     /// Batched mode: permits for settlements spawned after the answer went out.
@@ -131,6 +140,29 @@ pub struct Remote {
     known: DashMap<u64, i64, FxBuildHasher>,
     /// Fires the alerts a replay marked in Redis ([`Remote::on_replayed_alert`]).
     alert_sink: OnceLock<AlertSink>,
+}
+
+/// The journal: its entries with their sequence numbers, oldest first, the next number, and
+/// its file (none in tests that keep it in memory).
+#[derive(Default)]
+struct Journal {
+    entries: VecDeque<(u64, Replay)>,
+    next: u64,
+    file: Option<journal::JournalFile>,
+}
+
+impl Journal {
+    /// Redis has the oldest entry, `seq`: it leaves the journal, and the file says so (the
+    /// file is emptied with the journal, so it does not grow while Redis answers).
+    fn pop_front(&mut self, seq: u64) {
+        self.entries.pop_front();
+        let Some(f) = self.file.as_mut() else { return };
+        let written = if self.entries.is_empty() { f.clear() } else { f.append_done(seq) };
+        if let Err(e) = written {
+            // Replayed again at the next start if it stops first: idempotent within `done_ttl`.
+            tracing::error!(file = %f.path().display(), error = %e, "journal: cannot mark an entry replayed");
+        }
+    }
 }
 
 impl Remote {
@@ -143,7 +175,10 @@ impl Remote {
             expected_replicas: c.expected_replicas.max(1),
             fallback: AtomicBool::new(false),
             gauge,
-            journal: Mutex::new(VecDeque::new()),
+            journal: Mutex::new(Journal::default()),
+            unsynced: AtomicBool::new(false),
+            sync: OnceLock::new(),
+            wrote: Arc::new(tokio::sync::Notify::new()),
             replaying: AtomicBool::new(false),
             deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
             known: DashMap::with_hasher(FxBuildHasher),
@@ -206,14 +241,91 @@ impl Remote {
         self.known.get(&pair).map_or(0, |v| *v)
     }
 
+    /// Keeps the journal in `dir` (the ledger folder) from now on, after reading what it held:
+    /// entries a previous run of this replica made on the fallback and did not replay. With
+    /// some, `local` starts on the fallback, so they reach Redis (at the first probe) before
+    /// this replica's new charges do. Returns how many it found.
+    pub fn open_journal(&self, dir: &std::path::Path) -> Result<usize, String> {
+        let (file, found, cut) = journal::JournalFile::open(dir)?;
+        if cut > 0 {
+            tracing::warn!(file = %file.path().display(), bytes = cut, "journal: dropped a line cut short by a crash");
+        }
+        let sync = file.sync_handle().map_err(|e| format!("{}: {e}", file.path().display()))?;
+        let _ = self.sync.set(sync);
+        let n = found.len();
+        let mut j = self.journal.lock().map_err(|_| "journal lock poisoned".to_string())?;
+        j.next = found.last().map_or(0, |(seq, _)| *seq) + 1;
+        j.entries = found.into();
+        j.file = Some(file);
+        drop(j);
+        if n > 0 {
+            tracing::info!(
+                entries = n,
+                "charges made on the local fallback before the last stop: replayed to Redis first"
+            );
+            if self.on_error == OnStoreError::Local && !self.fallback.swap(true, Ordering::SeqCst) {
+                self.gauge.set(1);
+            }
+        }
+        Ok(n)
+    }
+
     pub fn journal(&self, r: Replay) {
         if let Ok(mut j) = self.journal.lock() {
-            j.push_back(r);
+            let seq = j.next;
+            j.next += 1;
+            if let Some(f) = j.file.as_mut() {
+                match f.append_entry(seq, &r) {
+                    Ok(()) => {
+                        if !self.unsynced.swap(true, Ordering::SeqCst) {
+                            self.wrote.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %f.path().display(), error = %e, "journal: cannot write an entry; it is kept in memory only")
+                    }
+                }
+            }
+            j.entries.push_back((seq, r));
         }
     }
 
+    /// Where the journal is kept (none: in memory only).
+    pub fn journal_path(&self) -> Option<String> {
+        let j = self.journal.lock().ok()?;
+        Some(j.file.as_ref()?.path().display().to_string())
+    }
+
     pub fn journal_len(&self) -> usize {
-        self.journal.lock().map_or(0, |j| j.len())
+        self.journal.lock().map_or(0, |j| j.entries.len())
+    }
+
+    /// `fdatasync` of the journal file when it got something since the last one (blocking).
+    pub fn sync_journal(&self) {
+        if self.unsynced.load(Ordering::SeqCst) {
+            self.sync_journal_now();
+        }
+    }
+
+    /// `fdatasync` of the journal file: on return, every entry written before the call is on
+    /// disk (a sync already running may have begun before it was written, so none is skipped).
+    fn sync_journal_now(&self) {
+        if let Some(f) = self.sync.get() {
+            self.unsynced.store(false, Ordering::SeqCst);
+            if let Err(e) = f.sync_data() {
+                self.unsynced.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "journal: fdatasync failed");
+            }
+        }
+    }
+
+    /// [`Remote::sync_journal_now`] off the runtime's threads: strict mode, before the 2xx of a
+    /// charge made on the fallback.
+    pub async fn sync_journal_async(self: &Arc<Self>) {
+        if self.sync.get().is_some() {
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.sync_journal_now()).await;
+        }
     }
 
     /// Applies one journal entry to Redis through `redis` (idempotent on its request id).
@@ -334,7 +446,9 @@ impl Remote {
         let _running = Running(&self.replaying);
         let mut done = 0;
         loop {
-            let Some(r) = self.journal.lock().ok().and_then(|j| j.front().cloned()) else { return Some(done) };
+            let Some((seq, r)) = self.journal.lock().ok().and_then(|j| j.entries.front().cloned()) else {
+                return Some(done);
+            };
             let alerts = match Self::replay(redis, &r).await {
                 Ok(alerts) => alerts,
                 Err(e) => {
@@ -343,7 +457,7 @@ impl Remote {
                 }
             };
             if let Ok(mut j) = self.journal.lock() {
-                j.pop_front();
+                j.pop_front(seq);
             }
             done += 1;
             // Nothing is awaited between the answer and here: an entry whose answer came back
@@ -357,8 +471,8 @@ impl Remote {
 
     /// At shutdown: replays what the journal holds if Redis answers now (beside the probe
     /// loop, one replay at a time), trying until `wait` has passed. Returns the entries still
-    /// not replayed: charges made on the fallback that are in this replica's local ledger only,
-    /// as the journal is not kept across restarts.
+    /// not replayed: charges made on the fallback that Redis lacks until this replica starts
+    /// again with its ledger folder (they wait in the journal file).
     pub async fn replay_at_exit(&self, wait: Duration) -> usize {
         let until = tokio::time::Instant::now() + wait;
         while self.journal_len() > 0 && tokio::time::Instant::now() < until {
@@ -385,6 +499,26 @@ pub async fn probe_loop(billing: std::sync::Weak<crate::billing::Billing>) {
         let Some(b) = billing.upgrade() else { return };
         if let Some(r) = b.remote() {
             r.probe().await;
+        }
+    }
+}
+
+/// Syncs the journal file within `every` (`[ledger].flush_interval_ms`, the local ledger's
+/// bound in batched mode) of an entry's write: wakes only when one was written (and once a
+/// second to see whether the billing engine is gone).
+pub async fn journal_sync_loop(billing: std::sync::Weak<crate::billing::Billing>, every: Duration) {
+    loop {
+        let wrote = match billing.upgrade().as_ref().and_then(|b| b.remote().map(|r| r.wrote.clone())) {
+            Some(wrote) => wrote,
+            None => return,
+        };
+        if tokio::time::timeout(Duration::from_secs(1), wrote.notified()).await.is_err() {
+            continue;
+        }
+        tokio::time::sleep(every).await;
+        let Some(b) = billing.upgrade() else { return };
+        if let Some(r) = b.remote().filter(|r| r.unsynced.load(Ordering::SeqCst)) {
+            r.sync_journal_async().await;
         }
     }
 }

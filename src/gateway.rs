@@ -112,6 +112,8 @@ impl Gateway {
         redis: Option<crate::store::redis::RedisStore>,
     ) -> Result<Arc<Self>, LedgerError> {
         let metrics = Arc::new(Metrics::new(snapshot.settings.tenant_label));
+        let s = &snapshot.settings;
+        let store = RedbLedger::open(&s.ledger_dir)?;
         let remote = match redis {
             Some(r) => {
                 let m = crate::store::redis::StoreMetrics::new()
@@ -123,12 +125,14 @@ impl Gateway {
                 )
                 .and_then(|g| metrics.registry.register(Box::new(g.clone())).map(|()| g))
                 .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
-                Some(crate::cluster::Remote::new(r.with_metrics(m), &snapshot.settings.cluster, gauge))
+                let remote = crate::cluster::Remote::new(r.with_metrics(m), &s.cluster, gauge);
+                remote
+                    .open_journal(&s.ledger_dir)
+                    .map_err(|reason| LedgerError::Open { path: s.ledger_dir.clone(), reason })?;
+                Some(remote)
             }
             None => None,
         };
-        let s = &snapshot.settings;
-        let store = RedbLedger::open(&s.ledger_dir)?;
         let video =
             |id: &str| snapshot.catalog.feature(id).is_some_and(|f| f.unit == crate::catalog::Unit::VideoMinute);
         let (billing, alerts) = Billing::open_cluster(
@@ -173,6 +177,10 @@ impl Gateway {
                 crate::cluster::probe_loop(weak).await;
                 sweeper.abort();
             });
+            tokio::spawn(crate::cluster::journal_sync_loop(
+                Arc::downgrade(&gw.billing),
+                gw.snapshot.load().settings.flush_interval,
+            ));
         }
         if gw.billing.remote().is_some() {
             tokio::spawn(crate::cluster::poll_overrides(Arc::downgrade(&gw)));

@@ -250,17 +250,22 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
             "settlements not acknowledged by Redis at shutdown; those calls are not charged"
         );
     }
-    // Cluster `local` fallback: the charges made on it reach Redis now if it answers again; the
-    // journal is in memory only, so what is left is reported (SPEC §7: log, exit status 1).
+    // Cluster `local` fallback: the charges made on it reach Redis now if it answers again;
+    // what is left stays in the journal file, replayed at the next start with this ledger
+    // folder, and is reported (SPEC §7: log, exit status 1): until then Redis lacks it.
     let unreplayed = match gw.billing.remote() {
-        Some(r) => r.replay_at_exit(CLOSE_WAIT).await,
+        Some(r) => {
+            let left = r.replay_at_exit(CLOSE_WAIT).await;
+            r.sync_journal();
+            left
+        }
         None => 0,
     };
     if unreplayed > 0 {
         tracing::error!(
             entries = unreplayed,
-            ledger = gw.billing.ledger_name(),
-            "charges made on the local fallback were not replayed to Redis (unreachable); they are in this replica's local ledger only"
+            journal = gw.billing.remote().and_then(|r| r.journal_path()).unwrap_or_default(),
+            "charges made on the local fallback were not replayed to Redis (unreachable); they are kept in the journal and replayed when this replica starts again with this ledger folder"
         );
     }
     // Bounded: a failing disk must not keep SIGTERM from finishing.

@@ -4,7 +4,7 @@
 pub const PAYERS: [&str; 5] = ["prepaid_qps", "single_package", "general_package", "payg", "free_default"];
 
 /// The payers of SPEC §6, indexed like [`PAYERS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(usize)]
 pub enum PayerKind {
     PrepaidQps = 0,

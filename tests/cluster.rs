@@ -475,9 +475,9 @@ async fn fallback_becomes(c: &TestClient, gw: &Gateway, v: f64) {
 }
 
 /// SPEC §7 ("SIGTERM reports (log, exit status 1) charges it could not flush") for the `local`
-/// fallback of §11.6: the journal of charges to replay to Redis lives in memory, so a replica
-/// stopped while Redis is still down says how many it leaves in its local ledger only, and
-/// exits 1; one stopped after the replay exits 0.
+/// fallback of §11.6: a replica stopped while Redis is still down says how many charges Redis
+/// has not got yet, and exits 1; one stopped after the replay exits 0. The first one's charges
+/// are in its journal file: started again with the same ledger folder, it replays them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
     let Some((mut redis, _up, mut set)) = on_fallback_policy("fallback_stop", 2, 1, HIGH_DEFAULT, 10).await else {
@@ -504,6 +504,67 @@ async fn a_stop_on_the_fallback_reports_the_charges_redis_never_got() {
     let status = set.gw[1].signal_and_wait("TERM").expect("exits");
     assert_eq!(status.code(), Some(0), "{}", set.gw[1].logs());
     assert!(!set.gw[1].logs().contains("panicked"), "{}", set.gw[1].logs());
+    // The first replica again, on its own ledger folder: its 4 reach Redis, once.
+    let gw = restart_replica(&set, 0);
+    fallback_becomes(&c, &gw, 0.0).await;
+    let payg = |v: serde_json::Value| v["features"]["license-plate-recognition"]["units"]["payg"].clone();
+    assert_eq!(payg(admin_get(&c, &gw, "/admin/v1/tenants/acme/usage").await.json()), "8", "4 + 4 payg calls");
+    let status = gw.stop("TERM").await.expect("exits");
+    assert_eq!(status.code(), Some(0), "nothing left to replay");
+}
+
+/// Starts replica `i` of `set` again on its config and ledger folder.
+fn restart_replica(set: &Replicas, i: usize) -> Gateway {
+    Gateway::start_env(&set.cfg[i], &[("TURNSTILE_ADMIN_TOKEN", common::cluster::ADMIN_TOKEN)])
+}
+
+/// SPEC §11.6 "replays those charges to Redis exactly once when it is back", for a replica
+/// killed (-9) on the fallback: its journal is on disk, so started again once Redis is back it
+/// replays every call it answered 2xx, and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn charges_of_a_replica_killed_on_the_fallback_reach_redis_when_it_starts_again() {
+    killed_on_the_fallback("fallback_kill9", "batched").await;
+}
+
+/// [`charges_of_a_replica_killed_on_the_fallback_reach_redis_when_it_starts_again`] with a
+/// strict ledger, killed right after the last 2xx: each 2xx went out with its entry on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_strict_replica_killed_right_after_its_answers_on_the_fallback_replays_them_all() {
+    killed_on_the_fallback("fallback_kill9_strict", "strict").await;
+}
+
+async fn killed_on_the_fallback(name: &str, durability: &str) {
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"{durability}\"\n");
+    let Some((mut redis, _up, mut set)) = on_fallback_policy(name, 1, 1, &rest, 10).await else {
+        return;
+    };
+    let c = client();
+    redis.kill9();
+    for path in [OCR, OCR, OCR, DETECT, DETECT] {
+        let r = post(&c, &set.gw[0].url(path), &key(), b"{}").await;
+        assert_eq!(r.status, StatusCode::OK, "served on the fallback: {}", String::from_utf8_lossy(&r.body));
+    }
+    if durability == "batched" {
+        // Settled after the answers, on disk within flush_interval_ms.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    set.gw[0].signal_and_wait("KILL").expect("killed");
+    redis.restart();
+    let gw = restart_replica(&set, 0);
+    fallback_becomes(&c, &gw, 0.0).await;
+    let check = |v: serde_json::Value| {
+        assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "3", "{v}");
+        assert_eq!(v["features"]["object-detection"]["units"]["single_package"], "2", "{v}");
+        assert_eq!(v["packages"][0]["remaining"], "8", "10 points less 2: {v}");
+    };
+    check(admin_get(&c, &gw, "/admin/v1/tenants/acme/usage").await.json());
+    // Once: a later start finds nothing left to replay.
+    gw.stop("TERM").await.expect("exits");
+    let gw = restart_replica(&set, 0);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(metric(&gw.metrics(&c).await, "turnstile_store_fallback"), Some(0.0));
+    assert!(!gw.logs().contains("before the last stop"), "the journal was emptied: {}", gw.logs());
+    check(admin_get(&c, &gw, "/admin/v1/tenants/acme/usage").await.json());
 }
 
 /// SPEC §6 / §11.3: a package's low-balance alert fires exactly once in the whole cluster. An

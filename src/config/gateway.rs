@@ -316,7 +316,7 @@ pub enum UpstreamProtocol {
     H2c,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ImageOp {
     Search,
     Add,

@@ -41,7 +41,7 @@ pub struct Quota {
 }
 
 /// Unique per request across replicas: the idempotency key of every delta a request applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct RequestId(pub u128);
 
 impl std::fmt::Display for RequestId {
@@ -152,7 +152,7 @@ pub struct Candidate<'a> {
 }
 
 /// Where units of usage go: a payer of SPEC §6, or nowhere (video minutes nothing could pay).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum UsageTo {
     Payer(PayerKind),
     Unpaid,

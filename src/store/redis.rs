@@ -229,7 +229,7 @@ pub struct InsteadFrom<'a> {
 }
 
 /// Hold action of a settlement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HoldAction {
     None,
     Commit,
@@ -237,7 +237,7 @@ pub enum HoldAction {
 }
 
 /// Image part of a settlement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ImagePart {
     None,
     /// An add answered 2xx: its slot becomes an image.

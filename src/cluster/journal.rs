@@ -1,0 +1,200 @@
+//! The fallback's journal on disk (SPEC §11.6: charges made on the `local` fallback are
+//! replayed to Redis exactly once when it is back). Each entry is appended when it is journaled
+//! and marked done once Redis has it, so a replica stopped or killed before Redis came back
+//! replays the rest at its next start with the same ledger folder. The file is emptied whenever
+//! the journal is.
+//!
+//! ```text
+//! file = line*
+//! line = xxh3-64 of json (16 lowercase hex) ' ' json '\n'
+//! json = {"entry": [seq, Replay]} | {"done": seq}
+//! ```
+//!
+//! A crash can cut the last line short (no newline, or a checksum that fails with nothing whole
+//! after it): it is dropped. A damaged line followed by whole ones is an error naming the file
+//! (SPEC §7: never silently misread).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::Replay;
+
+/// The journal's file name in the ledger folder.
+pub const FILE: &str = "redis-journal.log";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line<R> {
+    Entry(u64, R),
+    Done(u64),
+}
+
+/// The journal file, appended to under the journal's lock (so its order is the journal's).
+pub struct JournalFile {
+    path: PathBuf,
+    file: File,
+}
+
+/// What [`JournalFile::open`] found: the file, the entries not done (oldest first), and how
+/// many bytes of a line cut short it dropped.
+pub type Opened = (JournalFile, Vec<(u64, Replay)>, usize);
+
+impl JournalFile {
+    /// Opens (or creates) the journal in `dir` and reads the entries not yet done.
+    pub fn open(dir: &Path) -> Result<Opened, String> {
+        let path = dir.join(FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let (entries, whole) = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let cut = text.len() - whole;
+        if cut > 0 {
+            // The torn tail goes, so the next line starts on a line of its own.
+            file.set_len(whole as u64).map_err(|e| format!("{}: cannot drop a torn tail: {e}", path.display()))?;
+        }
+        Ok((JournalFile { path, file }, entries, cut))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A handle on the same file for [`File::sync_data`] outside the journal's lock.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    pub fn append_entry(&mut self, seq: u64, r: &Replay) -> io::Result<()> {
+        self.append(&Line::Entry(seq, r))
+    }
+
+    pub fn append_done(&mut self, seq: u64) -> io::Result<()> {
+        self.append(&Line::<&Replay>::Done(seq))
+    }
+
+    /// The journal is empty: so is the file.
+    pub fn clear(&mut self) -> io::Result<()> {
+        self.file.set_len(0)
+    }
+
+    fn append(&mut self, line: &Line<&Replay>) -> io::Result<()> {
+        let json = serde_json::to_vec(line).map_err(io::Error::other)?;
+        let mut out = Vec::with_capacity(json.len() + 18);
+        write!(out, "{:016x} ", xxhash_rust::xxh3::xxh3_64(&json))?;
+        out.extend_from_slice(&json);
+        out.push(b'\n');
+        // One write: a crash leaves the line whole or cut short, never interleaved.
+        self.file.write_all(&out)
+    }
+}
+
+/// The entries not done, oldest first, and the length of the whole lines read.
+fn parse(text: &[u8]) -> Result<(Vec<(u64, Replay)>, usize), String> {
+    let mut live = BTreeMap::new();
+    let mut at = 0;
+    let mut damaged: Option<usize> = None;
+    for (n, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        let Some(body) = line.strip_suffix(b"\n") else { break };
+        if let Some(first) = damaged {
+            return Err(format!("line {} is damaged and whole lines follow it (line {})", first + 1, n + 1));
+        }
+        match read_line(body) {
+            Some(Line::Entry(seq, r)) => {
+                live.insert(seq, r);
+            }
+            Some(Line::Done(seq)) => {
+                live.remove(&seq);
+            }
+            None => {
+                damaged = Some(n);
+                continue;
+            }
+        }
+        at += line.len();
+    }
+    Ok((live.into_iter().collect(), at))
+}
+
+fn read_line(body: &[u8]) -> Option<Line<Replay>> {
+    let (sum, json) = (body.get(..16)?, body.get(17..)?);
+    let sum = u64::from_str_radix(std::str::from_utf8(sum).ok()?, 16).ok()?;
+    if body.get(16) != Some(&b' ') || sum != xxhash_rust::xxh3::xxh3_64(json) {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(n: u32) -> Replay {
+        Replay::Alert { tenant: format!("t{n}"), package: "p".into() }
+    }
+
+    #[test]
+    fn entries_not_done_read_back_in_order_and_an_emptied_file_reads_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, found, cut) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!((found.len(), cut), (0, 0));
+        for n in 1..=3 {
+            f.append_entry(u64::from(n), &alert(n)).unwrap();
+        }
+        f.append_done(1).unwrap();
+        drop(f);
+        let (mut f, found, cut) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!((found, cut), (vec![(2, alert(2)), (3, alert(3))], 0));
+        f.clear().unwrap();
+        f.append_entry(4, &alert(4)).unwrap();
+        let (_, found, _) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!(found, vec![(4, alert(4))]);
+    }
+
+    #[test]
+    fn a_line_cut_short_is_dropped_and_the_next_line_starts_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        f.append_entry(1, &alert(1)).unwrap();
+        f.append_entry(2, &alert(2)).unwrap();
+        drop(f);
+        let path = dir.path().join(FILE);
+        let whole = std::fs::read(&path).unwrap();
+        for cut in 1..30 {
+            // Cut short without its newline, or with a changed byte before it (damaged at the end).
+            std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
+            let (mut f, found, dropped) = JournalFile::open(dir.path()).unwrap();
+            assert_eq!((found, dropped), (vec![(1, alert(1))], whole.len() / 2 - cut), "cut {cut}");
+            f.append_entry(3, &alert(3)).unwrap();
+            let (_, found, _) = JournalFile::open(dir.path()).unwrap();
+            assert_eq!(found, vec![(1, alert(1)), (3, alert(3))], "cut {cut}");
+        }
+        let mut damaged = whole.clone();
+        let last = damaged.len() - 5;
+        damaged[last] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let (_, found, dropped) = JournalFile::open(dir.path()).unwrap();
+        assert_eq!((found, dropped), (vec![(1, alert(1))], whole.len() / 2));
+    }
+
+    #[test]
+    fn a_damaged_line_before_whole_ones_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        f.append_entry(1, &alert(1)).unwrap();
+        f.append_entry(2, &alert(2)).unwrap();
+        drop(f);
+        let path = dir.path().join(FILE);
+        let mut text = std::fs::read(&path).unwrap();
+        text[20] ^= 1;
+        std::fs::write(&path, &text).unwrap();
+        let e = JournalFile::open(dir.path()).err().expect("refused");
+        assert!(e.contains(FILE) && e.contains("line 1 is damaged"), "{e}");
+    }
+}
