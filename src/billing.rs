@@ -267,7 +267,7 @@ pub struct Billing {
     remote: Option<Arc<crate::cluster::Remote>>,
     ids: RequestIds,
     metrics: Arc<Metrics>,
-    alerts: tokio::sync::mpsc::UnboundedSender<Alert>,
+    alerts: crate::alerts::Outbox,
     gauges: DashMap<u64, Gauge, FxBuildHasher>,
     image_gauges: DashMap<u32, IntGauge, FxBuildHasher>,
     /// `single_package:<id>` / `general_package:<id>` per (tenant, package), made once.
@@ -308,7 +308,7 @@ impl Billing {
         flush_interval: Duration,
         strict_timeout: Duration,
         metrics: Arc<Metrics>,
-    ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
+    ) -> Result<(Arc<Billing>, crate::alerts::Inbox), LedgerError> {
         let clock = crate::clock::SystemClock::shared();
         Self::open_with(store, durability, flush_interval, strict_timeout, metrics, clock, &|_| false)
     }
@@ -323,7 +323,7 @@ impl Billing {
         metrics: Arc<Metrics>,
         clock: crate::clock::SharedClock,
         video: &dyn Fn(&str) -> bool,
-    ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
+    ) -> Result<(Arc<Billing>, crate::alerts::Inbox), LedgerError> {
         Self::open_cluster(store, durability, flush_interval, strict_timeout, metrics, clock, video, None)
     }
 
@@ -339,10 +339,10 @@ impl Billing {
         clock: crate::clock::SharedClock,
         video: &dyn Fn(&str) -> bool,
         remote: Option<crate::cluster::Remote>,
-    ) -> Result<(Arc<Billing>, tokio::sync::mpsc::UnboundedReceiver<Alert>), LedgerError> {
+    ) -> Result<(Arc<Billing>, crate::alerts::Inbox), LedgerError> {
         let store =
             LocalStore::open(store, durability, flush_interval, strict_timeout, metrics.clone(), clock.clone(), video)?;
-        let (alerts, alert_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (alerts, alert_rx) = crate::alerts::channel();
         let remote = remote.map(Arc::new);
         let billing = Arc::new(Billing {
             stores: remote.as_ref().map_or_else(|| Stores::Local(store.clone()), |r| r.stores.clone()),
@@ -366,6 +366,11 @@ impl Billing {
             });
         }
         Ok((billing, alert_rx))
+    }
+
+    /// Low-balance alerts fired and not yet through their webhook delivery.
+    pub fn alerts_pending(&self) -> usize {
+        self.alerts.pending()
     }
 
     /// The local store behind it (ledger, flush, gauges from load).
@@ -1007,7 +1012,7 @@ impl Billing {
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
         tracing::warn!(tenant = t.name, package = c.id, %points, %remaining, "package balance low");
         self.metrics.low_balance_alert(t.name, c.id);
-        let _ = self.alerts.send(Alert {
+        self.alerts.send(Alert {
             tenant: t.name.to_string(),
             package: c.id.to_string(),
             points: Dec(points),
@@ -2567,7 +2572,7 @@ mod tests {
             _dir: tempfile::TempDir,
             b: Arc<Billing>,
             /// The low-balance alerts sent to the webhook sender.
-            alerts: tokio::sync::mpsc::UnboundedReceiver<Alert>,
+            alerts: crate::alerts::Inbox,
             s: Arc<Snapshot>,
             f: usize,
             now: i64,

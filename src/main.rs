@@ -278,6 +278,15 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
             "ledger not flushed: {e}; the charges in them are lost"
         ),
     }
+    // The low-balance alerts fired until now (the last durable strict charges included) are
+    // marked in the ledger: they never fire again, so their webhook POSTs go out first.
+    let undelivered = alerts_delivered(&gw, CLOSE_WAIT).await;
+    if undelivered > 0 {
+        tracing::error!(
+            alerts = undelivered,
+            "low-balance alerts not delivered to the webhook at shutdown; each was logged when it fired (package balance low)"
+        );
+    }
     if let Some(stop) = standin {
         let _ = stop.send(true);
     }
@@ -289,6 +298,16 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Waits at most `wait` for the webhook deliveries of the alerts fired; returns how many are
+/// still not through theirs.
+async fn alerts_delivered(gw: &turnstile::gateway::Gateway, wait: Duration) -> usize {
+    let until = tokio::time::Instant::now() + wait;
+    while gw.billing.alerts_pending() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.billing.alerts_pending()
 }
 
 /// A file-size limit (RLIMIT_FSIZE) reached by the ledger is a failed write like a full disk:

@@ -236,6 +236,55 @@ async fn low_balance_alert_fires_once_with_webhook_retries() {
     assert!(gw.logs().contains("package balance low"));
 }
 
+/// An alert fires once and is marked in the ledger: a SIGTERM right after it must not drop its
+/// webhook POST (here retried twice, ~600 ms), or it is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_fired_just_before_sigterm_reaches_the_webhook_before_the_exit() {
+    let up = Upstream::start().await;
+    let (url, got, calls) = webhook(2).await;
+    let billing = format!("[billing]\nlow_balance_ratio = \"0.2\"\nalert_webhook = \"{url}\"\n");
+    let cfg = config(&up.url(), "", &billing, &tenants());
+    let mut gw = Gateway::start(&cfg);
+    let c = client();
+    fire_the_alert(&c, &gw).await;
+    let status = tokio::task::block_in_place(|| gw.signal_and_wait("TERM")).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", gw.logs());
+    assert_eq!(got.lock().expect("lock").len(), 1, "delivered before the exit: {}", gw.logs());
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "two failures, then delivered");
+}
+
+/// A webhook that never answers 2xx: SIGTERM waits for it a bounded time, then says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_webhook_never_takes_is_reported_at_shutdown() {
+    let up = Upstream::start().await;
+    let (url, got, _) = webhook(u64::MAX).await;
+    let billing = format!("[billing]\nlow_balance_ratio = \"0.2\"\nalert_webhook = \"{url}\"\n");
+    let cfg = config(&up.url(), "", &billing, &tenants());
+    let mut gw = Gateway::start(&cfg);
+    let c = client();
+    fire_the_alert(&c, &gw).await;
+    let status = tokio::task::block_in_place(|| gw.signal_and_wait("TERM")).expect("exits within 5 s");
+    assert_eq!(status.code(), Some(0), "no charge is lost: {}", gw.logs());
+    assert!(got.lock().expect("lock").is_empty());
+    assert!(gw.logs().contains("alerts=1") && gw.logs().contains("not delivered to the webhook"), "{}", gw.logs());
+}
+
+/// od-1 (1 point, 0.2 a call) down to 0.2: its low-balance alert fires (the metric says so).
+async fn fire_the_alert(c: &TestClient, gw: &Gateway) {
+    for _ in 0..4 {
+        assert_eq!(post(c, &gw.url("/v1/detect/objects"), &[ACME], b"{}").await.status, StatusCode::OK);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw
+        .metrics(c)
+        .await
+        .contains("turnstile_package_low_balance_alerts_total{package=\"od-1\",tenant=\"acme\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the alert did not fire: {}", gw.metrics(c).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Floods payg calls from 8 tasks until `stop`; returns the 2xx completion times.
 async fn flood(gw_url: String, stop: Arc<AtomicBool>) -> Vec<Instant> {
     let c = client();

@@ -255,10 +255,13 @@ fn check_variant(dir: &str) -> Variant {
     let key = sref["key"].as_str().expect("secretKeyRef.key");
     assert!(!secret["stringData"][key].is_null() || !secret["data"][key].is_null(), "the Secret has {key}");
 
-    // SIGTERM: the pod is given at least the grace, the drain and the last ledger flush.
+    // SIGTERM: the pod is given at least the grace, the drain, the last ledger flush and the
+    // webhooks still being tried (3 s each), and in cluster mode the settlements on their way
+    // to Redis and the fallback's replay (3 s each).
     let ms = |k: &str, d: i64| server.get(k).and_then(|v| v.as_integer()).unwrap_or(d);
     let grace_ms = ms("shutdown_grace_ms", 5000);
-    let needed = grace_ms + ms("upstream_timeout_ms", 30000) + 1000 + 3000;
+    let waits = if main.get("cluster").is_some() { 4 } else { 2 };
+    let needed = grace_ms + ms("upstream_timeout_ms", 30000) + 1000 + waits * 3000;
     let tgps = pod["terminationGracePeriodSeconds"].as_i64().expect("terminationGracePeriodSeconds");
     assert!(tgps * 1000 >= needed, "terminationGracePeriodSeconds {tgps} < {needed} ms of shutdown");
 
