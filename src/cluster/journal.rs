@@ -157,15 +157,20 @@ mod tests {
         assert_eq!(found, vec![(4, alert(4))]);
     }
 
+    /// A journal of two entries of the same length in `dir`: its path and bytes.
+    fn two_entries(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let (mut f, _, _) = JournalFile::open(dir).unwrap();
+        f.append_entry(1, &alert(1)).unwrap();
+        f.append_entry(2, &alert(2)).unwrap();
+        let path = dir.join(FILE);
+        let whole = std::fs::read(&path).unwrap();
+        (path, whole)
+    }
+
     #[test]
     fn a_line_cut_short_is_dropped_and_the_next_line_starts_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
-        f.append_entry(1, &alert(1)).unwrap();
-        f.append_entry(2, &alert(2)).unwrap();
-        drop(f);
-        let path = dir.path().join(FILE);
-        let whole = std::fs::read(&path).unwrap();
+        let (path, whole) = two_entries(dir.path());
         for cut in 1..30 {
             // Cut short without its newline, or with a changed byte before it (damaged at the end).
             std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
@@ -186,12 +191,7 @@ mod tests {
     #[test]
     fn a_damaged_line_before_whole_ones_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
-        f.append_entry(1, &alert(1)).unwrap();
-        f.append_entry(2, &alert(2)).unwrap();
-        drop(f);
-        let path = dir.path().join(FILE);
-        let mut text = std::fs::read(&path).unwrap();
+        let (path, mut text) = two_entries(dir.path());
         text[20] ^= 1;
         std::fs::write(&path, &text).unwrap();
         let e = JournalFile::open(dir.path()).err().expect("refused");
