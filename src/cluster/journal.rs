@@ -13,6 +13,8 @@
 //! A crash can cut the last line short (no newline, or a checksum that fails with nothing whole
 //! after it): it is dropped. A damaged line followed by whole ones is an error naming the file
 //! (SPEC §7: never silently misread).
+//! A write that fails part-way (a full disk) is cut back to the last whole line, so that
+//! the lines written after it stay whole; its entry is kept in memory only.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -35,6 +37,13 @@ enum Line<R> {
 pub struct JournalFile {
     path: PathBuf,
     file: File,
+    /// Where the last whole line ends: a write that fails part-way (a full disk) is cut back
+    /// to it, or the next line would be glued to its piece, one damaged line that stops `serve`
+    /// at the next start once whole lines follow it.
+    len: u64,
+    /// A piece of a failed write may still follow `len` (cutting it failed too): nothing more
+    /// is written until it is cut.
+    torn: bool,
 }
 
 /// What [`JournalFile::open`] found: the file, the entries not done (oldest first), and how
@@ -59,7 +68,7 @@ impl JournalFile {
             // The torn tail goes, so the next line starts on a line of its own.
             file.set_len(whole as u64).map_err(|e| format!("{}: cannot drop a torn tail: {e}", path.display()))?;
         }
-        Ok((JournalFile { path, file }, entries, cut))
+        Ok((JournalFile { path, file, len: whole as u64, torn: false }, entries, cut))
     }
 
     pub fn path(&self) -> &Path {
@@ -81,7 +90,9 @@ impl JournalFile {
 
     /// The journal is empty: so is the file.
     pub fn clear(&mut self) -> io::Result<()> {
-        self.file.set_len(0)
+        self.file.set_len(0)?;
+        (self.len, self.torn) = (0, false);
+        Ok(())
     }
 
     fn append(&mut self, line: &Line<&Replay>) -> io::Result<()> {
@@ -90,8 +101,22 @@ impl JournalFile {
         write!(out, "{:016x} ", xxhash_rust::xxh3::xxh3_64(&json))?;
         out.extend_from_slice(&json);
         out.push(b'\n');
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
         // One write: a crash leaves the line whole or cut short, never interleaved.
-        self.file.write_all(&out)
+        match self.file.write_all(&out) {
+            Ok(()) => {
+                self.len += out.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the line may be in the file (the write stopped when the disk filled).
+                self.torn = self.file.set_len(self.len).is_err();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -186,6 +211,56 @@ mod tests {
         std::fs::write(&path, &damaged).unwrap();
         let (_, found, dropped) = JournalFile::open(dir.path()).unwrap();
         assert_eq!((found, dropped), (vec![(1, alert(1))], whole.len() / 2));
+    }
+
+    /// A write that fails part-way (a full disk, a file-size limit) must not leave its piece in
+    /// the file: the next line written would be glued to it, one damaged line, which stops
+    /// `serve` at the next start once whole lines follow it (or, last, takes the whole line
+    /// glued to it away as a line cut short).
+    #[cfg(unix)]
+    #[test]
+    fn a_write_that_fails_part_way_leaves_no_piece_of_its_line() {
+        const CHILD: &str = "TURNSTILE_TEST_JOURNAL_FSIZE_DIR";
+        const NAME: &str = "cluster::journal::tests::a_write_that_fails_part_way_leaves_no_piece_of_its_line";
+        let Some(dir) = std::env::var_os(CHILD) else {
+            // RLIMIT_FSIZE is per process: set in a child running this test alone, never in
+            // the test binary every other test runs in.
+            let dir = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+                .env(CHILD, dir.path())
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            let (_, found, cut) = JournalFile::open(dir.path()).expect("the file reads back");
+            assert_eq!((found, cut), (vec![(1, alert(1)), (3, alert(3)), (4, alert(4))], 0));
+            return;
+        };
+        // The child: a write past the limit fails with EFBIG, and SIGXFSZ must not kill it
+        // (a handler replaces the default, as `serve` does).
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _xfsz = rt
+            .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ)) })
+            .unwrap();
+        let limit = |soft: &str| {
+            let pid = std::process::id().to_string();
+            let status = std::process::Command::new("prlimit")
+                .args(["--pid", &pid, &format!("--fsize={soft}:unlimited")])
+                .status()
+                .expect("prlimit");
+            assert!(status.success(), "prlimit");
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let (mut f, _, _) = JournalFile::open(&dir).unwrap();
+        f.append_entry(1, &alert(1)).unwrap();
+        // Room for 10 more bytes: the next line is written in part, then the write fails.
+        let len = std::fs::metadata(dir.join(FILE)).unwrap().len();
+        limit(&(len + 10).to_string());
+        assert!(f.append_entry(2, &alert(2)).is_err(), "the write past the limit fails");
+        limit("unlimited");
+        f.append_entry(3, &alert(3)).unwrap();
+        f.append_entry(4, &alert(4)).unwrap();
     }
 
     #[test]
