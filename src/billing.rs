@@ -1272,6 +1272,11 @@ impl Billing {
                     image: img,
                     instead: instead.clone(),
                 });
+                // Strict: nothing is charged for it in the local ledger, so this journal line is
+                // the charge's only record: on disk before the 2xx (SPEC §7, §11.5).
+                if let Some(journal) = self.remote.as_ref().filter(|_| self.store.is_strict()) {
+                    journal.sync_journal_async().await;
+                }
                 let payer = r.header();
                 return Ok(Settled { payer, id: r.id, pending: None });
             }
@@ -2864,6 +2869,30 @@ mod tests {
                 (2 * FACTOR, 2),
                 "Redis has the two charged calls, not the reverted one"
             );
+        }
+
+        /// SPEC §7 `strict` and §11.5 on the fallback: a call admitted on Redis whose settlement
+        /// then fails is answered 2xx with the settlement journaled, to be replayed; nothing is
+        /// charged for it in the local ledger, so that journal line is its only record and must
+        /// be on disk (fdatasync) before the answer, like every other strict charge.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_strict_settlement_redis_did_not_answer_is_on_disk_in_the_journal_before_its_2xx() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let test = "a_strict_settlement_redis_did_not_answer";
+            let dir = tempfile::tempdir().unwrap();
+            let (folder, ledger) = (dir.path().to_path_buf(), Box::new(RedbLedger::open(dir.path()).unwrap()));
+            let Some(mut x) = fixture_on(test, "10", OnStoreError::Local, aof, dir, ledger, Durability::Strict).await
+            else {
+                return;
+            };
+            let remote = x.b.remote().unwrap().clone();
+            assert_eq!(remote.open_journal(&folder), Ok(0));
+            let r = x.admit().await;
+            x.redis.kill9();
+            let settled = x.settle(r).await;
+            assert_eq!(x.b.durable(settled).await.ok(), Some(HeaderValue::from_static("single_package:od")));
+            assert_eq!(remote.journal_len(), 1, "the settlement waits for Redis in the journal");
+            assert!(!remote.journal_unsynced(), "its line was fdatasync'ed before the 2xx");
         }
 
         /// Late commits race new calls on one package: it never pays more than it holds,

@@ -604,6 +604,11 @@ pub(crate) async fn test_remote(url: String, prefix: &str, lease: Duration, on_s
 
 #[cfg(test)]
 impl Remote {
+    /// Lines written to the journal file since its last `fdatasync`.
+    pub(crate) fn journal_unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::SeqCst)
+    }
+
     /// Probes until the journal is replayed and Redis is back in use (at most 10 s), summing
     /// what each probe replayed. A Redis just restarted may refuse the first probes (the old
     /// connection is broken and is reconnected), so one probe is not enough.
