@@ -152,6 +152,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
+    // SIGHUP's default action ends the process: the handler is in place before anything else,
+    // so a SIGHUP while starting (or right after the listening line) is a reload, not an exit.
+    // One that arrives before serving is kept and reloads once serving starts.
+    let hangups = hangup_signals();
     let mut standin = None;
     let upstream_override = if demo {
         match turnstile::standin::spawn(([127, 0, 0, 1], 0).into()).await {
@@ -240,7 +244,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     } else {
         None
     };
-    tokio::spawn(reload_on_sighup(gw.clone()));
+    tokio::spawn(reload_on_sighup(gw.clone(), hangups));
     let workers = server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
     // Cluster batched mode: the settlements spawned after their answers reach Redis first.
     let unsettled = gw.billing.drain_deferred(CLOSE_WAIT).await;
@@ -328,16 +332,37 @@ fn survive_file_size_limit() {
     }
 }
 
-/// SIGHUP reloads the configuration, like nginx.
-async fn reload_on_sighup(gw: std::sync::Arc<Gateway>) {
+/// The SIGHUP stream, registered at once (the signal's default action would end the process).
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+fn hangup_signals() -> Hangups {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; reload with the admin API or the file watch");
+                None
+            }
+        }
+    }
+}
+
+/// SIGHUP reloads the configuration, like nginx.
+async fn reload_on_sighup(gw: std::sync::Arc<Gateway>, hangups: Hangups) {
+    #[cfg(unix)]
+    {
+        let Some(mut hup) = hangups else { return };
         while hup.recv().await.is_some() {
             let _ = gw.reload("SIGHUP").await;
         }
     }
+    #[cfg(not(unix))]
+    let _ = (gw, hangups);
 }
 
 /// `turnstile check` with `[cluster].store = "redis"` (SPEC §11.5): connects to every listed

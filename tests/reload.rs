@@ -442,3 +442,49 @@ async fn reload_changing_strict_timeout_warns_that_it_needs_a_restart() {
     let logs = gw.logs();
     assert!(logs.contains("takes effect at the next restart"), "no restart warning:\n{logs}");
 }
+
+/// SPEC §8: "Reload happens ... on SIGHUP". A SIGHUP that arrives as soon as the gateway says it
+/// listens (a supervisor's `ExecReload`, a ConfigMap reloader) must reload it, not kill it: the
+/// signal's default action ends the process, so the handler has to be in place by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_right_after_the_listening_line_reloads_instead_of_killing() {
+    use std::io::{BufRead, BufReader};
+    let up = Upstream::start().await;
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let c = client();
+    for attempt in 0..5 {
+        let mut child = std::process::Command::new(BIN)
+            .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start turnstile");
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        let _ = std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let exited = child.try_wait().expect("try_wait");
+        let admin = banner
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin=http://"))
+            .map(|a| a.trim_end_matches('/').to_string());
+        let generation = match (exited, admin) {
+            (None, Some(admin)) => {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let m = try_get(&c, &format!("http://{admin}/metrics")).await;
+                    let g = m.map(|r| metric(&String::from_utf8_lossy(&r.body), "turnstile_config_generation "));
+                    if g == Some(2.0) || Instant::now() > deadline {
+                        break g;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            _ => None,
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(exited, None, "attempt {attempt}: a SIGHUP right after the listening line ended the gateway");
+        assert_eq!(generation, Some(2.0), "attempt {attempt}: the SIGHUP reloaded the configuration");
+    }
+}
