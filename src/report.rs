@@ -40,7 +40,11 @@ pub async fn usage(
                 let mut lines = Vec::new();
                 for (cell, minutes) in payg.iter().filter(|(_, m)| !m.is_zero()) {
                     let price = f.video_prices.iter().find(|c| &c.cell() == cell);
-                    let line_amount = price.map(|c| pricing::round2(c.price * *minutes));
+                    // From the milliseconds, multiplied before divided (exact, then rounded half-up
+                    // once): minutes such as 350 ms = 0.00583… are cut at 28 digits, and a price
+                    // times that cut lands below a half-cent the exact amount sits on.
+                    let ms = u64::try_from(crate::units::minutes_to_ms(*minutes)).unwrap_or(0);
+                    let line_amount = price.map(|c| pricing::round2(pricing::video_amount(c.price, ms)));
                     match line_amount {
                         Some(a) => amount += a,
                         None => unpriced += *minutes,

@@ -451,6 +451,29 @@ async fn one_bad_or_unpriced_video_report_does_not_hide_the_priced_amount() {
     assert_eq!(video["unpaid"], "0");
 }
 
+/// SPEC §1: amounts are "rounded half-up to 2 decimals only when shown or totalled per line;
+/// intermediate sums are exact". 350 ms at 6.00 a minute is exactly 0.035, shown 0.04; dividing
+/// the milliseconds into minutes first (0.00583333…, cut at 28 digits) and then multiplying lands
+/// just below the half and showed 0.03.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_line_is_rounded_half_up_from_its_exact_amount() {
+    let up = Upstream::start().await;
+    let cheap = r#"{ max_fps = 30, max_lines = 720, price = "4.00" }"#;
+    assert!(SHIPPED_CATALOG.contains(cheap), "the shipped catalog's first video cell");
+    let catalog = SHIPPED_CATALOG.replace(cheap, r#"{ max_fps = 30, max_lines = 720, price = "6.00" }"#);
+    let rest = format!("[admission]\ndefault_qps = 100000\n{}", routes());
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", &rest), &catalog, &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let r = post(&c, &gw.url("/v1/video/enhance?video_ms=350&video_fps=30&video_lines=720"), &[ACME], b"{}").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let u = usage(&c, &gw).await;
+    let video = &u["features"]["comprehensive-video-enhancement"];
+    assert_eq!(video["payg"]["lines"][0]["amount"], "0.04", "{video}");
+    assert_eq!(video["payg"]["amount"], "0.04", "{video}");
+    assert_eq!(u["total"], "0.04");
+}
+
 /// `turnstile serve` with stderr on a pipe: a file-size limit put on the process then hits the
 /// ledger's writes only, not its log.
 struct PipedGateway {
