@@ -250,10 +250,14 @@ impl Gateway {
         let mut texts = self.read_current(&ctl).await.map_err(|e| on_disk(e, &ctl.texts.entitlements_name))?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let current = texts.clone();
-        let snap = tokio::task::spawn_blocking(move || crate::snapshot::build(&current, generation))
+        let mut snap = tokio::task::spawn_blocking(move || crate::snapshot::build(&current, generation))
             .await
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(|e| on_disk(e, &texts.entitlements_name))?;
+        // Cluster mode: the change is judged against the plans served, which include the upgrades
+        // other replicas shared (this replica's file may not have them): below those is a
+        // downgrade, as it is below the file's own.
+        crate::cluster::overlay(&mut snap, &ctl.overrides);
         let (text, answer, upgrade) = change(&snap, &texts.entitlements)?;
         let previous = std::mem::replace(&mut texts.entitlements, text);
         // Validate before touching the file.
@@ -767,6 +771,42 @@ mod tests {
         late.sync_overrides().await.expect("sync");
         assert_eq!(qps(&late), 40);
         for gw in gws.iter().chain([&late]) {
+            let _ = gw.billing.close(std::time::Duration::from_secs(5));
+        }
+    }
+
+    /// SPEC §8: an upgrade "lower" than the plan gets 409 `downgrade_not_allowed`, and §11.4
+    /// shares upgrades between replicas. Replica B serves the 30 QPS that A stored in Redis (its
+    /// own files still say 20): 25 there is lower than the plan B serves and shows in its limits
+    /// view, so it is a downgrade, not a 200 that changes nothing; and a temporary 28 is not
+    /// above that plan either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn below_a_shared_upgrade_is_a_downgrade_on_the_other_replica_too() {
+        use crate::store::redis::harness;
+        let Some(redis) = harness::RedisServer::start("shared_downgrade", harness::Opts::default()) else { return };
+        let clock = ManualClock::at("2026-11-10T00:00:00Z");
+        let dirs = tempfile::tempdir().expect("tmp");
+        let replica = |i: usize| {
+            let main = on_redis_toml(&dirs.path().join(format!("ledger-{i}")), "", &redis.url());
+            on_redis(
+                Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[acme_at_20()])),
+                ConfigSource::Embedded,
+                clock.clone(),
+            )
+        };
+        let (a, b) = (replica(0).await, replica(1).await);
+        let qps = |gw: &Gateway| gw.snapshot.load().tenants[0].plans[0].qps;
+        a.upgrade("acme", "face-comparison-1-1", 30).await.unwrap_or_else(|e| panic!("{e}"));
+        b.sync_overrides().await.expect("sync");
+        assert_eq!(qps(&b), 30, "B serves A's upgrade");
+        let r = b.upgrade("acme", "face-comparison-1-1", 25).await;
+        assert!(matches!(r, Err(WriteError::Downgrade(_))), "25 below the 30 B serves: {r:?}");
+        let r = b.temporary_upgrade("acme", "face-comparison-1-1", 28, "2026-11-11T00:00:00Z").await;
+        assert!(matches!(r, Err(WriteError::Invalid(_))), "a temporary 28 is not above the 30 B serves: {r:?}");
+        let answer = b.upgrade("acme", "face-comparison-1-1", 35).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer["previous_qps"], 30, "the plan it raised is the one B served");
+        assert_eq!(qps(&b), 35);
+        for gw in [a, b] {
             let _ = gw.billing.close(std::time::Duration::from_secs(5));
         }
     }
