@@ -223,6 +223,24 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     if let Err(e) = gw.sync_overrides().await {
         tracing::warn!(error = %e, "cannot read the shared upgrades yet; applying them once Redis answers");
     }
+    // The file watch (SPEC §8) is in place before the listening line, and then the files are
+    // compared once with what is served: an edit made since they were read at start (ledger
+    // recovery, Redis) came before the watch and would otherwise stay unapplied until the next.
+    let watch_paths = gw.watch_paths().await;
+    let _watcher = if gw.snapshot.load().settings.watch && !watch_paths.is_empty() {
+        match turnstile::reload::watch(gw.clone(), watch_paths, Duration::from_millis(200)) {
+            Ok(w) => {
+                gw.reload_if_changed().await;
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP or the admin API");
+                None
+            }
+        }
+    } else {
+        None
+    };
     println!("turnstile listening: tenant=http://{tenant_addr} admin=http://{admin_addr} upstream={upstream}");
     if demo {
         let (tenant, key) = turnstile::DEMO_KEYS[0];
@@ -232,18 +250,6 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
         );
     }
     tracing::info!(%tenant_addr, %admin_addr, %upstream, generation = gw.generation(), "serving");
-    let watch_paths = gw.watch_paths().await;
-    let _watcher = if gw.snapshot.load().settings.watch && !watch_paths.is_empty() {
-        match turnstile::reload::watch(gw.clone(), watch_paths, Duration::from_millis(200)) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP or the admin API");
-                None
-            }
-        }
-    } else {
-        None
-    };
     tokio::spawn(reload_on_sighup(gw.clone(), hangups));
     let workers = server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
     // Cluster batched mode: the settlements spawned after their answers reach Redis first.

@@ -488,3 +488,46 @@ async fn sighup_right_after_the_listening_line_reloads_instead_of_killing() {
         assert_eq!(generation, Some(2.0), "attempt {attempt}: the SIGHUP reloaded the configuration");
     }
 }
+
+/// SPEC §8: "Reload happens on file change (watch)". An edit made while the gateway starts, or
+/// just as it prints its listening line, is a change like any other: the gateway must end up
+/// serving the file as it is, not the one it read at start until some later edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_edit_right_after_the_listening_line_is_not_missed() {
+    use std::io::{BufRead, BufReader};
+    let up = Upstream::start().await;
+    let main = main_toml(&up.url(), "", "").replace("watch = false", "watch = true");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let ents = cfg.path().join("entitlements.json");
+    let c = client();
+    for attempt in 0..3 {
+        replace_file(&ents, &entitlements(40, None));
+        let mut child = std::process::Command::new(BIN)
+            .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
+            .env("TURNSTILE_ADMIN_TOKEN", TOKEN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start turnstile");
+        let mut banner = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        replace_file(&ents, &entitlements(30, None));
+        let admin = banner
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin=http://"))
+            .map(|a| a.trim_end_matches('/').to_string())
+            .expect("admin address in the banner");
+        let url = format!("http://{admin}/admin/v1/tenants/acme/limits");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let served = loop {
+            let plan = get(&c, &url, &[AUTH]).await.json()["features"]["face-comparison-1-1"]["plan"]["qps"].clone();
+            if plan == 30 || Instant::now() > deadline {
+                break plan;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(served, 30, "attempt {attempt}: the edit made as the gateway started was never applied");
+    }
+}
