@@ -156,6 +156,9 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     // so a SIGHUP while starting (or right after the listening line) is a reload, not an exit.
     // One that arrives before serving is kept and reloads once serving starts.
     let hangups = hangup_signals();
+    // Likewise SIGTERM and SIGINT: one that arrives while starting stops the gateway cleanly
+    // once it serves (the grace, an empty drain, the flush), instead of killing it.
+    let stops = server::stop_signals();
     let mut standin = None;
     let upstream_override = if demo {
         match turnstile::standin::spawn(([127, 0, 0, 1], 0).into()).await {
@@ -251,7 +254,7 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     }
     tracing::info!(%tenant_addr, %admin_addr, %upstream, generation = gw.generation(), "serving");
     tokio::spawn(reload_on_sighup(gw.clone(), hangups));
-    let workers = server::run(gw.clone(), listeners, server::stop_signals(), drain).await;
+    let workers = server::run(gw.clone(), listeners, stops, drain).await;
     // Cluster batched mode: the settlements spawned after their answers reach Redis first.
     let unsettled = gw.billing.drain_deferred(CLOSE_WAIT).await;
     if unsettled > 0 {
