@@ -35,6 +35,12 @@ fn error(e: &ApiError) -> Response<ProxyBody> {
     error_response(e, &[])
 }
 
+/// 405 with the methods the endpoint takes in `Allow` (RFC 9110 §15.5.6: a 405 must list them).
+fn not_allowed(allow: &'static str) -> Response<ProxyBody> {
+    let e = ApiError::MethodNotAllowed(format!("use {}", allow.split(", ").next().unwrap_or(allow)));
+    error_response(&e, &[(header::ALLOW, HeaderValue::from_static(allow))])
+}
+
 /// Checks the bearer token against the environment. Both sides are hashed first, so the
 /// comparison takes the same time whatever the lengths.
 fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
@@ -57,7 +63,9 @@ fn authorize(req: &Request<Incoming>) -> Result<(), ApiError> {
 pub async fn handle(conn: Arc<crate::server::Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
     let gw = &conn.gw;
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
+    // HEAD is GET without the body (RFC 9110 §9.3.2): hyper sends the head only.
+    let method = if req.method() == Method::HEAD { Method::GET } else { req.method().clone() };
+    match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
             // Not ready while ledger commits fail (SPEC §7), ready again once one succeeds.
@@ -68,11 +76,12 @@ pub async fn handle(conn: Arc<crate::server::Conn>, req: Request<Incoming>) -> R
             }
         }
         (&Method::GET, "/metrics") => respond(StatusCode::OK, "text/plain; version=0.0.4", gw.metrics.render()),
+        (_, "/healthz" | "/readyz" | "/metrics") => not_allowed("GET, HEAD"),
         (_, p) if p.starts_with("/admin/v1/") => {
             if let Err(e) = authorize(&req) {
                 return error(&e);
             }
-            admin_v1(gw, req, &path["/admin/v1/".len()..]).await
+            admin_v1(gw, req, method, &path["/admin/v1/".len()..]).await
         }
         _ => error(&ApiError::NotFound(format!("no admin endpoint at {path}"))),
     }
@@ -109,9 +118,8 @@ fn write_result(r: Result<serde_json::Value, crate::reload::WriteError>) -> Resp
     }
 }
 
-async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<ProxyBody> {
+async fn admin_v1(gw: &Gateway, req: Request<Incoming>, method: Method, rest: &str) -> Response<ProxyBody> {
     let parts: Vec<&str> = rest.split('/').collect();
-    let method = req.method().clone();
     let query = req.uri().query().map(str::to_string);
     match (&method, parts.as_slice()) {
         (&Method::POST, ["reload"]) => match gw.reload("admin API").await {
@@ -144,10 +152,8 @@ async fn admin_v1(gw: &Gateway, req: Request<Incoming>, rest: &str) -> Response<
                 (_, Some(_)) => error(&ApiError::BadRequest("an upgrade is permanent: leave out \"until\"".into())),
             }
         }
-        (_, ["reload"] | ["tenants", _, "qps-plans", _, "temporary-upgrade" | "upgrade"]) => {
-            error(&ApiError::MethodNotAllowed("use POST".into()))
-        }
-        (_, ["tenants", _, "limits" | "usage"]) => error(&ApiError::MethodNotAllowed("use GET".into())),
+        (_, ["reload"] | ["tenants", _, "qps-plans", _, "temporary-upgrade" | "upgrade"]) => not_allowed("POST"),
+        (_, ["tenants", _, "limits" | "usage"]) => not_allowed("GET, HEAD"),
         _ => error(&ApiError::NotFound(format!("no admin endpoint at /admin/v1/{rest}"))),
     }
 }

@@ -294,6 +294,34 @@ async fn admin_api_auth_rules() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
+/// RFC 9110: HEAD is GET without the body (§9.3.2), and a 405 lists the methods the resource
+/// takes in `Allow` (§15.5.6). Health checkers and curl -I use HEAD on the probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_probes_answer_head_and_a_405_says_what_is_allowed() {
+    let (_up, cfg, gw) = gateway(40, None, "").await;
+    drop(gw);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", "s3cret")]);
+    let c = client();
+    let auth = [("authorization", "Bearer s3cret")];
+    for path in ["/healthz", "/readyz", "/metrics", "/admin/v1/tenants/acme/limits"] {
+        let r = send(&c, http::Method::HEAD, &gw.admin_url(path), &auth, b"").await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0), "HEAD {path}");
+    }
+    for (method, path, allow) in [
+        (http::Method::POST, "/healthz", "GET, HEAD"),
+        (http::Method::DELETE, "/metrics", "GET, HEAD"),
+        (http::Method::GET, "/admin/v1/reload", "POST"),
+        (http::Method::PUT, "/admin/v1/tenants/acme/usage", "GET, HEAD"),
+    ] {
+        let r = send(&c, method.clone(), &gw.admin_url(path), &auth, b"").await;
+        assert_eq!(
+            (r.status, r.error_code().as_str(), r.header("allow")),
+            (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", Some(allow)),
+            "{method} {path}"
+        );
+    }
+}
+
 async fn stop_with(signal: &'static str) {
     let (_up, _cfg, gw) = gateway(40, None, "").await;
     let c = client();
