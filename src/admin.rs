@@ -96,10 +96,14 @@ struct UpgradeBody {
 
 async fn json_body(req: Request<Incoming>) -> Result<UpgradeBody, ApiError> {
     use http_body_util::BodyExt;
-    let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+    const LIMIT: usize = 64 * 1024;
+    let body = http_body_util::Limited::new(req.into_body(), LIMIT)
         .collect()
         .await
-        .map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?
+        .map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => ApiError::BodyTooLarge { limit: LIMIT as u64 },
+            None => ApiError::BadRequest(format!("cannot read the body: {e}")),
+        })?
         .to_bytes();
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body must be JSON like {{\"qps\": 50}}: {e}")))
