@@ -332,7 +332,8 @@ impl Gateway {
             let from = crate::time::format_rfc3339(now, tz);
             let upgrade = serde_json::json!({"qps": qps, "from": from, "until": until});
             let text = splice::push_upgrade(text, &t, index, &upgrade.to_string())?;
-            // The `from` written to the file (whole seconds), so the overlay finds it identical.
+            // The `from` as written to the file (read back from its text), so the overlay finds
+            // the file's upgrade and the shared one identical.
             let from_ns = crate::time::parse_rfc3339(&from).unwrap_or(now);
             Ok((
                 text,
