@@ -300,13 +300,6 @@ impl Remote {
         self.journal.lock().map_or(0, |j| j.entries.len())
     }
 
-    /// `fdatasync` of the journal file when it got something since the last one (blocking).
-    pub fn sync_journal(&self) {
-        if self.unsynced.load(Ordering::SeqCst) {
-            self.sync_journal_now();
-        }
-    }
-
     /// `fdatasync` of the journal file: on return, every entry written before the call is on
     /// disk (a sync already running may have begun before it was written, so none is skipped).
     fn sync_journal_now(&self) {
@@ -319,8 +312,8 @@ impl Remote {
         }
     }
 
-    /// [`Remote::sync_journal_now`] off the runtime's threads: strict mode, before the 2xx of a
-    /// charge made on the fallback.
+    /// [`Remote::sync_journal_now`] off the runtime's threads: strict mode before the 2xx of a
+    /// charge made on the fallback, [`journal_sync_loop`], and the exit.
     pub async fn sync_journal_async(self: &Arc<Self>) {
         if self.sync.get().is_some() {
             let me = self.clone();

@@ -269,7 +269,10 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     let unreplayed = match gw.billing.remote() {
         Some(r) => {
             let left = r.replay_at_exit(CLOSE_WAIT).await;
-            r.sync_journal();
+            // Bounded, as the ledger's last flush: a failing disk must not hold the exit.
+            if tokio::time::timeout(CLOSE_WAIT, r.sync_journal_async()).await.is_err() {
+                tracing::error!("the fallback's journal file was not synced within 3 s");
+            }
             left
         }
         None => 0,
