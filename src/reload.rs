@@ -267,12 +267,20 @@ impl Gateway {
             .map_err(|e| WriteError::Invalid(e.to_string()))?
             .map_err(WriteError::Config)?;
         let files = matches!(self.source, ConfigSource::Files { .. });
-        if files {
-            write_entitlements_file(&texts.entitlements_name, texts.entitlements.clone())
-                .await
-                .map_err(|reason| WriteError::Io { path: texts.entitlements_name.clone(), reason })?;
-        }
         let remote = self.billing.remote();
+        if files {
+            let io = |reason| WriteError::Io { path: texts.entitlements_name.clone(), reason };
+            if remote.is_some() {
+                // Cluster mode: written on this thread, with no await between the write and the
+                // guard below that undoes it: a write handed to a blocking thread finishes even
+                // when the call is dropped while it runs, and left the upgrade in the file, for
+                // the watcher to apply on this replica alone.
+                write_atomically(Path::new(&texts.entitlements_name), &texts.entitlements)
+                    .map_err(|e| io(e.to_string()))?;
+            } else {
+                write_entitlements_file(&texts.entitlements_name, texts.entitlements.clone()).await.map_err(io)?;
+            }
+        }
         if let Some(remote) = remote {
             use crate::store::OverrideStore;
             // Dropped before Redis answers (the admin client went away), the call puts the file
