@@ -1243,6 +1243,65 @@ mod tests {
         }
     }
 
+    /// Seed and SPEC boundaries at the exact instant, through the whole decision: a QPS plan is
+    /// active while `effective_at ≤ t < expires_at` (SPEC §5.1), then "calls are billed at the
+    /// standard pay-as-you-go rate" at the default 2 QPS (seed 000, SPEC §5.2, §6.3); a package
+    /// pays while "not expired" (SPEC §6.2; seed: "If a resource package ... expires, subsequent
+    /// API calls are charged at the pay-as-you-go rate"); an Image Search instance past its
+    /// `expires_at` is "retain[ed] ... for one week, which indicates seven calendar days, and then
+    /// release[d]" (seed 004): 402 `instance_expired` from `expires_at`, 410 `instance_released`
+    /// from `expires_at` + 7 × 24 h (SPEC §4), for every operation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plan_package_and_image_search_expiry_take_effect_at_the_exact_instant() {
+        use crate::clock::ManualClock;
+        use crate::config::{ConfigSource, Texts, EMBEDDED_CATALOG};
+        let end = "2026-03-10T00:00:00Z";
+        let ents = format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["text_recognition", "object_detection"],
+            "image_search": {{"capacity": 10, "qps": 5, "expires_at": "{end}"}},
+            "qps_plans": [{{"feature": "license-plate-recognition", "qps": 7, "effective_at": "2026-03-01T00:00:00Z", "expires_at": "{end}"}}],
+            "packages": [{{"id": "od", "feature": "object-detection", "points": "100", "ordered_at": "2026-03-01T00:00:00Z", "expires_at": "{end}"}}]}}}}}}"#,
+            crate::hash_key("acme")
+        );
+        // (path, its answer just before `end`, at `end`, just before `end` + 7 days, at it):
+        // the payer and the limit of a forwarded call, or the code of a refusal.
+        let cases: [(&str, [&str; 4]); 4] = [
+            ("/lp", ["prepaid_qps q=7", "payg q=2", "payg q=2", "payg q=2"]),
+            ("/od", ["single_package:od q=2", "payg q=2", "payg q=2", "payg q=2"]),
+            ("/s", ["prepaid_qps q=5", "instance_expired", "instance_expired", "instance_released"]),
+            ("/d", ["prepaid_qps q=20", "instance_expired", "instance_expired", "instance_released"]),
+        ];
+        let times = ["2026-03-09T23:59:59.999999999Z", end, "2026-03-16T23:59:59.999999999Z", "2026-03-17T00:00:00Z"];
+        for (i, now) in times.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tmp");
+            let main = format!(
+                "[server]\nupstream = \"http://127.0.0.1:1\"\n[ledger]\ndir = \"{}\"\n\
+                 [[routes]]\npath = \"/s\"\nfeature = \"image-search\"\nop = \"search\"\n\
+                 [[routes]]\npath = \"/d\"\nfeature = \"image-search\"\nop = \"delete\"\n\
+                 [[routes]]\npath = \"/lp\"\nfeature = \"license-plate-recognition\"\n\
+                 [[routes]]\npath = \"/od\"\nfeature = \"object-detection\"\n",
+                dir.path().join("ledger").display()
+            );
+            let texts = Texts::in_memory(main, EMBEDDED_CATALOG, ents.clone());
+            let snap = crate::snapshot::build(&texts, 1).unwrap_or_else(|e| panic!("{e}"));
+            let gw = Gateway::new(texts, snap, ConfigSource::Embedded, None, ManualClock::at(now)).expect("gateway");
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", HeaderValue::from_static("acme"));
+            for (path, want) in &cases {
+                let got = match decide_now(&gw, &h, path) {
+                    Decision::Forward(f) => {
+                        let q = f.rate().policy();
+                        let q = String::from_utf8_lossy(q.as_bytes()).replace("\"qps\";", "").replace(";w=1", "");
+                        format!("{} {q}", f.reserved_payer().to_str().unwrap_or("?"))
+                    }
+                    Decision::Reject(e, ..) => e.code().to_string(),
+                };
+                assert_eq!(got, want[i], "{path} at {now}");
+            }
+            let _ = gw.billing.close(std::time::Duration::from_secs(5));
+        }
+    }
+
     #[test]
     fn upstream_uri_keeps_path_and_query_and_base_path() {
         let base: Uri = "http://127.0.0.1:18080".parse().unwrap();
