@@ -63,6 +63,10 @@ fn init_logs(format: LogFormat) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A failed log write (stderr's reader gone: a dead log shipper, `serve 2>&1 | head`) is
+        // dropped. Reported, it is an `eprintln!` to that same stderr, which panics: the task
+        // that logged dies (the signal handler's, and SIGTERM is ignored from then on).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => b.init(),

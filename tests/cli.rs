@@ -283,3 +283,41 @@ fn a_limit_above_a_million_qps_is_refused() {
         "{stderr}"
     );
 }
+
+/// Logs go to stderr; when its reader is gone (a log shipper that died, `serve 2>&1 | head`),
+/// a failed log write must not break the gateway: SIGTERM still stops it and flushes the
+/// ledger (SPEC §7). tracing-subscriber reported such a failure with `eprintln!`, which panics on
+/// a closed stderr: the panic ended the signal task, and SIGTERM was ignored from then on.
+#[test]
+fn sigterm_stops_serve_whose_stderr_reader_is_gone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:1", "", ""), SHIPPED_CATALOG, &entitlements(40, None));
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(cfg.main())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).expect("listening line");
+    assert!(banner.starts_with("turnstile listening:"), "{banner}");
+    // The reader of stderr goes away: every log line from now on fails with EPIPE.
+    drop(child.stderr.take());
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut status = None;
+    for _ in 0..400 {
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.expect("serve ignored SIGTERM once its stderr was closed");
+    assert!(status.success(), "{status:?}");
+}
