@@ -244,7 +244,13 @@ impl Gateway {
                 path: String::new(),
                 message: "not valid".into(),
             });
-            let code = if first.file == ents { "entitlements_invalid" } else { "config_invalid" };
+            // An entitlements file that cannot be read is reported at the main file's
+            // `files.entitlements`: still the entitlements' fault.
+            let code = if first.file == ents || first.path == "files.entitlements" {
+                "entitlements_invalid"
+            } else {
+                "config_invalid"
+            };
             WriteError::OnDisk { code, first }
         };
         let mut texts = self.read_current(&ctl).await.map_err(|e| on_disk(e, &ctl.texts.entitlements_name))?;

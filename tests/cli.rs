@@ -321,3 +321,44 @@ fn sigterm_stops_serve_whose_stderr_reader_is_gone() {
     let status = status.expect("serve ignored SIGTERM once its stderr was closed");
     assert!(status.success(), "{status:?}");
 }
+
+/// The catalog and entitlements are found through the main file's `[files]` (SPEC §3). When the
+/// main file does not parse, its `[files]` is unknown: check reports the main file's error, and
+/// no error about `catalog.toml` or `entitlements.json`, which it never named.
+#[test]
+fn a_main_file_that_does_not_parse_is_reported_not_the_default_file_names() {
+    let main = main_toml("http://127.0.0.1:1", "", "")
+        .replace("catalog = \"catalog.toml\"", "catalog = \"prices.toml\"")
+        .replace("entitlements = \"entitlements.json\"", "entitlements = \"tenants.json\"")
+        + "\n[metrics\ntenant_label = true\n";
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("turnstile.toml"), &main).expect("write");
+    std::fs::write(dir.path().join("prices.toml"), SHIPPED_CATALOG).expect("write");
+    std::fs::write(dir.path().join("tenants.json"), entitlements(40, None)).expect("write");
+    let out =
+        Command::new(BIN).arg("check").arg("--config").arg(dir.path().join("turnstile.toml")).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let file = format!("{}/turnstile.toml: ", dir.path().display());
+    assert!(stderr.contains(&file) && stderr.contains("(line "), "the syntax error is located:\n{stderr}");
+    assert!(!stderr.contains("catalog.toml") && !stderr.contains("entitlements.json"), "{stderr}");
+}
+
+/// A catalog or entitlements file that cannot be read is named with the field that names it
+/// (SPEC §2: errors name the file and the field path), and the main file's own errors are
+/// still reported (check prints every error).
+#[test]
+fn an_unreadable_catalog_names_files_catalog_and_the_main_files_errors_still_show() {
+    let main = main_toml("http://127.0.0.1:1", "", "[admission]\nburst_secs = 1.0\n")
+        .replace("catalog = \"catalog.toml\"", "catalog = \"catalgo.toml\"");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let dir = cfg.path().display().to_string();
+    for expected in [
+        format!("{dir}/turnstile.toml: files.catalog: cannot read {dir}/catalgo.toml: "),
+        format!("{dir}/turnstile.toml: admission.burst_secs: unknown key"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+}

@@ -89,12 +89,26 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
             let main_name = main.display().to_string();
             let Some(text) = read(main, &mut errors) else { return Err(ConfigErrors(errors)) };
             // Only [files] is needed to find the other two; full validation happens later.
-            let files = gateway::peek_files(&text).unwrap_or_default();
+            let Some(files) = gateway::peek_files(&text) else {
+                // The main file does not parse, so which files it names is unknown: its own
+                // errors are reported, and no default-named file is guessed (one beside it may
+                // belong to another configuration, or not exist and hide the real error).
+                let mut errors = main_parse_errors(&main_name, &text);
+                if errors.is_empty() {
+                    errors.push(ConfigError {
+                        file: main_name,
+                        path: "files".into(),
+                        message: "cannot be read to find the catalog and entitlements".into(),
+                    });
+                }
+                return Err(ConfigErrors(errors));
+            };
             let dir = main.parent().map(Path::to_path_buf).unwrap_or_default();
             let catalog_path = dir.join(&files.catalog);
             let ent_path = dir.join(&files.entitlements);
-            let catalog = read(&catalog_path, &mut errors);
-            let entitlements = read(&ent_path, &mut errors);
+            let catalog = read_named(&main_name, "files.catalog", &files.catalog, &catalog_path, &mut errors);
+            let entitlements =
+                read_named(&main_name, "files.entitlements", &files.entitlements, &ent_path, &mut errors);
             match (catalog, entitlements) {
                 (Some(catalog), Some(entitlements)) => Ok(Texts {
                     main_name,
@@ -106,10 +120,45 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
                     watch_paths: vec![main.clone(), catalog_path, ent_path],
                     base_dir: Some(dir),
                 }),
-                _ => Err(ConfigErrors(errors)),
+                _ => {
+                    // Check prints every error: the main file's own (syntax, unknown keys,
+                    // types) come first, though the files it names could not be read.
+                    let mut all = main_parse_errors(&main_name, &text);
+                    all.append(&mut errors);
+                    Err(ConfigErrors(all))
+                }
             }
         }
     }
+}
+
+/// The errors of parsing the main file alone (before the checks that need the catalog).
+fn main_parse_errors(main_name: &str, text: &str) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let _: Option<gateway::RawGateway> = parse_toml(main_name, text, &mut errors);
+    errors
+}
+
+/// Reads a file the main file names at `field`; an error names the main file and that field
+/// (SPEC §2), where the fix is made.
+fn read_named(
+    main_name: &str,
+    field: &str,
+    written: &str,
+    path: &Path,
+    errors: &mut Vec<ConfigError>,
+) -> Option<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| {
+            let relative =
+                if Path::new(written).is_relative() { " (a relative path is from this file's folder)" } else { "" };
+            errors.push(ConfigError {
+                file: main_name.into(),
+                path: field.into(),
+                message: format!("cannot read {}: {e}{relative}", path.display()),
+            })
+        })
+        .ok()
 }
 
 /// Renders a serde_ignored path as `a.b[0].c`.
