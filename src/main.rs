@@ -208,7 +208,27 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
     let redis = if snap.settings.cluster.store == turnstile::config::gateway::StoreKind::Redis {
         let tenants: Vec<&str> = snap.tenants.iter().map(|t| t.label).collect();
         match turnstile::store::redis::RedisStore::open(&snap.settings.cluster, None, tenants).await {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                // Strict mode: what check refuses in this Redis (SPEC §11.5: no fsynced AOF, a
+                // node that cannot be read), serve refuses too, with the same lines; the promise
+                // of a 2xx only once the charge is on Redis's disk could not hold. Batched mode
+                // starts as before (check only warns of the AOF; the extra connections and a
+                // Redis Cluster node that is down must not delay or stop a replica's start).
+                if snap.settings.durability == turnstile::config::gateway::Durability::Strict {
+                    let found = cluster_store_findings(&texts.main_name, &snap.settings).await;
+                    if !found.errors.is_empty() {
+                        for e in &found.errors {
+                            eprintln!("{e}");
+                        }
+                        eprintln!(
+                            "turnstile: {} error(s) in the cluster store; not starting (or set [ledger].durability = \"batched\")",
+                            found.errors.len()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                }
+                Some(r)
+            }
             Err(e) => {
                 eprintln!(
                     "turnstile: cluster.redis: {e}; not starting (start Redis, or set [cluster].store = \"local\")"
@@ -381,20 +401,28 @@ async fn reload_on_sighup(gw: std::sync::Arc<Gateway>, hangups: Hangups) {
     let _ = (gw, hangups);
 }
 
-/// `turnstile check` with `[cluster].store = "redis"` (SPEC §11.5): connects to every listed
-/// node and reads its AOF policy. Without `appendonly yes` + `appendfsync always`: an error in
-/// strict mode (a 2xx must not go out before its charge is on Redis's disk), a warning in
-/// batched mode. A node that cannot be reached or read is an error. Returns false on an error.
-fn check_cluster_store(file: &str, settings: &turnstile::config::gateway::Settings) -> bool {
+/// What `check` and `serve` find in the Redis that `[cluster]` names (SPEC §11.5).
+#[derive(Default)]
+struct StoreFindings {
+    /// Each a line naming the file and field: check fails on any.
+    errors: Vec<String>,
+    /// Lines check prints as warnings and passes.
+    warnings: Vec<String>,
+}
+
+/// With `[cluster].store = "redis"` (SPEC §11.5): connects to every listed node (and, for a
+/// Redis Cluster, every node it names) and reads its AOF policy. Without `appendonly yes` +
+/// `appendfsync always`: an error in strict mode (a 2xx must not go out before its charge is on
+/// Redis's disk), a warning in batched mode. A node that cannot be reached or read is an error.
+async fn cluster_store_findings(file: &str, settings: &turnstile::config::gateway::Settings) -> StoreFindings {
     use turnstile::config::gateway::{Durability, StoreKind};
     let c = &settings.cluster;
+    let mut found = StoreFindings::default();
     if c.store != StoreKind::Redis {
-        return true;
+        return found;
     }
-    let Some(rt) = runtime(true) else { return false };
-    let report = rt.block_on(turnstile::store::redis::aof_policies(&c.redis, std::time::Duration::from_secs(2)));
+    let report = turnstile::store::redis::aof_policies(&c.redis, std::time::Duration::from_secs(2)).await;
     let strict = settings.durability == Durability::Strict;
-    let mut errors = 0;
     for (url, r) in report {
         match r {
             Ok((ao, af)) if ao == "yes" && af == "always" => {}
@@ -403,20 +431,32 @@ fn check_cluster_store(file: &str, settings: &turnstile::config::gateway::Settin
                     "{file}: cluster.redis: {url} runs appendonly {ao:?}, appendfsync {af:?}; strict mode needs appendonly yes and appendfsync always (SPEC §11.5)"
                 );
                 if strict {
-                    eprintln!("{msg}");
-                    errors += 1;
+                    found.errors.push(msg);
                 } else {
-                    eprintln!("warning: {msg}: in batched mode a Redis crash may lose recent charges");
+                    found.warnings.push(format!("{msg}: in batched mode a Redis crash may lose recent charges"));
                 }
             }
-            Err(e) => {
-                eprintln!("{file}: cluster.redis: {url}: {e}");
-                errors += 1;
-            }
+            Err(e) => found.errors.push(format!("{file}: cluster.redis: {url}: {e}")),
         }
     }
-    if errors > 0 {
-        eprintln!("{errors} error(s)");
+    found
+}
+
+/// `turnstile check`'s part of [`cluster_store_findings`]: prints them; false on an error.
+fn check_cluster_store(file: &str, settings: &turnstile::config::gateway::Settings) -> bool {
+    if settings.cluster.store != turnstile::config::gateway::StoreKind::Redis {
+        return true;
     }
-    errors == 0
+    let Some(rt) = runtime(true) else { return false };
+    let found = rt.block_on(cluster_store_findings(file, settings));
+    for w in &found.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &found.errors {
+        eprintln!("{e}");
+    }
+    if !found.errors.is_empty() {
+        eprintln!("{} error(s)", found.errors.len());
+    }
+    found.errors.is_empty()
 }

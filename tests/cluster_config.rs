@@ -129,3 +129,49 @@ fn check_reports_an_unlisted_cluster_master_without_appendfsync_always() {
     );
     assert!(err.contains(&urls[2]) && err.contains("everysec"), "the unlisted master is named: {err}");
 }
+
+/// `serve` never starts on what `check` refuses: strict mode on a Redis without `appendonly yes`
+/// and `appendfsync always` breaks SPEC §11.5's promise (a 2xx only once the charge is in
+/// Redis's fsynced AOF), so serve refuses it with check's message; in batched mode, which check
+/// passes with a warning, it starts.
+#[test]
+fn serve_refuses_strict_mode_on_a_redis_that_check_refuses() {
+    let Some(plain) = RedisServer::start("serve_refuses_strict_mode_on_a_redis", Opts::default()) else {
+        return;
+    };
+    let redis = format!("store = \"redis\"\nredis = [\"{}\"]\n", plain.url());
+    let cfg = config(&redis, "[ledger]\ndurability = \"strict\"\n");
+    let (ok, _out, check_err) = check(&cfg);
+    assert!(!ok, "{check_err}");
+    let message = check_err.lines().next().unwrap_or_default().to_string();
+    assert!(message.contains("appendonly"), "{check_err}");
+
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg.main())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut status = None;
+    for _ in 0..200 {
+        if let Ok(Some(s)) = serve.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let out = serve.wait_with_output().expect("wait");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status.map(|s| s.success()), Some(false), "serve started where check refuses:\n{stdout}{stderr}");
+    assert!(stderr.contains(&message), "serve says what check says ({message:?}):\n{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+
+    // Batched: check warns and passes; serve starts.
+    let cfg = config(&redis, "[ledger]\ndurability = \"batched\"\n");
+    let (ok, _out, check_err) = check(&cfg);
+    assert!(ok, "{check_err}");
+    let gw = Gateway::start(&cfg);
+    assert!(gw.stdout_lines[0].starts_with("turnstile listening:"), "{:?}", gw.stdout_lines);
+}
