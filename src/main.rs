@@ -46,7 +46,10 @@ enum Cmd {
         config: PathBuf,
     },
     /// Print the sha256 hex that entitlements store for KEY.
-    HashKey { key: String },
+    HashKey {
+        #[arg(value_parser = non_blank_key)]
+        key: String,
+    },
     /// Run only the stand-in inference upstream (for load tests and docker-compose).
     StandIn {
         #[arg(long, default_value = "127.0.0.1:18080")]
@@ -55,6 +58,17 @@ enum Cmd {
     /// Price a purchase or usage from the catalog.
     #[command(subcommand)]
     Quote(turnstile::quote::QuoteCmd),
+}
+
+/// An API key for `hash-key`. A blank one is refused: requests carry no empty key (one
+/// without a key is 401 `missing_api_key`), so its hash could never match; it is what
+/// `turnstile hash-key "$KEY"` gets with `KEY` unset.
+fn non_blank_key(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("KEY is empty: give the API key to hash (no request can carry an empty key)".into())
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 fn init_logs(format: LogFormat) {

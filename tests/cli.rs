@@ -362,3 +362,16 @@ fn an_unreadable_catalog_names_files_catalog_and_the_main_files_errors_still_sho
         assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
     }
 }
+
+/// `turnstile hash-key "$KEY"` with `KEY` unset hashed the empty key: a hash that entitlements
+/// accept but no request can match (a request without a key is 401 `missing_api_key`). An
+/// empty or blank KEY is refused.
+#[test]
+fn hash_key_refuses_an_empty_key() {
+    for key in ["", "  "] {
+        let out = Command::new(BIN).args(["hash-key", key]).output().expect("run");
+        assert!(!out.status.success(), "{key:?} was hashed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("KEY"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
