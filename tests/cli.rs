@@ -375,3 +375,23 @@ fn hash_key_refuses_an_empty_key() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("KEY"), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// A TOML syntax error is one line that names its file (as every other error), and its column
+/// counts characters, as editors do, not bytes.
+#[test]
+fn toml_syntax_errors_are_one_line_with_the_column_in_characters() {
+    let main = main_toml("http://127.0.0.1:1", "", "");
+    let cfg = ConfigDir::new(&main, "currency = \"CNY\"\n[families\nname = \"F\"\n", "{\"tenants\": {}}");
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let file = format!("{}/catalog.toml: ", cfg.path().display());
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.ends_with("error(s)")).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.starts_with(&file)), "{stderr}");
+    assert!(stderr.contains("(line 2, column "), "{stderr}");
+
+    // `é` is two bytes; the stray one is the 12th character of its line.
+    let cfg = ConfigDir::new(&main, "currency = \"CNY\"\nname = \"é\" é\n", "{\"tenants\": {}}");
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    assert!(stderr.contains("(line 2, column 12)"), "{stderr}");
+}

@@ -216,14 +216,25 @@ where
 
 pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
     let before = errors.len();
-    let describe = |e: toml::de::Error| match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("{} (line {line}, column {col})", e.message().trim_end())
+    let describe = |e: toml::de::Error| {
+        // One line per error, each naming its file: the parser's message may span lines
+        // ("invalid table header\nexpected ...").
+        let message = e.message().trim_end().lines().map(str::trim).collect::<Vec<_>>().join(": ");
+        match e.span() {
+            Some(span) => {
+                // A span may end inside a character; the text before it is cut at a boundary.
+                let mut start = span.start.min(text.len());
+                while !text.is_char_boundary(start) {
+                    start -= 1;
+                }
+                let before = &text[..start];
+                let line = before.matches('\n').count() + 1;
+                // In characters, as editors count columns (a byte count is off after an `é`).
+                let col = before[before.rfind('\n').map_or(0, |i| i + 1)..].chars().count() + 1;
+                format!("{message} (line {line}, column {col})")
+            }
+            None => message,
         }
-        None => e.message().trim_end().to_string(),
     };
     let v = deserialize_collecting(file, toml::Deserializer::new(text), describe, errors);
     v.filter(|_| errors.len() == before)
