@@ -182,14 +182,19 @@ pub fn build(texts: &crate::config::Texts, generation: u64) -> Result<Snapshot, 
 
     let catalog: Option<Catalog> = raw_catalog
         .map(|c| crate::catalog::compile(c, &mut crate::config::Errs { file: &texts.catalog_name, out: &mut errors }));
-    let (Some(main), Some(catalog)) = (main, catalog) else {
+    // Routes and entitlements are checked against the catalog; each file that parsed is checked
+    // even when another did not (check prints every error: a typo in turnstile.toml must not hide
+    // a cap exceeded in entitlements.json).
+    let Some(catalog) = catalog else {
         return Err(crate::config::ConfigErrors(errors));
     };
-    let mut settings = crate::config::gateway::compile(
-        main,
-        &catalog,
-        &mut crate::config::Errs { file: &texts.main_name, out: &mut errors },
-    );
+    let mut settings = main.and_then(|main| {
+        crate::config::gateway::compile(
+            main,
+            &catalog,
+            &mut crate::config::Errs { file: &texts.main_name, out: &mut errors },
+        )
+    });
     if let (Some((s, _)), Some(base)) = (settings.as_mut(), texts.base_dir.as_ref()) {
         if s.ledger_dir.is_relative() {
             s.ledger_dir = base.join(&s.ledger_dir);

@@ -395,3 +395,20 @@ fn toml_syntax_errors_are_one_line_with_the_column_in_characters() {
     assert!(!ok);
     assert!(stderr.contains("(line 2, column 12)"), "{stderr}");
 }
+
+/// Check prints every error (SPEC §2): a typo in turnstile.toml does not hide what is wrong in
+/// entitlements.json, whose checks need only the catalog.
+#[test]
+fn a_typo_in_the_main_file_does_not_hide_the_entitlements_errors() {
+    let main = main_toml("http://127.0.0.1:1", "", "[admission]\nburst_secs = 1.0\n");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(60, None));
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let dir = cfg.path().display().to_string();
+    for expected in [
+        format!("{dir}/turnstile.toml: admission.burst_secs: unknown key"),
+        format!("{dir}/entitlements.json: tenants.acme.qps_plans[0].qps: 60 exceeds the face_body cap of 50"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
