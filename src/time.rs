@@ -5,7 +5,9 @@ use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 /// Parses an RFC 3339 time that carries an offset (`Z` or `±hh:mm`).
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     let t = DateTime::parse_from_rfc3339(s).map_err(|e| format!("{s:?} is not an RFC 3339 time with offset ({e})"))?;
-    t.timestamp_nanos_opt().ok_or_else(|| format!("{s:?} is out of range"))
+    // Times are kept as i64 nanoseconds (what the hot path compares): the range is theirs.
+    t.timestamp_nanos_opt()
+        .ok_or_else(|| format!("{s:?} is out of range: write a time from 1677-09-21T00:12:44Z to 2262-04-11T23:47:16Z"))
 }
 
 /// Formats Unix nanoseconds as RFC 3339 in the given offset.

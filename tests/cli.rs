@@ -412,3 +412,22 @@ fn a_typo_in_the_main_file_does_not_hide_the_entitlements_errors() {
         assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
     }
 }
+
+/// "Never expires" is often written 9999-12-31: times are kept in nanoseconds, which end in
+/// 2262, and the error says so, naming the latest time that can be written.
+#[test]
+fn a_time_past_2262_names_the_latest_time_allowed() {
+    let ents = entitlements(40, None).replacen(
+        r#""services": ["text_recognition"]"#,
+        r#""services": ["text_recognition"], "image_search": {"capacity": 1, "qps": 1, "expires_at": "9999-12-31T23:59:59Z"}"#,
+        1,
+    );
+    let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:1", "", ""), SHIPPED_CATALOG, &ents);
+    let (ok, _, stderr) = check(&cfg);
+    assert!(!ok);
+    let expected = format!(
+        "{}/entitlements.json: tenants.globex.image_search.expires_at: \"9999-12-31T23:59:59Z\" is out of range: write a time from 1677-09-21T00:12:44Z to 2262-04-11T23:47:16Z",
+        cfg.path().display()
+    );
+    assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+}
