@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::catalog::{self, Catalog, Feature, Method, RawCatalog, Unit, IMAGE_SEARCH};
-use crate::config::{self, ConfigSource, Errs};
+use crate::config::{self, Errs};
 use crate::pricing::{self, ser, Period, TierLine};
 
 /// Options every quote takes.
@@ -137,11 +137,11 @@ pub fn run(cmd: QuoteCmd) -> ExitCode {
 
 /// Reads the main file and the catalog it names, and compiles the catalog alone.
 fn load_catalog(main: &std::path::Path) -> Result<Catalog, Vec<config::ConfigError>> {
-    let texts = config::read_texts(&ConfigSource::Files { main: main.to_path_buf() }).map_err(|e| e.0)?;
+    let (name, text) = config::read_catalog(main).map_err(|e| e.0)?;
     let mut errors = Vec::new();
-    let raw: Option<RawCatalog> = config::parse_toml(&texts.catalog_name, &texts.catalog, &mut errors);
+    let raw: Option<RawCatalog> = config::parse_toml(&name, &text, &mut errors);
     let Some(raw) = raw else { return Err(errors) };
-    let catalog = catalog::compile(raw, &mut Errs { file: &texts.catalog_name, out: &mut errors });
+    let catalog = catalog::compile(raw, &mut Errs { file: &name, out: &mut errors });
     if errors.is_empty() {
         Ok(catalog)
     } else {

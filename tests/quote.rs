@@ -307,3 +307,21 @@ fn missing_or_invalid_catalog_is_reported_with_file_and_field() {
     assert!(r.stderr.contains("catalog.toml: features.broken.family: unknown family"), "{}", r.stderr);
     assert!(r.stdout.is_empty());
 }
+
+/// `quote` reads the catalog named in `--config` (SPEC §2), nothing else: without an
+/// entitlements file it still quotes, instead of calling the catalog invalid.
+#[test]
+fn quote_needs_no_entitlements_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    for f in ["turnstile.toml", "catalog.toml"] {
+        std::fs::copy(format!("{shipped}/{f}"), dir.path().join(f)).expect("copy config");
+    }
+    let main = dir.path().join("turnstile.toml");
+    let r = quote_with(
+        main.to_str().expect("utf-8"),
+        &["qps", "--feature", "face-comparison-1-1", "--qps", "40", "--period", "day"],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("total: 452.00 CNY"), "{}", r.stdout);
+}

@@ -85,25 +85,8 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
             base_dir: None,
         }),
         ConfigSource::Files { main } => {
+            let Located { main_name, text, dir, files } = locate(main)?;
             let mut errors = Vec::new();
-            let main_name = main.display().to_string();
-            let Some(text) = read(main, &mut errors) else { return Err(ConfigErrors(errors)) };
-            // Only [files] is needed to find the other two; full validation happens later.
-            let Some(files) = gateway::peek_files(&text) else {
-                // The main file does not parse, so which files it names is unknown: its own
-                // errors are reported, and no default-named file is guessed (one beside it may
-                // belong to another configuration, or not exist and hide the real error).
-                let mut errors = main_parse_errors(&main_name, &text);
-                if errors.is_empty() {
-                    errors.push(ConfigError {
-                        file: main_name,
-                        path: "files".into(),
-                        message: "cannot be read to find the catalog and entitlements".into(),
-                    });
-                }
-                return Err(ConfigErrors(errors));
-            };
-            let dir = main.parent().map(Path::to_path_buf).unwrap_or_default();
             let catalog_path = dir.join(&files.catalog);
             let ent_path = dir.join(&files.entitlements);
             let catalog = read_named(&main_name, "files.catalog", &files.catalog, &catalog_path, &mut errors);
@@ -130,6 +113,50 @@ pub fn read_texts(source: &ConfigSource) -> Result<Texts, ConfigErrors> {
             }
         }
     }
+}
+
+/// Reads the main file and the catalog it names, not the entitlements (`quote` prices from the
+/// catalog alone): the catalog's name for errors, and its text.
+pub fn read_catalog(main: &Path) -> Result<(String, String), ConfigErrors> {
+    let Located { main_name, dir, files, .. } = locate(main)?;
+    let mut errors = Vec::new();
+    let path = dir.join(&files.catalog);
+    match read_named(&main_name, "files.catalog", &files.catalog, &path, &mut errors) {
+        Some(catalog) => Ok((path.display().to_string(), catalog)),
+        None => Err(ConfigErrors(errors)),
+    }
+}
+
+/// The main file, read, and the files its `[files]` names.
+struct Located {
+    main_name: String,
+    text: String,
+    /// The main file's folder: the other files' paths are relative to it.
+    dir: PathBuf,
+    files: gateway::RawFiles,
+}
+
+fn locate(main: &Path) -> Result<Located, ConfigErrors> {
+    let mut errors = Vec::new();
+    let main_name = main.display().to_string();
+    let Some(text) = read(main, &mut errors) else { return Err(ConfigErrors(errors)) };
+    // Only [files] is needed to find the other two; full validation happens later.
+    let Some(files) = gateway::peek_files(&text) else {
+        // The main file does not parse, so which files it names is unknown: its own errors are
+        // reported, and no default-named file is guessed (one beside it may belong to another
+        // configuration, or not exist and hide the real error).
+        let mut errors = main_parse_errors(&main_name, &text);
+        if errors.is_empty() {
+            errors.push(ConfigError {
+                file: main_name,
+                path: "files".into(),
+                message: "cannot be read to find the catalog and entitlements".into(),
+            });
+        }
+        return Err(ConfigErrors(errors));
+    };
+    let dir = main.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(Located { main_name, text, dir, files })
 }
 
 /// The errors of parsing the main file alone (before the checks that need the catalog).
