@@ -541,3 +541,70 @@ async fn http2_authority_reaches_an_http1_upstream_as_host() {
     let seen: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(seen["headers"]["host"], "tenant.example", "HTTP/2 with a differing host field: {seen}");
 }
+
+/// `name{labels} value` of the scrape; 0 when the series is absent.
+fn series(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0, |v| v.trim().parse().unwrap_or_else(|_| panic!("not a number: {v}")))
+}
+
+/// Shadow mode (SPEC §5.5) for gRPC calls: what enforce mode refuses with RESOURCE_EXHAUSTED
+/// (429) or FAILED_PRECONDITION (402) reaches the upstream; a would-be 429 is charged as usual
+/// when its trailers say OK, a would-be 402 is recorded unpaid; an error status charges and
+/// records nothing, as for any gRPC call (SPEC §4). Every other refusal is still a gRPC status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_forwards_grpc_calls_enforce_mode_would_refuse() {
+    let up = start_server().await;
+    let server = "upstream_protocol = \"h2c\"\nupstream_timeout_ms = 1500\n";
+    let rest = ROUTES.replace("burst_seconds = 1.0\n", "burst_seconds = 1.0\nmode = \"shadow\"\n");
+    assert_ne!(rest, ROUTES);
+    let cfg = ConfigDir::new(&main_toml(&format!("http://{up}"), server, &rest), &catalog(), &tenants());
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    let mut acme = Client::connect(gw.addr, Some("key-acme")).await;
+    let at = |pkg: &str| path("ModelInfer").as_str().replace("inference.", pkg).parse().expect("path");
+
+    // Nothing can pay for object detection: forwarded, no payer, recorded unpaid on OK.
+    for i in 0..2 {
+        let r = acme.unary_at(at("paid."), infer("od")).await.unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        let payer = r.metadata().get("x-turnstile-payer").and_then(|v| v.to_str().ok());
+        assert_eq!(payer, Some("unpaid"), "call {i}");
+        assert_eq!(r.into_inner().tenant, "acme");
+    }
+    // An error status: forwarded, but recorded as nothing.
+    let e = acme.unary_at(at("paid."), InferRequest { fail_with: Code::Internal as i32, ..infer("od") }).await;
+    assert_eq!(e.expect_err("the upstream's INTERNAL").code(), Code::Internal);
+
+    // Over face comparison's 1 QPS: forwarded and paid by the plan, as an admitted call.
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let r = acme.unary_at(at("limited."), infer("fc")).await.unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        let payer = r.metadata().get("x-turnstile-payer").and_then(|v| v.to_str().ok());
+        assert_eq!(payer, Some("prepaid_qps"), "call {i}");
+    }
+    let took = started.elapsed();
+
+    // Not a 429 or 402: still refused the gRPC way.
+    let mut globex = Client::connect(gw.addr, Some("key-globex")).await;
+    let e = globex.unary(infer("x")).await.expect_err("not activated");
+    assert_eq!((e.code(), header(&e, "x-turnstile-error")), (Code::PermissionDenied, Some("service_not_activated")));
+
+    let m = gw.metrics(&c).await;
+    let requests = |f: &str, outcome: &str| {
+        series(&m, &format!(r#"turnstile_requests_total{{feature="{f}",outcome="{outcome}",tenant="acme"}}"#))
+    };
+    assert_eq!(requests("object-detection", "shadow_payment_required"), 3, "{m}");
+    assert_eq!(requests("object-detection", "payment_required"), 0, "{m}");
+    let unpaid = r#"turnstile_unpaid_units_total{feature="object-detection",tenant="acme"}"#;
+    assert_eq!(series(&m, unpaid), 2, "the two OK calls, not the INTERNAL one: {m}");
+    assert!(!m.contains(r#"turnstile_billed_units_total{feature="object-detection""#), "nothing charged: {m}");
+    let shadowed = requests("face-comparison-1-1", "shadow_throttled");
+    assert_eq!(shadowed + requests("face-comparison-1-1", "admitted"), 3, "{m}");
+    assert_eq!(requests("face-comparison-1-1", "throttled"), 0, "{m}");
+    if took < Duration::from_secs(1) {
+        assert_eq!(shadowed, 2, "{m}");
+    }
+    let prepaid = r#"turnstile_billed_units_total{feature="face-comparison-1-1",payer="prepaid_qps",tenant="acme"}"#;
+    assert_eq!(series(&m, prepaid), 3, "metered as usual: {m}");
+}

@@ -133,3 +133,100 @@ async fn expired_instance_is_402_within_retention_then_410() {
     assert_eq!((r.status, r.error_code().as_str()), (StatusCode::GONE, "instance_released"));
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+const TOKEN: &str = "image-token";
+const AUTH: (&str, &str) = ("authorization", "Bearer image-token");
+
+/// A gateway with the admin API on, `rest` in the main file (e.g. an `[admission]` section).
+async fn start_admin(rest: &str, ents: &str) -> (Upstream, ConfigDir, Gateway) {
+    let up = Upstream::start().await;
+    let payg = r#"["payg"]"#;
+    let catalog = small_catalog(payg, payg, payg, IMAGE_SEARCH);
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "", &format!("{rest}\n{}", routes())), &catalog, ents);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    (up, cfg, gw)
+}
+
+/// The instance's image count as the limits view shows it.
+async fn images(c: &TestClient, gw: &Gateway) -> u64 {
+    let v = get(c, &gw.admin_url("/admin/v1/tenants/acme/limits"), &[AUTH]).await.json();
+    v["features"]["image-search"]["images"].as_u64().unwrap_or_else(|| panic!("images: {v}"))
+}
+
+async fn reload_with(c: &TestClient, gw: &Gateway, cfg: &ConfigDir, ents: &str) {
+    std::fs::write(cfg.path().join("entitlements.json"), ents).expect("write");
+    let r = post(c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Seed 004: upgrade and downgrade change the package in place ("the original resource package
+/// becomes invalid at the same time when the new resource package takes effect"), renewal
+/// restores an expired instance within the week it is retained. The images stay through all of
+/// it: a downgrade below the count refuses adds (409 saying what to do) but not searches or
+/// deletes; a renewal serves the same images again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_downgrade_and_renewal_keep_the_images() {
+    let (_up, cfg, gw) = start_admin("", &ents(2, 50, 86400)).await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    }
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
+    reload_with(&c, &gw, &cfg, &ents(3, 50, 86400)).await;
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK, "upgraded: room for one more");
+    assert_eq!(images(&c, &gw).await, 3);
+    reload_with(&c, &gw, &cfg, &ents(1, 50, 86400)).await;
+    let r = op(&c, &gw, "/v1/image-search/add").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "capacity_exceeded"));
+    let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("delete images") && msg.contains("upgrade"), "says what to do: {msg}");
+    assert_eq!(op(&c, &gw, "/v1/image-search/search").await.status, StatusCode::OK, "searches go on");
+    assert_eq!(op(&c, &gw, "/v1/image-search/delete").await.status, StatusCode::OK);
+    assert_eq!(images(&c, &gw).await, 2);
+
+    // Expired: 402 saying to renew and when the instance goes; renewed: the same images.
+    reload_with(&c, &gw, &cfg, &ents(3, 50, -60)).await;
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::PAYMENT_REQUIRED, "instance_expired"));
+    let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("renew") && msg.contains("7-day"), "{msg}");
+    let r = op(&c, &gw, "/v1/image-search/delete").await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "every operation");
+    reload_with(&c, &gw, &cfg, &ents(3, 50, 30 * 86400)).await;
+    assert_eq!(images(&c, &gw).await, 2, "renewed: the instance kept its images");
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
+}
+
+/// Shadow mode (SPEC §5.5) forwards an Image Search call over the instance's QPS and counts
+/// its image as usual; the capacity (409), expiry (402 `instance_expired`) and release (410)
+/// are not limits or payers, and are answered as in enforce mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_forwards_image_calls_over_the_qps_and_still_counts_capacity() {
+    let shadow = "[admission]\nmode = \"shadow\"\n";
+    // capacity 4, 1 QPS: the adds after the first are over the limit.
+    let (_up, cfg, gw) = start_admin(shadow, &ents(4, 1, 86400)).await;
+    let c = client();
+    for i in 0..4 {
+        let r = op(&c, &gw, "/v1/image-search/add").await;
+        assert_eq!(r.status, StatusCode::OK, "add {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("x-turnstile-payer"), Some("prepaid_qps"), "add {i}");
+    }
+    assert_eq!(images(&c, &gw).await, 4, "every forwarded add is counted");
+    let r = op(&c, &gw, "/v1/image-search/add").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "capacity_exceeded"));
+    let m = gw.metrics(&c).await;
+    let n = |outcome: &str| {
+        let s = format!(r#"turnstile_requests_total{{feature="image-search",outcome="{outcome}",tenant="acme"}} "#);
+        m.lines().find_map(|l| l.strip_prefix(s.as_str())).map_or(0, |v| v.trim().parse::<u32>().expect("number"))
+    };
+    assert_eq!((n("admitted") + n("shadow_throttled"), n("forbidden"), n("throttled")), (4, 1, 0), "{m}");
+    assert!(n("shadow_throttled") >= 1, "{m}");
+
+    reload_with(&c, &gw, &cfg, &ents(4, 1, -60)).await;
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::PAYMENT_REQUIRED, "instance_expired"));
+    reload_with(&c, &gw, &cfg, &ents(4, 1, -8 * 86400)).await;
+    let r = op(&c, &gw, "/v1/image-search/search").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::GONE, "instance_released"));
+}
