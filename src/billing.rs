@@ -618,16 +618,13 @@ impl Billing {
         g.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// Updates the image count after a 2xx: +1 for an add (its slot becomes an image), -1 for a
-    /// delete, and `reported` (the upstream's `x-usage-image-count`), when given, wins.
-    pub async fn settle_images(
-        &self,
-        tenant: &Tenant,
-        op: crate::config::gateway::ImageOp,
-        slot: Option<ImageSlot>,
-        reported: Option<u64>,
-    ) -> Result<(), StoreError> {
-        self.settle_images_in(&self.stores, tenant, op, slot, reported).await
+    /// Sets the image count to `reported`, the upstream's `x-usage-image-count` on an answer
+    /// that is not charged (a non-2xx, a gRPC error): SPEC §4 makes it the instance's count
+    /// after the call, whatever its status. In the store serving now (the fallback's while
+    /// Redis is away: the next count reported to Redis corrects Redis).
+    pub async fn resync_images(&self, tenant: &Tenant, reported: u64) -> Result<(), StoreError> {
+        let (stores, _) = self.current();
+        self.settle_images_in(stores, tenant, crate::config::gateway::ImageOp::Search, None, Some(reported)).await
     }
 
     async fn settle_images_in(

@@ -932,8 +932,14 @@ async fn forward(
             }
         }
     } else {
-        // Not charged: dropping `fwd` gives a reserved package share back.
-        drop(fwd);
+        // Not charged: dropping `fwd` gives a reserved package share back. An Image Search
+        // count it reports is taken all the same (SPEC §4: the count after the call).
+        if fwd.is_image() {
+            let headers = UsageReports { buf: &up.buf[..up.len], head: &resp };
+            Box::pin(proxy::resync_images(gw, fwd, &headers)).await;
+        } else {
+            drop(fwd);
+        }
         (reserved_payer, Outcome::Admitted)
     };
     let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };

@@ -90,6 +90,10 @@ impl Forward {
     pub(crate) fn normalized_path(&self) -> Option<&str> {
         self.path.as_deref()
     }
+    /// Whether this is an Image Search call (its answers may report the image count).
+    pub(crate) fn is_image(&self) -> bool {
+        self.image.is_some()
+    }
     pub(crate) fn shadow(&self) -> Option<Outcome> {
         self.shadow
     }
@@ -938,6 +942,25 @@ pub async fn settle_now<H: HeadView + ?Sized>(
     gw.billing.settle_call_with(snap, tenant, fi, reservation, now, image).await
 }
 
+/// An answer that is not charged (a non-2xx, a gRPC error status) to an Image Search call: when
+/// it carries `x-usage-image-count`, that is the instance's count after the call (SPEC §4,
+/// whatever the status: an add the upstream refused as full, a delete of an image it does not
+/// have), so the count takes it. `fwd` is dropped first: an add's slot and any reservation go
+/// back, nothing is charged. Best effort: a store that fails leaves the count to the next
+/// answer that reports one.
+pub(crate) async fn resync_images<H: HeadView + ?Sized>(gw: &Gateway, fwd: Forward, upstream_headers: &H) {
+    let reported = match fwd.image {
+        Some(_) => upstream_headers.header("x-usage-image-count").and_then(crate::http_util::content_length),
+        None => None,
+    };
+    let (snap, ti) = (fwd.snap.clone(), fwd.ti);
+    drop(fwd);
+    let Some(n) = reported else { return };
+    if let Err(e) = gw.billing.resync_images(&snap.tenants[ti], n).await {
+        tracing::warn!(tenant = snap.tenants[ti].label, error = %e, "image count reported on an uncharged answer not recorded");
+    }
+}
+
 /// The forward and settle phases of an admitted request: sends it upstream, settles a success
 /// and counts the outcome. A gRPC call (`grpc`) is charged only when its status is OK: a
 /// trailers-only answer is judged by its headers here; a streamed one gets a [`TrailerGate`]
@@ -996,7 +1019,12 @@ async fn forward(
                     }
                 }
                 // A trailers-only gRPC error: not charged (dropping `fwd`).
-                Some(Some(_)) => (resp, reserved_payer, Outcome::Admitted),
+                Some(Some(_)) => {
+                    if fwd.image.is_some() {
+                        Box::pin(resync_images(gw, fwd, resp.headers())).await;
+                    }
+                    (resp, reserved_payer, Outcome::Admitted)
+                }
                 // A streamed gRPC answer: charged when its trailers say OK.
                 Some(None) => {
                     let (gw, head) = (gw.clone(), resp.headers().clone());
@@ -1013,7 +1041,14 @@ async fn forward(
                 }
             }
         }
-        Ok((resp, _)) => (resp, reserved_payer, Outcome::Admitted),
+        Ok((resp, listed)) => {
+            // Not charged (dropping `fwd`); an Image Search count it reports is taken all the same.
+            if fwd.image.is_some() {
+                let reported = Reported { head: resp.headers(), listed: listed.as_ref() };
+                Box::pin(resync_images(gw, fwd, &reported)).await;
+            }
+            (resp, reserved_payer, Outcome::Admitted)
+        }
     };
     let outcome = if outcome == Outcome::Admitted { shadow.unwrap_or(outcome) } else { outcome };
     let h = resp.headers_mut();

@@ -198,6 +198,55 @@ async fn upgrade_downgrade_and_renewal_keep_the_images() {
     assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
 }
 
+/// SPEC §4: `x-usage-image-count` is "the instance's image count after the call", whatever the
+/// call's status: an add the upstream refuses because its instance is full, or a delete of an
+/// image it does not have, still tells the gateway how many images there are (README: replaced
+/// "whenever a response carries it").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_count_wins_on_any_answer_that_carries_it() {
+    let (_up, cfg, gw) = start_admin("", &ents(3, 50, 86400)).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    }
+    // A delete of an image the upstream does not have: 404, and it has 1 image left.
+    let r = op(&c, &gw, "/v1/image-search/delete?status=404&image_count=1").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(images(&c, &gw).await, 1, "the upstream's count after the call");
+    // The same over HTTP/2 (hyper's path, not the HTTP/1.1 fast path).
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(gw.url("/v1/image-search/delete?status=404&image_count=2"))
+        .header(KEY.0, KEY.1)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .expect("request");
+    let r = tokio::time::timeout(Duration::from_secs(10), h2.request(req)).await.expect("in 10 s").expect("answer");
+    assert_eq!((r.version(), r.status()), (http::Version::HTTP_2, StatusCode::NOT_FOUND));
+    assert_eq!(images(&c, &gw).await, 2, "the upstream's count, over HTTP/2");
+    // A delete of an image that does not exist, answered 2xx with no count: never below 0.
+    assert_eq!(op(&c, &gw, "/v1/image-search/delete?image_count=0").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/delete").await.status, StatusCode::OK);
+    assert_eq!(images(&c, &gw).await, 0);
+    // An add the upstream refuses as full (its own count is 3): the slot goes back, the count is 3.
+    let r = op(&c, &gw, "/v1/image-search/add?status=409&image_count=3").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(images(&c, &gw).await, 3);
+    let r = op(&c, &gw, "/v1/image-search/add").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "capacity_exceeded"));
+    // A failed add with no count: the slot goes back, nothing else changes.
+    assert_eq!(op(&c, &gw, "/v1/image-search/search?image_count=2").await.status, StatusCode::OK);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add?status=503").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(images(&c, &gw).await, 2);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    // The resynchronized count is the one a restart recovers.
+    let code = gw.stop("TERM").await;
+    assert!(code.is_some_and(|s| s.success()));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    assert_eq!(images(&c, &gw).await, 3);
+    assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
+}
+
 /// Shadow mode (SPEC §5.5) forwards an Image Search call over the instance's QPS and counts
 /// its image as usual; the capacity (409), expiry (402 `instance_expired`) and release (410)
 /// are not limits or payers, and are answered as in enforce mode.
