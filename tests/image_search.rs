@@ -279,3 +279,81 @@ async fn shadow_mode_forwards_image_calls_over_the_qps_and_still_counts_capacity
     let r = op(&c, &gw, "/v1/image-search/search").await;
     assert_eq!((r.status, r.error_code().as_str()), (StatusCode::GONE, "instance_released"));
 }
+
+/// Cluster mode (SPEC §11) shares the image count: replicas on one Redis hold one count and one
+/// capacity, whichever replica an add, a delete or a reported count goes through, also for
+/// adds racing on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_redis_share_one_image_count_and_capacity() {
+    use common::cluster::{cluster_section, Replicas};
+    use common::redis::{Opts, RedisServer};
+    let Some(redis) = RedisServer::start("image_search_on_redis", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    let payg = r#"["payg"]"#;
+    let catalog = small_catalog(payg, payg, payg, IMAGE_SEARCH);
+    let cluster = cluster_section(&[redis.url()], "");
+    let set = Replicas::start(2, &up.url(), &cluster, routes(), &catalog, &ents(3, 50, 86400), &[]);
+    let c = client();
+    let (n, v) = Replicas::admin_auth();
+    let counts = || {
+        let (c, urls) =
+            (c.clone(), set.gw.iter().map(|g| g.admin_url("/admin/v1/tenants/acme/limits")).collect::<Vec<_>>());
+        let auth = [(n, v.clone())];
+        async move {
+            let mut out = Vec::new();
+            for u in urls {
+                let r = get(&c, &u, &[(auth[0].0, auth[0].1.as_str())]).await.json();
+                out.push(r["features"]["image-search"]["images"].as_u64().unwrap_or_else(|| panic!("{r}")));
+            }
+            out
+        }
+    };
+    // Batched mode settles on Redis after the answer (SPEC §11.5): the count follows shortly.
+    let settled = |want: u64| {
+        let counts = &counts;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = counts().await;
+                if got == [want, want] {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{got:?}, not {want} on both");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    for i in 0..3 {
+        assert_eq!(op(&c, &set.gw[i % 2], "/v1/image-search/add").await.status, StatusCode::OK, "add {i}");
+    }
+    for gw in &set.gw {
+        let r = op(&c, gw, "/v1/image-search/add").await;
+        assert_eq!((r.status, r.error_code().as_str()), (StatusCode::CONFLICT, "capacity_exceeded"));
+    }
+    settled(3).await;
+    assert_eq!(op(&c, &set.gw[0], "/v1/image-search/delete").await.status, StatusCode::OK);
+    settled(2).await;
+    assert_eq!(op(&c, &set.gw[1], "/v1/image-search/add").await.status, StatusCode::OK);
+    settled(3).await;
+    // A count the upstream reports on an uncharged answer, through one replica, for both.
+    let r = op(&c, &set.gw[1], "/v1/image-search/delete?status=404&image_count=0").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(counts().await, [0, 0], "set before the answer");
+    // 20 adds racing over both replicas: exactly the capacity is admitted.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (c, url) = (c.clone(), set.gw[i % 2].url("/v1/image-search/add?sleep_ms=200"));
+        tasks.push(tokio::spawn(async move { post(&c, &url, &[KEY], b"{}").await.status.as_u16() }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            200 => ok += 1,
+            409 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 3);
+    settled(3).await;
+    drop(redis);
+}
