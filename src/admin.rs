@@ -75,7 +75,11 @@ pub async fn handle(conn: Arc<crate::server::Conn>, req: Request<Incoming>) -> R
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        (&Method::GET, "/metrics") => respond(StatusCode::OK, "text/plain; version=0.0.4", gw.metrics.render()),
+        (&Method::GET, "/metrics") => {
+            // Balances and image counts as the store holds them (SPEC §10 agrees with §9).
+            gw.billing.refresh_gauges(&gw.snapshot.load());
+            respond(StatusCode::OK, "text/plain; version=0.0.4", gw.metrics.render())
+        }
         (_, "/healthz" | "/readyz" | "/metrics") => not_allowed("GET, HEAD"),
         (_, p) if p.starts_with("/admin/v1/") => {
             if let Err(e) = authorize(&req) {
