@@ -2639,6 +2639,108 @@ mod tests {
         );
     }
 
+    /// A ledger whose commits wait at a gate: the n-th commit (from 1) goes through once
+    /// `allowed` reaches n; `entered` counts the commits begun.
+    struct GatedStore {
+        inner: RedbLedger,
+        entered: Arc<AtomicU64>,
+        allowed: Arc<AtomicU64>,
+    }
+
+    impl LedgerStore for GatedStore {
+        fn load(&self) -> Result<Vec<Record>, LedgerError> {
+            self.inner.load()
+        }
+        fn commit(&self, records: &[Record]) -> Result<(), LedgerError> {
+            let n = self.entered.fetch_add(1, Ordering::SeqCst) + 1;
+            // Bounded: a test that forgets to open the gate fails instead of hanging.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.allowed.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.inner.commit(records)
+        }
+        fn describe(&self) -> String {
+            "gated".into()
+        }
+    }
+
+    /// SPEC §7 and §6: a strict charge A reverted while the commit that holds it is still on
+    /// its way to the disk. That commit then lands with A in it (the next one writes A's revert),
+    /// and B, durable by that same commit, must not see A's points as spent: the balance that
+    /// stands (B without A) is 40% of the package, not low, so nothing fires and the alert is
+    /// kept for the real crossing.
+    #[test]
+    fn a_charge_reverted_while_its_commit_lands_does_not_count_in_the_alert_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\", \"text_recognition\""));
+        let (od, lp, now) =
+            (feature(&s, "object-detection"), feature(&s, "license-plate-recognition"), t("2026-03-01T00:00:00Z"));
+        let (entered, allowed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(u64::MAX)));
+        let ledger = GatedStore {
+            inner: RedbLedger::open(dir.path()).unwrap(),
+            entered: entered.clone(),
+            allowed: allowed.clone(),
+        };
+        let b = Billing::open(
+            Box::new(ledger),
+            Durability::Strict,
+            Duration::from_millis(5),
+            Duration::from_millis(100),
+            Arc::new(Metrics::new(true)),
+        )
+        .unwrap()
+        .0;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let tenant = &s.tenants[0];
+        let charge = |f: usize| settle_call(&b, &s, tenant, f, reserve(&b, &s, tenant, f, now).unwrap(), now);
+        // 0.4 of 1 point spent, on disk.
+        for _ in 0..2 {
+            assert!(rt.block_on(b.durable(charge(od))).is_ok());
+        }
+        let wait_entered = |n: u64| wait_until(&format!("commit {n} begun"), || entered.load(Ordering::SeqCst) >= n);
+        // Commit k (another record) hangs; A and B wait behind it, then go in commit k+1 together.
+        let k = entered.load(Ordering::SeqCst) + 1;
+        allowed.store(k - 1, Ordering::SeqCst);
+        let _other = charge(lp);
+        wait_entered(k);
+        let a = charge(od); // 0.6 spent in memory: 40% left
+        let b2 = charge(od); // 0.8 with A: 20% left, low
+        allowed.store(k, Ordering::SeqCst);
+        wait_entered(k + 1);
+        // A's wait times out while commit k+1 (holding A and B) is still on its way: reverted.
+        assert!(rt.block_on(b.durable(a)).is_err(), "A is not durable in time");
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(b.durable(b2)).is_ok()
+            });
+            // Commit k+1 lands (with A in it); the next one (A's revert) waits at the gate.
+            std::thread::sleep(Duration::from_millis(20));
+            allowed.store(k + 1, Ordering::SeqCst);
+            assert!(waiter.join().unwrap(), "B is durable");
+        });
+        allowed.store(u64::MAX, Ordering::SeqCst);
+        assert!(b.flush());
+        let st = b.package(tenant, &tenant.packages[0]);
+        assert_eq!(
+            (st.consumed(), st.alerted(), alert_series(&b)),
+            (Decimal::new(6, 1), false, Vec::<String>::new()),
+            "(consumed, alerted, alert metric): 0.4 left is not low"
+        );
+        // The real crossing fires it, once.
+        assert!(rt.block_on(b.durable(charge(od))).is_ok());
+        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        let st = b.package(tenant, &tenant.packages[0]);
+        assert_eq!(
+            (st.consumed(), st.alerted(), alert_series(&b)),
+            (Decimal::new(8, 1), true, one),
+            "the real crossing"
+        );
+        assert!(b.close(Duration::from_secs(5)).is_ok());
+    }
+
     /// Cluster mode (SPEC §11) on a real Redis: a call that outlives its hold's lease.
     mod on_redis {
         use super::*;

@@ -48,6 +48,7 @@ const DONE_TTL_NANOS: i64 = 30 * 1_000_000_000;
 /// request can be in flight.
 const SLOT_LEASE_NANOS: i64 = 10 * 60 * 1_000_000_000;
 
+#[derive(Default)]
 struct PkgInner {
     /// Committed micro-points.
     consumed: i64,
@@ -58,6 +59,18 @@ struct PkgInner {
     held: i64,
     alerted: bool,
     dirty: bool,
+    /// Counts the changes of `consumed`: a charge's delta remembers the number its change got,
+    /// so that its revert knows whether a read of the record for the ledger held it.
+    version: u64,
+    /// `version` when the writer last read the record for a commit, and the points of charges
+    /// in that read reverted since (the commit, if it lands, writes them all the same).
+    read_version: u64,
+    read_reverted: i64,
+    /// The same of what the last successful commit wrote: `on_disk - on_disk_reverted` is the
+    /// consumption that stands on disk once the reverts reach it (a strict charge reverted
+    /// while the commit that held it was still on its way, SPEC §7).
+    on_disk_version: u64,
+    on_disk_reverted: i64,
 }
 
 struct Pkg {
@@ -217,8 +230,15 @@ impl Queues {
 
 /// One delta a request applied (strict mode keeps them until durable, to revert exactly).
 enum Delta {
-    Consumed(Arc<Pkg>, i64),
-    Usage { month: Arc<Month>, to: UsageTo, cell: Option<String>, units: i64, slot: u8 },
+    /// (package, micro-points, the package's `version` after the change).
+    Consumed(Arc<Pkg>, i64, u64),
+    Usage {
+        month: Arc<Month>,
+        to: UsageTo,
+        cell: Option<String>,
+        units: i64,
+        slot: u8,
+    },
 }
 
 struct Pending {
@@ -493,7 +513,7 @@ impl LocalStore {
         get_or_insert(&self.packages, key, || Pkg {
             tenant: tenant.name.to_string(),
             id: id.to_string(),
-            inner: Mutex::new(PkgInner { consumed: 0, on_disk: 0, held: 0, alerted: false, dirty: false }),
+            inner: Mutex::new(PkgInner::default()),
         })
     }
 
@@ -592,10 +612,11 @@ impl LocalStore {
         let mut g = lock(&h.pkg.inner);
         g.held -= h.points;
         g.consumed += h.points;
-        let consumed = g.consumed;
+        g.version += 1;
+        let (consumed, version) = (g.consumed, g.version);
         self.mark(&mut g.dirty, || Dirty::Package(h.pkg.clone()));
         drop(g);
-        self.remember(id, || Delta::Consumed(h.pkg, h.points));
+        self.remember(id, || Delta::Consumed(h.pkg, h.points, version));
         Some(consumed)
     }
 
@@ -624,13 +645,14 @@ impl LocalStore {
             let taken = available.min(left);
             if taken > 0 {
                 g.consumed += taken;
+                g.version += 1;
                 left -= taken;
                 self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
             }
-            let consumed = g.consumed;
+            let (consumed, version) = (g.consumed, g.version);
             drop(g);
             if taken > 0 {
-                self.remember(id, || Delta::Consumed(pkg, taken));
+                self.remember(id, || Delta::Consumed(pkg, taken, version));
             }
             out.push(Taken { taken, consumed });
         }
@@ -652,10 +674,11 @@ impl LocalStore {
     }
 
     /// Marks the package's low-balance alert fired if it was not yet and `low` holds for its
-    /// consumption on disk (what the last successful commit wrote; read and marked under the
-    /// package's lock); returns that consumption when it marked it. Strict mode calls it once a
-    /// charge is durable: neither a reverted charge nor one settled since and still waiting
-    /// (which may yet be reverted) counts, and the mark is never a charge's delta.
+    /// consumption on disk (what the last successful commit wrote, less the charges in it
+    /// reverted since: their revert is the next commit's; read and marked under the package's
+    /// lock); returns that consumption when it marked it. Strict mode calls it once a charge is
+    /// durable: neither a reverted charge nor one settled since and still waiting (which may yet
+    /// be reverted) counts, and the mark is never a charge's delta.
     pub fn mark_alerted_if_low_now(
         &self,
         tenant: TenantKey<'_>,
@@ -664,12 +687,13 @@ impl LocalStore {
     ) -> Option<i64> {
         let pkg = self.pkg(tenant, package.local, package.id);
         let mut g = lock(&pkg.inner);
-        if g.alerted || !low(g.on_disk) {
+        let stands = g.on_disk - g.on_disk_reverted;
+        if g.alerted || !low(stands) {
             return None;
         }
         g.alerted = true;
         self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
-        Some(g.on_disk)
+        Some(stands)
     }
 
     /// Gives back expired holds and image slots, and forgets expired idempotency markers.
@@ -842,9 +866,18 @@ impl LocalStore {
     fn revert(&self, deltas: Vec<Delta>, id: RequestId) {
         for d in deltas {
             match d {
-                Delta::Consumed(pkg, n) => {
+                Delta::Consumed(pkg, n, version) => {
                     let mut g = lock(&pkg.inner);
                     g.consumed -= n;
+                    g.version += 1;
+                    // A read for a commit (the one on its way, or the last one written) made
+                    // after the charge holds it: it counts as reverted there until the next.
+                    if version <= g.read_version {
+                        g.read_reverted += n;
+                    }
+                    if version <= g.on_disk_version {
+                        g.on_disk_reverted += n;
+                    }
                     self.mark(&mut g.dirty, || Dirty::Package(pkg.clone()));
                 }
                 Delta::Usage { month, to, cell, units: n, slot } => {
@@ -946,6 +979,8 @@ impl Dirty {
             (Dirty::Package(st), Record::Package(r)) => {
                 let mut g = lock(&st.inner);
                 g.dirty = false;
+                // Every charge reverted so far is out of this read.
+                (g.read_version, g.read_reverted) = (g.version, 0);
                 r.tenant.clone_from(&st.tenant);
                 r.id.clone_from(&st.id);
                 r.consumed = Dec(units::from_micro(g.consumed));
@@ -1119,7 +1154,9 @@ fn writer(
                 // so a charge found durable sees its own points there.
                 for (k, r) in keys.values().zip(records) {
                     if let (Dirty::Package(st), Record::Package(p)) = (k, r) {
-                        lock(&st.inner).on_disk = units::to_micro(p.consumed.0).unwrap_or(i64::MAX);
+                        let mut g = lock(&st.inner);
+                        g.on_disk = units::to_micro(p.consumed.0).unwrap_or(i64::MAX);
+                        (g.on_disk_version, g.on_disk_reverted) = (g.read_version, g.read_reverted);
                     }
                 }
                 b.metrics.ledger_flush_duration.observe(started.elapsed().as_secs_f64());
@@ -1362,7 +1399,14 @@ mod tests {
             Dirty::Package(Arc::new(Pkg {
                 tenant: tenant.into(),
                 id: id.into(),
-                inner: Mutex::new(PkgInner { consumed, on_disk: consumed, held: 7, alerted, dirty: true }),
+                inner: Mutex::new(PkgInner {
+                    consumed,
+                    on_disk: consumed,
+                    held: 7,
+                    alerted,
+                    dirty: true,
+                    ..Default::default()
+                }),
             }))
         };
         let image = |tenant: &str, count: u64| {
