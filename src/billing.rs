@@ -2290,6 +2290,122 @@ mod tests {
         assert!(consumed <= Decimal::from(20));
     }
 
+    /// SPEC §6/§7 under concurrency, strict mode on a ledger that keeps failing and recovering:
+    /// per-call charges on a single-category package (then payg), tiered payg calls, and video
+    /// minutes on a general-purpose package (then payg) settle from several threads at once, and
+    /// every charge that is not durable in time is reverted. What stays on disk is exactly the
+    /// answered calls, per payer, and their points; no revert takes another charge's units, and
+    /// each package's alert is marked (and counted once) exactly when what stands is low.
+    #[test]
+    fn concurrent_strict_calls_and_video_under_a_flapping_ledger_charge_exactly_the_answered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let pk = r#"{"id": "od", "feature": "object-detection", "points": "4", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"},
+                    {"id": "vid", "scope": "video-duration", "points": "2", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
+        let s =
+            Arc::new(snapshot(SHIPPED, &ents(pk, "\"object_detection\", \"text_recognition\", \"video_production\"")));
+        let (od, lp, vid) = (
+            feature(&s, "object-detection"),
+            feature(&s, "license-plate-recognition"),
+            feature(&s, "comprehensive-video-enhancement"),
+        );
+        let now = t("2026-03-01T00:00:00Z");
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(20));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flapper = {
+            let (fail, stop) = (fail.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut on = false;
+                while !stop.load(Ordering::SeqCst) {
+                    on = !on;
+                    fail.store(on, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(if on { 35 } else { 15 }));
+                }
+                fail.store(false, Ordering::SeqCst);
+            })
+        };
+        // Per thread: answered (od by the package, od at payg, license plates, video ms), refused.
+        let threads: Vec<_> = (0..6u64)
+            .map(|th| {
+                let (s, b) = (s.clone(), b.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    let tenant = &s.tenants[0];
+                    let (mut ok, mut refused) = ([0u64; 4], 0u64);
+                    for i in 0..60u64 {
+                        let (f, kind) = [(od, 0), (lp, 2), (vid, 3)][((i + th) % 3) as usize];
+                        let r = reserve(&b, &s, tenant, f, now).unwrap();
+                        let kind = if kind == 0 && r.payer == PayerKind::Payg { 1 } else { kind };
+                        // 0.1 to 0.5 minutes, exact in decimal.
+                        let ms = 6_000 * ((i * 7 + th) % 5 + 1);
+                        let settled = if f == vid {
+                            settle_video(&b, &s, tenant, f, r, Some(VideoUsage { ms, fps: 60, lines: 1080 }), now)
+                        } else {
+                            settle_call(&b, &s, tenant, f, r, now)
+                        };
+                        match rt.block_on(b.durable(settled)) {
+                            Ok(_) => ok[kind] += if f == vid { ms } else { 1 },
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    (ok, refused)
+                })
+            })
+            .collect();
+        let (mut ok, mut refused) = ([0u64; 4], 0);
+        for t in threads {
+            let (o, r) = t.join().unwrap();
+            ok.iter_mut().zip(o).for_each(|(a, b)| *a += b);
+            refused += r;
+        }
+        stop.store(true, Ordering::SeqCst);
+        flapper.join().unwrap();
+        assert!(refused > 0 && ok.iter().all(|n| *n > 0), "the ledger flapped: {ok:?} answered, {refused} refused");
+        assert!(b.flush());
+        let alerts = alert_series(&b);
+        assert!(b.close(Duration::from_secs(5)).is_ok());
+        drop(b);
+
+        let b = open(dir.path(), Durability::Batched);
+        let u = b.usage(&s, "acme", "2026-03");
+        let units = |id: &str| u.iter().find(|m| m.feature == id).map(|m| m.units).unwrap_or_default();
+        let (od_units, lp_units, vid_units) =
+            (units("object-detection"), units("license-plate-recognition"), units("comprehensive-video-enhancement"));
+        let d = |n: u64| Decimal::from(n);
+        assert_eq!(
+            (od_units[PayerKind::SinglePackage as usize], od_units[PayerKind::Payg as usize]),
+            (d(ok[0]), d(ok[1])),
+            "object detection: (package, payg) calls answered"
+        );
+        assert_eq!(lp_units.iter().copied().sum::<Decimal>(), d(ok[2]), "license plates answered");
+        let minutes = d(ok[3]) / d(60_000);
+        assert_eq!(
+            vid_units[PayerKind::GeneralPackage as usize] + vid_units[PayerKind::Payg as usize],
+            minutes,
+            "video minutes answered, package then payg"
+        );
+        let tenant = &s.tenants[0];
+        let consumed = |i: usize| b.package(tenant, &tenant.packages[i]).consumed();
+        assert_eq!(consumed(0), od_units[PayerKind::SinglePackage as usize] * Decimal::new(2, 1), "0.2 a call");
+        assert_eq!(consumed(1), vid_units[PayerKind::GeneralPackage as usize], "a point a minute");
+        // The alert of each package: marked, and counted once, exactly when what stands is low.
+        for (i, p) in tenant.packages.iter().enumerate() {
+            let low = p.points - consumed(i) <= p.points * Decimal::new(2, 1);
+            assert!(consumed(i) <= p.points, "{}: {} of {}", p.label, consumed(i), p.points);
+            assert_eq!(
+                b.package(tenant, p).alerted(),
+                low,
+                "{}: alerted after {} of {}",
+                p.label,
+                consumed(i),
+                p.points
+            );
+            let line =
+                format!(r#"turnstile_package_low_balance_alerts_total{{package="{}",tenant="acme"}} 1"#, p.label);
+            assert_eq!(alerts.contains(&line), low, "{}: {alerts:?}", p.label);
+        }
+        assert!(alerts.len() <= 2, "{alerts:?}");
+    }
+
     #[test]
     fn close_reports_the_records_it_could_not_flush() {
         let dir = tempfile::tempdir().unwrap();
