@@ -619,3 +619,171 @@ async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recove
     let u = usage(&c, &gw).await;
     assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "2", "{u}");
 }
+
+/// A tenant whose two packages a burst spends: `od-b` (6 points: 30 object-detection calls at
+/// 0.2) and `vid-b` (3 points: 3 video minutes); both features fall through to payg.
+fn burst_tenant() -> String {
+    format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{acme}"], "services": ["object_detection", "video_production"],
+    "packages": [
+      {{"id": "od-b", "feature": "object-detection", "points": "6", "ordered_at": "{from}", "expires_at": "{until}"}},
+      {{"id": "vid-b", "scope": "video-duration", "points": "3", "ordered_at": "{from}", "expires_at": "{until}"}}
+    ]}}
+}}}}"#,
+        acme = key_hash("key-acme"),
+        from = at(-3600),
+        until = at(86400 * 30),
+    )
+}
+
+/// Sends a call on a connection of its own and leaves before the answer (the upstream takes
+/// 300 ms): the upstream still serves it.
+async fn call_and_leave(gw: &Gateway, path: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let req = format!("POST {path} HTTP/1.1\r\nhost: x\r\nx-api-key: key-acme\r\ncontent-length: 2\r\n\r\n{{}}");
+    s.write_all(req.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// The figures a burst is checked on: (object detection by the package, at payg; video minutes
+/// by the package, at payg; remaining of od-b, of vid-b), from the usage report.
+async fn burst_figures(c: &TestClient, gw: &Gateway) -> [String; 6] {
+    let u = usage(c, gw).await;
+    let (od, vid) =
+        (&u["features"]["object-detection"]["units"], &u["features"]["comprehensive-video-enhancement"]["units"]);
+    let remaining = |id: &str| {
+        u["packages"].as_array().and_then(|p| p.iter().find(|p| p["id"] == id)).map(|p| p["remaining"].to_string())
+    };
+    [
+        od["single_package"].to_string(),
+        od["payg"].to_string(),
+        vid["general_package"].to_string(),
+        vid["payg"].to_string(),
+        remaining("od-b").unwrap_or_default(),
+        remaining("vid-b").unwrap_or_default(),
+    ]
+}
+
+fn decimal(v: &str) -> rust_decimal::Decimal {
+    v.trim_matches('"').parse().unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+/// SPEC §4 and §6 end to end ("units == upstream-served successes, each charge exactly once"):
+/// 128 calls at once, object detection and video, that the upstream answers 2xx, or fails
+/// (500: not charged), or serves after its client left (charged); both packages run dry on
+/// the way and payg takes the rest. The usage report (§9) counts exactly what the upstream
+/// served, the packages paid no more than they held, `/metrics` (§10) says the same, and so
+/// does the ledger after a restart. In batched and in strict mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_burst_is_charged_exactly_what_the_upstream_served() {
+    use rust_decimal::Decimal;
+    for durability in ["batched", "strict"] {
+        let up = Upstream::start().await;
+        let cfg = config(&up.url(), &format!("durability = \"{durability}\""), "", &burst_tenant());
+        let gw = Arc::new(Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]));
+        let c = client();
+        // (object-detection calls served, video ms served)
+        let served = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let mut tasks = Vec::new();
+        for k in 0..32u64 {
+            let (c, gw, served) = (c.clone(), gw.clone(), served.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..4u64 {
+                    let ms = 6_000 * (1 + (k + i) % 5);
+                    let video = format!("/v1/video/enhance?video_ms={ms}&video_fps=60&video_lines=1080");
+                    match (k * 4 + i) % 8 {
+                        v @ 0..=2 => {
+                            let r =
+                                post(&c, &gw.url(&format!("/v1/detect/objects?sleep_ms={}", v * 5)), &[ACME], b"{}")
+                                    .await;
+                            assert_eq!(r.status, StatusCode::OK);
+                            served.0.fetch_add(1, Ordering::SeqCst);
+                        }
+                        3 => {
+                            let r = post(&c, &gw.url("/v1/detect/objects?status=500"), &[ACME], b"{}").await;
+                            assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                        }
+                        4 => {
+                            call_and_leave(&gw, "/v1/detect/objects?sleep_ms=300").await;
+                            served.0.fetch_add(1, Ordering::SeqCst);
+                        }
+                        5 => {
+                            assert_eq!(post(&c, &gw.url(&video), &[ACME], b"{}").await.status, StatusCode::OK);
+                            served.1.fetch_add(ms, Ordering::SeqCst);
+                        }
+                        6 => {
+                            let r = post(&c, &gw.url(&format!("{video}&status=500")), &[ACME], b"{}").await;
+                            assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                        }
+                        _ => {
+                            call_and_leave(&gw, &format!("{video}&sleep_ms=300")).await;
+                            served.1.fetch_add(ms, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let (calls, minutes) = (
+            Decimal::from(served.0.load(Ordering::SeqCst)),
+            Decimal::from(served.1.load(Ordering::SeqCst)) / Decimal::from(60_000),
+        );
+        // The calls whose clients left are settled when the upstream answers them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let figures = loop {
+            let f = burst_figures(&c, &gw).await;
+            if decimal(&f[0]) + decimal(&f[1]) == calls && decimal(&f[2]) + decimal(&f[3]) == minutes {
+                break f;
+            }
+            assert!(Instant::now() < deadline, "{durability}: served {calls} calls, {minutes} min; report: {f:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Both packages paid what they held, no more: od-b 0.2 a call, vid-b a point a minute.
+        let (od_paid, vid_paid) = (decimal(&figures[0]), decimal(&figures[2]));
+        assert_eq!(decimal(&figures[4]), Decimal::from(6) - od_paid * Decimal::new(2, 1), "{durability}: {figures:?}");
+        assert_eq!(decimal(&figures[5]), Decimal::from(3) - vid_paid, "{durability}: {figures:?}");
+        assert!(od_paid * Decimal::new(2, 1) <= Decimal::from(6) && vid_paid <= Decimal::from(3), "{figures:?}");
+        assert!(
+            decimal(&figures[1]) > Decimal::ZERO && decimal(&figures[3]) > Decimal::ZERO,
+            "both ran dry: {figures:?}"
+        );
+        // Charged once: nothing more comes.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(burst_figures(&c, &gw).await, figures, "{durability}: charged again");
+        // The metrics agree with the report.
+        let text = gw.metrics(&c).await;
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{durability}: no {series} in\n{text}"))
+        };
+        let f64_of = |v: &str| decimal(v).to_string().parse::<f64>().expect("a number");
+        for (series, want) in [
+            (
+                r#"turnstile_billed_units_total{feature="object-detection",payer="single_package",tenant="acme"}"#,
+                &figures[0],
+            ),
+            (r#"turnstile_billed_units_total{feature="object-detection",payer="payg",tenant="acme"}"#, &figures[1]),
+            (
+                r#"turnstile_billed_units_total{feature="comprehensive-video-enhancement",payer="general_package",tenant="acme"}"#,
+                &figures[2],
+            ),
+            (
+                r#"turnstile_billed_units_total{feature="comprehensive-video-enhancement",payer="payg",tenant="acme"}"#,
+                &figures[3],
+            ),
+            (r#"turnstile_package_remaining_points{package="od-b",tenant="acme"}"#, &figures[4]),
+            (r#"turnstile_package_remaining_points{package="vid-b",tenant="acme"}"#, &figures[5]),
+        ] {
+            assert!((value(series) - f64_of(want)).abs() < 1e-9, "{durability}: {series} {} != {want}", value(series));
+        }
+        // And the ledger, after a restart.
+        let gw = Arc::into_inner(gw).expect("the tasks are done");
+        assert!(gw.stop("TERM").await.is_some_and(|s| s.success()), "{durability}: exit 0");
+        let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+        assert_eq!(burst_figures(&c, &gw).await, figures, "{durability}: after a restart");
+    }
+}
