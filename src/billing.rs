@@ -2567,6 +2567,36 @@ mod tests {
         assert_eq!((stale_package, stale_images), (0, 0), "(package, image) scrapes of {ROUNDS} that were stale");
     }
 
+    /// Seed 004 (capacity) as for a package hold above: an add may be in flight longer than any
+    /// fixed local lease (any `upstream_timeout_ms` is accepted locally, and a streamed gRPC
+    /// answer is settled at its trailers). Its slot must still be held then, or another add
+    /// takes it and the instance ends over its capacity; and its image must count.
+    #[test]
+    fn an_image_add_in_flight_past_the_old_slot_lease_keeps_its_slot_and_counts_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let ents = format!(
+            r#"{{"tenants": {{"acme": {{"api_keys": ["{KEY}"], "services": [],
+                "image_search": {{"capacity": 1, "qps": 5, "expires_at": "2027-01-01T00:00:00Z"}}}}}}}}"#
+        );
+        let s = snapshot(SHIPPED, &ents);
+        let clock = crate::clock::ManualClock::at("2026-03-01T00:00:00Z");
+        let b = open_at(dir.path(), Durability::Batched, clock.clone());
+        let tenant = &s.tenants[0];
+        let reserve = || crate::store::ready(b.reserve_image_add(tenant, 1)).unwrap().unwrap();
+        let first = reserve().expect("room for one");
+        // The upstream answers after 11 minutes; the gateway's sweeper ran meanwhile.
+        clock.advance(Duration::from_secs(11 * 60));
+        b.store().sweep_now();
+        let second = reserve();
+        let add = b.settle_images(tenant, crate::config::gateway::ImageOp::Add, Some(first), None);
+        crate::store::ready(add).unwrap().unwrap();
+        assert_eq!(
+            (second.is_some(), b.images(tenant).count()),
+            (false, 1),
+            "(a second add admitted while the first was in flight, images counted)"
+        );
+    }
+
     /// The strict-alert tests' setting: package `od` of 1 point (object detection: 0.2 a call),
     /// a ledger folder, and a runtime for `durable`: (folder, snapshot, feature, now, runtime).
     fn one_point_od() -> (tempfile::TempDir, Snapshot, usize, i64, tokio::runtime::Runtime) {

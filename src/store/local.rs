@@ -44,9 +44,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// memory of the markers (the gateway sweeps every 5 s).
 pub const DONE_TTL: Duration = Duration::from_secs(30);
 const DONE_TTL_NANOS: i64 = 30 * 1_000_000_000;
-/// An image slot is given back by the sweep only after this (a leaked guard): longer than any
-/// request can be in flight.
-const SLOT_LEASE_NANOS: i64 = 10 * 60 * 1_000_000_000;
 
 #[derive(Default)]
 struct PkgInner {
@@ -260,7 +257,12 @@ pub struct LocalStore {
     holds: DashMap<RequestId, Hold, FxBuildHasher>,
     months: DashMap<(u64, u32), Arc<Month>, FxBuildHasher>,
     images: DashMap<u32, Arc<Img>, FxBuildHasher>,
-    slots: DashMap<RequestId, (Arc<Img>, i64), FxBuildHasher>,
+    /// Image slots of adds in flight. No lease (as for a local package hold): a slot lives as
+    /// long as its call, however long (any `upstream_timeout_ms` is accepted locally, a streamed
+    /// gRPC answer is settled at its trailers), and its guard's drop gives it back
+    /// synchronously. A slot the sweep gave back after 10 minutes let another add take it while
+    /// its own add was still upstream: the instance then ended over its capacity.
+    slots: DashMap<RequestId, Arc<Img>, FxBuildHasher>,
     /// (request, usage slot) already added.
     usage_done: UsageDone,
     takes: DashMap<RequestId, (Vec<Taken>, i64), FxBuildHasher>,
@@ -696,7 +698,7 @@ impl LocalStore {
         Some(stands)
     }
 
-    /// Gives back expired holds and image slots, and forgets expired idempotency markers.
+    /// Gives back expired holds, and forgets expired idempotency markers.
     pub fn sweep_now(&self) -> u64 {
         let now = self.clock.unix_nanos();
         let expired: Vec<RequestId> = self.holds.iter().filter(|h| h.expires <= now).map(|h| *h.key()).collect();
@@ -706,14 +708,6 @@ impl LocalStore {
                 lock(&h.pkg.inner).held -= h.points;
                 true
             }) {
-                n += 1;
-            }
-        }
-        let slots: Vec<RequestId> = self.slots.iter().filter(|s| s.1 <= now).map(|s| *s.key()).collect();
-        for id in slots {
-            if let Some((_, (img, _))) = self.slots.remove_if(&id, |_, s| s.1 <= now) {
-                let mut g = lock(&img.inner);
-                g.held = g.held.saturating_sub(1);
                 n += 1;
             }
         }
@@ -800,7 +794,7 @@ impl LocalStore {
         }
         g.held += 1;
         drop(g);
-        self.slots.insert(id, (img, self.clock.unix_nanos().saturating_add(SLOT_LEASE_NANOS)));
+        self.slots.insert(id, img);
         true
     }
 
@@ -808,17 +802,18 @@ impl LocalStore {
         if let Some(done) = self.images_done.get(&id) {
             return done.0;
         }
-        let held = self.slots.remove(&id).map(|(_, (img, _))| img);
+        let held = self.slots.remove(&id).map(|(_, img)| img);
         let img = held.clone().unwrap_or_else(|| self.img(tenant));
         let mut g = lock(&img.inner);
         let before = g.count;
+        if held.is_some() {
+            g.held = g.held.saturating_sub(1);
+        }
         match op {
-            ImageOp::Add if held.is_some() => {
-                g.held = g.held.saturating_sub(1);
-                g.count += 1;
-            }
+            // The upstream added it: it counts, with or without a slot (as on Redis).
+            ImageOp::Add => g.count += 1,
             ImageOp::Delete => g.count = g.count.saturating_sub(1),
-            _ => {}
+            ImageOp::Search => {}
         }
         if let Some(n) = reported {
             g.count = n;
@@ -833,7 +828,7 @@ impl LocalStore {
     }
 
     pub fn release_image_slot_now(&self, id: RequestId) {
-        if let Some((_, (img, _))) = self.slots.remove(&id) {
+        if let Some((_, img)) = self.slots.remove(&id) {
             let mut g = lock(&img.inner);
             g.held = g.held.saturating_sub(1);
         }
@@ -1667,9 +1662,11 @@ mod tests {
         assert_eq!(s.usage_done.len(), 0, "the settled request's marker is forgotten");
         assert_eq!(s.commit_now(hold), Some(10));
         assert!(!s.reserve_image_slot_now(t, 1, ids.next()), "the slot is still held");
-        clock.advance(Duration::from_secs(600));
-        assert_eq!(s.sweep_now(), 1, "the leaked slot comes back after its lease");
-        assert!(s.reserve_image_slot_now(t, 1, ids.next()));
+        clock.advance(Duration::from_secs(24 * 3600));
+        assert_eq!(s.sweep_now(), 0, "a slot has no lease: it lives as long as its add");
+        assert!(!s.reserve_image_slot_now(t, 1, ids.next()), "the slot is still held");
+        s.release_image_slot_now(slot);
+        assert!(s.reserve_image_slot_now(t, 1, ids.next()), "given back by its guard");
     }
 
     #[test]
