@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -356,4 +358,123 @@ async fn replicas_on_redis_share_one_image_count_and_capacity() {
     assert_eq!(ok, 3);
     settled(3).await;
     drop(redis);
+}
+
+/// An Image Search upstream that keeps the instance's real image count: an add adds one, a
+/// delete takes one (never below 0), each after `sleep_ms`; `status=NNN` fails a call and
+/// changes nothing. `report=1` answers the count after the call in `x-usage-image-count`, and
+/// `then_ms` delays the answer after the change (the answer's way back). Keeps the highest
+/// count the instance ever held.
+struct Instance {
+    addr: std::net::SocketAddr,
+    count: Arc<AtomicI64>,
+    max: Arc<AtomicI64>,
+}
+
+impl Instance {
+    async fn start(count: i64) -> Instance {
+        use http_body_util::Full;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (count, max) = (Arc::new(AtomicI64::new(count)), Arc::new(AtomicI64::new(count)));
+        let (c, m) = (count.clone(), max.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (c, m) = (c.clone(), m.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (c, m) = (c.clone(), m.clone());
+                        async move {
+                            let q = |k: &str| -> Option<u64> {
+                                let query = req.uri().query().unwrap_or("");
+                                query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+                            };
+                            tokio::time::sleep(Duration::from_millis(q("sleep_ms").unwrap_or(0))).await;
+                            let status = q("status").unwrap_or(200) as u16;
+                            let now = if status != 200 {
+                                c.load(Ordering::SeqCst)
+                            } else if req.uri().path().ends_with("/add") {
+                                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                                m.fetch_max(n, Ordering::SeqCst);
+                                n
+                            } else if req.uri().path().ends_with("/delete") {
+                                c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n - 1).max(0)))
+                                    .map_or(0, |n| (n - 1).max(0))
+                            } else {
+                                c.load(Ordering::SeqCst)
+                            };
+                            tokio::time::sleep(Duration::from_millis(q("then_ms").unwrap_or(0))).await;
+                            let mut resp = http::Response::new(Full::new(bytes::Bytes::from_static(b"{}")));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                            if q("report") == Some(1) {
+                                resp.headers_mut().insert("x-usage-image-count", now.into());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+        Instance { addr, count, max }
+    }
+}
+
+/// Seed 004 with an upstream that keeps the real count: an instance at capacity takes adds
+/// and deletes (some of which fail) all at once. An add is admitted only while the images
+/// plus the adds in flight leave room, and a delete frees room only once the upstream answered
+/// it 2xx, so the instance never holds more than its capacity, and the gateway's count ends
+/// where the upstream's does (also after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_racing_deletes_never_take_the_instance_over_its_capacity() {
+    const CAPACITY: u64 = 5;
+    let up = Instance::start(0).await;
+    let payg = r#"["payg"]"#;
+    let catalog = small_catalog(payg, payg, payg, IMAGE_SEARCH);
+    let cfg =
+        ConfigDir::new(&main_toml(&format!("http://{}", up.addr), "", routes()), &catalog, &ents(CAPACITY, 50, 86400));
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    for _ in 0..CAPACITY {
+        assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    }
+    let gw = Arc::new(gw);
+    let mut tasks = Vec::new();
+    for i in 0..30u64 {
+        let (c, gw) = (c.clone(), gw.clone());
+        // Deletes every third call, one in three of them failing upstream; the rest adds.
+        let path = match i % 6 {
+            0 => format!("/v1/image-search/delete?sleep_ms={}", 20 + i * 3),
+            3 => "/v1/image-search/delete?sleep_ms=30&status=500".to_string(),
+            _ => format!("/v1/image-search/add?sleep_ms={}", 10 + (i * 7) % 40),
+        };
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(i * 4)).await;
+            let status = op(&c, &gw, &path).await.status.as_u16();
+            (path, status)
+        }));
+    }
+    let (mut added, mut deleted) = (0i64, 0i64);
+    for t in tasks {
+        match t.await.expect("join") {
+            (p, 200) if p.contains("/add") => added += 1,
+            (p, 200) if p.contains("/delete") => deleted += 1,
+            (p, 409) if p.contains("/add") => {}
+            (p, 500) if p.contains("status=500") => {}
+            (p, s) => panic!("{p}: {s}"),
+        }
+    }
+    let max = up.max.load(Ordering::SeqCst);
+    assert!(max <= CAPACITY as i64, "the instance held {max} images, capacity {CAPACITY}");
+    assert!(added > 0 && deleted > 0, "(added, deleted) = ({added}, {deleted})");
+    let real = up.count.load(Ordering::SeqCst);
+    assert_eq!(real, CAPACITY as i64 + added - deleted);
+    let shown = format!("turnstile_image_search_images{{tenant=\"acme\"}} {real}");
+    assert!(gw.metrics(&c).await.contains(&shown), "the gateway counts what the upstream holds: {shown}");
+    let gw = Arc::into_inner(gw).expect("the tasks are done");
+    assert!(gw.stop("TERM").await.is_some_and(|s| s.success()));
+    let gw = Gateway::start(&cfg);
+    assert_eq!(op(&c, &gw, "/v1/image-search/search").await.status, StatusCode::OK);
+    assert!(gw.metrics(&c).await.contains(&shown), "after a restart: {shown}");
 }
