@@ -1915,6 +1915,105 @@ mod tests {
         assert_eq!(paid_by_package.load(Ordering::SeqCst), 500);
     }
 
+    /// SPEC §6 under concurrency, several packages for one feature: calls at two instants race
+    /// (one nanosecond before a package's expiry, and at it), each call paid by the first
+    /// package holding the whole factor, a third of them failing upstream (the share comes
+    /// back). Single-category before general-purpose, the soonest expiry first; a package
+    /// pays only calls made while it is valid, and never more than it holds; what each package
+    /// is said to have paid (`x-turnstile-payer`) is exactly its consumption; and the last
+    /// factor's worth of each is spendable, so nothing stays held.
+    #[test]
+    fn racing_calls_spend_single_then_general_packages_each_within_its_points_and_validity() {
+        let at = "2026-03-01T00:00:00Z";
+        let pk = |id: &str, target: &str, points: &str, expires: &str| {
+            format!(
+                r#"{{"id": "{id}", {target}, "points": "{points}", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "{expires}"}}"#
+            )
+        };
+        let od = r#""feature": "object-detection""#;
+        let packages = [
+            // Expires at the instant the later calls are made: only the earlier ones may use it.
+            pk("od-ending", od, "2", at),
+            pk("od-a", od, "3", "2026-06-01T00:00:00Z"),
+            // Same expiry, ordered at the same time: the smaller id first.
+            pk("od-b", od, "1", "2026-06-01T00:00:00Z"),
+            pk("gen", r#""scope": "vision-image""#, "4", "2026-06-01T00:00:00Z"),
+        ]
+        .join(",");
+        let (_dir, s, b, f, _) = fixture(&packages, "\"object_detection\"", "object-detection");
+        let s = Arc::new(s);
+        let now = t(at);
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8i64)
+            .map(|th| {
+                let (s, b, start) = (s.clone(), b.clone(), start.clone());
+                std::thread::spawn(move || {
+                    // Half the threads call one nanosecond before `od-ending` expires.
+                    let when = now - (th % 2);
+                    start.wait();
+                    let mut paid: std::collections::BTreeMap<String, (u64, i64)> = Default::default();
+                    for i in 0..30 {
+                        let r = reserve(&b, &s, &s.tenants[0], f, when).unwrap();
+                        if i % 3 == 0 {
+                            drop(r); // the upstream failed: the share comes back
+                            continue;
+                        }
+                        let e = paid.entry(r.header().to_str().unwrap().to_string()).or_default();
+                        e.0 += 1;
+                        e.1 = e.1.max(when);
+                        settle_call(&b, &s, &s.tenants[0], f, r, when);
+                    }
+                    paid
+                })
+            })
+            .collect();
+        let mut paid: std::collections::BTreeMap<String, (u64, i64)> = Default::default();
+        for th in threads {
+            for (k, (n, latest)) in th.join().unwrap() {
+                let e = paid.entry(k).or_default();
+                e.0 += n;
+                e.1 = e.1.max(latest);
+            }
+        }
+        let tenant = &s.tenants[0];
+        let calls = |id: &str| paid.get(id).map_or(0, |p| p.0);
+        for p in &tenant.packages {
+            let header = if p.label == "gen" {
+                "general_package:gen".to_string()
+            } else {
+                format!("single_package:{}", p.label)
+            };
+            let consumed = b.package(tenant, p).consumed();
+            assert_eq!(consumed, Decimal::from(calls(&header)) * Decimal::new(2, 1), "{header}: {paid:?}");
+            assert!(consumed <= p.points, "{header}: {consumed} of {}", p.points);
+        }
+        assert!(paid.get("single_package:od-ending").is_none_or(|p| p.1 < now), "used at its expiry: {paid:?}");
+        let u = b.usage(&s, "acme", "2026-03");
+        let units = u[0].units;
+        let single = calls("single_package:od-ending") + calls("single_package:od-a") + calls("single_package:od-b");
+        assert_eq!(
+            (
+                units[PayerKind::SinglePackage as usize],
+                units[PayerKind::GeneralPackage as usize],
+                units[PayerKind::Payg as usize]
+            ),
+            (Decimal::from(single), Decimal::from(calls("general_package:gen")), Decimal::from(calls("payg"))),
+            "units per payer are the calls each was named for: {paid:?}"
+        );
+        assert!(calls("payg") > 0, "demand (160 calls) exceeds the 50 the packages pay: {paid:?}");
+        // Nothing stays held: the still-valid packages pay the rest, to their last factor.
+        loop {
+            let r = reserve(&b, &s, tenant, f, now).unwrap();
+            if r.payer == PayerKind::Payg {
+                break;
+            }
+            settle_call(&b, &s, tenant, f, r, now);
+        }
+        for p in tenant.packages.iter().filter(|p| p.label != "od-ending") {
+            assert_eq!(b.package(tenant, p).consumed(), p.points, "{} is spent to its last factor", p.label);
+        }
+    }
+
     #[test]
     fn video_minutes_split_across_packages_then_payg_and_the_seed_amount() {
         let pk = r#"{"id": "vid", "scope": "video-duration", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
