@@ -221,14 +221,18 @@ pub struct Conn {
     pub remote: SocketAddr,
     /// The peer's address as a header value (for `X-Forwarded-For`), formatted once.
     pub peer_ip: http::HeaderValue,
+    /// The shutdown drain's watcher, held as long as anything of the connection runs: a call
+    /// whose client left goes on on a task of its own (holding this `Conn`), and is charged if
+    /// the upstream answers 2xx, so the drain at SIGTERM waits for it as for the connection.
+    _drain: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 impl Conn {
-    pub fn new(gw: Arc<Gateway>, remote: SocketAddr) -> Conn {
+    pub fn new(gw: Arc<Gateway>, remote: SocketAddr, drain: Option<tokio::sync::watch::Receiver<()>>) -> Conn {
         let mut buf = [0u8; 48];
         let ip = crate::http_util::write_into(&mut buf, format_args!("{}", remote.ip()));
         let peer_ip = http::HeaderValue::from_bytes(ip).unwrap_or(http::HeaderValue::from_static("unknown"));
-        Conn { gw, remote, peer_ip }
+        Conn { gw, remote, peer_ip, _drain: drain }
     }
 }
 

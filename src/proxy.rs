@@ -1027,14 +1027,16 @@ async fn forward(
                 }
                 // A streamed gRPC answer: charged when its trailers say OK.
                 Some(None) => {
-                    let (gw, head) = (gw.clone(), resp.headers().clone());
+                    // The connection, not only the gateway: a settlement its client no longer
+                    // waits for still holds the shutdown drain (see `Conn`).
+                    let (conn, head) = (conn.clone(), resp.headers().clone());
                     gate = Some(TrailerGate::new(Box::new(move |trailers| {
                         tokio::spawn(async move {
                             // Usage reports may come in the headers or the trailers.
                             let mut reported = head;
                             reported.extend(listed.into_iter().flatten());
                             reported.extend(trailers);
-                            settle(&gw, fwd, &reported).await.map(drop)
+                            settle(&conn.gw, fwd, &reported).await.map(drop)
                         })
                     })));
                     (resp, reserved_payer, Outcome::Admitted)

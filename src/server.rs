@@ -156,7 +156,7 @@ async fn accept_loop<F, Fut, B>(
             }
         }
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn::new(gw.clone(), remote));
+        let conn = Arc::new(Conn::new(gw.clone(), remote, drain.map(Drain::watcher)));
         let watcher = drain.map(Drain::watcher);
         let h = handler.clone();
         tokio::spawn(async move {

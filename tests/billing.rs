@@ -787,3 +787,31 @@ async fn a_concurrent_burst_is_charged_exactly_what_the_upstream_served() {
         assert_eq!(burst_figures(&c, &gw).await, figures, "{durability}: after a restart");
     }
 }
+
+/// SPEC §7 ("SIGTERM drains in-flight requests and flushes, losing nothing") and §4 (units ==
+/// upstream-served successes): an HTTP/2 call whose client reset its stream goes on upstream
+/// on a task of its own, and is charged when the upstream answers 2xx. A SIGTERM in between
+/// must wait for it as for any call in flight: the gateway exited at once, and the call the
+/// upstream served was never charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_call_whose_http2_client_left_and_charges_it() {
+    let up = Upstream::start().await;
+    let cfg = config(&up.url(), "durability = \"batched\"\nflush_interval_ms = 60000", "", &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let req = http::Request::post(gw.url("/v1/ocr/license-plate?sleep_ms=600"))
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let sent = Instant::now();
+    // The client gives up (its stream is reset) while the upstream works on the call.
+    assert!(tokio::time::timeout(Duration::from_millis(150), h2.request(req)).await.is_err());
+    drop(h2);
+    let status = gw.stop("TERM").await;
+    assert!(status.is_some_and(|s| s.success()), "exit 0: {status:?}");
+    assert!(sent.elapsed() >= Duration::from_millis(600), "exited before the upstream answered");
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let u = usage(&client(), &gw).await;
+    assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "1", "{}", u["features"]);
+}
