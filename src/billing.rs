@@ -2647,7 +2647,8 @@ mod tests {
                             assert_eq!(r.payer, PayerKind::SinglePackage);
                             settle_call(&b, &s, tenant, f, r, now);
                             let slot = crate::store::ready(b.reserve_image_add(tenant, 1_000_000)).unwrap().unwrap();
-                            let add = b.settle_images(tenant, crate::config::gateway::ImageOp::Add, slot, None);
+                            let add =
+                                b.settle_images_in(&b.stores, tenant, crate::config::gateway::ImageOp::Add, slot, None);
                             crate::store::ready(add).unwrap().unwrap();
                         }
                     })
@@ -2687,7 +2688,7 @@ mod tests {
         clock.advance(Duration::from_secs(11 * 60));
         b.store().sweep_now();
         let second = reserve();
-        let add = b.settle_images(tenant, crate::config::gateway::ImageOp::Add, Some(first), None);
+        let add = b.settle_images_in(&b.stores, tenant, crate::config::gateway::ImageOp::Add, Some(first), None);
         crate::store::ready(add).unwrap().unwrap();
         assert_eq!(
             (second.is_some(), b.images(tenant).count()),
