@@ -2191,6 +2191,35 @@ mod tests {
         }
     }
 
+    /// A thread that makes a [`FlakyStore`] fail for `failing`, then work for 15 ms, in turn,
+    /// until stopped (working again from then on).
+    struct Flapping {
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Flapping {
+        fn start(fail: &Arc<AtomicBool>, failing: Duration) -> Flapping {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (fail, stopped) = (fail.clone(), stop.clone());
+            let thread = std::thread::spawn(move || {
+                let mut on = false;
+                while !stopped.load(Ordering::SeqCst) {
+                    on = !on;
+                    fail.store(on, Ordering::SeqCst);
+                    std::thread::sleep(if on { failing } else { Duration::from_millis(15) });
+                }
+                fail.store(false, Ordering::SeqCst);
+            });
+            Flapping { stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.store(true, Ordering::SeqCst);
+            self.thread.join().unwrap();
+        }
+    }
+
     fn open_flaky(dir: &std::path::Path, d: Durability, strict_timeout: Duration) -> (Arc<Billing>, Arc<AtomicBool>) {
         let fail = Arc::new(AtomicBool::new(false));
         let store = FlakyStore { inner: RedbLedger::open(dir).unwrap(), fail: fail.clone() };
@@ -2330,19 +2359,7 @@ mod tests {
         let (_d, s, _b, f, now) = fixture(pk, "\"object_detection\"", "object-detection");
         let s = Arc::new(s);
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(20));
-        let stop = Arc::new(AtomicBool::new(false));
-        let flapper = {
-            let (fail, stop) = (fail.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut on = false;
-                while !stop.load(Ordering::SeqCst) {
-                    on = !on;
-                    fail.store(on, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(if on { 40 } else { 15 }));
-                }
-                fail.store(false, Ordering::SeqCst);
-            })
-        };
+        let flapping = Flapping::start(&fail, Duration::from_millis(40));
         let threads: Vec<_> = (0..6)
             .map(|_| {
                 let (s, b) = (s.clone(), b.clone());
@@ -2369,8 +2386,7 @@ mod tests {
             let (a, p, r) = t.join().unwrap();
             (ok, ok_package, refused) = (ok + a, ok_package + p, refused + r);
         }
-        stop.store(true, Ordering::SeqCst);
-        flapper.join().unwrap();
+        flapping.stop();
         assert!(refused > 0 && ok > 0, "the ledger flapped: {ok} answered, {refused} refused");
         assert!(b.flush());
         assert!(b.close(Duration::from_secs(5)).is_ok());
@@ -2409,19 +2425,7 @@ mod tests {
         );
         let now = t("2026-03-01T00:00:00Z");
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(20));
-        let stop = Arc::new(AtomicBool::new(false));
-        let flapper = {
-            let (fail, stop) = (fail.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut on = false;
-                while !stop.load(Ordering::SeqCst) {
-                    on = !on;
-                    fail.store(on, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(if on { 35 } else { 15 }));
-                }
-                fail.store(false, Ordering::SeqCst);
-            })
-        };
+        let flapping = Flapping::start(&fail, Duration::from_millis(35));
         // Per thread: answered (od by the package, od at payg, license plates, video ms), refused.
         let threads: Vec<_> = (0..6u64)
             .map(|th| {
@@ -2456,8 +2460,7 @@ mod tests {
             ok.iter_mut().zip(o).for_each(|(a, b)| *a += b);
             refused += r;
         }
-        stop.store(true, Ordering::SeqCst);
-        flapper.join().unwrap();
+        flapping.stop();
         assert!(refused > 0 && ok.iter().all(|n| *n > 0), "the ledger flapped: {ok:?} answered, {refused} refused");
         assert!(b.flush());
         let alerts = alert_series(&b);
@@ -2847,7 +2850,8 @@ mod tests {
     fn a_later_charge_not_yet_durable_does_not_fire_the_alert_at_an_earlier_durability() {
         let (dir, s, od, now, rt) = one_point_od();
         let tenant = &s.tenants[0];
-        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        // W and C wait this long to be reverted; A and D must be durable within it, under load too.
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(400));
         // 2 calls of 0.2: 0.6 of 1 left.
         for _ in 0..2 {
             let r = reserve(&b, &s, tenant, od, now).unwrap();
@@ -2872,8 +2876,9 @@ mod tests {
             (Decimal::new(6, 1), false, Vec::<String>::new()),
             "(consumed, alerted, alert metric): 0.4 left on disk is not low"
         );
-        // The real crossing: 0.2 left, durable.
+        // The real crossing: 0.2 left, durable (once the ledger commits again: C's revert first).
         fail.store(false, Ordering::SeqCst);
+        assert!(b.flush());
         let d = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
         assert!(rt.block_on(b.durable(d)).is_ok());
         let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];

@@ -451,19 +451,11 @@ async fn reload_changing_strict_timeout_warns_that_it_needs_a_restart() {
 /// signal's default action ends the process, so the handler has to be in place by then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_right_after_the_listening_line_reloads_instead_of_killing() {
-    use std::io::{BufRead, BufReader};
     let up = Upstream::start().await;
     let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
     let c = client();
     for attempt in 0..5 {
-        let mut child = std::process::Command::new(BIN)
-            .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start turnstile");
-        let mut banner = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        let (mut child, banner) = serve_raw(&cfg, &[]);
         let _ = std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let exited = child.try_wait().expect("try_wait");
@@ -497,7 +489,6 @@ async fn sighup_right_after_the_listening_line_reloads_instead_of_killing() {
 /// serving the file as it is, not the one it read at start until some later edit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_edit_right_after_the_listening_line_is_not_missed() {
-    use std::io::{BufRead, BufReader};
     let up = Upstream::start().await;
     let main = main_toml(&up.url(), "", "").replace("watch = false", "watch = true");
     let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
@@ -505,15 +496,7 @@ async fn a_file_edit_right_after_the_listening_line_is_not_missed() {
     let c = client();
     for attempt in 0..3 {
         replace_file(&ents, &entitlements(40, None));
-        let mut child = std::process::Command::new(BIN)
-            .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
-            .env("TURNSTILE_ADMIN_TOKEN", TOKEN)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start turnstile");
-        let mut banner = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        let (mut child, banner) = serve_raw(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
         replace_file(&ents, &entitlements(30, None));
         let admin = banner
             .split_whitespace()

@@ -178,18 +178,10 @@ async fn the_drain_closes_idle_keep_alive_connections_at_once() {
 /// it has just started) stops it the clean way, exit 0, not by the signal's default action.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigterm_right_after_the_listening_line_stops_it_cleanly() {
-    use std::io::{BufRead, BufReader};
     let up = Upstream::start().await;
     let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
     for attempt in 0..5 {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start turnstile");
-        let mut banner = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+        let (mut child, _) = serve_raw(&cfg, &[]);
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(5);
         let status = loop {

@@ -173,6 +173,23 @@ fn parse_addr(line: &str, key: &str) -> Option<SocketAddr> {
     rest[..end].trim_end_matches('/').parse().ok()
 }
 
+/// `turnstile serve --config <cfg>` with `env`, its stdout read up to the listening line:
+/// the child (stderr discarded) and that line. For tests that act at the very moment the
+/// gateway says it listens; [`Gateway::start`] waits a little longer.
+pub fn serve_raw(cfg: &ConfigDir, env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config", cfg.main().to_str().expect("utf-8 path")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start turnstile");
+    let mut banner = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut banner).expect("banner");
+    (child, banner)
+}
+
 impl Gateway {
     /// Starts `turnstile serve` with `args` (after `serve`) and waits for its listening line.
     pub fn start_with(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Gateway {
