@@ -2702,6 +2702,12 @@ mod tests {
 
     /// The strict-alert tests' setting: package `od` of 1 point (object detection: 0.2 a call),
     /// a ledger folder, and a runtime for `durable`: (folder, snapshot, feature, now, runtime).
+    /// One call of `s`'s first tenant to feature `f`, reserved and settled at `now`.
+    fn od_call(b: &Billing, s: &Snapshot, f: usize, now: i64) -> Settled {
+        let tenant = &s.tenants[0];
+        settle_call(b, s, tenant, f, reserve(b, s, tenant, f, now).unwrap(), now)
+    }
+
     fn one_point_od() -> (tempfile::TempDir, Snapshot, usize, i64, tokio::runtime::Runtime) {
         let pk = r#"{"id": "od", "feature": "object-detection", "points": "1", "ordered_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}"#;
         let s = snapshot(SHIPPED, &ents(pk, "\"object_detection\""));
@@ -2722,20 +2728,17 @@ mod tests {
         let alerts = alert_series;
         // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
         for _ in 0..3 {
-            let r = reserve(&b, &s, tenant, od, now).unwrap();
-            assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+            assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
         }
         assert!(!b.package(tenant, &tenant.packages[0]).alerted());
         // The 4th would leave 0.2 (20%), but the ledger fails: reverted, not charged.
         fail.store(true, Ordering::SeqCst);
-        let r = reserve(&b, &s, tenant, od, now).unwrap();
-        assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_err());
+        assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_err());
         let st = b.package(tenant, &tenant.packages[0]);
         let after_revert = (st.consumed(), st.alerted(), alerts(&b));
         // The ledger works again; the 4th call really leaves 0.2: now the alert fires.
         fail.store(false, Ordering::SeqCst);
-        let r = reserve(&b, &s, tenant, od, now).unwrap();
-        assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+        assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
         let st = b.package(tenant, &tenant.packages[0]);
         let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
         assert_eq!(
@@ -2768,13 +2771,12 @@ mod tests {
             let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
             // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
             for _ in 0..3 {
-                let r = reserve(&b, &s, tenant, od, now).unwrap();
-                assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+                assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
             }
             fail.store(true, Ordering::SeqCst);
             // A leaves 0.2 (20%: crosses), B then 0 (follows the crossing); neither durable yet.
-            let a = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
-            let b2 = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+            let a = od_call(&b, &s, od, now);
+            let b2 = od_call(&b, &s, od, now);
             assert_eq!(alert_series(&b), Vec::<String>::new(), "no alert before durability");
             // A is not durable in time: reverted, not charged.
             assert!(rt.block_on(b.durable(a)).is_err());
@@ -2854,20 +2856,19 @@ mod tests {
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(400));
         // 2 calls of 0.2: 0.6 of 1 left.
         for _ in 0..2 {
-            let r = reserve(&b, &s, tenant, od, now).unwrap();
-            assert!(rt.block_on(b.durable(settle_call(&b, &s, tenant, od, r, now))).is_ok());
+            assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
         }
         fail.store(true, Ordering::SeqCst);
         // W: 0.4 left; A: 0.2 left with W (low), 0.4 without it.
-        let w = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
-        let a = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        let w = od_call(&b, &s, od, now);
+        let a = od_call(&b, &s, od, now);
         assert!(rt.block_on(b.durable(w)).is_err(), "W is reverted");
         // A reaches the disk (0.4 left there).
         fail.store(false, Ordering::SeqCst);
         assert!(b.flush());
         // C is settled before A's waiter looks (0.2 left in memory), and never reaches the disk.
         fail.store(true, Ordering::SeqCst);
-        let c = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        let c = od_call(&b, &s, od, now);
         assert!(rt.block_on(b.durable(a)).is_ok(), "A is durable");
         assert!(rt.block_on(b.durable(c)).is_err(), "C is reverted");
         let st = b.package(tenant, &tenant.packages[0]);
@@ -2879,7 +2880,7 @@ mod tests {
         // The real crossing: 0.2 left, durable (once the ledger commits again: C's revert first).
         fail.store(false, Ordering::SeqCst);
         assert!(b.flush());
-        let d = settle_call(&b, &s, tenant, od, reserve(&b, &s, tenant, od, now).unwrap(), now);
+        let d = od_call(&b, &s, od, now);
         assert!(rt.block_on(b.durable(d)).is_ok());
         let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
         let st = b.package(tenant, &tenant.packages[0]);

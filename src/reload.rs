@@ -644,6 +644,18 @@ mod tests {
         Gateway::with_redis(texts, snap, source, None, clock, Some(store)).expect("gateway")
     }
 
+    /// Replica `i` on the Redis at `url`: its own ledger in `dir`, the embedded catalog and
+    /// [`acme_at_20`] (files without any upgrade).
+    async fn acme_replica(
+        dir: &std::path::Path,
+        url: &str,
+        i: usize,
+        clock: crate::clock::SharedClock,
+    ) -> Arc<Gateway> {
+        let main = on_redis_toml(&dir.join(format!("ledger-{i}")), "", url);
+        on_redis(Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[acme_at_20()])), ConfigSource::Embedded, clock).await
+    }
+
     /// `acme` on face comparison with a plan of 20 QPS.
     fn acme_at_20() -> String {
         let plan = r#", "qps_plans": [{"feature": "face-comparison-1-1", "qps": 20, "effective_at": "2026-01-01T00:00:00Z", "expires_at": "2027-01-01T00:00:00Z"}]"#;
@@ -746,14 +758,8 @@ mod tests {
         let clock = ManualClock::at("2026-11-10T00:00:00Z");
         let dirs = tempfile::tempdir().expect("tmp");
         // Replica `i`: its own ledger, the same files (without any upgrade), the one Redis.
-        let replica = |i: usize| {
-            let main = on_redis_toml(&dirs.path().join(format!("ledger-{i}")), "", &redis.url());
-            on_redis(
-                Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[acme_at_20()])),
-                ConfigSource::Embedded,
-                clock.clone(),
-            )
-        };
+        let url = redis.url();
+        let replica = |i: usize| acme_replica(dirs.path(), &url, i, clock.clone());
         let gws = vec![replica(0).await, replica(1).await];
         let qps = |gw: &Gateway| gw.snapshot.load().tenants[0].plans[0].qps;
         // 20 upgrades at once on replica A: the lock orders them; a lower one than the file's
@@ -801,14 +807,8 @@ mod tests {
         let Some(redis) = harness::RedisServer::start("shared_downgrade", harness::Opts::default()) else { return };
         let clock = ManualClock::at("2026-11-10T00:00:00Z");
         let dirs = tempfile::tempdir().expect("tmp");
-        let replica = |i: usize| {
-            let main = on_redis_toml(&dirs.path().join(format!("ledger-{i}")), "", &redis.url());
-            on_redis(
-                Texts::in_memory(main, EMBEDDED_CATALOG, ents(&[acme_at_20()])),
-                ConfigSource::Embedded,
-                clock.clone(),
-            )
-        };
+        let url = redis.url();
+        let replica = |i: usize| acme_replica(dirs.path(), &url, i, clock.clone());
         let (a, b) = (replica(0).await, replica(1).await);
         let qps = |gw: &Gateway| gw.snapshot.load().tenants[0].plans[0].qps;
         a.upgrade("acme", "face-comparison-1-1", 30).await.unwrap_or_else(|e| panic!("{e}"));

@@ -106,12 +106,19 @@ async fn capacity_is_enforced_failed_adds_give_their_slot_back_and_the_upstream_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_adds_never_exceed_capacity() {
     let (_up, _cfg, gw) = start(3, 50, 86400).await;
-    let c = client();
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let (c, url) = (c.clone(), gw.url("/v1/image-search/add?sleep_ms=300"));
-        tasks.push(tokio::spawn(async move { post(&c, &url, &[KEY], b"{}").await.status.as_u16() }));
-    }
+    let urls = (0..20).map(|_| gw.url("/v1/image-search/add?sleep_ms=300")).collect();
+    assert_eq!(racing_adds(&client(), urls).await, 3);
+}
+
+/// Posts an add to each of `urls` at once; how many got 200 (any answer but 200 or 409 fails).
+async fn racing_adds(c: &TestClient, urls: Vec<String>) -> usize {
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let c = c.clone();
+            tokio::spawn(async move { post(&c, &url, &[KEY], b"{}").await.status.as_u16() })
+        })
+        .collect();
     let mut ok = 0;
     for t in tasks {
         match t.await.expect("join") {
@@ -120,7 +127,7 @@ async fn concurrent_adds_never_exceed_capacity() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(ok, 3);
+    ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,20 +349,8 @@ async fn replicas_on_redis_share_one_image_count_and_capacity() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(counts().await, [0, 0], "set before the answer");
     // 20 adds racing over both replicas: exactly the capacity is admitted.
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let (c, url) = (c.clone(), set.gw[i % 2].url("/v1/image-search/add?sleep_ms=200"));
-        tasks.push(tokio::spawn(async move { post(&c, &url, &[KEY], b"{}").await.status.as_u16() }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        match t.await.expect("join") {
-            200 => ok += 1,
-            409 => {}
-            other => panic!("unexpected {other}"),
-        }
-    }
-    assert_eq!(ok, 3);
+    let urls = (0..20).map(|i| set.gw[i % 2].url("/v1/image-search/add?sleep_ms=200")).collect();
+    assert_eq!(racing_adds(&c, urls).await, 3);
     settled(3).await;
     drop(redis);
 }

@@ -273,6 +273,35 @@ pub async fn overrides_are_kept_once_and_sorted<S: Store + 'static>(s: Arc<S>) {
     assert_eq!(mine, vec![(t.name.to_string(), "f".to_string(), first), (t.name.to_string(), "f".to_string(), later)]);
 }
 
+/// Three holds of `want` on `p` in flight at once (those the package can take), then each
+/// given back (one in four, picked by `salt`: an upstream error) or committed (a 2xx), counted
+/// in `committed`.
+async fn three_holds_settled<S: Store>(
+    s: &S,
+    t: TenantKey<'static>,
+    p: Candidate<'static>,
+    want: i64,
+    ids: &RequestIds,
+    salt: u64,
+    committed: &AtomicU64,
+) {
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let id = ids.next();
+        if s.reserve(t, &[p], want, id, LEASE).await.unwrap().is_some() {
+            held.push(id);
+        }
+        tokio::task::yield_now().await;
+    }
+    for (k, id) in held.into_iter().enumerate() {
+        if (salt + k as u64).is_multiple_of(4) {
+            s.release(t, id).await.unwrap();
+        } else if s.commit(t, id).await.unwrap().is_some() {
+            committed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Money invariant: concurrent reserve + commit/release never spend more than a package holds,
 /// and consumption is exactly the committed holds.
 pub async fn concurrent_reservations_never_overspend<S: Store + 'static>(s: Arc<S>) {
@@ -287,21 +316,7 @@ pub async fn concurrent_reservations_never_overspend<S: Store + 'static>(s: Arc<
                 for i in 0..14u64 {
                     // Three holds in flight per task at once: the whole-factor check must count
                     // every hold, not only consumption.
-                    let mut held = Vec::new();
-                    for _ in 0..3 {
-                        let id = ids.next();
-                        if s.reserve(t, &[p], 200_000, id, LEASE).await.unwrap().is_some() {
-                            held.push(id);
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                    for (k, id) in held.into_iter().enumerate() {
-                        if (i + th + k as u64).is_multiple_of(4) {
-                            s.release(t, id).await.unwrap();
-                        } else if s.commit(t, id).await.unwrap().is_some() {
-                            committed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
+                    three_holds_settled(&*s, t, p, 200_000, &ids, i + th, &committed).await;
                 }
             })
         })
@@ -395,21 +410,7 @@ async fn holds_and_takes_round<S: Store + 'static>(s: Arc<S>) {
                         // Per-call features: three holds of the whole factor in flight at once,
                         // then each committed (2xx) or given back (upstream error), while other
                         // tasks take.
-                        let mut held = Vec::new();
-                        for _ in 0..3 {
-                            let id = ids.next();
-                            if s.reserve(t, &[p], FACTOR, id, LEASE).await.unwrap().is_some() {
-                                held.push(id);
-                            }
-                            tokio::task::yield_now().await;
-                        }
-                        for (k, id) in held.into_iter().enumerate() {
-                            if (i + th + k as u64).is_multiple_of(4) {
-                                s.release(t, id).await.unwrap();
-                            } else if s.commit(t, id).await.unwrap().is_some() {
-                                committed.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
+                        three_holds_settled(&*s, t, p, FACTOR, &ids, i + th, &committed).await;
                     } else {
                         // A video settlement: whatever `p` holds beyond the holds in flight, the
                         // rest from `q`.
