@@ -2220,6 +2220,10 @@ mod tests {
         }
     }
 
+    /// How long a strict charge waits for its commit in these tests: long enough for a commit
+    /// on a loaded 2-core CI machine (100 ms was not), so only a failing ledger reverts.
+    const STRICT_WAIT: Duration = Duration::from_secs(1);
+
     fn open_flaky(dir: &std::path::Path, d: Durability, strict_timeout: Duration) -> (Arc<Billing>, Arc<AtomicBool>) {
         let fail = Arc::new(AtomicBool::new(false));
         let store = FlakyStore { inner: RedbLedger::open(dir).unwrap(), fail: fail.clone() };
@@ -2292,7 +2296,7 @@ mod tests {
         );
         let now = t("2026-03-01T00:00:00Z");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         let tenant = &s.tenants[0];
         // One of each, made durable: the state the reverts must come back to.
         for fi in [od, lp] {
@@ -2319,13 +2323,13 @@ mod tests {
         for fi in [od, lp] {
             let r = reserve(&b, &s, tenant, fi, now).unwrap();
             let e = rt.block_on(b.durable(settle_call(&b, &s, tenant, fi, r, now))).expect_err("not durable");
-            assert_eq!(e.timeout_ms, 100);
+            assert_eq!(u128::from(e.timeout_ms), STRICT_WAIT.as_millis());
         }
         // 2 minutes: 0.5 from the package, 1.5 at payg.
         let r = reserve(&b, &s, tenant, vid, now).unwrap();
         let usage = Some(VideoUsage { ms: 120_000, fps: 60, lines: 1080 });
         assert!(rt.block_on(b.durable(settle_video(&b, &s, tenant, vid, r, usage, now))).is_err());
-        assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout, not blocked");
+        assert!(started.elapsed() < STRICT_WAIT * 3 + Duration::from_secs(2), "bounded by the timeout, not blocked");
         assert!(!b.healthy());
         let after = b.usage(&s, "acme", "2026-03");
         for (x, y) in before.iter().zip(after.iter()) {
@@ -2723,7 +2727,7 @@ mod tests {
     #[test]
     fn a_reverted_strict_charge_does_not_fire_or_use_up_the_low_balance_alert() {
         let (dir, s, od, now, rt) = one_point_od();
-        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         let tenant = &s.tenants[0];
         let alerts = alert_series;
         // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
@@ -2768,7 +2772,7 @@ mod tests {
         let tenant = &s.tenants[0];
         let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
         {
-            let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+            let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
             // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
             for _ in 0..3 {
                 assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
@@ -2794,7 +2798,7 @@ mod tests {
             assert!(b.close(Duration::from_secs(5)).is_ok());
         }
         // Restarted: the alert is remembered; the next charge (0 left) does not fire it again.
-        let (b, _fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let (b, _fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         assert!(b.package(tenant, &tenant.packages[0]).alerted(), "the fired alert survives the restart");
         let r = reserve(&b, &s, tenant, od, now).unwrap();
         assert_eq!(r.payer, PayerKind::SinglePackage);
@@ -2813,7 +2817,7 @@ mod tests {
         let vid = feature(&s, "comprehensive-video-enhancement");
         let now = t("2026-03-01T00:00:00Z");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(100));
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         let tenant = &s.tenants[0];
         // A video point is a minute (60,000 ms).
         let video = |ms: u64| {
@@ -2852,8 +2856,7 @@ mod tests {
     fn a_later_charge_not_yet_durable_does_not_fire_the_alert_at_an_earlier_durability() {
         let (dir, s, od, now, rt) = one_point_od();
         let tenant = &s.tenants[0];
-        // W and C wait this long to be reverted; A and D must be durable within it, under load too.
-        let (b, fail) = open_flaky(dir.path(), Durability::Strict, Duration::from_millis(400));
+        let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         // 2 calls of 0.2: 0.6 of 1 left.
         for _ in 0..2 {
             assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
@@ -2939,7 +2942,7 @@ mod tests {
             Box::new(ledger),
             Durability::Strict,
             Duration::from_millis(5),
-            Duration::from_millis(100),
+            STRICT_WAIT,
             Arc::new(Metrics::new(true)),
         )
         .unwrap()
@@ -3050,7 +3053,7 @@ mod tests {
                 ledger,
                 durability,
                 Duration::from_millis(5),
-                Duration::from_millis(100),
+                STRICT_WAIT,
                 Arc::new(Metrics::new(true)),
                 crate::clock::SystemClock::shared(),
                 &|_| false,

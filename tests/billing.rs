@@ -559,7 +559,7 @@ async fn status_of(c: &TestClient, url: &str) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_ledger_writes_make_it_unready_refuse_strict_charges_then_recover_losing_nothing() {
     let up = Upstream::start().await;
-    let cfg = config(&up.url(), "durability = \"strict\"\nstrict_timeout_ms = 300", "", &tenants());
+    let cfg = config(&up.url(), "durability = \"strict\"\nstrict_timeout_ms = 1000", "", &tenants());
     let mut gw = PipedGateway::start(&cfg);
     let c = client();
     let lp = gw.url("/v1/ocr/license-plate");
