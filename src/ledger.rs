@@ -314,8 +314,24 @@ impl Files {
                 );
             }
             for e in read.entries {
-                decode_logged(e.name, e.value).map_err(|reason| log_err(&path, format!("a record: {reason}")))?;
-                into.insert(e.name.into(), e.value.to_vec());
+                let record = match read.v1 {
+                    false => decode_logged(e.name, e.value),
+                    true => e
+                        .name
+                        .split_first()
+                        .ok_or("a name without a table")
+                        .and_then(|(table, identity)| codec::decode_v1(usize::from(*table), identity, e.value)),
+                }
+                .map_err(|reason| log_err(&path, format!("a record: {reason}")))?;
+                if read.v1 {
+                    // Held in the current form, under the name the next commits write it with.
+                    let (mut name, mut value) = (vec![record.table()], Vec::new());
+                    codec::identity(&record, &mut name);
+                    codec::fields(&record, &mut value);
+                    into.insert(name.into(), value);
+                } else {
+                    into.insert(e.name.into(), e.value.to_vec());
+                }
             }
         }
         Ok(last)
@@ -733,6 +749,39 @@ mod tests {
         let l = RedbLedger::open(dir.path()).unwrap();
         assert_eq!(units_of(&l, "acme"), Some(Decimal::from(3)));
         assert_eq!(units_of(&l, "beta"), Some(Decimal::from(1)));
+    }
+
+    /// An upgrade after a crash: the log an earlier version left (the first format) is
+    /// replayed, and a record it holds is the same record as the current form writes, so a
+    /// later value of it wins over the replayed one.
+    #[test]
+    fn a_log_in_the_first_format_is_replayed_and_newer_values_win_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 as an earlier version wrote it: a header, one frame of two records.
+        let mut payload = Vec::new();
+        for r in [month("acme", 4), month("beta", 1)] {
+            let (name, value) = codec::tests::v1_name_and_value(&r);
+            for field in [name, value] {
+                payload.extend_from_slice(&(field.len() as u32).to_le_bytes());
+                payload.extend_from_slice(&field);
+            }
+        }
+        let mut log = wal::MAGIC_V1.to_vec();
+        log.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        log.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+        log.extend_from_slice(&payload);
+        std::fs::write(wal::segment_path(dir.path(), 1), &log).unwrap();
+        {
+            let l = RedbLedger::open(dir.path()).unwrap();
+            assert_eq!((units_of(&l, "acme"), units_of(&l, "beta")), (Some(Decimal::from(4)), Some(Decimal::from(1))));
+            // Crashed again, with a newer value only in the (current) log.
+            l.stop_folding();
+            l.commit(&[month("acme", 5)]).unwrap();
+        }
+        let l = RedbLedger::open(dir.path()).unwrap();
+        let records = l.load().unwrap();
+        assert_eq!(records.len(), 2, "one record each: {records:?}");
+        assert_eq!((units_of(&l, "acme"), units_of(&l, "beta")), (Some(Decimal::from(5)), Some(Decimal::from(1))));
     }
 
     #[test]

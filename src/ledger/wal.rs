@@ -6,10 +6,13 @@
 //! ```text
 //! frame   = payload length (u32 LE) | xxh3-64 of the payload (u64 LE) | payload
 //! payload = entry*
-//! entry   = name length (u32 LE) | name | value length (u32 LE) | value
+//! entry   = name length (LEB128) | name | value length (LEB128) | value
 //! name    = table (u8) | the record's identity (its names, `super::codec`)
 //! value   = the record's other fields (`super::codec`)
 //! ```
+//!
+//! A segment of the first format ([`MAGIC_V1`], lengths as u32 LE, records in their first
+//! form) is still read, so a log left by an earlier version is replayed after an upgrade.
 //!
 //! A frame is all of one commit or, cut short or failing its checksum, none of it. Only the last
 //! segment can end that way (a crash mid-append): reading stops there and the tail is dropped.
@@ -29,7 +32,9 @@ use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-pub const MAGIC: &[u8; 8] = b"TSWAL01\n";
+pub const MAGIC: &[u8; 8] = b"TSWAL02\n";
+/// The first format's header: lengths as u32 LE, records in [`super::codec::decode_v1`]'s form.
+pub const MAGIC_V1: &[u8; 8] = b"TSWAL01\n";
 const FRAME_HEAD: usize = 12;
 
 /// How far ahead of its frames a segment's file is written with zeros: at least this, ...
@@ -83,14 +88,21 @@ pub fn push_entry(
     (name, sized(buf, value))
 }
 
-/// Writes a length-prefixed field in place.
+/// Writes a length-prefixed field in place: one byte is set aside for its length, and the
+/// field moves up in the rare case that its length needs more (128 bytes or longer).
 fn sized(buf: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
     let at = buf.len();
-    buf.extend_from_slice(&[0; 4]);
+    buf.push(0);
     write(buf);
-    let len = (buf.len() - at - 4) as u32;
-    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
-    at + 4..buf.len()
+    let len = buf.len() - at - 1;
+    if len < 0x80 {
+        buf[at] = len as u8;
+        return at + 1..buf.len();
+    }
+    let mut head = Vec::with_capacity(5);
+    super::codec::uint(&mut head, len as u128);
+    buf.splice(at..at + 1, head.iter().copied());
+    at + head.len()..buf.len()
 }
 
 pub fn finish_frame(buf: &mut [u8]) {
@@ -115,6 +127,8 @@ pub struct Read<'a> {
     /// Bytes after the last whole frame (a torn or corrupt tail): 0 for a clean end, which is
     /// the end of the file or zeros up to it.
     pub dropped: usize,
+    /// A segment of the first format ([`MAGIC_V1`]): its records are in their first form.
+    pub v1: bool,
 }
 
 /// Reads the frames of a segment's bytes, in order, up to the first one cut short or failing
@@ -123,15 +137,17 @@ pub struct Read<'a> {
 pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
     if bytes.len() < MAGIC.len() {
         // Created but its header never reached the disk: nothing was ever committed to it.
-        return Ok(Read { entries: Vec::new(), end: 0, dropped: bytes.len() });
+        return Ok(Read { entries: Vec::new(), end: 0, dropped: bytes.len(), v1: false });
     }
-    if &bytes[..MAGIC.len()] != MAGIC {
-        return Err("not a turnstile ledger log (bad header)".into());
-    }
+    let v1 = match &bytes[..MAGIC.len()] {
+        h if h == MAGIC => false,
+        h if h == MAGIC_V1 => true,
+        _ => return Err("not a turnstile ledger log (bad header)".into()),
+    };
     let mut entries = Vec::new();
     let mut at = MAGIC.len();
     while let Some((len, Some(payload))) = frame_at(bytes, at) {
-        parse_payload(payload, &mut entries).map_err(|e| format!("frame at byte {at}: {e}"))?;
+        parse_payload(payload, v1, &mut entries).map_err(|e| format!("frame at byte {at}: {e}"))?;
         at += FRAME_HEAD + len;
     }
     let tail = &bytes[at..];
@@ -140,7 +156,7 @@ pub fn read(bytes: &[u8]) -> Result<Read<'_>, String> {
         // one were acknowledged, and dropping them with it would lose them silently.
         return Err(format!("the frame at byte {at} is damaged and a whole frame follows it at byte {next}"));
     }
-    Ok(Read { entries, end: at, dropped: if tail.iter().all(|&b| b == 0) { 0 } else { tail.len() } })
+    Ok(Read { entries, end: at, dropped: if tail.iter().all(|&b| b == 0) { 0 } else { tail.len() }, v1 })
 }
 
 /// The frame whose head starts at `at`: its payload's length, and its payload when all of it
@@ -167,7 +183,7 @@ fn whole_frame_after(bytes: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
-fn parse_payload<'a>(mut p: &'a [u8], out: &mut Vec<Entry<'a>>) -> Result<(), &'static str> {
+fn parse_payload<'a>(mut p: &'a [u8], v1: bool, out: &mut Vec<Entry<'a>>) -> Result<(), &'static str> {
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
         if p.len() < n {
             return Err("entry cut short");
@@ -176,9 +192,12 @@ fn parse_payload<'a>(mut p: &'a [u8], out: &mut Vec<Entry<'a>>) -> Result<(), &'
         *p = rest;
         Ok(head)
     }
-    fn len(p: &mut &[u8]) -> Result<usize, &'static str> {
-        Ok(u32::from_le_bytes(take(p, 4)?.try_into().map_err(|_| "entry cut short")?) as usize)
-    }
+    let len = |p: &mut &[u8]| -> Result<usize, &'static str> {
+        if v1 {
+            return Ok(u32::from_le_bytes(take(p, 4)?.try_into().map_err(|_| "entry cut short")?) as usize);
+        }
+        usize::try_from(super::codec::take_uint(p, 32)?).map_err(|_| "entry too long")
+    };
     while !p.is_empty() {
         let n = len(&mut p)?;
         let name = take(&mut p, n)?;
