@@ -10,7 +10,9 @@
 //! Redis every [`PROBE_EVERY`]; once it answers, the journal is replayed in order through
 //! operations that are idempotent on the request id (a replay of a replay changes nothing), and
 //! only when the journal is empty does the replica go back to Redis and set
-//! `turnstile_store_fallback` to 0.
+//! `turnstile_store_fallback` to 0. An entry Redis rejects (an error reply that no retry can
+//! change, [`StoreError::is_rejection`]) would stop that replay for good: it is set aside into
+//! [`journal::REJECTED`] next to the journal file, logged, and the replay goes on.
 
 pub mod journal;
 
@@ -70,6 +72,19 @@ pub enum Replay {
     /// A low-balance alert fired on the fallback: marked in Redis so that no replica fires it
     /// again (SPEC §6, §11.3: once in the whole cluster).
     Alert { tenant: String, package: String },
+}
+
+impl Replay {
+    /// The tenant the entry charges.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Replay::Settle { tenant, .. }
+            | Replay::Take { tenant, .. }
+            | Replay::Usage { tenant, .. }
+            | Replay::Images { tenant, .. }
+            | Replay::Alert { tenant, .. } => tenant,
+        }
+    }
 }
 
 /// A low-balance alert that a replayed charge marked in Redis (the first mark in the cluster):
@@ -133,6 +148,8 @@ pub struct Remote {
     wrote: Arc<tokio::sync::Notify>,
     /// A replay is running (one at a time: each removes the entries it replayed).
     replaying: AtomicBool,
+    /// The rejected file could not be written at the last try (its error is logged once).
+    set_aside_failing: AtomicBool,
     /// Batched mode: permits for settlements spawned after the answer went out.
     pub deferred: std::sync::Arc<tokio::sync::Semaphore>,
     /// The last consumption Redis reported per (tenant, package) ([`crate::intern::pair`]): in
@@ -180,6 +197,7 @@ impl Remote {
             sync: OnceLock::new(),
             wrote: Arc::new(tokio::sync::Notify::new()),
             replaying: AtomicBool::new(false),
+            set_aside_failing: AtomicBool::new(false),
             deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
             known: DashMap::with_hasher(FxBuildHasher),
             alert_sink: OnceLock::new(),
@@ -424,8 +442,10 @@ impl Remote {
     }
 
     /// Replays the journal in order through `redis`, removing each entry once Redis has it (an
-    /// interrupted replay, even one whose task ends in a panic, leaves the rest in place).
-    /// `None` when another replay is running or the first entry fails.
+    /// interrupted replay, even one whose task ends in a panic, leaves the rest in place). An
+    /// entry Redis rejects is set aside ([`Remote::set_aside`]) and removed the same way, so it
+    /// does not hold back the entries after it. Returns the entries replayed; `None` when
+    /// another replay is running or the first entry fails.
     async fn replay_journal(&self, redis: &RedisStore) -> Option<usize> {
         struct Running<'a>(&'a AtomicBool);
         impl Drop for Running<'_> {
@@ -444,6 +464,15 @@ impl Remote {
             };
             let alerts = match Self::replay(redis, &r).await {
                 Ok(alerts) => alerts,
+                Err(e) if e.is_rejection() => {
+                    if !self.set_aside(seq, &r, &e).await {
+                        return (done > 0).then_some(done);
+                    }
+                    if let Ok(mut j) = self.journal.lock() {
+                        j.pop_front(seq);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, left = self.journal_len(), "replay to Redis interrupted; retrying");
                     return (done > 0).then_some(done);
@@ -460,6 +489,59 @@ impl Remote {
                 self.replayed_alert(a);
             }
         }
+    }
+
+    /// Sets aside entry `seq`, which Redis rejected with `e` (sending it again cannot help): one
+    /// line in the rejected file next to the journal file (synced), and an error log naming it.
+    /// True when the entry may leave the journal; false when its line could not be written (the
+    /// entry then stays in the journal and is tried again at the next probe, never lost). With a
+    /// journal kept in memory only there is no file: the log carries the entry.
+    async fn set_aside(&self, seq: u64, r: &Replay, e: &StoreError) -> bool {
+        let path = self.journal.lock().ok().and_then(|j| j.file.as_ref().map(journal::JournalFile::rejected_path));
+        let error = e.to_string();
+        let Some(path) = path else {
+            let entry = serde_json::to_string(r).unwrap_or_else(|e| format!("(cannot be written: {e})"));
+            tracing::error!(
+                tenant = r.tenant(),
+                seq,
+                error,
+                entry,
+                "Redis rejected a charge made on the local fallback: set aside, not replayed (no journal file); it stays in the local ledger and must be reconciled in Redis by hand"
+            );
+            return true;
+        };
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let (line_path, entry) = (path.clone(), r.clone());
+        let (tenant, error_text) = (r.tenant().to_string(), error.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let line = journal::SetAside { seq, at: &at, tenant: &tenant, error: &error_text, entry: &entry };
+            journal::append_rejected(&line_path, &line)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|w| w);
+        if let Err(write) = written {
+            if !self.set_aside_failing.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    file = %path.display(),
+                    tenant = r.tenant(),
+                    seq,
+                    error,
+                    write_error = %write,
+                    "Redis rejected a charge made on the local fallback, and it cannot be set aside: kept in the journal (the entries after it wait) until the file can be written"
+                );
+            }
+            return false;
+        }
+        self.set_aside_failing.store(false, Ordering::SeqCst);
+        tracing::error!(
+            file = %path.display(),
+            tenant = r.tenant(),
+            seq,
+            error,
+            "Redis rejected a charge made on the local fallback: set aside in the file, not replayed; it stays in the local ledger and must be reconciled in Redis by hand"
+        );
+        true
     }
 
     /// At shutdown: replays what the journal holds if Redis answers now (beside the probe
@@ -732,5 +814,192 @@ billing = ["prepaid_qps"]
         let month = redis.month_cells("acme", "2026-11").await.expect("month");
         let fields = vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)];
         assert_eq!(month, vec![("od".to_string(), fields)], "call 1 under pay-as-you-go, once");
+    }
+
+    /// Journal entries of one month's usage (pay-as-you-go, one unit) for `tenant`, request `id`.
+    fn usage(tenant: &str, id: u128) -> Replay {
+        Replay::Usage {
+            tenant: tenant.into(),
+            feature: "f".into(),
+            month: "2026-11".into(),
+            to: UsageTo::Payer(crate::store::PayerKind::Payg),
+            units: 1,
+            cell: String::new(),
+            id: RequestId(id),
+        }
+    }
+
+    /// Makes Redis reject the usage entries of three tenants for good, as an operator or another
+    /// program writing into turnstile's keys would: `wrongtype`'s month is a string (the script's
+    /// `HINCRBY` answers `WRONGTYPE`), `err`'s month holds a field that is not an integer (`ERR
+    /// hash value is not an integer`, a script runtime error), and `corrupt`'s replay marker for
+    /// request `id` does not decode (the script answers a reply that is not a settlement's:
+    /// `StoreError::Corrupt`).
+    fn poison(server: &crate::store::redis::harness::RedisServer, redis: &RedisStore, corrupt_id: u128) {
+        let month = |t: &str| format!("{}m:2026-11:f", redis.tenant_prefix(t));
+        assert_eq!(server.cli(&["SET", &month("wrongtype"), "x"]), "OK");
+        assert_eq!(server.cli(&["HSET", &month("err"), "payer:payg", "x"]), "1");
+        let marker = format!("{}done:{corrupt_id:032x}:u:payer:payg:", redis.tenant_prefix("corrupt"));
+        assert_eq!(server.cli(&["SET", &marker, "garbage"]), "OK");
+    }
+
+    /// The lines of `redis-journal.rejected` in `dir`, parsed (none when there is no file).
+    fn rejected_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        match std::fs::read_to_string(dir.join("redis-journal.rejected")) {
+            Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("read the rejected file: {e}"),
+        }
+    }
+
+    async fn units(redis: &RedisStore, tenant: &str) -> Vec<(String, Vec<(String, i64)>)> {
+        redis.month_cells(tenant, "2026-11").await.expect("month")
+    }
+
+    /// An entry Redis rejects (an error reply that no retry can change: `WRONGTYPE`, a script
+    /// runtime error, a reply that does not decode) used to stop the replay for good: it was
+    /// retried at every probe, every later entry (other tenants' charges) never reached Redis,
+    /// and the replica never left the fallback. Now each is set aside into
+    /// `redis-journal.rejected` (one JSON line: seq, time, tenant, error, the entry) and the
+    /// rest replays; a second probe replays nothing again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_redis_rejects_is_set_aside_and_the_entries_after_it_replay() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("an_entry_redis_rejects_is_set_aside", harness::Opts::default())
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        assert!(remote.in_fallback());
+        poison(&server, &remote.redis, 4);
+        let entries =
+            [usage("wrongtype", 1), usage("good1", 2), usage("err", 3), usage("corrupt", 4), usage("good2", 5)];
+        for e in &entries {
+            remote.journal(e.clone());
+        }
+        assert_eq!(remote.probe().await, 2, "the two healthy entries replayed past the rejected ones");
+        assert_eq!(remote.journal_len(), 0, "nothing left in the journal");
+        assert!(!remote.in_fallback(), "back on Redis");
+        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        assert_eq!(units(&remote.redis, "good1").await, one);
+        assert_eq!(units(&remote.redis, "good2").await, one);
+        let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
+        assert!(left.is_empty(), "the journal file is emptied with the journal: {left:?}");
+
+        let lines = rejected_lines(dir.path());
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for (line, (seq, tenant, error)) in
+            // Sequence numbers start at 1 in a journal opened from a file.
+            lines.iter().zip([
+                (1, "wrongtype", "WRONGTYPE"),
+                (3, "err", "not an integer"),
+                (4, "corrupt", "corrupt"),
+            ])
+        {
+            assert_eq!(line["seq"], seq, "{line}");
+            assert_eq!(line["tenant"], tenant, "{line}");
+            let text = line["error"].as_str().expect("error text");
+            assert!(text.contains(error), "{text}");
+            let at = line["at"].as_str().expect("a time");
+            assert!(crate::time::parse_rfc3339(at).is_ok(), "{at}");
+            let entry: Replay = serde_json::from_value(line["entry"].clone()).expect("the entry reads back");
+            assert_eq!(entry, entries[seq - 1]);
+        }
+
+        assert_eq!(remote.probe().await, 0, "nothing more to replay");
+        assert_eq!(rejected_lines(dir.path()).len(), 3, "nothing set aside twice");
+        assert_eq!(units(&remote.redis, "good1").await, one, "replayed once");
+    }
+
+    /// A replica stopped with an entry Redis rejects in its journal file (and a healthy one after
+    /// it) drains both at its next start: the healthy one reaches Redis, the rejected one goes
+    /// to `redis-journal.rejected`, and the replica leaves the fallback it started on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journal_file_holding_an_entry_redis_rejects_drains_at_the_next_start() {
+        use crate::store::redis::harness;
+        let Some(server) =
+            harness::RedisServer::start("a_journal_file_holding_an_entry_redis_rejects", harness::Opts::default())
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lease = Duration::from_secs(30);
+        {
+            let first = test_remote(server.url(), "tc", lease, OnStoreError::Local).await;
+            assert_eq!(first.open_journal(dir.path()), Ok(0));
+            first.journal(usage("wrongtype", 1));
+            first.journal(usage("good1", 2));
+            first.sync_journal_now();
+        }
+        let second = test_remote(server.url(), "tc", lease, OnStoreError::Local).await;
+        poison(&server, &second.redis, 0);
+        assert_eq!(second.open_journal(dir.path()), Ok(2));
+        assert!(second.in_fallback(), "`local` starts on the fallback with entries to replay");
+        assert_eq!(second.probe().await, 1);
+        assert_eq!(second.journal_len(), 0);
+        assert!(!second.in_fallback());
+        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        assert_eq!(units(&second.redis, "good1").await, one);
+        let lines = rejected_lines(dir.path());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!((lines[0]["seq"].clone(), lines[0]["tenant"].clone()), (1.into(), "wrongtype".into()));
+        let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// The rejected file cannot be written (here its path is a folder): the entry is not lost,
+    /// it stays first in the journal (the entries after it wait, the replica stays on the
+    /// fallback) and goes once the file can be written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_that_cannot_be_set_aside_stays_in_the_journal_until_it_can() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("an_entry_that_cannot_be_set_aside", harness::Opts::default())
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        poison(&server, &remote.redis, 0);
+        let blocker = dir.path().join(journal::REJECTED);
+        std::fs::create_dir(&blocker).expect("a folder where the file goes");
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        remote.journal(usage("wrongtype", 1));
+        remote.journal(usage("good1", 2));
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!(remote.probe().await, 0, "tried again, still kept");
+        assert_eq!(remote.journal_len(), 2, "the rejected entry is kept, and the one after it waits");
+        assert!(remote.in_fallback());
+        let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
+        assert_eq!(left.len(), 2, "and kept in the file: {left:?}");
+        std::fs::remove_dir(&blocker).expect("remove the folder");
+        assert_eq!(remote.probe().await, 1);
+        assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
+        assert_eq!(rejected_lines(dir.path()).len(), 1);
+    }
+
+    /// A journal kept in memory only (no ledger folder): the rejected entry is logged (with the
+    /// entry) and leaves the journal; the rest replays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_journal_file_a_rejected_entry_is_logged_and_the_rest_replays() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("without_a_journal_file_a_rejected", harness::Opts::default())
+        else {
+            return;
+        };
+        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
+        poison(&server, &remote.redis, 3);
+        for (id, t) in [(1, "wrongtype"), (2, "err"), (3, "corrupt"), (4, "good1")] {
+            remote.journal(usage(t, id));
+        }
+        assert_eq!(remote.replay_all().await, 1);
+        assert_eq!(remote.journal_len(), 0);
+        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        assert_eq!(units(&remote.redis, "good1").await, one);
     }
 }

@@ -26,6 +26,45 @@ use super::Replay;
 /// The journal's file name in the ledger folder.
 pub const FILE: &str = "redis-journal.log";
 
+/// Next to the journal: the entries Redis rejected (an error no retry can change), set aside
+/// instead of replayed, one JSON line each ([`SetAside`]), for an operator to reconcile.
+pub const REJECTED: &str = "redis-journal.rejected";
+
+/// One line of [`REJECTED`]: the entry's sequence number, when it was set aside (RFC 3339,
+/// UTC), its tenant, Redis's error, and the entry as the journal held it.
+#[derive(serde::Serialize)]
+pub struct SetAside<'a> {
+    pub seq: u64,
+    pub at: &'a str,
+    pub tenant: &'a str,
+    pub error: &'a str,
+    pub entry: &'a Replay,
+}
+
+/// Appends `line` ([`SetAside`]) to the rejected file at `path` (created when missing) and
+/// syncs it: on `Ok` the line is on disk. A line cut short by an earlier crash is ended first,
+/// so that this one starts on a line of its own; a write that fails part-way is cut back.
+pub fn append_rejected(path: &Path, line: &SetAside<'_>) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut out = serde_json::to_vec(line).map_err(io::Error::other)?;
+    out.push(b'\n');
+    let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            out.insert(0, b'\n');
+        }
+    }
+    if let Err(e) = file.write_all(&out) {
+        let _ = file.set_len(len);
+        return Err(e);
+    }
+    file.sync_data()
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line<R> {
@@ -73,6 +112,11 @@ impl JournalFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the entries Redis rejected go: [`REJECTED`] next to the journal.
+    pub fn rejected_path(&self) -> PathBuf {
+        self.path.with_file_name(REJECTED)
     }
 
     /// A handle on the same file for [`File::sync_data`] outside the journal's lock.

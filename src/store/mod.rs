@@ -195,9 +195,16 @@ pub struct Override {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The store cannot be reached or refused the operation (SPEC §11.6).
+    /// The store cannot be reached, or refused the operation for a reason that may pass (SPEC
+    /// §11.6).
     #[error("store {backend} unavailable: {reason}")]
     Unavailable { backend: String, reason: String },
+    /// The store answered the operation with an error that sending it again cannot change
+    /// (Redis: `WRONGTYPE`, a script's runtime error). A request answers it exactly like
+    /// [`StoreError::Unavailable`]; the fallback's replay sets its entry aside instead of
+    /// retrying it ([`StoreError::is_rejection`]).
+    #[error("store {backend} rejected the operation: {reason}")]
+    Rejected { backend: String, reason: String },
     /// The store did not answer within its bounded timeout.
     #[error("store {backend} did not answer {op} within {ms} ms")]
     Timeout { backend: String, op: &'static str, ms: u64 },
@@ -208,6 +215,15 @@ pub enum StoreError {
     /// A stored value does not decode: never silently reset.
     #[error("store {backend}: corrupt value at {key}: {reason}")]
     Corrupt { backend: String, key: String, reason: String },
+}
+
+impl StoreError {
+    /// The same operation sent again gets the same error: the store rejected it, or answered
+    /// something that does not decode. Any other error (unreachable, timed out, a store busy or
+    /// loading) may pass.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, StoreError::Rejected { .. } | StoreError::Corrupt { .. })
+    }
 }
 
 /// One GCRA bucket per (tenant, bucket). The local backend uses governor on the injected clock;

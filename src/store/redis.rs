@@ -357,7 +357,53 @@ impl StoreMetrics {
 }
 
 fn redis_err(op: &'static str, e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable { backend: BACKEND.into(), reason: format!("{op}: {e}") }
+    let (backend, reason) = (BACKEND.into(), format!("{op}: {e}"));
+    if rejects(&e) {
+        StoreError::Rejected { backend, reason }
+    } else {
+        StoreError::Unavailable { backend, reason }
+    }
+}
+
+/// Whether Redis rejected the command for good: an error reply that the same command sent
+/// again gets again, whatever the connection or the server's state. Only two clear cases are:
+/// `WRONGTYPE` (a key holds another type: something else wrote it), and an `ERR` raised while a
+/// script ran (its runtime error, or the error of a command it called: Redis 7 appends
+/// `script: <sha>, on @user_script:<line>.`, Redis 6 and older wrap it in `Error running
+/// script`), unless the text names a condition that passes (a read-only replica, memory, a
+/// script killed, a compile error of the script itself). Everything else — I/O errors,
+/// timeouts, a refused or dropped connection, `LOADING`, `BUSY`, `TRYAGAIN`, `CLUSTERDOWN`,
+/// `MASTERDOWN`, `READONLY`, `OOM`, `NOSCRIPT`, `MOVED`/`ASK`, any other `ERR`, codes unknown
+/// here — may pass.
+pub(crate) fn rejects(e: &redis::RedisError) -> bool {
+    /// Error codes, and words, of conditions that pass, as a script error's text may carry them.
+    const PASSING: [&str; 15] = [
+        "READONLY",
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MASTERDOWN",
+        "MISCONF",
+        "NOREPLICAS",
+        "NOSCRIPT",
+        "MOVED",
+        "ASK",
+        "NOPERM",
+        "NOAUTH",
+        "KILL",
+    ];
+    match e.code() {
+        Some("WRONGTYPE") => true,
+        Some("ERR") => e.detail().is_some_and(|d| {
+            let script = d.contains("user_script") || d.starts_with("Error running script");
+            let passing = d.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| PASSING.contains(&w))
+                || ["killed", "memory", "compiling"].iter().any(|w| d.contains(w));
+            script && !passing
+        }),
+        _ => false,
+    }
 }
 
 fn as_i64(op: &'static str, v: &Value) -> Result<i64, StoreError> {

@@ -779,3 +779,73 @@ async fn open_follows_the_cluster_section() {
     // Another store on the same registry cannot register the metrics twice: an error, not a panic.
     assert!(RedisStore::open(&c, Some(&registry), ["acme"]).await.is_err());
 }
+
+/// Which Redis errors a journal replay sets aside (`StoreError::Rejected`: the same command
+/// gets the same error again) and which it retries (`StoreError::Unavailable`): only a
+/// `WRONGTYPE` and an `ERR` a script raised are rejections; I/O errors, a refused or dropped
+/// connection, and the server states that pass (loading, busy, a cluster moving slots, a
+/// read-only replica, memory, a script cache flushed) are retried, and so is an `ERR` that is
+/// not a script's, or a script's that names such a state (Redis 6 wraps them in `ERR`).
+#[test]
+fn redis_errors_a_replay_sets_aside_are_only_the_clear_rejections() {
+    use std::io::ErrorKind as Io;
+    let reply = |line: &str| -> redis::RedisError {
+        let v = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).expect("an error reply parses");
+        v.extract_error().expect_err("an error reply")
+    };
+    let retried: Vec<redis::RedisError> = vec![
+        std::io::Error::from(Io::ConnectionRefused).into(),
+        std::io::Error::from(Io::ConnectionReset).into(),
+        std::io::Error::from(Io::BrokenPipe).into(),
+        std::io::Error::from(Io::UnexpectedEof).into(),
+        std::io::Error::from(Io::TimedOut).into(),
+        (redis::ErrorKind::Io, "Connection dropped").into(),
+        (redis::ErrorKind::Parse, "unexpected reply").into(),
+        reply("LOADING Redis is loading the dataset in memory"),
+        reply("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."),
+        reply("TRYAGAIN Multiple keys request during rehashing of slot"),
+        reply("CLUSTERDOWN The cluster is down"),
+        reply("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."),
+        reply("READONLY You can't write against a read only replica."),
+        reply("OOM command not allowed when used memory > 'maxmemory'."),
+        reply("NOSCRIPT No matching script. Please use EVAL."),
+        reply("MOVED 3999 127.0.0.1:6381"),
+        reply("ASK 3999 127.0.0.1:6381"),
+        reply("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk."),
+        reply("NOPERM this user has no permissions to run the 'evalsha' command"),
+        reply("SOMETHINGNEW an error code unknown here"),
+        reply("ERR max number of clients reached"),
+        reply("ERR unknown command 'EVALSHA'"),
+        // A script's error that names a state that passes (Redis 7, then Redis 6's wrapping).
+        reply("OOM command not allowed when used memory > 'maxmemory'. script: 1225dd29, on @user_script:1."),
+        reply("ERR Error running script (call to f_1225dd29): @user_script:1: @user_script: 1: -READONLY You can't write against a read only replica."),
+        reply("ERR Script killed by user with SCRIPT KILL... script: 1225dd29, on @user_script:1."),
+        reply("ERR Error compiling script (new function): user_script:1: '=' expected near 'x'"),
+    ];
+    for e in retried {
+        let text = e.to_string();
+        assert!(!rejects(&e), "retried: {text}");
+        let s = redis_err("settle", e);
+        assert!(matches!(s, StoreError::Unavailable { .. }) && !s.is_rejection(), "{text}: {s:?}");
+    }
+    let rejected = [
+        "WRONGTYPE Operation against a key holding the wrong kind of value",
+        "WRONGTYPE Operation against a key holding the wrong kind of value script: 1225dd29, on @user_script:1.",
+        "ERR hash value is not an integer script: 1225dd29, on @user_script:1.",
+        "ERR user_script:1: attempt to index local 'x' (a nil value) script: cf0efd78, on @user_script:1.",
+        "ERR Error running script (call to f_1225dd29): @user_script:12: WRONGTYPE Operation against a key holding the wrong kind of value",
+    ];
+    for line in rejected {
+        let e = reply(line);
+        assert!(rejects(&e), "rejected: {line}");
+        let s = redis_err("settle", e);
+        assert!(matches!(s, StoreError::Rejected { .. }) && s.is_rejection(), "{line}: {s:?}");
+        // The request path answers it as before: 503 `store_unavailable`.
+        let api = crate::error::ApiError::StoreUnavailable { reason: s.to_string() };
+        assert_eq!((api.status().as_u16(), api.code()), (503, "store_unavailable"));
+    }
+    let corrupt = StoreError::Corrupt { backend: "redis".into(), key: "settle".into(), reason: "1 values".into() };
+    assert!(corrupt.is_rejection(), "a reply that does not decode decodes no better the next time");
+    let timeout = StoreError::Timeout { backend: "redis".into(), op: "settle", ms: 500 };
+    assert!(!timeout.is_rejection());
+}
