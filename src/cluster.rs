@@ -983,6 +983,36 @@ billing = ["prepaid_qps"]
         assert_eq!(rejected_lines(dir.path()).len(), 1);
     }
 
+    /// An ACL that refuses a command a script calls (here `HINCRBY`, taken from the user turnstile
+    /// connects as) is an operator's setting that passes once fixed, like the `NOPERM` the same
+    /// command gets outside a script: Redis answers it inside a script as an `ERR` of the script
+    /// (`The user executing the script can't run this command...`), which must not set the
+    /// charge aside. It stays in the journal and replays once the ACL allows it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acl_refusal_inside_a_script_is_retried_not_set_aside() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("an_acl_refusal_inside_a_script", harness::Opts::default())
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        remote.journal(usage("good1", 1));
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "-hincrby"]), "OK");
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!(remote.journal_len(), 1, "kept in the journal, to be replayed");
+        assert!(rejected_lines(dir.path()).is_empty(), "nothing set aside: {:?}", rejected_lines(dir.path()));
+        assert!(remote.in_fallback());
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hincrby"]), "OK");
+        assert_eq!(remote.probe().await, 1);
+        assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
+        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        assert_eq!(units(&remote.redis, "good1").await, one, "charged once the ACL allows it");
+    }
+
     /// A journal kept in memory only (no ledger folder): the rejected entry is logged (with the
     /// entry) and leaves the journal; the rest replays.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -371,13 +371,15 @@ fn redis_err(op: &'static str, e: redis::RedisError) -> StoreError {
 /// script ran (its runtime error, or the error of a command it called: Redis 7 appends
 /// `script: <sha>, on @user_script:<line>.`, Redis 6 and older wrap it in `Error running
 /// script`), unless the text names a condition that passes (a read-only replica, memory, a
-/// script killed, a compile error of the script itself). Everything else — I/O errors,
+/// script killed, a compile error of the script itself, an ACL refusing a command or key the
+/// script calls: the in-script form of `NOPERM`, `The user executing the script can't ...` in
+/// Redis 6 and 7.0, `ACL failure in script: ...` from 7.2). Everything else — I/O errors,
 /// timeouts, a refused or dropped connection, `LOADING`, `BUSY`, `TRYAGAIN`, `CLUSTERDOWN`,
 /// `MASTERDOWN`, `READONLY`, `OOM`, `NOSCRIPT`, `MOVED`/`ASK`, any other `ERR`, codes unknown
 /// here — may pass.
 pub(crate) fn rejects(e: &redis::RedisError) -> bool {
     /// Error codes, and words, of conditions that pass, as a script error's text may carry them.
-    const PASSING: [&str; 15] = [
+    const PASSING: [&str; 16] = [
         "READONLY",
         "OOM",
         "LOADING",
@@ -393,13 +395,14 @@ pub(crate) fn rejects(e: &redis::RedisError) -> bool {
         "NOPERM",
         "NOAUTH",
         "KILL",
+        "ACL",
     ];
     match e.code() {
         Some("WRONGTYPE") => true,
         Some("ERR") => e.detail().is_some_and(|d| {
             let script = d.contains("user_script") || d.starts_with("Error running script");
             let passing = d.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| PASSING.contains(&w))
-                || ["killed", "memory", "compiling"].iter().any(|w| d.contains(w));
+                || ["killed", "memory", "compiling", "user executing the script can't"].iter().any(|w| d.contains(w));
             script && !passing
         }),
         _ => false,

@@ -821,6 +821,12 @@ fn redis_errors_a_replay_sets_aside_are_only_the_clear_rejections() {
         reply("ERR Error running script (call to f_1225dd29): @user_script:1: @user_script: 1: -READONLY You can't write against a read only replica."),
         reply("ERR Script killed by user with SCRIPT KILL... script: 1225dd29, on @user_script:1."),
         reply("ERR Error compiling script (new function): user_script:1: '=' expected near 'x'"),
+        // An ACL that refuses a command or key the script calls: the in-script form of NOPERM,
+        // which passes once the operator fixes the ACL (Redis 6 and 7.0, then 7.2 and later).
+        reply("ERR The user executing the script can't run this command or subcommand script: 1225dd294e3be91e97bf0630238cb21f24b448a1, on @user_script:1."),
+        reply("ERR The user executing the script can't access at least one of the keys mentioned in the command arguments script: 39b089b0f806af48b5e1baa28fda5d92b77c5d3b, on @user_script:1."),
+        reply("ERR Error running script (call to f_1225dd29): @user_script:1: @user_script: 1: The user executing the script can't run this command or subcommand"),
+        reply("ERR ACL failure in script: User default has no permissions to run the 'hincrby' command script: 1225dd29, on @user_script:1."),
     ];
     for e in retried {
         let text = e.to_string();
