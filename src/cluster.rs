@@ -294,17 +294,21 @@ impl Remote {
             j.next += 1;
             if let Some(f) = j.file.as_mut() {
                 match f.append_entry(seq, &r) {
-                    Ok(()) => {
-                        if !self.unsynced.swap(true, Ordering::SeqCst) {
-                            self.wrote.notify_one();
-                        }
-                    }
+                    Ok(()) => self.wrote_to_journal(),
                     Err(e) => {
                         tracing::error!(file = %f.path().display(), error = %e, "journal: cannot write an entry; it is kept in memory only")
                     }
                 }
             }
             j.entries.push_back((seq, r));
+        }
+    }
+
+    /// The journal file has a change not yet synced: [`journal_sync_loop`] syncs it within
+    /// `flush_interval_ms`.
+    fn wrote_to_journal(&self) {
+        if !self.unsynced.swap(true, Ordering::SeqCst) {
+            self.wrote.notify_one();
         }
     }
 
@@ -471,6 +475,9 @@ impl Remote {
                     if let Ok(mut j) = self.journal.lock() {
                         j.pop_front(seq);
                     }
+                    // Its mark is synced like an entry: replayed again after a crash, it would
+                    // reach a repaired Redis while its rejected line asks for a charge by hand.
+                    self.wrote_to_journal();
                     continue;
                 }
                 Err(e) => {
@@ -949,6 +956,31 @@ billing = ["prepaid_qps"]
         assert_eq!((lines[0]["seq"].clone(), lines[0]["tenant"].clone()), (1.into(), "wrongtype".into()));
         let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// The journal's mark that a set-aside entry left it is synced like an entry (within
+    /// `flush_interval_ms`), not left to the kernel's writeback: a replica that lost it in a
+    /// power cut would replay the entry at its next start, and once the operator has repaired
+    /// the key, charge it to Redis while its rejected line still asks for it to be charged by hand.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_mark_of_a_set_aside_entry_is_synced_like_an_entry() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("the_mark_of_a_set_aside_entry", harness::Opts::default())
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = Arc::new(test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await);
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        poison(&server, &remote.redis, 0);
+        remote.journal(usage("wrongtype", 1));
+        remote.sync_journal_async().await;
+        assert!(!remote.journal_unsynced());
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!((remote.journal_len(), rejected_lines(dir.path()).len()), (0, 1), "set aside");
+        assert!(remote.journal_unsynced(), "the journal's change waits for the sync loop");
     }
 
     /// The rejected file cannot be written (here its path is a folder): the entry is not lost,
