@@ -47,7 +47,7 @@ pub enum ApiError {
     UpstreamTimeout { timeout_ms: u64 },
     #[error("the gateway could not record the charge of this call durably within {timeout_ms} ms (ledger storage failing), so it was not charged: retry later; operators: check the ledger disk")]
     LedgerUnavailable { timeout_ms: u64 },
-    #[error("the gateway's shared store could not be reached within its timeout ({reason}), so nothing was charged: retry later; operators: check the store")]
+    #[error("the gateway's shared store failed this call ({reason}), so nothing was charged: retry later; operators: check the store")]
     StoreUnavailable { reason: String },
     #[error("the admin API is disabled: set TURNSTILE_ADMIN_TOKEN to enable it")]
     AdminDisabled,

@@ -849,6 +849,9 @@ fn redis_errors_a_replay_sets_aside_are_only_the_clear_rejections() {
         // The request path answers it as before: 503 `store_unavailable`.
         let api = crate::error::ApiError::StoreUnavailable { reason: s.to_string() };
         assert_eq!((api.status().as_u16(), api.code()), (503, "store_unavailable"));
+        // And says what happened: the store answered, it was not out of reach.
+        let message = api.to_string();
+        assert!(message.contains("rejected the operation") && !message.contains("reached"), "{message}");
     }
     let corrupt = StoreError::Corrupt { backend: "redis".into(), key: "settle".into(), reason: "1 values".into() };
     assert!(corrupt.is_rejection(), "a reply that does not decode decodes no better the next time");
