@@ -579,14 +579,30 @@ pub fn watch(
             let _ = tx.send(());
         }
     })?;
-    let mut dirs: Vec<PathBuf> = paths
-        .iter()
-        .map(|p| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf())
-        .collect();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    // A file that is a link (to the billing system's export) changes in the folder of the file
+    // it names: that folder is watched too (as resolved at start), unless it is the link's own.
+    let mut targets: Vec<PathBuf> = Vec::new();
+    for p in &paths {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        if let (Ok(target), Ok(here)) = (std::fs::canonicalize(p), std::fs::canonicalize(&dir)) {
+            if let Some(there) = target.parent().filter(|t| *t != here) {
+                targets.push(there.to_path_buf());
+            }
+        }
+        dirs.push(dir);
+    }
     dirs.sort();
     dirs.dedup();
+    targets.sort();
+    targets.dedup();
     for d in &dirs {
         watcher.watch(d, RecursiveMode::NonRecursive)?;
+    }
+    for d in &targets {
+        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch the folder a linked configuration file is in; reload with SIGHUP or the admin API after it changes");
+        }
     }
     let handle = tokio::runtime::Handle::current();
     std::thread::Builder::new()

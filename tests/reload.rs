@@ -517,3 +517,35 @@ async fn a_file_edit_right_after_the_listening_line_is_not_missed() {
         assert_eq!(served, 30, "attempt {attempt}: the edit made as the gateway started was never applied");
     }
 }
+
+/// SPEC §3.1 `watch = true  # reload when either file changes`. entitlements.json may be a link to
+/// the billing system's export in another folder (see the write-back test above): a new export,
+/// written there the way exports are (temporary file, rename), is a change of the file, and must
+/// be reloaded like an edit of a plain file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_export_behind_a_symlinked_entitlements_file_is_reloaded() {
+    let up = Upstream::start().await;
+    let main = main_toml(&up.url(), "", "").replace("watch = false", "watch = true");
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
+    let export_dir = cfg.path().join("export");
+    std::fs::create_dir(&export_dir).expect("mkdir");
+    let export = export_dir.join("tenants.json");
+    let link = cfg.path().join("entitlements.json");
+    std::fs::rename(&link, &export).expect("move");
+    std::os::unix::fs::symlink(&export, &link).expect("symlink");
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
+    // The gateway's log is written in the config folder (tests/common): let the events of its
+    // start lines pass, so that only the export can cause a reload.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let exported = Instant::now();
+    replace_file(&export, &entitlements(30, None));
+    loop {
+        if quota(&c, &gw).await == "\"qps\";q=30;w=1" {
+            break;
+        }
+        assert!(exported.elapsed() < Duration::from_secs(3), "the new export was not reloaded: {}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
