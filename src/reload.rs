@@ -609,8 +609,16 @@ pub fn watch(
         .name("config-watch".into())
         .spawn(move || {
             while rx.recv().is_ok() {
-                // Debounce: wait for a quiet moment so a burst of events gives one reload.
-                while rx.recv_timeout(debounce).is_ok() {}
+                // Debounce: wait for a quiet moment so a burst of events gives one reload, at
+                // most 5 debounces: other files in the folders that change all the time (a log)
+                // must not hold an edit back for as long as they do.
+                let until = std::time::Instant::now() + debounce * 5;
+                loop {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() || rx.recv_timeout(debounce.min(left)).is_err() {
+                        break;
+                    }
+                }
                 let gw = gw.clone();
                 handle.block_on(gw.reload_if_changed());
             }

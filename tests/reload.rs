@@ -549,3 +549,41 @@ async fn a_new_export_behind_a_symlinked_entitlements_file_is_reloaded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// SPEC §8: "Reload happens on file change (watch)". The watched folders may hold other files
+/// that change all the time (a log written next to the configuration, as here and as
+/// `2>> /etc/turnstile/turnstile.log` does): their steady events must not hold an edit back for
+/// as long as they go on (a debounce that waits for a quiet moment that never comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_edit_is_live_while_another_file_in_the_folder_keeps_changing() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let noise = {
+        let (stop, path) = (stop.clone(), cfg.path().join("noise.log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(path).expect("noise file");
+            while !stop.load(Ordering::SeqCst) {
+                let _ = writeln!(f, "a line");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let edited = Instant::now();
+    replace_file(&cfg.path().join("entitlements.json"), &entitlements(30, None));
+    let live = loop {
+        if quota(&c, &gw).await == "\"qps\";q=30;w=1" {
+            break true;
+        }
+        if edited.elapsed() > Duration::from_secs(3) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    noise.join().expect("noise");
+    assert!(live, "the edit was not live within 3 s while another file in the folder kept changing");
+}
