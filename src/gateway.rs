@@ -25,6 +25,12 @@ pub struct Control {
     /// Cluster mode: the upgrade overrides shared through Redis, overlaid on every snapshot
     /// published (SPEC §11.4).
     pub(crate) overrides: Vec<(String, String, crate::store::Override)>,
+    /// The watcher's last rejection since the last publish: the hash of the files it rejected,
+    /// or the error it could not read them with. The same again is not reported again: an event
+    /// in their folders that is no edit of them (a log written there, the rejection's own line
+    /// included) would otherwise report it at every event, for as long as the edit stays.
+    pub(crate) rejected: Option<[u8; 32]>,
+    pub(crate) unreadable: Option<String>,
 }
 
 /// The hash of the three configuration texts (a reload with the same hash changes nothing).
@@ -39,7 +45,7 @@ pub(crate) fn hash(t: &Texts) -> [u8; 32] {
 
 impl Control {
     pub fn new(texts: Texts) -> Self {
-        Control { hash: hash(&texts), texts, overrides: Vec::new() }
+        Control { hash: hash(&texts), texts, overrides: Vec::new(), rejected: None, unreadable: None }
     }
 }
 

@@ -142,6 +142,7 @@ impl Gateway {
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         ctl.hash = hash(&texts);
         ctl.texts = texts;
+        (ctl.rejected, ctl.unreadable) = (None, None);
         tracing::info!(why, generation, "configuration reloaded");
         // Off the async workers, under the control lock (so a later reload that brings a pair
         // back cannot be undone by this one): drop the buckets of the removed pairs, one key at a
@@ -189,17 +190,30 @@ impl Gateway {
     }
 
     /// Reloads only when the files' contents differ from what is being served (the watcher:
-    /// editors, ConfigMap swaps, and our own write-backs, which are already served).
+    /// editors, ConfigMap swaps, and our own write-backs, which are already served) and from
+    /// what it rejected last (reported once, not at every event in the folders).
     pub async fn reload_if_changed(&self) {
         let mut ctl = self.control.lock().await;
         match self.read_current(&ctl).await {
-            Ok(t) if hash(&t) == ctl.hash => {}
             Ok(t) => {
-                let _ = self.publish(&mut ctl, t, "file change").await;
+                ctl.unreadable = None;
+                let h = hash(&t);
+                // Served, or rejected already (and reported then).
+                if h == ctl.hash || ctl.rejected == Some(h) {
+                    return;
+                }
+                if self.publish(&mut ctl, t, "file change").await.is_err() {
+                    ctl.rejected = Some(h);
+                }
             }
             Err(e) => {
+                let why = e.to_string();
+                if ctl.unreadable.as_ref() == Some(&why) {
+                    return;
+                }
                 self.metrics.config_reloads.with_label_values(&["error"]).inc();
                 tracing::error!("configuration reload after a file change failed:\n{e}");
+                ctl.unreadable = Some(why);
             }
         }
     }

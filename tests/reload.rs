@@ -587,3 +587,40 @@ async fn a_file_edit_is_live_while_another_file_in_the_folder_keeps_changing() {
     noise.join().expect("noise");
     assert!(live, "the edit was not live within 3 s while another file in the folder kept changing");
 }
+
+/// SPEC §8: a rejected configuration is reported (log, metric) — once per rejected edit. The
+/// watcher re-reads the files at every event in their folders; an event that is not an edit of
+/// them (here the gateway's own log, written next to the configuration, among which the very
+/// line that reports the rejection) must not report the same rejected files again, or the
+/// report feeds itself: an error line, hence an event, hence an error line, for as long as the
+/// edit stays, and `turnstile_config_reloads_total{result="error"}` counts them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_edit_is_reported_once_not_at_every_event_in_the_folder() {
+    let (_up, cfg, gw) = start(true, "").await;
+    let c = client();
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    replace_file(&cfg.path().join("entitlements.json"), "{\"tenants\": ");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = gw.metrics(&c).await;
+    let errors = metric(&m, "turnstile_config_reloads_total{result=\"error\"} ");
+    let logs = gw.logs();
+    let lines =
+        logs.matches("configuration rejected").count() + logs.matches("reload after a file change failed").count();
+    assert_eq!((errors, lines), (1.0, 1), "one rejected edit, reported once: {}", gw.logs());
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1", "the old configuration serves");
+    // Fixed, it is applied; broken the same way again, it is reported again.
+    replace_file(&cfg.path().join("entitlements.json"), &entitlements(30, None));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(quota(&c, &gw).await, "\"qps\";q=30;w=1");
+    replace_file(&cfg.path().join("entitlements.json"), "{\"tenants\": ");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let m = gw.metrics(&c).await;
+    assert_eq!(metric(&m, "turnstile_config_reloads_total{result=\"error\"} "), 2.0, "{}", gw.logs());
+    // A file that cannot be read: reported once too.
+    std::fs::remove_file(cfg.path().join("entitlements.json")).expect("remove");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = gw.metrics(&c).await;
+    assert_eq!(metric(&m, "turnstile_config_reloads_total{result=\"error\"} "), 3.0, "{}", gw.logs());
+    assert_eq!(gw.logs().matches("reload after a file change failed").count(), 1, "{}", gw.logs());
+}
