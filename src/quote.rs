@@ -295,7 +295,7 @@ fn payg_video(catalog: &Catalog, f: &Feature, ms: u64, fps: u32, lines: u32) -> 
     let exact = pricing::video_amount(cell.price, ms);
     let amount = pricing::round2(exact);
     let minutes = Decimal::from(ms) / Decimal::from(60_000u32);
-    let seconds = Decimal::new(i64::try_from(ms).unwrap_or(i64::MAX), 3);
+    let seconds = Decimal::from_i128_with_scale(i128::from(ms), 3);
     let cur = &catalog.currency;
     let line = json!({
         "minutes": ser::plain_string(minutes),
@@ -436,9 +436,29 @@ fn quote_image_search(catalog: &Catalog, from: (u64, u32), to: (u64, u32)) -> Re
     Ok(out)
 }
 
+/// `s` as written, or `None`: trailing zeros of the fraction are dropped, but a number with more
+/// digits than a `Decimal` keeps is refused rather than rounded (`str::parse` rounds it).
+fn exact_decimal(s: &str) -> Option<Decimal> {
+    let mut t = s.trim();
+    if t.contains('.') {
+        let stripped = t.trim_end_matches('0');
+        let stripped = stripped.strip_suffix('.').unwrap_or(stripped);
+        if stripped.bytes().any(|b| b.is_ascii_digit()) {
+            t = stripped;
+        }
+    }
+    Decimal::from_str_exact(t).ok()
+}
+
 /// `--video-seconds`: a non-negative number of seconds, at most 3 decimals, as milliseconds.
 fn parse_seconds(s: &str) -> Result<u64, String> {
-    let d: Decimal = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds (e.g. 140 or 140.5)"))?;
+    let d = match exact_decimal(s) {
+        Some(d) => d,
+        None if s.trim().parse::<Decimal>().is_ok() => {
+            return Err(format!("{s}: give seconds to the millisecond at most (3 decimals)"))
+        }
+        None => return Err(format!("{s:?} is not a number of seconds (e.g. 140 or 140.5)")),
+    };
     if d.is_sign_negative() && !d.is_zero() {
         return Err(format!("{s} is negative"));
     }
@@ -459,7 +479,7 @@ fn parse_size(s: &str) -> Result<(u64, u32), String> {
         Some('m' | 'M') => (&cap[..cap.len() - 1], 1_000_000),
         _ => (cap.as_str(), 1),
     };
-    let num: Decimal = num.trim().parse().map_err(|_| bad())?;
+    let num = exact_decimal(num).ok_or_else(bad)?;
     let cap = num.checked_mul(Decimal::from(mult)).ok_or_else(bad)?;
     if cap.is_sign_negative() || cap.fract() != Decimal::ZERO {
         return Err(bad());
@@ -486,6 +506,9 @@ mod tests {
         for bad in ["", "5", "/5", "5M/", "abc/5", "2.5/5", "-1/5", "5M/0", "0/5", "5M/x", "5M/5/5", "1.0000005M/5"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
+        // More digits than a Decimal keeps: not rounded into a size that is sold.
+        assert!(parse_size("2.50000000000000000000000000001M/5").is_err());
+        assert_eq!(parse_size("2.50000000000000000000000000000M/5"), Ok((2_500_000, 5)));
     }
 
     #[test]
@@ -496,6 +519,34 @@ mod tests {
         for bad in ["", "x", "-1", "1.0005", "1e400"] {
             assert!(parse_seconds(bad).is_err(), "{bad:?} should be rejected");
         }
+        // Not a whole millisecond, however many places it takes to say so (a Decimal keeps 28
+        // digits: parsed loosely, this rounds to 140 s and is quoted as if it were).
+        assert!(parse_seconds("140.0000000000000000000000000001").is_err());
+        // Trailing zeros are still whole milliseconds.
+        assert_eq!(parse_seconds("140.000000000000000000000000000000"), Ok(140_000));
+    }
+
+    fn shipped() -> Catalog {
+        let mut errors = Vec::new();
+        let raw: Option<RawCatalog> =
+            config::parse_toml("catalog.toml", include_str!("../config/catalog.toml"), &mut errors);
+        catalog::compile(raw.expect("shipped catalog parses"), &mut Errs { file: "catalog.toml", out: &mut errors })
+    }
+
+    #[test]
+    fn huge_video_seconds_are_shown_as_given() {
+        let cmd = QuoteCmd::Payg {
+            feature: "comprehensive-video-enhancement".into(),
+            calls: None,
+            video_seconds: Some("18446744073709551.615".into()),
+            fps: Some(60),
+            lines: Some(1080),
+            opts: QuoteOpts { config: "x".into(), json: true },
+        };
+        let out = quote(&shipped(), &cmd).expect("priced");
+        // u64::MAX ms: the seconds line must not be clamped to i64::MAX ms.
+        assert_eq!(out.json["lines"][0]["seconds"], "18446744073709551.615", "{}", out.json);
+        assert_eq!(out.json["lines"][0]["minutes"], "307445734561825.86025", "{}", out.json);
     }
 
     #[test]
