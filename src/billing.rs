@@ -2105,6 +2105,22 @@ mod tests {
         assert_eq!(u[0].payg.keys().collect::<Vec<_>>(), ["fps<=60,lines<=1440"], "no unpriced cell: {:?}", u[0].payg);
     }
 
+    /// SPEC §3.2: a feature whose billing includes `payg` but has no price "is still metered; its
+    /// amounts are `null` and the usage report says 'no price configured'". A video feature
+    /// without any video price (video OCR) showed `"amount": "0.00"`, as if its minutes were free.
+    #[test]
+    fn a_video_feature_without_any_price_reports_a_null_amount() {
+        let (_dir, s, b, f, now) = fixture("", "\"video_understanding\"", "video-ocr");
+        let r = reserve(&b, &s, &s.tenants[0], f, now).unwrap();
+        settle_video(&b, &s, &s.tenants[0], f, r, Some(VideoUsage { ms: 60_000, fps: 30, lines: 720 }), now);
+        let u = crate::store::ready(crate::report::usage(&s, &b, &s.tenants[0], "2026-03")).unwrap().unwrap();
+        let v = &u["features"]["video-ocr"];
+        assert_eq!(v["units"]["payg"], "1", "{v}");
+        assert_eq!(v["payg"]["amount"], serde_json::Value::Null, "{v}");
+        assert!(v["payg"]["note"].as_str().is_some_and(|n| n.contains("no price configured")), "{v}");
+        assert_eq!(u["total"], "0.00");
+    }
+
     #[test]
     fn a_failed_video_call_names_the_package_it_would_have_used() {
         let (_dir, s, b, f, now) = fixture(VID, "\"video_production\"", "comprehensive-video-enhancement");

@@ -37,6 +37,7 @@ pub async fn usage(
                 // hide the priced ones.
                 let mut amount = Decimal::ZERO;
                 let mut unpriced = Decimal::ZERO;
+                let mut priced = false;
                 let mut lines = Vec::new();
                 for (cell, minutes) in payg.iter().filter(|(_, m)| !m.is_zero()) {
                     let price = f.video_prices.iter().find(|c| &c.cell() == cell);
@@ -46,7 +47,10 @@ pub async fn usage(
                     let ms = u64::try_from(crate::units::minutes_to_ms(*minutes)).unwrap_or(0);
                     let line_amount = price.map(|c| pricing::round2(pricing::video_amount(c.price, ms)));
                     match line_amount {
-                        Some(a) => amount += a,
+                        Some(a) => {
+                            amount += a;
+                            priced = true;
+                        }
                         None => unpriced += *minutes,
                     }
                     let mut line = json!({
@@ -62,10 +66,16 @@ pub async fn usage(
                 total += amount;
                 let mut v = json!({"amount": money_string(amount), "lines": lines});
                 if !unpriced.is_zero() {
-                    v["note"] = json!(format!(
-                        "no price configured for {} minutes; the amount covers the priced lines only",
-                        plain_string(unpriced.round_dp(6))
-                    ));
+                    let minutes = plain_string(unpriced.round_dp(6));
+                    v["note"] = if priced {
+                        json!(format!(
+                            "no price configured for {minutes} minutes; the amount covers the priced lines only"
+                        ))
+                    } else {
+                        // No minute has a price: metered, amount null (SPEC §3.2), not a free "0.00".
+                        v["amount"] = serde_json::Value::Null;
+                        json!(format!("no price configured for {minutes} minutes"))
+                    };
                 }
                 v
             }
