@@ -128,6 +128,9 @@ impl HeadView for Req<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.fields().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
     }
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.fields().any(|(n, v)| n.eq_ignore_ascii_case(name.as_bytes()) && f(v))
+    }
 }
 
 enum Parsed {

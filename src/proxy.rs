@@ -207,22 +207,31 @@ impl Digits {
 /// the other, so both paths decide with the same code.
 pub trait HeadView {
     fn header(&self, name: &str) -> Option<&[u8]>;
+    /// Whether some value of `name` satisfies `f` (the first alone, for a view that keeps one).
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.header(name).is_some_and(f)
+    }
 }
 
 impl HeadView for HeaderMap {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.get(name).map(|v| v.as_bytes())
     }
+    fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
 }
 
 /// Returns the API key and whether `Authorization: Bearer` carries it (then that header is
-/// removed upstream too: SPEC §4), also when the key header carries the same key.
+/// removed upstream too: SPEC §4), also when the key header carries the same key, in any of
+/// the `Authorization` fields.
 fn api_key<'a, H: HeadView + ?Sized>(headers: &'a H, name: &HeaderName) -> Option<(&'a [u8], bool)> {
     let bearer = headers.header("authorization").and_then(crate::http_util::bearer);
     if let Some(v) = headers.header(name.as_str()) {
         let k = v.trim_ascii();
         if !k.is_empty() {
-            return Some((k, bearer == Some(k)));
+            let in_authorization = headers.any_value("authorization", &mut |a| crate::http_util::bearer(a) == Some(k));
+            return Some((k, in_authorization));
         }
     }
     bearer.map(|k| (k, true))

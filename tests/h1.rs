@@ -628,3 +628,24 @@ async fn an_upstream_head_over_64_kib_reads_502_on_both_paths() {
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)]);
     assert_eq!(billed(&gw).await, 0.0, "not charged");
 }
+
+/// SPEC §4 "the API key (header or `Authorization`) is removed": also when the key header
+/// carries it and `Authorization: Bearer <key>` is not the first `Authorization` field, on
+/// both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_in_a_second_authorization_field_is_not_forwarded() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/echo") {
+        let request = request.replacen(
+            "x-api-key: key-globex\r\n",
+            "x-api-key: key-globex\r\nAuthorization: Basic Zm9vOmJhcg==\r\nAuthorization: Bearer key-globex\r\n",
+            1,
+        );
+        let r = ask(&gw, &request).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        let seen = up.last();
+        assert!(seen.to_ascii_lowercase().contains("x-turnstile-tenant: globex"), "{path}: {seen}");
+        assert!(!seen.contains("key-globex"), "{path}: the API key reached the upstream: {seen}");
+    }
+}
