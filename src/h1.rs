@@ -770,7 +770,8 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
             || name.eq_ignore_ascii_case(b"ratelimit")
             || name.eq_ignore_ascii_case(b"ratelimit-policy")
             || name.eq_ignore_ascii_case(b"x-turnstile-payer")
-            || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+            // The length the body is relayed by stays, listed or not (hyper's path sends one too).
+            || (listed.iter().any(|l| name.eq_ignore_ascii_case(l)) && !name.eq_ignore_ascii_case(b"content-length"))
         {
             continue;
         }

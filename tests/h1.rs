@@ -134,6 +134,8 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             "gzip-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n".to_vec(),
             // Usage reports the upstream addresses to the gateway alone (listed in `Connection`).
             "usage-listed" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-usage-video-ms, x-usage-video-fps, x-usage-video-lines\r\nx-usage-video-ms: 60000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\n\r\nok".to_vec(),
+            // The length listed in `Connection`: the upstream's framing all the same.
+            "length-listed" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: content-length\r\n\r\nok".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -647,5 +649,22 @@ async fn an_api_key_in_a_second_authorization_field_is_not_forwarded() {
         let seen = up.last();
         assert!(seen.to_ascii_lowercase().contains("x-turnstile-tenant: globex"), "{path}: {seen}");
         assert!(!seen.contains("key-globex"), "{path}: the API key reached the upstream: {seen}");
+    }
+}
+
+/// An upstream `Connection` that lists `Content-Length` does not leave the client's answer
+/// without a framing: on both paths it reads whole, and the connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_length_listed_in_connection_still_frames_the_answer() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/length-listed") {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("a framed reply");
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "{path}: {}", r.head);
+        assert!(r.header("content-length").is_some() || r.header("transfer-encoding").is_some(), "{path}: {}", r.head);
+        w.s.write_all(get("/v1/raw/echo").as_bytes()).await.expect("write");
+        assert_eq!(w.reply(T).await.expect("the next reply").status, 200, "{path}");
     }
 }
