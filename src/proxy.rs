@@ -1204,11 +1204,17 @@ fn upstream_request(
     h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
     h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
     // The peer address, appended to what the client sent.
-    let xff = match h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
-        prior if prior.is_empty() => Ok(conn.peer_ip.clone()),
-        prior => {
-            HeaderValue::try_from(format!("{}, {}", prior.join(", "), String::from_utf8_lossy(conn.peer_ip.as_bytes())))
-        }
+    // Byte for byte, obs-text included, as the fast path and nginx's `$proxy_add_x_forwarded_for` do.
+    let mut prior = Vec::new();
+    for v in h.get_all(&X_FORWARDED_FOR) {
+        prior.extend_from_slice(v.as_bytes());
+        prior.extend_from_slice(b", ");
+    }
+    let xff = if prior.is_empty() {
+        Ok(conn.peer_ip.clone())
+    } else {
+        prior.extend_from_slice(conn.peer_ip.as_bytes());
+        HeaderValue::from_bytes(&prior)
     };
     if let Ok(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);

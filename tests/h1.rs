@@ -668,3 +668,23 @@ async fn an_upstream_length_listed_in_connection_still_frames_the_answer() {
         assert_eq!(w.reply(T).await.expect("the next reply").status, 200, "{path}");
     }
 }
+
+/// `X-Forwarded-For` is appended to as sent (nginx's `$proxy_add_x_forwarded_for`): a prior
+/// value with obs-text (RFC 9110 §5.5 allows it) is kept on hyper's path as on the fast path,
+/// not dropped from the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_for_chain_with_obs_text_is_kept_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/echo") {
+        let mut bytes = request.into_bytes();
+        let at = bytes.len() - 2;
+        bytes.splice(at..at, b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: caf\xe9\r\n".iter().copied());
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(&bytes).await.expect("write");
+        let r = w.reply(T).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        let seen = up.last().to_ascii_lowercase();
+        assert!(seen.contains("x-forwarded-for: 10.0.0.1, caf\u{fffd}, 127.0.0.1"), "{path}: {seen}");
+    }
+}
