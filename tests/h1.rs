@@ -688,3 +688,27 @@ async fn a_forwarded_for_chain_with_obs_text_is_kept_on_both_paths() {
         assert!(seen.contains("x-forwarded-for: 10.0.0.1, caf\u{fffd}, 127.0.0.1"), "{path}: {seen}");
     }
 }
+
+/// A request `Connection` that lists `Content-Length` (hyper's path: the fast path hands it
+/// over) does not send its body upstream unframed, where it would read as a second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_length_listed_in_connection_does_not_unframe_the_body_upstream() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let inner = "GET /v1/raw/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let request = format!(
+        "POST /v1/raw/echo HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\nConnection: content-length\r\n\
+         Content-Length: {}\r\n\r\n{inner}",
+        inner.len()
+    );
+    let r = ask(&gw, &request).await.expect("reply");
+    assert_eq!(r.status, 200, "{}", r.head);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = up.seen.lock().expect("lock").clone();
+    assert!(
+        seen.len() == 1 && seen[0].to_ascii_lowercase().contains(&format!("content-length: {}", inner.len())),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|h| !h.contains("/smuggled")), "a second request reached the upstream: {seen:?}");
+    assert_eq!(billed(&gw).await, 1.0);
+}
