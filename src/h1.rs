@@ -604,7 +604,7 @@ fn upstream_request(conn: &Conn, req: &Req<'_>, fwd: &Forward, out: &mut Vec<u8>
         if crate::http_util::hop_by_hop(name)
             || name.eq_ignore_ascii_case(api_key)
             || (fwd.key_in_authorization() && name.eq_ignore_ascii_case(b"authorization"))
-            || (name.len() >= 12 && name[..12].eq_ignore_ascii_case(b"x-turnstile-"))
+            || crate::http_util::turnstile_field(name)
         {
             continue;
         }

@@ -33,6 +33,14 @@ pub fn hop_by_hop(name: &[u8]) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Is the field `name` one of the gateway's own `x-turnstile-*` (any letter case, and `_` for
+/// `-`: an upstream that maps names to CGI variables, `HTTP_X_TURNSTILE_TENANT`, reads
+/// `X-Turnstile_Tenant` as `x-turnstile-tenant`)? An incoming one is never forwarded.
+pub fn turnstile_field(name: &[u8]) -> bool {
+    name.len() >= 12
+        && name[..12].iter().zip(b"x-turnstile-").all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (b == b'-' && a == b'_'))
+}
+
 /// Whether a `Transfer-Encoding` value lists a coding other than `chunked` (`identity`, a no-op,
 /// aside): one the gateway would lose by dropping the hop-by-hop field while relaying the bytes
 /// still coded (RFC 9112 §6.1).

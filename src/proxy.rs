@@ -1200,7 +1200,7 @@ fn upstream_request(
     if fwd.key_in_authorization {
         h.remove(header::AUTHORIZATION);
     }
-    remove_where(h, |n| n.as_str().starts_with("x-turnstile-"));
+    remove_where(h, |n| crate::http_util::turnstile_field(n.as_str().as_bytes()));
     h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
     h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
     // The peer address, appended to what the client sent.

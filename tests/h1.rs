@@ -712,3 +712,27 @@ async fn a_request_length_listed_in_connection_does_not_unframe_the_body_upstrea
     assert!(seen.iter().all(|h| !h.contains("/smuggled")), "a second request reached the upstream: {seen:?}");
     assert_eq!(billed(&gw).await, 1.0);
 }
+
+/// `X-Turnstile_Tenant` is `x-turnstile-tenant` to an upstream that maps field names to CGI
+/// variables (`HTTP_X_TURNSTILE_TENANT`: WSGI, PHP, CGI), so it is removed like every incoming
+/// `x-turnstile-*` field (SPEC §4), on both paths (nginx drops field names with `_` by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_underscore_spelling_of_x_turnstile_fields_is_not_forwarded() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/echo") {
+        let request = request.replacen(
+            "x-api-key: key-globex\r\n",
+            "x-api-key: key-globex\r\nX-Turnstile_Tenant: victim\r\nx_turnstile_feature: free\r\n",
+            1,
+        );
+        let r = ask(&gw, &request).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        let seen = up.last().to_ascii_lowercase();
+        assert!(seen.contains("x-turnstile-tenant: globex"), "{path}: {seen}");
+        assert!(
+            !seen.contains("victim") && !seen.contains(": free"),
+            "{path}: a spoofed field reached the upstream: {seen}"
+        );
+    }
+}
