@@ -226,7 +226,6 @@ impl HeadView for HeaderMap {
 /// removed upstream too: SPEC §4), also when the key header carries the same key, in any of
 /// the `Authorization` fields.
 fn api_key<'a, H: HeadView + ?Sized>(headers: &'a H, name: &HeaderName) -> Option<(&'a [u8], bool)> {
-    let bearer = headers.header("authorization").and_then(crate::http_util::bearer);
     if let Some(v) = headers.header(name.as_str()) {
         let k = v.trim_ascii();
         if !k.is_empty() {
@@ -234,7 +233,7 @@ fn api_key<'a, H: HeadView + ?Sized>(headers: &'a H, name: &HeaderName) -> Optio
             return Some((k, in_authorization));
         }
     }
-    bearer.map(|k| (k, true))
+    headers.header("authorization").and_then(crate::http_util::bearer).map(|k| (k, true))
 }
 
 /// Who a refused request is counted against in `turnstile_requests_total`.
