@@ -911,10 +911,10 @@ async fn forward(
         Err(e) => {
             let outcome = e.outcome();
             drop(fwd); // a reserved package share goes back: nothing is charged
-            let keep = refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await?;
+                       // Counted before the answer is written: a client that left still counts.
             gw.metrics.request_pair(pair, tenant, feature, outcome);
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-            return Ok(keep);
+            return refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await;
         }
     };
     let (payer, outcome) = if (200..300).contains(&resp.code) {
@@ -929,10 +929,9 @@ async fn forward(
             Err(e) => {
                 // Strict ledger failing: the upstream's answer is dropped and the call not charged.
                 let outcome = e.outcome();
-                let keep = refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await?;
                 gw.metrics.request_pair(pair, tenant, feature, outcome);
                 gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
-                return Ok(keep);
+                return refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await;
             }
         }
     } else {

@@ -397,6 +397,34 @@ async fn a_served_call_is_charged_when_its_client_left_before_the_answer() {
     assert_eq!(billed(&gw.metrics(&c).await), 3.0);
 }
 
+/// SPEC §10: `turnstile_requests_total` counts every request once, also one whose client reset
+/// its connection while the upstream worked on it: the upstream then times out (504), the
+/// gateway's answer cannot be written, and the call still counts as `upstream_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_error_is_counted_when_its_client_reset_the_connection() {
+    let (_up, _cfg, gw) = gateway(40, None, "upstream_timeout_ms = 300").await;
+    let c = client();
+    let series =
+        r#"turnstile_requests_total{feature="license-plate-recognition",outcome="upstream_error",tenant="globex"} "#;
+    let count =
+        |text: &str| -> u64 { text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0) };
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let head = "POST /v1/ocr/license-plate?sleep_ms=2000 HTTP/1.1\r\nhost: x\r\nx-api-key: key-globex\r\ncontent-length: 2\r\n\r\n{}";
+    s.write_all(head.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.set_zero_linger().expect("SO_LINGER 0");
+    drop(s); // a reset: the 504 cannot be written
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = gw.metrics(&c).await;
+        if count(&text) == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the timed-out call of a client that left was not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// SPEC §4 "Forwarded requests: the API key (header or `Authorization`) is removed": also when
 /// the client sends it both ways at once (`x-api-key` and `Authorization: Bearer`), on the
 /// fast path and on hyper's (`te: trailers` makes the fast path hand the request to hyper).
