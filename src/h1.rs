@@ -910,8 +910,9 @@ async fn forward(
         Ok(x) => x,
         Err(e) => {
             let outcome = e.outcome();
-            drop(fwd); // a reserved package share goes back: nothing is charged
-                       // Counted before the answer is written: a client that left still counts.
+            // A reserved package share goes back: nothing is charged.
+            drop(fwd);
+            // Counted before the answer is written: a client that left still counts.
             gw.metrics.request_pair(pair, tenant, feature, outcome);
             gw.metrics.observe_duration(outcome, start.elapsed().as_secs_f64());
             return refuse(gw, stream, req, &e, Some(rate), Some(&reserved_payer), out).await;
