@@ -851,6 +851,26 @@ billing = ["prepaid_qps"]
     }
 
     /// The lines of `redis-journal.rejected` in `dir`, parsed (none when there is no file).
+    /// What [`units`] shows for a tenant whose month holds one [`usage`] entry: one
+    /// pay-as-you-go unit of feature `f`.
+    fn one_payg_unit() -> Vec<(String, Vec<(String, i64)>)> {
+        vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])]
+    }
+
+    /// A Redis for `test` (none: the test is skipped) and a `local` replica on it, its journal
+    /// kept in a fresh folder, switched to the fallback as a store error would.
+    async fn on_the_fallback(
+        test: &str,
+    ) -> Option<(crate::store::redis::harness::RedisServer, tempfile::TempDir, Arc<Remote>)> {
+        let server = crate::store::redis::harness::RedisServer::start(test, Default::default())?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = Arc::new(test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await);
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        Some((server, dir, remote))
+    }
+
     fn rejected_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
         match std::fs::read_to_string(dir.join("redis-journal.rejected")) {
             Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect(),
@@ -871,16 +891,7 @@ billing = ["prepaid_qps"]
     /// rest replays; a second probe replays nothing again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_redis_rejects_is_set_aside_and_the_entries_after_it_replay() {
-        use crate::store::redis::harness;
-        let Some(server) = harness::RedisServer::start("an_entry_redis_rejects_is_set_aside", harness::Opts::default())
-        else {
-            return;
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
-        assert_eq!(remote.open_journal(dir.path()), Ok(0));
-        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
-        assert!(remote.failover(down).is_ok());
+        let Some((server, dir, remote)) = on_the_fallback("an_entry_redis_rejects_is_set_aside").await else { return };
         assert!(remote.in_fallback());
         poison(&server, &remote.redis, 4);
         let entries =
@@ -891,7 +902,7 @@ billing = ["prepaid_qps"]
         assert_eq!(remote.probe().await, 2, "the two healthy entries replayed past the rejected ones");
         assert_eq!(remote.journal_len(), 0, "nothing left in the journal");
         assert!(!remote.in_fallback(), "back on Redis");
-        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one);
         assert_eq!(units(&remote.redis, "good2").await, one);
         let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
@@ -949,7 +960,7 @@ billing = ["prepaid_qps"]
         assert_eq!(second.probe().await, 1);
         assert_eq!(second.journal_len(), 0);
         assert!(!second.in_fallback());
-        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        let one = one_payg_unit();
         assert_eq!(units(&second.redis, "good1").await, one);
         let lines = rejected_lines(dir.path());
         assert_eq!(lines.len(), 1, "{lines:?}");
@@ -964,16 +975,7 @@ billing = ["prepaid_qps"]
     /// the key, charge it to Redis while its rejected line still asks for it to be charged by hand.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_mark_of_a_set_aside_entry_is_synced_like_an_entry() {
-        use crate::store::redis::harness;
-        let Some(server) = harness::RedisServer::start("the_mark_of_a_set_aside_entry", harness::Opts::default())
-        else {
-            return;
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let remote = Arc::new(test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await);
-        assert_eq!(remote.open_journal(dir.path()), Ok(0));
-        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
-        assert!(remote.failover(down).is_ok());
+        let Some((server, dir, remote)) = on_the_fallback("the_mark_of_a_set_aside_entry").await else { return };
         poison(&server, &remote.redis, 0);
         remote.journal(usage("wrongtype", 1));
         remote.sync_journal_async().await;
@@ -988,19 +990,10 @@ billing = ["prepaid_qps"]
     /// fallback) and goes once the file can be written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_that_cannot_be_set_aside_stays_in_the_journal_until_it_can() {
-        use crate::store::redis::harness;
-        let Some(server) = harness::RedisServer::start("an_entry_that_cannot_be_set_aside", harness::Opts::default())
-        else {
-            return;
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
-        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let Some((server, dir, remote)) = on_the_fallback("an_entry_that_cannot_be_set_aside").await else { return };
         poison(&server, &remote.redis, 0);
         let blocker = dir.path().join(journal::REJECTED);
         std::fs::create_dir(&blocker).expect("a folder where the file goes");
-        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
-        assert!(remote.failover(down).is_ok());
         remote.journal(usage("wrongtype", 1));
         remote.journal(usage("good1", 2));
         assert_eq!(remote.probe().await, 0);
@@ -1022,16 +1015,7 @@ billing = ["prepaid_qps"]
     /// charge aside. It stays in the journal and replays once the ACL allows it again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_acl_refusal_inside_a_script_is_retried_not_set_aside() {
-        use crate::store::redis::harness;
-        let Some(server) = harness::RedisServer::start("an_acl_refusal_inside_a_script", harness::Opts::default())
-        else {
-            return;
-        };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
-        assert_eq!(remote.open_journal(dir.path()), Ok(0));
-        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
-        assert!(remote.failover(down).is_ok());
+        let Some((server, dir, remote)) = on_the_fallback("an_acl_refusal_inside_a_script").await else { return };
         remote.journal(usage("good1", 1));
         assert_eq!(server.cli(&["ACL", "SETUSER", "default", "-hincrby"]), "OK");
         assert_eq!(remote.probe().await, 0);
@@ -1041,7 +1025,7 @@ billing = ["prepaid_qps"]
         assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hincrby"]), "OK");
         assert_eq!(remote.probe().await, 1);
         assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
-        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one, "charged once the ACL allows it");
     }
 
@@ -1061,7 +1045,7 @@ billing = ["prepaid_qps"]
         }
         assert_eq!(remote.replay_all().await, 1);
         assert_eq!(remote.journal_len(), 0);
-        let one = vec![("f".to_string(), vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)])];
+        let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one);
     }
 }
