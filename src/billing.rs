@@ -2745,7 +2745,6 @@ mod tests {
         let (dir, s, od, now, rt) = one_point_od();
         let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
         let tenant = &s.tenants[0];
-        let alerts = alert_series;
         // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
         for _ in 0..3 {
             assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
@@ -2754,18 +2753,27 @@ mod tests {
         // The 4th would leave 0.2 (20%), but the ledger fails: reverted, not charged.
         fail.store(true, Ordering::SeqCst);
         assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_err());
-        let st = b.package(tenant, &tenant.packages[0]);
-        let after_revert = (st.consumed(), st.alerted(), alerts(&b));
+        let after_revert = alert_state(&b, tenant);
         // The ledger works again; the 4th call really leaves 0.2: now the alert fires.
         fail.store(false, Ordering::SeqCst);
         assert!(rt.block_on(b.durable(od_call(&b, &s, od, now))).is_ok());
-        let st = b.package(tenant, &tenant.packages[0]);
-        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        let one = fired_once("od");
         assert_eq!(
-            (after_revert, (st.consumed(), st.alerted(), alerts(&b))),
+            (after_revert, alert_state(&b, tenant)),
             ((Decimal::new(6, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
             "(consumed, alerted, alert metric) after the revert, then after the real crossing"
         );
+    }
+
+    /// The alert series once acme's `package` fired its low-balance alert.
+    fn fired_once(package: &str) -> Vec<String> {
+        vec![format!(r#"turnstile_package_low_balance_alerts_total{{package="{package}",tenant="acme"}} 1"#)]
+    }
+
+    /// (consumed, alerted, alert metric) of `tenant`'s first package.
+    fn alert_state(b: &Billing, tenant: &Tenant) -> (Decimal, bool, Vec<String>) {
+        let st = b.package(tenant, &tenant.packages[0]);
+        (st.consumed(), st.alerted(), alert_series(b))
     }
 
     /// The `turnstile_package_low_balance_alerts_total` lines of `b`'s metrics.
@@ -2786,7 +2794,7 @@ mod tests {
     fn the_alert_fires_once_for_a_durable_charge_after_the_crossing_one_was_reverted() {
         let (dir, s, od, now, rt) = one_point_od();
         let tenant = &s.tenants[0];
-        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+        let one = fired_once("od");
         {
             let (b, fail) = open_flaky(dir.path(), Durability::Strict, STRICT_WAIT);
             // 3 calls of 0.2: 0.4 of 1 left (40%), no alert.
@@ -2805,9 +2813,8 @@ mod tests {
             fail.store(false, Ordering::SeqCst);
             assert!(b.flush());
             assert!(rt.block_on(b.durable(b2)).is_ok());
-            let st = b.package(tenant, &tenant.packages[0]);
             assert_eq!(
-                (st.consumed(), st.alerted(), alert_series(&b)),
+                alert_state(&b, tenant),
                 (Decimal::new(8, 1), true, one.clone()),
                 "(consumed, alerted, alert metric) once B is durable"
             );
@@ -2850,14 +2857,12 @@ mod tests {
         fail.store(false, Ordering::SeqCst);
         assert!(b.flush());
         assert!(rt.block_on(b.durable(b2)).is_ok());
-        let st = b.package(tenant, &tenant.packages[0]);
-        let after_b = (st.consumed(), st.alerted(), alert_series(&b));
+        let after_b = alert_state(&b, tenant);
         // 0.3 more: 0.2 left (20%), the real crossing.
         assert!(rt.block_on(b.durable(video(18_000))).is_ok());
-        let st = b.package(tenant, &tenant.packages[0]);
-        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="vid",tenant="acme"} 1"#.to_string()];
+        let one = fired_once("vid");
         assert_eq!(
-            (after_b, (st.consumed(), st.alerted(), alert_series(&b))),
+            (after_b, alert_state(&b, tenant)),
             ((Decimal::new(5, 1), false, vec![]), (Decimal::new(8, 1), true, one)),
             "(consumed, alerted, alert metric) after B, then after the real crossing"
         );
@@ -2890,9 +2895,8 @@ mod tests {
         let c = od_call(&b, &s, od, now);
         assert!(rt.block_on(b.durable(a)).is_ok(), "A is durable");
         assert!(rt.block_on(b.durable(c)).is_err(), "C is reverted");
-        let st = b.package(tenant, &tenant.packages[0]);
         assert_eq!(
-            (st.consumed(), st.alerted(), alert_series(&b)),
+            alert_state(&b, tenant),
             (Decimal::new(6, 1), false, Vec::<String>::new()),
             "(consumed, alerted, alert metric): 0.4 left on disk is not low"
         );
@@ -2901,13 +2905,8 @@ mod tests {
         assert!(b.flush());
         let d = od_call(&b, &s, od, now);
         assert!(rt.block_on(b.durable(d)).is_ok());
-        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
-        let st = b.package(tenant, &tenant.packages[0]);
-        assert_eq!(
-            (st.consumed(), st.alerted(), alert_series(&b)),
-            (Decimal::new(8, 1), true, one),
-            "the real crossing"
-        );
+        let one = fired_once("od");
+        assert_eq!(alert_state(&b, tenant), (Decimal::new(8, 1), true, one), "the real crossing");
     }
 
     /// A ledger whose commits wait at a gate: the n-th commit (from 1) goes through once
@@ -2994,21 +2993,15 @@ mod tests {
         });
         allowed.store(u64::MAX, Ordering::SeqCst);
         assert!(b.flush());
-        let st = b.package(tenant, &tenant.packages[0]);
         assert_eq!(
-            (st.consumed(), st.alerted(), alert_series(&b)),
+            alert_state(&b, tenant),
             (Decimal::new(6, 1), false, Vec::<String>::new()),
             "(consumed, alerted, alert metric): 0.4 left is not low"
         );
         // The real crossing fires it, once.
         assert!(rt.block_on(b.durable(charge(od))).is_ok());
-        let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
-        let st = b.package(tenant, &tenant.packages[0]);
-        assert_eq!(
-            (st.consumed(), st.alerted(), alert_series(&b)),
-            (Decimal::new(8, 1), true, one),
-            "the real crossing"
-        );
+        let one = fired_once("od");
+        assert_eq!(alert_state(&b, tenant), (Decimal::new(8, 1), true, one), "the real crossing");
         assert!(b.close(Duration::from_secs(5)).is_ok());
     }
 
@@ -3209,7 +3202,7 @@ mod tests {
             assert_eq!(remote.probe().await, 0, "once");
             assert_eq!(x.consumed().await, 4 * FACTOR, "0.2 left (20%): low");
             assert!(remote.redis.alerted("acme", "od").await.expect("alerted"), "marked in Redis");
-            let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+            let one = fired_once("od");
             assert_eq!(alert_series(&x.b), one, "the alert the replay marked fired, once");
             let sent = x.alerts.try_recv().expect("the webhook got the alert");
             assert_eq!(
@@ -3249,7 +3242,7 @@ mod tests {
             assert_eq!(alert_series(&x.b), Vec::<String>::new(), "2.2 of 10 left: not low yet");
             let r = x.admit().await;
             x.settle(r).await;
-            let one = vec![r#"turnstile_package_low_balance_alerts_total{package="od",tenant="acme"} 1"#.to_string()];
+            let one = fired_once("od");
             assert_eq!(alert_series(&x.b), one, "2 of 10 left: low");
             let sent = x.alerts.try_recv().expect("the webhook got the alert");
             assert_eq!((sent.points.0, sent.remaining.0), (Decimal::from(10), Decimal::from(2)), "{sent:?}");
