@@ -390,6 +390,18 @@ async fn admin_token_from_a_secret_file_with_a_trailing_newline_still_works() {
     assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// Moves `cfg`'s entitlements.json to `export/tenants.json` (the billing system's export, in a
+/// folder of its own) and leaves a link to it in its place. Returns (the export, the link).
+fn link_entitlements_to_an_export(cfg: &ConfigDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let export_dir = cfg.path().join("export");
+    std::fs::create_dir(&export_dir).expect("mkdir");
+    let export = export_dir.join("tenants.json");
+    let link = cfg.path().join("entitlements.json");
+    std::fs::rename(&link, &export).expect("move");
+    std::os::unix::fs::symlink(&export, &link).expect("symlink");
+    (export, link)
+}
+
 /// The write-back replaces the file a link names, not the link (the billing export keeps it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_back_keeps_a_symlinked_entitlements_file_a_symlink() {
@@ -397,12 +409,7 @@ async fn write_back_keeps_a_symlinked_entitlements_file_a_symlink() {
     // export, not replace the link with a copy that later exports never reach.
     let up = Upstream::start().await;
     let cfg = ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &entitlements(40, None));
-    let export_dir = cfg.path().join("export");
-    std::fs::create_dir(&export_dir).expect("mkdir");
-    let export = export_dir.join("tenants.json");
-    let link = cfg.path().join("entitlements.json");
-    std::fs::rename(&link, &export).expect("move");
-    std::os::unix::fs::symlink(&export, &link).expect("symlink");
+    let (export, link) = link_entitlements_to_an_export(&cfg);
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let c = client();
     let r = admin_post(&c, &gw, UPGRADE, r#"{"qps": 45}"#).await;
@@ -527,12 +534,7 @@ async fn a_new_export_behind_a_symlinked_entitlements_file_is_reloaded() {
     let up = Upstream::start().await;
     let main = main_toml(&up.url(), "", "").replace("watch = false", "watch = true");
     let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
-    let export_dir = cfg.path().join("export");
-    std::fs::create_dir(&export_dir).expect("mkdir");
-    let export = export_dir.join("tenants.json");
-    let link = cfg.path().join("entitlements.json");
-    std::fs::rename(&link, &export).expect("move");
-    std::os::unix::fs::symlink(&export, &link).expect("symlink");
+    let (export, _) = link_entitlements_to_an_export(&cfg);
     let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
     let c = client();
     assert_eq!(quota(&c, &gw).await, "\"qps\";q=40;w=1");
