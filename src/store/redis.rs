@@ -1005,21 +1005,64 @@ impl RedisStore {
 
     /// Stores an override (JSON) for (tenant, feature) in a set of them, indexes the tenant and
     /// publishes on `{prefix}:overrides` so every replica reloads them.
+    ///
+    /// All or nothing (SPEC §11.4: an upgrade Redis does not confirm is refused whole), though
+    /// no transaction spans the three keys on a Redis Cluster (the set sits in its tenant's
+    /// slot, the index and the version elsewhere): the pair is listed first (a listed pair with
+    /// no override reads as none), then the override added, then the version moved, which is
+    /// what makes replicas read it. A failure from the override on takes it out again (unless
+    /// it was stored before) and moves the version, so a replica that read it meanwhile drops
+    /// it. The publication only hurries the replicas' poll of the version: its failure is logged.
+    /// It runs to its end as a task of its own: a caller that goes away part way (an admin
+    /// client that disconnects) would leave a write Redis already has without its version.
     pub async fn put_override_json(&self, tenant: &str, feature: &str, json: &str) -> Result<(), StoreError> {
+        let (store, tenant, feature, json) = (self.clone(), tenant.to_owned(), feature.to_owned(), json.to_owned());
+        tokio::spawn(async move { store.put_override_whole(&tenant, &feature, &json).await }).await.map_err(|e| {
+            StoreError::Unavailable { backend: BACKEND.into(), reason: format!("the upgrade's write stopped: {e}") }
+        })?
+    }
+
+    async fn put_override_whole(&self, tenant: &str, feature: &str, json: &str) -> Result<(), StoreError> {
         let op = "sync";
         let mut conn = self.conn.clone();
-        let cmd = redis::cmd("SADD").arg(self.key(tenant, &format!("ov:{feature}"))).arg(json).clone();
-        let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
+        let set = self.key(tenant, &format!("ov:{feature}"));
+        let version = format!("{}:ov:version", self.opts.key_prefix);
+        let existed: bool =
+            self.timed(op, redis::cmd("SISMEMBER").arg(&set).arg(json).clone().query_async(&mut conn)).await?;
         let idx = format!("{}:ov:index", self.opts.key_prefix);
         let cmd = redis::cmd("SADD").arg(&idx).arg(format!("{tenant}\n{feature}")).clone();
         let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
-        let cmd = redis::cmd("INCR").arg(format!("{}:ov:version", self.opts.key_prefix)).clone();
-        let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
+        let stored = async {
+            let _: i64 = self.timed(op, redis::cmd("SADD").arg(&set).arg(json).clone().query_async(&mut conn)).await?;
+            self.timed::<i64>(op, redis::cmd("INCR").arg(&version).clone().query_async(&mut conn)).await
+        };
+        if let Err(e) = stored.await {
+            if !existed {
+                let mut conn = self.conn.clone();
+                let srem = redis::cmd("SREM").arg(&set).arg(json).clone();
+                if let Err(undo) = self.timed::<i64>(op, srem.query_async(&mut conn)).await {
+                    tracing::error!(
+                        tenant, feature, key = set, member = json, error = %undo,
+                        "an upgrade Redis did not confirm may still be in its set: remove that member by hand (SREM)"
+                    );
+                } else if let Err(undo) =
+                    self.timed::<i64>(op, redis::cmd("INCR").arg(&version).clone().query_async(&mut conn)).await
+                {
+                    tracing::warn!(
+                        tenant, feature, error = %undo,
+                        "an upgrade Redis did not confirm was taken out; a replica that read it meanwhile keeps it until the version next moves"
+                    );
+                }
+            }
+            return Err(e);
+        }
         let cmd = redis::cmd("PUBLISH")
             .arg(format!("{}:overrides", self.opts.key_prefix))
             .arg(format!("{tenant}\n{feature}"))
             .clone();
-        let _: i64 = self.timed(op, cmd.query_async(&mut conn)).await?;
+        if let Err(e) = self.timed::<i64>(op, cmd.query_async(&mut conn)).await {
+            tracing::warn!(tenant, feature, error = %e, "upgrade stored; not published (replicas read it at their next poll)");
+        }
         Ok(())
     }
 

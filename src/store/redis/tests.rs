@@ -505,6 +505,82 @@ async fn tenants_keys_share_one_slot(store: RedisStore) {
     assert_eq!(slots.len(), 1, "slots {slots:?}");
 }
 
+/// SPEC §11.4 (an upgrade Redis does not confirm is refused whole): a put that fails part way
+/// leaves nothing behind. The override's set sits in its tenant's slot and the index and the
+/// version in others, so no transaction spans them on a Redis Cluster; an override left in its
+/// set by a failed put would apply everywhere at the next put of the same pair (which lists the
+/// pair and moves the version), though the admin call that made it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_override_that_fails_part_way_leaves_nothing_behind() {
+    let Some(s) = RedisServer::start("a_put_override_that_fails_part_way", Opts::default()) else { return };
+    let store = RedisStore::connect(&[s.url()], opts()).await.expect("connect");
+    let acl = |rule: &str| assert_eq!(s.cli(&["ACL", "SETUSER", "default", rule]), "OK", "{rule}");
+    // Stored before: a later put of the same override that fails does not take it away.
+    store.put_override_json("acme", "face", r#"{"qps":10}"#).await.expect("put");
+    // The version cannot move: the override was added to its set (and the pair listed) first.
+    acl("-incr");
+    store.put_override_json("acme", "face", r#"{"qps":25}"#).await.expect_err("INCR refused");
+    store.put_override_json("acme", "face", r#"{"qps":10}"#).await.expect_err("INCR refused");
+    acl("+incr");
+    // The index cannot be written (only the tenants' keys can).
+    acl("resetkeys");
+    acl("~tp:{*");
+    store.put_override_json("acme", "face", r#"{"qps":30}"#).await.expect_err("index refused");
+    acl("allkeys");
+    let before = store.override_version().await.expect("version");
+    store.put_override_json("acme", "face", r#"{"qps":12}"#).await.expect("put");
+    assert!(store.override_version().await.expect("version") > before, "the version moved");
+    assert_eq!(
+        store.override_jsons().await.expect("read"),
+        [r#"{"qps":10}"#, r#"{"qps":12}"#].map(|j| ("acme".to_string(), "face".to_string(), j.to_string())),
+        "only the puts that succeeded"
+    );
+}
+
+/// The same promise when the put's caller goes away part way (an admin client that
+/// disconnects): a write Redis already has must still get its version, or the override applies
+/// at the next put of the pair. Here the override's write waits on its paused node (a Redis
+/// Cluster: the index is on another node, so the pair is listed first) when the call is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_override_dropped_part_way_is_made_whole() {
+    let Some(c) = RedisCluster::start("a_put_override_dropped_part_way") else { return };
+    let store = Arc::new(RedisStore::connect(&c.urls(), opts()).await.expect("connect"));
+    let owner = |key: &str| c.nodes.iter().position(|n| n.cli(&["EXISTS", key]) == "1").expect("a node has it");
+    // A tenant whose slot is served by another node than the index's.
+    let mut on = None;
+    for t in (0..12).map(|i| format!("t{i}")) {
+        store.put_override_json(&t, "face", r#"{"qps":10}"#).await.expect("put");
+        let node = owner(&format!("tp:{{{t}}}:ov:face"));
+        if node != owner("tp:ov:index") {
+            on = Some((t, node));
+            break;
+        }
+    }
+    let (tenant, node) = on.expect("12 tenants all in the index's slots");
+    let version = store.override_version().await.expect("version");
+    let paused = Instant::now();
+    assert_eq!(c.nodes[node].cli(&["CLIENT", "PAUSE", "1500", "WRITE"]), "OK");
+    let put = {
+        let (store, tenant) = (store.clone(), tenant.clone());
+        tokio::spawn(async move { store.put_override_json(&tenant, "ocr", r#"{"qps":25}"#).await })
+    };
+    let pair = format!("{tenant}\nocr");
+    while c.nodes[owner("tp:ov:index")].cli(&["SISMEMBER", "tp:ov:index", &pair]) != "1" {
+        assert!(paused.elapsed() < Duration::from_millis(1000), "the pair was never listed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Listed: the override's own write is on its way to the paused node.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    put.abort();
+    let _ = put.await;
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(paused.elapsed()) + Duration::from_millis(700)).await;
+    let set = format!("tp:{{{tenant}}}:ov:ocr");
+    let stored = c.nodes[node].cli(&["SISMEMBER", &set, r#"{"qps":25}"#]) == "1";
+    let moved = store.override_version().await.expect("version") > version;
+    assert!(stored, "the write on its way landed when the pause ended");
+    assert!(moved, "the override is in its set, but the version never moved: no replica reads it until another put");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_fails_within_the_timeout_and_a_restart_recovers() {
     let Some(mut s) = RedisServer::start("a_dead_server_fails_within_the_timeout", Opts::default()) else { return };
