@@ -53,6 +53,25 @@ impl Errs<'_> {
     }
 }
 
+/// `s` as written (its scale too: `"0.10"` stays `0.10`), or `None`: a number with more digits
+/// than a `Decimal` keeps is refused rather than rounded (`str::parse` rounds it), unless only
+/// trailing zeros of the fraction are past what it keeps (those are dropped).
+pub fn exact_decimal(s: &str) -> Option<Decimal> {
+    let t = s.trim();
+    if let Ok(d) = Decimal::from_str_exact(t) {
+        return Some(d);
+    }
+    if !t.contains('.') {
+        return None;
+    }
+    let stripped = t.trim_end_matches('0');
+    let stripped = stripped.strip_suffix('.').unwrap_or(stripped);
+    if !stripped.bytes().any(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Decimal::from_str_exact(stripped).ok()
+}
+
 /// A decimal written as a string (`"0.15"`): money and points are never floats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dec(pub Decimal);
@@ -66,10 +85,15 @@ impl<'de> Deserialize<'de> for Dec {
                 f.write_str("a decimal written as a string, e.g. \"0.15\"")
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dec, E> {
-                Decimal::from_str_exact(s.trim())
-                    .or_else(|_| Decimal::from_str(s.trim()))
-                    .map(Dec)
-                    .map_err(|_| E::custom(format!("{s:?} is not a decimal number")))
+                match exact_decimal(s) {
+                    Some(d) => Ok(Dec(d)),
+                    // Money is billed as written: a number a Decimal would round is refused.
+                    None if Decimal::from_str(s.trim()).is_ok() => Err(E::custom(format!(
+                        "{s:?} has more digits than a decimal keeps exactly (at most 28 significant \
+                         digits): it would be rounded"
+                    ))),
+                    None => Err(E::custom(format!("{s:?} is not a decimal number"))),
+                }
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dec, E> {
                 Err(E::custom(format!("{v} is a float: write decimals as strings, e.g. \"{v}\"")))
@@ -102,6 +126,43 @@ impl serde::Serialize for Dec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dec(text: &str) -> Result<Dec, String> {
+        serde_json::from_value(serde_json::Value::String(text.into())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn decimals_are_read_exactly_or_refused() {
+        // More digits than a Decimal keeps: refused, not rounded to a number nobody wrote.
+        for text in [
+            "0.00250000000000000000000000001",
+            "0.20000000000000000000000000001",
+            "5000.00000000000000000000000001",
+            "50000.0000000000000000000000001",
+            "1.00000000000000000000000000000000001",
+        ] {
+            let e = dec(text).expect_err(text);
+            assert!(e.contains("more digits than"), "{text}: {e}");
+        }
+        // Trailing zeros change nothing: the number as written.
+        assert_eq!(dec("2.5000000000000000000000000000000"), Ok(Dec(Decimal::new(25, 1))));
+        assert_eq!(dec(" 0.2000000000000000000000000000000 "), Ok(Dec(Decimal::new(2, 1))));
+        assert_eq!(dec("0.0000000000000000000000000000000"), Ok(Dec(Decimal::ZERO)));
+        assert_eq!(dec("0.0000000000000000000000000001"), Ok(Dec(Decimal::new(1, 28))));
+        assert_eq!(dec("79228162514264337593543950335"), Ok(Dec(Decimal::MAX)));
+        // 29 significant digits that a Decimal holds exactly.
+        assert_eq!(
+            dec("5000.0000000000000000000000001"),
+            Ok(Dec(Decimal::from_i128_with_scale(50_000_000_000_000_000_000_000_000_001, 25)))
+        );
+        assert_eq!(dec("-7.25"), Ok(Dec(Decimal::new(-725, 2))));
+        // The scale as written: a price "0.10" is shown as "0.10".
+        assert_eq!(dec("0.10").map(|d| d.0.scale()), Ok(2));
+        assert_eq!(dec("16.00").map(|d| d.0.scale()), Ok(2));
+        for text in ["", "abc", "1.2.3", "79228162514264337593543950336"] {
+            assert!(dec(text).is_err(), "{text:?}");
+        }
+    }
 
     #[test]
     fn decimals_serialize_as_their_normal_text() {

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::catalog::{self, Catalog, Feature, Method, RawCatalog, Unit, IMAGE_SEARCH};
 use crate::config::{self, Errs};
+use crate::diag::exact_decimal;
 use crate::pricing::{self, ser, Period, TierLine};
 
 /// Options every quote takes.
@@ -434,20 +435,6 @@ fn quote_image_search(catalog: &Catalog, from: (u64, u32), to: (u64, u32)) -> Re
         m.insert("to".into(), pkg(new));
     }
     Ok(out)
-}
-
-/// `s` as written, or `None`: trailing zeros of the fraction are dropped, but a number with more
-/// digits than a `Decimal` keeps is refused rather than rounded (`str::parse` rounds it).
-fn exact_decimal(s: &str) -> Option<Decimal> {
-    let mut t = s.trim();
-    if t.contains('.') {
-        let stripped = t.trim_end_matches('0');
-        let stripped = stripped.strip_suffix('.').unwrap_or(stripped);
-        if stripped.bytes().any(|b| b.is_ascii_digit()) {
-            t = stripped;
-        }
-    }
-    Decimal::from_str_exact(t).ok()
 }
 
 /// `--video-seconds`: a non-negative number of seconds, at most 3 decimals, as milliseconds.

@@ -116,6 +116,78 @@ fn floats_for_money_and_syntax_errors_are_located() {
     assert!(stderr.contains("turnstile.toml:"), "{stderr}");
 }
 
+/// A decimal with more digits than a Decimal keeps exactly (28) is refused, naming the file and
+/// the field, in each of the three files: read loosely, it was rounded and the gateway billed by
+/// a number the operator did not write. Trailing zeros change nothing and are still accepted.
+#[test]
+fn decimals_that_would_be_rounded_are_refused_with_file_and_field() {
+    let ratio = "[billing]\nlow_balance_ratio = \"0.20000000000000000000000000001\"\n";
+    let main = main_toml("http://127.0.0.1:1", "", ratio);
+    let catalog = SHIPPED_CATALOG.replace("price = \"0.15\"", "price = \"0.15000000000000000000000000001\"");
+    let day = "2026-01-01T00:00:00+08:00";
+    let ents = format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{}"], "services": ["object_detection"], "packages": [
+  {{"id": "p1", "feature": "object-detection", "points": "5000.00000000000000000000000001", "ordered_at": "{day}", "expires_at": "{day}"}}]}}}}}}"#,
+        key_hash("k1")
+    );
+    // Each file on its own (a file stops at its first type error), then all three together.
+    let ok_ents = entitlements(40, None);
+    let plain = main_toml("http://127.0.0.1:1", "", "");
+    for (main, catalog, ents, expected) in [
+        (main.as_str(), SHIPPED_CATALOG, ok_ents.as_str(), "turnstile.toml: billing.low_balance_ratio: "),
+        (
+            plain.as_str(),
+            catalog.as_str(),
+            ok_ents.as_str(),
+            "catalog.toml: features.license-plate-recognition.payg_tiers[0].price: ",
+        ),
+        (plain.as_str(), SHIPPED_CATALOG, ents.as_str(), "entitlements.json: tenants.acme.packages[0].points: "),
+    ] {
+        let cfg = ConfigDir::new(main, catalog, ents);
+        let (ok, _, stderr) = check(&cfg);
+        assert!(!ok, "check must fail: {stderr}");
+        let line =
+            stderr.lines().find(|l| l.contains(expected)).unwrap_or_else(|| panic!("no {expected:?} in:\n{stderr}"));
+        assert!(line.contains("more digits than"), "{line}");
+    }
+
+    // Trailing zeros beyond 28 places: the same number, accepted.
+    let main =
+        main_toml("http://127.0.0.1:1", "", "[billing]\nlow_balance_ratio = \"0.2000000000000000000000000000000\"\n");
+    let catalog = SHIPPED_CATALOG.replace("price = \"0.15\"", "price = \"0.150000000000000000000000000000000\"");
+    let cfg = ConfigDir::new(&main, &catalog, &entitlements(40, None));
+    let (ok, stdout, stderr) = check(&cfg);
+    assert!(ok && stdout.starts_with("ok:"), "{stdout}{stderr}");
+}
+
+/// `serve` refuses the same rounded decimal at start, naming the file and the field.
+#[test]
+fn serve_refuses_a_decimal_that_would_be_rounded() {
+    let ratio = "[billing]\nlow_balance_ratio = \"0.20000000000000000000000000001\"\n";
+    let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:1", "", ratio), SHIPPED_CATALOG, &entitlements(40, None));
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg.main())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Ok(Some(s)) = serve.try_wait() {
+            exited = Some(s.success());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let out = serve.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(exited, Some(false), "serve must refuse to start: {stderr}");
+    assert!(stderr.contains("turnstile.toml: billing.low_balance_ratio: "), "{stderr}");
+    assert!(stderr.contains("more digits than"), "{stderr}");
+}
+
 #[test]
 fn missing_file_is_named() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -289,6 +289,34 @@ async fn every_configured_package_has_its_remaining_points_series_from_load() {
     assert_eq!(package_series(&m, "od-2"), Some(300.0));
 }
 
+/// A reload whose file holds a decimal with more digits than a Decimal keeps exactly is rejected
+/// like any invalid file (file and field named, the old configuration kept), not rounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_decimal_that_would_be_rounded_is_rejected() {
+    let up = Upstream::start().await;
+    let cfg =
+        ConfigDir::new(&main_toml(&up.url(), "", ""), SHIPPED_CATALOG, &with_packages(&[package("od-1", "5000.5")]));
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let c = client();
+    let ents = cfg.path().join("entitlements.json");
+    replace_file(&ents, &with_packages(&[package("od-1", "5000.5000000000000000000000000001")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!((r.status, r.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"));
+    let errors = r.json()["error"]["errors"].as_array().cloned().unwrap_or_default();
+    let points = errors.iter().find(|e| e["path"] == "tenants.globex.packages[0].points");
+    let message = points.and_then(|e| e["message"].as_str()).unwrap_or_default();
+    assert!(message.contains("more digits than"), "{errors:?}");
+    assert!(points.and_then(|e| e["file"].as_str()).is_some_and(|f| f.ends_with("entitlements.json")), "{errors:?}");
+    let m = gw.metrics(&c).await;
+    assert_eq!(metric(&m, "turnstile_config_reloads_total{result=\"error\"} "), 1.0);
+    assert_eq!(package_series(&m, "od-1"), Some(5000.5), "the old configuration serves:\n{m}");
+
+    // Trailing zeros past 28 places are the same number: accepted.
+    replace_file(&ents, &with_packages(&[package("od-1", "5000.50000000000000000000000000000000")]));
+    let r = post(&c, &gw.admin_url("/admin/v1/reload"), &[AUTH], b"").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+}
+
 const UPGRADE: &str = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/upgrade";
 const TEMPORARY: &str = "/admin/v1/tenants/acme/qps-plans/face-comparison-1-1/temporary-upgrade";
 
