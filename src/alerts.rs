@@ -71,18 +71,44 @@ impl Inbox {
     }
 }
 
+/// Webhook deliveries under way at once: a dead or slow endpoint holds at most this many.
+const IN_FLIGHT: usize = 16;
+
 /// POSTs each low-balance alert to `[billing].alert_webhook` (read at send time), off the
-/// request path, retrying with exponential backoff.
+/// request path, retrying with exponential backoff. Each alert is delivered by a task of its own
+/// (at most [`IN_FLIGHT`] at once), so one alert's retries do not hold back the others; an
+/// alert counts as pending until its delivery is through.
 pub async fn deliver(webhook: impl Fn() -> Option<http::Uri>, mut inbox: Inbox) {
     use http_body_util::Full;
     let client: Client<HttpConnector, Full<bytes::Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     while let Some(alert) = inbox.rx.recv().await {
-        if let Some(url) = webhook() {
+        // Never closed, so this waits only for a free slot.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            inbox.pending.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        };
+        let Some(url) = webhook() else {
+            inbox.pending.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        };
+        let (client, pending) = (client.clone(), inbox.pending.clone());
+        tokio::spawn(async move {
             post(&client, &url, &alert).await;
-        }
-        inbox.pending.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
+            pending.fetch_sub(1, Ordering::SeqCst);
+        });
     }
+}
+
+/// What the webhook made of one try.
+enum Answer {
+    Delivered,
+    /// A 4xx other than 408 and 429: the request itself is refused, and a retry sends the same.
+    Refused(http::StatusCode),
+    /// A 5xx, 408, 429, another status, a timeout or no connection: worth another try.
+    Failed,
 }
 
 async fn post(client: &Client<HttpConnector, http_body_util::Full<bytes::Bytes>>, url: &http::Uri, alert: &Alert) {
@@ -92,19 +118,33 @@ async fn post(client: &Client<HttpConnector, http_body_util::Full<bytes::Bytes>>
         let req = http::Request::post(url.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(http_body_util::Full::new(body.clone()));
-        let ok = match req {
-            Ok(req) => matches!(
-                tokio::time::timeout(Duration::from_secs(10), client.request(req)).await,
-                Ok(Ok(r)) if r.status().is_success()
-            ),
-            Err(_) => false,
+        let answer = match req {
+            Ok(req) => match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                Ok(Ok(r)) if r.status().is_success() => Answer::Delivered,
+                Ok(Ok(r))
+                    if r.status().is_client_error()
+                        && !matches!(
+                            r.status(),
+                            http::StatusCode::REQUEST_TIMEOUT | http::StatusCode::TOO_MANY_REQUESTS
+                        ) =>
+                {
+                    Answer::Refused(r.status())
+                }
+                _ => Answer::Failed,
+            },
+            Err(_) => Answer::Failed,
         };
-        if ok {
-            return;
-        }
-        if attempt == 6 {
-            tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, "low-balance webhook failed 6 times; giving up");
-            return;
+        match answer {
+            Answer::Delivered => return,
+            Answer::Refused(status) => {
+                tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, status = status.as_u16(), attempt, "low-balance webhook refused the alert; giving up (a 4xx is not retried)");
+                return;
+            }
+            Answer::Failed if attempt == 6 => {
+                tracing::error!(tenant = %alert.tenant, package = %alert.package, %url, "low-balance webhook failed 6 times; giving up");
+                return;
+            }
+            Answer::Failed => {}
         }
         tracing::warn!(tenant = %alert.tenant, package = %alert.package, attempt, "low-balance webhook failed; retrying");
         tokio::time::sleep(delay).await;
@@ -115,6 +155,124 @@ async fn post(client: &Client<HttpConnector, http_body_util::Full<bytes::Bytes>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+
+    /// The calls a loopback webhook received: the alert's package, in order.
+    type Calls = Arc<Mutex<Vec<String>>>;
+
+    /// A loopback webhook answering each call with `answer(package, nth call for it from 0)`.
+    async fn webhook(answer: fn(&str, usize) -> StatusCode) -> (http::Uri, Calls) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let calls: Calls = Arc::default();
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let package = v["package"].as_str().unwrap_or_default().to_string();
+                        let nth = {
+                            let mut seen = seen.lock().expect("lock");
+                            seen.push(package.clone());
+                            seen.iter().filter(|p| **p == package).count() - 1
+                        };
+                        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                        *resp.status_mut() = answer(&package, nth);
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (format!("http://{addr}/alerts").parse().expect("uri"), calls)
+    }
+
+    fn alert(package: &str) -> Alert {
+        let d = Dec(Decimal::ONE);
+        Alert { tenant: "acme".into(), package: package.into(), points: d, remaining: d, ratio: d, at: String::new() }
+    }
+
+    /// The deliverer for `url`, and the outbox to send it alerts.
+    fn start(url: http::Uri) -> Outbox {
+        let (outbox, inbox) = channel();
+        tokio::spawn(deliver(move || Some(url.clone()), inbox));
+        outbox
+    }
+
+    /// Waits (10 s at most) until no alert is pending: each delivered or given up.
+    async fn settled(outbox: &Outbox) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while outbox.pending() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(outbox.pending(), 0, "not through its delivery within 10 s");
+    }
+
+    fn count(calls: &Calls) -> usize {
+        calls.lock().expect("lock").len()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_4xx_other_than_408_or_429_is_tried_once() {
+        let answers: [fn(&str, usize) -> StatusCode; 3] =
+            [|_, _| StatusCode::BAD_REQUEST, |_, _| StatusCode::NOT_FOUND, |_, _| StatusCode::UNPROCESSABLE_ENTITY];
+        for answer in answers {
+            let (url, calls) = webhook(answer).await;
+            let outbox = start(url);
+            outbox.send(alert("p1"));
+            settled(&outbox).await;
+            let refused = answer("p1", 0);
+            assert_eq!(count(&calls), 1, "{refused}: the request itself is wrong; retrying will not change it");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_5xx_408_or_429_is_retried_until_delivered() {
+        let answers: [fn(&str, usize) -> StatusCode; 3] = [
+            |_, n| if n == 0 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK },
+            |_, n| if n == 0 { StatusCode::REQUEST_TIMEOUT } else { StatusCode::OK },
+            |_, n| if n == 0 { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::OK },
+        ];
+        for answer in answers {
+            let (url, calls) = webhook(answer).await;
+            let outbox = start(url);
+            outbox.send(alert("p1"));
+            settled(&outbox).await;
+            assert_eq!(count(&calls), 2, "{:?}: refused once, then delivered", answer("p1", 0));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_alert_the_webhook_keeps_failing_does_not_hold_back_the_next() {
+        // p1 is refused with 503 at every try (6 tries over 6.2 s); p2 is taken at once.
+        let (url, calls) =
+            webhook(|package, _| if package == "p1" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }).await;
+        let outbox = start(url);
+        outbox.send(alert("p1"));
+        outbox.send(alert("p2"));
+        let sent = Instant::now();
+        while !calls.lock().expect("lock").iter().any(|p| p == "p2") {
+            assert!(sent.elapsed() < Duration::from_secs(2), "p2 waited for p1's retries: {calls:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // p2's delivery is through while p1 is still backing off.
+        while outbox.pending() != 1 {
+            assert!(sent.elapsed() < Duration::from_secs(2), "pending: {}", outbox.pending());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     #[test]
     fn low_at_or_below_the_ratio() {

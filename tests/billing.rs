@@ -170,8 +170,16 @@ async fn nothing_to_pay_is_402_and_capacity_billed_features_fall_back_to_free_de
     assert!(r.header("ratelimit").is_some());
 }
 
-/// A loopback webhook receiver that fails its first `fail_first` calls.
+/// A loopback webhook receiver that fails its first `fail_first` calls (500).
 async fn webhook(fail_first: u64) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>, Arc<AtomicU64>) {
+    webhook_failing_with(fail_first, StatusCode::INTERNAL_SERVER_ERROR).await
+}
+
+/// A loopback webhook receiver that answers its first `fail_first` calls with `failure`.
+async fn webhook_failing_with(
+    fail_first: u64,
+    failure: StatusCode,
+) -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -188,7 +196,7 @@ async fn webhook(fail_first: u64) -> (String, Arc<std::sync::Mutex<Vec<serde_jso
                         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                         let k = n.fetch_add(1, Ordering::SeqCst);
                         let status = if k < fail_first {
-                            StatusCode::INTERNAL_SERVER_ERROR
+                            failure
                         } else {
                             if let Ok(v) = serde_json::from_slice(&body) {
                                 g.lock().expect("lock").push(v);
@@ -267,6 +275,33 @@ async fn an_alert_the_webhook_never_takes_is_reported_at_shutdown() {
     assert_eq!(status.code(), Some(0), "no charge is lost: {}", gw.logs());
     assert!(got.lock().expect("lock").is_empty());
     assert!(gw.logs().contains("alerts=1") && gw.logs().contains("not delivered to the webhook"), "{}", gw.logs());
+}
+
+/// A 4xx (other than 408/429) says the request itself is wrong: tried once, logged as an error
+/// with its status, not retried 6 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_webhook_refuses_with_a_4xx_is_tried_once_and_logged() {
+    let up = Upstream::start().await;
+    let (url, got, calls) = webhook_failing_with(u64::MAX, StatusCode::BAD_REQUEST).await;
+    let billing = format!("[billing]\nlow_balance_ratio = \"0.2\"\nalert_webhook = \"{url}\"\n");
+    let cfg = config(&up.url(), "", &billing, &tenants());
+    let gw = Gateway::start(&cfg);
+    let c = client();
+    fire_the_alert(&c, &gw).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.logs().contains("webhook refused the alert") {
+        assert!(Instant::now() < deadline, "no refusal logged: {}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the first retry's backoff (200 ms): still the one call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "{}", gw.logs());
+    assert!(got.lock().expect("lock").is_empty());
+    let logs = gw.logs();
+    let line = logs.lines().find(|l| l.contains("webhook refused the alert")).unwrap_or_default();
+    assert!(line.contains("ERROR") && line.contains("status=400") && line.contains("package=od-1"), "{line}");
+    assert_eq!(logs.matches("webhook refused the alert").count(), 1, "{logs}");
+    assert!(!logs.contains("retrying"), "{logs}");
 }
 
 /// od-1 (1 point, 0.2 a call) down to 0.2: its low-balance alert fires (the metric says so).
