@@ -364,6 +364,12 @@ impl Billing {
                     b.replayed_alert(&a);
                 }
             });
+            let weak = Arc::downgrade(&billing);
+            r.on_replayed_charge(move |c| {
+                if let Some(b) = weak.upgrade() {
+                    b.replayed_charge(&c);
+                }
+            });
         }
         Ok((billing, alert_rx))
     }
@@ -1024,6 +1030,57 @@ impl Billing {
         }
     }
 
+    /// Cluster mode: the replay of a settlement Redis did not answer live (nothing was counted
+    /// then) succeeded: its unit counts now, under whoever Redis says paid it, at the price of
+    /// the month's total Redis reports, as a live settlement counts it ([`Billing::call_charge`]).
+    fn replayed_charge(&self, c: &crate::cluster::ReplayedCharge) {
+        let (ti, tenant) = crate::intern::tenant(&c.tenant);
+        let (fi, feature) = crate::intern::feature(&c.feature);
+        let payer = match c.to {
+            UsageTo::Payer(k) => Some(k),
+            UsageTo::Unpaid => None,
+        };
+        let pair = crate::intern::pair(ti, fi);
+        let (tiers, currency) = (&c.count.payg_tiers, c.count.currency.clone());
+        self.count(&Self::call_charge(pair, tenant, feature, payer, c.cell_total, tiers, currency));
+    }
+
+    /// The metrics of one call's unit settled on Redis: under `payer` (`None`: nothing could
+    /// pay it, unpaid), and for pay-as-you-go the price (`tiers`) of the month's call-cell
+    /// `cell_total`-th call.
+    fn call_charge(
+        pair: u64,
+        tenant: &'static str,
+        feature: &'static str,
+        payer: Option<PayerKind>,
+        cell_total: Option<i64>,
+        tiers: &[crate::catalog::Tier],
+        currency: String,
+    ) -> Charge {
+        let mut units = [Decimal::ZERO; 5];
+        let mut unpaid = Decimal::ZERO;
+        match payer {
+            Some(k) => units[k as usize] = Decimal::ONE,
+            None => unpaid = Decimal::ONE,
+        }
+        let payg_amount = match (payer, cell_total) {
+            (Some(PayerKind::Payg), Some(total)) => pricing::marginal_price(tiers, Decimal::from(total - 1)),
+            _ => None,
+        };
+        Charge {
+            pair,
+            tenant,
+            feature,
+            units,
+            payg_amount,
+            unpaid,
+            currency,
+            packages: Vec::new(),
+            alerts: Vec::new(),
+            journal: Vec::new(),
+        }
+    }
+
     /// The low-balance alert fired (the store said it was the first time): log, metric, webhook.
     fn alert_fired(&self, t: TenantKey<'static>, c: Candidate<'static>, consumed: i64, ratio: Decimal, now: i64) {
         let (points, remaining) = (units::from_micro(c.points), units::from_micro((c.points - consumed).max(0)));
@@ -1212,6 +1269,8 @@ impl Billing {
             also,
             image: image.map_or(crate::store::redis::ImagePart::None, image_part),
             instead: None,
+            // Counted on the fallback.
+            count: None,
         }];
         if let (Some(_), Some((_, c))) = (&r.held, r.package) {
             let points = tenant.packages.iter().find(|p| p.label == c.id).map_or(c.points, |p| p.points_micro);
@@ -1288,6 +1347,11 @@ impl Billing {
                     also: also.clone(),
                     image: img,
                     instead: instead.clone(),
+                    // Not counted here: Redis may or may not have it; its replay counts it.
+                    count: Some(Box::new(crate::cluster::Uncounted {
+                        currency: snap.catalog.currency.clone(),
+                        payg_tiers: f.payg_tiers.clone(),
+                    })),
                 });
                 // Strict: nothing is charged for it in the local ledger, so this journal line is
                 // the charge's only record: on disk before the 2xx (SPEC §7, §11.5).
@@ -1323,29 +1387,8 @@ impl Billing {
                 "a call outlived its package hold's lease (cluster.hold_lease_ms); it was paid at its settlement"
             );
         }
-        let mut units = [Decimal::ZERO; 5];
-        let mut unpaid = Decimal::ZERO;
-        match payer {
-            Some(k) => units[k as usize] = Decimal::ONE,
-            None => unpaid = Decimal::ONE,
-        }
-        let mut charge = Charge {
-            pair,
-            tenant: tenant.label,
-            feature: f.label,
-            units,
-            payg_amount: None,
-            unpaid,
-            currency: snap.catalog.currency.clone(),
-            packages: Vec::new(),
-            alerts: Vec::new(),
-            journal: Vec::new(),
-        };
-        if payer == Some(PayerKind::Payg) {
-            if let Some(total) = out.cell_total {
-                charge.payg_amount = pricing::marginal_price(&f.payg_tiers, Decimal::from(total - 1));
-            }
-        }
+        let currency = snap.catalog.currency.clone();
+        let charge = Self::call_charge(pair, tenant.label, f.label, payer, out.cell_total, &f.payg_tiers, currency);
         if let (Some((t, c)), Some(consumed)) = (package, out.consumed) {
             self.note_consumed(remote, t, c, consumed);
             self.set_gauge(t, c, consumed);
@@ -3116,11 +3159,22 @@ mod tests {
                 self.b.remote().unwrap().redis.package_held("acme", "od").await.expect("held")
             }
 
+            /// (units billed to `payer`, pay-as-you-go amount) of acme's feature in a scrape of
+            /// the metrics (0 for a series not there yet).
+            fn counted(&self, payer: PayerKind) -> (f64, f64) {
+                let fe = &self.s.catalog.features[self.f].id;
+                let p = payer.as_str();
+                let billed = format!(r#"turnstile_billed_units_total{{feature="{fe}",payer="{p}",tenant="acme"}}"#);
+                let amount = format!(r#"turnstile_payg_amount_total{{currency="CNY",feature="{fe}",tenant="acme"}}"#);
+                (scraped(&self.b, &self.s, &billed).unwrap_or(0.0), scraped(&self.b, &self.s, &amount).unwrap_or(0.0))
+            }
+
             /// (single_package units, payg units, payg units of the call cell, unpaid) of March.
             async fn units(&self) -> (i64, i64, i64, i64) {
                 let t = tenant_key(&self.s.tenants[0]);
                 let month = self.b.remote().unwrap().stores.month(t, "2026-03").await.expect("month");
-                let u = month.iter().find(|u| u.feature == "object-detection").cloned().unwrap_or_default();
+                let fe = &self.s.catalog.features[self.f].id;
+                let u = month.iter().find(|u| &u.feature == fe).cloned().unwrap_or_default();
                 (
                     u.units[PayerKind::SinglePackage as usize],
                     u.units[PayerKind::Payg as usize],
@@ -3337,6 +3391,145 @@ mod tests {
             assert_eq!(x.b.durable(settled).await.ok(), Some(HeaderValue::from_static("single_package:od")));
             assert_eq!(remote.journal_len(), 1, "the settlement waits for Redis in the journal");
             assert!(!remote.journal_unsynced(), "its line was fdatasync'ed before the 2xx");
+            // With what its replay counts it with, should this replica stop first.
+            let (_, found, _) = crate::cluster::journal::JournalFile::open(&folder).expect("the journal reads back");
+            let uncounted = crate::cluster::Uncounted {
+                currency: "CNY".into(),
+                payg_tiers: x.s.catalog.features[x.f].payg_tiers.clone(),
+            };
+            assert!(
+                matches!(&found[..], [(_, crate::cluster::Replay::Settle { count: Some(c), .. })] if **c == uncounted),
+                "{found:?}"
+            );
+        }
+
+        /// [`fixture_with`] whose calls are license-plate recognition: pay-as-you-go only, at
+        /// 0.15 a call up to the month's 10,000th, then 0.10.
+        async fn payg_fixture(test: &str, redis_opts: harness::Opts) -> Option<Fixture> {
+            let mut x = fixture_with(test, "1", OnStoreError::Local, redis_opts).await?;
+            let services = "\"object_detection\", \"text_recognition\"";
+            x.s = Arc::new(snapshot(SHIPPED, &ents(&OD.replace("POINTS", "1"), services)));
+            x.f = feature(&x.s, "license-plate-recognition");
+            Some(x)
+        }
+
+        /// SPEC §10 / §11.6 (`local`): a pay-as-you-go call whose settlement Redis did not answer
+        /// (killed) is journaled and answered; it is counted in `turnstile_billed_units_total`
+        /// and `turnstile_payg_amount_total` once its replay succeeds, at the price of the
+        /// month's tier Redis reports then (other replicas' 9,999 calls make it the 10,001st:
+        /// 0.10), not when it is journaled, and once though the first replay attempt fails.
+        /// The metrics used to miss it: the usage report showed the call, the metrics did not.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_replayed_payg_call_is_counted_in_the_metrics_once_at_its_months_tier() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let Some(mut x) = payg_fixture("a_replayed_payg_call_is_counted", aof).await else { return };
+            let remote = x.b.remote().unwrap().clone();
+            let fe = &x.s.catalog.features[x.f];
+            let key = BucketKey { tenant: "acme", bucket: fe.label, local: 0 };
+            let others = UsageTo::Payer(PayerKind::Payg);
+            remote.stores.add_usage(key, "2026-03", others, 9_999, CALL_CELL, RequestId(u128::MAX)).await.unwrap();
+            let r = x.admit().await;
+            assert_eq!(x.settle(r).await.payer, "payg");
+            assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "the 10,000th call, settled on Redis");
+            let r = x.admit().await;
+            assert_eq!(r.payer, PayerKind::Payg);
+            x.redis.kill9();
+            assert_eq!(x.settle(r).await.payer, "payg", "answered on the fallback");
+            assert_eq!(remote.journal_len(), 1, "the settlement waits for Redis");
+            assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "not settled yet: not counted");
+            x.redis.restart();
+            // Redis answers, but refuses the settlement script (an ACL): the replay fails.
+            assert_eq!(x.redis.cli(&["ACL", "SETUSER", "default", "-evalsha", "-eval"]), "OK");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !x.redis.cli(&["ACL", "LOG"]).contains("evalsha") {
+                assert!(tokio::time::Instant::now() < deadline, "no replay attempted in 5 s");
+                assert_eq!(remote.probe().await, 0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(remote.journal_len(), 1, "kept, to be replayed again");
+            assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "a failed replay counts nothing");
+            assert_eq!(x.redis.cli(&["ACL", "SETUSER", "default", "+evalsha", "+eval"]), "OK");
+            assert_eq!(remote.replay_all().await, 1, "the settlement replayed");
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.units().await, (0, 10_001, 10_001, 0), "(package, payg, payg cell, unpaid) in Redis");
+            let (units, amount) = x.counted(PayerKind::Payg);
+            assert_eq!(units, 2.0, "this replica's two calls, as the report counts them beyond the others'");
+            assert!((amount - 0.25).abs() < 1e-9, "0.15 for the 10,000th call, 0.10 for the 10,001st: {amount}");
+        }
+
+        /// SPEC §10 / §11.6 (`local`): a package call whose settlement Redis did not answer
+        /// (killed) is counted under its package once the replay commits it, once (a second
+        /// probe counts nothing more): the metrics show what the usage report shows.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_replayed_package_call_is_counted_in_the_metrics_once() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let Some(mut x) = fixture_with("a_replayed_package_call_is_counted", "10", OnStoreError::Local, aof).await
+            else {
+                return;
+            };
+            let remote = x.b.remote().unwrap().clone();
+            let r = x.admit().await;
+            x.settle(r).await;
+            let r = x.admit().await;
+            assert_eq!(r.payer, PayerKind::SinglePackage);
+            x.redis.kill9();
+            assert_eq!(x.settle(r).await.payer, "single_package:od", "answered on the fallback");
+            assert_eq!(remote.journal_len(), 1);
+            assert_eq!(x.counted(PayerKind::SinglePackage), (1.0, 0.0), "not settled yet: not counted");
+            x.redis.restart();
+            assert_eq!(remote.replay_all().await, 1);
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.units().await, (2, 0, 0, 0), "(package, payg, payg cell, unpaid) in Redis");
+            assert_eq!(x.consumed().await, 2 * FACTOR);
+            assert_eq!(x.counted(PayerKind::SinglePackage), (2.0, 0.0), "as the report counts them");
+            assert_eq!(x.counted(PayerKind::Payg), (0.0, 0.0));
+        }
+
+        /// A settlement that did reach Redis though its answer never came back (Redis hung past
+        /// the store timeout: SIGSTOP, then SIGCONT) is journaled; its replay is answered from
+        /// the settlement's marker (nothing applied twice) and counts the call, once.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_settlement_redis_applied_but_did_not_answer_is_counted_once_at_its_replay() {
+            let Some(x) = payg_fixture("a_settlement_redis_applied_but_did_not_answer", harness::Opts::default()).await
+            else {
+                return;
+            };
+            let remote = x.b.remote().unwrap().clone();
+            let signal = |sig: &str| {
+                let pid = x.redis.pid().expect("running").to_string();
+                let status = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill");
+                assert!(status.success(), "kill {sig}");
+            };
+            let r = x.admit().await;
+            signal("-STOP");
+            let settled = x.settle(r).await;
+            signal("-CONT");
+            assert_eq!(settled.payer, "payg");
+            assert_eq!(remote.journal_len(), 1, "its answer did not come within the store timeout");
+            assert_eq!(x.counted(PayerKind::Payg), (0.0, 0.0));
+            assert_eq!(remote.replay_all().await, 1);
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.units().await, (0, 1, 1, 0), "applied once in Redis");
+            assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "counted once");
+        }
+
+        /// An entry Redis rejects is set aside, not replayed: its call is not counted.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_settlement_set_aside_as_rejected_is_not_counted() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let Some(mut x) = payg_fixture("a_settlement_set_aside_as_rejected", aof).await else { return };
+            let remote = x.b.remote().unwrap().clone();
+            let r = x.admit().await;
+            x.redis.kill9();
+            assert_eq!(x.settle(r).await.payer, "payg");
+            x.redis.restart();
+            // The month's key is written with another type: the settlement's HINCRBY answers
+            // WRONGTYPE.
+            let month = format!("{}m:2026-03:license-plate-recognition", remote.redis.tenant_prefix("acme"));
+            assert_eq!(x.redis.cli(&["SET", &month, "x"]), "OK");
+            assert_eq!(remote.replay_all().await, 0, "set aside, not replayed");
+            assert_eq!(remote.journal_len(), 0);
+            assert_eq!(x.counted(PayerKind::Payg), (0.0, 0.0), "not counted");
         }
 
         /// Late commits race new calls on one package: it never pays more than it holds,

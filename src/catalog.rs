@@ -156,7 +156,8 @@ pub struct GeneralPackage {
     pub families: Vec<usize>,
 }
 
-#[derive(Debug, Clone)]
+/// Serialized in the cluster journal ([`crate::cluster::Uncounted`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Tier {
     pub up_to: Option<u64>,
     pub price: Decimal,

@@ -13,6 +13,10 @@
 //! `turnstile_store_fallback` to 0. An entry Redis rejects (an error reply that no retry can
 //! change, [`StoreError::is_rejection`]) would stop that replay for good: it is set aside into
 //! [`journal::REJECTED`] next to the journal file, logged, and the replay goes on.
+//!
+//! Metrics (SPEC §10): a charge made on the fallback is counted when it is made. A live
+//! settlement Redis did not answer is journaled uncounted ([`Uncounted`]); its replay hands
+//! the charge back to the billing engine ([`ReplayedCharge`]), which counts it then, once.
 
 pub mod journal;
 
@@ -26,6 +30,7 @@ use prometheus::IntGauge;
 use rust_decimal::Decimal;
 use rustc_hash::FxBuildHasher;
 
+use crate::catalog::Tier;
 use crate::config::gateway::{ClusterSettings, ImageOp, OnStoreError};
 use crate::store::redis::{HoldAction, ImagePart, Instead, InsteadFrom, PaidInstead, RedisStore, Settle, TakeFrom};
 use crate::store::{BucketKey, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore, UsageTo};
@@ -61,6 +66,11 @@ pub enum Replay {
         /// How the commit pays when the hold is gone by then (swept after its lease): the same
         /// as the live settlement would have (see [`Instead`]).
         instead: Option<PayInstead>,
+        /// A live settlement Redis did not answer: its metrics wait for this replay
+        /// ([`Uncounted`]). `None`: counted when it was made (a charge of the fallback, or an
+        /// entry written before this field).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<Box<Uncounted>>,
     },
     /// Micro-points taken from packages in candidate order (a package charge made locally):
     /// (package, points, alert at), all in micro-points; `ratio` as in [`Replay::Settle`].
@@ -102,6 +112,38 @@ pub struct ReplayedAlert {
 
 /// Where [`Remote`] hands the alerts its replay marked (the billing engine fires them).
 type AlertSink = Box<dyn Fn(ReplayedAlert) + Send + Sync>;
+
+/// What the billing engine counts a per-call charge with (SPEC §10) when its live settlement
+/// failed: nothing was counted then (Redis may or may not have applied it), so the replay that
+/// Redis answers counts it, once. The catalog's currency and the feature's pay-as-you-go tiers
+/// when the call was made; the tier is the one of the month's total Redis reports then.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Uncounted {
+    pub currency: String,
+    pub payg_tiers: Vec<Tier>,
+}
+
+/// A replayed settlement that carried [`Uncounted`]: who paid its unit (as Redis applied it:
+/// the hold's payer, or who paid instead when the hold was gone) and the month's call-cell
+/// total after it (pay-as-you-go). The billing engine counts it ([`Remote::on_replayed_charge`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayedCharge {
+    pub tenant: String,
+    pub feature: String,
+    pub to: UsageTo,
+    pub cell_total: Option<i64>,
+    pub count: Uncounted,
+}
+
+/// Where [`Remote`] hands the charges its replay settled uncounted (the billing engine counts them).
+type ChargeSink = Box<dyn Fn(ReplayedCharge) + Send + Sync>;
+
+/// What one replayed entry hands back to the billing engine.
+#[derive(Default)]
+struct Replayed {
+    alerts: Vec<ReplayedAlert>,
+    charge: Option<ReplayedCharge>,
+}
 
 /// An owned [`Instead`]: how a commit pays when its hold is gone, kept to be journaled.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -157,6 +199,8 @@ pub struct Remote {
     known: DashMap<u64, i64, FxBuildHasher>,
     /// Fires the alerts a replay marked in Redis ([`Remote::on_replayed_alert`]).
     alert_sink: OnceLock<AlertSink>,
+    /// Counts the charges a replay settled uncounted ([`Remote::on_replayed_charge`]).
+    charge_sink: OnceLock<ChargeSink>,
 }
 
 /// The journal: its entries with their sequence numbers, oldest first, the next number, and
@@ -201,6 +245,7 @@ impl Remote {
             deferred: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DEFERRED)),
             known: DashMap::with_hasher(FxBuildHasher),
             alert_sink: OnceLock::new(),
+            charge_sink: OnceLock::new(),
         }
     }
 
@@ -215,6 +260,13 @@ impl Remote {
             Some(sink) => sink(a),
             None => tracing::warn!(tenant = a.tenant, package = a.package, "package balance low (marked by a replay)"),
         }
+    }
+
+    /// Sets what counts the charges a replay settled whose live settlement counted nothing
+    /// ([`Uncounted`]; once, the billing engine sets it when it opens). Without one they are
+    /// not counted.
+    pub fn on_replayed_charge(&self, sink: impl Fn(ReplayedCharge) + Send + Sync + 'static) {
+        let _ = self.charge_sink.set(Box::new(sink));
     }
 
     /// True while this replica serves on its local fallback.
@@ -347,9 +399,11 @@ impl Remote {
     /// Returns the low-balance alerts it marked in Redis, the first time in the cluster: those
     /// of a settlement or a take (a replay answered from their marker, whose first answer was
     /// lost, returns them too); never that of a [`Replay::Alert`], fired on the fallback already.
-    async fn replay(redis: &RedisStore, r: &Replay) -> Result<Vec<ReplayedAlert>, StoreError> {
+    /// And the charge of a settlement that carries [`Uncounted`] (answered from its marker too:
+    /// the live settlement, or an earlier replay, whose answer was lost counted nothing).
+    async fn replay(redis: &RedisStore, r: &Replay) -> Result<Replayed, StoreError> {
         match r {
-            Replay::Settle { tenant, id, hold, held, alert_at, ratio, usage, also, image, instead } => {
+            Replay::Settle { tenant, id, hold, held, alert_at, ratio, usage, also, image, instead, count } => {
                 let froms = instead.as_ref().map(PayInstead::froms).unwrap_or_default();
                 let s = Settle {
                     hold: *hold,
@@ -361,8 +415,32 @@ impl Remote {
                     instead: instead.as_ref().map(|i| i.part(&froms)),
                 };
                 let out = redis.settle(tenant, *id, s).await?;
+                let charge = count.as_ref().and_then(|count| {
+                    let (feature, _, field, _) = usage.as_ref()?;
+                    // The month field its unit went to: the hold's payer's, or who paid instead.
+                    let field = match out.instead {
+                        None => Some(field),
+                        Some(PaidInstead::Package(i)) => {
+                            instead.as_ref().and_then(|x| x.candidates.get(i)).map(|c| &c.3)
+                        }
+                        Some(PaidInstead::Fallback) => instead.as_ref().map(|x| &x.field),
+                    };
+                    match field.and_then(|f| crate::store::redis::field_payer(f)) {
+                        Some(to) => Some(ReplayedCharge {
+                            tenant: tenant.clone(),
+                            feature: feature.clone(),
+                            to,
+                            cell_total: out.cell_total,
+                            count: Uncounted::clone(count),
+                        }),
+                        None => {
+                            tracing::error!(tenant, "a replayed settlement paid a unit to a field that names no payer");
+                            None
+                        }
+                    }
+                });
                 if !out.alert_fired {
-                    return Ok(Vec::new());
+                    return Ok(Replayed { alerts: Vec::new(), charge });
                 }
                 // The package that paid: the hold's, or the candidate that paid instead.
                 let paid = match out.instead {
@@ -372,15 +450,16 @@ impl Remote {
                     }
                     Some(PaidInstead::Fallback) => None,
                 };
-                match (paid, out.consumed) {
+                let alerts = match (paid, out.consumed) {
                     (Some((package, points)), Some(consumed)) => {
-                        Ok(vec![ReplayedAlert { tenant: tenant.clone(), package, points, consumed, ratio: *ratio }])
+                        vec![ReplayedAlert { tenant: tenant.clone(), package, points, consumed, ratio: *ratio }]
                     }
                     _ => {
                         tracing::error!(tenant, "a replayed settlement fired an alert for a package it does not name");
-                        Ok(Vec::new())
+                        Vec::new()
                     }
-                }
+                };
+                Ok(Replayed { alerts, charge })
             }
             Replay::Take { tenant, candidates, want, id, ratio } => {
                 let from: Vec<TakeFrom<'_>> = candidates
@@ -402,7 +481,7 @@ impl Remote {
                         "replayed package charge: the shared balance held less than the fallback charged (overspent while Redis was unreachable)"
                     );
                 }
-                Ok(candidates
+                let alerts = candidates
                     .iter()
                     .zip(&took)
                     .filter(|(_, t)| t.alert_fired)
@@ -413,18 +492,19 @@ impl Remote {
                         consumed: t.consumed,
                         ratio: *ratio,
                     })
-                    .collect())
+                    .collect();
+                Ok(Replayed { alerts, charge: None })
             }
             Replay::Usage { tenant, feature, month, to, units, cell, id } => {
                 let key = BucketKey { tenant, bucket: feature, local: 0 };
-                redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| Vec::new())
+                redis.add_usage(key, month, *to, *units, cell, *id).await.map(|_| Replayed::default())
             }
             Replay::Images { tenant, op, id, reported } => {
                 let t = TenantKey { name: tenant, local: 0 };
-                redis.settle_images(t, *op, *id, *reported).await.map(|_| Vec::new())
+                redis.settle_images(t, *op, *id, *reported).await.map(|_| Replayed::default())
             }
             // Fired on the fallback: Redis learns it, so that no replica fires it again.
-            Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| Vec::new()),
+            Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| Replayed::default()),
         }
     }
 
@@ -466,8 +546,8 @@ impl Remote {
             let Some((seq, r)) = self.journal.lock().ok().and_then(|j| j.entries.front().cloned()) else {
                 return Some(done);
             };
-            let alerts = match Self::replay(redis, &r).await {
-                Ok(alerts) => alerts,
+            let replayed = match Self::replay(redis, &r).await {
+                Ok(replayed) => replayed,
                 Err(e) if e.is_rejection() => {
                     if !self.set_aside(seq, &r, &e).await {
                         return (done > 0).then_some(done);
@@ -490,10 +570,13 @@ impl Remote {
             }
             done += 1;
             // Nothing is awaited between the answer and here: an entry whose answer came back
-            // hands its alerts over exactly once (one whose answer was lost stays in the journal,
-            // and its replay answers them again from the marker).
-            for a in alerts {
+            // hands its alerts and its charge over exactly once (one whose answer was lost stays
+            // in the journal, and its replay answers them again from the marker).
+            for a in replayed.alerts {
                 self.replayed_alert(a);
+            }
+            if let (Some(c), Some(sink)) = (replayed.charge, self.charge_sink.get()) {
+                sink(c);
             }
         }
     }
@@ -775,7 +858,9 @@ billing = ["prepaid_qps"]
     /// A settlement journaled while Redis was unreachable, replayed after its hold was swept
     /// (its lease ran out meanwhile): the package pays only if it holds the whole factor (SPEC
     /// §6) — here it does not (another call holds most of it) — so the call falls to
-    /// pay-as-you-go, and its unit says so; nothing is taken from the package.
+    /// pay-as-you-go, and its unit says so; nothing is taken from the package. The settlement
+    /// counted nothing live (Redis did not answer it): the replay hands the charge back to be
+    /// counted, under pay-as-you-go, once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replayed_commit_whose_hold_was_swept_pays_whole_or_falls_through() {
         use crate::store::redis::harness;
@@ -787,6 +872,9 @@ billing = ["prepaid_qps"]
         let lease = Duration::from_millis(200);
         let remote = test_remote(server.url(), "tc", lease, OnStoreError::Local).await;
         let redis = remote.redis.clone();
+        let charges = Arc::new(Mutex::new(Vec::new()));
+        let sink = charges.clone();
+        remote.on_replayed_charge(move |c| sink.lock().expect("charges").push(c));
         let (points, want) = (3_000_000i64, 2_000_000i64);
         // Call 1 holds on p; Redis becomes unreachable for its settlement (journaled); its lease
         // runs out and the sweep gives the points back; call 2 holds them.
@@ -807,6 +895,7 @@ billing = ["prepaid_qps"]
                 field: "payer:payg".into(),
                 also: "cell:".into(),
             }),
+            count: Some(Box::new(Uncounted { currency: "CNY".into(), payg_tiers: Vec::new() })),
         });
         tokio::time::sleep(lease * 2).await;
         assert_eq!(redis.sweep_tenant("acme").await.expect("sweep"), (1, 0));
@@ -821,6 +910,14 @@ billing = ["prepaid_qps"]
         let month = redis.month_cells("acme", "2026-11").await.expect("month");
         let fields = vec![("cell:".to_string(), 1), ("payer:payg".to_string(), 1)];
         assert_eq!(month, vec![("od".to_string(), fields)], "call 1 under pay-as-you-go, once");
+        let counted = ReplayedCharge {
+            tenant: "acme".into(),
+            feature: "od".into(),
+            to: UsageTo::Payer(crate::store::PayerKind::Payg),
+            cell_total: Some(1),
+            count: Uncounted { currency: "CNY".into(), payg_tiers: Vec::new() },
+        };
+        assert_eq!(*charges.lock().expect("charges"), vec![counted], "handed back once, under pay-as-you-go");
     }
 
     /// Journal entries of one month's usage (pay-as-you-go, one unit) for `tenant`, request `id`.

@@ -1272,6 +1272,16 @@ pub const PAYER_FIELD: &str = "payer:";
 pub const CELL_FIELD: &str = "cell:";
 pub const UNPAID_FIELD: &str = "unpaid";
 
+/// Where a month field counts units: `payer:<kind>` a payer's, [`UNPAID_FIELD`] nobody's;
+/// `None` for any other field (a cell, or a payer field naming no payer).
+pub fn field_payer(field: &str) -> Option<UsageTo> {
+    if field == UNPAID_FIELD {
+        return Some(UsageTo::Unpaid);
+    }
+    let payer = field.strip_prefix(PAYER_FIELD)?;
+    PayerKind::ALL.iter().find(|k| k.as_str() == payer).map(|k| UsageTo::Payer(*k))
+}
+
 impl RateStore for RedisStore {
     async fn admit(&self, key: BucketKey<'_>, q: Quota) -> Result<Admit, StoreError> {
         Ok(match self.gcra(key.tenant, key.bucket, q.limit, q.depth).await? {
@@ -1379,21 +1389,21 @@ impl UsageStore for RedisStore {
         for (feature, fields) in cells {
             let mut u = MonthUsage { feature, ..MonthUsage::default() };
             for (field, n) in fields {
-                if let Some(payer) = field.strip_prefix(PAYER_FIELD) {
-                    match PayerKind::ALL.iter().find(|k| k.as_str() == payer) {
-                        Some(k) => u.units[*k as usize] = n,
-                        None => {
-                            return Err(StoreError::Corrupt {
-                                backend: BACKEND.into(),
-                                key: self.key(tenant.name, &format!("m:{month}:{}", u.feature)),
-                                reason: format!("unknown payer field {field:?}"),
-                            })
+                match field_payer(&field) {
+                    Some(UsageTo::Payer(k)) => u.units[k as usize] = n,
+                    Some(UsageTo::Unpaid) => u.unpaid = n,
+                    None if field.starts_with(PAYER_FIELD) => {
+                        return Err(StoreError::Corrupt {
+                            backend: BACKEND.into(),
+                            key: self.key(tenant.name, &format!("m:{month}:{}", u.feature)),
+                            reason: format!("unknown payer field {field:?}"),
+                        })
+                    }
+                    None => {
+                        if let Some(c) = field.strip_prefix(CELL_FIELD) {
+                            u.payg.insert(c.to_string(), n);
                         }
                     }
-                } else if let Some(c) = field.strip_prefix(CELL_FIELD) {
-                    u.payg.insert(c.to_string(), n);
-                } else if field == UNPAID_FIELD {
-                    u.unpaid = n;
                 }
             }
             out.push(u);
