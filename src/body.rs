@@ -73,7 +73,8 @@ pub fn spawn_drain(body: Incoming) {
     }
 }
 
-/// The response body of the tenant listener.
+/// The response body of the tenant listener. The upstream's trailers reach the client filtered
+/// as its head is ([`crate::http_util::strip_trailers`]).
 pub struct TenantBody {
     inner: ProxyBody,
     /// A refused request's body, drained once the response head is written.
@@ -117,11 +118,24 @@ impl Body for TenantBody {
         if let Some(b) = this.refused.take() {
             spawn_drain(b);
         }
-        let Some(gate) = this.gate.as_mut() else { return Pin::new(&mut this.inner).poll_frame(cx) };
+        let Some(gate) = this.gate.as_mut() else {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(mut frame))) => {
+                    // The upstream's trailers go on as its head does (SPEC §4): without the
+                    // gateway's own fields and hop-by-hop ones.
+                    if let Some(t) = frame.trailers_mut() {
+                        crate::http_util::strip_trailers(t);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                other => other,
+            };
+        };
         if !gate.settling() {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
-                    Ok(trailers) => {
+                    Ok(mut trailers) => {
+                        crate::http_util::strip_trailers(&mut trailers);
                         if let Some(t) = gate.trailers(trailers) {
                             this.gate = None;
                             return Poll::Ready(Some(Ok(Frame::trailers(t))));

@@ -655,8 +655,13 @@ struct RespHead {
     /// The upstream keeps the connection open (HTTP/1.1 without `Connection: close`).
     keep_alive: bool,
     has_date: bool,
+    /// The first value of each usage report field ([`USAGE_FIELDS`])...
     usage: [Option<Span>; USAGE_FIELDS.len()],
+    /// ... and, bit `i`, whether field `i` came again with another value: no report.
+    conflicting: u8,
 }
+
+const _: () = assert!(USAGE_FIELDS.len() <= u8::BITS as usize, "a bit of `conflicting` per usage field");
 
 enum RespParsed {
     Complete(RespHead),
@@ -672,7 +677,8 @@ const MAX_LISTED: usize = 8;
 /// Parses an upstream response head at the start of `buf`. When it is complete (and final),
 /// `out` receives the client's status line and the fields that go on: all but the hop-by-hop
 /// ones, those its `Connection` lists, a `Content-Length` beside a `Transfer-Encoding` (RFC 9112
-/// §6.3), and the fields the gateway sets itself (the rate-limit fields, `x-turnstile-payer`).
+/// §6.3), and the gateway's own ([`crate::http_util::gateway_field`]: the rate-limit fields and
+/// `x-turnstile-*` in any spelling).
 fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<RespParsed, ApiError> {
     let mut fields = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -698,6 +704,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
         keep_alive: resp.version == Some(1),
         has_date: false,
         usage: [None; USAGE_FIELDS.len()],
+        conflicting: 0,
     };
     let (mut length, mut chunked, mut coded, mut other_coding) = (None, false, false, false);
     let mut listed: [&[u8]; MAX_LISTED] = [b""; MAX_LISTED];
@@ -731,8 +738,13 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
         } else if name.eq_ignore_ascii_case(b"date") {
             head.has_date = true;
         } else if let Some(i) = USAGE_FIELDS.iter().position(|u| name.eq_ignore_ascii_case(u.as_bytes())) {
-            // The first, as the hyper path reads it (`HeaderMap::get`).
-            head.usage[i].get_or_insert(span(buf, value));
+            // As the hyper path reads it (`HeadView::report`): the one value, the same when
+            // repeated; another value makes the field no report.
+            match head.usage[i] {
+                None => head.usage[i] = Some(span(buf, value)),
+                Some(first) if slice(buf, first).trim_ascii() != value.trim_ascii() => head.conflicting |= 1 << i,
+                Some(_) => {}
+            }
         }
     }
     head.framing = if head_request || code == 204 || code == 304 {
@@ -767,9 +779,7 @@ fn parse_response(buf: &[u8], head_request: bool, out: &mut Vec<u8>) -> Result<R
         let name = f.name.as_bytes();
         if crate::http_util::hop_by_hop(name)
             || (coded && name.eq_ignore_ascii_case(b"content-length"))
-            || name.eq_ignore_ascii_case(b"ratelimit")
-            || name.eq_ignore_ascii_case(b"ratelimit-policy")
-            || name.eq_ignore_ascii_case(b"x-turnstile-payer")
+            || crate::http_util::gateway_field(name)
             // The length the body is relayed by stays, listed or not (hyper's path sends one too).
             || (listed.iter().any(|l| name.eq_ignore_ascii_case(l)) && !name.eq_ignore_ascii_case(b"content-length"))
         {
@@ -798,6 +808,12 @@ enum Chunks {
     Data(u64),
     DataCr,
     DataLf,
+    /// The trailer section's start, after the last chunk: its end (an empty line), or a field,
+    /// where [`Chunks::advance`] stops in [`Chunks::Fields`].
+    TrailerStart,
+    /// Stopped at the trailer section's first field: the caller filters the section
+    /// ([`filter_trailers`]); advancing goes on over it.
+    Fields,
     /// The trailer section: at a line start, or in a line.
     TrailerLineStart,
     TrailerLine,
@@ -811,13 +827,22 @@ impl Chunks {
     const START: Chunks = Chunks::Size { size: 0, digits: 0, ext: false };
 
     /// Advances over `data`; returns how many bytes belong to the body (all of them unless its
-    /// end is in `data`), or an error for a malformed body.
+    /// end is in `data`, or its trailer fields: see [`Chunks::Fields`]), or an error for a
+    /// malformed body.
     fn advance(&mut self, data: &[u8]) -> Result<usize, ()> {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
             *self = match *self {
                 Chunks::Done => return Ok(i),
+                Chunks::TrailerStart => match b {
+                    b'\r' => Chunks::TrailerLf { empty: true },
+                    b'\n' => Chunks::Done,
+                    _ => {
+                        *self = Chunks::Fields;
+                        return Ok(i);
+                    }
+                },
                 Chunks::Size { size, digits, ext } => match b {
                     b'\r' if digits > 0 => Chunks::SizeLf { size },
                     b'\n' if digits > 0 => Self::after_size(size),
@@ -848,7 +873,7 @@ impl Chunks {
                     b'\n' => Chunks::Done,
                     _ => Chunks::TrailerLine,
                 },
-                Chunks::TrailerLine => match b {
+                Chunks::Fields | Chunks::TrailerLine => match b {
                     b'\r' => Chunks::TrailerLf { empty: false },
                     b'\n' => Chunks::TrailerLineStart,
                     _ => Chunks::TrailerLine,
@@ -869,7 +894,7 @@ impl Chunks {
 
     fn after_size(size: u64) -> Chunks {
         if size == 0 {
-            Chunks::TrailerLineStart
+            Chunks::TrailerStart
         } else {
             Chunks::Data(size)
         }
@@ -993,6 +1018,13 @@ impl HeadView for UsageReports<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         let i = USAGE_FIELDS.iter().position(|u| *u == name)?;
         self.head.usage[i].map(|s| slice(self.buf, s))
+    }
+    fn report(&self, name: &str) -> Option<&[u8]> {
+        let i = USAGE_FIELDS.iter().position(|u| *u == name)?;
+        match self.head.conflicting & (1 << i) {
+            0 => self.head.usage[i].map(|s| slice(self.buf, s)),
+            _ => None,
+        }
     }
 }
 
@@ -1164,11 +1196,15 @@ async fn relay(
         pos += n;
         finished = end;
     }
-    write_all(client, out).await?;
-    // Bytes past the body (an upstream must not send them before the next request): not reused.
+    // Bytes past the body (an upstream must not send them before the next request): not
+    // reused. Or the trailer fields, which go with the rest of the answer.
     let extra = pos < up.len;
     up.buf.copy_within(pos..up.len, 0);
     up.len -= pos;
+    if chunks == Chunks::Fields {
+        return relay_trailers(client, up, chunks, out).await;
+    }
+    write_all(client, out).await?;
     while !finished {
         up.len = 0;
         let n = std::future::poll_fn(|cx| {
@@ -1185,8 +1221,15 @@ async fn relay(
             Ok(n) => n,
         };
         let Ok((used, end)) = take(&up.buf[..n], &mut chunks, &mut left) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body from the upstream"));
+            return Err(malformed_chunks());
         };
+        if chunks == Chunks::Fields {
+            out.clear();
+            out.extend_from_slice(&up.buf[..used]);
+            up.buf.copy_within(used..n, 0);
+            up.len = n - used;
+            return relay_trailers(client, up, chunks, out).await;
+        }
         write_all(client, &up.buf[..used]).await?;
         finished = end;
         if used < n {
@@ -1199,13 +1242,70 @@ async fn relay(
     Ok(!extra && up.len == 0)
 }
 
+fn malformed_chunks() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body from the upstream")
+}
+
+/// Relays the rest of a chunked answer from its trailer fields on (`chunks` stopped at them in
+/// [`Chunks::Fields`]; they start `up.buf`, `out` holds what of the answer is still to be
+/// written): the section is read whole, within [`MAX_RESPONSE_HEAD`] bytes as a head is, and
+/// written after `out` with only the fields that go on ([`filter_trailers`]). Most answers
+/// have no trailer fields and never come here. True when nothing followed the section.
+async fn relay_trailers(
+    client: &mut TcpStream,
+    up: &mut RawConn,
+    mut chunks: Chunks,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let mut scanned = 0;
+    loop {
+        scanned += chunks.advance(&up.buf[scanned..up.len]).map_err(|()| malformed_chunks())?;
+        if chunks == Chunks::Done {
+            break;
+        }
+        if up.len >= MAX_RESPONSE_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "upstream trailer section over 64 KiB"));
+        }
+        let want = if up.len == up.buf.len() { up.buf.len() * 2 } else { up.buf.len() };
+        let n = std::future::poll_fn(|cx| poll_read_into(&mut up.stream, &mut up.buf, &mut up.len, want, cx)).await;
+        if !matches!(n, Ok(1..)) {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the upstream closed mid-trailers"));
+        }
+    }
+    filter_trailers(&up.buf[..scanned], out).map_err(|()| malformed_chunks())?;
+    write_all(client, out).await?;
+    let extra = scanned < up.len;
+    up.len = 0;
+    Ok(!extra)
+}
+
+/// Appends to `out` the fields of a trailer section (its field lines and the empty line that
+/// ends it) that go on to the client, as the answer's head does: not the hop-by-hop ones nor
+/// the gateway's own ([`crate::http_util::dropped_trailer`]); then the empty line.
+fn filter_trailers(section: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(section, &mut fields) else {
+        return Err(());
+    };
+    for f in fields {
+        if !crate::http_util::dropped_trailer(f.name.as_bytes()) {
+            field(out, f.name.as_bytes(), f.value);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn chunked_end(body: &[u8]) -> Result<Option<usize>, ()> {
         let mut c = Chunks::START;
-        let n = c.advance(body)?;
+        let mut n = c.advance(body)?;
+        if c == Chunks::Fields {
+            n += c.advance(&body[n..])?;
+        }
         Ok((c == Chunks::Done).then_some(n))
     }
 
@@ -1219,13 +1319,34 @@ mod tests {
         assert!(chunked_end(b"x\r\n").is_err());
         assert!(chunked_end(b"3\r\nabcX").is_err(), "data not followed by CRLF");
         assert!(chunked_end(b"ffffffffffffffff0\r\n").is_err(), "size overflow");
-        // Fed a byte at a time, the same end is found.
+        // Fed a byte at a time, the same end is found; the advance stops once, at the first
+        // trailer field.
         let body = b"5\r\nhello\r\n0\r\nt: v\r\n\r\n";
         let mut c = Chunks::START;
         for (i, b) in body.iter().enumerate() {
+            if i == 13 {
+                assert_eq!((c.advance(std::slice::from_ref(b)), c), (Ok(0), Chunks::Fields), "byte {i}");
+            }
             assert_eq!(c.advance(std::slice::from_ref(b)), Ok(1), "byte {i}");
         }
         assert_eq!(c, Chunks::Done);
+        // No trailer fields: no stop.
+        let mut c = Chunks::START;
+        assert_eq!((c.advance(b"2\r\nok\r\n0\r\n\r\n"), c), (Ok(12), Chunks::Done));
+    }
+
+    /// The trailer section goes on as the head does: the gateway's own fields (any spelling)
+    /// and hop-by-hop ones dropped, the rest, usage reports and gRPC's included, kept in order.
+    #[test]
+    fn trailers_are_relayed_without_the_gateway_fields_and_hop_by_hop_ones() {
+        let section = b"x-turnstile-payer: upstream\r\nX-Turnstile_Payer: u\r\nGrpc-Status: 0\r\n\
+            RateLimit: fake\r\nConnection: close\r\nx-usage-video-ms: 5\r\nX-Kept: yes\r\n\r\n";
+        let mut out = b"0\r\n".to_vec();
+        filter_trailers(section, &mut out).expect("well-formed");
+        assert_eq!(String::from_utf8_lossy(&out), "0\r\nGrpc-Status: 0\r\nx-usage-video-ms: 5\r\nX-Kept: yes\r\n\r\n");
+        let mut out = Vec::new();
+        filter_trailers(b"\n", &mut out).expect("bare LF");
+        assert!(filter_trailers(b"no colon\r\n\r\n", &mut out).is_err());
     }
 
     fn parsed(raw: &[u8]) -> Option<Box<Head>> {
@@ -1356,12 +1477,15 @@ mod tests {
         }
     }
 
-    /// The settlement reads the same usage report from an upstream answer on both paths: the
-    /// hyper path reads a `HeaderMap` (`HeadView::header`: the first of repeated fields).
+    /// The settlement reads the same usage report from an upstream answer on both paths (the
+    /// hyper path reads a `HeaderMap`): a field repeated with different values is no report
+    /// (SPEC §4: a malformed video report bills 0 minutes; an image count is not taken), one
+    /// repeated with the same value is that value.
     #[test]
     fn repeated_usage_reports_read_as_on_the_hyper_path() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-usage-video-ms: 1000\r\n\
-            x-usage-video-ms: 3600000\r\nx-usage-image-count: 5\r\nx-usage-image-count: 999999\r\n\r\n";
+            x-usage-video-ms: 3600000\r\nx-usage-image-count: 5\r\nX-Usage-Image-Count: 999999\r\n\
+            x-usage-video-fps: 30\r\nx-usage-video-fps:  30 \r\nx-usage-video-lines: 1080\r\n\r\n";
         let Ok(RespParsed::Complete(head)) = parse_response(raw, false, &mut Vec::new()) else { panic!("complete") };
         let fast = UsageReports { buf: raw, head: &head };
         let mut map = http::HeaderMap::new();
@@ -1370,15 +1494,20 @@ mod tests {
             ("x-usage-video-ms", "3600000"),
             ("x-usage-image-count", "5"),
             ("x-usage-image-count", "999999"),
+            ("x-usage-video-fps", "30"),
+            ("x-usage-video-fps", "30"),
+            ("x-usage-video-lines", "1080"),
         ] {
             map.append(n, http::HeaderValue::from_static(v));
         }
-        for name in ["x-usage-video-ms", "x-usage-image-count"] {
-            assert_eq!(
-                fast.header(name).map(<[u8]>::to_vec),
-                HeadView::header(&map, name).map(<[u8]>::to_vec),
-                "{name}: the fast path settles on another value than hyper's"
-            );
+        for (name, expected) in [
+            ("x-usage-video-ms", None),
+            ("x-usage-image-count", None),
+            ("x-usage-video-fps", Some(&b"30"[..])),
+            ("x-usage-video-lines", Some(&b"1080"[..])),
+        ] {
+            assert_eq!(fast.report(name), expected, "{name} on the fast path");
+            assert_eq!(HeadView::report(&map, name), expected, "{name} on the hyper path");
         }
     }
 

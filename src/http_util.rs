@@ -41,6 +41,33 @@ pub fn turnstile_field(name: &[u8]) -> bool {
         && name[..12].iter().zip(b"x-turnstile-").all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (b == b'-' && a == b'_'))
 }
 
+/// Is the field `name` one the gateway states itself on an answer: `x-turnstile-*` (in any
+/// spelling [`turnstile_field`] takes) and the rate-limit fields? An upstream's are never
+/// relayed, in its head or its trailers: a client would read them as the gateway's (who paid,
+/// why it refused, how much quota is left).
+pub fn gateway_field(name: &[u8]) -> bool {
+    turnstile_field(name) || name.eq_ignore_ascii_case(b"ratelimit") || name.eq_ignore_ascii_case(b"ratelimit-policy")
+}
+
+/// Is the upstream's trailer field `name` dropped on its way to the client? The rule of the
+/// answer's head: hop-by-hop fields and the gateway's own ([`gateway_field`]); the rest,
+/// `grpc-status` and the usage reports included, goes on.
+pub fn dropped_trailer(name: &[u8]) -> bool {
+    hop_by_hop(name) || gateway_field(name)
+}
+
+/// Drops from an upstream's trailers what does not reach the client ([`dropped_trailer`]).
+pub fn strip_trailers(t: &mut HeaderMap) {
+    remove_where(t, |n| dropped_trailer(n.as_str().as_bytes()));
+}
+
+/// Removes every field whose name matches; allocates nothing (heads have a few fields).
+pub fn remove_where(h: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    while let Some(n) = h.keys().find(|n| matches(n)).cloned() {
+        h.remove(n);
+    }
+}
+
 /// Whether a `Transfer-Encoding` value lists a coding other than `chunked` (`identity`, a no-op,
 /// aside): one the gateway would lose by dropping the hop-by-hop field while relaying the bytes
 /// still coded (RFC 9112 §6.1).
@@ -123,7 +150,21 @@ pub fn write_into<'a>(buf: &'a mut [u8], args: std::fmt::Arguments<'_>) -> &'a [
 
 #[cfg(test)]
 mod tests {
-    use super::content_length;
+    use super::{content_length, dropped_trailer, gateway_field};
+
+    #[test]
+    fn the_gateway_fields_in_any_spelling_and_hop_by_hop_ones_are_dropped_from_trailers() {
+        for name in ["x-turnstile-payer", "X-Turnstile_Payer", "x_turnstile_error", "RateLimit", "ratelimit-policy"] {
+            assert!(gateway_field(name.as_bytes()) && dropped_trailer(name.as_bytes()), "{name}");
+        }
+        for name in ["connection", "Keep-Alive", "transfer-encoding", "trailer", "te"] {
+            assert!(!gateway_field(name.as_bytes()) && dropped_trailer(name.as_bytes()), "{name}");
+        }
+        for name in ["grpc-status", "grpc-message", "x-usage-video-ms", "x-usage-image-count", "x-turnstile", "x-kept"]
+        {
+            assert!(!dropped_trailer(name.as_bytes()), "{name} goes on");
+        }
+    }
 
     #[test]
     fn a_content_length_is_digits_only() {

@@ -30,8 +30,8 @@ use crate::metrics::Outcome;
 use crate::snapshot::Snapshot;
 use crate::store::{BucketKey, Quota};
 
-use crate::http_util::error_response;
 pub use crate::http_util::ProxyBody;
+use crate::http_util::{error_response, remove_where};
 pub type UpstreamBody = Upload;
 
 static X_TURNSTILE_TENANT: HeaderName = HeaderName::from_static("x-turnstile-tenant");
@@ -211,6 +211,13 @@ pub trait HeadView {
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
         self.header(name).is_some_and(f)
     }
+    /// A usage report field of an upstream answer (SPEC §4): `None` when absent, and when given
+    /// more than once with different values, which is ambiguous as two different
+    /// `Content-Length`s are (RFC 9112 §6.3); the same value repeated reads as that value.
+    /// (The first, for a view that keeps one.)
+    fn report(&self, name: &str) -> Option<&[u8]> {
+        self.header(name)
+    }
 }
 
 impl HeadView for HeaderMap {
@@ -219,6 +226,11 @@ impl HeadView for HeaderMap {
     }
     fn any_value(&self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
         self.get_all(name).iter().any(|v| f(v.as_bytes()))
+    }
+    fn report(&self, name: &str) -> Option<&[u8]> {
+        let mut values = self.get_all(name).iter().map(HeaderValue::as_bytes);
+        let first = values.next()?;
+        values.all(|v| v.trim_ascii() == first.trim_ascii()).then_some(first)
     }
 }
 
@@ -793,7 +805,9 @@ fn transfer_coding_is_chunked_only(h: &HeaderMap) -> bool {
     }
 }
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+/// Drops the hop-by-hop fields, those `Connection` lists, and those `also` names (the gateway's
+/// own, which the other side must not set).
+fn strip_hop_by_hop(h: &mut HeaderMap, also: fn(&[u8]) -> bool) {
     // Runs twice per request: one pass over the few headers there are, and nothing allocated
     // unless `Connection` names headers beyond the usual `keep-alive` / `close`.
     let listed: Vec<HeaderName> = h
@@ -808,14 +822,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in listed {
         h.remove(n);
     }
-    remove_where(h, |n| crate::http_util::hop_by_hop(n.as_str().as_bytes()));
-}
-
-/// Removes every header whose name matches; allocates nothing (requests have a few headers).
-fn remove_where(h: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
-    while let Some(n) = h.keys().find(|n| matches(n)).cloned() {
-        h.remove(n);
-    }
+    remove_where(h, |n| {
+        let n = n.as_str().as_bytes();
+        crate::http_util::hop_by_hop(n) || also(n)
+    });
 }
 
 /// The upstream URI: the base's path, then the request's normalized path (`normalized`, or the
@@ -846,14 +856,22 @@ fn upstream_uri(base: &Uri, original: &Uri, normalized: Option<&str>) -> Result<
 /// Reads the video usage report of SPEC §4; `None` when missing or malformed. Each number is
 /// digits alone, as a `Content-Length` is (no sign: `+5` is malformed); the frame rate may have
 /// a fraction (29.97, 59.94), rounded up to a whole frame rate so that it falls in the price
-/// cell it fits (29.97 in "≤ 30").
+/// cell it fits (29.97 in "≤ 30"). A field repeated with different values is malformed
+/// ([`HeadView::report`]).
 fn video_usage<H: HeadView + ?Sized>(h: &H) -> Option<VideoUsage> {
-    let num = |name: &str| h.header(name).and_then(crate::http_util::content_length);
+    let num = |name: &str| h.report(name).and_then(crate::http_util::content_length);
     Some(VideoUsage {
         ms: num("x-usage-video-ms")?,
-        fps: frame_rate(h.header("x-usage-video-fps")?)?,
+        fps: frame_rate(h.report("x-usage-video-fps")?)?,
         lines: u32::try_from(num("x-usage-video-lines")?).ok()?,
     })
+}
+
+/// The instance's image count an Image Search answer reports (SPEC §4): digits alone; `None`
+/// when missing, malformed, or repeated with different values ([`HeadView::report`]): then the
+/// count is not taken from the answer.
+fn image_count<H: HeadView + ?Sized>(h: &H) -> Option<u64> {
+    h.report("x-usage-image-count").and_then(crate::http_util::content_length)
 }
 
 /// `1*DIGIT [ "." 1*DIGIT ]`, rounded up to a whole number.
@@ -928,15 +946,12 @@ pub async fn settle_now<H: HeadView + ?Sized>(
             tracing::warn!(
                 tenant = fwd.tenant,
                 feature = fwd.feature,
-                "missing or malformed x-usage-video-* headers: billed as 0 minutes"
+                "missing or malformed x-usage-video-* headers (or one repeated with different values): billed as 0 minutes"
             );
         }
         return gw.billing.settle_video(snap, tenant, fi, fwd.reservation, usage, now).await;
     }
-    let image = fwd.image.map(|(op, slot)| {
-        let reported = upstream_headers.header("x-usage-image-count").and_then(crate::http_util::content_length);
-        ImageSettle { op, slot, reported }
-    });
+    let image = fwd.image.map(|(op, slot)| ImageSettle { op, slot, reported: image_count(upstream_headers) });
     // Batched on Redis (SPEC §11.5): the settlement runs after the answer, bounded in number.
     // (Asked first: handing a reservation to `defer_call` and back copies it twice; a tuple of
     // it, to share the one call below, cost ~60 instructions per call: `loadtest/instructions.sh`.)
@@ -958,7 +973,7 @@ pub async fn settle_now<H: HeadView + ?Sized>(
 /// answer that reports one.
 pub(crate) async fn resync_images<H: HeadView + ?Sized>(gw: &Gateway, fwd: Forward, upstream_headers: &H) {
     let reported = match fwd.image {
-        Some(_) => upstream_headers.header("x-usage-image-count").and_then(crate::http_util::content_length),
+        Some(_) => image_count(upstream_headers),
         None => None,
     };
     let (snap, ti) = (fwd.snap.clone(), fwd.ti);
@@ -1040,7 +1055,9 @@ async fn forward(
                     let (conn, head) = (conn.clone(), resp.headers().clone());
                     gate = Some(TrailerGate::new(Box::new(move |trailers| {
                         tokio::spawn(async move {
-                            // Usage reports may come in the headers or the trailers.
+                            // Usage reports may come in the headers or the trailers: a field
+                            // in the trailers replaces the head's (`extend`); repeated with
+                            // different values in either, it is no report (`HeadView::report`).
                             let mut reported = head;
                             reported.extend(listed.into_iter().flatten());
                             reported.extend(trailers);
@@ -1116,7 +1133,9 @@ async fn send(conn: &Conn, req: Request<Incoming>, fwd: &Forward) -> Result<(Res
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     let listed = listed_usage(&parts.headers);
-    strip_hop_by_hop(&mut parts.headers);
+    // The gateway's own fields are its to state (the rate-limit fields and the payer are set
+    // below; no other `x-turnstile-*` of the upstream's, in any spelling, reaches the client).
+    strip_hop_by_hop(&mut parts.headers, crate::http_util::gateway_field);
     Ok((Response::from_parts(parts, Either::Right(body)), listed))
 }
 
@@ -1134,9 +1153,13 @@ fn listed_usage(h: &HeaderMap) -> Listed {
         else {
             continue;
         };
-        // The first value, as the settlement reads an unlisted one.
-        if let Some(v) = h.get(*name) {
-            listed.get_or_insert_with(HeaderMap::new).insert(*name, v.clone());
+        // Every value, for the settlement to read as it reads an unlisted field (a repeat with
+        // another value makes the report unusable: `HeadView::report`). Named twice in
+        // `Connection`, taken once.
+        if !listed.as_ref().is_some_and(|l| l.contains_key(*name)) {
+            for v in h.get_all(*name) {
+                listed.get_or_insert_with(HeaderMap::new).append(*name, v.clone());
+            }
         }
     }
     listed
@@ -1152,6 +1175,13 @@ struct Reported<'a> {
 impl HeadView for Reported<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.head.header(name).or_else(|| self.listed?.header(name))
+    }
+    /// A field is in one of the two (the listed ones were dropped from the head).
+    fn report(&self, name: &str) -> Option<&[u8]> {
+        match self.head.contains_key(name) {
+            true => self.head.report(name),
+            false => self.listed?.report(name),
+        }
     }
 }
 
@@ -1185,7 +1215,8 @@ fn upstream_request(
         .get_all(header::TE)
         .iter()
         .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers")));
-    strip_hop_by_hop(h);
+    // Every incoming `x-turnstile-*` goes too (SPEC §4): the gateway sets its own below.
+    strip_hop_by_hop(h, crate::http_util::turnstile_field);
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -1199,7 +1230,6 @@ fn upstream_request(
     if fwd.key_in_authorization {
         h.remove(header::AUTHORIZATION);
     }
-    remove_where(h, |n| crate::http_util::turnstile_field(n.as_str().as_bytes()));
     h.insert(X_TURNSTILE_TENANT.clone(), HeaderValue::from_static(fwd.tenant));
     h.insert(X_TURNSTILE_FEATURE.clone(), HeaderValue::from_static(fwd.feature));
     // The peer address, appended to what the client sent.
@@ -1292,6 +1322,51 @@ mod tests {
         ] {
             assert_eq!(report(ms, fps, lines), None, "{ms} {fps} {lines}");
         }
+    }
+
+    /// A usage report field given twice with different values is ambiguous (as two different
+    /// `Content-Length`s are): the video report is malformed (billed 0 minutes, counted), the
+    /// image count not taken; the same value twice is that value. In the head, among the
+    /// fields listed in `Connection`, and with a field in the trailers replacing the head's.
+    #[test]
+    fn a_usage_field_repeated_with_another_value_is_no_report() {
+        let head = |fields: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let video = [("x-usage-video-fps", "30"), ("x-usage-video-lines", "1080")];
+        let mut h = head(&video);
+        h.append("x-usage-video-ms", HeaderValue::from_static("1000"));
+        h.append("x-usage-video-ms", HeaderValue::from_static("3600000"));
+        assert!(video_usage(&h).is_none(), "1000 or 3600000 ms: malformed");
+        h.remove("x-usage-video-ms");
+        h.append("x-usage-video-ms", HeaderValue::from_static("60000"));
+        h.append("x-usage-video-ms", HeaderValue::from_static("60000"));
+        assert_eq!(video_usage(&h).map(|u| u.ms), Some(60_000), "the same value twice");
+        // The same fields listed in `Connection` (addressed to the gateway, dropped from the head).
+        let mut listing = h.clone();
+        listing.insert(header::CONNECTION, HeaderValue::from_static("x-usage-video-ms, X-Usage-Video-Ms"));
+        listing.append("x-usage-video-ms", HeaderValue::from_static("1"));
+        let listed = listed_usage(&listing);
+        let mut stripped = listing.clone();
+        strip_hop_by_hop(&mut stripped, |_| false);
+        let reported = Reported { head: &stripped, listed: listed.as_ref() };
+        assert_eq!(reported.report("x-usage-video-fps"), Some(&b"30"[..]));
+        assert_eq!(reported.report("x-usage-video-ms"), None, "60000 or 1 ms, listed: malformed");
+        assert!(video_usage(&reported).is_none());
+
+        assert_eq!(image_count(&head(&[("x-usage-image-count", "5"), ("x-usage-image-count", "999999")])), None);
+        assert_eq!(image_count(&head(&[("x-usage-image-count", "5"), ("x-usage-image-count", "5")])), Some(5));
+        assert_eq!(image_count(&head(&[("x-usage-image-count", "5")])), Some(5));
+        // A field in the trailers replaces the head's; repeated in the trailers, it is no report.
+        let mut merged = head(&[("x-usage-image-count", "5")]);
+        merged.extend(head(&[("x-usage-image-count", "7")]));
+        assert_eq!(image_count(&merged), Some(7));
+        merged.extend(head(&[("x-usage-image-count", "7"), ("x-usage-image-count", "8")]));
+        assert_eq!(image_count(&merged), None);
     }
 
     /// Seed and SPEC boundaries at the exact instant, through the whole decision: a QPS plan is
@@ -1446,7 +1521,7 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, |_| false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }
@@ -1459,7 +1534,7 @@ mod tests {
             h.append(n, HeaderValue::from_static("1"));
         }
         h.append("x-kept", HeaderValue::from_static("2"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, |_| false);
         assert_eq!(h.keys().map(|n| n.as_str()).collect::<Vec<_>>(), ["x-kept"]);
         assert_eq!(h.get_all("x-kept").iter().count(), 2);
     }

@@ -4,7 +4,8 @@
 //! `{"ok": true, "method": ..., "path": ..., "headers": {...}, "body_bytes": N}`.
 //! Query parameters steer it: `status=NNN` (answer with that status), `sleep_ms=N` (wait before
 //! answering), `video_ms=`, `video_fps=`, `video_lines=`, `image_count=` (echoed back as the
-//! `x-usage-*` headers of SPEC §4). `/ok` answers a bare `ok` (for load tests).
+//! `x-usage-*` headers of SPEC §4, a field for each value: `image_count=1&image_count=2` gives
+//! the field twice). `/ok` answers a bare `ok` (for load tests).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -68,8 +69,8 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         ("video_lines", "x-usage-video-lines"),
         ("image_count", "x-usage-image-count"),
     ] {
-        if let Some(v) = q(param).and_then(|v| http::HeaderValue::from_str(v).ok()) {
-            h.insert(header, v);
+        for v in query.iter().filter(|(n, _)| n == param).filter_map(|(_, v)| http::HeaderValue::from_str(v).ok()) {
+            h.append(header, v);
         }
     }
     Ok(resp)

@@ -353,7 +353,10 @@ async fn request_trailers_do_not_reach_an_h2c_upstream() {
 /// - `TrailerZeroSpace`: one message, then trailers `grpc-status: "0 "` (malformed: RFC 9113
 ///   §8.2.1; tonic, grpc-go and grpc-java all read it as not OK);
 /// - `TrailerPlusZero`: one message, then trailers `grpc-status: "+0"`;
-/// - `TrailerOk`: one message, then trailers `grpc-status: 0` (the control: charged).
+/// - `TrailerOk`: one message, then trailers `grpc-status: 0` (the control: charged);
+/// - `TrailerOkWithGatewayFields`: the same, its trailers also carrying the gateway's own
+///   fields (`x-turnstile-payer`, spelt with `_` too, `x-turnstile-error`, `ratelimit`), a
+///   usage report and one of its own (`x-kept`).
 async fn judging_upstream() -> std::net::SocketAddr {
     h2_upstream(|req: http::Request<hyper::body::Incoming>| async move {
         let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
@@ -377,10 +380,23 @@ async fn judging_upstream() -> std::net::SocketAddr {
             "TrailerZeroThenInternal" => "0|13",
             _ => "0",
         };
+        let mut trailers = trailer(status);
+        if method == "TrailerOkWithGatewayFields" {
+            for (n, v) in [
+                ("x-turnstile-payer", "upstream"),
+                ("x-turnstile_payer", "upstream"),
+                ("x-turnstile-error", "fake"),
+                ("ratelimit", "fake"),
+                ("x-usage-image-count", "5"),
+                ("x-kept", "yes"),
+            ] {
+                trailers.insert(n, http::HeaderValue::from_static(v));
+            }
+        }
         // One empty message (an empty InferReply), then the trailers.
         let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
             Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
-            Ok(http_body::Frame::trailers(trailer(status))),
+            Ok(http_body::Frame::trailers(trailers)),
         ];
         let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
         Ok::<_, std::convert::Infallible>(head.body(body).expect("response"))
@@ -421,6 +437,36 @@ async fn grpc_charged_only_when_the_trailers_say_ok() {
         }
     }
     assert!(wrongly_charged.is_empty(), "charged though the trailers do not say OK: {wrongly_charged:?}");
+}
+
+/// The trailers of a streamed gRPC answer reach the client as its head does: without the
+/// gateway's own fields, so that no tenant reads an upstream's `x-turnstile-payer` trailer as
+/// the gateway's statement of who paid (the gateway states it in the head). `grpc-status`,
+/// the usage report and the upstream's own fields go on, and the OK is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_fields_of_grpc_trailers_do_not_reach_the_client() {
+    let up = judging_upstream().await;
+    let cfg = config(&format!("http://{up}"), "");
+    let gw = Gateway::start(&cfg);
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let req = http::Request::post(gw.url(&format!("/{}/TrailerOkWithGatewayFields", grpc_support::SERVICE)))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .expect("request");
+    let resp = h2.request(req).await.expect("HTTP/2 response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-turnstile-payer"], "payg", "the gateway's statement, in the head");
+    let trailers = resp.into_body().collect().await.expect("body").trailers().cloned().expect("trailers");
+    for gone in ["x-turnstile-payer", "x-turnstile_payer", "x-turnstile-error", "ratelimit"] {
+        assert!(!trailers.contains_key(gone), "the upstream's {gone} trailer reached the client: {trailers:?}");
+    }
+    for (kept, value) in [("grpc-status", "0"), ("x-usage-image-count", "5"), ("x-kept", "yes")] {
+        assert_eq!(trailers.get(kept).and_then(|v| v.to_str().ok()), Some(value), "{trailers:?}");
+    }
+    assert_eq!(billed(&gw.metrics(&client()).await), 1, "charged on the OK");
 }
 
 // ---------------------------------------------------------------------------------------------

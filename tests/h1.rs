@@ -23,6 +23,10 @@ const T: Duration = Duration::from_secs(5);
 /// - `both`: `Content-Length` and `Transfer-Encoding: chunked` at once;
 /// - `interim`: a 103 before the 200; `once`: answers, then closes without saying so;
 /// - `big`: 1 MiB; `hop`: hop-by-hop and gateway fields the gateway must drop or replace;
+/// - `trailers`: a chunked body whose trailers carry fields the gateway must drop (in one write;
+///   `trailers-late`: in pieces, the trailers apart from the body's first chunk);
+/// - `gateway-fields`: `x-turnstile-*` fields in the head, spelt other ways;
+/// - `usage-conflict`, `usage-repeated`: a video usage report with a field given twice;
 /// - anything else: the request head back as the body.
 struct RawUpstream {
     addr: SocketAddr,
@@ -136,6 +140,29 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             "usage-listed" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-usage-video-ms, x-usage-video-fps, x-usage-video-lines\r\nx-usage-video-ms: 60000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\n\r\nok".to_vec(),
             // The length listed in `Connection`: the upstream's framing all the same.
             "length-listed" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: content-length\r\n\r\nok".to_vec(),
+            // Trailers with the gateway's own fields (every spelling), hop-by-hop ones, a usage
+            // report and one of the upstream's own.
+            "trailers" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-turnstile-payer, x-trailer\r\n\r\n2\r\nok\r\n0\r\nx-turnstile-payer: upstream\r\nX-Turnstile_Payer: upstream\r\nX-TURNSTILE-ERROR: fake\r\nRateLimit: fake\r\nKeep-Alive: timeout=5\r\nx-usage-video-ms: 5\r\nX-Trailer: kept\r\n\r\n".to_vec(),
+            // The same kind of trailers, coming in pieces after the body's first chunk.
+            "trailers-late" => {
+                for piece in [
+                    &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"[..],
+                    b"0\r\nx-turnstile-payer: upstream\r\nX-Tra",
+                    b"iler: kept\r\nRateLimit: fake\r",
+                    b"\n\r\n",
+                ] {
+                    if s.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                Vec::new()
+            }
+            // The gateway's own fields in the head, in other spellings than the one it replaces.
+            "gateway-fields" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Turnstile_Payer: upstream\r\nX-Turnstile-Error: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
+            // A video report whose length is given twice: with different values, and the same twice.
+            "usage-conflict" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-usage-video-ms: 1000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\nx-usage-video-ms: 3600000\r\n\r\nok".to_vec(),
+            "usage-repeated" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-usage-video-ms: 60000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\nX-Usage-Video-Ms:  60000\r\n\r\nok".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -368,6 +395,27 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
     assert_eq!(billed(&gw2).await, 0.0, "not charged");
 }
 
+/// A gateway in front of `up` where every path under `/v1/raw/` is the video-minute feature
+/// (pay-as-you-go for globex).
+fn video_gateway(up: &RawUpstream) -> (ConfigDir, Gateway) {
+    let main = main_toml(&up.url(), "", "[admission]\ndefault_qps = 1000\n").replace(
+        "[[routes]]\npath = \"/v1/face/compare\"",
+        "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"comprehensive-video-enhancement\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
+    );
+    let ents = entitlements(40, None).replace(r#"["text_recognition"]"#, r#"["text_recognition", "video_production"]"#);
+    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &ents);
+    let gw = Gateway::start(&cfg);
+    (cfg, gw)
+}
+
+/// The video minutes billed, by every payer, in the metrics text `m`.
+fn video_minutes(m: &str) -> f64 {
+    m.lines()
+        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("comprehensive-video-enhancement"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A length the upstream signs (`+2`: `u64::from_str` takes it, RFC 9110's `1*DIGIT` does not)
 /// is a broken answer, on either path: 502, not charged, and never relayed for the client to
 /// frame some other way.
@@ -376,13 +424,7 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_reports_listed_in_connection_are_billed_and_not_relayed_on_both_paths() {
     let up = RawUpstream::start().await;
-    let main = main_toml(&up.url(), "", "[admission]\ndefault_qps = 1000\n").replace(
-        "[[routes]]\npath = \"/v1/face/compare\"",
-        "[[routes]]\npath = \"/v1/raw/*\"\nfeature = \"comprehensive-video-enhancement\"\n\n[[routes]]\npath = \"/v1/face/compare\"",
-    );
-    let ents = entitlements(40, None).replace(r#"["text_recognition"]"#, r#"["text_recognition", "video_production"]"#);
-    let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &ents);
-    let gw = Gateway::start(&cfg);
+    let (_cfg, gw) = video_gateway(&up);
     for (path, request) in both_paths("/v1/raw/usage-listed") {
         let r = ask(&gw, &request).await.expect("reply");
         assert_eq!(r.status, 200, "{path}: {}", r.head);
@@ -391,11 +433,7 @@ async fn usage_reports_listed_in_connection_are_billed_and_not_relayed_on_both_p
         }
     }
     let m = gw.metrics(&client()).await;
-    let minutes: f64 = m
-        .lines()
-        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("comprehensive-video-enhancement"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let minutes = video_minutes(&m);
     assert_eq!(minutes, 2.0, "one minute through each path: {m}");
     assert!(!m.contains("turnstile_usage_report_errors_total{"), "{m}");
 }
@@ -735,4 +773,106 @@ async fn an_underscore_spelling_of_x_turnstile_fields_is_not_forwarded() {
             "{path}: a spoofed field reached the upstream: {seen}"
         );
     }
+}
+
+/// An HTTP/2 (prior knowledge) client of the gateway: `GET url` with globex's key; the status,
+/// the body and the trailers.
+async fn h2_get(url: String) -> (http::StatusCode, bytes::Bytes, Option<http::HeaderMap>) {
+    use http_body_util::BodyExt;
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let req = http::Request::get(url).header("x-api-key", "key-globex").body(http_body_util::Empty::new());
+    let resp = h2.request(req.expect("request")).await.expect("HTTP/2 response");
+    let status = resp.status();
+    let collected = resp.into_body().collect().await.expect("body and trailers");
+    let trailers = collected.trailers().cloned();
+    (status, collected.to_bytes(), trailers)
+}
+
+/// An upstream's trailers are relayed as its head is: without the gateway's own fields
+/// (`x-turnstile-*` in any spelling, the rate-limit fields) and without hop-by-hop ones, so
+/// that no client reads an upstream's `x-turnstile-payer` trailer as the gateway's statement
+/// of who paid. Its own trailers, usage reports included, go on. On the fast path (the chunked
+/// body relayed as it comes) and on hyper's (an HTTP/2 client: hyper's HTTP/1.1 server sends
+/// no trailers that no `Trailer` field announced, and the gateway drops that hop-by-hop field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_trailers_reach_the_client_without_gateway_or_hop_by_hop_fields() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    let gone = ["x-turnstile-payer", "x-turnstile_payer", "x-turnstile-error", "ratelimit", "keep-alive"];
+
+    let r = ask(&gw, &get("/v1/raw/trailers")).await.expect("fast path reply");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{}", r.head);
+    let trailers = r.trailers.to_ascii_lowercase();
+    for name in gone {
+        assert!(!trailers.contains(&format!("{name}:")), "fast path relayed the trailer {name}: {trailers:?}");
+    }
+    for kept in ["x-trailer: kept", "x-usage-video-ms: 5"] {
+        assert!(trailers.contains(kept), "fast path: {kept} in {trailers:?}");
+    }
+    assert_eq!(r.header("x-turnstile-payer"), Some("payg"), "{}", r.head);
+    // The upstream connection went back to the pool at the trailers' end: the next call works.
+    let r = ask(&gw, &get("/v1/raw/after")).await.expect("next reply");
+    assert_eq!(r.status, 200, "{}", r.head);
+    // Trailers that come in pieces, after the body's first read.
+    let mut w = Wire::connect(addr(&gw)).await;
+    for _ in 0..2 {
+        w.s.write_all(get("/v1/raw/trailers-late").as_bytes()).await.expect("write");
+        let r = w.reply(T).await.expect("fast path reply");
+        assert_eq!((r.status, r.body.as_slice(), r.trailers.as_str()), (200, &b"ok"[..], "X-Trailer: kept\r\n"));
+    }
+
+    let (status, body, trailers) = h2_get(gw.url("/v1/raw/trailers")).await;
+    assert_eq!((status, &body[..]), (http::StatusCode::OK, &b"ok"[..]));
+    let trailers = trailers.expect("the upstream's trailers reach an HTTP/2 client");
+    for name in gone {
+        assert!(!trailers.contains_key(name), "hyper path relayed the trailer {name}: {trailers:?}");
+    }
+    assert_eq!(
+        (trailers.get("x-trailer"), trailers.get("x-usage-video-ms")),
+        (Some(&"kept".parse().unwrap()), Some(&"5".parse().unwrap()))
+    );
+    assert_eq!(billed(&gw).await, 5.0);
+}
+
+/// The gateway's own fields in the upstream's head, in a spelling other than the one the
+/// gateway sets (`X-Turnstile_Payer`, which a CGI-style reader takes for `x-turnstile-payer`)
+/// or one it does not set on an answer (`x-turnstile-error`), do not reach the client either,
+/// on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_fields_of_an_upstream_head_are_dropped_in_any_spelling_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/gateway-fields") {
+        let r = ask(&gw, &request).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+        assert_eq!(r.header("x-kept"), Some("yes"), "{path}: {}", r.head);
+        for gone in ["x-turnstile_payer", "x-turnstile-error"] {
+            assert!(r.header(gone).is_none(), "{path}: {gone} relayed: {}", r.head);
+        }
+        let payers = r.head.lines().filter(|l| l.to_ascii_lowercase().starts_with("x-turnstile-payer:")).count();
+        assert_eq!((payers, r.header("x-turnstile-payer")), (1, Some("payg")), "{path}: {}", r.head);
+    }
+}
+
+/// SPEC §4: a malformed video report is counted, logged and billed as 0 minutes. A field given
+/// twice with different values (`x-usage-video-ms: 1000` and `3600000`) is ambiguous, as two
+/// different `Content-Length`s are (RFC 9112 §6.3): malformed, on both paths, whichever value
+/// comes first. The same value twice reads as that value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_report_repeated_with_different_values_is_malformed_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = video_gateway(&up);
+    for (path, request) in both_paths("/v1/raw/usage-conflict").into_iter().chain(both_paths("/v1/raw/usage-repeated"))
+    {
+        let r = ask(&gw, &request).await.expect("reply");
+        assert_eq!(r.status, 200, "{path}: {}", r.head);
+    }
+    let m = gw.metrics(&client()).await;
+    assert_eq!(video_minutes(&m), 2.0, "the agreeing repeats, one minute through each path; no conflicting one: {m}");
+    assert!(
+        m.contains(r#"turnstile_usage_report_errors_total{feature="comprehensive-video-enhancement"} 2"#),
+        "the conflicting reports counted as malformed, one through each path: {m}"
+    );
+    assert!(gw.logs().contains("x-usage-video"), "logged");
 }

@@ -256,6 +256,36 @@ async fn the_upstream_count_wins_on_any_answer_that_carries_it() {
     assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::CONFLICT);
 }
 
+/// An answer that gives `x-usage-image-count` twice with different values says no count (as two
+/// different `Content-Length`s say no length: RFC 9112 §6.3): the gateway keeps its own, on the
+/// HTTP/1.1 fast path and over HTTP/2 (hyper's path) alike, whichever value comes first. The
+/// same value twice is that count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_image_count_is_not_taken_on_either_path() {
+    let (_up, _cfg, gw) = start_admin("", &ents(3, 50, 86400)).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(op(&c, &gw, "/v1/image-search/add").await.status, StatusCode::OK);
+    }
+    for query in ["image_count=1&image_count=2", "image_count=2&image_count=1"] {
+        let r = op(&c, &gw, &format!("/v1/image-search/search?{query}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(images(&c, &gw).await, 3, "fast path, {query}: the gateway's count stays");
+    }
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(gw.url("/v1/image-search/delete?status=404&image_count=0&image_count=1"))
+        .header(KEY.0, KEY.1)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .expect("request");
+    let r = tokio::time::timeout(Duration::from_secs(10), h2.request(req)).await.expect("in 10 s").expect("answer");
+    assert_eq!((r.version(), r.status()), (http::Version::HTTP_2, StatusCode::NOT_FOUND));
+    assert_eq!(images(&c, &gw).await, 3, "over HTTP/2: the gateway's count stays");
+    assert_eq!(op(&c, &gw, "/v1/image-search/search?image_count=1&image_count=1").await.status, StatusCode::OK);
+    assert_eq!(images(&c, &gw).await, 1, "the same count twice is that count");
+}
+
 /// Shadow mode (SPEC §5.5) forwards an Image Search call over the instance's QPS and counts
 /// its image as usual; the capacity (409), expiry (402 `instance_expired`) and release (410)
 /// are not limits or payers, and are answered as in enforce mode.

@@ -14,6 +14,8 @@ pub struct RawReply {
     pub head: String,
     /// The body, decoded from its framing (`Content-Length`, chunked, or until the close).
     pub body: Vec<u8>,
+    /// A chunked body's trailer section, as sent (its field lines; empty without trailers).
+    pub trailers: String,
 }
 
 impl RawReply {
@@ -79,18 +81,18 @@ impl<S: AsyncRead + Unpin> Wire<S> {
                 };
                 let rest = &self.buf[end + 4..];
                 let framed = if head_request || status == 204 || status == 304 {
-                    Some((Vec::new(), 0))
+                    Some((Vec::new(), 0, String::new()))
                 } else if field("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
                     dechunk(rest)?
                 } else if let Some(len) = field("content-length") {
                     let len: usize = len.parse().map_err(|_| format!("bad content-length in {head:?}"))?;
-                    (rest.len() >= len).then(|| (rest[..len].to_vec(), len))
+                    (rest.len() >= len).then(|| (rest[..len].to_vec(), len, String::new()))
                 } else {
                     None // until the close, below
                 };
-                if let Some((body, used)) = framed {
+                if let Some((body, used, trailers)) = framed {
                     self.buf.drain(..end + 4 + used);
-                    return Ok(RawReply { interim, status, head, body });
+                    return Ok(RawReply { interim, status, head, body, trailers });
                 }
             }
             let mut chunk = [0u8; 16 * 1024];
@@ -113,7 +115,7 @@ impl<S: AsyncRead + Unpin> Wire<S> {
                             let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                             let body = self.buf[end + 4..].to_vec();
                             self.buf.clear();
-                            return Ok(RawReply { interim, status, head, body });
+                            return Ok(RawReply { interim, status, head, body, trailers: String::new() });
                         }
                     }
                     return Err(format!("EOF; got {:?}", String::from_utf8_lossy(&self.buf)));
@@ -139,8 +141,9 @@ pub async fn read_reply(s: &mut TcpStream, limit: Duration) -> Result<RawReply, 
     Wire::new(s).reply(limit).await
 }
 
-/// A chunked body decoded: `Some((body, bytes used))` once its last chunk and trailers are in.
-fn dechunk(data: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
+/// A chunked body decoded: `Some((body, bytes used, trailer section))` once its last chunk and
+/// trailers are in.
+fn dechunk(data: &[u8]) -> Result<Option<(Vec<u8>, usize, String)>, String> {
     let mut body = Vec::new();
     let mut at = 0;
     loop {
@@ -151,11 +154,13 @@ fn dechunk(data: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
         at += eol + 2;
         if size == 0 {
             // Trailers, up to an empty line.
+            let start = at;
             loop {
                 let Some(eol) = data[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
                 at += eol + 2;
                 if eol == 0 {
-                    return Ok(Some((body, at)));
+                    let trailers = String::from_utf8_lossy(&data[start..at - 2]).into_owned();
+                    return Ok(Some((body, at, trailers)));
                 }
             }
         }
