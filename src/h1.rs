@@ -1189,8 +1189,11 @@ async fn relay(
     };
     if !finished {
         let Ok((n, end)) = take(&up.buf[pos..up.len], &mut chunks, &mut left) else {
+            // The head goes out (the answer has begun; no 502 can replace it) and the error
+            // closes the client's connection, as it does for a body malformed later: kept open,
+            // its next answer would be read as the rest of this body.
             write_all(client, out).await?;
-            return Ok(false);
+            return Err(malformed_chunks());
         };
         out.extend_from_slice(&up.buf[pos..pos + n]);
         pos += n;

@@ -163,6 +163,8 @@ async fn serve(mut s: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
             // A video report whose length is given twice: with different values, and the same twice.
             "usage-conflict" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-usage-video-ms: 1000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\nx-usage-video-ms: 3600000\r\n\r\nok".to_vec(),
             "usage-repeated" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-usage-video-ms: 60000\r\nx-usage-video-fps: 30\r\nx-usage-video-lines: 1080\r\nX-Usage-Video-Ms:  60000\r\n\r\nok".to_vec(),
+            // A chunk's data not followed by CRLF: malformed, in the answer's first read.
+            "bad-chunk" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n".to_vec(),
             "hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nConnection: x-private\r\nX-Private: 1\r\nratelimit: fake\r\nx-turnstile-payer: fake\r\nX-Kept: yes\r\n\r\nok".to_vec(),
             _ => {
                 let body = head.as_bytes();
@@ -574,6 +576,36 @@ async fn an_http10_upstream_answer_with_transfer_encoding_is_faulty_on_both_path
     }
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)], "the two paths answer the same");
     assert_eq!(billed(&gw).await, 0.0, "not charged");
+}
+
+/// An upstream chunked body that turns out malformed after its head went to the client cuts
+/// the client's answer short and closes its connection, on both paths (the head was relayed, so
+/// no 502 can replace it). Kept open, the connection would have the client read the next
+/// answer's bytes as the rest of this body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_upstream_body_closes_the_clients_connection_on_both_paths() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up);
+    for (path, request) in both_paths("/v1/raw/bad-chunk") {
+        let mut w = Wire::connect(addr(&gw)).await;
+        w.s.write_all(request.as_bytes()).await.expect("write");
+        // A second request right behind it: it must not be answered on this connection.
+        let _ = w.s.write_all(get("/v1/raw/next").as_bytes()).await;
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(T, async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match w.s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(closed.is_ok(), "{path}: the connection stays open after {got:?}");
+        assert!(!got.contains("/v1/raw/next"), "{path}: the next answer was read into this one: {got:?}");
+    }
 }
 
 /// RFC 9112 §6.3 (3): an intermediary that forwards a message with both Transfer-Encoding and
