@@ -418,9 +418,6 @@ fn video_minutes(m: &str) -> f64 {
         .sum()
 }
 
-/// A length the upstream signs (`+2`: `u64::from_str` takes it, RFC 9110's `1*DIGIT` does not)
-/// is a broken answer, on either path: 502, not charged, and never relayed for the client to
-/// frame some other way.
 /// Usage reports listed in the upstream's `Connection` are addressed to the gateway (RFC 9110
 /// §7.6.1): both paths bill them, and neither passes them on to the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,6 +437,9 @@ async fn usage_reports_listed_in_connection_are_billed_and_not_relayed_on_both_p
     assert!(!m.contains("turnstile_usage_report_errors_total{"), "{m}");
 }
 
+/// A length the upstream signs (`+2`: `u64::from_str` takes it, RFC 9110's `1*DIGIT` does not)
+/// is a broken answer, on either path: 502, not charged, and never relayed for the client to
+/// frame some other way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_upstream_content_length_reads_502_and_is_not_charged() {
     let up = RawUpstream::start().await;
