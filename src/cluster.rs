@@ -12,7 +12,14 @@
 //! only when the journal is empty does the replica go back to Redis and set
 //! `turnstile_store_fallback` to 0. An entry Redis rejects (an error reply that no retry can
 //! change, [`StoreError::is_rejection`]) would stop that replay for good: it is set aside into
-//! [`journal::REJECTED`] next to the journal file, logged, and the replay goes on.
+//! [`journal::REJECTED`] next to the journal file, logged, and the replay goes on. An entry
+//! that fails every time with an error that may pass (a script that always times out, an ACL
+//! refusal) is never set aside (it may have been applied): after [`STUCK_AFTER`] failures in a
+//! row it is named in one error log, and `turnstile_store_journal_blocked` is 1 until it leaves.
+//!
+//! The journal's own metrics ([`FallbackMetrics`], an extension of SPEC §10):
+//! `turnstile_store_journal_entries` (entries waiting for Redis),
+//! `turnstile_store_journal_set_aside_total` and `turnstile_store_journal_blocked`.
 //!
 //! Metrics (SPEC §10): a charge made on the fallback is counted when it is made. A live
 //! settlement Redis did not answer is journaled uncounted ([`Uncounted`]); its replay hands
@@ -26,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use rust_decimal::Decimal;
 use rustc_hash::FxBuildHasher;
 
@@ -37,6 +44,11 @@ use crate::store::{BucketKey, ImageStore, Quota, RequestId, StoreError, Stores, 
 
 /// How often a replica in fallback (or with a journal to replay) probes Redis.
 pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Failures in a row of the journal's first entry (each at a probe that found Redis answering)
+/// after which it is named as blocking the journal: a few seconds at [`PROBE_EVERY`], about 4 s
+/// when each attempt runs into the 500 ms store timeout.
+pub const STUCK_AFTER: u32 = 5;
 
 /// Settlements spawned in batched mode and not yet acknowledged by Redis, at most; past it a
 /// settlement is awaited on the request (backpressure, never an unbounded queue).
@@ -85,6 +97,26 @@ pub enum Replay {
 }
 
 impl Replay {
+    /// What the entry replays, as logs name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Replay::Settle { .. } => "settle",
+            Replay::Take { .. } => "take",
+            Replay::Usage { .. } => "usage",
+            Replay::Images { .. } => "images",
+            Replay::Alert { .. } => "alert",
+        }
+    }
+
+    /// The request id the entry is replayed under (an alert has none).
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Replay::Settle { id, .. } => Some(RequestId(*id)),
+            Replay::Take { id, .. } | Replay::Usage { id, .. } | Replay::Images { id, .. } => Some(*id),
+            Replay::Alert { .. } => None,
+        }
+    }
+
     /// The tenant the entry charges.
     pub fn tenant(&self) -> &str {
         match self {
@@ -172,6 +204,51 @@ impl PayInstead {
     }
 }
 
+/// The metrics of the `local` fallback and its journal (cluster mode only, on the gateway's
+/// registry): `turnstile_store_fallback` is SPEC §10's; the journal's three are this
+/// implementation's extension (README "Metrics").
+#[derive(Clone)]
+pub struct FallbackMetrics {
+    /// 1 while this replica serves on the local fallback.
+    pub fallback: IntGauge,
+    /// Entries in the journal: charges waiting for Redis.
+    pub journal_entries: IntGauge,
+    /// Entries Redis rejected, set aside for an operator ([`journal::REJECTED`]).
+    pub set_aside: IntCounter,
+    /// 1 while the journal's first entry has failed [`STUCK_AFTER`] times in a row or more.
+    pub journal_blocked: IntGauge,
+}
+
+impl FallbackMetrics {
+    pub fn new() -> prometheus::Result<FallbackMetrics> {
+        Ok(FallbackMetrics {
+            fallback: IntGauge::new(
+                "turnstile_store_fallback",
+                "1 while this replica serves on the local fallback of SPEC §11.6",
+            )?,
+            journal_entries: IntGauge::new(
+                "turnstile_store_journal_entries",
+                "Charges in the fallback's journal waiting to be replayed to Redis (cluster mode)",
+            )?,
+            set_aside: IntCounter::new(
+                "turnstile_store_journal_set_aside_total",
+                "Journal entries Redis rejected, set aside in redis-journal.rejected to be charged by hand (cluster mode)",
+            )?,
+            journal_blocked: IntGauge::new(
+                "turnstile_store_journal_blocked",
+                "1 while the journal's first entry keeps failing and holds back the replay (cluster mode)",
+            )?,
+        })
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.fallback.clone()))?;
+        registry.register(Box::new(self.journal_entries.clone()))?;
+        registry.register(Box::new(self.set_aside.clone()))?;
+        registry.register(Box::new(self.journal_blocked.clone()))
+    }
+}
+
 /// The Redis side of the billing engine.
 pub struct Remote {
     pub redis: RedisStore,
@@ -180,7 +257,7 @@ pub struct Remote {
     pub on_error: OnStoreError,
     pub expected_replicas: u32,
     fallback: AtomicBool,
-    gauge: IntGauge,
+    metrics: FallbackMetrics,
     /// Charges made on the fallback, oldest first; an entry leaves it only once Redis has it.
     journal: Mutex<Journal>,
     /// The journal file's data written since its last `fdatasync`: a handle on the file, and
@@ -204,19 +281,59 @@ pub struct Remote {
 }
 
 /// The journal: its entries with their sequence numbers, oldest first, the next number, and
-/// its file (none in tests that keep it in memory).
-#[derive(Default)]
+/// its file (none in tests that keep it in memory); the gauges that show it.
 struct Journal {
     entries: VecDeque<(u64, Replay)>,
     next: u64,
     file: Option<journal::JournalFile>,
+    /// The first entry's sequence number and its failures in a row, while it fails.
+    failing: Option<(u64, u32)>,
+    /// `turnstile_store_journal_entries`, `turnstile_store_journal_blocked`.
+    entries_gauge: IntGauge,
+    blocked_gauge: IntGauge,
 }
 
 impl Journal {
+    fn new(m: &FallbackMetrics) -> Journal {
+        m.journal_entries.set(0);
+        m.journal_blocked.set(0);
+        Journal {
+            entries: VecDeque::new(),
+            next: 0,
+            file: None,
+            failing: None,
+            entries_gauge: m.journal_entries.clone(),
+            blocked_gauge: m.journal_blocked.clone(),
+        }
+    }
+
+    fn push_back(&mut self, seq: u64, r: Replay) {
+        self.entries.push_back((seq, r));
+        self.entries_gauge.set(gauge_value(self.entries.len()));
+    }
+
+    /// The first entry, `seq`, failed again with an error that may pass: its failures in a
+    /// row (counted afresh for a new first entry).
+    fn head_failed(&mut self, seq: u64) -> u32 {
+        let n = match self.failing {
+            Some((s, n)) if s == seq => n.saturating_add(1),
+            _ => 1,
+        };
+        self.failing = Some((seq, n));
+        if n >= STUCK_AFTER {
+            self.blocked_gauge.set(1);
+        }
+        n
+    }
+
     /// Redis has the oldest entry, `seq`: it leaves the journal, and the file says so (the
-    /// file is emptied with the journal, so it does not grow while Redis answers).
+    /// file is emptied with the journal, so it does not grow while Redis answers). Whatever
+    /// blocked the journal behind it is over.
     fn pop_front(&mut self, seq: u64) {
         self.entries.pop_front();
+        self.entries_gauge.set(gauge_value(self.entries.len()));
+        self.failing = None;
+        self.blocked_gauge.set(0);
         let Some(f) = self.file.as_mut() else { return };
         let written = if self.entries.is_empty() { f.clear() } else { f.append_done(seq) };
         if let Err(e) = written {
@@ -226,17 +343,22 @@ impl Journal {
     }
 }
 
+/// A count as a gauge's value.
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Remote {
-    pub fn new(redis: RedisStore, c: &ClusterSettings, gauge: IntGauge) -> Remote {
-        gauge.set(0);
+    pub fn new(redis: RedisStore, c: &ClusterSettings, metrics: FallbackMetrics) -> Remote {
+        metrics.fallback.set(0);
         Remote {
             stores: Stores::Redis(redis.clone()),
             redis,
             on_error: c.on_store_error,
             expected_replicas: c.expected_replicas.max(1),
             fallback: AtomicBool::new(false),
-            gauge,
-            journal: Mutex::new(Journal::default()),
+            journal: Mutex::new(Journal::new(&metrics)),
+            metrics,
             unsynced: AtomicBool::new(false),
             sync: OnceLock::new(),
             wrote: Arc::new(tokio::sync::Notify::new()),
@@ -281,7 +403,7 @@ impl Remote {
             return Err(e);
         }
         if !self.fallback.swap(true, Ordering::SeqCst) {
-            self.gauge.set(1);
+            self.metrics.fallback.set(1);
             tracing::error!(
                 error = %e,
                 "store unreachable: serving on the local fallback (limit / {} per replica, local ledger); charges are replayed to Redis when it is back",
@@ -326,6 +448,7 @@ impl Remote {
         let mut j = self.journal.lock().map_err(|_| "journal lock poisoned".to_string())?;
         j.next = found.last().map_or(0, |(seq, _)| *seq) + 1;
         j.entries = found.into();
+        j.entries_gauge.set(gauge_value(n));
         j.file = Some(file);
         drop(j);
         if n > 0 {
@@ -334,7 +457,7 @@ impl Remote {
                 "charges made on the local fallback before the last stop: replayed to Redis first"
             );
             if self.on_error == OnStoreError::Local && !self.fallback.swap(true, Ordering::SeqCst) {
-                self.gauge.set(1);
+                self.metrics.fallback.set(1);
             }
         }
         Ok(n)
@@ -352,7 +475,7 @@ impl Remote {
                     }
                 }
             }
-            j.entries.push_back((seq, r));
+            j.push_back(seq, r);
         }
     }
 
@@ -519,7 +642,7 @@ impl Remote {
         }
         let Some(done) = self.replay_journal(&self.redis).await else { return 0 };
         if self.journal_len() == 0 && self.fallback.swap(false, Ordering::SeqCst) {
-            self.gauge.set(0);
+            self.metrics.fallback.set(0);
             tracing::info!(replayed = done, "store reachable again: local charges replayed; back on Redis");
         }
         done
@@ -561,7 +684,7 @@ impl Remote {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, left = self.journal_len(), "replay to Redis interrupted; retrying");
+                    self.head_failed(seq, &r, &e);
                     return (done > 0).then_some(done);
                 }
             };
@@ -578,6 +701,34 @@ impl Remote {
             if let (Some(c), Some(sink)) = (replayed.charge, self.charge_sink.get()) {
                 sink(c);
             }
+        }
+    }
+
+    /// The journal's first entry, `seq`, failed with `e`, an error that may pass (not a
+    /// rejection): logged as a warning while it may be a passing failure; at the
+    /// [`STUCK_AFTER`]th failure in a row, one error names it as blocking the journal (and
+    /// `turnstile_store_journal_blocked` reads 1), then nothing more until it leaves the journal.
+    /// It is never set aside by itself: Redis may have applied it (a timeout), and a charge by
+    /// hand would then charge it twice.
+    fn head_failed(&self, seq: u64, r: &Replay, e: &StoreError) {
+        let (n, left) = match self.journal.lock() {
+            Ok(mut j) => (j.head_failed(seq), j.entries.len()),
+            Err(_) => return,
+        };
+        if n < STUCK_AFTER {
+            tracing::warn!(error = %e, left, "replay to Redis interrupted; retrying");
+        } else if n == STUCK_AFTER {
+            tracing::error!(
+                seq,
+                tenant = r.tenant(),
+                kind = r.kind(),
+                request_id = r.request_id().map(|id| id.to_string()),
+                error = %e,
+                failures = n,
+                left,
+                journal = self.journal_path(),
+                "journal blocked: this entry failed at every replay while Redis answers, and every charge after it waits (the replica stays on the fallback); it is retried, never set aside by itself (Redis may have applied it). Check in Redis whether it was applied (its request id's marker); if it cannot pass, stop the replica and move its line from the journal to redis-journal.rejected by hand (README, \"journal blocked\")"
+            );
         }
     }
 
@@ -598,6 +749,7 @@ impl Remote {
                 entry,
                 "Redis rejected a charge made on the local fallback: set aside, not replayed (no journal file); it stays in the local ledger and must be reconciled in Redis by hand"
             );
+            self.metrics.set_aside.inc();
             return true;
         };
         let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -624,6 +776,7 @@ impl Remote {
             return false;
         }
         self.set_aside_failing.store(false, Ordering::SeqCst);
+        self.metrics.set_aside.inc();
         tracing::error!(
             file = %path.display(),
             tenant = r.tenant(),
@@ -764,7 +917,7 @@ pub(crate) async fn test_remote(url: String, prefix: &str, lease: Duration, on_s
         on_store_error,
         expected_replicas: 1,
     };
-    Remote::new(redis, &settings, IntGauge::new("turnstile_store_fallback", "test").expect("gauge"))
+    Remote::new(redis, &settings, FallbackMetrics::new().expect("metrics"))
 }
 
 #[cfg(test)]
@@ -996,9 +1149,12 @@ billing = ["prepaid_qps"]
         for e in &entries {
             remote.journal(e.clone());
         }
+        let m = &remote.metrics;
+        assert_eq!((m.journal_entries.get(), m.set_aside.get(), m.fallback.get()), (5, 0, 1));
         assert_eq!(remote.probe().await, 2, "the two healthy entries replayed past the rejected ones");
         assert_eq!(remote.journal_len(), 0, "nothing left in the journal");
         assert!(!remote.in_fallback(), "back on Redis");
+        assert_eq!((m.journal_entries.get(), m.set_aside.get(), m.fallback.get()), (0, 3, 0), "the metrics say so");
         let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one);
         assert_eq!(units(&remote.redis, "good2").await, one);
@@ -1027,6 +1183,7 @@ billing = ["prepaid_qps"]
 
         assert_eq!(remote.probe().await, 0, "nothing more to replay");
         assert_eq!(rejected_lines(dir.path()).len(), 3, "nothing set aside twice");
+        assert_eq!(m.set_aside.get(), 3, "nor counted twice");
         assert_eq!(units(&remote.redis, "good1").await, one, "replayed once");
     }
 
@@ -1054,9 +1211,12 @@ billing = ["prepaid_qps"]
         poison(&server, &second.redis, 0);
         assert_eq!(second.open_journal(dir.path()), Ok(2));
         assert!(second.in_fallback(), "`local` starts on the fallback with entries to replay");
+        assert_eq!(second.metrics.journal_entries.get(), 2, "the gauge shows the entries found on disk");
         assert_eq!(second.probe().await, 1);
         assert_eq!(second.journal_len(), 0);
         assert!(!second.in_fallback());
+        let m = &second.metrics;
+        assert_eq!((m.journal_entries.get(), m.set_aside.get(), m.fallback.get()), (0, 1, 0));
         let one = one_payg_unit();
         assert_eq!(units(&second.redis, "good1").await, one);
         let lines = rejected_lines(dir.path());
@@ -1124,6 +1284,77 @@ billing = ["prepaid_qps"]
         assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
         let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one, "charged once the ACL allows it");
+    }
+
+    /// A first entry that fails at every replay with an error that may pass (here an ACL refusal
+    /// inside its script; a script that always times out is the same case) used to block the
+    /// journal with only a warning at every probe that named nothing: the replica stayed on the
+    /// fallback and nothing said which entry held it. It is still retried, never set aside (a
+    /// timed-out entry may have been applied), but after [`STUCK_AFTER`] failures in a row it
+    /// is named once and `turnstile_store_journal_blocked` reads 1 until it leaves; a later
+    /// first entry is counted afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_entry_that_keeps_failing_blocks_the_journal_and_says_so_until_it_passes() {
+        let Some((server, dir, remote)) = on_the_fallback("a_first_entry_that_keeps_failing").await else { return };
+        let m = &remote.metrics;
+        remote.journal(usage("good1", 1));
+        remote.journal(usage("good2", 2));
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "-hincrby"]), "OK");
+        for n in 1..STUCK_AFTER {
+            assert_eq!(remote.probe().await, 0);
+            assert_eq!(m.journal_blocked.get(), 0, "not blocked after {n} failures");
+        }
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!(m.journal_blocked.get(), 1, "blocked at the {STUCK_AFTER}th failure in a row");
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!((m.journal_blocked.get(), m.journal_entries.get(), m.fallback.get()), (1, 2, 1));
+        assert!(rejected_lines(dir.path()).is_empty(), "never set aside by itself");
+        assert_eq!(m.set_aside.get(), 0);
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hincrby"]), "OK");
+        assert_eq!(remote.probe().await, 2);
+        assert_eq!((m.journal_blocked.get(), m.journal_entries.get(), m.fallback.get()), (0, 0, 0));
+        assert_eq!(units(&remote.redis, "good1").await, one_payg_unit());
+
+        // A second spell: its first entry is counted from 1 again.
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        remote.journal(usage("good3", 3));
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "-hincrby"]), "OK");
+        for _ in 1..STUCK_AFTER {
+            assert_eq!(remote.probe().await, 0);
+        }
+        assert_eq!(m.journal_blocked.get(), 0, "counted afresh");
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!(m.journal_blocked.get(), 1);
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hincrby"]), "OK");
+        assert_eq!(remote.probe().await, 1);
+        assert_eq!((m.journal_blocked.get(), m.journal_entries.get(), m.fallback.get()), (0, 0, 0));
+    }
+
+    /// A first entry that failed a few times and then passed does not count toward the next
+    /// one's failures: only failures in a row of one entry block the journal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failures_of_an_entry_that_passed_do_not_count_for_the_next() {
+        let Some((server, _dir, remote)) = on_the_fallback("failures_of_an_entry_that_passed").await else { return };
+        let m = &remote.metrics;
+        remote.journal(Replay::Alert { tenant: "t1".into(), package: "p".into() });
+        remote.journal(usage("good1", 2));
+        // Both fail (the alert's mark is an HSETNX), then the alert passes and the usage still fails.
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "-hincrby", "-hsetnx"]), "OK");
+        for _ in 1..STUCK_AFTER {
+            assert_eq!(remote.probe().await, 0);
+        }
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hsetnx"]), "OK");
+        assert_eq!(remote.probe().await, 1, "the alert passed");
+        for _ in 2..STUCK_AFTER {
+            assert_eq!(remote.probe().await, 0);
+        }
+        assert_eq!(m.journal_blocked.get(), 0, "{} failures of the usage entry so far", STUCK_AFTER - 1);
+        assert_eq!(remote.probe().await, 0);
+        assert_eq!(m.journal_blocked.get(), 1);
+        assert_eq!(server.cli(&["ACL", "SETUSER", "default", "+hincrby"]), "OK");
+        assert_eq!(remote.probe().await, 1);
+        assert_eq!((m.journal_blocked.get(), m.journal_entries.get()), (0, 0));
     }
 
     /// A journal kept in memory only (no ledger folder): the rejected entry is logged (with the

@@ -106,9 +106,9 @@ impl Gateway {
 
     /// [`Gateway::new`] in cluster mode (SPEC §11): `redis` (connected with
     /// [`crate::store::redis::RedisStore::open`]) becomes the store every request awaits; the
-    /// store metrics and `turnstile_store_fallback` go on the gateway's registry; a sweeper gives
-    /// back expired holds, a probe replays fallback charges, and a poller applies the shared
-    /// upgrade overrides.
+    /// store metrics, `turnstile_store_fallback` and the journal's metrics go on the gateway's
+    /// registry; a sweeper gives back expired holds, a probe replays fallback charges, and a
+    /// poller applies the shared upgrade overrides.
     pub fn with_redis(
         texts: Texts,
         snapshot: Snapshot,
@@ -125,13 +125,10 @@ impl Gateway {
                 let m = crate::store::redis::StoreMetrics::new()
                     .and_then(|m| m.register(&metrics.registry).map(|()| m))
                     .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
-                let gauge = prometheus::IntGauge::new(
-                    "turnstile_store_fallback",
-                    "1 while this replica serves on the local fallback of SPEC §11.6",
-                )
-                .and_then(|g| metrics.registry.register(Box::new(g.clone())).map(|()| g))
-                .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
-                let remote = crate::cluster::Remote::new(r.with_metrics(m), &s.cluster, gauge);
+                let fallback = crate::cluster::FallbackMetrics::new()
+                    .and_then(|f| f.register(&metrics.registry).map(|()| f))
+                    .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
+                let remote = crate::cluster::Remote::new(r.with_metrics(m), &s.cluster, fallback);
                 remote
                     .open_journal(&s.ledger_dir)
                     .map_err(|reason| LedgerError::Open { path: s.ledger_dir.clone(), reason })?;
