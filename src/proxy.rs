@@ -1257,6 +1257,11 @@ fn upstream_request(
                 h.insert(header::HOST, v);
             }
         }
+        // RFC 9113 §8.2.3: HTTP/2 may split a cookie into several `cookie` fields; on its way
+        // to HTTP/1.1 it MUST be one again (a server there may read the first line alone).
+        if protocol == UpstreamProtocol::Http1 && crate::http_util::repeated(h, &header::COOKIE) {
+            join_cookie_crumbs(h);
+        }
     }
     parts.uri = uri;
     parts.version = match protocol {
@@ -1264,6 +1269,21 @@ fn upstream_request(
         UpstreamProtocol::H2c => http::Version::HTTP_2,
     };
     Ok((Request::from_parts(parts, body), cut_off))
+}
+
+/// The `cookie` fields of `h` as one, joined with "; " (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(h: &mut HeaderMap) {
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // Each crumb was a valid value, and so is "; ": always a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 #[cfg(test)]

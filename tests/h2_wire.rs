@@ -771,3 +771,18 @@ async fn a_grpc_client_that_resets_after_the_ok_trailers_is_charged_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(billed(&gw).await, 2.0, "charged once: the upstream said OK");
 }
+
+/// RFC 9113 §8.2.3: an HTTP/2 client may send the cookie crumbs as separate `cookie` fields;
+/// going on over HTTP/1.1 they MUST be one field, joined with "; " (an HTTP/1.1 server may read
+/// only the first `Cookie` line, RFC 6265 §5.4 allows one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_crumbs_reach_an_http1_upstream_as_one_field() {
+    let up = RawUpstream::start().await;
+    let (_cfg, gw) = gateway(&up, 1000);
+    let mut h2 = H2::connect(addr(&gw)).await;
+    h2.request(1, "/v1/raw/x", &[(b"cookie", b"a=1"), (b"x-other", b"o"), (b"cookie", b"b=2")], None).await;
+    assert!(h2.wait(1, T).await.ok());
+    let got = up.all().to_ascii_lowercase();
+    assert_eq!(got.matches("\r\ncookie:").count(), 1, "{got}");
+    assert!(got.contains("\r\ncookie: a=1; b=2\r\n"), "{got}");
+}
