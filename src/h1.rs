@@ -172,7 +172,9 @@ fn parse_request(buf: &[u8], head: &mut Head) -> Parsed {
         return Parsed::HandOff;
     }
     let target_span = span(buf, target.as_bytes());
-    let path_end = target_span.0 + target.find('?').unwrap_or(target.len()) as u32;
+    // Bytes, not `str::find(char)`'s searcher: ~60 instructions a call fewer for the short
+    // targets requests have (`loadtest/instructions.sh`, hot).
+    let path_end = target_span.0 + target.bytes().position(|b| b == b'?').unwrap_or(target.len()) as u32;
     // Field by field: the connection's `Head` is reused, and its field array beyond `count` is
     // never read.
     head.method = span(buf, method.as_bytes());

@@ -36,8 +36,10 @@ pub fn hop_by_hop(name: &[u8]) -> bool {
 /// Is the field `name` one of the gateway's own `x-turnstile-*` (any letter case, and `_` for
 /// `-`: an upstream that maps names to CGI variables, `HTTP_X_TURNSTILE_TENANT`, reads
 /// `X-Turnstile_Tenant` as `x-turnstile-tenant`)? An incoming one is never forwarded.
+#[inline]
 pub fn turnstile_field(name: &[u8]) -> bool {
     name.len() >= 12
+        && name[0] | 0x20 == b'x'
         && name[..12].iter().zip(b"x-turnstile-").all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (b == b'-' && a == b'_'))
 }
 
@@ -45,6 +47,7 @@ pub fn turnstile_field(name: &[u8]) -> bool {
 /// spelling [`turnstile_field`] takes) and the rate-limit fields? An upstream's are never
 /// relayed, in its head or its trailers: a client would read them as the gateway's (who paid,
 /// why it refused, how much quota is left).
+#[inline]
 pub fn gateway_field(name: &[u8]) -> bool {
     turnstile_field(name) || name.eq_ignore_ascii_case(b"ratelimit") || name.eq_ignore_ascii_case(b"ratelimit-policy")
 }
