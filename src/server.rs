@@ -78,23 +78,43 @@ async fn slot(
 /// Connection draining at shutdown (hyper-util's `GracefulShutdown`, for the fast path's
 /// connections and hyper's alike): every connection holds a watcher; [`Drain::shutdown`] tells
 /// them all and waits until the last one is gone. A connection finishes the request in progress
-/// and closes (HTTP/1.1), or sends GOAWAY and finishes its streams (HTTP/2).
+/// and closes (HTTP/1.1), or sends GOAWAY and finishes its streams (HTTP/2). At the drain
+/// deadline the connections still open are closed: each connection's task also watches `cut`.
 struct Drain {
     tx: watch::Sender<()>,
+    cut: watch::Sender<bool>,
 }
+
+/// At the drain deadline, the longest wait for the connections' tasks to end once told to.
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 impl Drain {
     fn new() -> Drain {
-        Drain { tx: watch::channel(()).0 }
+        Drain { tx: watch::channel(()).0, cut: watch::channel(false).0 }
     }
 
     fn watcher(&self) -> watch::Receiver<()> {
         self.tx.subscribe()
     }
 
-    async fn shutdown(self) {
+    /// What a connection's task watches for the drain deadline (see [`Drain::shutdown`]).
+    fn cutter(&self) -> watch::Receiver<bool> {
+        self.cut.subscribe()
+    }
+
+    /// Drains every connection, waiting at most `within`; true when the last one was gone in
+    /// time. Past it, the connections still open are closed and their tasks have ended before
+    /// this returns: a call on them (a gRPC stream the upstream has not ended) is cut off, its
+    /// client sees the connection lost, and it is not charged. Left open, one could still end
+    /// OK after the ledger's last flush, its OK reaching the client and its charge lost.
+    async fn shutdown(self, within: Duration) -> bool {
         let _ = self.tx.send(());
-        self.tx.closed().await;
+        if tokio::time::timeout(within, self.tx.closed()).await.is_ok() {
+            return true;
+        }
+        let _ = self.cut.send(true);
+        let _ = tokio::time::timeout(CUT_WAIT, self.cut.closed()).await;
+        false
     }
 }
 
@@ -158,9 +178,18 @@ async fn accept_loop<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn::new(gw.clone(), remote, drain.map(Drain::watcher)));
         let watcher = drain.map(Drain::watcher);
+        let cut = drain.map(Drain::cutter);
         let h = handler.clone();
         tokio::spawn(async move {
-            let result = serve_connection(kind, conn, stream, watcher, h).await;
+            let serve = serve_connection(kind, conn, stream, watcher, h);
+            let result = match cut {
+                // Dropped at the drain deadline (or once the drain is over): the socket closes.
+                Some(mut cut) => tokio::select! {
+                    r = serve => r,
+                    _ = cut.wait_for(|c| *c) => Err("closed at the drain deadline".into()),
+                },
+                None => serve.await,
+            };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -426,9 +455,10 @@ pub async fn run(
             ),
             stopper
         );
-        match tokio::time::timeout(drain, drain_all.shutdown()).await {
-            Ok(()) => tracing::info!("all connections drained"),
-            Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections"),
+        if drain_all.shutdown(drain).await {
+            tracing::info!("all connections drained");
+        } else {
+            tracing::warn!(seconds = drain.as_secs(), "drain timeout: closed the remaining connections");
         }
         return Workers(workers_live);
     }
@@ -463,7 +493,7 @@ pub async fn run(
                 let drain_all = Drain::new();
                 accept_loop(listener, Listener::Tenant, gw, stop, Some(&drain_all), Some(limit), true, proxy::handle)
                     .await;
-                let drained = tokio::time::timeout(drain, drain_all.shutdown()).await.is_ok();
+                let drained = drain_all.shutdown(drain).await;
                 let _ = tx.send(drained);
                 // The runtime lives on (its timers too) until the returned `Workers` is dropped.
                 let _ = live.changed().await;
@@ -483,7 +513,7 @@ pub async fn run(
     if all {
         tracing::info!("all connections drained");
     } else {
-        tracing::warn!(seconds = drain.as_secs(), "drain timeout: closing the remaining connections");
+        tracing::warn!(seconds = drain.as_secs(), "drain timeout: closed the remaining connections");
     }
     Workers(workers_live)
 }

@@ -654,3 +654,117 @@ async fn shadow_mode_forwards_grpc_calls_enforce_mode_would_refuse() {
     let prepaid = r#"turnstile_billed_units_total{feature="face-comparison-1-1",payer="prepaid_qps",tenant="acme"}"#;
     assert_eq!(series(&m, prepaid), 3, "metered as usual: {m}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// SIGTERM with gRPC calls in flight.
+
+/// An HTTP/2 gRPC upstream whose answers span a SIGTERM, by method (one empty message each
+/// time, OK trailers at the end):
+/// - `SlowHead`: the whole answer 800 ms after the call (a unary call answered in the drain);
+/// - `SlowTrailers`: a message at once, another and the trailers 800 ms later (a server stream
+///   open across the signal);
+/// - `Late`: a message at once, the trailers 4 s later (past the drain deadline);
+/// - `Quick`: a message and the trailers at once;
+/// - anything else: a message at once, the trailers 8 s later (past the drain deadline).
+async fn timed_upstream() -> std::net::SocketAddr {
+    h2_upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let _ = req.into_body().collect().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+        let message = || Ok(http_body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0])));
+        let ok = || {
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            Ok(http_body::Frame::trailers(t))
+        };
+        let (first, last) = match method.as_str() {
+            "SlowHead" => (800, 0),
+            "SlowTrailers" => (0, 800),
+            "Late" => (0, 4000),
+            "Quick" => (0, 0),
+            _ => (0, 8000),
+        };
+        tokio::time::sleep(Duration::from_millis(first)).await;
+        tokio::spawn(async move {
+            let _ = tx.send(message()).await;
+            tokio::time::sleep(Duration::from_millis(last)).await;
+            if last > 0 {
+                let _ = tx.send(message()).await;
+            }
+            let _ = tx.send(ok()).await;
+        });
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let resp = http::Response::builder().header("content-type", "application/grpc").body(body).expect("response");
+        Ok::<_, std::convert::Infallible>(resp)
+    })
+    .await
+}
+
+/// The drain deadline closes the connections still open, as the log says: a stream the upstream
+/// ends OK after it must not reach its client as an OK, nor be charged after the ledger's last
+/// flush (lost at exit). The exit is held past the deadline here by a low-balance alert that
+/// the webhook never takes (up to 3 s, README "Shutdown" step 4): before, the connection went on
+/// in that time, the OK trailers were charged in memory after the flush and reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_cut_off_at_the_drain_deadline_gets_no_ok_even_while_the_exit_waits() {
+    // A webhook that takes connections and never answers.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook_url = format!("http://{}/alerts", hook.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hook.accept().await {
+            held.push(s);
+        }
+    });
+    let up = timed_upstream().await;
+    let server = "upstream_protocol = \"h2c\"\nupstream_timeout_ms = 1500";
+    let rest = format!(
+        "[ledger]\ndurability = \"batched\"\nflush_interval_ms = 60000\n\n\
+         [billing]\nlow_balance_ratio = \"0.2\"\nalert_webhook = \"{hook_url}\"\n{ROUTES}"
+    );
+    let tenants = format!(
+        r#"{{"tenants": {{"acme": {{"api_keys": ["{key}"], "services": ["face_body"],
+    "packages": [{{"id": "od-1", "feature": "object-detection", "points": "5", "ordered_at": "{from}", "expires_at": "{until}"}}]}}}}}}"#,
+        key = key_hash("key-acme"),
+        from = at(-3600),
+        until = at(86400),
+    );
+    let cfg = ConfigDir::new(&main_toml(&format!("http://{up}"), server, &rest), &catalog(), &tenants);
+    let token = [("TURNSTILE_ADMIN_TOKEN", "t")];
+    let gw = Gateway::start_env(&cfg, &token);
+    let at = |m: &str| format!("/{}/{m}", grpc_support::SERVICE).parse().expect("path");
+    // Four calls on od-1 (5 points): 1 point left, its low-balance alert fires.
+    let mut g = Client::connect(gw.addr, Some("key-acme")).await;
+    for _ in 0..4 {
+        g.unary_at("/paid.GRPCInferenceService/Quick".parse().expect("path"), infer("x")).await.expect("OK");
+    }
+    let c = client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gw
+        .metrics(&c)
+        .await
+        .contains("turnstile_package_low_balance_alerts_total{package=\"od-1\",tenant=\"acme\"} 1")
+    {
+        assert!(std::time::Instant::now() < deadline, "the alert did not fire: {}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A stream whose OK trailers come 4 s after the call: past the drain deadline (1.5 s + 1 s
+    // after the signal), while the exit waits for the webhook.
+    let late = tokio::spawn(async move { g.server_stream_at(at("Late"), infer("x")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill").args(["-TERM", &gw.pid().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let (_, end) = late.await.expect("join");
+    let code = end.map_or_else(|s| s.code(), |()| Code::Ok);
+    let mut gw = gw;
+    let exit = tokio::task::spawn_blocking(move || (gw.wait_exit(Duration::from_secs(8)), gw)).await.expect("join");
+    assert!(exit.0.is_some(), "exits: {}", exit.1.logs());
+    drop(exit);
+    let gw = Gateway::start_env(&cfg, &token);
+    let r = get(&client(), &gw.admin_url("/admin/v1/tenants/acme/usage"), &[("authorization", "Bearer t")]).await;
+    let units = r.json()["features"][FEATURE]["units"]["payg"].clone();
+    assert!(
+        code != Code::Ok && (units.is_null() || units == "0"),
+        "a stream still open at the drain deadline: the client saw {code:?}, the ledger charged {units}"
+    );
+}

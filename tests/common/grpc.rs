@@ -236,11 +236,20 @@ impl Client {
 
     /// A server-streaming call: every reply, then the final status.
     pub async fn server_stream(&mut self, m: InferRequest) -> (Vec<InferReply>, Result<(), Status>) {
+        self.server_stream_at(path("ModelStreamInfer"), m).await
+    }
+
+    /// A server-streaming call to `at`: every reply, then the final status.
+    pub async fn server_stream_at(
+        &mut self,
+        at: http::uri::PathAndQuery,
+        m: InferRequest,
+    ) -> (Vec<InferReply>, Result<(), Status>) {
         if let Err(e) = self.grpc.ready().await {
             return (Vec::new(), Err(Status::unavailable(e.to_string())));
         }
         let req = self.request(m);
-        collect(self.grpc.server_streaming(req, path("ModelStreamInfer"), ProstCodec::default()).await).await
+        collect(self.grpc.server_streaming(req, at, ProstCodec::default()).await).await
     }
 
     /// A bidirectional call: `messages` sent one by one, each only after the previous one's
