@@ -850,3 +850,83 @@ async fn sigterm_waits_for_a_call_whose_http2_client_left_and_charges_it() {
     let u = usage(&client(), &gw).await;
     assert_eq!(u["features"]["license-plate-recognition"]["units"]["payg"], "1", "{}", u["features"]);
 }
+
+/// SPEC §7 ("SIGTERM drains in-flight requests and flushes, losing nothing") over HTTP/2, as an
+/// Envoy or a gRPC client multiplexes: several streams of one connection in flight at SIGTERM
+/// are each answered with their upstream's answer and charged once, durably (a 60 s flush
+/// window: only the flush at exit puts them in the ledger). A stream opened on that connection
+/// during the grace is served; one opened after it meets the GOAWAY and is never forwarded
+/// (the client retries on a new connection, which the closed listener refuses): no 2xx that is
+/// not charged, no charge without a 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_in_flight_at_sigterm_are_answered_and_charged_once() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::start().await;
+    let rest = format!(
+        "[admission]\ndefault_qps = 100000\n\n[ledger]\ndurability = \"batched\"\nflush_interval_ms = 60000\n{}",
+        routes()
+    );
+    let cfg = ConfigDir::new(&main_toml(&up.url(), "shutdown_grace_ms = 500", &rest), SHIPPED_CATALOG, &tenants());
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("HTTP/2 handshake");
+    let connection = tokio::spawn(conn);
+    let call = |sleep_ms: u64, n: usize| {
+        let mut send = send.clone();
+        let req = http::Request::post(format!("http://{}/v1/ocr/license-plate?sleep_ms={sleep_ms}", gw.addr))
+            .header("x-api-key", "key-acme")
+            .header("x-stream", n)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        async move {
+            send.ready().await?;
+            let resp = send.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        }
+    };
+    // Four streams the upstream answers 1.2 s after they came: the answers come after the
+    // grace (500 ms), during the drain.
+    let inflight: Vec<_> = (0..4).map(|n| tokio::spawn(call(1200, n))).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = Instant::now();
+    let status = std::process::Command::new("kill").args(["-TERM", &gw.pid().to_string()]).status().expect("kill");
+    assert!(status.success());
+    // A new stream on the same connection during the grace: served (nothing is refused while
+    // endpoints may still point here).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (during, body) = call(0, 10).await.expect("a stream opened during the grace is served");
+    assert_eq!(during, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    // Past the grace, while the four are still in flight: the connection got GOAWAY, so a new
+    // stream on it is refused before it is sent, and a new connection is refused.
+    tokio::time::sleep((signalled + Duration::from_millis(900)).saturating_duration_since(Instant::now())).await;
+    let after = call(0, 11).await;
+    assert!(after.is_err(), "a stream opened after the GOAWAY: {after:?}");
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "the tenant listener no longer accepts");
+    let mut ok = 1;
+    for (n, t) in inflight.into_iter().enumerate() {
+        let (status, body) = t.await.expect("join").unwrap_or_else(|e| panic!("stream {n} in flight: {e}"));
+        assert_eq!(status, StatusCode::OK, "stream {n}: {}", String::from_utf8_lossy(&body));
+        let echo: serde_json::Value = serde_json::from_slice(&body).expect("the upstream's answer");
+        assert_eq!(echo["headers"]["x-stream"], n.to_string(), "stream {n}: its own answer");
+        ok += 1;
+    }
+    assert!(signalled.elapsed() >= Duration::from_millis(1000), "the four were answered during the drain");
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+    let mut gw = gw;
+    let exit = tokio::task::spawn_blocking(move || (gw.wait_exit(Duration::from_secs(5)), gw)).await.expect("join");
+    assert!(exit.0.is_some_and(|s| s.success()), "exit 0: {:?}\n{}", exit.0, exit.1.logs());
+    drop(exit);
+    let gw = Gateway::start_env(&cfg, &[("TURNSTILE_ADMIN_TOKEN", TOKEN)]);
+    let u = usage(&client(), &gw).await;
+    assert_eq!(
+        u["features"]["license-plate-recognition"]["units"]["payg"],
+        ok.to_string(),
+        "every 2xx charged once: {}",
+        u["features"]
+    );
+}

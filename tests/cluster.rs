@@ -776,3 +776,72 @@ async fn a_second_fallback_spell_does_not_count_the_first_spells_charges_twice()
     redis.kill9();
     detect("4th point, second fallback spell: the package still holds it").await;
 }
+
+/// `n` payg calls on `gw` whose upstream answers after 400 ms, all admitted at once; `meanwhile`
+/// runs 150 ms in (after their admission, before their answers). Each must be a 2xx.
+async fn answered_after(gw: &Gateway, n: usize, meanwhile: impl FnOnce()) {
+    let c = client();
+    let url = gw.url(&format!("{OCR}?sleep_ms=400"));
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { post(&c, &url, &key(), b"{}").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    meanwhile();
+    for t in calls {
+        let r = t.await.expect("join");
+        assert_eq!(r.status, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    }
+}
+
+/// SPEC §7 ("`batched`: ... SIGTERM drains in-flight requests and flushes, losing nothing") with
+/// §11.5's batched settlements, spawned after the answer: a SIGTERM right after the 2xx, while
+/// Redis is slow to acknowledge them (`CLIENT PAUSE`, shorter than the store timeout), waits
+/// for every one (`drain_deferred`): Redis has them all after the exit, which is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_waits_for_the_batched_settlements_a_slow_redis_has_not_acknowledged() {
+    let Some(redis) = RedisServer::start("deferred_sigterm", Opts::default()) else { return };
+    let up = Upstream::start().await;
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"batched\"\n");
+    let mut set =
+        Replicas::start(1, &up.url(), &cluster_section(&[redis.url()], ""), &rest, &catalog(), &ents(40, 10), &[]);
+    // Paused from 150 ms to 550 ms: the answers (400 ms) go out while their settlements wait.
+    answered_after(&set.gw[0], 8, || assert_eq!(redis.cli(&["CLIENT", "PAUSE", "400"]), "OK")).await;
+    let status = tokio::task::block_in_place(|| set.gw[0].signal_and_wait("TERM")).expect("exits");
+    let logs = set.gw[0].logs();
+    assert_eq!(status.code(), Some(0), "{logs}");
+    assert!(!logs.contains("not acknowledged by Redis") && !logs.contains("not charged"), "{logs}");
+    let gw = restart_replica(&set, 0);
+    let v = admin_get(&client(), &gw, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "8", "every 2xx on Redis: {v}");
+}
+
+/// The same with Redis hung (SIGSTOP) past the store timeout and `on_store_error = "local"`:
+/// the settlements spawned after the answers fail over to the fallback and its journal; the
+/// SIGTERM waits for them, cannot replay them (exit 1, naming the journal), and the next start
+/// on that ledger folder, Redis back, replays every one, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_settlements_redis_hangs_under_at_sigterm_are_journaled_and_replayed_at_the_next_start() {
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"batched\"\n");
+    let Some((redis, _up, mut set)) = on_fallback_policy("deferred_sigterm_hung", 1, 1, &rest, 10).await else {
+        return;
+    };
+    let pid = redis.pid().expect("running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    answered_after(&set.gw[0], 8, || signal("-STOP")).await;
+    let status = tokio::task::block_in_place(|| set.gw[0].signal_and_wait("TERM"));
+    signal("-CONT");
+    let logs = set.gw[0].logs();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{logs}");
+    assert!(logs.contains("not replayed to Redis") && !logs.contains("not acknowledged by Redis"), "{logs}");
+    let gw = restart_replica(&set, 0);
+    let c = client();
+    fallback_becomes(&c, &gw, 0.0).await;
+    let v = admin_get(&c, &gw, "/admin/v1/tenants/acme/usage").await.json();
+    assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "8", "every 2xx on Redis, once: {v}");
+}

@@ -700,6 +700,52 @@ async fn timed_upstream() -> std::net::SocketAddr {
     .await
 }
 
+/// SPEC §7 ("SIGTERM drains in-flight requests and flushes, losing nothing") for gRPC: a unary
+/// call and a server stream whose OK trailers come after the SIGTERM are answered OK and
+/// charged once each, in the ledger at exit (a 60 s flush window: only the exit's flush puts
+/// them there); a stream still open at the drain deadline (`upstream_timeout_ms` + 1 s) is
+/// not charged, and its client gets an error, not an OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_in_flight_at_sigterm_are_charged_once_and_a_stream_past_the_drain_is_not() {
+    let up = timed_upstream().await;
+    let server = "upstream_protocol = \"h2c\"\nupstream_timeout_ms = 1500";
+    let rest = format!("[ledger]\ndurability = \"batched\"\nflush_interval_ms = 60000\n{ROUTES}");
+    let cfg = ConfigDir::new(&main_toml(&format!("http://{up}"), server, &rest), &catalog(), &tenants());
+    let token = [("TURNSTILE_ADMIN_TOKEN", "t")];
+    let gw = Gateway::start_env(&cfg, &token);
+    let at = |m: &str| format!("/{}/{m}", grpc_support::SERVICE).parse().expect("path");
+    let (mut a, mut b, mut c) = (
+        Client::connect(gw.addr, Some("key-acme")).await,
+        Client::connect(gw.addr, Some("key-acme")).await,
+        Client::connect(gw.addr, Some("key-acme")).await,
+    );
+    let unary = tokio::spawn(async move { a.unary_at(at("SlowHead"), infer("x")).await.map(drop) });
+    let stream = tokio::spawn(async move { b.server_stream_at(at("SlowTrailers"), infer("x")).await });
+    let endless = tokio::spawn(async move { c.server_stream_at(at("Endless"), infer("x")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = std::time::Instant::now();
+    let status = std::process::Command::new("kill").args(["-TERM", &gw.pid().to_string()]).status().expect("kill");
+    assert!(status.success());
+    unary.await.expect("join").expect("the unary call answered after the signal is OK");
+    let (replies, end) = stream.await.expect("join");
+    end.expect("the stream whose trailers came after the signal is OK");
+    assert_eq!(replies.len(), 2);
+    let (replies, end) = endless.await.expect("join");
+    let code = end.map_or_else(|s| s.code(), |()| Code::Ok);
+    assert_ne!(code, Code::Ok, "a stream cut off at the drain deadline is no OK");
+    assert_eq!(replies.len(), 1);
+    assert!(signalled.elapsed() >= Duration::from_millis(2400), "cut off at the drain deadline, not before");
+    let mut gw = gw;
+    let exit = tokio::task::spawn_blocking(move || (gw.wait_exit(Duration::from_secs(5)), gw)).await.expect("join");
+    assert!(exit.0.is_some(), "exits: {}", exit.1.logs());
+    drop(exit);
+    let gw = Gateway::start_env(&cfg, &token);
+    let r = get(&client(), &gw.admin_url("/admin/v1/tenants/acme/usage"), &[("authorization", "Bearer t")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let u = r.json();
+    assert_eq!(u["features"][FEATURE]["units"]["payg"], "2", "the two OK calls, once each: {}", u["features"]);
+}
+
 /// The drain deadline closes the connections still open, as the log says: a stream the upstream
 /// ends OK after it must not reach its client as an OK, nor be charged after the ledger's last
 /// flush (lost at exit). The exit is held past the deadline here by a low-balance alert that
