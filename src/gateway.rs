@@ -227,11 +227,15 @@ pub struct Conn {
     /// The shutdown drain's watcher, held as long as anything of the connection runs: a call
     /// whose client left goes on on a task of its own (holding this `Conn`), and is charged if
     /// the upstream answers 2xx, so the drain at SIGTERM waits for it as for the connection.
-    _drain: Option<tokio::sync::watch::Receiver<()>>,
+    _drain: Option<tokio::sync::watch::Receiver<crate::server::DrainState>>,
 }
 
 impl Conn {
-    pub fn new(gw: Arc<Gateway>, remote: SocketAddr, drain: Option<tokio::sync::watch::Receiver<()>>) -> Conn {
+    pub fn new(
+        gw: Arc<Gateway>,
+        remote: SocketAddr,
+        drain: Option<tokio::sync::watch::Receiver<crate::server::DrainState>>,
+    ) -> Conn {
         let mut buf = [0u8; 48];
         let ip = crate::http_util::write_into(&mut buf, format_args!("{}", remote.ip()));
         let peer_ip = http::HeaderValue::from_bytes(ip).unwrap_or(http::HeaderValue::from_static("unknown"));

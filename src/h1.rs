@@ -353,7 +353,7 @@ async fn write_all(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
 pub async fn serve(
     conn: &Arc<Conn>,
     stream: &mut TcpStream,
-    stop: &mut tokio::sync::watch::Receiver<()>,
+    stop: &mut tokio::sync::watch::Receiver<crate::server::DrainState>,
 ) -> io::Result<Served> {
     let gw = &conn.gw;
     let mut buf = vec![0u8; CLIENT_BUF];

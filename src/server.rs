@@ -76,44 +76,46 @@ async fn slot(
 }
 
 /// Connection draining at shutdown (hyper-util's `GracefulShutdown`, for the fast path's
-/// connections and hyper's alike): every connection holds a watcher; [`Drain::shutdown`] tells
-/// them all and waits until the last one is gone. A connection finishes the request in progress
-/// and closes (HTTP/1.1), or sends GOAWAY and finishes its streams (HTTP/2). At the drain
-/// deadline the connections still open are closed: each connection's task also watches `cut`.
+/// connections and hyper's alike): every connection holds a watcher of the [`DrainState`];
+/// [`Drain::shutdown`] tells them all and waits until the last one is gone. A connection
+/// finishes the request in progress and closes (HTTP/1.1), or sends GOAWAY and finishes its
+/// streams (HTTP/2). At the drain deadline, hyper's connections still open are closed.
 struct Drain {
-    tx: watch::Sender<()>,
-    cut: watch::Sender<bool>,
+    tx: watch::Sender<DrainState>,
 }
+
+/// What a connection's watcher reads: serving, draining, or past the drain deadline.
+pub type DrainState = u8;
+pub const SERVING: DrainState = 0;
+pub const DRAINING: DrainState = 1;
+pub const CUT: DrainState = 2;
 
 /// At the drain deadline, the longest wait for the connections' tasks to end once told to.
 const CUT_WAIT: Duration = Duration::from_secs(1);
 
 impl Drain {
     fn new() -> Drain {
-        Drain { tx: watch::channel(()).0, cut: watch::channel(false).0 }
+        Drain { tx: watch::channel(SERVING).0 }
     }
 
-    fn watcher(&self) -> watch::Receiver<()> {
+    fn watcher(&self) -> watch::Receiver<DrainState> {
         self.tx.subscribe()
-    }
-
-    /// What a connection's task watches for the drain deadline (see [`Drain::shutdown`]).
-    fn cutter(&self) -> watch::Receiver<bool> {
-        self.cut.subscribe()
     }
 
     /// Drains every connection, waiting at most `within`; true when the last one was gone in
     /// time. Past it, the connections still open are closed and their tasks have ended before
-    /// this returns: a call on them (a gRPC stream the upstream has not ended) is cut off, its
-    /// client sees the connection lost, and it is not charged. Left open, one could still end
-    /// OK after the ledger's last flush, its OK reaching the client and its charge lost.
+    /// this returns (at most [`CUT_WAIT`]): a call on them (a gRPC stream the upstream has not
+    /// ended) is cut off, its client sees the connection lost, and it is not charged. Left
+    /// open, one could still end OK after the ledger's last flush, its OK reaching the client
+    /// and its charge lost. (A fast-path HTTP/1.1 call is charged when its answer's head
+    /// comes, so before the flush: its connection closes when the process exits.)
     async fn shutdown(self, within: Duration) -> bool {
-        let _ = self.tx.send(());
+        let _ = self.tx.send(DRAINING);
         if tokio::time::timeout(within, self.tx.closed()).await.is_ok() {
             return true;
         }
-        let _ = self.cut.send(true);
-        let _ = tokio::time::timeout(CUT_WAIT, self.cut.closed()).await;
+        let _ = self.tx.send(CUT);
+        let _ = tokio::time::timeout(CUT_WAIT, self.tx.closed()).await;
         false
     }
 }
@@ -178,19 +180,9 @@ async fn accept_loop<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn::new(gw.clone(), remote, drain.map(Drain::watcher)));
         let watcher = drain.map(Drain::watcher);
-        let cut = drain.map(Drain::cutter);
         let h = handler.clone();
         tokio::spawn(async move {
-            let serve = serve_connection(kind, conn, stream, watcher, h);
-            let result = match cut {
-                // Dropped at the drain deadline (or once the drain is over): the socket closes.
-                Some(mut cut) => tokio::select! {
-                    r = serve => r,
-                    _ = cut.wait_for(|c| *c) => Err("closed at the drain deadline".into()),
-                },
-                None => serve.await,
-            };
-            if let Err(e) = result {
+            if let Err(e) = serve_connection(kind, conn, stream, watcher, h).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             // The connection's slot is free once it is served (a refused body's drain
@@ -206,7 +198,7 @@ async fn serve_connection<F, Fut, B>(
     kind: Listener,
     conn: Arc<Conn>,
     mut stream: tokio::net::TcpStream,
-    watcher: Option<watch::Receiver<()>>,
+    watcher: Option<watch::Receiver<DrainState>>,
     handler: F,
 ) -> Result<(), BoxError>
 where
@@ -217,7 +209,7 @@ where
 {
     let header_timeout = conn.gw.snapshot.load().settings.header_read_timeout;
     // A drain that never comes, for the admin listener.
-    let (_never, idle) = watch::channel(());
+    let (_never, idle) = watch::channel(SERVING);
     let mut stop = watcher.unwrap_or(idle);
     let (h2, read) = match kind {
         Listener::Tenant => match crate::h1::serve(&conn, &mut stream, &mut stop).await? {
@@ -256,28 +248,41 @@ where
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
         let c = b.serve_connection(io, svc);
-        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await?)
+        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await??)
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
         let c = b.serve_connection(io, svc);
-        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await?)
+        Ok(until_drained(c, stop, |c| c.graceful_shutdown()).await??)
     }
 }
 
-/// Runs a hyper connection; once `stop` says so, shuts it down gracefully and runs it to its end.
+/// Runs a hyper connection; once `stop` says the drain began, shuts it down gracefully and
+/// runs it to its end, or until the drain deadline ([`CUT`]): then it is dropped (its socket
+/// closes, its streams are reset) and this is an error. Only `stop`'s changes wake it for that,
+/// not each request.
 async fn until_drained<C: std::future::Future>(
     conn: C,
-    mut stop: watch::Receiver<()>,
+    mut stop: watch::Receiver<DrainState>,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),
-) -> C::Output {
+) -> Result<C::Output, BoxError> {
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        _ = stop.changed() => {}
+    // The fast path may have seen the drain begin before it handed the connection over.
+    if *stop.borrow_and_update() == SERVING {
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r),
+            _ = stop.changed() => {}
+        }
     }
     shutdown(conn.as_mut());
-    conn.await
+    while *stop.borrow_and_update() < CUT {
+        tokio::select! {
+            r = conn.as_mut() => return Ok(r),
+            // The sender gone: the drain is over.
+            changed = stop.changed() => if changed.is_err() { break },
+        }
+    }
+    Err("closed at the drain deadline".into())
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
