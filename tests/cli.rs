@@ -165,24 +165,7 @@ fn decimals_that_would_be_rounded_are_refused_with_file_and_field() {
 fn serve_refuses_a_decimal_that_would_be_rounded() {
     let ratio = "[billing]\nlow_balance_ratio = \"0.20000000000000000000000000001\"\n";
     let cfg = ConfigDir::new(&main_toml("http://127.0.0.1:1", "", ratio), SHIPPED_CATALOG, &entitlements(40, None));
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(cfg.main())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut exited = None;
-    for _ in 0..100 {
-        if let Ok(Some(s)) = serve.try_wait() {
-            exited = Some(s.success());
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = serve.kill();
-    let out = serve.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (exited, stderr) = serve_briefly(&cfg);
     assert_eq!(exited, Some(false), "serve must refuse to start: {stderr}");
     assert!(stderr.contains("turnstile.toml: billing.low_balance_ratio: "), "{stderr}");
     assert!(stderr.contains("more digits than"), "{stderr}");
@@ -311,25 +294,8 @@ fn check_refuses_listeners_that_serve_cannot_bind_together() {
         .replace("admin_listen = \"127.0.0.1:0\"", &format!("admin_listen = \"127.0.0.1:{port}\""));
     assert!(main.contains(&format!("0.0.0.0:{port}")) && main.contains(&format!("127.0.0.1:{port}")), "{main}");
     let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(cfg.main())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut serve_failed = None;
-    for _ in 0..100 {
-        if let Ok(Some(s)) = serve.try_wait() {
-            serve_failed = Some(!s.success());
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = serve.kill();
-    let out = serve.wait_with_output().expect("wait");
-    let serve_err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(serve_failed, Some(true), "serve started; this test assumes it cannot: {serve_err}");
+    let (exited, serve_err) = serve_briefly(&cfg);
+    assert_eq!(exited, Some(false), "serve started; this test assumes it cannot: {serve_err}");
     let (ok, stdout, stderr) = check(&cfg);
     assert!(!ok, "check accepted what serve refuses ({serve_err}): {stdout}");
     assert!(stderr.contains("server.admin_listen"), "{stderr}");
@@ -502,4 +468,27 @@ fn a_time_past_2262_names_the_latest_time_allowed() {
         cfg.path().display()
     );
     assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+}
+
+/// Runs `serve` on `cfg` for at most 5 s: whether it exited by then (and with success), and
+/// what it wrote to stderr (it is killed if still running).
+fn serve_briefly(cfg: &ConfigDir) -> (Option<bool>, String) {
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(cfg.main())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Ok(Some(s)) = serve.try_wait() {
+            exited = Some(s.success());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = serve.kill();
+    let out = serve.wait_with_output().expect("wait");
+    (exited, String::from_utf8_lossy(&out.stderr).into_owned())
 }

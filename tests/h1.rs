@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(5);
+/// The feature every `/v1/raw/*` path is (the test configuration's routes).
+const FEATURE: &str = "license-plate-recognition";
 
 /// An upstream on raw sockets. It reads each request (head, then a `Content-Length` body),
 /// records it, and answers by the path's last segment:
@@ -214,28 +216,16 @@ fn both_paths(path: &str) -> [(&'static str, String); 2] {
 
 /// `request` on a connection of its own, and the gateway's reply.
 async fn ask(gw: &Gateway, request: &str) -> Result<common::wire::RawReply, String> {
-    let mut w = Wire::connect(addr(gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     w.s.write_all(request.as_bytes()).await.expect("write");
     w.reply(T).await
-}
-
-async fn billed(gw: &Gateway) -> f64 {
-    let m = gw.metrics(&client()).await;
-    m.lines()
-        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("license-plate-recognition"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn addr(gw: &Gateway) -> SocketAddr {
-    gw.url("").trim_start_matches("http://").trim_end_matches('/').parse().expect("gateway address")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_and_each_charged_once() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     let three = format!("{}{}{}", get("/v1/raw/a?n=1"), get("/v1/raw/b?n=2"), get("/v1/raw/c?n=3"));
     w.s.write_all(three.as_bytes()).await.expect("write");
     for n in 1..=3 {
@@ -247,14 +237,14 @@ async fn pipelined_requests_are_answered_in_order_and_each_charged_once() {
     // The connection goes on.
     w.s.write_all(get("/v1/raw/d").as_bytes()).await.expect("write");
     assert_eq!(w.reply(T).await.expect("reply").status, 200);
-    assert_eq!(billed(&gw).await, 4.0, "each call charged exactly once");
+    assert_eq!(gw.billed_units(FEATURE).await, 4.0, "each call charged exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_upstream_framing_reaches_the_client_whole() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
 
     w.s.write_all(get("/v1/raw/chunked").as_bytes()).await.expect("write");
     let r = w.reply(T).await.expect("chunked");
@@ -288,14 +278,14 @@ async fn every_upstream_framing_reaches_the_client_whole() {
     let r = w.reply(T).await.expect("close-delimited");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"until the close"[..]));
     assert_eq!(r.header("connection"), Some("close"));
-    assert_eq!(billed(&gw).await, 7.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 7.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     for method in ["GET", "POST", "GET", "POST"] {
         let req = format!(
             "{method} /v1/raw/once HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\nContent-Length: 2\r\n\r\nhi"
@@ -307,14 +297,14 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(up.accepted.load(Ordering::SeqCst), 4, "one upstream connection per call");
-    assert_eq!(billed(&gw).await, 4.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fields_on_the_way_up_and_down() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     let req = "GET /v1/raw/./x/../echo?q=%2F HTTP/1.1\r\nHost: tenant.example\r\nX-Api-Key: key-globex\r\n\
                X-Turnstile-Tenant: spoofed\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: x\r\n\
                X-Forwarded-For: 10.0.0.1\r\nX-Custom: kept\r\n\r\n";
@@ -352,7 +342,7 @@ async fn fields_on_the_way_up_and_down() {
 async fn what_the_fast_path_does_not_serve_goes_to_hyper_on_the_same_connection() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     // A body that comes after its head: hyper streams it.
     let head = "POST /v1/raw/late HTTP/1.1\r\nHost: h\r\nx-api-key: key-globex\r\nContent-Length: 5\r\n\r\n";
     w.s.write_all(head.as_bytes()).await.expect("write");
@@ -369,18 +359,18 @@ async fn what_the_fast_path_does_not_serve_goes_to_hyper_on_the_same_connection(
         assert!(String::from_utf8_lossy(&r.body).contains(path), "{path}");
     }
     // A request HTTP/1.0 client.
-    let mut w10 = Wire::connect(addr(&gw)).await;
+    let mut w10 = Wire::connect(gw.addr).await;
     w10.s.write_all(b"GET /v1/raw/old HTTP/1.0\r\nx-api-key: key-globex\r\n\r\n").await.expect("write");
     let r = w10.reply(T).await.expect("HTTP/1.0");
     assert_eq!(r.status, 200, "{}", r.head);
-    assert_eq!(billed(&gw).await, 4.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_with_the_rate_fields() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     w.s.write_all(b"GET /v1/raw/x HTTP/1.1\r\nHost: h\r\nx-api-key: wrong\r\n\r\n").await.expect("write");
     let r = w.reply(T).await.expect("401");
     assert_eq!((r.status, r.error_code().as_str()), (401, "invalid_api_key"));
@@ -389,12 +379,12 @@ async fn a_refusal_keeps_the_connection_and_an_unreachable_upstream_reads_502_wi
 
     let cfg = config(&format!("http://{}", dead_addr()), "upstream_timeout_ms = 2000");
     let gw2 = Gateway::start(&cfg);
-    let mut w = Wire::connect(addr(&gw2)).await;
+    let mut w = Wire::connect(gw2.addr).await;
     w.s.write_all(get("/v1/raw/x").as_bytes()).await.expect("write");
     let r = w.reply(T).await.expect("502");
     assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"));
     assert!(r.header("ratelimit").is_some() && r.header("x-turnstile-payer").is_some(), "{}", r.head);
-    assert_eq!(billed(&gw2).await, 0.0, "not charged");
+    assert_eq!(gw2.billed_units(FEATURE).await, 0.0, "not charged");
 }
 
 /// A gateway in front of `up` where every path under `/v1/raw/` is the video-minute feature
@@ -448,7 +438,7 @@ async fn a_signed_upstream_content_length_reads_502_and_is_not_charged() {
         let r = ask(&gw, &request).await.expect("reply");
         assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_unavailable"), "{path}: {}", r.head);
     }
-    assert_eq!(billed(&gw).await, 0.0, "not charged");
+    assert_eq!(gw.billed_units(FEATURE).await, 0.0, "not charged");
 }
 
 /// Every refusal of the decision reads the same from the fast path (`src/h1.rs` writes it) as
@@ -463,7 +453,7 @@ async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
     );
     let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     w.s.write_all(get("/v1/raw/x").as_bytes()).await.expect("write");
     assert_eq!(w.reply(T).await.expect("200").status, 200, "the one token of the second");
     let key = "x-api-key: key-globex\r\n";
@@ -479,7 +469,7 @@ async fn a_refusal_reads_the_same_from_the_fast_path_and_from_hyper() {
     for (method, path, fields, status, code) in cases {
         let mut replies = Vec::new();
         for te in ["", "te: trailers\r\n"] {
-            let mut w = Wire::connect(addr(&gw)).await;
+            let mut w = Wire::connect(gw.addr).await;
             let req = format!("{method} {path} HTTP/1.1\r\nHost: h\r\n{fields}{te}Content-Length: 0\r\n\r\n");
             w.s.write_all(req.as_bytes()).await.expect("write");
             let r = w.reply_to(method == "HEAD", T).await.expect("reply");
@@ -575,7 +565,7 @@ async fn an_http10_upstream_answer_with_transfer_encoding_is_faulty_on_both_path
         seen.push((path, r.status));
     }
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)], "the two paths answer the same");
-    assert_eq!(billed(&gw).await, 0.0, "not charged");
+    assert_eq!(gw.billed_units(FEATURE).await, 0.0, "not charged");
 }
 
 /// An upstream chunked body that turns out malformed after its head went to the client cuts
@@ -587,7 +577,7 @@ async fn a_malformed_chunked_upstream_body_closes_the_clients_connection_on_both
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     for (path, request) in both_paths("/v1/raw/bad-chunk") {
-        let mut w = Wire::connect(addr(&gw)).await;
+        let mut w = Wire::connect(gw.addr).await;
         w.s.write_all(request.as_bytes()).await.expect("write");
         // A second request right behind it: it must not be answered on this connection.
         let _ = w.s.write_all(get("/v1/raw/next").as_bytes()).await;
@@ -636,7 +626,7 @@ async fn an_upstream_transfer_coding_other_than_chunked_is_not_silently_dropped(
         }
     }
     assert!(relayed.is_empty(), "{relayed:#?}");
-    assert_eq!(billed(&gw).await, 0.0, "not charged");
+    assert_eq!(gw.billed_units(FEATURE).await, 0.0, "not charged");
 }
 
 /// A status code is three digits from 100 (RFC 9110 §15); hyper's client refuses `000` (a
@@ -660,7 +650,7 @@ async fn two_host_fields_are_refused_not_forwarded() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     for (path, te) in [("fast path", ""), ("hyper", "TE: trailers\r\n")] {
-        let mut w = Wire::connect(addr(&gw)).await;
+        let mut w = Wire::connect(gw.addr).await;
         let req = format!(
             "GET /v1/raw/echo HTTP/1.1\r\nHost: tenant.example\r\nHost: internal.example\r\n{te}x-api-key: key-globex\r\n\r\n"
         );
@@ -680,7 +670,7 @@ async fn an_upstream_answer_with_80_fields_reads_the_same_on_both_paths() {
     let mut seen = Vec::new();
     for (path, request) in both_paths("/v1/raw/many") {
         let r = ask(&gw, &request).await.expect("reply");
-        seen.push((path, r.status, billed(&gw).await));
+        seen.push((path, r.status, gw.billed_units(FEATURE).await));
     }
     assert_eq!(seen, [("fast path", 200, 1.0), ("hyper", 200, 2.0)]);
 }
@@ -698,7 +688,7 @@ async fn an_upstream_head_over_64_kib_reads_502_on_both_paths() {
         seen.push((path, r.status));
     }
     assert_eq!(seen, [("fast path", 502), ("hyper", 502)]);
-    assert_eq!(billed(&gw).await, 0.0, "not charged");
+    assert_eq!(gw.billed_units(FEATURE).await, 0.0, "not charged");
 }
 
 /// SPEC §4 "the API key (header or `Authorization`) is removed": also when the key header
@@ -729,7 +719,7 @@ async fn an_upstream_length_listed_in_connection_still_frames_the_answer() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up);
     for (path, request) in both_paths("/v1/raw/length-listed") {
-        let mut w = Wire::connect(addr(&gw)).await;
+        let mut w = Wire::connect(gw.addr).await;
         w.s.write_all(request.as_bytes()).await.expect("write");
         let r = w.reply(T).await.expect("a framed reply");
         assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "{path}: {}", r.head);
@@ -750,7 +740,7 @@ async fn a_forwarded_for_chain_with_obs_text_is_kept_on_both_paths() {
         let mut bytes = request.into_bytes();
         let at = bytes.len() - 2;
         bytes.splice(at..at, b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: caf\xe9\r\n".iter().copied());
-        let mut w = Wire::connect(addr(&gw)).await;
+        let mut w = Wire::connect(gw.addr).await;
         w.s.write_all(&bytes).await.expect("write");
         let r = w.reply(T).await.expect("reply");
         assert_eq!(r.status, 200, "{path}: {}", r.head);
@@ -780,7 +770,7 @@ async fn a_request_length_listed_in_connection_does_not_unframe_the_body_upstrea
         "{seen:?}"
     );
     assert!(seen.iter().all(|h| !h.contains("/smuggled")), "a second request reached the upstream: {seen:?}");
-    assert_eq!(billed(&gw).await, 1.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 1.0);
 }
 
 /// `X-Turnstile_Tenant` is `x-turnstile-tenant` to an upstream that maps field names to CGI
@@ -847,7 +837,7 @@ async fn upstream_trailers_reach_the_client_without_gateway_or_hop_by_hop_fields
     let r = ask(&gw, &get("/v1/raw/after")).await.expect("next reply");
     assert_eq!(r.status, 200, "{}", r.head);
     // Trailers that come in pieces, after the body's first read.
-    let mut w = Wire::connect(addr(&gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     for _ in 0..2 {
         w.s.write_all(get("/v1/raw/trailers-late").as_bytes()).await.expect("write");
         let r = w.reply(T).await.expect("fast path reply");
@@ -864,7 +854,7 @@ async fn upstream_trailers_reach_the_client_without_gateway_or_hop_by_hop_fields
         (trailers.get("x-trailer"), trailers.get("x-usage-video-ms")),
         (Some(&"kept".parse().unwrap()), Some(&"5".parse().unwrap()))
     );
-    assert_eq!(billed(&gw).await, 5.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 5.0);
 }
 
 /// The gateway's own fields in the upstream's head, in a spelling other than the one the

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(5);
+/// The feature every `/v1/raw/*` path is (the test configuration's routes).
+const FEATURE: &str = "license-plate-recognition";
 
 /// One upstream connection as the upstream saw it: every byte, and whether the gateway closed it.
 #[derive(Default, Clone)]
@@ -128,18 +130,6 @@ fn gateway(up: &RawUpstream, default_qps: u32) -> (ConfigDir, Gateway) {
     let cfg = ConfigDir::new(&main, SHIPPED_CATALOG, &entitlements(40, None));
     let gw = Gateway::start(&cfg);
     (cfg, gw)
-}
-
-fn addr(gw: &Gateway) -> SocketAddr {
-    gw.url("").trim_start_matches("http://").trim_end_matches('/').parse().expect("gateway address")
-}
-
-async fn billed(gw: &Gateway) -> f64 {
-    let m = gw.metrics(&client()).await;
-    m.lines()
-        .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains("license-plate-recognition"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 // ---- A hand-written HTTP/2 client ----
@@ -343,7 +333,7 @@ impl H2 {
 /// "" for a 200, and the request line the upstream got.
 async fn over_h1(gw: &Gateway, up: &RawUpstream, path: &str) -> (String, Option<String>) {
     let before = up.request_lines().len();
-    let mut w = Wire::connect(addr(gw)).await;
+    let mut w = Wire::connect(gw.addr).await;
     let req = format!("GET {path} HTTP/1.1\r\nHost: tenant.example\r\nTE: trailers\r\nx-api-key: key-globex\r\n\r\n");
     w.s.write_all(req.as_bytes()).await.expect("write");
     let r = w.reply(T).await.expect("an HTTP/1.1 answer");
@@ -378,7 +368,7 @@ async fn every_path_spelling_over_http2_is_judged_as_over_http1() {
         "http://evil.example/v1/raw/x",
         "/v1/face/compare/../../detect/x",
     ];
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     let mut stream = 1;
     for path in paths {
         let before = up.request_lines().len();
@@ -453,7 +443,7 @@ async fn odd_pseudo_headers_are_refused_per_stream() {
             vec![(b":status", b"200"), (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/raw/x"), key],
         ),
     ];
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     let mut stream = 1;
     for (what, fields) in &cases {
         h2.headers(stream, fields, true).await;
@@ -506,7 +496,7 @@ async fn connection_specific_fields_and_wrong_lengths_never_reach_an_http1_upstr
         ("signed content-length", vec![(b"content-length", b"+2")], b"{}"),
         ("two content-lengths", vec![(b"content-length", b"2"), (b"content-length", b"50")], smuggled),
     ];
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     let mut stream = 1;
     for (what, extra, body) in &cases {
         h2.request(stream, "/v1/raw/x", extra, Some(body)).await;
@@ -550,7 +540,7 @@ async fn fields_http1_cannot_carry_never_reach_the_upstream() {
         ("CR LF in the key", (b"x-api-key", b"key-globex\r\nx-turnstile-feature: object-detection")),
     ];
     for (what, field) in &cases {
-        let mut h2 = H2::connect(addr(&gw)).await;
+        let mut h2 = H2::connect(gw.addr).await;
         h2.request(1, "/v1/raw/x", &[*field], Some(b"{}")).await;
         let a = h2.wait(1, T).await;
         assert!(!a.ok(), "{what}: must not be served: {a:?}");
@@ -562,7 +552,7 @@ async fn fields_http1_cannot_carry_never_reach_the_upstream() {
         );
     }
     assert!(up.request_lines().is_empty(), "{:?}", up.request_lines());
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     h2.request(1, "/v1/raw/x", &[], None).await;
     assert!(h2.wait(1, T).await.ok(), "the gateway still serves");
 }
@@ -589,7 +579,7 @@ async fn the_key_and_client_gateway_fields_never_reach_the_upstream_over_http2()
             ],
         ),
     ];
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     let mut stream = 1;
     for (what, extra) in &cases {
         let before = up.all().len();
@@ -633,8 +623,8 @@ async fn the_key_and_client_gateway_fields_never_reach_the_upstream_over_http2()
 async fn a_stream_reset_mid_body_or_mid_answer_is_charged_as_the_upstream_answered() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up, 1000);
-    let mut h2 = H2::connect(addr(&gw)).await;
-    let base = billed(&gw).await;
+    let mut h2 = H2::connect(gw.addr).await;
+    let base = gw.billed_units(FEATURE).await;
     // Mid-body: 5 of 10 bytes, then RST_STREAM.
     h2.headers(
         3,
@@ -657,7 +647,7 @@ async fn a_stream_reset_mid_body_or_mid_answer_is_charged_as_the_upstream_answer
     let cut = cut.expect("the cut request reached the upstream");
     assert!(cut.closed, "the upstream connection with a cut body must be closed");
     assert!(String::from_utf8_lossy(&cut.bytes).ends_with("\r\n\r\n12345"), "{}", String::from_utf8_lossy(&cut.bytes));
-    assert_eq!(billed(&gw).await, base, "a cut upload is not charged");
+    assert_eq!(gw.billed_units(FEATURE).await, base, "a cut upload is not charged");
 
     // Mid-answer: the 2xx head arrives, the client resets: charged once.
     h2.request(5, "/v1/raw/slow", &[], None).await;
@@ -665,7 +655,7 @@ async fn a_stream_reset_mid_body_or_mid_answer_is_charged_as_the_upstream_answer
     assert_eq!(a.status_byte, Some(0x88), "{a:?}");
     h2.rst(5).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(billed(&gw).await, base + 1.0, "a 2xx whose client reset is charged once");
+    assert_eq!(gw.billed_units(FEATURE).await, base + 1.0, "a 2xx whose client reset is charged once");
     let slow = up.conns().into_iter().find(|c| String::from_utf8_lossy(&c.bytes).contains("/v1/raw/slow"));
     // The next request does not go down the connection that was mid-answer.
     h2.request(7, "/v1/raw/next", &[], None).await;
@@ -676,7 +666,7 @@ async fn a_stream_reset_mid_body_or_mid_answer_is_charged_as_the_upstream_answer
         slow_now.map(|c| c.bytes.len()),
         "a request went down the connection whose answer was cut"
     );
-    assert_eq!(billed(&gw).await, base + 2.0);
+    assert_eq!(gw.billed_units(FEATURE).await, base + 2.0);
 }
 
 /// SPEC §5.4 over one HTTP/2 connection: many concurrent streams of one tenant and feature
@@ -685,7 +675,7 @@ async fn a_stream_reset_mid_body_or_mid_answer_is_charged_as_the_upstream_answer
 async fn concurrent_streams_on_one_connection_are_admitted_exactly() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up, 2);
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     let started = std::time::Instant::now();
     let n = 40u32;
     for i in 0..n {
@@ -705,7 +695,7 @@ async fn concurrent_streams_on_one_connection_are_admitted_exactly() {
     // limit 2, depth 2.
     assert!(ok >= 2 && f64::from(ok) <= 2.0 * elapsed + 2.0 + 1e-9, "{ok} admitted in {elapsed} s");
     assert_eq!(up.request_lines().len(), ok as usize);
-    assert_eq!(billed(&gw).await, f64::from(ok));
+    assert_eq!(gw.billed_units(FEATURE).await, f64::from(ok));
 }
 
 /// An h2c gRPC upstream that answers every call with one 5-byte message and `grpc-status: 0`.
@@ -753,13 +743,13 @@ async fn a_grpc_client_that_resets_after_the_ok_trailers_is_charged_once() {
     let gw = Gateway::start(&cfg);
     let grpc: [Field; 2] = [(b"content-type", b"application/grpc"), (b"te", b"trailers")];
     // A client that reads everything: charged once, the trailers reach it.
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     h2.request(1, "/v1/raw/Infer", &grpc, Some(&[0, 0, 0, 0, 0])).await;
     let a = h2.wait(1, T).await;
     assert!(a.ok() && a.ended && a.body.ends_with(b"reply"), "{a:?}");
-    assert_eq!(billed(&gw).await, 1.0);
+    assert_eq!(gw.billed_units(FEATURE).await, 1.0);
     // A window of exactly the reply: the message and the trailers arrive; then a reset.
-    let mut h2 = H2::connect_with_window(addr(&gw), Some(10)).await;
+    let mut h2 = H2::connect_with_window(gw.addr, Some(10)).await;
     h2.request(1, "/v1/raw/Infer", &grpc, Some(&[0, 0, 0, 0, 0])).await;
     let deadline = tokio::time::Instant::now() + T;
     let mut a = h2.wait(1, Duration::from_millis(100)).await;
@@ -769,7 +759,7 @@ async fn a_grpc_client_that_resets_after_the_ok_trailers_is_charged_once() {
     assert!(a.ok() && a.ended && a.body.ends_with(b"reply"), "the reply and its trailers: {a:?}");
     h2.rst(1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(billed(&gw).await, 2.0, "charged once: the upstream said OK");
+    assert_eq!(gw.billed_units(FEATURE).await, 2.0, "charged once: the upstream said OK");
 }
 
 /// RFC 9113 §8.2.3: an HTTP/2 client may send the cookie crumbs as separate `cookie` fields;
@@ -779,7 +769,7 @@ async fn a_grpc_client_that_resets_after_the_ok_trailers_is_charged_once() {
 async fn cookie_crumbs_reach_an_http1_upstream_as_one_field() {
     let up = RawUpstream::start().await;
     let (_cfg, gw) = gateway(&up, 1000);
-    let mut h2 = H2::connect(addr(&gw)).await;
+    let mut h2 = H2::connect(gw.addr).await;
     h2.request(1, "/v1/raw/x", &[(b"cookie", b"a=1"), (b"x-other", b"o"), (b"cookie", b"b=2")], None).await;
     assert!(h2.wait(1, T).await.ok());
     let got = up.all().to_ascii_lowercase();

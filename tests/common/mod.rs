@@ -284,6 +284,17 @@ impl Gateway {
         String::from_utf8_lossy(&get(c, &self.admin_url("/metrics"), &[]).await.body).into_owned()
     }
 
+    /// Units billed for `feature` in a scrape of the metrics, every tenant and payer together.
+    pub async fn billed_units(&self, feature: &str) -> f64 {
+        let label = format!("feature=\"{feature}\"");
+        self.metrics(&client())
+            .await
+            .lines()
+            .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
