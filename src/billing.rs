@@ -1140,9 +1140,26 @@ impl Billing {
         snap: &Snapshot,
         tenant: &Tenant,
         feature_idx: usize,
+        r: Reservation,
+        now: i64,
+        image: Option<ImageSettle>,
+    ) -> Result<Settled, StoreError> {
+        self.settle_call_as(snap, tenant, feature_idx, r, now, image, false).await
+    }
+
+    /// [`Billing::settle_call_with`]; `deferred`: its answer already went out
+    /// ([`Billing::defer_call`]), so a Redis failure journals the charge whatever
+    /// `on_store_error` says (see [`Billing::settle_call_redis`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_call_as(
+        &self,
+        snap: &Snapshot,
+        tenant: &Tenant,
+        feature_idx: usize,
         mut r: Reservation,
         now: i64,
         image: Option<ImageSettle>,
+        deferred: bool,
     ) -> Result<Settled, StoreError> {
         if r.unpaid {
             // Image Search calls are prepaid: an unpaid call has no image part.
@@ -1150,7 +1167,7 @@ impl Billing {
         }
         match &self.remote {
             Some(remote) if !r.fallback => {
-                Box::pin(self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image)).await
+                Box::pin(self.settle_call_redis(remote, snap, tenant, feature_idx, r, now, image, deferred)).await
             }
             Some(_) => {
                 let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());
@@ -1168,7 +1185,8 @@ impl Billing {
     /// [`crate::cluster::MAX_DEFERRED`] are in flight; past that (and in strict mode, local mode
     /// or the fallback) the call is handed back to be settled on the request.
     /// What a crash can lose: the spawned settlements not yet acknowledged by Redis (their holds
-    /// come back after the lease, so those calls go uncharged, never double-charged).
+    /// come back after the lease, so those calls go uncharged, never double-charged). One that
+    /// Redis fails is journaled, whatever `on_store_error` says: the answer went out.
     #[allow(clippy::result_large_err)]
     pub fn defer_call(
         self: &Arc<Self>,
@@ -1188,7 +1206,7 @@ impl Billing {
         tokio::spawn(async move {
             let _permit = permit;
             let Some(t) = snap.tenant(tenant) else { return };
-            if let Err(e) = billing.settle_call_with(&snap, t, feature_idx, r, now, image).await {
+            if let Err(e) = billing.settle_call_as(&snap, t, feature_idx, r, now, image, true).await {
                 tracing::error!(tenant, error = %e, "batched settlement failed: this call is not charged");
             }
         });
@@ -1297,6 +1315,7 @@ impl Billing {
         mut r: Reservation,
         now: i64,
         image: Option<ImageSettle>,
+        deferred: bool,
     ) -> Result<Settled, StoreError> {
         use crate::store::redis::{HoldAction, PaidInstead, Settle};
         let f = &snap.catalog.features[feature_idx];
@@ -1333,7 +1352,15 @@ impl Billing {
         let out = match remote.redis.settle(tenant.label, r.id.0, s).await {
             Ok(out) => out,
             Err(e) => {
-                self.failover(e)?;
+                // `deny` answers a settlement on the request 503 (the answer dropped). A deferred
+                // one's answer already went out: its charge is journaled all the same, and the
+                // replica stays on Redis (its admissions answer 503 while Redis is down).
+                if let Err(e) = self.failover(e) {
+                    if !deferred {
+                        return Err(e);
+                    }
+                    tracing::warn!(tenant = tenant.label, error = %e, "batched settlement: store unreachable; journaled, replayed when it answers");
+                }
                 // The settlement may or may not have reached Redis: the identical call (same
                 // id and part) is replayed, so it applies exactly once.
                 remote.journal(crate::cluster::Replay::Settle {
@@ -3406,7 +3433,16 @@ mod tests {
         /// [`fixture_with`] whose calls are license-plate recognition: pay-as-you-go only, at
         /// 0.15 a call up to the month's 10,000th, then 0.10.
         async fn payg_fixture(test: &str, redis_opts: harness::Opts) -> Option<Fixture> {
-            let mut x = fixture_with(test, "1", OnStoreError::Local, redis_opts).await?;
+            payg_fixture_with(test, OnStoreError::Local, redis_opts).await
+        }
+
+        /// [`payg_fixture`] with a failure policy.
+        async fn payg_fixture_with(
+            test: &str,
+            on_store_error: OnStoreError,
+            redis_opts: harness::Opts,
+        ) -> Option<Fixture> {
+            let mut x = fixture_with(test, "1", on_store_error, redis_opts).await?;
             let services = "\"object_detection\", \"text_recognition\"";
             x.s = Arc::new(snapshot(SHIPPED, &ents(&OD.replace("POINTS", "1"), services)));
             x.f = feature(&x.s, "license-plate-recognition");
@@ -3510,6 +3546,55 @@ mod tests {
             assert_eq!(remote.replay_all().await, 1);
             assert_eq!(remote.probe().await, 0, "once");
             assert_eq!(x.units().await, (0, 1, 1, 0), "applied once in Redis");
+            assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "counted once");
+        }
+
+        /// SPEC §7 / §11.5 / §11.6, `deny`, batched: a call admitted on Redis is answered, its
+        /// settlement spawned (deferred), and Redis dies before it lands. The 2xx is out, so the
+        /// charge must stand: it is journaled like `local`'s (replayed once Redis answers,
+        /// counted then, once), while the replica stays off the fallback (its admissions answer
+        /// 503 meanwhile). A settlement awaited on the request keeps `deny`'s answer: an error
+        /// (503 `store_unavailable`, the answer dropped), nothing charged. It used to drop the
+        /// deferred charge too ("batched settlement failed: this call is not charged").
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_deferred_settlement_redis_failed_is_journaled_and_charged_once_under_deny() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let test = "a_deferred_settlement_redis_failed_under_deny";
+            let Some(mut x) = payg_fixture_with(test, OnStoreError::Deny, aof).await else { return };
+            let remote = x.b.remote().unwrap().clone();
+            assert!(x.b.may_defer(), "batched on Redis defers");
+            let (deferred, on_request) = (x.admit().await, x.admit().await);
+            assert_eq!(deferred.payer, PayerKind::Payg);
+            x.redis.kill9();
+            let tenant = &x.s.tenants[0];
+            let settled = match x.b.defer_call(&x.s, "acme", x.f, deferred, x.now, None) {
+                Ok(settled) => settled,
+                Err(_) => panic!("handed back instead of deferred"),
+            };
+            assert_eq!(settled.payer, "payg", "answered with the payer chosen at admission");
+            // The spawned settlement is done once its permit is back.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while remote.deferred.available_permits() < crate::cluster::MAX_DEFERRED {
+                assert!(tokio::time::Instant::now() < deadline, "the deferred settlement did not end in 5 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(remote.journal_len(), 1, "the deferred charge waits for Redis in the journal");
+            assert!(!remote.in_fallback(), "deny stays off the fallback");
+            let e = x.b.settle_call(&x.s, tenant, x.f, on_request, x.now).await.err();
+            assert!(
+                matches!(e, Some(StoreError::Unavailable { .. } | StoreError::Timeout { .. })),
+                "on the request: 503, nothing charged: {e:?}"
+            );
+            assert_eq!(remote.journal_len(), 1, "the refused one is not journaled");
+            let fe = &x.s.catalog.features[x.f];
+            let key = BucketKey { tenant: "acme", bucket: fe.label, local: 0 };
+            let q = Quota { limit: 100_000, depth: 100_000 };
+            assert!(x.b.admit(&x.s, tenant, x.f, key, q, x.now).await.is_err(), "admissions answer 503");
+            assert_eq!(x.counted(PayerKind::Payg), (0.0, 0.0), "not settled yet: not counted");
+            x.redis.restart();
+            assert_eq!(remote.replay_all().await, 1, "the deferred settlement replayed");
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.units().await, (0, 1, 1, 0), "(package, payg, payg cell, unpaid) in Redis: once");
             assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "counted once");
         }
 

@@ -434,7 +434,8 @@ impl Remote {
     }
 
     /// Keeps the journal in `dir` (the ledger folder) from now on, after reading what it held:
-    /// entries a previous run of this replica made on the fallback and did not replay. With
+    /// entries a previous run of this replica journaled (on the fallback, or a deferred
+    /// settlement Redis failed, under either policy) and did not replay. With
     /// some, `local` starts on the fallback, so they reach Redis (at the first probe) before
     /// this replica's new charges do. Returns how many it found.
     pub fn open_journal(&self, dir: &std::path::Path) -> Result<usize, String> {

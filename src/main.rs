@@ -301,7 +301,8 @@ async fn serve(source: ConfigSource, demo: bool) -> ExitCode {
             "settlements not acknowledged by Redis at shutdown; those calls are not charged"
         );
     }
-    // Cluster `local` fallback: the charges made on it reach Redis now if it answers again;
+    // Cluster mode, the journal (charges made on the `local` fallback, settlements Redis failed
+    // after their answers went out, under either policy): they reach Redis now if it answers;
     // what is left stays in the journal file, replayed at the next start with this ledger
     // folder, and is reported (SPEC §7: log, exit status 1): until then Redis lacks it.
     let unreplayed = match gw.billing.remote() {
