@@ -674,6 +674,10 @@ impl Remote {
                 Ok(replayed) => replayed,
                 Err(e) if e.is_rejection() => {
                     if !self.set_aside(seq, &r, &e).await {
+                        // Kept (its line could not be written): every entry after it waits.
+                        if let Ok(j) = self.journal.lock() {
+                            j.blocked_gauge.set(1);
+                        }
                         return (done > 0).then_some(done);
                     }
                     if let Ok(mut j) = self.journal.lock() {
@@ -1245,7 +1249,8 @@ billing = ["prepaid_qps"]
 
     /// The rejected file cannot be written (here its path is a folder): the entry is not lost,
     /// it stays first in the journal (the entries after it wait, the replica stays on the
-    /// fallback) and goes once the file can be written.
+    /// fallback, `turnstile_store_journal_blocked` reads 1) and goes once the file can be
+    /// written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_that_cannot_be_set_aside_stays_in_the_journal_until_it_can() {
         let Some((server, dir, remote)) = on_the_fallback("an_entry_that_cannot_be_set_aside").await else { return };
@@ -1258,12 +1263,14 @@ billing = ["prepaid_qps"]
         assert_eq!(remote.probe().await, 0, "tried again, still kept");
         assert_eq!(remote.journal_len(), 2, "the rejected entry is kept, and the one after it waits");
         assert!(remote.in_fallback());
+        assert_eq!(remote.metrics.journal_blocked.get(), 1, "the journal is blocked behind it");
         let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
         assert_eq!(left.len(), 2, "and kept in the file: {left:?}");
         std::fs::remove_dir(&blocker).expect("remove the folder");
         assert_eq!(remote.probe().await, 1);
         assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
         assert_eq!(rejected_lines(dir.path()).len(), 1);
+        assert_eq!(remote.metrics.journal_blocked.get(), 0, "no longer blocked");
     }
 
     /// An ACL that refuses a command a script calls (here `HINCRBY`, taken from the user turnstile
