@@ -908,6 +908,7 @@ impl Billing {
         r: Reservation,
         n: i64,
         now: i64,
+        deferred: bool,
     ) -> Result<Settled, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
@@ -915,18 +916,29 @@ impl Billing {
         let month = crate::ledger::month_text(now, snap.settings.timezone);
         let month = month.as_str();
         let mut fallback = r.fallback;
+        // A deferred record Redis failed under `deny` (the answer went out): journaled only.
+        let mut journal_only = false;
         let stores = if fallback { &self.local } else { &self.stores };
         if let Err(e) = stores.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await {
             if fallback || self.remote.is_none() {
                 return Err(e);
             }
             // Redis failed: on `local` the units are recorded on the fallback and replayed
-            // under the same id (applied once, whether or not Redis had them).
-            self.failover(e)?;
-            fallback = true;
-            self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
+            // under the same id (applied once, whether or not Redis had them); a deferred
+            // record under `deny` is replayed the same way, the replica staying on Redis.
+            match self.failover(e) {
+                Ok(()) => {
+                    fallback = true;
+                    self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
+                }
+                Err(e) if deferred => {
+                    tracing::warn!(tenant = tenant.label, error = %e, "batched unpaid record: store unreachable; journaled, replayed when it answers");
+                    journal_only = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let journal = fallback.then(|| crate::cluster::Replay::Usage {
+        let journal = (fallback || journal_only).then(|| crate::cluster::Replay::Usage {
             tenant: tenant.name.clone(),
             feature: f.id.clone(),
             month: month.to_string(),
@@ -948,6 +960,14 @@ impl Billing {
             journal: Vec::new(),
         };
         let payer = r.header();
+        if journal_only {
+            if let (Some(remote), Some(j)) = (&self.remote, journal) {
+                remote.journal(j);
+            }
+            // Counted now, as a record made on the fallback is: its replay counts nothing.
+            self.count(&charge);
+            return Ok(Settled { payer, id: r.id, pending: None });
+        }
         if self.remote.is_some() && !fallback {
             // Redis acknowledged it (SPEC §11.5).
             self.count(&charge);
@@ -1163,7 +1183,7 @@ impl Billing {
     ) -> Result<Settled, StoreError> {
         if r.unpaid {
             // Image Search calls are prepaid: an unpaid call has no image part.
-            return self.settle_unpaid(snap, tenant, feature_idx, r, 1, now).await;
+            return self.settle_unpaid(snap, tenant, feature_idx, r, 1, now, deferred).await;
         }
         match &self.remote {
             Some(remote) if !r.fallback => {
@@ -1507,7 +1527,7 @@ impl Billing {
     ) -> Result<Settled, StoreError> {
         if r.unpaid {
             let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
-            return self.settle_unpaid(snap, tenant, feature_idx, r, ms, now).await;
+            return self.settle_unpaid(snap, tenant, feature_idx, r, ms, now, false).await;
         }
         match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await {
             Err(e) if !r.fallback && self.remote.is_some() => {
@@ -3596,6 +3616,36 @@ mod tests {
             assert_eq!(remote.probe().await, 0, "once");
             assert_eq!(x.units().await, (0, 1, 1, 0), "(package, payg, payg cell, unpaid) in Redis: once");
             assert_eq!(x.counted(PayerKind::Payg), (1.0, 0.15), "counted once");
+        }
+
+        /// The same for a shadow-mode call nothing could pay (SPEC §5.5): its deferred record
+        /// as unpaid, which Redis fails under `deny`, is journaled and reaches Redis once it
+        /// answers (the usage report's `unpaid`), counted once in `turnstile_unpaid_units_total`.
+        /// It used to be dropped ("batched settlement failed: this call is not charged").
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_deferred_unpaid_record_redis_failed_is_journaled_and_kept_once_under_deny() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let test = "a_deferred_unpaid_record_redis_failed_under_deny";
+            let Some(mut x) = payg_fixture_with(test, OnStoreError::Deny, aof).await else { return };
+            let remote = x.b.remote().unwrap().clone();
+            let r = x.b.unpaid();
+            x.redis.kill9();
+            assert!(x.b.defer_call(&x.s, "acme", x.f, r, x.now, None).is_ok(), "deferred");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while remote.deferred.available_permits() < crate::cluster::MAX_DEFERRED {
+                assert!(tokio::time::Instant::now() < deadline, "the deferred settlement did not end in 5 s");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(remote.journal_len(), 1, "the unpaid record waits for Redis in the journal");
+            assert!(!remote.in_fallback(), "deny stays off the fallback");
+            let fe = &x.s.catalog.features[x.f].id;
+            let series = format!(r#"turnstile_unpaid_units_total{{feature="{fe}",tenant="acme"}}"#);
+            assert_eq!(scraped(&x.b, &x.s, &series), Some(1.0), "counted when made, as a fallback's record");
+            x.redis.restart();
+            assert_eq!(remote.replay_all().await, 1, "replayed");
+            assert_eq!(remote.probe().await, 0, "once");
+            assert_eq!(x.units().await, (0, 0, 0, 1), "(package, payg, payg cell, unpaid) in Redis: once");
+            assert_eq!(scraped(&x.b, &x.s, &series), Some(1.0), "and counted once");
         }
 
         /// An entry Redis rejects is set aside, not replayed: its call is not counted.
