@@ -3208,6 +3208,23 @@ mod tests {
 
             /// (units billed to `payer`, pay-as-you-go amount) of acme's feature in a scrape of
             /// the metrics (0 for a series not there yet).
+            /// Kills Redis, then settles `r` the batched way ([`Billing::defer_call`]: the answer
+            /// goes out, the settlement is spawned) and waits (5 s at most) for that settlement
+            /// to end, its permit back.
+            async fn defer_with_redis_down(&mut self, r: Reservation) -> Settled {
+                self.redis.kill9();
+                let Ok(settled) = self.b.defer_call(&self.s, "acme", self.f, r, self.now, None) else {
+                    panic!("handed back instead of deferred")
+                };
+                let remote = self.b.remote().expect("cluster mode");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while remote.deferred.available_permits() < crate::cluster::MAX_DEFERRED {
+                    assert!(tokio::time::Instant::now() < deadline, "the deferred settlement did not end in 5 s");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                settled
+            }
+
             fn counted(&self, payer: PayerKind) -> (f64, f64) {
                 let fe = &self.s.catalog.features[self.f].id;
                 let p = payer.as_str();
@@ -3585,19 +3602,9 @@ mod tests {
             assert!(x.b.may_defer(), "batched on Redis defers");
             let (deferred, on_request) = (x.admit().await, x.admit().await);
             assert_eq!(deferred.payer, PayerKind::Payg);
-            x.redis.kill9();
-            let tenant = &x.s.tenants[0];
-            let settled = match x.b.defer_call(&x.s, "acme", x.f, deferred, x.now, None) {
-                Ok(settled) => settled,
-                Err(_) => panic!("handed back instead of deferred"),
-            };
+            let settled = x.defer_with_redis_down(deferred).await;
             assert_eq!(settled.payer, "payg", "answered with the payer chosen at admission");
-            // The spawned settlement is done once its permit is back.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while remote.deferred.available_permits() < crate::cluster::MAX_DEFERRED {
-                assert!(tokio::time::Instant::now() < deadline, "the deferred settlement did not end in 5 s");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let tenant = &x.s.tenants[0];
             assert_eq!(remote.journal_len(), 1, "the deferred charge waits for Redis in the journal");
             assert!(!remote.in_fallback(), "deny stays off the fallback");
             let e = x.b.settle_call(&x.s, tenant, x.f, on_request, x.now).await.err();
@@ -3629,13 +3636,7 @@ mod tests {
             let Some(mut x) = payg_fixture_with(test, OnStoreError::Deny, aof).await else { return };
             let remote = x.b.remote().unwrap().clone();
             let r = x.b.unpaid();
-            x.redis.kill9();
-            assert!(x.b.defer_call(&x.s, "acme", x.f, r, x.now, None).is_ok(), "deferred");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while remote.deferred.available_permits() < crate::cluster::MAX_DEFERRED {
-                assert!(tokio::time::Instant::now() < deadline, "the deferred settlement did not end in 5 s");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            x.defer_with_redis_down(r).await;
             assert_eq!(remote.journal_len(), 1, "the unpaid record waits for Redis in the journal");
             assert!(!remote.in_fallback(), "deny stays off the fallback");
             let fe = &x.s.catalog.features[x.f].id;
