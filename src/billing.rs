@@ -433,6 +433,21 @@ impl Billing {
         }
     }
 
+    /// A settlement Redis failed: true when the replica switched to the fallback (`local`);
+    /// false for a `deferred` one that `deny` would answer 503, but whose answer already went
+    /// out: it is journaled all the same, the replica staying on Redis (its admissions answer
+    /// 503 while Redis is down). Otherwise the error (`deny`: 503, the answer dropped).
+    fn settlement_failed(&self, e: StoreError, deferred: bool, tenant: &str) -> Result<bool, StoreError> {
+        match self.failover(e) {
+            Ok(()) => Ok(true),
+            Err(e) if deferred => {
+                tracing::warn!(tenant, error = %e, "batched settlement: store unreachable; journaled, replayed when it answers");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Admission (SPEC §5.4, §11.1) of one call and, on Redis for a per-call feature that
     /// packages may pay, its package hold in the same round trip. Local mode and the fallback
     /// take from the local buckets (the fallback at `limit / expected_replicas`).
@@ -926,16 +941,11 @@ impl Billing {
             // Redis failed: on `local` the units are recorded on the fallback and replayed
             // under the same id (applied once, whether or not Redis had them); a deferred
             // record under `deny` is replayed the same way, the replica staying on Redis.
-            match self.failover(e) {
-                Ok(()) => {
-                    fallback = true;
-                    self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
-                }
-                Err(e) if deferred => {
-                    tracing::warn!(tenant = tenant.label, error = %e, "batched unpaid record: store unreachable; journaled, replayed when it answers");
-                    journal_only = true;
-                }
-                Err(e) => return Err(e),
+            if self.settlement_failed(e, deferred, tenant.label)? {
+                fallback = true;
+                self.local.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await?;
+            } else {
+                journal_only = true;
             }
         }
         let journal = (fallback || journal_only).then(|| crate::cluster::Replay::Usage {
@@ -1372,15 +1382,7 @@ impl Billing {
         let out = match remote.redis.settle(tenant.label, r.id.0, s).await {
             Ok(out) => out,
             Err(e) => {
-                // `deny` answers a settlement on the request 503 (the answer dropped). A deferred
-                // one's answer already went out: its charge is journaled all the same, and the
-                // replica stays on Redis (its admissions answer 503 while Redis is down).
-                if let Err(e) = self.failover(e) {
-                    if !deferred {
-                        return Err(e);
-                    }
-                    tracing::warn!(tenant = tenant.label, error = %e, "batched settlement: store unreachable; journaled, replayed when it answers");
-                }
+                self.settlement_failed(e, deferred, tenant.label)?;
                 // The settlement may or may not have reached Redis: the identical call (same
                 // id and part) is replayed, so it applies exactly once.
                 remote.journal(crate::cluster::Replay::Settle {
