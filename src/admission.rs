@@ -4,24 +4,14 @@
 //! plan expiry and temporary upgrades take effect (and revert) by themselves, with no reload.
 //! [`BucketStore`] is the narrow interface a shared (e.g. Redis-backed) store can implement.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::num::NonZeroU32;
-
-use arc_swap::ArcSwap;
-use dashmap::DashMap;
-use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
 
-use governor::middleware::StateInformationMiddleware;
-use governor::nanos::Nanos;
-use governor::state::StateStore;
-use governor::{Quota, RateLimiter};
+use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
 
 use crate::catalog::Catalog;
-use crate::clock::{GovernorClock, SharedClock};
+use crate::clock::SharedClock;
 use crate::config::entitlements::Tenant;
 use crate::config::gateway::{ImageOp, Settings};
 
@@ -128,6 +118,47 @@ fn shape(limit: u32, depth: u32) -> u64 {
     (u64::from(limit) << 32) | u64::from(depth)
 }
 
+/// GCRA with governor's maths (the Redis store's script has the same, in microseconds): the
+/// emission interval `t` = 1 s / limit in whole nanoseconds, the tolerance `tau` = t × (depth −
+/// 1). A bucket is its theoretical arrival time `tat` on the clock's monotonic nanoseconds, 0
+/// for a fresh (full) one. The test `gcra_decides_as_governor_does` runs it beside governor's
+/// keyed limiter on governor's fake clock.
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    t: u64,
+    tau: u64,
+}
+
+impl Gcra {
+    #[inline]
+    fn new(limit: u32, depth: u32) -> Gcra {
+        let t = (1_000_000_000 / u64::from(limit.max(1))).max(1);
+        Gcra { t, tau: t.saturating_mul(u64::from(depth.max(1) - 1)) }
+    }
+
+    /// One token at `now` from a bucket at `tat`: the bucket's next `tat`, or (throttled) the
+    /// earliest time a token is there.
+    #[inline]
+    fn take(self, tat: u64, now: u64) -> Result<u64, u64> {
+        let tat = if tat == 0 { now } else { tat };
+        let earliest = tat.saturating_sub(self.tau);
+        if now < earliest {
+            Err(earliest)
+        } else {
+            Ok(tat.max(now).saturating_add(self.t))
+        }
+    }
+
+    /// The tokens left at `now` in a bucket at `tat` that just admitted a call (governor's
+    /// `remaining_burst_capacity`).
+    #[inline]
+    fn remaining(self, tat: u64, now: u64) -> u32 {
+        let window = self.tau.saturating_add(self.t);
+        let left = now.saturating_add(window).saturating_sub(tat).min(window) / self.t;
+        u32::try_from(left).unwrap_or(u32::MAX)
+    }
+}
+
 /// One bucket: the GCRA theoretical arrival time (0 = fresh) and the shape it was made for.
 /// 16 bytes, so a million buckets stay well under 100 MB.
 struct BucketState {
@@ -135,190 +166,94 @@ struct BucketState {
     shape: u64,
 }
 
-/// All buckets, shared by one governor limiter per distinct shape (governor's `StateStore`
-/// interface: the limiter computes GCRA, the store keeps one atomic per key).
-#[derive(Clone)]
-struct SharedStore(Arc<DashMap<u64, BucketState, FxBuildHasher>>);
-
-/// What a limiter checks: the pair, the bucket's shape (the limiter of a shape only ever sees
-/// buckets of that shape), and whether the check is a peek: governor's verdict on the stored
-/// state, which the store never writes back (so a peek reads the bucket with governor's own
-/// maths and the limiter's own start, and takes nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Checked {
-    pair: u64,
-    shape: u64,
-    peek: bool,
+/// In-process buckets: a sharded map of GCRA states keyed by (tenant, feature), on the injected
+/// clock. A request takes a shard's read lock only, and changes its bucket with one
+/// compare-and-swap; the write lock is taken when a pair first appears or its limit changes.
+pub struct LocalBuckets {
+    buckets: DashMap<u64, BucketState, FxBuildHasher>,
+    clock: SharedClock,
 }
 
-fn measure_and_replace_one<T, F, E>(a: &AtomicU64, f: F) -> Result<T, E>
-where
-    F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-{
-    let mut prev = a.load(Ordering::Acquire);
+impl LocalBuckets {
+    pub fn new(clock: SharedClock) -> Self {
+        LocalBuckets { buckets: DashMap::with_hasher(FxBuildHasher), clock }
+    }
+}
+
+/// Takes one token from `tat` at `now`, retrying while other threads move it meanwhile.
+#[inline]
+fn take(tat: &AtomicU64, gcra: Gcra, now: u64) -> Result<u64, u64> {
+    let mut prev = tat.load(Ordering::Acquire);
     loop {
-        let (ret, next) = f(NonZeroU64::new(prev).map(|n| Nanos::from(n.get())))?;
-        match a.compare_exchange_weak(prev, u64::from(next), Ordering::Release, Ordering::Relaxed) {
-            Ok(_) => return Ok(ret),
+        let next = gcra.take(prev, now)?;
+        match tat.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(next),
             Err(actual) => prev = actual,
         }
     }
 }
 
-impl StateStore for SharedStore {
-    type Key = Checked;
-
-    fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let Checked { pair, shape, peek } = *key;
-        if peek {
-            // Read only: no bucket of this shape is a fresh (full) one, and none is made.
-            let tat = match self.0.get(&pair) {
-                Some(b) if b.shape == shape => b.tat.load(Ordering::Acquire),
-                _ => 0,
-            };
-            return f(NonZeroU64::new(tat).map(|n| Nanos::from(n.get()))).map(|(ret, _)| ret);
-        }
-        if let Some(b) = self.0.get(&pair) {
-            if b.shape == shape {
-                return measure_and_replace_one(&b.tat, f);
-            }
-        }
-        // First use of the pair, or its limit changed: a fresh bucket of the new shape.
-        let mut b = self.0.entry(pair).or_insert(BucketState { tat: AtomicU64::new(0), shape });
-        if b.shape != shape {
-            *b = BucketState { tat: AtomicU64::new(0), shape };
-        }
-        measure_and_replace_one(&b.tat, f)
-    }
-}
-
-type Limiter = RateLimiter<Checked, SharedStore, GovernorClock, StateInformationMiddleware>;
-
-/// One governor limiter per distinct (limit, depth).
-type Limiters = HashMap<u64, Arc<Limiter>, FxBuildHasher>;
-/// A thread's cache of one instance's limiters.
-type LimitersCache = arc_swap::Cache<Arc<ArcSwap<Limiters>>, Arc<Limiters>>;
-
-thread_local! {
-    /// The thread's view of one [`LocalBuckets`]'s limiters (its id beside): an
-    /// `arc_swap::Cache` reads one pointer to see that the map is unchanged, where an `ArcSwap`
-    /// load writes a debt slot and takes it back (two atomic read-modify-writes, ~56
-    /// instructions). The map changes only when a shape is met for the first time. It keeps the
-    /// last instance's limiters (and so its buckets) alive until the thread uses another or
-    /// ends: a server has one.
-    static LIMITERS: RefCell<Option<(u64, LimitersCache)>> = const { RefCell::new(None) };
-}
-
-/// In-process buckets: a sharded map of GCRA states keyed by (tenant, feature), checked by
-/// governor. A request takes a shard's read lock only; the write lock is taken when a pair
-/// first appears or its limit changes.
-pub struct LocalBuckets {
-    store: SharedStore,
-    /// The limiters, kept for the process's life (a bucket's state is relative to its
-    /// limiter's start); few. Read through each thread's cache of this `ArcSwap`, not a lock:
-    /// every call of every core reads the same few limiters (the tenants of a default limit
-    /// share one), and a `DashMap` read lock is a write to that key's shard.
-    limiters: Arc<ArcSwap<Limiters>>,
-    clock: GovernorClock,
-    /// Tells this instance from another in a thread's [`LIMITERS`].
-    id: u64,
-}
-
-impl LocalBuckets {
-    pub fn new(clock: SharedClock) -> Self {
-        LocalBuckets {
-            store: SharedStore(Arc::new(DashMap::with_hasher(FxBuildHasher))),
-            limiters: Arc::default(),
-            clock: GovernorClock(clock),
-            id: crate::intern::instance_id(),
-        }
-    }
-
-    /// The limiter of a shape met for the first time: added to a copy of the map (racing
-    /// callers agree on one: the first to swap it in).
-    fn limiter(&self, shape: u64, limit: u32, depth: u32) -> Arc<Limiter> {
-        let l = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
-        let d = NonZeroU32::new(depth).unwrap_or(NonZeroU32::MIN);
-        let made = Arc::new(Limiter::new(Quota::per_second(l).allow_burst(d), self.store.clone(), self.clock.clone()));
-        self.limiters.rcu(|all| {
-            let mut all = HashMap::clone(all);
-            all.entry(shape).or_insert_with(|| made.clone());
-            all
-        });
-        // Limiters are never removed: the one in place now stays.
-        self.limiters.load().get(&shape).cloned().unwrap_or(made)
-    }
-
-    /// Checks one token of `key.pair`'s bucket with the limiter of `key.shape`, through the
-    /// thread's cache of the limiters; `None` when no limiter of that shape exists yet.
-    #[inline]
-    fn check(&self, key: &Checked) -> Option<Result<governor::middleware::StateSnapshot, governor::NotUntil<Nanos>>> {
-        LIMITERS.with(|cached| {
-            let mut cached = cached.borrow_mut();
-            let (_, limiters) = match &mut *cached {
-                Some(c) if c.0 == self.id => c,
-                other => other.insert((self.id, arc_swap::Cache::new(Arc::clone(&self.limiters)))),
-            };
-            limiters.load().get(&key.shape).map(|l| l.check_key(key))
-        })
-    }
-}
-
 impl BucketStore for LocalBuckets {
     fn admit(&self, key: u64, limit: u32, depth: u32) -> Admit {
-        use governor::clock::Clock as _;
-        let shape = shape(limit, depth);
-        let key = Checked { pair: key, shape, peek: false };
-        let checked = match self.check(&key) {
-            Some(checked) => checked,
-            None => self.limiter(shape, limit, depth).check_key(&key),
+        let (shape, gcra, now) = (shape(limit, depth), Gcra::new(limit, depth), self.clock.mono_nanos());
+        let taken = match self.buckets.get(&key) {
+            Some(b) if b.shape == shape => take(&b.tat, gcra, now),
+            other => {
+                drop(other);
+                // First use of the pair, or its limit changed: a fresh bucket of the new shape.
+                let mut b = self.buckets.entry(key).or_insert(BucketState { tat: AtomicU64::new(0), shape });
+                if b.shape != shape {
+                    *b = BucketState { tat: AtomicU64::new(0), shape };
+                }
+                take(&b.tat, gcra, now)
+            }
         };
-        match checked {
-            Ok(state) => {
-                let remaining = state.remaining_burst_capacity().min(depth);
+        match taken {
+            Ok(tat) => {
+                let remaining = gcra.remaining(tat, now).min(depth);
                 let used = u64::from(depth - remaining);
                 Admit::Allowed { remaining, reset_secs: used.div_ceil(u64::from(limit.max(1))) }
             }
-            Err(not_until) => Admit::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) },
+            Err(earliest) => Admit::Throttled { retry_after: Duration::from_nanos(earliest - now) },
         }
     }
 
     fn refund(&self, key: u64, limit: u32, depth: u32) {
-        let Some(b) = self.store.0.get(&key) else { return };
+        let Some(b) = self.buckets.get(&key) else { return };
         if b.shape != shape(limit, depth) {
             // Re-shaped since (a reload changed the limit): the new bucket never held the token.
             return;
         }
-        // GCRA: each admission moved the theoretical arrival time one emission interval on
-        // (governor's `Quota::per_second`: 1 s / limit); moving it back returns the token. A time
-        // at or before now is a full bucket, and 0 a fresh (full) one, so saturating is exact.
-        let t = 1_000_000_000 / u64::from(limit.max(1));
+        // Each admission moved the theoretical arrival time one emission interval on; moving it
+        // back returns the token. A time at or before now is a full bucket, and 0 a fresh
+        // (full) one, so saturating is exact.
+        let t = Gcra::new(limit, depth).t;
         let _ =
             b.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| (tat != 0).then(|| tat.saturating_sub(t)));
     }
 
     fn peek(&self, key: u64, limit: u32, depth: u32) -> RateState {
         let q = crate::store::Quota { limit, depth };
-        let remaining = match self.check(&Checked { pair: key, shape: shape(limit, depth), peek: true }) {
-            // governor's answer is what would remain after one more admission: the one it
-            // would take is there now.
-            Some(Ok(state)) => state.remaining_burst_capacity().saturating_add(1),
-            Some(Err(_)) => 0,
-            // No limiter of this shape yet, so no bucket of it either: a full one.
-            None => depth,
+        // No bucket, or one of another shape: a fresh (full) one, and none is made.
+        let tat = match self.buckets.get(&key) {
+            Some(b) if b.shape == shape(limit, depth) => b.tat.load(Ordering::Acquire),
+            _ => 0,
+        };
+        let (gcra, now) = (Gcra::new(limit, depth), self.clock.mono_nanos());
+        let remaining = match gcra.take(tat, now) {
+            // What would remain after one more admission, and the one it would take.
+            Ok(next) => gcra.remaining(next, now).saturating_add(1),
+            Err(_) => 0,
         };
         RateState::of(q, remaining)
     }
 
     fn remove(&self, key: u64) {
-        self.store.0.remove(&key);
+        self.buckets.remove(&key);
     }
 
     fn len(&self) -> usize {
-        self.store.0.len()
+        self.buckets.len()
     }
 }
 
@@ -518,6 +453,45 @@ families = ["face_body"]
         }
     }
 
+    /// The buckets decide as governor's keyed GCRA limiter does, call by call: the same
+    /// admissions, the same tokens left, the same wait before the next one, over any limit,
+    /// depth and spacing of calls (governor on its own fake clock, moved as ours is).
+    #[test]
+    fn gcra_decides_as_governor_does() {
+        use governor::clock::FakeRelativeClock;
+        use governor::middleware::StateInformationMiddleware;
+        use proptest::prelude::*;
+        let shapes = (1u32..=2000).prop_flat_map(|limit| (Just(limit), 1u32..=limit.saturating_mul(3)));
+        let steps = proptest::collection::vec(0u64..=3_000_000_000, 1..200);
+        proptest!(ProptestConfig::with_cases(256), |((limit, depth) in shapes, steps in steps, spread in 0u32..4)| {
+            let clock = ManualClock::at("2026-11-01T00:00:00Z");
+            let buckets = LocalBuckets::new(clock.clone());
+            let fake = FakeRelativeClock::default();
+            let quota = governor::Quota::per_second(std::num::NonZeroU32::new(limit).unwrap())
+                .allow_burst(std::num::NonZeroU32::new(depth).unwrap());
+            let theirs = governor::RateLimiter::hashmap_with_clock(quota, fake.clone())
+                .with_middleware::<StateInformationMiddleware>();
+            let key = crate::intern::pair(7, 7);
+            for step in steps {
+                // Steps spread from a few nanoseconds to seconds: bursts, floods and refills.
+                let by = Duration::from_nanos(step >> (8 * spread));
+                clock.advance(by);
+                fake.advance(by);
+                let expected = match theirs.check_key(&key) {
+                    Ok(state) => {
+                        let remaining = state.remaining_burst_capacity().min(depth);
+                        let used = u64::from(depth - remaining);
+                        Admit::Allowed { remaining, reset_secs: used.div_ceil(u64::from(limit)) }
+                    }
+                    Err(not_until) => Admit::Throttled {
+                        retry_after: not_until.wait_time_from(governor::clock::Clock::now(&fake)),
+                    },
+                };
+                prop_assert_eq!(buckets.admit(key, limit, depth), expected);
+            }
+        });
+    }
+
     #[test]
     fn refund_gives_back_exactly_one_token_of_the_same_shape() {
         let clock = ManualClock::at("2026-11-01T00:00:00Z");
@@ -541,11 +515,10 @@ families = ["face_body"]
         assert_eq!(admitted, 4);
     }
 
-    /// The thread's cache of limiters belongs to one instance: another instance on the same
-    /// thread, with the same shapes, checks its own buckets (with its own clock); and a shape
-    /// another thread met first is used here as it is.
+    /// Each instance has its own buckets and its own clock, and a bucket another thread made
+    /// is used here as it is.
     #[test]
-    fn each_instance_checks_its_own_buckets_through_the_threads_cache() {
+    fn each_instance_checks_its_own_buckets() {
         let clock = ManualClock::at("2026-11-01T00:00:00Z");
         let (a, b) = (LocalBuckets::new(clock.clone()), LocalBuckets::new(clock.clone()));
         let key = crate::intern::pair(4, 4);

@@ -104,17 +104,6 @@ impl Clock for ManualClock {
     }
 }
 
-/// Adapter so governor's GCRA reads the injected monotonic clock.
-#[derive(Clone)]
-pub struct GovernorClock(pub SharedClock);
-
-impl governor::clock::Clock for GovernorClock {
-    type Instant = governor::nanos::Nanos;
-    fn now(&self) -> Self::Instant {
-        governor::nanos::Nanos::from(self.0.mono_nanos())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

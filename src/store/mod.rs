@@ -226,7 +226,7 @@ impl StoreError {
     }
 }
 
-/// One GCRA bucket per (tenant, bucket). The local backend uses governor on the injected clock;
+/// One GCRA bucket per (tenant, bucket). The local backend uses governor's maths on the injected clock;
 /// Redis runs the same maths on Redis `TIME`.
 pub trait RateStore: Send + Sync {
     /// Takes one token; a bucket whose shape changed starts afresh (full).
