@@ -166,8 +166,9 @@ struct Charge {
     /// was never made: it marks and fires nothing).
     alerts: Vec<PendingAlert>,
     /// Strict mode on the cluster fallback: what Redis must replay of this charge, journaled
-    /// once the charge is durable (a reverted charge was never made: Redis never gets it).
-    journal: Vec<crate::cluster::Replay>,
+    /// once the charge is durable (a reverted charge was never made: Redis never gets it), each
+    /// with when its live settlement was tried ([`crate::cluster::Remote::tried_now`]).
+    journal: Vec<(crate::cluster::Replay, Option<crate::cluster::journal::Sent>)>,
 }
 
 /// What Redis must replay of a strict charge made on the cluster fallback, journaled when
@@ -175,13 +176,13 @@ struct Charge {
 /// neither reverted nor lost: it reaches the disk). A reverted charge clears it first.
 struct JournalOnDrop<'a> {
     remote: Option<&'a crate::cluster::Remote>,
-    entries: Vec<crate::cluster::Replay>,
+    entries: Vec<(crate::cluster::Replay, Option<crate::cluster::journal::Sent>)>,
 }
 
 impl Drop for JournalOnDrop<'_> {
     fn drop(&mut self) {
         if let Some(remote) = self.remote {
-            self.entries.drain(..).for_each(|j| remote.journal(j));
+            self.entries.drain(..).for_each(|(j, sent)| remote.journal_sent(j, sent));
         }
     }
 }
@@ -933,11 +934,14 @@ impl Billing {
         let mut fallback = r.fallback;
         // A deferred record Redis failed under `deny` (the answer went out): journaled only.
         let mut journal_only = false;
+        // When Redis was tried and failed: the record may have reached it then.
+        let mut tried = None;
         let stores = if fallback { &self.local } else { &self.stores };
         if let Err(e) = stores.add_usage(key, month, UsageTo::Unpaid, n, CALL_CELL, r.id).await {
-            if fallback || self.remote.is_none() {
+            let Some(remote) = self.remote.as_ref().filter(|_| !fallback) else {
                 return Err(e);
-            }
+            };
+            tried = Some(remote.tried_now());
             // Redis failed: on `local` the units are recorded on the fallback and replayed
             // under the same id (applied once, whether or not Redis had them); a deferred
             // record under `deny` is replayed the same way, the replica staying on Redis.
@@ -972,7 +976,7 @@ impl Billing {
         let payer = r.header();
         if journal_only {
             if let (Some(remote), Some(j)) = (&self.remote, journal) {
-                remote.journal(j);
+                remote.journal_sent(j, tried);
             }
             // Counted now, as a record made on the fallback is: its replay counts nothing.
             self.count(&charge);
@@ -984,18 +988,24 @@ impl Billing {
             return Ok(Settled { payer, id: r.id, pending: None });
         }
         let mut settled = self.finish(payer, r.id, charge);
-        self.journal_once_durable(&mut settled, journal);
+        self.journal_once_durable(&mut settled, journal, tried);
         Ok(settled)
     }
 
     /// Hands what Redis must replay of a settlement made on the fallback to the journal: at
     /// once when the settlement counts at once, else (strict) once [`Billing::durable`] has it on
     /// disk: a charge reverted for durability was never made, so Redis must never get it.
-    fn journal_once_durable(&self, settled: &mut Settled, entries: impl IntoIterator<Item = crate::cluster::Replay>) {
+    /// `tried`: when Redis was tried for it and failed (none: never sent).
+    fn journal_once_durable(
+        &self,
+        settled: &mut Settled,
+        entries: impl IntoIterator<Item = crate::cluster::Replay>,
+        tried: Option<crate::cluster::journal::Sent>,
+    ) {
         let Some(remote) = &self.remote else { return };
         match settled.pending.as_mut() {
-            Some(charge) => charge.journal.extend(entries),
-            None => entries.into_iter().for_each(|j| remote.journal(j)),
+            Some(charge) => charge.journal.extend(entries.into_iter().map(|j| (j, tried))),
+            None => entries.into_iter().for_each(|j| remote.journal_sent(j, tried)),
         }
     }
 
@@ -1203,7 +1213,8 @@ impl Billing {
                 let journal = Self::call_replay(snap, tenant, feature_idx, &r, now, image.as_ref());
                 let mut settled =
                     self.settle_call_in(&self.local, snap, tenant, feature_idx, &mut r, now, image).await?;
-                self.journal_once_durable(&mut settled, journal);
+                // Never sent to Redis.
+                self.journal_once_durable(&mut settled, journal, None);
                 Ok(settled)
             }
             None => self.settle_call_in(&self.stores, snap, tenant, feature_idx, &mut r, now, image).await,
@@ -1382,26 +1393,31 @@ impl Billing {
         let out = match remote.redis.settle(tenant.label, r.id.0, s).await {
             Ok(out) => out,
             Err(e) => {
+                let tried = remote.tried_now();
                 self.settlement_failed(e, deferred, tenant.label)?;
                 // The settlement may or may not have reached Redis: the identical call (same
-                // id and part) is replayed, so it applies exactly once.
-                remote.journal(crate::cluster::Replay::Settle {
-                    tenant: tenant.name.clone(),
-                    id: r.id.0,
-                    hold,
-                    held: r.package.map(|(_, c)| (c.id.to_string(), c.points)),
-                    alert_at: s.alert_at,
-                    ratio,
-                    usage: Some((f.id.clone(), month.to_string(), field.clone(), 1)),
-                    also: also.clone(),
-                    image: img,
-                    instead: instead.clone(),
-                    // Not counted here: Redis may or may not have it; its replay counts it.
-                    count: Some(Box::new(crate::cluster::Uncounted {
-                        currency: snap.catalog.currency.clone(),
-                        payg_tiers: f.payg_tiers.clone(),
-                    })),
-                });
+                // id and part) is replayed, so it applies exactly once (while the marker it
+                // left, if it reached Redis, lives: `tried`).
+                remote.journal_sent(
+                    crate::cluster::Replay::Settle {
+                        tenant: tenant.name.clone(),
+                        id: r.id.0,
+                        hold,
+                        held: r.package.map(|(_, c)| (c.id.to_string(), c.points)),
+                        alert_at: s.alert_at,
+                        ratio,
+                        usage: Some((f.id.clone(), month.to_string(), field.clone(), 1)),
+                        also: also.clone(),
+                        image: img,
+                        instead: instead.clone(),
+                        // Not counted here: Redis may or may not have it; its replay counts it.
+                        count: Some(Box::new(crate::cluster::Uncounted {
+                            currency: snap.catalog.currency.clone(),
+                            payg_tiers: f.payg_tiers.clone(),
+                        })),
+                    },
+                    Some(tried),
+                );
                 // Strict: nothing is charged for it in the local ledger, so this journal line is
                 // the charge's only record: on disk before the 2xx (SPEC §7, §11.5).
                 if let Some(journal) = self.remote.as_ref().filter(|_| self.store.is_strict()) {
@@ -1531,19 +1547,23 @@ impl Billing {
             let ms = usage.map_or(0, |u| i64::try_from(u.ms).unwrap_or(i64::MAX));
             return self.settle_unpaid(snap, tenant, feature_idx, r, ms, now, false).await;
         }
-        match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await {
+        match self.settle_video_in(snap, tenant, feature_idx, &r, usage, now, None).await {
             Err(e) if !r.fallback && self.remote.is_some() => {
                 // Redis failed part-way: on `local` the settlement is made again on the
                 // fallback and journaled under the same id; the parts Redis did apply answer
-                // the replay from their markers instead of applying twice.
+                // the replay from their markers instead of applying twice (while they live:
+                // when Redis was tried goes with the entries).
+                let tried = self.remote.as_ref().map(|remote| remote.tried_now());
                 self.failover(e)?;
                 r.fallback = true;
-                self.settle_video_in(snap, tenant, feature_idx, &r, usage, now).await
+                self.settle_video_in(snap, tenant, feature_idx, &r, usage, now, tried).await
             }
             other => other,
         }
     }
 
+    /// `tried`: on the fallback after Redis failed this settlement part-way, when it was tried.
+    #[allow(clippy::too_many_arguments)]
     async fn settle_video_in(
         &self,
         snap: &Snapshot,
@@ -1552,6 +1572,7 @@ impl Billing {
         r: &Reservation,
         usage: Option<VideoUsage>,
         now: i64,
+        tried: Option<crate::cluster::journal::Sent>,
     ) -> Result<Settled, StoreError> {
         let f = &snap.catalog.features[feature_idx];
         let pair = crate::intern::pair(tenant.intern, f.intern);
@@ -1690,7 +1711,7 @@ impl Billing {
         }
         let mut settled = self.finish(payer, r.id, charge);
         if fallback {
-            self.journal_once_durable(&mut settled, take_log.into_iter().chain(journal));
+            self.journal_once_durable(&mut settled, take_log.into_iter().chain(journal), tried);
         }
         Ok(settled)
     }
@@ -3464,7 +3485,14 @@ mod tests {
                 payg_tiers: x.s.catalog.features[x.f].payg_tiers.clone(),
             };
             assert!(
-                matches!(&found[..], [(_, crate::cluster::Replay::Settle { count: Some(c), .. })] if **c == uncounted),
+                matches!(
+                    &found[..],
+                    [crate::cluster::journal::Entry {
+                        replay: crate::cluster::Replay::Settle { count: Some(c), .. },
+                        sent: Some(_),
+                        ..
+                    }] if **c == uncounted
+                ),
                 "{found:?}"
             );
         }

@@ -17,6 +17,13 @@
 //! refusal) is never set aside (it may have been applied): after [`STUCK_AFTER`] failures in a
 //! row it is named in one error log, and `turnstile_store_journal_blocked` is 1 until it leaves.
 //!
+//! Exactly once holds while the marker of an entry's first send lives (a replay whose answer
+//! was lost, or whose "replayed" line never reached the file, is sent again): each entry
+//! records when it was first sent ([`journal::Sent`]: a live settlement Redis failed when it
+//! was tried, its marker kept `done_ttl`; else its first replay, whose marker is kept
+//! `replay_done_ttl`, a week), and one first sent longer ago than 9/10 of that is set aside
+//! like a rejected entry instead of sent blindly.
+//!
 //! The journal's own metrics ([`FallbackMetrics`], an extension of SPEC §10):
 //! `turnstile_store_journal_entries` (entries waiting for Redis),
 //! `turnstile_store_journal_set_aside_total` and `turnstile_store_journal_blocked`.
@@ -38,6 +45,7 @@ use rust_decimal::Decimal;
 use rustc_hash::FxBuildHasher;
 
 use crate::catalog::Tier;
+use crate::clock::SharedClock;
 use crate::config::gateway::{ClusterSettings, ImageOp, OnStoreError};
 use crate::store::redis::{HoldAction, ImagePart, Instead, InsteadFrom, PaidInstead, RedisStore, Settle, TakeFrom};
 use crate::store::{BucketKey, ImageStore, Quota, RequestId, StoreError, Stores, TenantKey, UsageStore, UsageTo};
@@ -213,7 +221,8 @@ pub struct FallbackMetrics {
     pub fallback: IntGauge,
     /// Entries in the journal: charges waiting for Redis.
     pub journal_entries: IntGauge,
-    /// Entries Redis rejected, set aside for an operator ([`journal::REJECTED`]).
+    /// Entries set aside for an operator ([`journal::REJECTED`]): Redis rejected them, or they
+    /// were first sent longer ago than their replay marker is kept.
     pub set_aside: IntCounter,
     /// 1 while the journal's first entry has failed [`STUCK_AFTER`] times in a row or more.
     pub journal_blocked: IntGauge,
@@ -232,7 +241,7 @@ impl FallbackMetrics {
             )?,
             set_aside: IntCounter::new(
                 "turnstile_store_journal_set_aside_total",
-                "Journal entries Redis rejected, set aside in redis-journal.rejected to be charged by hand (cluster mode)",
+                "Journal entries set aside in redis-journal.rejected to be reconciled by hand: Redis rejected them, or they were first sent longer ago than their replay marker is kept (cluster mode)",
             )?,
             journal_blocked: IntGauge::new(
                 "turnstile_store_journal_blocked",
@@ -252,6 +261,11 @@ impl FallbackMetrics {
 /// The Redis side of the billing engine.
 pub struct Remote {
     pub redis: RedisStore,
+    /// `redis` keeping its settlement markers `replay_done_ttl`: what the journal replays
+    /// through ([`RedisStore::for_replays`]).
+    replayer: RedisStore,
+    /// When entries are first sent, and whether one was sent too long ago to be sent again.
+    clock: SharedClock,
     /// `Stores::Redis(redis)`.
     pub stores: Stores,
     pub on_error: OnStoreError,
@@ -263,7 +277,7 @@ pub struct Remote {
     /// The journal file's data written since its last `fdatasync`: a handle on the file, and
     /// what wakes [`journal_sync_loop`].
     unsynced: AtomicBool,
-    sync: OnceLock<std::fs::File>,
+    sync: OnceLock<Arc<std::fs::File>>,
     wrote: Arc<tokio::sync::Notify>,
     /// A replay is running (one at a time: each removes the entries it replayed).
     replaying: AtomicBool,
@@ -283,7 +297,7 @@ pub struct Remote {
 /// The journal: its entries with their sequence numbers, oldest first, the next number, and
 /// its file (none in tests that keep it in memory); the gauges that show it.
 struct Journal {
-    entries: VecDeque<(u64, Replay)>,
+    entries: VecDeque<journal::Entry>,
     next: u64,
     file: Option<journal::JournalFile>,
     /// The first entry's sequence number and its failures in a row, while it fails.
@@ -307,8 +321,8 @@ impl Journal {
         }
     }
 
-    fn push_back(&mut self, seq: u64, r: Replay) {
-        self.entries.push_back((seq, r));
+    fn push_back(&mut self, e: journal::Entry) {
+        self.entries.push_back(e);
         self.entries_gauge.set(gauge_value(self.entries.len()));
     }
 
@@ -337,7 +351,8 @@ impl Journal {
         let Some(f) = self.file.as_mut() else { return };
         let written = if self.entries.is_empty() { f.clear() } else { f.append_done(seq) };
         if let Err(e) = written {
-            // Replayed again at the next start if it stops first: idempotent within `done_ttl`.
+            // Replayed again at the next start if it stops first: idempotent while its marker
+            // lives (the file says when it was first sent; past that it is set aside).
             tracing::error!(file = %f.path().display(), error = %e, "journal: cannot mark an entry replayed");
         }
     }
@@ -349,10 +364,12 @@ fn gauge_value(n: usize) -> i64 {
 }
 
 impl Remote {
-    pub fn new(redis: RedisStore, c: &ClusterSettings, metrics: FallbackMetrics) -> Remote {
+    pub fn new(redis: RedisStore, c: &ClusterSettings, metrics: FallbackMetrics, clock: SharedClock) -> Remote {
         metrics.fallback.set(0);
         Remote {
             stores: Stores::Redis(redis.clone()),
+            replayer: redis.for_replays(),
+            clock,
             redis,
             on_error: c.on_store_error,
             expected_replicas: c.expected_replicas.max(1),
@@ -444,10 +461,10 @@ impl Remote {
             tracing::warn!(file = %file.path().display(), bytes = cut, "journal: dropped a line cut short by a crash");
         }
         let sync = file.sync_handle().map_err(|e| format!("{}: {e}", file.path().display()))?;
-        let _ = self.sync.set(sync);
+        let _ = self.sync.set(Arc::new(sync));
         let n = found.len();
         let mut j = self.journal.lock().map_err(|_| "journal lock poisoned".to_string())?;
-        j.next = found.last().map_or(0, |(seq, _)| *seq) + 1;
+        j.next = found.last().map_or(0, |e| e.seq) + 1;
         j.entries = found.into();
         j.entries_gauge.set(gauge_value(n));
         j.file = Some(file);
@@ -464,20 +481,64 @@ impl Remote {
         Ok(n)
     }
 
+    /// Journals `r`, a charge never sent to Redis (made on the fallback): it is first sent by
+    /// its replay.
     pub fn journal(&self, r: Replay) {
+        self.journal_sent(r, None);
+    }
+
+    /// When a live settlement Redis failed was sent (read at its failure): if Redis applied
+    /// it, its marker is kept `done_ttl` from about then.
+    pub fn tried_now(&self) -> journal::Sent {
+        journal::Sent { at: self.now_ms(), ttl: millis(self.redis.done_ttl()) }
+    }
+
+    /// Journals `r`; `sent`: when its live settlement was tried ([`Remote::tried_now`]), none
+    /// when it never was. Its replays are not sent past [`journal::Sent::replay_until`].
+    pub fn journal_sent(&self, r: Replay, sent: Option<journal::Sent>) {
         if let Ok(mut j) = self.journal.lock() {
             let seq = j.next;
             j.next += 1;
             if let Some(f) = j.file.as_mut() {
-                match f.append_entry(seq, &r) {
+                match f.append_entry(seq, &r, sent) {
                     Ok(()) => self.wrote_to_journal(),
                     Err(e) => {
                         tracing::error!(file = %f.path().display(), error = %e, "journal: cannot write an entry; it is kept in memory only")
                     }
                 }
             }
-            j.push_back(seq, r);
+            j.push_back(journal::Entry { seq, replay: r, sent });
         }
+    }
+
+    /// The injected clock's wall time in milliseconds.
+    fn now_ms(&self) -> i64 {
+        self.clock.unix_nanos() / 1_000_000
+    }
+
+    /// Marks every entry not yet sent as first sent now, its marker kept `replay_done_ttl`: in
+    /// memory, and in the file, synced before any of them is sent (a replica killed after
+    /// Redis applied one, before its "replayed" line reached the disk, knows at its next start
+    /// when it was sent). False when the journal cannot be read.
+    async fn mark_sent(&self) -> bool {
+        let sent = journal::Sent { at: self.now_ms(), ttl: millis(self.replayer.done_ttl()) };
+        {
+            let Ok(mut j) = self.journal.lock() else { return false };
+            let mut upto = None;
+            for e in j.entries.iter_mut().filter(|e| e.sent.is_none()) {
+                e.sent = Some(sent);
+                upto = Some(e.seq);
+            }
+            let (Some(upto), Some(f)) = (upto, j.file.as_mut()) else { return true };
+            if let Err(e) = f.append_sent(upto, sent) {
+                // Sent all the same, as a "replayed" line that cannot be written is: only a
+                // start more than `replay_done_ttl` later could then charge one twice.
+                tracing::error!(file = %f.path().display(), error = %e, "journal: cannot record when entries were first sent");
+                return true;
+            }
+        }
+        self.sync_journal_async().await;
+        true
     }
 
     /// The journal file has a change not yet synced: [`journal_sync_loop`] syncs it within
@@ -498,24 +559,19 @@ impl Remote {
         self.journal.lock().map_or(0, |j| j.entries.len())
     }
 
-    /// `fdatasync` of the journal file: on return, every entry written before the call is on
-    /// disk (a sync already running may have begun before it was written, so none is skipped).
-    fn sync_journal_now(&self) {
-        if let Some(f) = self.sync.get() {
-            self.unsynced.store(false, Ordering::SeqCst);
-            if let Err(e) = f.sync_data() {
-                self.unsynced.store(true, Ordering::SeqCst);
-                tracing::error!(error = %e, "journal: fdatasync failed");
-            }
-        }
-    }
-
-    /// [`Remote::sync_journal_now`] off the runtime's threads: strict mode before the 2xx of a
-    /// charge made on the fallback, [`journal_sync_loop`], and the exit.
-    pub async fn sync_journal_async(self: &Arc<Self>) {
-        if self.sync.get().is_some() {
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.sync_journal_now()).await;
+    /// `fdatasync` of the journal file, off the runtime's threads:
+    /// on return, every entry written before the call is on disk (a sync already running may
+    /// have begun before it was written, so none is skipped). Strict mode before the 2xx of a
+    /// charge made on the fallback, [`journal_sync_loop`], the exit, and before a replay sends
+    /// entries never sent ([`Remote::mark_sent`]).
+    pub async fn sync_journal_async(&self) {
+        let Some(f) = self.sync.get().map(Arc::clone) else { return };
+        self.unsynced.store(false, Ordering::SeqCst);
+        let synced =
+            tokio::task::spawn_blocking(move || f.sync_data()).await.map_err(std::io::Error::other).and_then(|r| r);
+        if let Err(e) = synced {
+            self.unsynced.store(true, Ordering::SeqCst);
+            tracing::error!(error = %e, "journal: fdatasync failed");
         }
     }
 
@@ -641,7 +697,7 @@ impl Remote {
         if self.redis.override_version().await.is_err() {
             return 0;
         }
-        let Some(done) = self.replay_journal(&self.redis).await else { return 0 };
+        let Some(done) = self.replay_journal().await else { return 0 };
         if self.journal_len() == 0 && self.fallback.swap(false, Ordering::SeqCst) {
             self.metrics.fallback.set(0);
             tracing::info!(replayed = done, "store reachable again: local charges replayed; back on Redis");
@@ -649,12 +705,15 @@ impl Remote {
         done
     }
 
-    /// Replays the journal in order through `redis`, removing each entry once Redis has it (an
-    /// interrupted replay, even one whose task ends in a panic, leaves the rest in place). An
-    /// entry Redis rejects is set aside ([`Remote::set_aside`]) and removed the same way, so it
-    /// does not hold back the entries after it. Returns the entries replayed; `None` when
-    /// another replay is running or the first entry fails.
-    async fn replay_journal(&self, redis: &RedisStore) -> Option<usize> {
+    /// Replays the journal in order (its settlements keeping their markers `replay_done_ttl`),
+    /// removing each entry once Redis has it (an interrupted replay, even one whose task ends
+    /// in a panic, leaves the rest in place). Entries not yet sent are first marked sent
+    /// ([`Remote::mark_sent`]). An entry Redis rejects is set aside ([`Remote::set_aside`]) and
+    /// removed the same way, so it does not hold back the entries after it; so is an entry
+    /// first sent so long ago that its marker may be gone (past [`journal::Sent::replay_until`]:
+    /// Redis may have applied it, and would apply it again). Returns the entries replayed;
+    /// `None` when another replay is running or the first entry fails.
+    async fn replay_journal(&self) -> Option<usize> {
         struct Running<'a>(&'a AtomicBool);
         impl Drop for Running<'_> {
             fn drop(&mut self) {
@@ -667,25 +726,29 @@ impl Remote {
         let _running = Running(&self.replaying);
         let mut done = 0;
         loop {
-            let Some((seq, r)) = self.journal.lock().ok().and_then(|j| j.entries.front().cloned()) else {
+            let Some(head) = self.journal.lock().ok().and_then(|j| j.entries.front().cloned()) else {
                 return Some(done);
             };
-            let replayed = match Self::replay(redis, &r).await {
+            let journal::Entry { seq, replay: r, sent } = head;
+            let Some(sent) = sent else {
+                if !self.mark_sent().await {
+                    return (done > 0).then_some(done);
+                }
+                continue;
+            };
+            // Its marker may be gone: Redis may have applied it, and would apply it again.
+            if r.request_id().is_some() && self.now_ms() >= sent.replay_until() {
+                if !self.set_aside_and_pop(seq, &r, &SetAsideWhy::Expired(sent)).await {
+                    return (done > 0).then_some(done);
+                }
+                continue;
+            }
+            let replayed = match Self::replay(&self.replayer, &r).await {
                 Ok(replayed) => replayed,
                 Err(e) if e.is_rejection() => {
-                    if !self.set_aside(seq, &r, &e).await {
-                        // Kept (its line could not be written): every entry after it waits.
-                        if let Ok(j) = self.journal.lock() {
-                            j.blocked_gauge.set(1);
-                        }
+                    if !self.set_aside_and_pop(seq, &r, &SetAsideWhy::Rejected(&e)).await {
                         return (done > 0).then_some(done);
                     }
-                    if let Ok(mut j) = self.journal.lock() {
-                        j.pop_front(seq);
-                    }
-                    // Its mark is synced like an entry: replayed again after a crash, it would
-                    // reach a repaired Redis while its rejected line asks for a charge by hand.
-                    self.wrote_to_journal();
                     continue;
                 }
                 Err(e) => {
@@ -737,22 +800,44 @@ impl Remote {
         }
     }
 
-    /// Sets aside entry `seq`, which Redis rejected with `e` (sending it again cannot help): one
-    /// line in the rejected file next to the journal file (synced), and an error log naming it.
-    /// True when the entry may leave the journal; false when its line could not be written (the
-    /// entry then stays in the journal and is tried again at the next probe, never lost). With a
+    /// The journal's first entry, `seq`, is set aside ([`Remote::set_aside`]) and leaves the
+    /// journal; false when it could not be set aside: it stays, and every entry after it waits
+    /// (`turnstile_store_journal_blocked` reads 1).
+    async fn set_aside_and_pop(&self, seq: u64, r: &Replay, why: &SetAsideWhy<'_>) -> bool {
+        if !self.set_aside(seq, r, why).await {
+            if let Ok(j) = self.journal.lock() {
+                j.blocked_gauge.set(1);
+            }
+            return false;
+        }
+        if let Ok(mut j) = self.journal.lock() {
+            j.pop_front(seq);
+        }
+        // Its mark is synced like an entry: replayed again after a crash, it would reach Redis
+        // while its set-aside line asks an operator to reconcile it by hand.
+        self.wrote_to_journal();
+        true
+    }
+
+    /// Sets aside entry `seq`, which must not be sent (again) to Redis (`why`): one line in the
+    /// rejected file next to the journal file (synced), and an error log naming it. True when
+    /// the entry may leave the journal; false when its line could not be written (the entry
+    /// then stays in the journal and is tried again at the next probe, never lost). With a
     /// journal kept in memory only there is no file: the log carries the entry.
-    async fn set_aside(&self, seq: u64, r: &Replay, e: &StoreError) -> bool {
+    async fn set_aside(&self, seq: u64, r: &Replay, why: &SetAsideWhy<'_>) -> bool {
         let path = self.journal.lock().ok().and_then(|j| j.file.as_ref().map(journal::JournalFile::rejected_path));
-        let error = e.to_string();
+        let error = why.to_string();
+        let (kind, request_id) = (r.kind(), r.request_id().map(|id| id.to_string()));
         let Some(path) = path else {
             let entry = serde_json::to_string(r).unwrap_or_else(|e| format!("(cannot be written: {e})"));
             tracing::error!(
                 tenant = r.tenant(),
                 seq,
+                kind,
+                request_id,
                 error,
                 entry,
-                "Redis rejected a charge made on the local fallback: set aside, not replayed (no journal file); it stays in the local ledger and must be reconciled in Redis by hand"
+                "a journaled charge is set aside, not replayed (no journal file): it must be reconciled in Redis by hand"
             );
             self.metrics.set_aside.inc();
             return true;
@@ -773,9 +858,11 @@ impl Remote {
                     file = %path.display(),
                     tenant = r.tenant(),
                     seq,
+                    kind,
+                    request_id,
                     error,
                     write_error = %write,
-                    "Redis rejected a charge made on the local fallback, and it cannot be set aside: kept in the journal (the entries after it wait) until the file can be written"
+                    "a journaled charge must be set aside, and it cannot be: kept in the journal (the entries after it wait) until the file can be written"
                 );
             }
             return false;
@@ -786,8 +873,10 @@ impl Remote {
             file = %path.display(),
             tenant = r.tenant(),
             seq,
+            kind,
+            request_id,
             error,
-            "Redis rejected a charge made on the local fallback: set aside in the file, not replayed; it stays in the local ledger and must be reconciled in Redis by hand"
+            "a journaled charge is set aside in the file, not replayed: it must be reconciled in Redis by hand"
         );
         true
     }
@@ -799,7 +888,7 @@ impl Remote {
     pub async fn replay_at_exit(&self, wait: Duration) -> usize {
         let until = tokio::time::Instant::now() + wait;
         while self.journal_len() > 0 && tokio::time::Instant::now() < until {
-            if tokio::time::timeout_at(until, self.replay_journal(&self.redis)).await.is_err() {
+            if tokio::time::timeout_at(until, self.replay_journal()).await.is_err() {
                 break;
             }
             if self.journal_len() > 0 {
@@ -812,6 +901,37 @@ impl Remote {
 
 /// The marker part of a per-call settlement (`done:<id>:s`).
 pub const SETTLE_PART: &str = "s";
+
+/// Why a journal entry is set aside instead of sent to Redis (the `error` of its line).
+enum SetAsideWhy<'a> {
+    /// Redis rejected it: sending it again cannot change that.
+    Rejected(&'a StoreError),
+    /// It was first sent so long ago that the marker of that send may be gone: Redis may have
+    /// applied it, and would apply it again.
+    Expired(journal::Sent),
+}
+
+impl std::fmt::Display for SetAsideWhy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetAsideWhy::Rejected(e) => e.fmt(f),
+            SetAsideWhy::Expired(s) => {
+                let at = chrono::DateTime::from_timestamp_millis(s.at)
+                    .map_or_else(|| s.at.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                write!(
+                    f,
+                    "not replayed: first sent to Redis at {at}, and the marker that send left if Redis applied it is kept {} s, nearly all passed: Redis may have it already and would apply it again. Check the tenant's usage in Redis before charging it by hand",
+                    s.ttl / 1000
+                )
+            }
+        }
+    }
+}
+
+/// A duration in whole milliseconds (saturated).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Runs [`Remote::probe`] every [`PROBE_EVERY`] while the billing engine lives.
 pub async fn probe_loop(billing: std::sync::Weak<crate::billing::Billing>) {
@@ -905,24 +1025,38 @@ pub async fn poll_overrides(gw: std::sync::Weak<crate::gateway::Gateway>) {
 /// kept a minute: what the unit tests of the cluster and of billing on Redis run against.
 #[cfg(test)]
 pub(crate) async fn test_remote(url: String, prefix: &str, lease: Duration, on_store_error: OnStoreError) -> Remote {
-    use crate::config::gateway::StoreKind;
     use crate::store::redis::RedisOpts;
     let opts = RedisOpts {
         key_prefix: prefix.into(),
         op_timeout: Duration::from_secs(2),
         done_ttl: Duration::from_secs(60),
         hold_lease: lease,
+        ..RedisOpts::default()
     };
+    test_remote_with(url, opts, on_store_error, crate::clock::SystemClock::shared()).await
+}
+
+/// [`test_remote`] with its Redis connection settings `opts` (prefix, lease and marker TTLs),
+/// on `clock`.
+#[cfg(test)]
+pub(crate) async fn test_remote_with(
+    url: String,
+    opts: crate::store::redis::RedisOpts,
+    on_store_error: OnStoreError,
+    clock: SharedClock,
+) -> Remote {
+    use crate::config::gateway::StoreKind;
+    let (key_prefix, hold_lease) = (opts.key_prefix.clone(), opts.hold_lease);
     let redis = RedisStore::connect(std::slice::from_ref(&url), opts).await.expect("connect");
     let settings = ClusterSettings {
         store: StoreKind::Redis,
         redis: vec![url],
-        key_prefix: prefix.into(),
-        hold_lease: lease,
+        key_prefix,
+        hold_lease,
         on_store_error,
         expected_replicas: 1,
     };
-    Remote::new(redis, &settings, FallbackMetrics::new().expect("metrics"))
+    Remote::new(redis, &settings, FallbackMetrics::new().expect("metrics"), clock)
 }
 
 #[cfg(test)]
@@ -1210,7 +1344,7 @@ billing = ["prepaid_qps"]
             assert_eq!(first.open_journal(dir.path()), Ok(0));
             first.journal(usage("wrongtype", 1));
             first.journal(usage("good1", 2));
-            first.sync_journal_now();
+            first.sync_journal_async().await;
         }
         let second = test_remote(server.url(), "tc", lease, OnStoreError::Local).await;
         poison(&server, &second.redis, 0);
@@ -1271,6 +1405,145 @@ billing = ["prepaid_qps"]
         assert_eq!((remote.journal_len(), remote.in_fallback()), (0, false));
         assert_eq!(rejected_lines(dir.path()).len(), 1);
         assert_eq!(remote.metrics.journal_blocked.get(), 0, "no longer blocked");
+    }
+
+    /// Redis calls bounded by 300 ms, live calls' markers (`done_ttl`) kept a second, and
+    /// replays' markers kept `replay_done_ttl`.
+    fn short_markers(replay_done_ttl: Duration) -> crate::store::redis::RedisOpts {
+        crate::store::redis::RedisOpts {
+            key_prefix: "tc".into(),
+            op_timeout: Duration::from_millis(300),
+            done_ttl: Duration::from_secs(1),
+            replay_done_ttl,
+            ..Default::default()
+        }
+    }
+
+    /// A replica on the fallback, its journal in a fresh folder, on a Redis with `opts` and
+    /// on `clock`. One entry (tenant `warm`) has been replayed already, so the settlement
+    /// script is loaded and a later replay's `EVALSHA` runs as sent.
+    async fn with_short_markers(
+        test: &str,
+        opts: crate::store::redis::RedisOpts,
+        clock: SharedClock,
+    ) -> Option<(crate::store::redis::harness::RedisServer, tempfile::TempDir, Remote)> {
+        let server = crate::store::redis::harness::RedisServer::start(test, Default::default())?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let remote = test_remote_with(server.url(), opts, OnStoreError::Local, clock).await;
+        assert_eq!(remote.open_journal(dir.path()), Ok(0));
+        let down = StoreError::Unavailable { backend: "redis".into(), reason: "test".into() };
+        assert!(remote.failover(down).is_ok());
+        remote.journal(usage("warm", 99));
+        assert_eq!(remote.replay_all().await, 1);
+        assert!(remote.failover(StoreError::Unavailable { backend: "redis".into(), reason: "test".into() }).is_ok());
+        Some((server, dir, remote))
+    }
+
+    /// Replays `remote`'s journal while Redis holds every write for a second: the replay's
+    /// script waits in Redis past the 300 ms bound (its answer is lost, the entry stays in the
+    /// journal) and runs when the pause ends. Returns once Redis has applied it to `tenant`.
+    async fn replay_with_the_answer_lost(
+        server: &crate::store::redis::harness::RedisServer,
+        remote: &Remote,
+        tenant: &str,
+    ) {
+        assert_eq!(server.cli(&["CLIENT", "PAUSE", "1000", "WRITE"]), "OK");
+        assert_eq!(remote.probe().await, 0, "the replay's answer was lost");
+        assert_eq!(remote.journal_len(), 1, "so the entry stays in the journal");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // Reads on the same connection wait behind the paused script (and may time out).
+        while remote.redis.month_cells(tenant, "2026-11").await.ok() != Some(one_payg_unit()) {
+            assert!(tokio::time::Instant::now() < deadline, "the paused replay never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A replay that reached Redis but whose answer was lost stays in the journal and is sent
+    /// again: idempotent only while its marker lives. Its marker used to be a live call's
+    /// (`done_ttl`): once that had passed (here a second; an hour in production: Redis
+    /// unreachable that long in between, or a replica stopped that long), the second replay
+    /// charged the tenant a second time. A replay's marker is now kept `replay_done_ttl` (a
+    /// week; here a minute).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_whose_answer_was_lost_is_not_charged_again_after_done_ttl() {
+        let opts = short_markers(Duration::from_secs(60));
+        let clock = crate::clock::SystemClock::shared();
+        let Some((server, _dir, remote)) = with_short_markers("a_replay_whose_answer_was_lost", opts, clock).await
+        else {
+            return;
+        };
+        remote.journal(usage("acme", 1));
+        replay_with_the_answer_lost(&server, &remote, "acme").await;
+        // A live call's marker is gone by now.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        remote.replay_all().await;
+        assert_eq!(units(&remote.redis, "acme").await, one_payg_unit(), "charged once in Redis");
+        assert_eq!(remote.journal_len(), 0);
+        assert_eq!(remote.metrics.set_aside.get(), 0, "replayed, nothing set aside");
+    }
+
+    /// An entry whose replay may have reached Redis longer ago than that replay's marker is kept
+    /// (here a second) is never sent again blindly: Redis may have applied it and forgotten it.
+    /// It is set aside for an operator (its line in `redis-journal.rejected` says when it was
+    /// first sent), whether the time passes in one run or, as here, while the replica is
+    /// stopped: the journal file keeps when each entry was first sent. Before, the entry was
+    /// replayed at the next start and the tenant charged twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_first_sent_longer_ago_than_its_marker_is_kept_is_set_aside_not_charged_twice() {
+        let clock = crate::clock::ManualClock::at("2026-11-02T00:00:00Z");
+        let opts = short_markers(Duration::from_secs(1));
+        let Some((server, dir, first)) =
+            with_short_markers("an_entry_first_sent_longer_ago", opts.clone(), clock.clone()).await
+        else {
+            return;
+        };
+        first.journal(usage("acme", 1));
+        replay_with_the_answer_lost(&server, &first, "acme").await;
+        // The replica stops before it replays again; Redis forgets the marker meanwhile.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        clock.advance(Duration::from_secs(1));
+        let second = test_remote_with(server.url(), opts, OnStoreError::Local, clock.clone()).await;
+        assert_eq!(second.open_journal(dir.path()), Ok(1));
+        assert_eq!(second.replay_all().await, 0, "nothing replayed");
+        assert_eq!(units(&second.redis, "acme").await, one_payg_unit(), "charged once in Redis");
+        let m = &second.metrics;
+        assert_eq!((m.journal_entries.get(), m.set_aside.get(), m.fallback.get()), (0, 1, 0), "set aside");
+        let lines = rejected_lines(dir.path());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!((lines[0]["seq"].clone(), lines[0]["tenant"].clone()), (2.into(), "acme".into()));
+        let error = lines[0]["error"].as_str().expect("error text");
+        assert!(error.contains("first sent to Redis at 2026-11-02T00:00:00.000Z"), "{error}");
+        let entry: Replay = serde_json::from_value(lines[0]["entry"].clone()).expect("the entry reads back");
+        assert_eq!(entry, usage("acme", 1));
+        let (_, left, _) = journal::JournalFile::open(dir.path()).expect("the journal reads back");
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// Within its marker's time, an entry whose replay's answer was lost and whose replica
+    /// stopped is replayed at the next start and answered from the marker: charged once,
+    /// nothing set aside.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_replayed_again_at_the_next_start_within_its_marker_is_charged_once() {
+        let clock = crate::clock::ManualClock::at("2026-11-02T00:00:00Z");
+        let opts = short_markers(Duration::from_secs(60));
+        let Some((server, dir, first)) =
+            with_short_markers("an_entry_replayed_again_at_the_next_start", opts.clone(), clock.clone()).await
+        else {
+            return;
+        };
+        first.journal(usage("acme", 1));
+        replay_with_the_answer_lost(&server, &first, "acme").await;
+        drop(first);
+        // Past a live call's marker (a second), within the replay's (a minute).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        clock.advance(Duration::from_secs(50));
+        let second = test_remote_with(server.url(), opts, OnStoreError::Local, clock.clone()).await;
+        assert_eq!(second.open_journal(dir.path()), Ok(1));
+        assert_eq!(second.replay_all().await, 1);
+        assert_eq!(units(&second.redis, "acme").await, one_payg_unit(), "charged once in Redis");
+        assert_eq!(second.metrics.set_aside.get(), 0);
+        assert!(rejected_lines(dir.path()).is_empty());
     }
 
     /// An ACL that refuses a command a script calls (here `HINCRBY`, taken from the user turnstile

@@ -128,7 +128,7 @@ impl Gateway {
                 let fallback = crate::cluster::FallbackMetrics::new()
                     .and_then(|f| f.register(&metrics.registry).map(|()| f))
                     .map_err(|e| LedgerError::Open { path: "metrics".into(), reason: e.to_string() })?;
-                let remote = crate::cluster::Remote::new(r.with_metrics(m), &s.cluster, fallback);
+                let remote = crate::cluster::Remote::new(r.with_metrics(m), &s.cluster, fallback, clock.clone());
                 remote
                     .open_journal(&s.ledger_dir)
                     .map_err(|reason| LedgerError::Open { path: s.ledger_dir.clone(), reason })?;

@@ -7,8 +7,16 @@
 //! ```text
 //! file = line*
 //! line = xxh3-64 of json (16 lowercase hex) ' ' json '\n'
-//! json = {"entry": [seq, Replay]} | {"done": seq}
+//! json = {"entry": [seq, Replay]} | {"entry": [seq, Replay, Sent]} | {"done": seq}
+//!      | {"sent": [seq, Sent]}
+//! Sent = {"at": unix ms, "ttl": ms}
 //! ```
+//!
+//! [`Sent`] says when an entry was first sent to Redis and how long the marker that send left
+//! (if Redis applied it) is kept: written in the entry's own line when a live settlement was
+//! tried before it was journaled, else in a `sent` line (every entry up to `seq` not yet sent)
+//! synced before the first replay of those entries. An entry line of two elements (every line
+//! written before [`Sent`] existed) is an entry never sent.
 //!
 //! A crash can cut the last line short (no newline, or a checksum that fails with nothing whole
 //! after it): it is dropped. A damaged line followed by whole ones is an error naming the file
@@ -26,12 +34,14 @@ use super::Replay;
 /// The journal's file name in the ledger folder.
 pub const FILE: &str = "redis-journal.log";
 
-/// Next to the journal: the entries Redis rejected (an error no retry can change), set aside
-/// instead of replayed, one JSON line each ([`SetAside`]), for an operator to reconcile.
+/// Next to the journal: the entries set aside instead of replayed, one JSON line each
+/// ([`SetAside`]), for an operator to reconcile: those Redis rejected (an error no retry can
+/// change), and those first sent longer ago than their marker is kept ([`Sent::replay_until`]).
 pub const REJECTED: &str = "redis-journal.rejected";
 
 /// One line of [`REJECTED`]: the entry's sequence number, when it was set aside (RFC 3339,
-/// UTC), its tenant, Redis's error, and the entry as the journal held it.
+/// UTC), its tenant, why (Redis's error, or when it was first sent), and the entry as the
+/// journal held it.
 #[derive(serde::Serialize)]
 pub struct SetAside<'a> {
     pub seq: u64,
@@ -65,11 +75,41 @@ pub fn append_rejected(path: &Path, line: &SetAside<'_>) -> io::Result<()> {
     file.sync_data()
 }
 
+/// When an entry was first sent to Redis (unix ms, the replica's clock) and how long (ms) the
+/// replay marker that send left, if Redis applied it, is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Sent {
+    pub at: i64,
+    pub ttl: u64,
+}
+
+impl Sent {
+    /// The time (unix ms) from which the entry is no longer sent: 9/10 of its marker's TTL
+    /// after its first send. The tenth left is a margin for the replica's clock against
+    /// Redis's, and for the time between the reading of the clock and the marker's write
+    /// (which only makes the marker live longer).
+    pub fn replay_until(&self) -> i64 {
+        let ttl = i64::try_from(self.ttl).unwrap_or(i64::MAX);
+        self.at.saturating_add(ttl - ttl / 10)
+    }
+}
+
+/// One entry of the journal: its sequence number, the charge, and when it was first sent to
+/// Redis (none: never yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub seq: u64,
+    pub replay: Replay,
+    pub sent: Option<Sent>,
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line<R> {
-    Entry(u64, R),
+    Entry(u64, R, #[serde(default, skip_serializing_if = "Option::is_none")] Option<Sent>),
     Done(u64),
+    /// Every entry up to this sequence number that had not been sent was first sent then.
+    Sent(u64, Sent),
 }
 
 /// The journal file, appended to under the journal's lock (so its order is the journal's).
@@ -87,7 +127,7 @@ pub struct JournalFile {
 
 /// What [`JournalFile::open`] found: the file, the entries not done (oldest first), and how
 /// many bytes of a line cut short it dropped.
-pub type Opened = (JournalFile, Vec<(u64, Replay)>, usize);
+pub type Opened = (JournalFile, Vec<Entry>, usize);
 
 impl JournalFile {
     /// Opens (or creates) the journal in `dir` and reads the entries not yet done.
@@ -124,12 +164,17 @@ impl JournalFile {
         self.file.try_clone()
     }
 
-    pub fn append_entry(&mut self, seq: u64, r: &Replay) -> io::Result<()> {
-        self.append(&Line::Entry(seq, r))
+    pub fn append_entry(&mut self, seq: u64, r: &Replay, sent: Option<Sent>) -> io::Result<()> {
+        self.append(&Line::Entry(seq, r, sent))
     }
 
     pub fn append_done(&mut self, seq: u64) -> io::Result<()> {
         self.append(&Line::<&Replay>::Done(seq))
+    }
+
+    /// Every entry up to `seq` not yet sent is first sent now: `sent`.
+    pub fn append_sent(&mut self, seq: u64, sent: Sent) -> io::Result<()> {
+        self.append(&Line::<&Replay>::Sent(seq, sent))
     }
 
     /// The journal is empty: so is the file.
@@ -165,8 +210,10 @@ impl JournalFile {
 }
 
 /// The entries not done, oldest first, and the length of the whole lines read.
-fn parse(text: &[u8]) -> Result<(Vec<(u64, Replay)>, usize), String> {
-    let mut live = BTreeMap::new();
+fn parse(text: &[u8]) -> Result<(Vec<Entry>, usize), String> {
+    let mut live: BTreeMap<u64, (Replay, Option<Sent>)> = BTreeMap::new();
+    // `sent` lines name ever later entries: each looks only past the one before it.
+    let mut sent_upto: Option<u64> = None;
     let mut at = 0;
     let mut damaged: Option<usize> = None;
     for (n, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
@@ -175,11 +222,21 @@ fn parse(text: &[u8]) -> Result<(Vec<(u64, Replay)>, usize), String> {
             return Err(format!("line {} is damaged and whole lines follow it (line {})", first + 1, n + 1));
         }
         match read_line(body) {
-            Some(Line::Entry(seq, r)) => {
-                live.insert(seq, r);
+            Some(Line::Entry(seq, r, sent)) => {
+                live.insert(seq, (r, sent));
             }
             Some(Line::Done(seq)) => {
                 live.remove(&seq);
+            }
+            Some(Line::Sent(upto, s)) => {
+                let from = match sent_upto {
+                    Some(before) if before < upto => before + 1,
+                    _ => 0,
+                };
+                for (_, (_, sent)) in live.range_mut(from..=upto) {
+                    sent.get_or_insert(s);
+                }
+                sent_upto = Some(upto);
             }
             None => {
                 damaged = Some(n);
@@ -188,7 +245,7 @@ fn parse(text: &[u8]) -> Result<(Vec<(u64, Replay)>, usize), String> {
         }
         at += line.len();
     }
-    Ok((live.into_iter().collect(), at))
+    Ok((live.into_iter().map(|(seq, (replay, sent))| Entry { seq, replay, sent }).collect(), at))
 }
 
 fn read_line(body: &[u8]) -> Option<Line<Replay>> {
@@ -208,29 +265,76 @@ mod tests {
         Replay::Alert { tenant: format!("t{n}"), package: "p".into() }
     }
 
+    fn unsent(seq: u64, replay: Replay) -> Entry {
+        Entry { seq, replay, sent: None }
+    }
+
     #[test]
     fn entries_not_done_read_back_in_order_and_an_emptied_file_reads_empty() {
         let dir = tempfile::tempdir().unwrap();
         let (mut f, found, cut) = JournalFile::open(dir.path()).unwrap();
         assert_eq!((found.len(), cut), (0, 0));
         for n in 1..=3 {
-            f.append_entry(u64::from(n), &alert(n)).unwrap();
+            f.append_entry(u64::from(n), &alert(n), None).unwrap();
         }
         f.append_done(1).unwrap();
         drop(f);
         let (mut f, found, cut) = JournalFile::open(dir.path()).unwrap();
-        assert_eq!((found, cut), (vec![(2, alert(2)), (3, alert(3))], 0));
+        assert_eq!((found, cut), (vec![unsent(2, alert(2)), unsent(3, alert(3))], 0));
         f.clear().unwrap();
-        f.append_entry(4, &alert(4)).unwrap();
+        f.append_entry(4, &alert(4), None).unwrap();
         let (_, found, _) = JournalFile::open(dir.path()).unwrap();
-        assert_eq!(found, vec![(4, alert(4))]);
+        assert_eq!(found, vec![unsent(4, alert(4))]);
+    }
+
+    /// When each entry was first sent reads back: from its own line (a live settlement tried
+    /// before it was journaled), else from the first `sent` line after it that covers its
+    /// number (a later one does not move it); an entry line of two elements, as every line was
+    /// written before `Sent` existed, is an entry never sent.
+    #[test]
+    fn when_each_entry_was_first_sent_reads_back_and_old_entry_lines_read_as_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, first, later) =
+            (Sent { at: 10, ttl: 1_000 }, Sent { at: 20, ttl: 9_000 }, Sent { at: 30, ttl: 9_000 });
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        f.append_entry(1, &alert(1), None).unwrap();
+        f.append_entry(2, &alert(2), Some(live)).unwrap();
+        f.append_entry(3, &alert(3), None).unwrap();
+        f.append_sent(3, first).unwrap();
+        f.append_entry(4, &alert(4), None).unwrap();
+        f.append_sent(4, later).unwrap();
+        f.append_entry(5, &alert(5), None).unwrap();
+        drop(f);
+        let (_, found, _) = JournalFile::open(dir.path()).unwrap();
+        let sent: Vec<_> = found.iter().map(|e| (e.seq, e.sent)).collect();
+        assert_eq!(sent, vec![(1, Some(first)), (2, Some(live)), (3, Some(first)), (4, Some(later)), (5, None)]);
+
+        // A line as the build before `Sent` wrote it, with its type of line.
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Before<'a> {
+            Entry(u64, &'a Replay),
+        }
+        let json = serde_json::to_vec(&Before::Entry(7, &alert(7))).unwrap();
+        let mut line = format!("{:016x} ", xxhash_rust::xxh3::xxh3_64(&json)).into_bytes();
+        line.extend_from_slice(&json);
+        line.push(b'\n');
+        let old = tempfile::tempdir().unwrap();
+        std::fs::write(old.path().join(FILE), &line).unwrap();
+        let (_, found, cut) = JournalFile::open(old.path()).unwrap();
+        assert_eq!((found, cut), (vec![unsent(7, alert(7))], 0));
+        // And an entry never sent is written the same way.
+        let (mut f, _, _) = JournalFile::open(dir.path()).unwrap();
+        f.clear().unwrap();
+        f.append_entry(7, &alert(7), None).unwrap();
+        assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), line);
     }
 
     /// A journal of two entries of the same length in `dir`: its path and bytes.
     fn two_entries(dir: &Path) -> (PathBuf, Vec<u8>) {
         let (mut f, _, _) = JournalFile::open(dir).unwrap();
-        f.append_entry(1, &alert(1)).unwrap();
-        f.append_entry(2, &alert(2)).unwrap();
+        f.append_entry(1, &alert(1), None).unwrap();
+        f.append_entry(2, &alert(2), None).unwrap();
         let path = dir.join(FILE);
         let whole = std::fs::read(&path).unwrap();
         (path, whole)
@@ -244,17 +348,17 @@ mod tests {
             // Cut short without its newline, or with a changed byte before it (damaged at the end).
             std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
             let (mut f, found, dropped) = JournalFile::open(dir.path()).unwrap();
-            assert_eq!((found, dropped), (vec![(1, alert(1))], whole.len() / 2 - cut), "cut {cut}");
-            f.append_entry(3, &alert(3)).unwrap();
+            assert_eq!((found, dropped), (vec![unsent(1, alert(1))], whole.len() / 2 - cut), "cut {cut}");
+            f.append_entry(3, &alert(3), None).unwrap();
             let (_, found, _) = JournalFile::open(dir.path()).unwrap();
-            assert_eq!(found, vec![(1, alert(1)), (3, alert(3))], "cut {cut}");
+            assert_eq!(found, vec![unsent(1, alert(1)), unsent(3, alert(3))], "cut {cut}");
         }
         let mut damaged = whole.clone();
         let last = damaged.len() - 5;
         damaged[last] ^= 1;
         std::fs::write(&path, &damaged).unwrap();
         let (_, found, dropped) = JournalFile::open(dir.path()).unwrap();
-        assert_eq!((found, dropped), (vec![(1, alert(1))], whole.len() / 2));
+        assert_eq!((found, dropped), (vec![unsent(1, alert(1))], whole.len() / 2));
     }
 
     /// A write that fails part-way (a full disk, a file-size limit) must not leave its piece in
@@ -278,7 +382,7 @@ mod tests {
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             assert!(out.status.success() && text.contains("1 passed"), "{text}");
             let (_, found, cut) = JournalFile::open(dir.path()).expect("the file reads back");
-            assert_eq!((found, cut), (vec![(1, alert(1)), (3, alert(3)), (4, alert(4))], 0));
+            assert_eq!((found, cut), (vec![unsent(1, alert(1)), unsent(3, alert(3)), unsent(4, alert(4))], 0));
             return;
         };
         // The child: a write past the limit fails with EFBIG, and SIGXFSZ must not kill it
@@ -297,14 +401,14 @@ mod tests {
         };
         let dir = std::path::PathBuf::from(dir);
         let (mut f, _, _) = JournalFile::open(&dir).unwrap();
-        f.append_entry(1, &alert(1)).unwrap();
+        f.append_entry(1, &alert(1), None).unwrap();
         // Room for 10 more bytes: the next line is written in part, then the write fails.
         let len = std::fs::metadata(dir.join(FILE)).unwrap().len();
         limit(&(len + 10).to_string());
-        assert!(f.append_entry(2, &alert(2)).is_err(), "the write past the limit fails");
+        assert!(f.append_entry(2, &alert(2), None).is_err(), "the write past the limit fails");
         limit("unlimited");
-        f.append_entry(3, &alert(3)).unwrap();
-        f.append_entry(4, &alert(4)).unwrap();
+        f.append_entry(3, &alert(3), None).unwrap();
+        f.append_entry(4, &alert(4), None).unwrap();
     }
 
     #[test]

@@ -48,6 +48,15 @@ const BACKEND: &str = "redis";
 /// `op_timeout` bounds, so a minute is ample and keeps the markers of a burst of refunds few.
 const REFUND_MARKER_TTL_MS: u64 = 60_000;
 
+/// How long the marker of a settlement a journal replays is kept: a week. A journal entry is
+/// sent again whenever its answer was lost, however long Redis stays unreachable or its replica
+/// stays stopped in between, and it applies once only while its first marker lives; an entry
+/// first sent longer ago than this is set aside for an operator instead (`cluster`). A week
+/// covers an outage or a stopped replica over a long weekend. Only journaled charges (those made
+/// on the fallback or whose live settlement failed) get such a marker, one small key (about
+/// 100 bytes) per part: a million journaled charges keep about 100 MB for the week.
+pub const REPLAY_DONE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Holds and slots swept per script call: bounded work, repeated while there is more.
 const SWEEP_BATCH: usize = 256;
 
@@ -60,6 +69,10 @@ pub struct RedisOpts {
     pub op_timeout: Duration,
     /// How long a settlement's first answer is kept for replays of the same request id.
     pub done_ttl: Duration,
+    /// The same for a settlement a journal replays ([`RedisStore::for_replays`]): an entry whose
+    /// answer is lost is sent again after an outage or a stop of any length, so its marker is
+    /// kept far longer than a live call's ([`REPLAY_DONE_TTL`]).
+    pub replay_done_ttl: Duration,
     /// Lease of an image slot (`[cluster].hold_lease_ms`; package holds get theirs per call).
     pub hold_lease: Duration,
 }
@@ -72,6 +85,7 @@ impl RedisOpts {
             key_prefix: c.key_prefix.clone(),
             hold_lease: c.hold_lease,
             done_ttl: Duration::from_secs(3600).max(c.hold_lease * 2),
+            replay_done_ttl: REPLAY_DONE_TTL.max(c.hold_lease * 2),
             ..RedisOpts::default()
         }
     }
@@ -83,6 +97,7 @@ impl Default for RedisOpts {
             key_prefix: "turnstile".into(),
             op_timeout: Duration::from_millis(500),
             done_ttl: Duration::from_secs(3600),
+            replay_done_ttl: REPLAY_DONE_TTL,
             hold_lease: Duration::from_secs(60),
         }
     }
@@ -528,6 +543,19 @@ impl RedisStore {
 
     fn done_ttl_ms(&self) -> u64 {
         u64::try_from(self.opts.done_ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// How long this store's settlement markers are kept (`done_ttl`; for the store of
+    /// [`RedisStore::for_replays`], `replay_done_ttl`).
+    pub fn done_ttl(&self) -> Duration {
+        self.opts.done_ttl
+    }
+
+    /// The same store (connection, scripts, metrics) whose settlements keep their markers
+    /// `replay_done_ttl`: what a journal replays through.
+    pub fn for_replays(&self) -> RedisStore {
+        let opts = RedisOpts { done_ttl: self.opts.replay_done_ttl, ..RedisOpts::clone(&self.opts) };
+        RedisStore { opts: Arc::new(opts), ..self.clone() }
     }
 
     /// The lease of package holds and image slots (`[cluster].hold_lease_ms`).

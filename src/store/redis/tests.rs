@@ -18,6 +18,7 @@ fn opts() -> RedisOpts {
         key_prefix: "tp".into(),
         op_timeout: Duration::from_secs(2),
         done_ttl: Duration::from_secs(60),
+        replay_done_ttl: Duration::from_secs(600),
         hold_lease: Duration::from_millis(300),
     }
 }
