@@ -1520,6 +1520,37 @@ billing = ["prepaid_qps"]
         assert!(left.is_empty(), "{left:?}");
     }
 
+    /// A live settlement Redis applied but whose answer was lost is journaled with when it was
+    /// tried: its marker is a live call's (`done_ttl`, here a second), so once that has nearly
+    /// passed it is set aside rather than replayed into a Redis that no longer knows it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_settlement_journaled_after_its_marker_expired_is_set_aside_not_charged_twice() {
+        let clock = crate::clock::ManualClock::at("2026-11-02T00:00:00Z");
+        let opts = short_markers(Duration::from_secs(60));
+        let Some((_server, dir, remote)) =
+            with_short_markers("a_live_settlement_journaled_after", opts, clock.clone()).await
+        else {
+            return;
+        };
+        // The live call, as its replay would make it; Redis applied it, its answer was lost.
+        let key = BucketKey { tenant: "acme", bucket: "f", local: 0 };
+        let to = UsageTo::Payer(crate::store::PayerKind::Payg);
+        remote.redis.add_usage(key, "2026-11", to, 1, "", RequestId(1)).await.expect("the live call");
+        remote.journal_sent(usage("acme", 1), Some(remote.tried_now()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(remote.replay_all().await, 0, "nothing replayed");
+        assert_eq!(units(&remote.redis, "acme").await, one_payg_unit(), "charged once in Redis");
+        assert_eq!(remote.metrics.set_aside.get(), 1);
+        let lines = rejected_lines(dir.path());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let error = lines[0]["error"].as_str().expect("error text");
+        assert!(
+            error.contains("first sent to Redis at 2026-11-02T00:00:00.000Z") && error.contains("kept 1 s"),
+            "{error}"
+        );
+    }
+
     /// Within its marker's time, an entry whose replay's answer was lost and whose replica
     /// stopped is replayed at the next start and answered from the marker: charged once,
     /// nothing set aside.
