@@ -16,16 +16,19 @@ const OCR: &str = "/v1/ocr/license-plate";
 const DETECT: &str = "/v1/detect/objects";
 
 fn catalog() -> String {
-    small_catalog(
-        r#"["prepaid_qps"]"#,
-        r#"["payg"]"#,
-        r#"["single_package"]"#,
-        "",
-    )
-    .replace(
+    small_catalog(r#"["prepaid_qps"]"#, r#"["payg"]"#, r#"["single_package"]"#, "").replace(
         "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]",
-        "[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]\npayg_tiers = [{ price = \"0.10\" }]",
+        &format!("[features.license-plate-recognition]\nfamily = \"face_body\"\nbilling = [\"payg\"]\n{PAYG_TIERS}"),
     )
+}
+
+/// License plate's pay-as-you-go tiers: 0.10 for the month's first 50 calls, 0.05 after.
+const PAYG_TIERS: &str = r#"payg_tiers = [{ up_to = 50, price = "0.10" }, { price = "0.05" }]"#;
+
+/// What [`PAYG_TIERS`] charge for a month of `calls` license-plate calls.
+fn payg_price(calls: u64) -> rust_decimal::Decimal {
+    use rust_decimal::Decimal;
+    Decimal::from(calls.min(50)) * Decimal::new(10, 2) + Decimal::from(calls.saturating_sub(50)) * Decimal::new(5, 2)
 }
 
 /// `acme`: a face comparison plan at `plan_qps`, an object-detection package of `points`.
@@ -828,14 +831,10 @@ async fn batched_settlements_redis_hangs_under_at_sigterm_are_journaled_and_repl
     let Some((redis, _up, mut set)) = on_fallback_policy("deferred_sigterm_hung", 1, 1, &rest, 10).await else {
         return;
     };
-    let pid = redis.pid().expect("running").to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill").args([sig, &pid]).status().is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
-    answered_after(&set.gw[0], 8, || signal("-STOP")).await;
+    let pid = redis.pid().expect("running");
+    answered_after(&set.gw[0], 8, || signal(pid, "-STOP")).await;
     let status = tokio::task::block_in_place(|| set.gw[0].signal_and_wait("TERM"));
-    signal("-CONT");
+    signal(pid, "-CONT");
     let logs = set.gw[0].logs();
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{logs}");
     assert!(logs.contains("not replayed to Redis") && !logs.contains("not acknowledged by Redis"), "{logs}");
@@ -844,4 +843,215 @@ async fn batched_settlements_redis_hangs_under_at_sigterm_are_journaled_and_repl
     fallback_becomes(&c, &gw, 0.0).await;
     let v = admin_get(&c, &gw, "/admin/v1/tenants/acme/usage").await.json();
     assert_eq!(v["features"]["license-plate-recognition"]["units"]["payg"], "8", "every 2xx on Redis, once: {v}");
+}
+
+/// `kill <sig> <pid>` (e.g. `-STOP`, `-CONT` to a Redis server).
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Redis hung (SIGSTOP) from 250 ms into a run for `for_ms`, then resumed (SIGCONT): the calls in
+/// flight then (admitted, their settlements not yet acknowledged) meet a store that does not
+/// answer, and the scripts it queued meanwhile run once it is back.
+fn hang(pid: u32, for_ms: u64) -> impl FnOnce() + Send + 'static {
+    move || {
+        std::thread::sleep(Duration::from_millis(250));
+        signal(pid, "-STOP");
+        std::thread::sleep(Duration::from_millis(for_ms));
+        signal(pid, "-CONT");
+    }
+}
+
+/// What the clients of [`calls_across_an_outage`] got, counted client-side.
+#[derive(Debug, Default)]
+struct Got {
+    /// 2xx of license-plate calls (pay-as-you-go).
+    ocr: u64,
+    /// 2xx of object-detection calls (paid by od-1, nothing else can pay them).
+    detect: u64,
+    /// Every other answer: (route, status) → how many.
+    refused: std::collections::BTreeMap<(&'static str, u16), u64>,
+}
+
+/// `clients` concurrent clients (a connection each), spread over `gws`, each making `calls`
+/// calls that alternate license plate and object detection, which the upstream answers after
+/// 50 ms; `outage` runs meanwhile on a thread of its own. Every object-detection 2xx must name
+/// od-1 as its payer.
+async fn calls_across_an_outage(
+    gws: &[&Gateway],
+    clients: usize,
+    calls: usize,
+    outage: impl FnOnce() + Send + 'static,
+) -> Got {
+    let outage = tokio::task::spawn_blocking(outage);
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let gw = gws[i % gws.len()];
+            let urls =
+                [(OCR, gw.url(&format!("{OCR}?sleep_ms=50"))), (DETECT, gw.url(&format!("{DETECT}?sleep_ms=50")))];
+            tokio::spawn(async move {
+                let c = client();
+                let mut got = Got::default();
+                for k in 0..calls {
+                    let (route, url) = &urls[(i + k) % 2];
+                    let r = post(&c, url, &key(), b"{}").await;
+                    match (*route, r.status) {
+                        (OCR, StatusCode::OK) => got.ocr += 1,
+                        (_, StatusCode::OK) => {
+                            assert_eq!(r.header("x-turnstile-payer"), Some("single_package:od-1"));
+                            got.detect += 1;
+                        }
+                        (_, s) => *got.refused.entry((*route, s.as_u16())).or_default() += 1,
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = Got::default();
+    for t in tasks {
+        let got = t.await.expect("client");
+        all.ocr += got.ocr;
+        all.detect += got.detect;
+        for (k, n) in got.refused {
+            *all.refused.entry(k).or_default() += n;
+        }
+    }
+    outage.await.expect("outage");
+    all
+}
+
+/// The money invariants after [`calls_across_an_outage`], once every replica's journal is
+/// empty and it is back on Redis: the usage report (from every replica) counts exactly the
+/// 2xx the clients got — license plate as pay-as-you-go at the tier prices of that many calls,
+/// object detection paid by od-1 — nothing unpaid; od-1's balance in Redis is its `points`
+/// less what the report says it paid, never below 0, nothing held; the metrics of all the
+/// replicas together count the same units and amount; and nothing more is counted later.
+async fn charged_exactly_what_was_served(redis: &RedisServer, gws: &[&Gateway], got: &Got, points: u64) {
+    let c = client();
+    for gw in gws {
+        metric_becomes(&c, gw, "turnstile_store_journal_entries", 0.0).await;
+        fallback_becomes(&c, gw, 0.0).await;
+    }
+    let (lp, od) = ("license-plate-recognition", "object-detection");
+    let want_amount = payg_price(got.ocr);
+    let figures = || async {
+        let mut m = (0.0, 0.0, 0.0);
+        for gw in gws {
+            m = (m.0 + gw.billed_units(lp).await, m.1 + gw.payg_amount(lp).await, m.2 + gw.billed_units(od).await);
+        }
+        let v = admin_get(&c, gws[0], "/admin/v1/tenants/acme/usage").await.json();
+        let consumed = redis.cli(&["HGET", "turnstile:{acme}:p:od-1", "consumed"]);
+        (v, m, consumed)
+    };
+    // Batched settlements reach Redis (and the metrics) a little after the last answer.
+    let since = Instant::now();
+    let (v, m, consumed) = loop {
+        let (v, m, consumed) = figures().await;
+        let report = &v["features"];
+        if (report[lp]["units"]["payg"] == got.ocr.to_string()
+            && report[od]["units"]["single_package"] == got.detect.to_string())
+            || since.elapsed() > Duration::from_secs(5)
+        {
+            break (v, m, consumed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let report = &v["features"];
+    let whole = |x: &serde_json::Value| x.as_str().map(str::to_string);
+    assert_eq!(whole(&report[lp]["units"]["payg"]), Some(got.ocr.to_string()), "license-plate 2xx {got:?}: {v}");
+    assert_eq!(whole(&report[lp]["payg"]["amount"]), Some(format!("{want_amount:.2}")), "{got:?}: {v}");
+    assert_eq!(whole(&report[od]["units"]["single_package"]), Some(got.detect.to_string()), "od 2xx {got:?}: {v}");
+    for f in [lp, od] {
+        let units = report[f]["units"].as_object().expect("units");
+        let other: Vec<_> =
+            units.iter().filter(|(k, n)| !["payg", "single_package"].contains(&k.as_str()) && *n != "0").collect();
+        assert!(other.is_empty(), "{f}: units under no payer the clients saw: {other:?}");
+        assert!(report[f]["unpaid"].as_str().is_none_or(|u| decimal_is_zero(u)), "{f} unpaid: {v}");
+    }
+    let paid = got.detect;
+    assert!(paid <= points, "od-1 paid {paid} calls of its {points} points; Redis consumed {consumed}: {v}");
+    assert_eq!(v["packages"][0]["remaining"], (points - paid).to_string(), "{got:?}: {v}");
+    assert_eq!(consumed, (paid * 1_000_000).to_string(), "od-1's consumed micro-points in Redis");
+    assert_eq!(m.0, got.ocr as f64, "turnstile_billed_units_total of license plate, all replicas");
+    let amount: f64 = want_amount.to_string().parse().expect("a number");
+    assert!((m.1 - amount).abs() < 1e-9, "turnstile_payg_amount_total {} != {amount} ({got:?})", m.1);
+    assert_eq!(m.2, got.detect as f64, "turnstile_billed_units_total of object detection, all replicas");
+    // Exactly once: later probes replay nothing, nothing is counted again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (v2, m2, consumed2) = figures().await;
+    assert_eq!((&v2["features"], &v2["packages"], m2, consumed2), (&v["features"], &v["packages"], m, consumed));
+}
+
+fn decimal_is_zero(v: &str) -> bool {
+    v.parse::<rust_decimal::Decimal>().is_ok_and(|d| d.is_zero())
+}
+
+/// Settlements Redis did not acknowledge, summed over `gws` (at least one proves the run met
+/// the outage with calls in flight).
+async fn settle_errors(gws: &[&Gateway]) -> f64 {
+    let c = client();
+    let mut n = 0.0;
+    for gw in gws {
+        n += metric(&gw.metrics(&c).await, "turnstile_store_errors_total{op=\"settle\"}").unwrap_or(0.0);
+    }
+    n
+}
+
+/// SPEC §11.6 `local` and §10, with 12 clients at once (384 calls): Redis hangs for a second
+/// while calls are in flight. Their settlements time out and are journaled uncounted (counted
+/// when their replay succeeds, 7b797c0), the calls after them are charged on the fallback, od-1
+/// (60 points, nothing else pays object detection) runs out on the way, and license plate
+/// crosses its pay-as-you-go tier. Once the journal is empty the report, Redis and the metrics
+/// count exactly the 2xx the clients got, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once() {
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"batched\"\n");
+    let Some((redis, _up, set)) = on_fallback_policy("concurrent_fallback", 1, 1, &rest, 60).await else {
+        return;
+    };
+    let gws = [&set.gw[0]];
+    let got = calls_across_an_outage(&gws, 12, 32, hang(redis.pid().expect("running"), 1000)).await;
+    let other: Vec<_> = got.refused.keys().filter(|k| **k != (DETECT, 402)).collect();
+    assert!(other.is_empty(), "served on the fallback, object detection 402 once od-1 is spent: {got:?}");
+    assert!(got.refused.contains_key(&(DETECT, 402)), "od-1 ran out part way: {got:?}");
+    assert!(got.ocr > 50, "license plate crossed its tier: {got:?}");
+    assert!(settle_errors(&gws).await > 0.0, "no settlement met the hung Redis");
+    charged_exactly_what_was_served(&redis, &gws, &got, 60).await;
+}
+
+/// SPEC §11.6 `deny` with batched settlements (633e18e, 42cdbf1), two replicas and 16 clients at
+/// once (384 calls): Redis hangs for a second. Calls admitted before it hung are answered 2xx and
+/// their settlements, spawned after the answer, time out: journaled and replayed once Redis
+/// answers; calls arriving meanwhile get 503 and are not charged. od-1 (80 points) runs out
+/// on the way, license plate crosses its tier. The report, Redis and both replicas' metrics
+/// count exactly the 2xx the clients got, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deferred_settlements_a_hung_redis_failed_under_deny_are_charged_once() {
+    let test = "concurrent_deferred_deny";
+    let Some(redis) = RedisServer::start(test, Opts { aof_always: true, cluster: false }) else {
+        return;
+    };
+    let up = Upstream::start().await;
+    let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"batched\"\n");
+    let cluster = cluster_section(&[redis.url()], "on_store_error = \"deny\"");
+    let set = Replicas::start(2, &up.url(), &cluster, &rest, &catalog(), &ents(40, 80), &[]);
+    let gws = [&set.gw[0], &set.gw[1]];
+    let got = calls_across_an_outage(&gws, 16, 24, hang(redis.pid().expect("running"), 1000)).await;
+    let allowed = [(OCR, 503), (DETECT, 503), (DETECT, 402)];
+    let other: Vec<_> = got.refused.keys().filter(|k| !allowed.contains(k)).collect();
+    assert!(other.is_empty(), "503 while Redis hangs, object detection 402 once od-1 is spent: {got:?}");
+    assert!(got.refused.contains_key(&(OCR, 503)), "calls met the hung Redis at admission: {got:?}");
+    assert!(got.refused.contains_key(&(DETECT, 402)), "od-1 ran out part way: {got:?}");
+    assert!(got.ocr > 50, "license plate crossed its tier: {got:?}");
+    assert!(settle_errors(&gws).await > 0.0, "no deferred settlement met the hung Redis");
+    for gw in gws {
+        assert_eq!(
+            metric(&gw.metrics(&client()).await, "turnstile_store_fallback"),
+            Some(0.0),
+            "deny never falls back"
+        );
+    }
+    charged_exactly_what_was_served(&redis, &gws, &got, 80).await;
 }

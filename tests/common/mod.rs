@@ -286,11 +286,22 @@ impl Gateway {
 
     /// Units billed for `feature` in a scrape of the metrics, every tenant and payer together.
     pub async fn billed_units(&self, feature: &str) -> f64 {
-        let label = format!("feature=\"{feature}\"");
+        self.feature_total("turnstile_billed_units_total", feature).await
+    }
+
+    /// The pay-as-you-go amount of `feature` in a scrape of the metrics, every tenant and
+    /// currency together.
+    pub async fn payg_amount(&self, feature: &str) -> f64 {
+        self.feature_total("turnstile_payg_amount_total", feature).await
+    }
+
+    /// The sum of the labelled series of counter `name` for `feature` in a scrape.
+    async fn feature_total(&self, name: &str, feature: &str) -> f64 {
+        let (series, label) = (format!("{name}{{"), format!("feature=\"{feature}\""));
         self.metrics(&client())
             .await
             .lines()
-            .filter(|l| l.starts_with("turnstile_billed_units_total{") && l.contains(&label))
+            .filter(|l| l.starts_with(&series) && l.contains(&label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
