@@ -1395,6 +1395,10 @@ impl Billing {
             Err(e) => {
                 let tried = remote.tried_now();
                 self.settlement_failed(e, deferred, tenant.label)?;
+                // Its hold commits at the replay: not the fallback's to spend meanwhile.
+                if let (HoldAction::Commit, Some((_, c))) = (hold, r.package) {
+                    remote.note_journaled_hold(c.local, f.factor_micro);
+                }
                 // The settlement may or may not have reached Redis: the identical call (same
                 // id and part) is replayed, so it applies exactly once (while the marker it
                 // left, if it reached Redis, lives: `tried`).
@@ -3307,6 +3311,43 @@ mod tests {
             assert_eq!(settled.payer, "payg", "the package holds nothing more");
             assert_eq!(x.consumed().await, FACTOR, "the package paid one call, never two");
             assert_eq!(x.units().await, (1, 1, 1, 0), "(package, payg, payg cell, unpaid) units");
+        }
+
+        /// SPEC §11.2 ("a package never pays more than it holds") with `on_store_error =
+        /// "local"` and one replica: a call held its package's points on Redis and Redis went
+        /// down before its settlement, which is journaled to commit that hold when Redis is
+        /// back. The fallback must offer the package less that hold: it offered what Redis last
+        /// said was consumed, so it spent the held points a second time, and the replay found
+        /// less than it charged (logged "overspent"; the call served, counted under the
+        /// package, never paid). Found by
+        /// `concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fallback_does_not_spend_a_hold_its_journaled_settlement_commits() {
+            let aof = harness::Opts { aof_always: true, cluster: false };
+            let test = "the_fallback_does_not_spend_a_journaled_hold";
+            // 0.4 points: two calls of 0.2.
+            let Some(mut x) = fixture_with(test, "0.4", OnStoreError::Local, aof).await else { return };
+            let remote = x.b.remote().unwrap().clone();
+            let first = x.admit().await;
+            assert_eq!(first.payer, PayerKind::SinglePackage, "held on Redis");
+            x.redis.kill9();
+            assert_eq!(x.settle(first).await.payer, "single_package:od", "answered, its settlement journaled");
+            assert!(remote.in_fallback());
+            let second = x.admit().await;
+            assert_eq!(second.payer, PayerKind::SinglePackage, "the package's second call, on the fallback");
+            x.settle(second).await;
+            let third = x.admit().await;
+            assert_eq!(
+                third.payer,
+                PayerKind::Payg,
+                "spent: the journaled settlement commits 0.2 of the 0.4, the fallback paid the other"
+            );
+            x.settle(third).await;
+            x.redis.restart();
+            let entries = "the settlement; the 2nd call's units and take, and its alert; the 3rd call's units";
+            assert_eq!(remote.replay_all().await, 5, "{entries}");
+            assert_eq!(x.consumed().await, 2 * FACTOR, "the package paid its two calls");
+            assert_eq!(x.units().await, (2, 1, 1, 0), "(package, payg, payg cell, unpaid) in Redis");
         }
 
         /// SPEC §6 / §11.3, `on_store_error = "local"`: a call held its package's points on Redis,

@@ -446,6 +446,13 @@ impl Remote {
         self.known.insert(pair, consumed);
     }
 
+    /// A settlement journaled with its package hold still to commit (Redis failed it): the
+    /// replay commits `points` more than Redis last said was consumed, so the fallback, which
+    /// offers the package its points less [`Remote::known_consumed`], must not offer them again.
+    pub fn note_journaled_hold(&self, pair: u64, points: i64) {
+        *self.known.entry(pair).or_insert(0) += points;
+    }
+
     pub fn known_consumed(&self, pair: u64) -> i64 {
         self.known.get(&pair).map_or(0, |v| *v)
     }
