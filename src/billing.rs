@@ -519,7 +519,13 @@ impl Billing {
             lease: remote.redis_lease(),
             undo_if_none: fallback_payer.is_none(),
         };
-        let a = remote.redis.admit_and_hold(key.tenant, bucket, Some(hold)).await?;
+        let a = match remote.redis.admit_and_hold(key.tenant, bucket, Some(hold)).await {
+            Ok(a) => a,
+            Err(e) => {
+                remote.journal_unanswered_hold(key.tenant, id.0);
+                return Err(e);
+            }
+        };
         let (remaining, reset_secs) = match a.admit {
             Ok(x) => x,
             Err(retry_after) => return Ok(Admission::Throttled { retry_after, quota: q }),
@@ -3348,6 +3354,47 @@ mod tests {
             assert_eq!(remote.replay_all().await, 5, "{entries}");
             assert_eq!(x.consumed().await, 2 * FACTOR, "the package paid its two calls");
             assert_eq!(x.units().await, (2, 1, 1, 0), "(package, payg, payg cell, unpaid) in Redis");
+        }
+
+        /// SPEC §11.2 / §11.6, `on_store_error = "local"`: an admission whose answer Redis does
+        /// not give within the timeout (Redis hung) goes on on the fallback under a new id, and
+        /// the fallback pays it; but the admission script, queued, runs when Redis resumes and
+        /// holds the package's points under the first id, for no call. That hold counted
+        /// against the replay's take of the call's charge, which found nothing ("overspent"):
+        /// served, counted under the package, never paid, and the package got the points back
+        /// at the lease's end. Found by
+        /// `concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_hold_an_admission_timed_out_on_is_given_back_before_the_replay_takes() {
+            let test = "a_hold_an_admission_timed_out_on";
+            // 0.4 points: two calls. The first on Redis (it loads the scripts: an EVALSHA of a
+            // script Redis does not know yet would fail, queued, and hold nothing).
+            let Some(x) = fixture_with(test, "0.4", OnStoreError::Local, harness::Opts::default()).await else {
+                return;
+            };
+            let remote = x.b.remote().unwrap().clone();
+            let first = x.admit().await;
+            x.settle(first).await;
+            let pid = x.redis.pid().expect("running").to_string();
+            let signal = |sig: &str| {
+                let ok = std::process::Command::new("kill").args([sig, &pid]).status().is_ok_and(|s| s.success());
+                assert!(ok, "kill {sig} {pid}");
+            };
+            signal("-STOP");
+            let r = x.admit().await;
+            signal("-CONT");
+            assert!(remote.in_fallback(), "the admission timed out");
+            assert_eq!(r.payer, PayerKind::SinglePackage, "paid on the fallback");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while x.held().await != FACTOR {
+                assert!(tokio::time::Instant::now() < deadline, "the queued admission did not hold");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(x.settle(r).await.payer, "single_package:od");
+            assert!(remote.replay_all().await > 0);
+            let (consumed, held) = (x.consumed().await, x.held().await);
+            assert_eq!((consumed, held), (2 * FACTOR, 0), "(consumed, held): both calls paid, no hold left");
+            assert_eq!(x.units().await, (2, 0, 0, 0), "(package, payg, payg cell, unpaid) in Redis");
         }
 
         /// SPEC §6 / §11.3, `on_store_error = "local"`: a call held its package's points on Redis,

@@ -102,6 +102,11 @@ pub enum Replay {
     /// A low-balance alert fired on the fallback: marked in Redis so that no replica fires it
     /// again (SPEC §6, §11.3: once in the whole cluster).
     Alert { tenant: String, package: String },
+    /// The package hold an admission may have left under `id` when Redis did not answer it (a
+    /// hung Redis runs the queued script when it resumes): the call went on on the fallback,
+    /// so the hold is no call's. Given back before the journal is replayed
+    /// ([`Remote::replay_journal`]), and again, as a no-op, in its turn.
+    Release { tenant: String, id: u128 },
 }
 
 impl Replay {
@@ -113,13 +118,14 @@ impl Replay {
             Replay::Usage { .. } => "usage",
             Replay::Images { .. } => "images",
             Replay::Alert { .. } => "alert",
+            Replay::Release { .. } => "release",
         }
     }
 
     /// The request id the entry is replayed under (an alert has none).
     pub fn request_id(&self) -> Option<RequestId> {
         match self {
-            Replay::Settle { id, .. } => Some(RequestId(*id)),
+            Replay::Settle { id, .. } | Replay::Release { id, .. } => Some(RequestId(*id)),
             Replay::Take { id, .. } | Replay::Usage { id, .. } | Replay::Images { id, .. } => Some(*id),
             Replay::Alert { .. } => None,
         }
@@ -132,7 +138,8 @@ impl Replay {
             | Replay::Take { tenant, .. }
             | Replay::Usage { tenant, .. }
             | Replay::Images { tenant, .. }
-            | Replay::Alert { tenant, .. } => tenant,
+            | Replay::Alert { tenant, .. }
+            | Replay::Release { tenant, .. } => tenant,
         }
     }
 }
@@ -453,6 +460,16 @@ impl Remote {
         *self.known.entry(pair).or_insert(0) += points;
     }
 
+    /// An admission with a package hold that Redis did not answer (`id`): under `local` the
+    /// call goes on on the fallback, which pays it; Redis may have run the script, or run it
+    /// when it resumes, holding the points for no call until the lease's end. Journaled
+    /// ([`Replay::Release`]) to give them back once Redis answers.
+    pub fn journal_unanswered_hold(&self, tenant: &str, id: u128) {
+        if self.on_error == OnStoreError::Local {
+            self.journal(Replay::Release { tenant: tenant.to_string(), id });
+        }
+    }
+
     pub fn known_consumed(&self, pair: u64) -> i64 {
         self.known.get(&pair).map_or(0, |v| *v)
     }
@@ -692,6 +709,7 @@ impl Remote {
             }
             // Fired on the fallback: Redis learns it, so that no replica fires it again.
             Replay::Alert { tenant, package } => redis.alert_once(tenant, package).await.map(|_| Replayed::default()),
+            Replay::Release { tenant, id } => redis.release_hold(tenant, *id).await.map(|_| Replayed::default()),
         }
     }
 
@@ -731,6 +749,21 @@ impl Remote {
             return None;
         }
         let _running = Running(&self.replaying);
+        // Holds no call owns first: each counts against the package until then, and a take
+        // before it in the journal would find less than the fallback charged.
+        let releases: Vec<Replay> = match self.journal.lock() {
+            Ok(j) => j
+                .entries
+                .iter()
+                .filter(|e| matches!(e.replay, Replay::Release { .. }))
+                .map(|e| e.replay.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for r in &releases {
+            // A failure leaves it to its turn in the journal.
+            let _ = Self::replay(&self.replayer, r).await;
+        }
         let mut done = 0;
         loop {
             let Some(head) = self.journal.lock().ok().and_then(|j| j.entries.front().cloned()) else {
