@@ -449,8 +449,12 @@ impl Remote {
         self.redis.hold_lease()
     }
 
+    /// What Redis answered a package consumed (less the local ledger's part, see
+    /// `Billing::note_consumed`). Settlements end on different tasks, so an older answer may be
+    /// noted after a newer one: the most is kept (a package's consumption only grows), or the
+    /// fallback would offer points already spent on Redis.
     pub fn note_consumed(&self, pair: u64, consumed: i64) {
-        self.known.insert(pair, consumed);
+        self.known.entry(pair).and_modify(|k| *k = (*k).max(consumed)).or_insert(consumed);
     }
 
     /// A settlement journaled with its package hold still to commit (Redis failed it): the
@@ -1727,5 +1731,23 @@ billing = ["prepaid_qps"]
         assert_eq!(remote.journal_len(), 0);
         let one = one_payg_unit();
         assert_eq!(units(&remote.redis, "good1").await, one);
+    }
+
+    /// SPEC §11.2 with `on_store_error = "local"`: `known` (what Redis last said a package
+    /// consumed) is what the fallback subtracts from its points. Settlements end on different
+    /// tasks, so their notes come in any order: one answered earlier (less consumed) noted last
+    /// lowered it, and the fallback offered points spent on Redis. Found by
+    /// `concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once` (tests/cluster.rs,
+    /// 12 clients: od-1 of 60 points paid 62-63 calls in the report once Redis was back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_settlement_answered_earlier_noted_last_does_not_lower_what_the_fallback_knows() {
+        use crate::store::redis::harness;
+        let Some(server) = harness::RedisServer::start("known_consumed_in_any_order", harness::Opts::default()) else {
+            return;
+        };
+        let remote = test_remote(server.url(), "tc", Duration::from_secs(30), OnStoreError::Local).await;
+        remote.note_consumed(7, 2_000_000);
+        remote.note_consumed(7, 1_000_000);
+        assert_eq!(remote.known_consumed(7), 2_000_000, "the older answer, noted last");
     }
 }

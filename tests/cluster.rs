@@ -854,12 +854,25 @@ fn signal(pid: u32, sig: &str) {
 /// Redis hung (SIGSTOP) from 250 ms into a run for `for_ms`, then resumed (SIGCONT): the calls in
 /// flight then (admitted, their settlements not yet acknowledged) meet a store that does not
 /// answer, and the scripts it queued meanwhile run once it is back.
-fn hang(pid: u32, for_ms: u64) -> impl FnOnce() + Send + 'static {
+fn hang(redis: RedisServer, for_ms: u64) -> impl FnOnce() -> RedisServer + Send + 'static {
     move || {
+        let pid = redis.pid().expect("running");
         std::thread::sleep(Duration::from_millis(250));
         signal(pid, "-STOP");
         std::thread::sleep(Duration::from_millis(for_ms));
         signal(pid, "-CONT");
+        redis
+    }
+}
+
+/// Redis killed (-9) 250 ms into a run, started again `for_ms` later on its append-only file.
+fn crash(mut redis: RedisServer, for_ms: u64) -> impl FnOnce() -> RedisServer + Send + 'static {
+    move || {
+        std::thread::sleep(Duration::from_millis(250));
+        redis.kill9();
+        std::thread::sleep(Duration::from_millis(for_ms));
+        redis.restart();
+        redis
     }
 }
 
@@ -878,12 +891,12 @@ struct Got {
 /// calls that alternate license plate and object detection, which the upstream answers after
 /// 50 ms; `outage` runs meanwhile on a thread of its own. Every object-detection 2xx must name
 /// od-1 as its payer.
-async fn calls_across_an_outage(
+async fn calls_across_an_outage<T: Send + 'static>(
     gws: &[&Gateway],
     clients: usize,
     calls: usize,
-    outage: impl FnOnce() + Send + 'static,
-) -> Got {
+    outage: impl FnOnce() -> T + Send + 'static,
+) -> (Got, T) {
     let outage = tokio::task::spawn_blocking(outage);
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
@@ -918,8 +931,7 @@ async fn calls_across_an_outage(
             *all.refused.entry(k).or_default() += n;
         }
     }
-    outage.await.expect("outage");
-    all
+    (all, outage.await.expect("outage"))
 }
 
 /// The money invariants after [`calls_across_an_outage`], once every replica's journal is
@@ -1021,36 +1033,55 @@ fn decimal_is_zero(v: &str) -> bool {
     v.parse::<rust_decimal::Decimal>().is_ok_and(|d| d.is_zero())
 }
 
-/// Settlements Redis did not acknowledge, summed over `gws` (at least one proves the run met
-/// the outage with calls in flight).
-async fn settle_errors(gws: &[&Gateway]) -> f64 {
+/// Store calls of `ops` (`admit`, `settle`) that failed, summed over `gws`: at least one proves
+/// the run met the outage with calls in flight.
+async fn store_errors(gws: &[&Gateway], ops: &[&str]) -> f64 {
     let c = client();
     let mut n = 0.0;
     for gw in gws {
-        n += metric(&gw.metrics(&c).await, "turnstile_store_errors_total{op=\"settle\"}").unwrap_or(0.0);
+        let m = gw.metrics(&c).await;
+        for op in ops {
+            n += metric(&m, &format!("turnstile_store_errors_total{{op=\"{op}\"}}")).unwrap_or(0.0);
+        }
     }
     n
 }
 
 /// SPEC §11.6 `local` and §10, with 12 clients at once (384 calls): Redis hangs for a second
 /// while calls are in flight. Their settlements time out and are journaled uncounted (counted
-/// when their replay succeeds, 7b797c0), the calls after them are charged on the fallback, od-1
-/// (60 points, nothing else pays object detection) runs out on the way, and license plate
-/// crosses its pay-as-you-go tier. Once the journal is empty the report, Redis and the metrics
-/// count exactly the 2xx the clients got, each once.
+/// when their replay succeeds, 7b797c0), their admissions time out (the scripts, queued, run
+/// when Redis resumes), the calls after them are charged on the fallback, od-1 (60 points,
+/// nothing else pays object detection) runs out on the way, and license plate crosses its
+/// pay-as-you-go tier. Once the journal is empty the report, Redis and the metrics count
+/// exactly the 2xx the clients got, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once() {
+    calls_on_the_fallback_across("concurrent_fallback_hung", |redis| hang(redis, 1000)).await;
+}
+
+/// [`concurrent_calls_across_a_hung_redis_on_the_fallback_are_charged_once`] with Redis killed
+/// (-9) for a second and started again on its append-only file: the calls in flight fail at
+/// once, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_across_a_redis_crash_on_the_fallback_are_charged_once() {
+    calls_on_the_fallback_across("concurrent_fallback_crash", |redis| crash(redis, 1000)).await;
+}
+
+async fn calls_on_the_fallback_across<F>(test: &str, outage: impl FnOnce(RedisServer) -> F)
+where
+    F: FnOnce() -> RedisServer + Send + 'static,
+{
     let rest = format!("{HIGH_DEFAULT}\n[ledger]\ndurability = \"batched\"\n");
-    let Some((redis, _up, set)) = on_fallback_policy("concurrent_fallback", 1, 1, &rest, 60).await else {
+    let Some((redis, _up, set)) = on_fallback_policy(test, 1, 1, &rest, 60).await else {
         return;
     };
     let gws = [&set.gw[0]];
-    let got = calls_across_an_outage(&gws, 12, 32, hang(redis.pid().expect("running"), 1000)).await;
+    let (got, redis) = calls_across_an_outage(&gws, 12, 32, outage(redis)).await;
     let other: Vec<_> = got.refused.keys().filter(|k| **k != (DETECT, 402)).collect();
     assert!(other.is_empty(), "served on the fallback, object detection 402 once od-1 is spent: {got:?}");
     assert!(got.refused.contains_key(&(DETECT, 402)), "od-1 ran out part way: {got:?}");
     assert!(got.ocr > 50, "license plate crossed its tier: {got:?}");
-    assert!(settle_errors(&gws).await > 0.0, "no settlement met the hung Redis");
+    assert!(store_errors(&gws, &["admit", "settle"]).await > 0.0, "the outage met no call");
     charged_exactly_what_was_served(&redis, &gws, &got, 60, true).await;
 }
 
@@ -1071,14 +1102,14 @@ async fn concurrent_deferred_settlements_a_hung_redis_failed_under_deny_are_char
     let cluster = cluster_section(&[redis.url()], "on_store_error = \"deny\"");
     let set = Replicas::start(2, &up.url(), &cluster, &rest, &catalog(), &ents(40, 80), &[]);
     let gws = [&set.gw[0], &set.gw[1]];
-    let got = calls_across_an_outage(&gws, 16, 24, hang(redis.pid().expect("running"), 1000)).await;
+    let (got, redis) = calls_across_an_outage(&gws, 16, 24, hang(redis, 1000)).await;
     let allowed = [(OCR, 503), (DETECT, 503), (DETECT, 402)];
     let other: Vec<_> = got.refused.keys().filter(|k| !allowed.contains(k)).collect();
     assert!(other.is_empty(), "503 while Redis hangs, object detection 402 once od-1 is spent: {got:?}");
     assert!(got.refused.contains_key(&(OCR, 503)), "calls met the hung Redis at admission: {got:?}");
     assert!(got.refused.contains_key(&(DETECT, 402)), "od-1 ran out part way: {got:?}");
     assert!(got.ocr > 50, "license plate crossed its tier: {got:?}");
-    assert!(settle_errors(&gws).await > 0.0, "no deferred settlement met the hung Redis");
+    assert!(store_errors(&gws, &["settle"]).await > 0.0, "no deferred settlement met the hung Redis");
     for gw in gws {
         assert_eq!(
             metric(&gw.metrics(&client()).await, "turnstile_store_fallback"),
