@@ -954,30 +954,37 @@ async fn charged_exactly_what_was_served(
     on_fallback: bool,
 ) {
     let c = client();
-    for gw in gws {
-        metric_becomes(&c, gw, "turnstile_store_journal_entries", 0.0).await;
-        fallback_becomes(&c, gw, 0.0).await;
-    }
     let (lp, od) = ("license-plate-recognition", "object-detection");
     let want_amount = payg_price(got.ocr);
+    // (report, (license-plate units, its payg amount, object-detection units) in the metrics of
+    // all replicas, od-1's consumed in Redis, journal entries and fallback gauges of all).
     let figures = || async {
-        let mut m = (0.0, 0.0, 0.0);
+        let (mut m, mut waiting) = ((0.0, 0.0, 0.0), 0.0);
         for gw in gws {
             m = (m.0 + gw.billed_units(lp).await, m.1 + gw.payg_amount(lp).await, m.2 + gw.billed_units(od).await);
+            let text = gw.metrics(&c).await;
+            for name in ["turnstile_store_journal_entries", "turnstile_store_fallback"] {
+                waiting += metric(&text, name).unwrap_or(0.0);
+            }
         }
         let v = admin_get(&c, gws[0], "/admin/v1/tenants/acme/usage").await.json();
         let consumed = redis.cli(&["HGET", "turnstile:{acme}:p:od-1", "consumed"]);
-        (v, m, consumed)
+        (v, m, consumed, waiting)
     };
-    // Batched settlements reach Redis (and the metrics) a little after the last answer.
+    // Batched settlements reach Redis (and the metrics) a little after the last answer, and a
+    // settlement that timed out reaches the journal (then Redis) a little later still: wait
+    // until every journal is empty, every replica back on Redis and the units all there.
     let since = Instant::now();
     let (v, m, consumed) = loop {
-        let (v, m, consumed) = figures().await;
+        let (v, m, consumed, waiting) = figures().await;
         let report = &v["features"];
-        if (report[lp]["units"]["payg"] == got.ocr.to_string()
-            && report[od]["units"]["single_package"] == got.detect.to_string())
+        if (waiting == 0.0
+            && report[lp]["units"]["payg"] == got.ocr.to_string()
+            && report[od]["units"]["single_package"] == got.detect.to_string()
+            && (m.0, m.2) == (got.ocr as f64, got.detect as f64))
             || since.elapsed() > Duration::from_secs(5)
         {
+            assert_eq!(waiting, 0.0, "journal entries and fallback gauges of all replicas after 5 s");
             break (v, m, consumed);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1025,7 +1032,7 @@ async fn charged_exactly_what_was_served(
     assert_eq!(m.2, got.detect as f64, "turnstile_billed_units_total of object detection, all replicas");
     // Exactly once: later probes replay nothing, nothing is counted again.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (v2, m2, consumed2) = figures().await;
+    let (v2, m2, consumed2, _) = figures().await;
     assert_eq!((&v2["features"], &v2["packages"], m2, consumed2), (&v["features"], &v["packages"], m, consumed));
 }
 
