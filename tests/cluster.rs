@@ -979,8 +979,8 @@ async fn charged_exactly_what_was_served(
         let (v, m, consumed, waiting) = figures().await;
         let report = &v["features"];
         if (waiting == 0.0
-            && report[lp]["units"]["payg"] == got.ocr.to_string()
-            && report[od]["units"]["single_package"] == got.detect.to_string()
+            && report[lp]["units"]["payg"].as_str() == Some(got.ocr.to_string().as_str())
+            && report[od]["units"]["single_package"].as_str() == Some(got.detect.to_string().as_str())
             && (m.0, m.2) == (got.ocr as f64, got.detect as f64))
             || since.elapsed() > Duration::from_secs(5)
         {
@@ -999,7 +999,7 @@ async fn charged_exactly_what_was_served(
         let other: Vec<_> =
             units.iter().filter(|(k, n)| !["payg", "single_package"].contains(&k.as_str()) && *n != "0").collect();
         assert!(other.is_empty(), "{f}: units under no payer the clients saw: {other:?}");
-        assert!(report[f]["unpaid"].as_str().is_none_or(|u| decimal_is_zero(u)), "{f} unpaid: {v}");
+        assert!(report[f]["unpaid"].as_str().is_none_or(decimal_is_zero), "{f} unpaid: {v}");
     }
     let paid = got.detect;
     assert!(paid <= points, "od-1 paid {paid} calls of its {points} points; Redis consumed {consumed}: {v}");
