@@ -1167,30 +1167,33 @@ impl Billing {
     }
 
     /// Settles a per-call feature after the upstream answered 2xx.
-    pub async fn settle_call(
-        &self,
-        snap: &Snapshot,
-        tenant: &Tenant,
+    pub fn settle_call<'a>(
+        &'a self,
+        snap: &'a Snapshot,
+        tenant: &'a Tenant,
         feature_idx: usize,
         r: Reservation,
         now: i64,
-    ) -> Result<Settled, StoreError> {
-        self.settle_call_with(snap, tenant, feature_idx, r, now, None).await
+    ) -> impl std::future::Future<Output = Result<Settled, StoreError>> + Send + 'a {
+        self.settle_call_as(snap, tenant, feature_idx, r, now, None, false)
     }
 
     /// [`Billing::settle_call`] with the Image Search count change of the same call
     /// (`(op, slot, reported count)`). On Redis the whole settlement — hold commit, month units,
     /// low-balance alert, image count — is one script call (SPEC §11.2–3).
-    pub async fn settle_call_with(
-        &self,
-        snap: &Snapshot,
-        tenant: &Tenant,
+    /// Not an `async fn` of its own: it hands back [`Billing::settle_call_as`]'s future as it is,
+    /// where a wrapping future would hold it and move it again (+430 instructions a call in
+    /// `loadtest/instructions.sh`, most of them `memcpy`).
+    pub fn settle_call_with<'a>(
+        &'a self,
+        snap: &'a Snapshot,
+        tenant: &'a Tenant,
         feature_idx: usize,
         r: Reservation,
         now: i64,
         image: Option<ImageSettle>,
-    ) -> Result<Settled, StoreError> {
-        self.settle_call_as(snap, tenant, feature_idx, r, now, image, false).await
+    ) -> impl std::future::Future<Output = Result<Settled, StoreError>> + Send + 'a {
+        self.settle_call_as(snap, tenant, feature_idx, r, now, image, false)
     }
 
     /// [`Billing::settle_call_with`]; `deferred`: its answer already went out
