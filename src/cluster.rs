@@ -1502,6 +1502,27 @@ billing = ["prepaid_qps"]
         }
     }
 
+    /// `first` journals one charge for `acme`, its replay's answer is lost, and it stops; after
+    /// a second and a half (Redis forgets a live call's marker) and `later` on the replicas'
+    /// clock, a second replica starts on the same journal, which holds the entry.
+    async fn answer_lost_then_restart_later(
+        server: &crate::store::redis::harness::RedisServer,
+        dir: &tempfile::TempDir,
+        first: Remote,
+        opts: crate::store::redis::RedisOpts,
+        clock: &Arc<crate::clock::ManualClock>,
+        later: Duration,
+    ) -> Remote {
+        first.journal(usage("acme", 1));
+        replay_with_the_answer_lost(server, &first, "acme").await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        clock.advance(later);
+        let second = test_remote_with(server.url(), opts, OnStoreError::Local, clock.clone()).await;
+        assert_eq!(second.open_journal(dir.path()), Ok(1));
+        second
+    }
+
     /// A replay that reached Redis but whose answer was lost stays in the journal and is sent
     /// again: idempotent only while its marker lives. Its marker used to be a live call's
     /// (`done_ttl`): once that had passed (here a second; an hour in production: Redis
@@ -1541,14 +1562,8 @@ billing = ["prepaid_qps"]
         else {
             return;
         };
-        first.journal(usage("acme", 1));
-        replay_with_the_answer_lost(&server, &first, "acme").await;
         // The replica stops before it replays again; Redis forgets the marker meanwhile.
-        drop(first);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        clock.advance(Duration::from_secs(1));
-        let second = test_remote_with(server.url(), opts, OnStoreError::Local, clock.clone()).await;
-        assert_eq!(second.open_journal(dir.path()), Ok(1));
+        let second = answer_lost_then_restart_later(&server, &dir, first, opts, &clock, Duration::from_secs(1)).await;
         assert_eq!(second.replay_all().await, 0, "nothing replayed");
         assert_eq!(units(&second.redis, "acme").await, one_payg_unit(), "charged once in Redis");
         let m = &second.metrics;
@@ -1607,14 +1622,8 @@ billing = ["prepaid_qps"]
         else {
             return;
         };
-        first.journal(usage("acme", 1));
-        replay_with_the_answer_lost(&server, &first, "acme").await;
-        drop(first);
         // Past a live call's marker (a second), within the replay's (a minute).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        clock.advance(Duration::from_secs(50));
-        let second = test_remote_with(server.url(), opts, OnStoreError::Local, clock.clone()).await;
-        assert_eq!(second.open_journal(dir.path()), Ok(1));
+        let second = answer_lost_then_restart_later(&server, &dir, first, opts, &clock, Duration::from_secs(50)).await;
         assert_eq!(second.replay_all().await, 1);
         assert_eq!(units(&second.redis, "acme").await, one_payg_unit(), "charged once in Redis");
         assert_eq!(second.metrics.set_aside.get(), 0);
