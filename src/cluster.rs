@@ -131,6 +131,13 @@ impl Replay {
         }
     }
 
+    /// Whether sending the entry again after Redis applied it would apply it again, were its
+    /// marker gone: a charge would; a hold's release (nothing left to give back) and an alert's
+    /// mark (set once) would not.
+    pub fn applies_twice_without_its_marker(&self) -> bool {
+        !matches!(self, Replay::Release { .. } | Replay::Alert { .. })
+    }
+
     /// The tenant the entry charges.
     pub fn tenant(&self) -> &str {
         match self {
@@ -781,7 +788,7 @@ impl Remote {
                 continue;
             };
             // Its marker may be gone: Redis may have applied it, and would apply it again.
-            if r.request_id().is_some() && self.now_ms() >= sent.replay_until() {
+            if r.applies_twice_without_its_marker() && self.now_ms() >= sent.replay_until() {
                 if !self.set_aside_and_pop(seq, &r, &SetAsideWhy::Expired(sent)).await {
                     return (done > 0).then_some(done);
                 }
@@ -1608,6 +1615,25 @@ billing = ["prepaid_qps"]
             error.contains("first sent to Redis at 2026-11-02T00:00:00.000Z") && error.contains("kept 1 s"),
             "{error}"
         );
+    }
+
+    /// A hold's release is no charge: sent twice it gives back nothing more (the hold is gone,
+    /// or its lease ended long before), so however long ago it was first sent it is sent, not
+    /// set aside for an operator to reconcile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_first_sent_long_ago_is_sent_not_set_aside() {
+        let clock = crate::clock::ManualClock::at("2026-11-02T00:00:00Z");
+        let opts = short_markers(Duration::from_secs(60));
+        let Some((_server, dir, remote)) =
+            with_short_markers("a_release_first_sent_long_ago", opts, clock.clone()).await
+        else {
+            return;
+        };
+        remote.journal_sent(Replay::Release { tenant: "acme".into(), id: 5 }, Some(remote.tried_now()));
+        clock.advance(Duration::from_secs(3600));
+        assert_eq!(remote.replay_all().await, 1, "sent");
+        assert_eq!((remote.journal_len(), remote.metrics.set_aside.get()), (0, 0), "nothing set aside");
+        assert!(rejected_lines(dir.path()).is_empty());
     }
 
     /// Within its marker's time, an entry whose replay's answer was lost and whose replica
