@@ -525,7 +525,7 @@ impl Remote {
     /// When a live settlement Redis failed was sent (read at its failure): if Redis applied
     /// it, its marker is kept `done_ttl` from about then.
     pub fn tried_now(&self) -> journal::Sent {
-        journal::Sent { at: self.now_ms(), ttl: millis(self.redis.done_ttl()) }
+        journal::Sent { at: self.now_ms(), ttl: self.redis.done_ttl_ms() }
     }
 
     /// Journals `r`; `sent`: when its live settlement was tried ([`Remote::tried_now`]), none
@@ -556,7 +556,7 @@ impl Remote {
     /// Redis applied one, before its "replayed" line reached the disk, knows at its next start
     /// when it was sent). False when the journal cannot be read.
     async fn mark_sent(&self) -> bool {
-        let sent = journal::Sent { at: self.now_ms(), ttl: millis(self.replayer.done_ttl()) };
+        let sent = journal::Sent { at: self.now_ms(), ttl: self.replayer.done_ttl_ms() };
         {
             let Ok(mut j) = self.journal.lock() else { return false };
             let mut upto = None;
@@ -977,11 +977,6 @@ impl std::fmt::Display for SetAsideWhy<'_> {
             }
         }
     }
-}
-
-/// A duration in whole milliseconds (saturated).
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs [`Remote::probe`] every [`PROBE_EVERY`] while the billing engine lives.

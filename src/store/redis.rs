@@ -541,14 +541,10 @@ impl RedisStore {
         k
     }
 
-    fn done_ttl_ms(&self) -> u64 {
+    /// How long this store's settlement markers are kept, in ms (`done_ttl`; for the store of
+    /// [`RedisStore::for_replays`], `replay_done_ttl`): what the settlement scripts are given.
+    pub fn done_ttl_ms(&self) -> u64 {
         u64::try_from(self.opts.done_ttl.as_millis()).unwrap_or(u64::MAX).max(1)
-    }
-
-    /// How long this store's settlement markers are kept (`done_ttl`; for the store of
-    /// [`RedisStore::for_replays`], `replay_done_ttl`).
-    pub fn done_ttl(&self) -> Duration {
-        self.opts.done_ttl
     }
 
     /// The same store (connection, scripts, metrics) whose settlements keep their markers
