@@ -8,8 +8,13 @@
 //! write: what keeps a gateway's requests/s from growing with its cores.
 //!
 //! Prints, per workload and thread count: calls/s of all threads together, ns per call of one
-//! thread, and the scaling against one thread (N threads scale perfectly at N.00x); the median
-//! of the rounds, then every round. Not a criterion bench: criterion times one thread's loop,
+//! thread, and the scaling against one thread (N threads scale perfectly at N.00x); the CPU time
+//! the whole process spent per call (every thread: the callers, the ledger writer and its fold;
+//! `getrusage`) and its ratio to one thread's; the medians of the rounds, then every round's
+//! calls/s. The CPU per call is the figure a machine with few cores can read: on 2 cores the
+//! ledger writer has no core of its own once both callers run, so calls/s cannot double there
+//! even when nothing is shared, while a CPU per call that stays flat says the calls do not slow
+//! each other down. Not a criterion bench: criterion times one thread's loop,
 //! where this needs all threads' calls over the same seconds.
 //!
 //! Run: `cargo bench --bench scaling` (`SCALING_THREADS="1 2 4"`, default 1 up to the cores;
@@ -48,12 +53,25 @@ fn pin(core: usize) {
 #[cfg(not(target_os = "linux"))]
 fn pin(_core: usize) {}
 
-/// Calls per second of `threads` threads over `secs`, for `workload`.
-fn measure(gw: &Gateway, workload: &str, threads: usize, secs: f64) -> f64 {
+/// User + system CPU time of the whole process so far, in nanoseconds.
+fn process_cpu_nanos() -> f64 {
+    // SAFETY: getrusage writes the zeroed struct it is given and nothing else.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 * 1e9 + tv.tv_usec as f64 * 1e3;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Calls per second of `threads` threads over `secs`, for `workload`, and the process's CPU
+/// nanoseconds per call over the same time.
+fn measure(gw: &Gateway, workload: &str, threads: usize, secs: f64) -> (f64, f64) {
     let start = Barrier::new(threads + 1);
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
-    let elapsed = std::thread::scope(|s| {
+    let (elapsed, cpu_before) = std::thread::scope(|s| {
         for t in 0..threads {
             let (start, stop, calls) = (&start, &stop, &calls);
             s.spawn(move || {
@@ -77,12 +95,14 @@ fn measure(gw: &Gateway, workload: &str, threads: usize, secs: f64) -> f64 {
             });
         }
         start.wait();
-        let began = Instant::now();
+        let (began, cpu) = (Instant::now(), process_cpu_nanos());
         std::thread::sleep(Duration::from_secs_f64(secs));
         stop.store(true, Ordering::Relaxed);
-        began.elapsed()
+        (began.elapsed(), cpu)
     });
-    calls.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+    let cpu = process_cpu_nanos() - cpu_before;
+    let n = calls.load(Ordering::Relaxed) as f64;
+    (n / elapsed.as_secs_f64(), cpu / n.max(1.0))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -114,30 +134,38 @@ fn main() {
         Gateway::new(t.clone(), s, ConfigSource::Embedded, None, clock).expect("gateway")
     });
     println!("scaling: {cores} cores; threads {threads:?}; {rounds} rounds x {secs} s");
-    println!("| workload | threads | calls/s (median) | ns/call per thread | scaling | calls/s per round |");
-    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+    println!(
+        "| workload | threads | calls/s (median) | ns/call per thread | scaling | CPU ns/call, all threads | CPU/call vs 1 thread | calls/s per round |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     let workloads = std::env::var("SCALING_WORKLOADS").unwrap_or_else(|_| "hot tenants".into());
     for workload in workloads.split_whitespace().filter(|w| ["hot", "tenants"].contains(w)) {
         // Warm up: every tenant's bucket, month and counters made, the verified keys known.
         measure(&gw, workload, threads.iter().copied().max().unwrap_or(1), secs.min(1.0));
         let mut per: Vec<Vec<f64>> = vec![Vec::new(); threads.len()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); threads.len()];
         for r in 0..rounds {
             // Alternate the order, so that a noisy moment is not always the same count's.
             let order: Vec<usize> =
                 if r % 2 == 0 { (0..threads.len()).collect() } else { (0..threads.len()).rev().collect() };
             for i in order {
-                per[i].push(measure(&gw, workload, threads[i], secs));
+                let (rate, ns) = measure(&gw, workload, threads[i], secs);
+                per[i].push(rate);
+                cpu[i].push(ns);
             }
         }
-        let mut one = None;
+        let (mut one, mut one_cpu) = (None, None);
         for (i, &n) in threads.iter().enumerate() {
             let each: Vec<String> = per[i].iter().map(|v| format!("{v:.0}")).collect();
             let m = median(&mut per[i].clone());
+            let c = median(&mut cpu[i]);
             let base = *one.get_or_insert(m / n as f64);
+            let base_cpu = *one_cpu.get_or_insert(c);
             println!(
-                "| {workload} | {n} | {m:.0} | {:.0} | {:.2}x | {} |",
+                "| {workload} | {n} | {m:.0} | {:.0} | {:.2}x | {c:.0} | {:.2}x | {} |",
                 1e9 * n as f64 / m,
                 m / base,
+                c / base_cpu,
                 each.join(" ")
             );
         }
